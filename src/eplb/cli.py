@@ -1,0 +1,56 @@
+"""The ``eplb`` command: one sub-command per module in :mod:`eplb.commands`.
+
+Each command module defines ``register(subparsers)`` (adds its parser, sets ``func``) and is imported here; heavy
+imports happen inside each command's ``run`` so that ``eplb --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from eplb.errors import EplbError
+
+# Order is the order shown by --help.
+COMMANDS = ("simulate", "plan", "eval", "validate", "convert", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eplb",
+        description="Expert-parallel load balancing for MoE serving: plan expert placements from recorded expert "
+                    "load, evaluate their balance (PAR = busiest rank / mean rank), convert expert maps between "
+                    "vLLM, vllm-ascend, SGLang and TensorRT-LLM, and simulate dynamic rebalancing over time.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"eplb.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"eplb.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EplbError as exc:
+        print(f"eplb {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

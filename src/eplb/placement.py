@@ -1,0 +1,331 @@
+"""Placement: which logical expert sits in each physical slot, per MoE layer.
+
+The canonical form is ``phy2log`` int64 ``[L, P]``; every other view (``log2phy``, ``replica_count``, per-rank
+``expert_map``, per-rank replica choice) is derived from it and cached. Slot ``p`` lives on rank ``p // K``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+
+from eplb._arrays import to_int_array
+from eplb.errors import PlacementError
+from eplb.topology import Topology
+
+__all__ = [
+    "Placement",
+    "compute_log2phy",
+    "find_problems",
+    "shared_rank_experts",
+    "initial_phy2log",
+    "LAYOUTS",
+]
+
+LAYOUTS = ("vllm", "ascend", "spread")
+_MAX_REPORTED = 20
+
+
+def compute_log2phy(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logical-to-physical maps of ``phy2log`` (vLLM ``compute_logical_maps`` semantics).
+
+    Args:
+        phy2log: int ``[L, P]``; negative entries mark empty slots and are ignored.
+        num_experts: E.
+
+    Returns:
+        ``log2phy`` int64 ``[L, E, M]``: physical slots of each expert in ascending order, padded with -1,
+        ``M`` = the largest replica count (at least 1); ``replica_count`` int64 ``[L, E]``.
+    """
+    phy2log = np.asarray(phy2log, dtype=np.int64)
+    num_layers, num_slots = phy2log.shape
+    key = np.where(phy2log >= 0, phy2log, num_experts)  # empty slots sort last, into bucket E
+    order = np.argsort(key, axis=1, kind="stable")
+    sorted_key = np.take_along_axis(key, order, axis=1)
+    flat = (key + (num_experts + 1) * np.arange(num_layers)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=num_layers * (num_experts + 1)).reshape(num_layers, num_experts + 1)
+    replica_count = counts[:, :num_experts].copy()
+    width = max(int(replica_count.max(initial=0)), 1)
+    starts = np.cumsum(counts, axis=1) - counts
+    position = np.arange(num_slots)[None, :] - np.take_along_axis(starts, sorted_key, axis=1)
+    log2phy = np.full((num_layers, num_experts + 1, width), -1, dtype=np.int64)
+    real = sorted_key < num_experts
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], sorted_key.shape)
+    log2phy[rows[real], sorted_key[real], position[real]] = order[real]
+    return log2phy[:, :num_experts], replica_count
+
+
+def _cap(lines: list[str], what: str) -> list[str]:
+    if len(lines) > _MAX_REPORTED:
+        return lines[:_MAX_REPORTED] + [f"... and {len(lines) - _MAX_REPORTED} more {what}"]
+    return lines
+
+
+def shared_rank_experts(phy2log: np.ndarray, topology: Topology) -> np.ndarray:
+    """Where one rank holds an expert more than once.
+
+    Returns:
+        int64 ``[n, 3]`` rows ``(layer, rank, expert)``, one per (layer, rank, expert) held twice or more.
+    """
+    num_layers = phy2log.shape[0]
+    table = np.sort(phy2log.reshape(num_layers, topology.num_ranks, topology.slots_per_rank), axis=2)
+    dup = (table[:, :, 1:] == table[:, :, :-1]) & (table[:, :, 1:] >= 0)
+    layer, rank, k = np.nonzero(dup)
+    rows = np.unique(np.stack([layer, rank, table[layer, rank, k + 1]], axis=1), axis=0)
+    return rows.reshape(-1, 3).astype(np.int64)
+
+
+def find_problems(phy2log, num_experts: int, topology: Topology, allow_shared_rank: bool = True) -> list[str]:
+    """Every reason why ``phy2log`` is not a valid placement, as readable lines (empty list when valid).
+
+    Checks: 2-D integer array, ``P == W * K``, ids in ``[0, E)``, every expert has >= 1 replica in every layer,
+    and, unless ``allow_shared_rank``, no rank holds the same expert twice.
+    """
+    try:
+        arr = to_int_array(phy2log, "phy2log", PlacementError)
+    except PlacementError as exc:
+        return [str(exc)]
+    if arr.ndim != 2:
+        return [f"phy2log must be 2-D [layers, slots], got shape {arr.shape}"]
+    if arr.shape[1] != topology.num_physical:
+        return [f"phy2log has {arr.shape[1]} slots per layer, expected {topology.num_physical} "
+                f"({topology.num_ranks} ranks x {topology.slots_per_rank} slots)"]
+    if arr.shape[0] == 0:
+        return ["phy2log has no layers"]
+    problems = []
+    bad = np.argwhere((arr < 0) | (arr >= num_experts))
+    problems += _cap([f"layer {l}, rank {p // topology.slots_per_rank}, slot {p}: expert id {arr[l, p]} is out of "
+                      f"range [0, {num_experts})" for l, p in bad], "out-of-range ids")
+    inside = np.where((arr >= 0) & (arr < num_experts), arr, num_experts)
+    flat = (inside + (num_experts + 1) * np.arange(arr.shape[0])[:, None]).ravel()
+    count = np.bincount(flat, minlength=arr.shape[0] * (num_experts + 1)).reshape(arr.shape[0], -1)[:, :num_experts]
+    missing = np.argwhere(count == 0)
+    problems += _cap([f"layer {l}: expert {e} has no replica" for l, e in missing], "experts without a replica")
+    if not allow_shared_rank:
+        problems += _cap([f"layer {l}, rank {r}: expert {e} is placed more than once on the same rank"
+                          for l, r, e in shared_rank_experts(arr, topology)], "duplicates")
+    return problems
+
+
+def initial_phy2log(num_experts: int, topology: Topology, layout: str = "vllm") -> np.ndarray:
+    """The placement engines start with, one layer: int64 ``[P]``.
+
+    - ``vllm``: experts 0..E-1 in order, then redundant copies of 0, 1, ... (all redundant slots on the last ranks).
+    - ``ascend``: the same table as vllm-ascend builds; it requires ``(E + R) % W == 0`` (always true here, since
+      the topology has ``P = W * K``; use :meth:`Topology.from_redundant` to check a raw ``R``).
+    - ``spread``: redundant slots spread evenly, the last slot(s) of each rank; each holds a copy of an expert
+      whose primary lives half the group away, so no rank holds an expert twice when ``W > 1``.
+    """
+    if layout not in LAYOUTS:
+        raise PlacementError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    topology.check_experts(num_experts)
+    num_physical = topology.num_physical
+    if layout in ("vllm", "ascend"):
+        return np.arange(num_physical, dtype=np.int64) % num_experts
+    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
+    redundant = num_physical - num_experts
+    extra = redundant // num_ranks + (np.arange(num_ranks) < redundant % num_ranks)  # redundant slots per rank
+    primaries = slots - extra
+    first = np.cumsum(primaries) - primaries  # first primary expert id of each rank
+    table = np.empty((num_ranks, slots), dtype=np.int64)
+    offset = max(1, num_ranks // 2)
+    for rank in range(num_ranks):
+        table[rank, : primaries[rank]] = first[rank] + np.arange(primaries[rank])
+        source = (rank + offset) % num_ranks
+        if primaries[source] > 0:
+            copies = first[source] + np.arange(extra[rank]) % primaries[source]
+        else:
+            copies = np.arange(extra[rank]) % num_experts
+        table[rank, primaries[rank]:] = copies
+    return table.ravel()
+
+
+class Placement:
+    """A valid expert placement: ``phy2log`` int64 ``[L, P]`` over a :class:`Topology`.
+
+    Immutable; derived views are computed on first use and cached.
+
+    Args:
+        phy2log: ``[L, P]`` (or ``[P]`` for one layer) logical expert id of every physical slot; numpy, list or torch.
+        num_experts: E, logical experts per layer.
+        topology: the cluster; ``P`` must equal ``topology.num_physical``.
+
+    Raises:
+        PlacementError: listing every problem (shape, ids out of range, experts without a replica).
+    """
+
+    def __init__(self, phy2log, num_experts: int, topology: Topology):
+        arr = to_int_array(phy2log, "phy2log", PlacementError)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        topology.check_experts(num_experts)
+        problems = find_problems(arr, num_experts, topology)
+        if problems:
+            raise PlacementError("invalid placement:\n  " + "\n  ".join(problems))
+        arr = np.array(arr, dtype=np.int64, copy=True)
+        arr.flags.writeable = False
+        self._phy2log = arr
+        self._num_experts = int(num_experts)
+        self._topology = topology
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def initial(cls, num_experts: int, topology: Topology, num_layers: int = 1, layout: str = "vllm") -> "Placement":
+        """The engines' initial layout (see :func:`initial_phy2log`) repeated over ``num_layers`` layers."""
+        row = initial_phy2log(num_experts, topology, layout)
+        return cls(np.tile(row, (num_layers, 1)), num_experts, topology)
+
+    @classmethod
+    def from_rank_table(cls, table, num_experts: int | None = None, num_nodes: int = 1,
+                        num_groups: int = 1) -> "Placement":
+        """From a per-rank table ``[L, W, K]`` (or ``[W, K]``) as vllm-ascend and TensorRT-LLM store it.
+
+        ``num_experts`` defaults to the largest id + 1.
+        """
+        arr = to_int_array(table, "rank table", PlacementError)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.size == 0:
+            raise PlacementError(f"rank table must be [layers, ranks, slots], got shape {arr.shape}")
+        num_layers, num_ranks, slots = arr.shape
+        if num_experts is None:
+            num_experts = int(arr.max()) + 1
+        topology = Topology(num_ranks, slots, num_nodes, num_groups)
+        return cls(arr.reshape(num_layers, num_ranks * slots), num_experts, topology)
+
+    def replace_layers(self, layers, other: "Placement") -> "Placement":
+        """A copy with the given layers (bool mask ``[L]`` or indices) taken from ``other``."""
+        self._check_compatible(other)
+        phy2log = self._phy2log.copy()
+        phy2log[layers] = other.phy2log[layers]
+        return Placement(phy2log, self._num_experts, self._topology)
+
+    # -- canonical data -----------------------------------------------------------------------------------------
+    @property
+    def phy2log(self) -> np.ndarray:
+        """int64 ``[L, P]`` (read-only): logical expert in each physical slot."""
+        return self._phy2log
+
+    @property
+    def num_experts(self) -> int:
+        return self._num_experts
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    @property
+    def num_layers(self) -> int:
+        return self._phy2log.shape[0]
+
+    @property
+    def num_physical(self) -> int:
+        return self._phy2log.shape[1]
+
+    # -- derived views ------------------------------------------------------------------------------------------
+    @cached_property
+    def _logical_maps(self) -> tuple[np.ndarray, np.ndarray]:
+        log2phy, count = compute_log2phy(self._phy2log, self._num_experts)
+        log2phy.flags.writeable = False
+        count.flags.writeable = False
+        return log2phy, count
+
+    @property
+    def log2phy(self) -> np.ndarray:
+        """int64 ``[L, E, max_replicas]``: physical slots of each expert, ascending, padded with -1."""
+        return self._logical_maps[0]
+
+    @property
+    def replica_count(self) -> np.ndarray:
+        """int64 ``[L, E]``: number of physical replicas of each logical expert."""
+        return self._logical_maps[1]
+
+    @property
+    def rank_of_slot(self) -> np.ndarray:
+        """int64 ``[P]``: rank holding each physical slot."""
+        return self._topology.rank_of_slot
+
+    @property
+    def rank_table(self) -> np.ndarray:
+        """int64 ``[L, W, K]`` (read-only view): logical expert in each local slot of each rank."""
+        t = self._topology
+        return self._phy2log.reshape(self.num_layers, t.num_ranks, t.slots_per_rank)
+
+    @cached_property
+    def expert_maps(self) -> np.ndarray:
+        """int64 ``[L, W, E]``: for each rank, the local slot of each logical expert or -1 (vllm-ascend convention).
+
+        When a rank holds an expert twice, its lowest local slot is given.
+        """
+        table = self.rank_table
+        num_layers, num_ranks, slots = table.shape
+        out = np.full((num_layers, num_ranks, self._num_experts), -1, dtype=np.int64)
+        layer_idx = np.arange(num_layers)[:, None]
+        rank_idx = np.arange(num_ranks)[None, :]
+        for k in range(slots - 1, -1, -1):  # descending, so the lowest local slot is written last and wins
+            out[layer_idx, rank_idx, table[:, :, k]] = k
+        out.flags.writeable = False
+        return out
+
+    def expert_map(self, rank: int) -> np.ndarray:
+        """int64 ``[L, E]``: local slot of each logical expert on ``rank``, or -1 when it is not there."""
+        return self.expert_maps[:, self._check_rank(rank)]
+
+    def log2phy_for_rank(self, rank: int, tp_size: int = 1) -> np.ndarray:
+        """int64 ``[L, E]``: the physical slot ``rank`` sends each expert's tokens to (vllm-ascend rule).
+
+        The replicas of expert ``e`` are taken in ascending slot (= rank) order; rank ``r`` picks replica
+        ``r % count`` when ``tp_size == 1``, else ``(r % tp_size + r // tp_size + e) % count``.
+        """
+        rank = self._check_rank(rank)
+        if tp_size < 1:
+            raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
+        count = self.replica_count
+        if tp_size == 1:
+            index = rank % count
+        else:
+            experts = np.arange(self._num_experts)[None, :]
+            index = (rank % tp_size + rank // tp_size + experts) % count
+        return np.take_along_axis(self.log2phy, index[:, :, None], axis=2)[:, :, 0]
+
+    def moves_to(self, other: "Placement") -> np.ndarray:
+        """bool ``[L, P]``: slots whose logical expert differs in ``other``. ``.sum(1)`` counts moves per layer."""
+        self._check_compatible(other)
+        return self._phy2log != other.phy2log
+
+    def problems(self, allow_shared_rank: bool = True) -> list[str]:
+        """Readable problems of this placement; the only possible ones are shared ranks when not allowed."""
+        return find_problems(self._phy2log, self._num_experts, self._topology, allow_shared_rank)
+
+    def validate(self, allow_shared_rank: bool = True) -> "Placement":
+        """Return ``self`` or raise :class:`PlacementError` listing every problem."""
+        problems = self.problems(allow_shared_rank)
+        if problems:
+            raise PlacementError("invalid placement:\n  " + "\n  ".join(problems))
+        return self
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _check_rank(self, rank: int) -> int:
+        if not 0 <= rank < self._topology.num_ranks:
+            raise PlacementError(f"rank must be in [0, {self._topology.num_ranks}), got {rank}")
+        return int(rank)
+
+    def _check_compatible(self, other: "Placement") -> None:
+        if not isinstance(other, Placement):
+            raise PlacementError(f"expected a Placement, got {type(other).__name__}")
+        if other.phy2log.shape != self._phy2log.shape or other.num_experts != self._num_experts:
+            raise PlacementError(
+                f"placements differ in shape: {self._phy2log.shape} with {self._num_experts} experts vs "
+                f"{other.phy2log.shape} with {other.num_experts} experts"
+            )
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Placement) and self._topology == other._topology
+                and self._num_experts == other._num_experts and np.array_equal(self._phy2log, other._phy2log))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return (f"Placement(layers={self.num_layers}, experts={self._num_experts}, "
+                f"{self._topology.describe()})")

@@ -1,0 +1,75 @@
+"""Placement policies behind one small dispatch: ``get_policy(name_or_id, **options)``.
+
+One module per policy; each defines ``POLICY``, the class. Modules are imported on first use so that asking for
+one policy never compiles another's kernels.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+
+from eplb.errors import PolicyError
+from eplb.policies.base import Plan, Policy
+
+__all__ = ["get_policy", "available_policies", "Plan", "Policy", "POLICY_IDS"]
+
+_MODULES = {
+    "random": "eplb.policies.random_policy",
+    "default": "eplb.policies.default",
+    "swift": "eplb.policies.swift",
+    "flashlb": "eplb.policies.flashlb",
+    "auto": "eplb.policies.auto",
+}
+
+#: vllm-ascend ``eplb_policy_type`` ids
+POLICY_IDS = {0: "random", 1: "default", 2: "swift", 3: "flashlb"}
+
+
+def _policy_class(name: str) -> type[Policy]:
+    return importlib.import_module(_MODULES[name]).POLICY
+
+
+def available_policies() -> list[str]:
+    """Names of the policies this installation provides."""
+    names = []
+    for name in _MODULES:
+        try:
+            _policy_class(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != _MODULES[name]:  # the module exists but something it needs is missing
+                raise
+            continue
+        names.append(name)
+    return names
+
+
+def get_policy(name_or_id: str | int, **options) -> Policy:
+    """A policy instance by registry name (``"default"``) or vllm-ascend policy id (``1``).
+
+    Raises:
+        PolicyError: unknown name or id, or an option the policy does not take (with a suggestion).
+    """
+    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+        if name_or_id not in POLICY_IDS:
+            raise PolicyError(f"policy id must be one of {sorted(POLICY_IDS)}, got {name_or_id}")
+        name = POLICY_IDS[name_or_id]
+    else:
+        name = str(name_or_id)
+        if name.isdigit() and int(name) in POLICY_IDS:
+            name = POLICY_IDS[int(name)]
+    names = available_policies()
+    if name not in names:
+        hint = difflib.get_close_matches(name, names, n=1)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
+    cls = _policy_class(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for key in options:
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, accepted, n=1)
+            suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise PolicyError(f"policy {name!r} has no option {key!r} (options: {', '.join(accepted) or 'none'})"
+                              f"{suffix}")
+    return cls(**options)
