@@ -1,0 +1,118 @@
+"""Building blocks shared by the policies: replica allotment and balanced packing, vectorised over rows.
+
+A "row" is one independent problem: a layer, or a (layer, node) pair. Every kernel loops over the few items or
+replicas of a row and does the work for all rows at once, so the cost grows with the row length, not the number of
+layers. Arithmetic is done in the dtype of ``weight`` (DeepSeek's reference works in float32, and ties depend on it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplb.errors import PolicyError
+
+__all__ = ["replicate_counts", "replicate", "balanced_packing", "descending_order"]
+
+
+def _slots_per_row(num_rows: int, num_items: int, num_slots) -> np.ndarray:
+    slots = np.broadcast_to(np.asarray(num_slots, dtype=np.int64), (num_rows,))
+    if slots.size and slots.min() < num_items:
+        raise PolicyError(f"num_slots must be >= the number of items ({num_items}) in every row, got "
+                          f"{int(slots.min())}")
+    return slots
+
+
+def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give ``num_slots`` replicas to ``n`` items: one each, then each further one to the item with the largest
+    ``weight / replicas`` (ties: lowest index). DeepSeek's ``replicate_experts``.
+
+    Args:
+        weight: float ``[X, n]``; the arithmetic runs in its dtype.
+        num_slots: S >= n, the same for every row.
+
+    Returns:
+        ``slot_item`` int64 ``[X, S]`` (slots ``0..n-1`` hold items ``0..n-1``, then the extra replicas in creation
+        order), ``replica_rank`` int64 ``[X, S]`` (0 for the first replica of an item, 1 for the second, ...),
+        ``counts`` int64 ``[X, n]``.
+    """
+    weight = np.asarray(weight)
+    num_rows, num_items = weight.shape
+    _slots_per_row(num_rows, num_items, num_slots)
+    rows = np.arange(num_rows)
+    slot_item = np.empty((num_rows, num_slots), dtype=np.int64)
+    replica_rank = np.zeros((num_rows, num_slots), dtype=np.int64)
+    slot_item[:, :num_items] = np.arange(num_items)
+    counts = np.ones((num_rows, num_items), dtype=np.int64)
+    for slot in range(num_items, num_slots):
+        best = np.argmax(weight / counts.astype(weight.dtype), axis=1)
+        slot_item[:, slot] = best
+        replica_rank[:, slot] = counts[rows, best]
+        counts[rows, best] += 1
+    return slot_item, replica_rank, counts
+
+
+def replicate_counts(weight: np.ndarray, num_slots) -> np.ndarray:
+    """Replica count of each item when ``num_slots`` replicas go greedily to the largest ``weight / replicas``.
+
+    Args:
+        weight: float ``[X, n]``; the arithmetic runs in its dtype.
+        num_slots: int, or int ``[X]`` (one total per row), each >= n.
+
+    Returns:
+        int64 ``[X, n]``, each >= 1, rows summing to ``num_slots``. Ties go to the lowest index.
+    """
+    weight = np.asarray(weight)
+    num_rows, num_items = weight.shape
+    slots = _slots_per_row(num_rows, num_items, num_slots)
+    counts = np.ones((num_rows, num_items), dtype=np.int64)
+    extra = slots - num_items
+    rows = np.arange(num_rows)
+    for step in range(int(extra.max(initial=0))):
+        active = rows[extra > step]
+        best = np.argmax(weight[active] / counts[active].astype(weight.dtype), axis=1)
+        counts[active, best] += 1
+    return counts
+
+
+def descending_order(weight: np.ndarray) -> np.ndarray:
+    """int64 ``[X, n]``: item indices of each row by weight, heaviest first; equal weights keep index order."""
+    return np.argsort(-np.asarray(weight), axis=1, kind="stable")
+
+
+def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack ``n`` weighted items into ``num_packs`` packs of ``n / num_packs`` items each (DeepSeek's greedy):
+    heaviest item first, each into the lightest pack that is not full (ties: lowest pack index).
+
+    When every pack holds one item, item ``i`` goes to pack ``i`` (the reference does not sort then).
+
+    Args:
+        weight: float ``[X, n]`` with ``n % num_packs == 0``; pack weights accumulate in its dtype.
+        num_packs: m.
+
+    Returns:
+        ``pack`` int64 ``[X, n]`` (the pack of each item) and ``rank_in_pack`` int64 ``[X, n]`` (its position in
+        the pack, in packing order).
+    """
+    weight = np.asarray(weight)
+    num_rows, num_items = weight.shape
+    if num_items % num_packs:
+        raise PolicyError(f"{num_items} items cannot fill {num_packs} packs evenly")
+    per_pack = num_items // num_packs
+    if per_pack == 1:
+        return (np.broadcast_to(np.arange(num_items, dtype=np.int64), weight.shape).copy(),
+                np.zeros(weight.shape, dtype=np.int64))
+    order = descending_order(weight)
+    rows = np.arange(num_rows)
+    pack_weight = np.zeros((num_rows, num_packs), dtype=weight.dtype)
+    pack_items = np.zeros((num_rows, num_packs), dtype=np.int64)
+    pack = np.empty((num_rows, num_items), dtype=np.int64)
+    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
+    full = np.array(np.inf, dtype=weight.dtype)
+    for position in range(num_items):
+        item = order[:, position]
+        target = np.argmin(np.where(pack_items < per_pack, pack_weight, full), axis=1)
+        pack[rows, item] = target
+        rank_in_pack[rows, item] = pack_items[rows, target]
+        pack_weight[rows, target] += weight[rows, item]
+        pack_items[rows, target] += 1
+    return pack, rank_in_pack

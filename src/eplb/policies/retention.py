@@ -1,0 +1,138 @@
+"""Keeping experts where they already are: cheaper transitions for any new placement with the same load balance.
+
+Two passes, both leaving every rank's load unchanged:
+
+- :func:`preserve_slots` reorders slots inside each rank (vLLM's ``preserve_intragpu_slots``): an expert the rank
+  already holds keeps its old local slot, so it is not copied at all.
+- :func:`match_ranks` relabels whole ranks first (ranks are interchangeable), choosing the relabelling that keeps
+  the most experts in place (Hungarian assignment), then applies :func:`preserve_slots`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from eplb.errors import PolicyError
+
+__all__ = ["preserve_slots", "match_ranks", "rank_overlap"]
+
+
+def _check(new_phy2log, old_phy2log, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    new = np.asarray(new_phy2log, dtype=np.int64)
+    old = np.asarray(old_phy2log, dtype=np.int64)
+    if new.ndim != 2 or new.shape != old.shape:
+        raise PolicyError(f"new and old phy2log must both be [layers, slots] of one shape, got {new.shape} and "
+                          f"{old.shape}")
+    if num_ranks < 1 or new.shape[1] % num_ranks:
+        raise PolicyError(f"{new.shape[1]} slots cannot be split over num_ranks={num_ranks}")
+    return new, old
+
+
+def _occurrence(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For flat ``keys``: how many equal keys come before each one, and the keys sorted."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    first = np.searchsorted(sorted_keys, sorted_keys, side="left")
+    occurrence = np.empty_like(keys)
+    occurrence[order] = np.arange(keys.size) - first
+    return occurrence, sorted_keys
+
+
+def _count_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return np.searchsorted(sorted_keys, keys, side="right") - np.searchsorted(sorted_keys, keys, side="left")
+
+
+def preserve_slots(new_phy2log, old_phy2log, num_ranks: int) -> np.ndarray:
+    """Reorder the slots of every rank of ``new_phy2log`` so that experts the rank already held stay in their slot.
+
+    Within each rank, old slot ``k`` keeps its expert ``e`` when the new rank still holds a copy of ``e`` not kept
+    elsewhere (the j-th old copy of ``e`` is kept when the new rank holds more than j copies); the remaining new
+    experts fill the other slots in their new order. The multiset of experts on every rank is that of
+    ``new_phy2log``, so rank loads do not change.
+
+    Args:
+        new_phy2log: int ``[L, P]``, the planned placement.
+        old_phy2log: int ``[L, P]``, the placement in force.
+        num_ranks: W; slot ``p`` lives on rank ``p // (P / W)``.
+
+    Returns:
+        int64 ``[L, P]``.
+    """
+    new, old = _check(new_phy2log, old_phy2log, num_ranks)
+    num_layers, num_slots = new.shape
+    span = int(max(new.max(initial=0), old.max(initial=0))) + 1
+    row = np.arange(num_layers * num_slots, dtype=np.int64) // (num_slots // num_ranks)  # (layer, rank) of a slot
+    new_keys = row * span + new.ravel()
+    old_keys = row * span + old.ravel()
+    new_occurrence, new_sorted = _occurrence(new_keys)
+    old_occurrence, old_sorted = _occurrence(old_keys)
+    kept = old_occurrence < _count_in(new_sorted, old_keys)  # old slots whose expert stays
+    taken = new_occurrence < _count_in(old_sorted, new_keys)  # new entries served by a kept old slot
+    # Rows are contiguous in the flat arrays and each row frees as many slots as it has entries left to place,
+    # so filling free slots with leftover entries in flat order fills every rank with its own entries, in order.
+    out = np.where(kept, old.ravel(), -1)
+    out[~kept] = new.ravel()[~taken]
+    return out.reshape(num_layers, num_slots)
+
+
+def rank_overlap(new_phy2log, old_phy2log, num_ranks: int, num_experts: int | None = None) -> np.ndarray:
+    """int64 ``[L, W, W]``: ``[l, i, j]`` = experts (with multiplicity) that new rank ``i`` and old rank ``j`` share,
+    i.e. the slots kept in place if new rank ``i`` became rank ``j``."""
+    new, old = _check(new_phy2log, old_phy2log, num_ranks)
+    num_layers, num_slots = new.shape
+    if num_experts is None:
+        num_experts = int(max(new.max(initial=0), old.max(initial=0))) + 1
+
+    def per_rank_counts(phy2log: np.ndarray) -> np.ndarray:
+        row = np.arange(num_layers * num_slots) // (num_slots // num_ranks)
+        flat = np.bincount(row * num_experts + phy2log.ravel(), minlength=num_layers * num_ranks * num_experts)
+        return flat.reshape(num_layers, num_ranks, num_experts)
+
+    new_counts, old_counts = per_rank_counts(new), per_rank_counts(old)
+    # min(a, b) = sum over t >= 1 of [a >= t][b >= t]: a few matrix products instead of a [L, W, W, E] tensor.
+    overlap = np.zeros((num_layers, num_ranks, num_ranks), dtype=np.float64)
+    for level in range(1, int(min(new_counts.max(initial=0), old_counts.max(initial=0))) + 1):
+        a = (new_counts >= level).astype(np.float64)
+        b = (old_counts >= level).astype(np.float64)
+        overlap += a @ b.transpose(0, 2, 1)
+    return np.rint(overlap).astype(np.int64)
+
+
+def match_ranks(new_phy2log, old_phy2log, num_ranks: int, num_nodes: int = 1, across_nodes: bool = False
+                ) -> np.ndarray:
+    """Relabel the ranks of ``new_phy2log`` to keep as many experts in place as possible, then
+    :func:`preserve_slots`.
+
+    Ranks are interchangeable for balance, so any permutation of the new per-rank rows gives the same rank loads.
+    The permutation maximising the experts kept (ties: the most ranks left unmoved) is found per layer with the
+    Hungarian method. Relabelling a rank to another node moves its experts to that node, which breaks node-level
+    placements (DeepSeek's hierarchical mode), so ranks are only permuted within their node unless ``across_nodes``.
+
+    Args:
+        new_phy2log: int ``[L, P]``, the planned placement.
+        old_phy2log: int ``[L, P]``, the placement in force.
+        num_ranks: W.
+        num_nodes: N, dividing W; rank ``r`` is on node ``r // (W / N)``.
+        across_nodes: permute ranks freely across nodes.
+
+    Returns:
+        int64 ``[L, P]``.
+    """
+    new, old = _check(new_phy2log, old_phy2log, num_ranks)
+    if num_nodes < 1 or num_ranks % num_nodes:
+        raise PolicyError(f"num_ranks={num_ranks} is not divisible by num_nodes={num_nodes}")
+    num_layers, num_slots = new.shape
+    slots = num_slots // num_ranks
+    overlap = rank_overlap(new, old, num_ranks)
+    block = num_ranks if across_nodes else num_ranks // num_nodes
+    # Among maximal assignments prefer fixed points: overlap counts (block + 1) times, staying put counts once.
+    score = overlap * (block + 1)
+    table = new.reshape(num_layers, num_ranks, slots)
+    relabelled = np.empty_like(table)
+    for start in range(0, num_ranks, block):
+        part = score[:, start:start + block, start:start + block] + np.eye(block, dtype=np.int64)
+        for layer in range(num_layers):
+            new_rank, old_rank = linear_sum_assignment(part[layer], maximize=True)
+            relabelled[layer, start + old_rank] = table[layer, start + new_rank]
+    return preserve_slots(relabelled.reshape(num_layers, num_slots), old, num_ranks)
