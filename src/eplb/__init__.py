@@ -24,8 +24,18 @@ __all__ = [
     "Topology",
     "available_policies",
     "get_policy",
+    "rebalance_experts",
 ]
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name):
+    # rebalance_experts lives with its policy, whose kernels should not load with the package
+    if name == "rebalance_experts":
+        from eplb.policies.default import rebalance_experts
+
+        return rebalance_experts
+    raise AttributeError(f"module 'eplb' has no attribute {name!r}")

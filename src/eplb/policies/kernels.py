@@ -8,6 +8,7 @@ layers. Arithmetic is done in the dtype of ``weight`` (DeepSeek's reference work
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from eplb.errors import PolicyError
 
@@ -101,18 +102,27 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     if per_pack == 1:
         return (np.broadcast_to(np.arange(num_items, dtype=np.int64), weight.shape).copy(),
                 np.zeros(weight.shape, dtype=np.int64))
-    order = descending_order(weight)
-    rows = np.arange(num_rows)
-    pack_weight = np.zeros((num_rows, num_packs), dtype=weight.dtype)
-    pack_items = np.zeros((num_rows, num_packs), dtype=np.int64)
+    return _pack_greedy(weight, descending_order(weight), num_packs, per_pack)
+
+
+@njit(cache=True)
+def _pack_greedy(weight, order, num_packs, per_pack):
+    num_rows, num_items = weight.shape
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    full = np.array(np.inf, dtype=weight.dtype)
-    for position in range(num_items):
-        item = order[:, position]
-        target = np.argmin(np.where(pack_items < per_pack, pack_weight, full), axis=1)
-        pack[rows, item] = target
-        rank_in_pack[rows, item] = pack_items[rows, target]
-        pack_weight[rows, target] += weight[rows, item]
-        pack_items[rows, target] += 1
+    pack_weight = np.zeros(num_packs, dtype=weight.dtype)
+    pack_items = np.zeros(num_packs, dtype=np.int64)
+    for row in range(num_rows):
+        pack_weight[:] = 0
+        pack_items[:] = 0
+        for position in range(num_items):
+            item = order[row, position]
+            target = -1
+            for candidate in range(num_packs):  # strict < keeps the lowest index among equally light packs
+                if pack_items[candidate] < per_pack and (target < 0 or pack_weight[candidate] < pack_weight[target]):
+                    target = candidate
+            pack[row, item] = target
+            rank_in_pack[row, item] = pack_items[target]
+            pack_weight[target] += weight[row, item]
+            pack_items[target] += 1
     return pack, rank_in_pack
