@@ -1,0 +1,58 @@
+"""``random`` (vllm-ascend id 0): a test policy that swaps a few replicas between ranks at random.
+
+It ignores the load. Swapping two slots keeps every expert's replica count, so the result is always a valid
+placement; the same seed gives the same swaps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eplb.errors import PolicyError
+from eplb.placement import Placement
+from eplb.policies.base import Policy
+from eplb.topology import Topology
+
+__all__ = ["RandomPolicy", "POLICY"]
+
+
+class RandomPolicy(Policy):
+    """Swap ``num_moves`` random pairs of slots on different ranks in every layer of ``current`` (or of vLLM's
+    initial layout when there is none).
+
+    Args:
+        seed: seed of the random generator; the same seed and input give the same plan.
+        num_moves: swaps per layer (each moves two slots, fewer when they hold the same expert).
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, num_moves: int = 1):
+        if int(num_moves) < 0:
+            raise PolicyError(f"num_moves must be >= 0, got {num_moves}")
+        self.seed = int(seed)
+        self.num_moves = int(num_moves)
+
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+        num_layers, num_experts = load.shape[-2:]
+        if current is None:
+            current = Placement.initial(num_experts, topology, num_layers)
+        phy2log = current.phy2log.copy()
+        if topology.num_ranks == 1:  # a swap inside one rank changes nothing that matters
+            return phy2log
+        rng = np.random.default_rng(self.seed)
+        slots = topology.slots_per_rank
+        layers = np.arange(num_layers)
+        for _ in range(self.num_moves):
+            first = rng.integers(0, topology.num_physical, size=num_layers)
+            # the second slot is on another rank: shift the first one's rank by 1..W-1
+            shift = rng.integers(1, topology.num_ranks, size=num_layers)
+            second = ((first // slots + shift) % topology.num_ranks) * slots + rng.integers(0, slots, size=num_layers)
+            phy2log[layers, first], phy2log[layers, second] = phy2log[layers, second], phy2log[layers, first]
+        return phy2log
+
+    def __repr__(self) -> str:
+        return f"RandomPolicy(seed={self.seed}, num_moves={self.num_moves})"
+
+
+POLICY = RandomPolicy
