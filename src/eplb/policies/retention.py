@@ -107,7 +107,8 @@ def match_ranks(new_phy2log, old_phy2log, num_ranks: int, num_nodes: int = 1, ac
     Ranks are interchangeable for balance, so any permutation of the new per-rank rows gives the same rank loads.
     The permutation maximising the experts kept (ties: the most ranks left unmoved) is found per layer with the
     Hungarian method. Relabelling a rank to another node moves its experts to that node, which breaks node-level
-    placements (DeepSeek's hierarchical mode), so ranks are only permuted within their node unless ``across_nodes``.
+    placements (DeepSeek's hierarchical mode), so unless ``across_nodes`` whole nodes are matched first (by the
+    experts they share) and ranks are then only permuted within their node.
 
     Args:
         new_phy2log: int ``[L, P]``, the planned placement.
@@ -122,17 +123,27 @@ def match_ranks(new_phy2log, old_phy2log, num_ranks: int, num_nodes: int = 1, ac
     new, old = _check(new_phy2log, old_phy2log, num_ranks)
     if num_nodes < 1 or num_ranks % num_nodes:
         raise PolicyError(f"num_ranks={num_ranks} is not divisible by num_nodes={num_nodes}")
+    if across_nodes or num_nodes == 1:
+        relabelled = _permute_blocks(new, old, num_ranks, num_ranks)
+    else:
+        # whole nodes are interchangeable too: match nodes first, then the ranks inside each node
+        relabelled = _permute_blocks(new, old, num_nodes, num_nodes)
+        relabelled = _permute_blocks(relabelled, old, num_ranks, num_ranks // num_nodes)
+    return preserve_slots(relabelled, old, num_ranks)
+
+
+def _permute_blocks(new: np.ndarray, old: np.ndarray, num_units: int, block: int) -> np.ndarray:
+    """Permute the ``num_units`` equal parts of every row of ``new`` within consecutive blocks of ``block`` parts,
+    maximising the experts each part shares with the same part of ``old`` (ties: the most parts left unmoved)."""
     num_layers, num_slots = new.shape
-    slots = num_slots // num_ranks
-    overlap = rank_overlap(new, old, num_ranks)
-    block = num_ranks if across_nodes else num_ranks // num_nodes
+    overlap = rank_overlap(new, old, num_units)
     # Among maximal assignments prefer fixed points: overlap counts (block + 1) times, staying put counts once.
-    score = overlap * (block + 1)
-    table = new.reshape(num_layers, num_ranks, slots)
-    relabelled = np.empty_like(table)
-    for start in range(0, num_ranks, block):
-        part = score[:, start:start + block, start:start + block] + np.eye(block, dtype=np.int64)
+    score = overlap * (block + 1) + np.eye(num_units, dtype=np.int64)
+    table = new.reshape(num_layers, num_units, num_slots // num_units)
+    out = np.empty_like(table)
+    for start in range(0, num_units, block):
+        part = score[:, start:start + block, start:start + block]
         for layer in range(num_layers):
-            new_rank, old_rank = linear_sum_assignment(part[layer], maximize=True)
-            relabelled[layer, start + old_rank] = table[layer, start + new_rank]
-    return preserve_slots(relabelled.reshape(num_layers, num_slots), old, num_ranks)
+            new_unit, old_unit = linear_sum_assignment(part[layer], maximize=True)
+            out[layer, start + old_unit] = table[layer, start + new_unit]
+    return out.reshape(num_layers, num_slots)
