@@ -1,0 +1,355 @@
+"""The rebalancing cycle: one state machine shared by the simulator (:mod:`eplb.sim`) and the runtime.
+
+It only decides *when* things happen; it knows nothing about torch, processes or how a plan is computed. Both the
+simulator and the runtime controller drive the same :class:`Cycle`, so what the simulator reports is what the
+runtime does.
+
+Phases, per cycle::
+
+    COLLECT --(window of H steps recorded)--> PLAN --(plan ready, >= A steps later)--> APPLY --(last layer)--> COLLECT
+                                               |  \\--(plan failed / no plan after deadline_steps)--> COLLECT (skipped)
+                                               \\--(plan changes no layer worth applying)-----------> COLLECT (skipped)
+
+Driving it (once per step, before the step's forward; steps are consecutive integers)::
+
+    cycle = Cycle(CycleConfig(interval=H, planner_steps=A, deadline_steps=D), num_layers=L)
+    for step in itertools.count():
+        action = cycle.on_step(step)
+        if action.submit:
+            # the window is the steps [action.window_start, step): gather its load, hand it to the planner,
+            # and start recording the next window (recording never stops).
+            ...
+        if action.poll:
+            # runtime: ask the planner (never block). When a plan arrived: cycle.plan_ready(step, plan, ...);
+            # when it failed or came back invalid: cycle.plan_failed(step, reason). The simulator plans at once
+            # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
+            ...
+        for layer in action.apply_layers:
+            # post this layer's weight transfers before the forward, commit them after it: the layer's new
+            # placement is in force from step + 1 on.
+            ...
+        forward(step)
+
+Which layers of a plan are applied (:meth:`Cycle.plan_ready`): layers the plan changed, whose predicted PAR before
+is at least ``min_par``, whose predicted gain ``par_before - par_after`` exceeds ``min_gain``, and (when
+``similarity_threshold`` is set and the window load is given) whose load vector drifted since the layer was last
+applied (cosine similarity of max-normalised loads below the threshold, as xLLM does). ``max_layers`` keeps only
+the layers with the largest gain (cherry-picking). They are applied largest gain first (ties: lower layer first),
+``layers_per_step`` per step, or as many as fit ``bytes_per_step`` (at least one per step); ``layers_per_step=0``
+applies them all in one step. A layer without change is never scheduled.
+
+Every decision depends only on the calls made, so ranks that make the same calls in the same steps stay in
+lock-step. :attr:`Cycle.records` keeps one :class:`CycleRecord` per submitted window.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from eplb.errors import EplbError
+
+__all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError"]
+
+
+class CycleError(EplbError):
+    """The cycle was configured or driven wrongly (bad option, steps out of order, plan of the wrong size)."""
+
+
+class Phase(enum.Enum):
+    COLLECT = "collect"
+    PLAN = "plan"
+    APPLY = "apply"
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    """How a rebalancing cycle runs.
+
+    Attributes:
+        interval: H, steps of expert load in each planning window (>= 1).
+        planner_steps: A, steps between submitting a window and applying its plan (the simulator's planner latency;
+            the runtime leaves it 0 and polls). A plan is applied one step after submission at the earliest.
+        deadline_steps: steps after submission after which a missing plan is given up (the cycle is skipped and
+            serving goes on with the current placement); None waits forever.
+        layers_per_step: layers applied per step; 0 applies every selected layer in one step.
+        bytes_per_step: byte budget per step (overrides ``layers_per_step``); a layer larger than the budget is
+            applied alone in its step.
+        expert_bytes: bytes of one expert's weights, to turn moved slots into bytes.
+        min_par: layers whose predicted PAR before is below this are left alone (already balanced).
+        min_gain: apply a layer only if ``par_before - par_after > min_gain``.
+        max_layers: apply at most this many layers per cycle, the largest gains first (None: no limit).
+        similarity_threshold: when set (0..1), apply a layer only if the cosine similarity between its window load
+            and its load when last applied (both max-normalised) is below it.
+    """
+
+    interval: int
+    planner_steps: int = 0
+    deadline_steps: int | None = None
+    layers_per_step: int = 1
+    bytes_per_step: float | None = None
+    expert_bytes: float = 0.0
+    min_par: float = 1.0
+    min_gain: float = 0.0
+    max_layers: int | None = None
+    similarity_threshold: float | None = None
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise CycleError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        need(_is_int(self.interval) and self.interval >= 1, "interval", "an integer >= 1")
+        need(_is_int(self.planner_steps) and self.planner_steps >= 0, "planner_steps", "an integer >= 0")
+        need(self.deadline_steps is None or (_is_int(self.deadline_steps) and self.deadline_steps >= 1),
+             "deadline_steps", "None or an integer >= 1")
+        need(self.deadline_steps is None or self.deadline_steps >= self.planner_steps, "deadline_steps",
+             f">= planner_steps={self.planner_steps}")
+        need(_is_int(self.layers_per_step) and self.layers_per_step >= 0, "layers_per_step", "an integer >= 0")
+        need(self.bytes_per_step is None or self.bytes_per_step > 0, "bytes_per_step", "None or > 0")
+        need(self.expert_bytes >= 0, "expert_bytes", ">= 0")
+        need(self.min_par >= 0, "min_par", ">= 0")
+        need(self.min_gain >= 0, "min_gain", ">= 0")
+        need(self.max_layers is None or (_is_int(self.max_layers) and self.max_layers >= 1), "max_layers",
+             "None or an integer >= 1")
+        need(self.similarity_threshold is None or 0 <= self.similarity_threshold <= 1, "similarity_threshold",
+             "None or within [0, 1]")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Action:
+    """What to do in one step (returned by :meth:`Cycle.on_step`).
+
+    Attributes:
+        step: the step this action is for.
+        phase: the phase the cycle is in during this step.
+        submit: hand the window ``[window_start, step)`` to the planner now (and start the next window).
+        window_start: first step of the window being recorded (of the submitted window when ``submit``).
+        poll: a plan is awaited: check the planner (runtime) without blocking.
+        apply_layers: layers whose new placement to transfer in this step (post before the forward, commit after);
+            in force from ``step + 1``.
+        skipped: why the cycle was abandoned in this step ("late", "failed: ...", "no gain"), else None.
+    """
+
+    step: int
+    phase: Phase
+    submit: bool = False
+    window_start: int = 0
+    poll: bool = False
+    apply_layers: tuple[int, ...] = ()
+    skipped: str | None = None
+
+
+@dataclass
+class CycleRecord:
+    """One cycle, from its window to its last applied layer.
+
+    Attributes:
+        window_start, window_end: the planning window is steps ``[window_start, window_end)``; submitted at
+            ``window_end``.
+        ready_step: step in which the plan was reported (None when it never came).
+        apply_start, apply_end: first and last step in which layers were applied (None when none).
+        layers: layers applied, in order.
+        moved_slots: slots moved over the applied layers.
+        bytes_moved: bytes moved over the applied layers.
+        par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
+        skipped: why nothing was applied, or None.
+    """
+
+    window_start: int
+    window_end: int
+    ready_step: int | None = None
+    apply_start: int | None = None
+    apply_end: int | None = None
+    layers: list[int] = field(default_factory=list)
+    moved_slots: int = 0
+    bytes_moved: float = 0.0
+    par_before: float = float("nan")
+    par_after: float = float("nan")
+    skipped: str | None = None
+
+
+class Cycle:
+    """The rebalancing state machine (see the module docstring for how to drive it).
+
+    Args:
+        config: a :class:`CycleConfig`.
+        num_layers: L, MoE layers; plans must cover all of them.
+    """
+
+    def __init__(self, config: CycleConfig, num_layers: int):
+        if not isinstance(config, CycleConfig):
+            raise CycleError(f"config must be a CycleConfig, got {type(config).__name__}")
+        if not _is_int(num_layers) or num_layers < 1:
+            raise CycleError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        self.config = config
+        self.num_layers = int(num_layers)
+        self.phase = Phase.COLLECT
+        self.records: list[CycleRecord] = []
+        self._last_step: int | None = None
+        self._window_start: int | None = None
+        self._submitted: int | None = None
+        self._plan_ready = False
+        self._failed: str | None = None
+        self._queue: list[int] = []
+        self._layer_bytes = np.zeros(self.num_layers)
+        self._window_load: np.ndarray | None = None
+        self._applied_load: np.ndarray | None = None  # [L, E] load each layer was last applied on
+        self._ever_applied = np.zeros(self.num_layers, dtype=bool)
+
+    @property
+    def pending_layers(self) -> tuple[int, ...]:
+        """Layers of the current plan still to apply, in order."""
+        return tuple(self._queue)
+
+    def on_step(self, step: int) -> Action:
+        """Advance to ``step`` (call once per step, before its forward) and say what to do in it."""
+        if not _is_int(step):
+            raise CycleError(f"step must be an integer, got {step!r}")
+        step = int(step)
+        if self._last_step is not None and step != self._last_step + 1:
+            raise CycleError(f"steps must be consecutive: got step {step} after step {self._last_step}")
+        self._last_step = step
+        if self._window_start is None:
+            self._window_start = step
+        skipped = None
+        if self.phase is Phase.PLAN:
+            skipped = self._check_plan(step)
+            if self.phase is Phase.PLAN:
+                return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
+        if self.phase is Phase.APPLY:
+            return self._apply(step)
+        if step - self._window_start >= self.config.interval:
+            start, self._window_start = self._window_start, step
+            self.records.append(CycleRecord(window_start=start, window_end=step))
+            self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None
+            self._window_load = None
+            return Action(step, Phase.PLAN, submit=True, window_start=start, poll=True, skipped=skipped)
+        return Action(step, Phase.COLLECT, window_start=self._window_start, skipped=skipped)
+
+    def plan_ready(self, step: int, plan, layer_bytes=None, load=None) -> tuple[int, ...]:
+        """Report the plan of the submitted window; returns the layers that will be applied, in order.
+
+        Args:
+            step: the current step (the submit step or a later one).
+            plan: an :class:`eplb.Plan` or anything with ``changed`` bool ``[L]``, ``par_before`` / ``par_after``
+                float ``[L]`` and ``moved_slots`` int ``[L]``.
+            layer_bytes: float ``[L]`` bytes to move per layer; default ``moved_slots * expert_bytes``.
+            load: float ``[L, E]`` the window's load, needed only for ``similarity_threshold``.
+        """
+        self._expect_plan(step)
+        changed = self._layer_array(plan.changed, "plan.changed").astype(bool)
+        before = self._layer_array(plan.par_before, "plan.par_before").astype(np.float64)
+        after = self._layer_array(plan.par_after, "plan.par_after").astype(np.float64)
+        moved = self._layer_array(plan.moved_slots, "plan.moved_slots").astype(np.int64)
+        if layer_bytes is None:
+            layer_bytes = moved * float(self.config.expert_bytes)
+        layer_bytes = self._layer_array(layer_bytes, "layer_bytes").astype(np.float64)
+        gain = before - after
+        selected = changed & (moved > 0) & (before >= self.config.min_par) & (gain > self.config.min_gain)
+        if self.config.similarity_threshold is not None and load is not None:
+            load = np.asarray(load, dtype=np.float64)
+            if load.shape[0] != self.num_layers or load.ndim != 2:
+                raise CycleError(f"load must be [L={self.num_layers}, E], got shape {load.shape}")
+            self._window_load = load
+            if self._applied_load is not None:
+                drifted = _cosine_similarity(load, self._applied_load) < self.config.similarity_threshold
+                selected &= drifted | ~self._ever_applied
+        order = [int(layer) for layer in np.lexsort((np.arange(self.num_layers), -gain)) if selected[layer]]
+        if self.config.max_layers is not None:
+            order = order[: self.config.max_layers]
+        record = self.records[-1]
+        record.ready_step = int(step)
+        if order:
+            record.layers = list(order)
+            record.moved_slots = int(moved[order].sum())
+            record.bytes_moved = float(layer_bytes[order].sum())
+            record.par_before = float(before[order].mean())
+            record.par_after = float(after[order].mean())
+        self._queue = list(order)
+        self._layer_bytes = layer_bytes
+        self._plan_ready = True
+        return tuple(order)
+
+    def plan_failed(self, step: int, reason: str) -> None:
+        """Report that the planner failed (crashed, invalid plan, ...): the cycle is skipped at the next step."""
+        self._expect_plan(step)
+        self._failed = f"failed: {reason}"
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _expect_plan(self, step: int) -> None:
+        if self.phase is not Phase.PLAN or self._plan_ready or self._failed:
+            raise CycleError(f"step {step}: no plan is awaited (phase {self.phase.value})")
+        if self._last_step is None or step != self._last_step:
+            raise CycleError(f"plan reported for step {step} during step {self._last_step}")
+
+    def _layer_array(self, value, name: str) -> np.ndarray:
+        arr = np.asarray(value)
+        if arr.shape != (self.num_layers,):
+            raise CycleError(f"{name} must have shape [{self.num_layers}] (one value per layer), got {arr.shape}")
+        return arr
+
+    def _check_plan(self, step: int) -> str | None:
+        """Move out of PLAN when the plan can be applied, failed or is late; returns the skip reason."""
+        waited = step - self._submitted
+        reason = None
+        if self._failed:
+            reason = self._failed
+        elif self._plan_ready:
+            if waited < max(1, self.config.planner_steps):
+                return None
+            if self._queue:
+                self.phase = Phase.APPLY
+                self.records[-1].apply_start = step
+                if self._window_load is not None:
+                    self._remember_applied()
+                return None
+            reason = "no gain"
+        elif self.config.deadline_steps is not None and waited >= self.config.deadline_steps:
+            reason = "late"
+        else:
+            return None
+        self.records[-1].skipped = reason
+        self.phase = Phase.COLLECT
+        return reason
+
+    def _remember_applied(self) -> None:
+        if self._applied_load is None or self._applied_load.shape != self._window_load.shape:
+            self._applied_load = np.zeros_like(self._window_load)
+        self._applied_load[self._queue] = self._window_load[self._queue]
+        self._ever_applied[self._queue] = True
+        self._window_load = None
+
+    def _apply(self, step: int) -> Action:
+        config = self.config
+        if config.bytes_per_step is not None:
+            count, used = 0, 0.0
+            for layer in self._queue:
+                if count and used + self._layer_bytes[layer] > config.bytes_per_step:
+                    break
+                used += self._layer_bytes[layer]
+                count += 1
+        elif config.layers_per_step == 0:
+            count = len(self._queue)
+        else:
+            count = config.layers_per_step
+        layers, self._queue = tuple(self._queue[:count]), self._queue[count:]
+        if not self._queue:
+            self.phase = Phase.COLLECT
+            self.records[-1].apply_end = step
+        return Action(step, Phase.APPLY, window_start=self._window_start, apply_layers=layers)
+
+
+def _cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 ``[L]``: cosine similarity of the max-normalised rows of two ``[L, E]`` loads (1 for empty rows)."""
+    a = a / np.maximum(a.max(axis=1, keepdims=True), 1e-300)
+    b = b / np.maximum(b.max(axis=1, keepdims=True), 1e-300)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(axis=1)
+    return np.where(norm > 0, dot / np.where(norm > 0, norm, 1.0), 1.0)
