@@ -84,19 +84,16 @@ def rank_overlap(new_phy2log, old_phy2log, num_ranks: int, num_experts: int | No
     if num_experts is None:
         num_experts = int(max(new.max(initial=0), old.max(initial=0))) + 1
 
-    def per_rank_counts(phy2log: np.ndarray) -> np.ndarray:
-        row = np.arange(num_layers * num_slots) // (num_slots // num_ranks)
-        flat = np.bincount(row * num_experts + phy2log.ravel(), minlength=num_layers * num_ranks * num_experts)
-        return flat.reshape(num_layers, num_ranks, num_experts)
-
-    new_counts, old_counts = per_rank_counts(new), per_rank_counts(old)
-    # min(a, b) = sum over t >= 1 of [a >= t][b >= t]: a few matrix products instead of a [L, W, W, E] tensor.
-    overlap = np.zeros((num_layers, num_ranks, num_ranks), dtype=np.float64)
-    for level in range(1, int(min(new_counts.max(initial=0), old_counts.max(initial=0))) + 1):
-        a = (new_counts >= level).astype(np.float64)
-        b = (old_counts >= level).astype(np.float64)
-        overlap += a @ b.transpose(0, 2, 1)
-    return np.rint(overlap).astype(np.int64)
+    slots = num_slots // num_ranks
+    row = np.arange(num_layers * num_slots) // slots  # (layer, rank) of every slot
+    old_counts = np.bincount(row * num_experts + old.ravel(), minlength=num_layers * num_ranks * num_experts)
+    old_counts = old_counts.reshape(num_layers, num_ranks, num_experts).transpose(0, 2, 1)  # [L, E, W]
+    # The j-th copy (j from 0) of expert e on new rank i is kept on old rank r when r held more than j copies.
+    occurrence, _ = _occurrence(row * num_experts + new.ravel())
+    layer = np.arange(num_layers)[:, None]
+    held = old_counts[layer, new]  # [L, P, W]: copies of each new slot's expert on every old rank
+    kept = held > occurrence.reshape(num_layers, num_slots, 1)
+    return kept.reshape(num_layers, num_ranks, slots, num_ranks).sum(axis=2, dtype=np.int64)
 
 
 def match_ranks(new_phy2log, old_phy2log, num_ranks: int, num_nodes: int = 1, across_nodes: bool = False
