@@ -32,7 +32,7 @@ import numpy as np
 from eplb.errors import EplbError, FormatError
 from eplb.formats._common import RawMap, load_json, torch_load
 from eplb.load import as_load
-from eplb.placement import Placement, find_problems, shared_rank_experts
+from eplb.placement import Placement, shared_rank_experts
 from eplb.topology import Topology
 
 __all__ = [
@@ -54,6 +54,7 @@ FORMATS = ("ascend", "sglang", "vllm", "trtllm", "npz")
 MAP_FORMATS = ("ascend", "sglang", "vllm", "trtllm")
 LOAD_FORMATS = ("sglang", "trtllm", "npz")
 
+_MAX_REPORTED = 20
 _SGLANG_KEYS = ("physical_to_logical_map", "logical_count")
 _ASCEND_KEYS = ("moe_layer_count", "layer_list")
 
@@ -143,18 +144,45 @@ def _positive(name: str, value):
 
 
 def _parse(path, format: str | None) -> tuple[str, RawMap]:
-    format = _check_name(format or detect_format(path), MAP_FORMATS, "expert-map")
+    format = _check_name(format or detect_format(path), FORMATS, "file")
+    if format not in MAP_FORMATS:
+        raise FormatError(f"{path}: {format} files hold expert loads, not expert maps "
+                          f"(expert-map formats: {', '.join(MAP_FORMATS)})")
     return format, _module(format).parse_map(Path(path))
 
 
-def _check(path, raw: RawMap, num_experts: int | None, num_ranks: int | None):
-    """Problems, warnings, and the (experts, ranks) that the map has once checked against the caller's numbers."""
+def _cap(lines: list[str], what: str) -> list[str]:
+    if len(lines) > _MAX_REPORTED:
+        return lines[:_MAX_REPORTED] + [f"... and {len(lines) - _MAX_REPORTED} more {what}"]
+    return lines
+
+
+def _content_problems(raw: RawMap, num_experts: int, topology: Topology) -> tuple[list[str], list[str]]:
+    """Ids out of range, experts without a replica, experts twice on one device, named by the file's layer ids."""
+    phy2log = raw.phy2log
+    layer_ids = raw.layer_ids if raw.layer_ids is not None else np.arange(phy2log.shape[0])
+    slots = topology.slots_per_rank
+    bad = np.argwhere((phy2log < 0) | (phy2log >= num_experts))
+    problems = _cap([f"layer {layer_ids[l]}, device {p // slots}, slot {p % slots}: expert id {phy2log[l, p]} is "
+                     f"out of range [0, {num_experts})" for l, p in bad], "out-of-range ids")
+    inside = np.where((phy2log >= 0) & (phy2log < num_experts), phy2log, num_experts)
+    present = np.zeros((phy2log.shape[0], num_experts + 1), dtype=bool)
+    present[np.arange(phy2log.shape[0])[:, None], inside] = True
+    problems += _cap([f"layer {layer_ids[l]}: expert {e} has no replica"
+                      for l, e in np.argwhere(~present[:, :num_experts])], "experts without a replica")
+    shared = _cap([f"layer {layer_ids[l]}, device {r}: expert {e} is placed more than once on the same device"
+                   for l, r, e in shared_rank_experts(phy2log, topology)], "duplicates")
+    return (problems, shared) if raw.allow_shared_rank else (problems + shared, [])
+
+
+def _check(raw: RawMap, num_experts: int | None, num_ranks: int | None):
+    """Problems, warnings, and the (experts, ranks) of the map once checked against the caller's numbers."""
     problems, warnings = list(raw.problems), list(raw.warnings)
     phy2log = raw.phy2log
     if phy2log is None:
         return problems, warnings, None, None
     num_layers, num_slots = phy2log.shape
-    if num_layers == 0 or num_slots == 0:
+    if num_slots == 0 or (num_layers == 0 and not problems):
         return problems + [f"the map is empty: {num_layers} layers x {num_slots} slots"], warnings, None, None
     ranks = raw.num_ranks
     if num_ranks is not None and ranks is not None and num_ranks != ranks:
@@ -166,23 +194,26 @@ def _check(path, raw: RawMap, num_experts: int | None, num_ranks: int | None):
         problems.append(f"{num_slots} slots per layer cannot be split evenly over {ranks} ranks "
                         f"({num_slots} % {ranks} = {num_slots % ranks})")
         ranks = None
-    experts = num_experts if num_experts is not None else int(phy2log.max()) + 1
+    experts = num_experts if num_experts is not None else _infer_experts(phy2log)
     if experts < 1:
-        problems.append("the map holds no expert ids >= 0")
-        return problems, warnings, None, ranks
+        return problems + ["the map holds no expert ids >= 0"], warnings, None, ranks
     if experts > num_slots:
         problems.append(f"{experts} experts do not fit in {num_slots} slots per layer; every expert needs a slot")
-    if ranks is None:
-        return problems, warnings, experts, None
-    topology = Topology(ranks, num_slots // ranks)
-    problems += find_problems(phy2log, experts, topology, allow_shared_rank=True)
-    shared = [f"layer {l}, device {r}: expert {e} is placed more than once on the same device"
-              for l, r, e in shared_rank_experts(phy2log, topology)[:20]]
-    if raw.allow_shared_rank:
-        warnings += shared
-    else:
-        problems += shared
-    return problems, warnings, experts, ranks
+    if ranks is None or num_layers == 0:
+        return problems, warnings, experts, ranks
+    content, shared = _content_problems(raw, experts, Topology(ranks, num_slots // ranks))
+    if content and num_experts is None:
+        content.append(f"the number of experts was taken as {experts} (the most common count of distinct ids per "
+                       "layer); pass --experts to set it")
+    return problems + content, warnings + shared, experts, ranks
+
+
+def _infer_experts(phy2log: np.ndarray) -> int:
+    """E of a map file that does not state it: the most common number of distinct ids >= 0 per layer (ties: the
+    larger). For a valid map that is the largest id + 1; one stray id does not shift it."""
+    counts = [len(np.unique(row[row >= 0])) for row in phy2log]
+    values, freq = np.unique(counts, return_counts=True)
+    return int(values[freq == freq.max()].max())
 
 
 def map_problems(path, format: str | None = None, num_experts: int | None = None,
@@ -203,7 +234,7 @@ def map_problems(path, format: str | None = None, num_experts: int | None = None
         _, raw = _parse(path, format)
     except EplbError as exc:
         return [str(exc)], []
-    problems, warnings, _, _ = _check(path, raw, num_experts, num_ranks)
+    problems, warnings, _, _ = _check(raw, num_experts, num_ranks)
     return problems, warnings
 
 
@@ -225,7 +256,7 @@ def read_map(path, format: str | None = None, num_experts: int | None = None, nu
     """
     num_experts, num_ranks = _positive("num_experts", num_experts), _positive("num_ranks", num_ranks)
     format, raw = _parse(path, format)
-    problems, warnings, experts, ranks = _check(path, raw, num_experts, num_ranks)
+    problems, warnings, experts, ranks = _check(raw, num_experts, num_ranks)
     if problems:
         raise FormatError(f"{path}: not a valid {format} expert map:\n  " + "\n  ".join(problems))
     for line in warnings:
@@ -256,7 +287,10 @@ def read_load(path, format: str | None = None) -> np.ndarray:
     Raises:
         FormatError / LoadError: unreadable file, missing key, wrong shape, negative or NaN loads.
     """
-    format = _check_name(format or detect_format(path), LOAD_FORMATS, "expert-load")
+    format = _check_name(format or detect_format(path), FORMATS, "file")
+    if format not in LOAD_FORMATS:
+        raise FormatError(f"{path}: a {format} expert map, not an expert load (expert-load files: .npz counts, "
+                          "SGLang logical_count, TensorRT-LLM statistics folder)")
     load = _module(format).read_load(Path(path))
     return as_load(load, field=str(path))
 

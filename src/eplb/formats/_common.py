@@ -21,7 +21,9 @@ class RawMap:
     """A map file as read, before it is checked against ``--ranks`` / ``--experts``.
 
     Attributes:
-        phy2log: int64 ``[L, P]``, or ``None`` when the file's structure is too broken to build one.
+        phy2log: int64 ``[L, P]`` of the well-formed layers, or ``None`` when no layer is.
+        layer_ids: int ``[L]``, the layer number of each row of ``phy2log`` in the file (``None``: ``0..L-1``);
+            rows are missing where a layer is broken (that is then in ``problems``).
         num_ranks: ranks (devices) the file itself states, or ``None`` when it does not say.
         problems: structural problems found while reading (each a readable line naming layer / device / value).
         warnings: things that are allowed but worth a look.
@@ -29,6 +31,7 @@ class RawMap:
     """
 
     phy2log: np.ndarray | None
+    layer_ids: np.ndarray | None = None
     num_ranks: int | None = None
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

@@ -55,7 +55,7 @@ def _layer_rows(index: int, layer, problems: list[str]) -> list[list[int]] | Non
             ok = False
             continue
         experts = device["device_expert"]
-        bad = [e for e in experts if not _is_int(e)]
+        bad = [e for e in experts if not _is_int(e) or abs(e) > 2**62]
         if bad:
             problems.append(f"layer {index}, device {device_id}: device_expert holds {bad[0]!r}, expected integer "
                             "expert ids")
@@ -87,17 +87,20 @@ def parse_map(path: Path) -> RawMap:
         return RawMap(None, problems=problems or ["layer_list is empty"], allow_shared_rank=False)
     first, table0 = usable[0]
     num_devices, num_slots = len(table0), len(table0[0])
+    good = []
     for index, table in usable:
         if len(table) != num_devices:
             problems.append(f"layer {index}: {len(table)} devices, but layer {first} has {num_devices}")
             continue
-        problems += [f"layer {index}, device {device}: {len(row)} experts (slots), but layer {first}, device 0 "
-                     f"has {num_slots}; every device must hold the same number of slots"
-                     for device, row in enumerate(table) if len(row) != num_slots]
-    if problems:
-        return RawMap(None, problems=problems, allow_shared_rank=False)
-    phy2log = np.array([[e for row in table for e in row] for table in tables], dtype=np.int64)
-    return RawMap(phy2log, num_ranks=num_devices, allow_shared_rank=False)
+        ragged = [f"layer {index}, device {device}: {len(row)} experts (slots), but layer {first}, device 0 "
+                  f"has {num_slots}; every device must hold the same number of slots"
+                  for device, row in enumerate(table) if len(row) != num_slots]
+        problems += ragged
+        if not ragged:
+            good.append((index, [e for row in table for e in row]))
+    phy2log = np.array([row for _, row in good], dtype=np.int64).reshape(len(good), num_devices * num_slots)
+    return RawMap(phy2log, layer_ids=np.array([i for i, _ in good]), num_ranks=num_devices, problems=problems,
+                  allow_shared_rank=False)
 
 
 def write_map(placement: Placement, path: Path) -> None:

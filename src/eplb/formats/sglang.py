@@ -65,11 +65,13 @@ def parse_map(path: Path) -> RawMap:
         _missing(path, data, MAP_KEY)
     value = data[MAP_KEY]
     if isinstance(value, list) and value and all(isinstance(row, list) for row in value):
-        lengths = [len(row) for row in value]
-        if len(set(lengths)) > 1:
-            return RawMap(None, problems=[f"layer {l}: {n} slots, but layer 0 has {lengths[0]}; "
-                                          f"{MAP_KEY} rows must all have the same length"
-                                          for l, n in enumerate(lengths) if n != lengths[0]])
+        width = len(value[0])
+        ragged = [f"layer {l}: {len(row)} slots, but layer 0 has {width}; {MAP_KEY} rows must all have the same "
+                  "length" for l, row in enumerate(value) if len(row) != width]
+        if ragged:
+            good = [l for l, row in enumerate(value) if len(row) == width]
+            rows = to_int_array([value[l] for l in good], f"{path}: {MAP_KEY}", FormatError)
+            return RawMap(rows.reshape(len(good), width), layer_ids=np.array(good), problems=ragged)
     phy2log = to_int_array(value, f"{path}: {MAP_KEY}", FormatError)
     if phy2log.ndim != 2:
         raise FormatError(f"{path}: {MAP_KEY} must be [layers, slots], got shape {phy2log.shape}")

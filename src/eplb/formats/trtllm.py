@@ -82,21 +82,20 @@ def parse_map(path: Path) -> RawMap:
         layer = int(key) if isinstance(key, str) and key.isdigit() else key
         if not _is_int(layer):
             problems.append(f"layer key {key!r} is not an integer layer index")
-        elif not isinstance(row, list) or not all(_is_int(e) for e in row):
+        elif not isinstance(row, list) or not all(_is_int(e) and abs(e) <= 2**62 for e in row):
             problems.append(f"layer {layer}: expected a list of integer expert ids, got {str(row)[:60]}")
-        elif num_slots is not None and len(row) != num_slots:
-            problems.append(f"layer {layer}: {len(row)} slots, but num_slots is {num_slots}")
         else:
             layers.append((layer, row))
-    if not layers and not problems:
-        problems.append("initial_global_assignments is empty")
-    if problems:
-        return RawMap(None, num_ranks=ep_size, problems=problems)
     layers.sort()
-    lengths = {len(row) for _, row in layers}
-    if len(lengths) > 1:
-        return RawMap(None, problems=[f"layers hold different numbers of slots: {sorted(lengths)}"])
-    return RawMap(np.array([row for _, row in layers], dtype=np.int64), num_ranks=ep_size)
+    if not layers:
+        return RawMap(None, num_ranks=ep_size, problems=problems or ["initial_global_assignments is empty"])
+    width = num_slots or len(layers[0][1])
+    problems += [f"layer {layer}: {len(row)} slots, but " +
+                 (f"num_slots is {num_slots}" if num_slots else f"layer {layers[0][0]} has {width}")
+                 for layer, row in layers if len(row) != width]
+    good = [(layer, row) for layer, row in layers if len(row) == width]
+    phy2log = np.array([row for _, row in good], dtype=np.int64).reshape(len(good), width)
+    return RawMap(phy2log, layer_ids=np.array([layer for layer, _ in good]), num_ranks=ep_size, problems=problems)
 
 
 def write_map(placement: Placement, path: Path) -> None:
