@@ -1,0 +1,134 @@
+"""``swift`` (vllm-ascend policy type 2): SwiftBalancer — good balance with few, cheap transfers.
+
+Per layer (``[T, L, E]`` loads are summed over the window first):
+
+1. **Home copies.** Scanning slot 0 of every rank, then slot 1, ..., the first occurrence of an expert is its home
+   copy; every other slot is a redundant slot. Home copies stay; only redundant slots are re-assigned.
+   A rank holding an expert twice (invalid for vllm-ascend) is repaired first, in every layer, whatever its balance:
+   the repeat gets the expert with the largest load per replica that the rank lacks.
+2. **Threshold.** A layer whose PAR is below ``threshold`` (after any repair) is left as it is.
+3. **Spreading** (``spread=True``; not in the reference). Redundant slots can only receive copies, so a rank without
+   one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) the reference
+   changes nothing. Before planning, the redundant slots are evened out until every rank has the floor or the
+   ceiling of their mean (per node in intra-node mode). First for free, by role swaps: an expert homed on rank ``u``
+   with a redundant copy on rank ``v`` may as well be homed on ``v``, which hands ``u`` a redundant slot (chains of
+   such swaps are found by breadth-first search). Only where no chain exists, a rank short of redundant slots sends
+   its coldest home expert into a redundant slot of the rank with the most of them, overwriting that rank's copy
+   with the least load per replica; the sender's slot keeps its weights as a redundant copy. Each such relocation
+   is one transfer and counts as a moved slot. Cold experts are chosen so that the receiving ranks do not heat up.
+4. **Replicas.** The ``R = P - E`` redundant slots go greedily to the expert with the largest load per replica
+   (per-copy load after ``c`` extra copies is ``h / (c + 1)``; the reference's ``(c + 1) / (c + 2)`` shrink is a
+   bug). In intra-node mode each node shares out its own redundant slots among the experts homed on it.
+5. **Copies**, heaviest first, each onto the least-loaded rank (of the home's node in intra-node mode) that has a
+   free redundant slot, does not hold the expert and may receive it (see transfers below). Redundant slots left
+   over take the heaviest expert per replica their rank lacks.
+6. **Swap rounds** (up to ``swap_rounds``): from the hottest rank, partners are tried from the coolest up; the first
+   partner whose best swap (minimising the larger of the two loads) lowers the hot rank by at least ``swap_gain`` x
+   the mean rank load, without the partner ending above that, is taken. An expert moved this cycle is not moved
+   again.
+7. **Acceptance.** The layer changes only if its max rank load strictly drops; experts that stay on a rank keep
+   their slot (:func:`eplb.policies.retention.preserve_slots`).
+
+Transfers: an expert arriving on a rank that did not hold it before. Its source is defined as the expert's
+scan-order home rank in the placement in force, and every (source rank, destination rank) pair carries at most one
+transfer per cycle — including the repair and spreading transfers, except where a repair has no other way out.
+
+No rank ends up holding an expert twice, except when a rank has more slots than there are experts (``K > E``),
+where a repeat cannot be avoided; then a rank repeats an expert only when it already holds all ``E``.
+In intra-node mode no expert crosses a node boundary (source and destination share a node), except when a node's
+leftover redundant slots cannot be filled from its own experts without repeating one on a rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from eplb.errors import PolicyError
+from eplb.load import window_sum
+from eplb.placement import Placement
+from eplb.policies._swift_kernels import plan_layers, prepare_layers
+from eplb.policies.base import Policy
+from eplb.policies.kernels import replicate_counts
+from eplb.policies.retention import preserve_slots
+from eplb.topology import Topology
+
+__all__ = ["SwiftPolicy", "POLICY"]
+
+logger = logging.getLogger(__name__)
+
+
+class SwiftPolicy(Policy):
+    """SwiftBalancer (vllm-ascend id 2) with the replica weight bug fixed; see the module docstring.
+
+    Without ``current``, it plans from the ``spread`` initial layout (:meth:`Placement.initial`).
+
+    Args:
+        threshold: leave layers whose PAR is below this alone (1.01 in the reference; 1.0 plans every layer).
+        intra_node: run the planning per node, so that no copy crosses a node boundary.
+        spread: even out redundant slots over ranks before planning (needed from vLLM's initial layout).
+        swap_rounds: at most this many swaps per layer (per node in intra-node mode).
+        swap_gain: a swap must lower the hottest rank by at least this fraction of the mean rank load.
+    """
+
+    name = "swift"
+    allows_shared_rank = False
+
+    def __init__(self, threshold: float = 1.01, intra_node: bool = False, spread: bool = True,
+                 swap_rounds: int = 100, swap_gain: float = 0.01):
+        if not np.isfinite(threshold):
+            raise PolicyError(f"threshold must be a finite PAR (e.g. 1.01), got {threshold!r}")
+        if int(swap_rounds) != swap_rounds or swap_rounds < 0:
+            raise PolicyError(f"swap_rounds must be an integer >= 0, got {swap_rounds!r}")
+        if not 0 < swap_gain < np.inf:
+            raise PolicyError(f"swap_gain must be > 0 (a fraction of the mean rank load), got {swap_gain!r}")
+        self.threshold = float(threshold)
+        self.intra_node = bool(intra_node)
+        self.spread = bool(spread)
+        self.swap_rounds = int(swap_rounds)
+        self.swap_gain = float(swap_gain)
+
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+        num_layers, num_experts = load.shape[-2:]
+        window = np.ascontiguousarray(window_sum(load))
+        if current is None:
+            current = Placement.initial(num_experts, topology, num_layers, layout="spread")
+        old = np.ascontiguousarray(current.rank_table)
+        num_ranks = topology.num_ranks
+        if self.intra_node:
+            group_of_rank = np.asarray(topology.node_of_rank, dtype=np.int64)
+            group_start = np.arange(topology.num_nodes + 1, dtype=np.int64) * topology.ranks_per_node
+        else:
+            group_of_rank = np.zeros(num_ranks, dtype=np.int64)
+            group_start = np.array([0, num_ranks], dtype=np.int64)
+        base, home, home_rank, source, pair_used, moved, active = prepare_layers(
+            old, window, group_of_rank, group_start, self.threshold, self.spread)
+        counts = self._replica_counts(window, home_rank, group_of_rank, topology)
+        new = plan_layers(old, base, home, home_rank, source, pair_used, moved, active, window, counts,
+                          group_of_rank, group_start, self.swap_rounds, self.swap_gain)
+        logger.debug("swift: %d of %d layers above the threshold", int(active.sum()), num_layers)
+        return preserve_slots(new.reshape(num_layers, -1), current.phy2log, num_ranks)
+
+    def _replica_counts(self, window: np.ndarray, home_rank: np.ndarray, group_of_rank: np.ndarray,
+                        topology: Topology) -> np.ndarray:
+        """int64 ``[L, E]``: replicas per expert, home included; per node of the home in intra-node mode."""
+        num_layers, num_experts = window.shape
+        if not self.intra_node:
+            return replicate_counts(window, topology.num_physical)
+        num_nodes = topology.num_nodes
+        home_node = group_of_rank[home_rank]  # [L, E]
+        homed = home_node[:, None, :] == np.arange(num_nodes)[None, :, None]  # [L, N, E]
+        node_slots = topology.ranks_per_node * topology.slots_per_rank
+        # experts homed elsewhere weigh -1, so they get an extra replica only when the node has no expert of its own
+        weight = np.where(homed, window[:, None, :], -1.0).reshape(num_layers * num_nodes, num_experts)
+        extra = node_slots - homed.sum(axis=2).ravel()
+        counts = replicate_counts(weight, num_experts + extra).reshape(num_layers, num_nodes, num_experts)
+        return np.take_along_axis(counts, home_node[:, None, :], axis=1)[:, 0, :]
+
+    def __repr__(self) -> str:
+        return (f"SwiftPolicy(threshold={self.threshold}, intra_node={self.intra_node}, spread={self.spread}, "
+                f"swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain})")
+
+
+POLICY = SwiftPolicy
