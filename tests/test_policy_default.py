@@ -178,3 +178,52 @@ def test_random_policy_is_seeded_and_valid():
     assert (a.moved_slots <= 4).all() and a.moved_slots.sum() > 0
     with pytest.raises(PolicyError, match="num_moves"):
         eplb.get_policy("random", num_moves=-1)
+
+
+def _plan(capsys, *argv):
+    from eplb.cli import main
+
+    code = main(["plan", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_command_dsv3(data_dir, tmp_path, capsys):
+    import json
+
+    from eplb import formats
+
+    npz = data_dir / "sglang_dsv3_ep_statistics.npz"
+    first = tmp_path / "plan0.json"
+    code, out, _ = _plan(capsys, npz, "--select", 0, "--ranks", 32, "--redundant", 32, "--groups", 8,
+                         "-o", first, "--format", "ascend", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["par_after_mean"] <= 1.01 < result["par_before_mean"]
+    placement = formats.read_map(first, num_experts=256)  # ascend maps: no expert twice on a rank
+    assert placement.topology.num_physical == 288 and not placement.problems(allow_shared_rank=False)
+    code, out, _ = _plan(capsys, npz, "--select", 1, "--ranks", 32, "--slots-per-rank", 9, "--current", first,
+                         "--option", "mode=global", "-o", tmp_path / "plan1.npy", "--json")
+    again = json.loads(out)
+    assert code == 0 and again["reference"] == "current map" and 0 < again["moved_slots"] < 16704
+    assert "mode='global'" in again["policy"]
+    code, out, _ = _plan(capsys, npz, "--select", "sum", "--ranks", 64, "--slots-per-rank", 5, "--nodes", 8,
+                         "--groups", 8, "--policy", 1, "-o", tmp_path / "plan2.npy")
+    assert code == 0 and "mean PAR after" in out
+
+
+def test_plan_command_errors(data_dir, tmp_path, capsys):
+    npz = data_dir / "sglang_dsv3_ep_statistics.npz"
+    base = [npz, "--ranks", 32, "--slots-per-rank", 9]
+    cases = [
+        ([*base, "-o", tmp_path / "x.json"], "pass --format"),
+        ([*base, "--select", 12, "-o", tmp_path / "x.npy"], "--select 12 is out of range"),
+        ([*base, "--select", "first", "-o", tmp_path / "x.npy"], "index or 'sum'"),
+        ([*base, "--option", "mode", "-o", tmp_path / "x.npy"], "KEY=VALUE"),
+        ([*base, "--option", "mood=global", "-o", tmp_path / "x.npy"], "did you mean 'mode'"),
+        ([npz, "--ranks", 32, "--redundant", 30, "--select", 0, "-o", tmp_path / "x.npy"], "must be 0"),
+    ]
+    for argv, message in cases:
+        code, _, err = _plan(capsys, *argv)
+        assert code == 1 and message in err, (argv, err)
+    assert not list(tmp_path.iterdir())

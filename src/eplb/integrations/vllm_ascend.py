@@ -10,16 +10,28 @@ the load recorded per physical slot. :class:`AscendPolicy` gives any eplb policy
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from eplb._arrays import like_input, to_int_array, to_numpy
 from eplb.errors import LoadError, PlacementError
 from eplb.load import as_load
 from eplb.placement import Placement
-from eplb.policies import get_policy
+from eplb.policies import Policy, get_policy
 from eplb.topology import Topology
 
-__all__ = ["AscendPolicy", "rebalance_experts", "logical_load"]
+__all__ = ["AscendPolicy", "rebalance_experts", "logical_load", "ascend_policy"]
+
+
+def ascend_policy(name: str | int, **options) -> Policy:
+    """``get_policy(name, **options)``, but a policy that can keep replicas off shared ranks is asked to, unless
+    ``options`` say otherwise: vllm-ascend does not allow an expert twice on one rank."""
+    policy = get_policy(name, **options)
+    if policy.allows_shared_rank and "allow_shared_rank" not in options and \
+            "allow_shared_rank" in inspect.signature(type(policy)).parameters:
+        policy = get_policy(name, allow_shared_rank=False, **options)
+    return policy
 
 
 def logical_load(table: np.ndarray, workload: np.ndarray, num_experts: int) -> np.ndarray:
@@ -48,14 +60,15 @@ class AscendPolicy:
     """An eplb policy behind vllm-ascend's policy interface.
 
     Args:
-        policy: registry name or vllm-ascend policy type (0 random, 1 default, 2 swift, 3 flashlb).
+        policy: registry name or vllm-ascend policy type (0 random, 1 default, 2 swift, 3 flashlb); made through
+            :func:`ascend_policy`, so no rank holds an expert twice where the policy can avoid it.
         num_nodes: N, for policies that keep replicas within nodes.
         num_groups: G expert groups (for ``default``'s hierarchical mode).
         **options: options of the policy.
     """
 
     def __init__(self, policy: str | int = "default", num_nodes: int = 1, num_groups: int = 1, **options):
-        self.policy = get_policy(policy, **options)
+        self.policy = ascend_policy(policy, **options)
         self.num_nodes = num_nodes
         self.num_groups = num_groups
 

@@ -18,7 +18,7 @@ from eplb.errors import PolicyError
 from eplb.load import as_load, window_sum
 from eplb.placement import Placement
 from eplb.policies.base import Policy
-from eplb.policies.kernels import balanced_packing, replicate
+from eplb.policies.kernels import balanced_packing, replicate, spread_duplicates
 from eplb.policies.retention import match_ranks, preserve_slots
 from eplb.topology import Topology
 
@@ -150,21 +150,30 @@ class DefaultPolicy(Policy):
         retain_slots: when ``current`` is given, relabel ranks (within their node in hierarchical mode) and reorder
             slots inside ranks so experts already in place stay there (vLLM's ``preserve_intragpu_slots`` plus
             rank matching); rank loads are unchanged.
+        allow_shared_rank: DeepSeek may put two replicas of an expert on one rank. ``False`` (vllm-ascend's rule)
+            swaps the extra copies with slots of other ranks (of the same node in hierarchical mode), picking the
+            swap that raises the pair's peak least; output then differs from the reference.
     """
 
     name = "default"
 
-    def __init__(self, mode: str = "auto", retain_slots: bool = True):
+    def __init__(self, mode: str = "auto", retain_slots: bool = True, allow_shared_rank: bool = True):
         if mode not in MODES:
             raise PolicyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.retain_slots = bool(retain_slots)
+        self.allows_shared_rank = bool(allow_shared_rank)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
         t = topology
         hierarchical = self.mode != "global" and t.num_groups % t.num_nodes == 0
-        phy2log, _, _ = deepseek_placement(window_sum(load), t.num_physical, t.num_groups, t.num_nodes,
-                                           t.num_ranks, "hierarchical" if hierarchical else self.mode)
+        window = window_sum(load)
+        phy2log, _, replica_count = deepseek_placement(window, t.num_physical, t.num_groups, t.num_nodes,
+                                                       t.num_ranks, "hierarchical" if hierarchical else self.mode)
+        if not self.allows_shared_rank:
+            per_replica = np.take_along_axis(window / replica_count, phy2log, axis=1)
+            phy2log = spread_duplicates(phy2log, per_replica, t.num_ranks,
+                                        t.ranks_per_node if hierarchical else t.num_ranks)
         if current is None or not self.retain_slots:
             return phy2log
         if hierarchical:
@@ -172,7 +181,8 @@ class DefaultPolicy(Policy):
         return match_ranks(phy2log, current.phy2log, t.num_ranks, across_nodes=True)
 
     def __repr__(self) -> str:
-        return f"DefaultPolicy(mode={self.mode!r}, retain_slots={self.retain_slots})"
+        return (f"DefaultPolicy(mode={self.mode!r}, retain_slots={self.retain_slots}, "
+                f"allow_shared_rank={self.allows_shared_rank})")
 
 
 POLICY = DefaultPolicy

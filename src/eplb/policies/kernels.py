@@ -12,7 +12,7 @@ from numba import njit
 
 from eplb.errors import PolicyError
 
-__all__ = ["replicate_counts", "replicate", "balanced_packing", "descending_order"]
+__all__ = ["replicate_counts", "replicate", "balanced_packing", "descending_order", "spread_duplicates"]
 
 
 def _slots_per_row(num_rows: int, num_items: int, num_slots) -> np.ndarray:
@@ -126,3 +126,69 @@ def _pack_greedy(weight, order, num_packs, per_pack):
             pack_weight[target] += weight[row, item]
             pack_items[target] += 1
     return pack, rank_in_pack
+
+
+def spread_duplicates(phy2log: np.ndarray, slot_load: np.ndarray, num_ranks: int, ranks_per_block: int | None = None
+                      ) -> np.ndarray:
+    """Move second copies of an expert off a rank by swapping slots, so no rank holds an expert twice.
+
+    Each extra copy of expert ``e`` on rank ``r`` is swapped with the slot of another rank ``r2`` (in the same block
+    of ``ranks_per_block`` ranks, e.g. a node) that does not hold ``e`` and whose expert ``r`` does not hold; of
+    those, the swap giving the smallest ``max(load r, load r2)`` afterwards wins (ties: lowest rank, then slot).
+    Replica counts do not change. A copy with no legal partner (an expert with more replicas than the block has
+    ranks) stays.
+
+    Args:
+        phy2log: int ``[L, P]``.
+        slot_load: float ``[L, P]``, the load each slot carries (its expert's load / replica count).
+        num_ranks: W.
+        ranks_per_block: swaps stay within blocks of this many consecutive ranks (default: all ranks).
+
+    Returns:
+        int64 ``[L, P]``, a new array.
+    """
+    num_layers, num_slots = phy2log.shape
+    table = np.array(phy2log, dtype=np.int64).reshape(num_layers, num_ranks, num_slots // num_ranks)
+    loads = np.array(slot_load, dtype=np.float64).reshape(table.shape)
+    _spread(table, loads, ranks_per_block or num_ranks)
+    return table.reshape(num_layers, num_slots)
+
+
+@njit(cache=True)
+def _holds(row, expert):
+    for value in row:
+        if value == expert:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _spread(table, loads, block):
+    num_layers, num_ranks, slots = table.shape
+    for layer in range(num_layers):
+        rank_load = loads[layer].sum(axis=1)
+        for rank in range(num_ranks):
+            for slot in range(1, slots):
+                expert = table[layer, rank, slot]
+                if not _holds(table[layer, rank, :slot], expert):
+                    continue
+                best_rank, best_slot, best_cost = -1, -1, np.inf
+                start = (rank // block) * block
+                for other in range(start, start + block):
+                    if other == rank or _holds(table[layer, other], expert):
+                        continue
+                    for other_slot in range(slots):
+                        if _holds(table[layer, rank], table[layer, other, other_slot]):
+                            continue
+                        delta = loads[layer, other, other_slot] - loads[layer, rank, slot]
+                        cost = max(rank_load[rank] + delta, rank_load[other] - delta)
+                        if cost < best_cost:
+                            best_rank, best_slot, best_cost = other, other_slot, cost
+                if best_rank < 0:
+                    continue
+                delta = loads[layer, best_rank, best_slot] - loads[layer, rank, slot]
+                rank_load[rank] += delta
+                rank_load[best_rank] -= delta
+                table[layer, rank, slot], table[layer, best_rank, best_slot] = table[layer, best_rank, best_slot], expert
+                loads[layer, rank, slot], loads[layer, best_rank, best_slot] = (loads[layer, best_rank, best_slot],
+                                                                                  loads[layer, rank, slot])
