@@ -56,9 +56,10 @@ def test_ascend_adapter_priority_and_torch():
     workload[1] = 10  # layer 1 is balanced and has nothing to gain: it comes last
     changed, priority, new_table = rebalance_experts(torch.tensor(table), torch.tensor(workload), policy=1)
     assert isinstance(new_table, torch.Tensor) and new_table.shape == table.shape
-    plan = eplb.get_policy("default").rebalance(logical_load(table, workload, 10), eplb.Topology(4, 3),
-                                                table.reshape(4, -1))
+    policy = eplb.get_policy("default", allow_shared_rank=False)  # vllm-ascend forbids an expert twice on a rank
+    plan = policy.rebalance(logical_load(table, workload, 10), eplb.Topology(4, 3), table.reshape(4, -1))
     assert np.array_equal(new_table.numpy(), plan.placement.rank_table)
+    assert not plan.placement.problems(allow_shared_rank=False)
     assert changed == 1 and priority[-1] == 1
     gain = (plan.par_before - plan.par_after)[priority[:-1]]
     assert (np.diff(gain) <= 0).all()
