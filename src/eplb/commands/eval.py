@@ -108,6 +108,10 @@ def run(args) -> int:
 
     from eplb.report import par_table, summary_table
 
+    if args.top < 0:
+        from eplb.errors import EplbError
+
+        raise EplbError(f"--top must be >= 0 (0 shows every layer), got {args.top}")
     placement, load, map_name, load_name = _inputs(args)
     result = evaluate(placement, load)
     t = placement.topology
