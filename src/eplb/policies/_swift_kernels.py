@@ -10,7 +10,7 @@ intra-node mode it depends on where the first pass put each expert's home copy:
 Per layer and rank, tables are ``[W, K]`` (logical expert of each local slot). A "transfer" is an expert arriving on
 a rank that did not hold it in the old placement; its source is the expert's scan-order home rank in the old
 placement (``source``), and at most one transfer per (source, destination) rank pair is allowed per cycle
-(``pair_used``). ``moved`` marks experts transferred or swapped this cycle; the swap rounds leave them alone.
+(``pair_used``). ``moved`` marks experts transferred or swapped this cycle, for the swap rounds' pinning rule.
 """
 
 from __future__ import annotations
@@ -308,11 +308,12 @@ def prepare_layers(old, load, group_of_rank, group_start, threshold, spread):
 
 
 @njit(cache=True)
-def _place(table, e, d, old_table, on_rank, old_on, source, pair_used, moved):
-    """Put expert ``e`` into a free (-1) slot of rank ``d``: its old slot there if free, else the first free one."""
+def _place(table, e, d, base_table, on_rank, old_on, source, pair_used, moved):
+    """Put expert ``e`` into a free (-1) slot of rank ``d``: the slot that held it before planning if free, else the
+    first free one."""
     slot = -1
     for k in range(table.shape[1]):
-        if table[d, k] < 0 and (slot < 0 or old_table[d, k] == e):
+        if table[d, k] < 0 and (slot < 0 or base_table[d, k] == e):
             slot = k
     table[d, slot] = e
     on_rank[d, e] = True
@@ -320,35 +321,49 @@ def _place(table, e, d, old_table, on_rank, old_on, source, pair_used, moved):
 
 
 @njit(cache=True)
-def _fill_choice(d, k, load, count, group_of_rank, home_rank, old_table, on_rank, old_on, source,
-                 pair_used):
-    """Expert for leftover redundant slot ``(d, k)``: the heaviest per replica that rank ``d`` lacks, of its group,
-    within the pair limit; else the slot's old expert; else the pair limit, then the group, is dropped."""
-    num_experts = load.shape[0]
+def _fill_choice(table, d, load, count, group_of_rank, home_rank, base_table, on_rank, old_on, source, pair_used):
+    """Expert for a leftover redundant slot of rank ``d``: the heaviest per replica that the rank lacks, of its
+    group, within the pair limit; else what a free slot held before planning (no new transfer; always possible
+    unless ``K > E``); else the heaviest the rank lacks at all; else a repeat (the rank holds every expert)."""
+    num_experts, slots = load.shape[0], table.shape[1]
+    free_slot, held_before = -1, -1
+    for k in range(slots - 1, -1, -1):
+        if table[d, k] < 0:
+            free_slot = k
+            if not on_rank[d, base_table[d, k]]:
+                held_before = base_table[d, k]
     for level in range(3):
         if level == 1:
-            y = old_table[d, k]
-            if not on_rank[d, y]:
-                return y
+            if held_before >= 0:
+                return held_before
             continue
         best = -1
         for x in range(num_experts):
-            if on_rank[d, x] or (group_of_rank[home_rank[x]] != group_of_rank[d] and level < 2):
+            if on_rank[d, x]:
                 continue
-            if level == 0 and not _may_receive(x, d, old_on, source, pair_used):
+            if level == 0 and (group_of_rank[home_rank[x]] != group_of_rank[d]
+                               or not _may_receive(x, d, old_on, source, pair_used)):
                 continue
             if best < 0 or load[x] * count[best] > load[best] * count[x]:
                 best = x
         if best >= 0:
             return best
-    return old_table[d, k]  # the rank holds every expert (K > E): a repeat cannot be avoided
+    return base_table[d, free_slot]
 
 
 @njit(cache=True)
-def _swap_rounds(table, lo, hi, load, count, rank_load, gain, rounds, on_rank, old_on, source, pair_used, moved):
+def _pinned(table, old_table, r, k, moved, pin_experts):
+    """Whether the replica in slot ``(r, k)`` must stay: its expert moved this cycle (``pin_experts``), or this very
+    replica did (the slot's expert changed)."""
+    return moved[table[r, k]] if pin_experts else table[r, k] != old_table[r, k]
+
+
+@njit(cache=True)
+def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds, on_rank, old_on, source,
+                 pair_used, moved, pin_experts):
     """Up to ``rounds`` swaps inside ranks ``lo..hi-1``: from the hottest rank, try partners from the coolest up and
     take the first partner whose best swap (the one minimising the pair's larger load) lowers the hot rank by at
-    least ``gain`` without the partner ending above that. Experts moved this cycle stay where they are."""
+    least ``gain`` without the partner ending above that. Pinned replicas (see :func:`_pinned`) stay."""
     slots = table.shape[1]
     for _ in range(rounds):
         hot = lo
@@ -363,12 +378,14 @@ def _swap_rounds(table, lo, hi, load, count, rank_load, gain, rounds, on_rank, o
             best, best_i, best_j = rank_load[hot] - gain, -1, -1
             for i in range(slots):
                 a = table[hot, i]
-                if moved[a] or on_rank[q, a] or not _may_receive(a, q, old_on, source, pair_used):
+                if (_pinned(table, old_table, hot, i, moved, pin_experts) or on_rank[q, a]
+                        or not _may_receive(a, q, old_on, source, pair_used)):
                     continue
                 wa = load[a] / count[a]
                 for j in range(slots):
                     b = table[q, j]
-                    if moved[b] or on_rank[hot, b] or not _may_receive(b, hot, old_on, source, pair_used):
+                    if (_pinned(table, old_table, q, j, moved, pin_experts) or on_rank[hot, b]
+                            or not _may_receive(b, hot, old_on, source, pair_used)):
                         continue
                     wb = load[b] / count[b]
                     peak = max(rank_load[hot] - wa + wb, rank_load[q] + wa - wb)
@@ -394,7 +411,7 @@ def _swap_rounds(table, lo, hi, load, count, rank_load, gain, rounds, on_rank, o
 
 @njit(cache=True)
 def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, load, counts, group_of_rank,
-                group_start, rounds, min_gain):
+                group_start, rounds, min_gain, pin_experts):
     """Second pass: SwiftBalancer steps 4-7 on every active layer.
 
     Args:
@@ -405,6 +422,7 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
         group_of_rank, group_start: the groups copies and swaps stay in.
         rounds: swap rounds per group.
         min_gain: a swap must lower the hot rank by this fraction of the mean rank load.
+        pin_experts: the swaps leave every replica of an expert moved this cycle alone, not only the moved replica.
 
     Returns:
         int64 ``[L, W, K]``: the new table of every layer (``base`` where a layer is inactive or does not improve).
@@ -447,20 +465,17 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
                         d = r
                 if d < 0:
                     break
-                _place(table, e, d, old[layer], on_rank, old_on, src, pairs, done)
+                _place(table, e, d, base[layer], on_rank, old_on, src, pairs, done)
                 free[d] -= 1
                 rank_load[d] += per_copy[e]
                 count[e] += 1
         # step 5: leftover redundant slots
         for d in range(num_ranks):
-            for k in range(slots):
-                if table[d, k] < 0:
-                    x = _fill_choice(d, k, h, count, group_of_rank, home_rank[layer], old[layer], on_rank,
-                                     old_on, src, pairs)
-                    table[d, k] = x
-                    on_rank[d, x] = True
-                    _receive(x, d, old_on, src, pairs, done)
-                    count[x] += 1
+            for _ in range(free[d]):
+                x = _fill_choice(table, d, h, count, group_of_rank, home_rank[layer], base[layer], on_rank, old_on,
+                                 src, pairs)
+                _place(table, x, d, base[layer], on_rank, old_on, src, pairs, done)
+                count[x] += 1
         # step 6: swap rounds on the real replica counts
         for r in range(num_ranks):
             rank_load[r] = 0.0
@@ -468,8 +483,8 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
                 rank_load[r] += h[table[r, k]] / count[table[r, k]]
         gain = min_gain * h.sum() / num_ranks
         for g in range(group_start.shape[0] - 1):
-            _swap_rounds(table, group_start[g], group_start[g + 1], h, count, rank_load, gain, rounds, on_rank,
-                         old_on, src, pairs, done)
+            _swap_rounds(table, old[layer], group_start[g], group_start[g + 1], h, count, rank_load, gain, rounds,
+                         on_rank, old_on, src, pairs, done, pin_experts)
         # step 7: only a strict improvement replaces the layer
         if _max_rank_load(table, h) < _max_rank_load(base[layer], h) * (1.0 - STRICT_MARGIN):
             out[layer] = table

@@ -8,8 +8,8 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
    the repeat gets the expert with the largest load per replica that the rank lacks.
 2. **Threshold.** A layer whose PAR is below ``threshold`` (after any repair) is left as it is.
 3. **Spreading** (``spread=True``; not in the reference). Redundant slots can only receive copies, so a rank without
-   one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) the reference
-   changes nothing. Before planning, the redundant slots are evened out until every rank has the floor or the
+   one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) only those ranks
+   can take copies, and the reference achieves nothing. Before planning, the redundant slots are evened out until every rank has the floor or the
    ceiling of their mean (per node in intra-node mode). First for free, by role swaps: an expert homed on rank ``u``
    with a redundant copy on rank ``v`` may as well be homed on ``v``, which hands ``u`` a redundant slot (chains of
    such swaps are found by breadth-first search). Only where no chain exists, a rank short of redundant slots sends
@@ -25,7 +25,8 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
 6. **Swap rounds** (up to ``swap_rounds``): from the hottest rank, partners are tried from the coolest up; the first
    partner whose best swap (minimising the larger of the two loads) lowers the hot rank by at least ``swap_gain`` x
    the mean rank load, without the partner ending above that, is taken. An expert moved this cycle is not moved
-   again.
+   again (``pin="expert"``, the reference's rule: no replica of it is swapped); ``pin="replica"`` pins only the
+   replicas that moved, which balances far better for more moved slots.
 7. **Acceptance.** The layer changes only if its max rank load strictly drops; experts that stay on a rank keep
    their slot (:func:`eplb.policies.retention.preserve_slots`).
 
@@ -35,8 +36,8 @@ transfer per cycle — including the repair and spreading transfers, except wher
 
 No rank ends up holding an expert twice, except when a rank has more slots than there are experts (``K > E``),
 where a repeat cannot be avoided; then a rank repeats an expert only when it already holds all ``E``.
-In intra-node mode no expert crosses a node boundary (source and destination share a node), except when a node's
-leftover redundant slots cannot be filled from its own experts without repeating one on a rank.
+In intra-node mode every transfer stays inside a node (source and destination share it), except where repairing
+a repeated expert (or ``K > E``) leaves no other choice.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ __all__ = ["SwiftPolicy", "POLICY"]
 
 logger = logging.getLogger(__name__)
 
+#: values of the ``pin`` option
+PINS = ("expert", "replica")
+
 
 class SwiftPolicy(Policy):
     """SwiftBalancer (vllm-ascend id 2) with the replica weight bug fixed; see the module docstring.
@@ -70,34 +74,40 @@ class SwiftPolicy(Policy):
         spread: even out redundant slots over ranks before planning (needed from vLLM's initial layout).
         swap_rounds: at most this many swaps per layer (per node in intra-node mode).
         swap_gain: a swap must lower the hottest rank by at least this fraction of the mean rank load.
+        pin: what the swap rounds leave alone: ``expert`` (every replica of an expert moved this cycle) or
+            ``replica`` (only replicas that moved this cycle).
     """
 
     name = "swift"
     allows_shared_rank = False
 
     def __init__(self, threshold: float = 1.01, intra_node: bool = False, spread: bool = True,
-                 swap_rounds: int = 100, swap_gain: float = 0.01):
+                 swap_rounds: int = 100, swap_gain: float = 0.01, pin: str = "expert"):
         if not np.isfinite(threshold):
             raise PolicyError(f"threshold must be a finite PAR (e.g. 1.01), got {threshold!r}")
         if int(swap_rounds) != swap_rounds or swap_rounds < 0:
             raise PolicyError(f"swap_rounds must be an integer >= 0, got {swap_rounds!r}")
         if not 0 < swap_gain < np.inf:
             raise PolicyError(f"swap_gain must be > 0 (a fraction of the mean rank load), got {swap_gain!r}")
+        if pin not in PINS:
+            raise PolicyError(f"pin must be one of {', '.join(PINS)}, got {pin!r}")
         self.threshold = float(threshold)
         self.intra_node = bool(intra_node)
         self.spread = bool(spread)
         self.swap_rounds = int(swap_rounds)
         self.swap_gain = float(swap_gain)
+        self.pin = pin
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
-        window = np.ascontiguousarray(window_sum(load))
+        # fresh writable copies: numba compiles read-only arrays as a separate signature
+        window = np.array(window_sum(load), dtype=np.float64)
         if current is None:
             current = Placement.initial(num_experts, topology, num_layers, layout="spread")
-        old = np.ascontiguousarray(current.rank_table)
+        old = np.array(current.rank_table, dtype=np.int64)
         num_ranks = topology.num_ranks
         if self.intra_node:
-            group_of_rank = np.asarray(topology.node_of_rank, dtype=np.int64)
+            group_of_rank = np.array(topology.node_of_rank, dtype=np.int64)
             group_start = np.arange(topology.num_nodes + 1, dtype=np.int64) * topology.ranks_per_node
         else:
             group_of_rank = np.zeros(num_ranks, dtype=np.int64)
@@ -106,7 +116,7 @@ class SwiftPolicy(Policy):
             old, window, group_of_rank, group_start, self.threshold, self.spread)
         counts = self._replica_counts(window, home_rank, group_of_rank, topology)
         new = plan_layers(old, base, home, home_rank, source, pair_used, moved, active, window, counts,
-                          group_of_rank, group_start, self.swap_rounds, self.swap_gain)
+                          group_of_rank, group_start, self.swap_rounds, self.swap_gain, self.pin == "expert")
         logger.debug("swift: %d of %d layers above the threshold", int(active.sum()), num_layers)
         return preserve_slots(new.reshape(num_layers, -1), current.phy2log, num_ranks)
 
@@ -128,7 +138,7 @@ class SwiftPolicy(Policy):
 
     def __repr__(self) -> str:
         return (f"SwiftPolicy(threshold={self.threshold}, intra_node={self.intra_node}, spread={self.spread}, "
-                f"swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain})")
+                f"swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain}, pin={self.pin!r})")
 
 
 POLICY = SwiftPolicy

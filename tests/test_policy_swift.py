@@ -1,0 +1,232 @@
+"""The ``swift`` policy (SwiftBalancer): validity, no shared rank, transfer limits, threshold, acceptance,
+intra-node mode, retention, determinism, and its balance on the real DeepSeek-V3 loads."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb import Placement, PolicyError, Topology
+from eplb.metrics import par, rank_loads
+from eplb.policies import get_policy
+from eplb.policies.swift import SwiftPolicy
+
+DSV3 = Topology(32, 9, num_nodes=4, num_groups=8)
+
+
+def scan_home_rank(row: np.ndarray, topology: Topology, num_experts: int) -> np.ndarray:
+    """Rank of each expert's first occurrence, scanning slot 0 of every rank, then slot 1, ..."""
+    table = row.reshape(topology.num_ranks, topology.slots_per_rank)
+    home = np.full(num_experts, -1)
+    for k in range(topology.slots_per_rank):
+        for r in range(topology.num_ranks):
+            if home[table[r, k]] < 0:
+                home[table[r, k]] = r
+    return home
+
+
+def transfers(old: np.ndarray, new: np.ndarray, topology: Topology, num_experts: int) -> list[tuple[int, int, int]]:
+    """``(source rank, destination rank, expert)`` of every expert arriving on a rank that did not hold it."""
+    home = scan_home_rank(old, topology, num_experts)
+    old_t = old.reshape(topology.num_ranks, -1)
+    new_t = new.reshape(topology.num_ranks, -1)
+    return [(int(home[e]), d, int(e)) for d in range(topology.num_ranks) for e in set(new_t[d]) - set(old_t[d])]
+
+
+def has_repeat(row: np.ndarray, topology: Topology) -> bool:
+    table = np.sort(row.reshape(topology.num_ranks, -1), axis=1)
+    return bool((table[:, 1:] == table[:, :-1]).any())
+
+
+def check_layer_rules(plan, current: Placement, topology: Topology, threshold: float = 1.01) -> None:
+    """Every rule that holds for a layer whose current placement is valid for vllm-ascend (no repeats)."""
+    num_experts = current.num_experts
+    for layer in range(current.num_layers):
+        old, new = current.phy2log[layer], plan.placement.phy2log[layer]
+        if has_repeat(old, topology):
+            continue
+        pairs = [(s, d) for s, d, _ in transfers(old, new, topology, num_experts)]
+        assert len(pairs) == len(set(pairs)), f"layer {layer}: two transfers share a rank pair"
+        if plan.par_before[layer] < threshold:
+            assert not plan.changed[layer]
+        if plan.changed[layer]:
+            assert plan.par_after[layer] < plan.par_before[layer]
+        # retention: an expert that stays on a rank stays in its slot (vllm-ascend rejects the layer otherwise)
+        old_t, new_t = old.reshape(topology.num_ranks, -1), new.reshape(topology.num_ranks, -1)
+        for r in range(topology.num_ranks):
+            for k, e in enumerate(old_t[r]):
+                if e in new_t[r]:
+                    assert new_t[r, k] == e, f"layer {layer}, rank {r}: expert {e} changed slot"
+
+
+@st.composite
+def problems(draw):
+    num_ranks = draw(st.integers(1, 8))
+    slots = draw(st.integers(1, 6))
+    num_nodes = draw(st.sampled_from([n for n in (1, 2, 4) if num_ranks % n == 0]))
+    num_physical = num_ranks * slots
+    num_experts = draw(st.integers(1, num_physical))
+    num_layers = draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["zero", "uniform", "zipf", "one-hot"]))
+    shape = (num_layers, num_experts)
+    if kind == "zero":
+        load = np.zeros(shape, dtype=np.int64)
+    elif kind == "uniform":
+        load = rng.integers(0, 100, size=shape)
+    elif kind == "zipf":
+        load = np.minimum(rng.zipf(1.5, size=shape), 10**6)
+    else:
+        load = np.zeros(shape, dtype=np.int64)
+        load[np.arange(num_layers), rng.integers(0, num_experts, num_layers)] = 1000
+    topology = Topology(num_ranks, slots, num_nodes)
+    start = draw(st.sampled_from(["none", "vllm", "spread", "shuffled"]))
+    if start == "none":
+        current = None
+    elif start == "shuffled":  # may put one expert twice on a rank
+        row = np.arange(num_physical) % num_experts
+        current = Placement(np.stack([rng.permutation(row) for _ in range(num_layers)]), num_experts, topology)
+    else:
+        current = Placement.initial(num_experts, topology, num_layers, layout=start)
+    return load, topology, current
+
+
+@settings(max_examples=120, deadline=None)
+@given(problems(), st.booleans(), st.sampled_from(["expert", "replica"]))
+def test_valid_without_shared_rank_and_within_the_rules(problem, intra_node, pin):
+    load, topology, current = problem
+    policy = get_policy("swift", intra_node=intra_node, pin=pin)
+    plan = policy.rebalance(load, topology, current)
+    again = policy.rebalance(load, topology, current)
+    np.testing.assert_array_equal(plan.placement.phy2log, again.placement.phy2log)
+    num_experts = load.shape[1]
+    for layer, row in enumerate(plan.placement.phy2log):
+        table = row.reshape(topology.num_ranks, -1)
+        for r in range(topology.num_ranks):
+            if len(set(table[r])) < topology.slots_per_rank:  # only when the rank cannot avoid it
+                assert topology.slots_per_rank > num_experts and len(set(table[r])) == num_experts
+    if topology.slots_per_rank <= num_experts:
+        assert plan.placement.problems(allow_shared_rank=False) == []
+    if current is None:  # planned from the spread layout
+        current = Placement.initial(num_experts, topology, load.shape[0], layout="spread")
+        from_spread = policy.rebalance(load, topology, current)
+        np.testing.assert_array_equal(plan.placement.phy2log, from_spread.placement.phy2log)
+        plan = from_spread
+    reference = plan.reference
+    check_layer_rules(plan, reference, topology)
+    if intra_node:
+        node = topology.node_of_rank
+        for layer in range(reference.num_layers):
+            if not has_repeat(reference.phy2log[layer], topology):
+                moves = transfers(reference.phy2log[layer], plan.placement.phy2log[layer], topology, num_experts)
+                assert all(node[s] == node[d] for s, d, _ in moves)
+
+
+def test_window_load_equals_its_sum():
+    rng = np.random.default_rng(1)
+    steps = rng.integers(0, 50, size=(6, 3, 16))
+    topology = Topology(4, 5)
+    policy = SwiftPolicy(threshold=1.0)
+    a = policy.rebalance(steps, topology).placement.phy2log
+    b = policy.rebalance(steps.sum(axis=0), topology).placement.phy2log
+    np.testing.assert_array_equal(a, b)
+
+
+def test_repeats_in_the_current_placement_are_repaired_even_below_the_threshold():
+    topology = Topology(2, 3)
+    current = Placement([[0, 0, 1, 2, 3, 3]], 4, topology)
+    plan = SwiftPolicy().rebalance(np.zeros((1, 4)), topology, current)
+    assert plan.placement.problems(allow_shared_rank=False) == []
+    assert plan.moved_slots[0] == 2  # one repeat per rank, each replaced by the expert the rank lacks
+    # without repeats a balanced layer stays as it is
+    clean = Placement([[0, 1, 2, 3, 0, 1]], 4, topology)
+    assert not SwiftPolicy().rebalance(np.ones((1, 4)), topology, clean).changed.any()
+
+
+def test_layers_below_the_threshold_are_untouched():
+    topology = Topology(4, 3)
+    current = Placement.initial(10, topology, 2, layout="spread")
+    load = np.ones((2, 10))
+    load[1, 0] = 40.0  # layer 1 is badly skewed
+    par_before = par(rank_loads(current, load))
+    load[0] = 1.0
+    plan = SwiftPolicy(threshold=par_before[0] + 1e-6).rebalance(load, topology, current)
+    assert not plan.changed[0] and plan.changed[1]
+    plan = SwiftPolicy(threshold=plan.par_before[1] + 1e-6).rebalance(load, topology, current)
+    assert not plan.changed.any()
+    np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
+
+
+@pytest.mark.parametrize("ranks, slots, phy2log, load", [
+    (2, 2, [1, 0, 2, 0], [3, 8, 17]),  # the greedy plan would reach PAR 1.5 from 1.32
+    (3, 2, [0, 1, 3, 1, 2, 0], [11, 17, 12, 11]),  # it would move slots for the same PAR
+    (2, 2, [0, 1, 2, 3], [100, 0, 0, 0]),  # no redundant slot: every swap just moves the peak
+])
+def test_a_layer_that_would_not_strictly_improve_is_untouched(ranks, slots, phy2log, load):
+    topology = Topology(ranks, slots)
+    current = Placement([phy2log], len(load), topology)
+    plan = SwiftPolicy(threshold=1.0).rebalance(np.array([load]), topology, current)
+    assert plan.par_before[0] > 1.0 and not plan.changed[0]
+    np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
+
+
+def test_every_transfer_pair_is_used_once_even_when_the_swaps_want_more():
+    # 2 ranks: whatever rank 0 sends rank 1 comes from one source rank, so at most one expert crosses each way
+    topology = Topology(2, 4)
+    current = Placement([[0, 1, 2, 3, 4, 5, 6, 7]], 8, topology)
+    load = np.array([[50, 40, 30, 20, 1, 1, 1, 1]])
+    plan = SwiftPolicy(threshold=1.0, pin="replica").rebalance(load, topology, current)
+    moves = transfers(current.phy2log[0], plan.placement.phy2log[0], topology, 8)
+    assert plan.changed[0] and sorted((s, d) for s, d, _ in moves) == [(0, 1), (1, 0)]
+
+
+def test_options_are_checked():
+    assert isinstance(get_policy(2), SwiftPolicy)
+    with pytest.raises(PolicyError, match="pin"):
+        get_policy("swift", pin="slot")
+    with pytest.raises(PolicyError, match="swap_rounds"):
+        get_policy("swift", swap_rounds=-1)
+    with pytest.raises(PolicyError, match="swap_gain"):
+        get_policy("swift", swap_gain=0)
+    with pytest.raises(PolicyError, match="threshold"):
+        get_policy("swift", threshold=float("nan"))
+
+
+@pytest.fixture(scope="module")
+def dsv3_load(dsv3_counts):
+    return dsv3_counts[0]
+
+
+def test_dsv3_from_vllm_initial_layout(dsv3_load):
+    """The reference changes nothing from vLLM's layout; spreading the redundant slots first fixes that."""
+    current = Placement.initial(256, DSV3, 58, layout="vllm")
+    plan = SwiftPolicy().rebalance(dsv3_load, DSV3, current)
+    assert plan.par_before.mean() > 1.9
+    assert plan.changed.all() and plan.par_after.mean() < 1.15 and plan.par_after.max() < 1.6
+    assert plan.moved_slots.mean() < 110  # of 288 slots; about 24 of them pay for the spreading
+    assert plan.placement.problems(allow_shared_rank=False) == []
+    check_layer_rules(plan, current, DSV3)
+    unspread = SwiftPolicy(spread=False).rebalance(dsv3_load, DSV3, current)
+    assert unspread.par_after.mean() > plan.par_after.mean() + 0.1
+
+
+def test_dsv3_one_redundant_slot_per_rank(dsv3_load):
+    current = Placement.initial(256, DSV3, 58, layout="spread")
+    plan = SwiftPolicy().rebalance(dsv3_load, DSV3, current)
+    assert plan.par_before.mean() > 2.5 and plan.par_after.mean() < 1.3
+    assert plan.moved_slots.mean() < 80
+    check_layer_rules(plan, current, DSV3)
+    replica = SwiftPolicy(pin="replica").rebalance(dsv3_load, DSV3, current)
+    assert replica.par_after.mean() < 1.05
+    check_layer_rules(replica, current, DSV3)
+
+
+def test_dsv3_intra_node_keeps_copies_in_their_node(dsv3_load):
+    current = Placement.initial(256, DSV3, 58, layout="vllm")
+    plan = SwiftPolicy(intra_node=True).rebalance(dsv3_load, DSV3, current)
+    assert plan.par_after.mean() < plan.par_before.mean() - 0.3  # 2.01 -> 1.53; nodes alone stay at 1.28
+    node = DSV3.node_of_rank
+    for layer in range(58):
+        moves = transfers(current.phy2log[layer], plan.placement.phy2log[layer], DSV3, 256)
+        assert moves and all(node[s] == node[d] for s, d, _ in moves)
+    check_layer_rules(plan, current, DSV3)
