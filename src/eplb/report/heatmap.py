@@ -12,13 +12,14 @@ from eplb.formats._common import atomic_path
 __all__ = ["plot_rank_heatmap"]
 
 
-def plot_rank_heatmap(rank_loads: np.ndarray, path, title: str = "") -> None:
+def plot_rank_heatmap(rank_loads: np.ndarray, path, title: str = "", vmax: float | None = None) -> None:
     """Write a heatmap of each rank's load relative to its layer's mean rank load (1.0 = perfectly balanced).
 
     Args:
         rank_loads: float ``[L, W]`` load each rank serves in each layer.
         path: the ``.png`` file to write (atomically).
         title: shown above the plot.
+        vmax: top of the colour scale (default: 2 or the largest ratio); give two maps the same one to compare.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -36,7 +37,7 @@ def plot_rank_heatmap(rank_loads: np.ndarray, path, title: str = "") -> None:
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(relative, aspect="auto", interpolation="nearest", cmap="magma",
-                        vmin=0.0, vmax=max(2.0, float(relative.max())))
+                        vmin=0.0, vmax=vmax if vmax is not None else max(2.0, float(relative.max())))
     axes.set_xlabel("rank")
     axes.set_ylabel("MoE layer")
     axes.set_title(title or "rank load / layer mean")
