@@ -10,11 +10,34 @@ Popularity profiles
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
 import numpy as np
 
-from eplb.errors import LoadError
+from eplb.errors import EplbError, FormatError, LoadError
+from eplb.load import as_load
 
-__all__ = ["TOP_K", "parametric_profile"]
+__all__ = [
+    "TOP_K",
+    "Regimes",
+    "Trace",
+    "TraceSpec",
+    "parametric_profile",
+    "parametric_regimes",
+    "real_regimes",
+    "is_workload_statistics",
+    "generate_trace",
+    "SCENARIOS",
+    "builtin_trace",
+    "load_trace",
+]
+
+logger = logging.getLogger(__name__)
 
 #: DeepSeek-V3 routes every token to 8 distinct experts.
 TOP_K = 8
@@ -88,3 +111,530 @@ def _profile_from_normals(z: np.ndarray, hottest: np.ndarray, top_k: int) -> np.
     sigma = _log_popularity_scale(z, np.minimum(hottest, ceiling))
     weights = np.exp(sigma[:, None] * (z - z.max(axis=1, keepdims=True)))
     return _normalise(weights, top_k)
+
+
+# -- regimes: the workloads a serving system drifts between -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Regimes:
+    """Expert popularity of the workloads a trace drifts between.
+
+    Attributes:
+        profiles: float64 ``[R, L, E]``; each row sums to ``top_k`` (expected routings per token).
+        names: R names (e.g. ``decode_in1000out1000``).
+        prefill: bool ``[R]``, the regimes that describe prefill steps (the others describe decode steps).
+        top_k: experts per token.
+    """
+
+    profiles: np.ndarray
+    names: tuple[str, ...]
+    prefill: np.ndarray
+    top_k: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.profiles.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.profiles.shape[2]
+
+    def of_phase(self, prefill: bool) -> np.ndarray:
+        """int64 indices of the regimes of one phase (all regimes when that phase has none)."""
+        index = np.flatnonzero(self.prefill == prefill)
+        return index if index.size else np.arange(len(self.names))
+
+
+def parametric_regimes(num_layers: int = 58, num_experts: int = 256, seed: int = 0, num_regimes: int = 8,
+                       top_k: int = TOP_K) -> Regimes:
+    """``num_regimes`` related workloads built on :func:`parametric_profile` (same seed, same base), half of them
+    prefill.
+
+    Like the 12 real DeepSeek-V3 workloads (pairwise correlation of loads 0.56-0.99, higher within a phase), each
+    regime's log-popularity is a mix of the shared base, a per-phase part and its own part.
+    """
+    if num_regimes < 1:
+        raise LoadError(f"num_regimes must be >= 1, got {num_regimes}")
+    base_rng = np.random.default_rng([seed, 0x7E1B])
+    base = base_rng.standard_normal((num_layers, num_experts))  # the same normals as parametric_profile(seed)
+    hottest = _hottest_targets(num_layers, base_rng)
+    rng = np.random.default_rng([seed, 0x5E61])
+    phase_part = rng.standard_normal((2, num_layers, num_experts))
+    own = rng.standard_normal((num_regimes, num_layers, num_experts))
+    prefill = np.arange(num_regimes) % 2 == 1
+    # weights^2 sum to 1, so each regime's normals stay standard and keep the calibrated skew
+    mixed = 0.8 * base + 0.45 * phase_part[prefill.astype(int)] + 0.4 * own
+    mixed /= np.sqrt(0.8**2 + 0.45**2 + 0.4**2)
+    profiles = np.stack([_profile_from_normals(z, hottest, top_k) for z in mixed])
+    names = tuple(f"{'prefill' if p else 'decode'}_{i}" for i, p in enumerate(prefill))
+    return Regimes(profiles, names, prefill, top_k)
+
+
+def real_regimes(path) -> Regimes:
+    """The per-workload expert popularity of a workload-statistics ``.npz`` such as
+    ``sglang_dsv3_ep_statistics.npz``: ``counts`` ``[R, L, E]`` (axis 0 = workload), ``workloads`` (names; those
+    starting with ``prefill`` are prefill regimes) and ``top_k``.
+
+    Raises:
+        FormatError: unreadable file, or not a workload-statistics file.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not _is_workload_statistics(data):
+                raise FormatError(f"{path}: not a workload-statistics .npz (needs keys 'counts' [workloads, layers, "
+                                  f"experts] and 'workloads'; found {', '.join(data.files)})")
+            counts = as_load(data["counts"], field=f"{path}:counts")
+            names = tuple(str(n) for n in data["workloads"])
+            top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, EplbError):
+            raise
+        raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
+    if counts.ndim != 3 or len(names) != counts.shape[0]:
+        raise FormatError(f"{path}: 'counts' must be [workloads, layers, experts] with one name per workload, got "
+                          f"shape {counts.shape} and {len(names)} names")
+    totals = counts.sum(axis=-1, keepdims=True, dtype=np.float64)
+    if (totals <= 0).any():
+        workload, layer = np.argwhere(totals[..., 0] <= 0)[0]
+        raise FormatError(f"{path}: workload {names[workload]!r} has no load in layer {layer}")
+    profiles = counts / totals * top_k
+    profiles = np.stack([_cap_popularity(p) for p in profiles])
+    prefill = np.array([n.startswith("prefill") for n in names])
+    return Regimes(profiles, names, prefill, top_k)
+
+
+def _is_workload_statistics(data) -> bool:
+    return "counts" in data.files and "workloads" in data.files
+
+
+def _is_per_step_npz(path: Path) -> bool:
+    """Whether ``path`` is an ``.npz`` whose ``counts`` is 3-D (read from the array header, not the data)."""
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("counts.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            return len(read_header(f)[0]) == 3
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def is_workload_statistics(path) -> bool:
+    """Whether ``path`` is an ``.npz`` of per-workload loads (keys ``counts`` and ``workloads``), not a trace."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return _is_workload_statistics(data)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def _cap_popularity(profile: np.ndarray) -> np.ndarray:
+    """``profile`` ``[..., E]`` with no entry above 1 (a token routes to an expert at most once), the excess spread
+    over the other experts in proportion to their popularity; row sums are kept."""
+    profile = np.array(profile, dtype=np.float64)
+    for _ in range(32):
+        if not (profile > 1.0 + 1e-12).any():
+            break
+        excess = np.clip(profile - 1.0, 0.0, None).sum(axis=-1, keepdims=True)
+        profile = np.minimum(profile, 1.0)
+        room = np.where(profile < 1.0, profile, 0.0)
+        profile += excess * room / np.maximum(room.sum(axis=-1, keepdims=True), 1e-300)
+    return profile
+
+
+# -- traces ------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trace:
+    """Per-step expert load.
+
+    Attributes:
+        counts: int32 ``[T, L, E]``: routings of each logical expert in each step (tokens x top_k per layer).
+        prefill: bool ``[T]``: steps that are prefill (False for decode, or when unknown).
+        top_k: experts per token.
+        name: where it came from (``builtin:default``, a file name).
+    """
+
+    counts: np.ndarray = field(repr=False)
+    prefill: np.ndarray = field(repr=False)
+    top_k: int = TOP_K
+    name: str = ""
+
+    @property
+    def num_steps(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[2]
+
+    @classmethod
+    def from_counts(cls, counts, name: str = "", top_k: int = TOP_K, prefill=None) -> "Trace":
+        """A trace from a per-step load ``[T, L, E]`` of whole numbers (numpy, list or torch).
+
+        Raises:
+            LoadError: not ``[T, L, E]``, negative, fractional or too large for int32.
+        """
+        field = name or "trace"
+        counts = as_load(counts, field=field)
+        if counts.ndim != 3 or 0 in counts.shape:
+            raise LoadError(f"{field} must be a per-step load [steps, layers, experts], got shape {counts.shape}")
+        if counts.dtype.kind == "f" and not np.array_equal(counts, np.round(counts)):
+            raise LoadError(f"{field} holds fractional counts; a trace counts routed tokens (whole numbers)")
+        if counts.max() > np.iinfo(np.int32).max:
+            raise LoadError(f"{field} holds {counts.max()}, more than int32 can count")
+        prefill = np.zeros(counts.shape[0], dtype=bool) if prefill is None else np.asarray(prefill, dtype=bool)
+        if prefill.shape != counts.shape[:1]:
+            raise LoadError(f"{field}: prefill must be bool [{counts.shape[0]}], got shape {prefill.shape}")
+        return cls(counts.astype(np.int32, copy=False), prefill, int(top_k), name)
+
+    def save(self, path) -> None:
+        """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically.
+
+        The file is also a plain load file: :func:`eplb.formats.read_load` reads its ``counts``.
+        """
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
+                                    name=np.str_(self.name))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path) -> "Trace":
+        """Read a trace written by :meth:`save`, or any ``.npz`` with ``counts`` ``[T, L, E]``.
+
+        Raises:
+            FormatError: unreadable file or missing ``counts``; LoadError: bad counts.
+        """
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "counts" not in data.files:
+                    raise FormatError(f"{path}: missing key 'counts' (found {', '.join(data.files) or 'none'})")
+                counts = data["counts"]
+                prefill = data["prefill"] if "prefill" in data.files else None
+                top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
+                name = str(data["name"]) if "name" in data.files else path.name
+        except FileNotFoundError:
+            raise FormatError(f"{path}: no such file") from None
+        except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, EplbError):
+                raise
+            raise FormatError(f"{path}: not a readable .npz trace: {exc}") from None
+        return cls.from_counts(counts, name=name or path.name, top_k=top_k, prefill=prefill)
+
+
+@dataclass(frozen=True)
+class TraceSpec:
+    """The time dynamics of a generated trace.
+
+    Attributes:
+        steps: T.
+        decode_tokens: tokens per decode step (jittered by +-10% per step, as batch sizes vary).
+        prefill_tokens: tokens per prefill step.
+        prefill_run: mean length of a run of prefill steps; 0 means decode only.
+        decode_run: mean length of a run of decode steps between prefill runs.
+        segment: (shortest, longest) steps a regime mix lasts before drifting to the next one; None keeps one mix.
+        blend: share of each segment spent blending smoothly (cosine) into the next mix.
+        concentration: Dirichlet concentration of each regime mix (small: one regime dominates).
+        requests: mean number of concurrent requests with their own expert preference (0: none).
+        request_steps: mean lifetime of a request in steps.
+        request_share: mean share of a step's tokens all live requests together route.
+        request_sigma: log-std of a request's preference around the phase's mean popularity.
+    """
+
+    steps: int = 1000
+    decode_tokens: int = 2048
+    prefill_tokens: int = 16384
+    prefill_run: float = 0.0
+    decode_run: float = 40.0
+    segment: tuple[int, int] | None = (200, 600)
+    blend: float = 0.3
+    concentration: float = 0.3
+    requests: float = 0.0
+    request_steps: float = 30.0
+    request_share: float = 0.4
+    request_sigma: float = 1.0
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise LoadError(f"trace {name} must be {expected}, got {getattr(self, name)!r}")
+
+        need(self.steps >= 1, "steps", ">= 1")
+        need(self.decode_tokens >= 1 and self.prefill_tokens >= 1, "decode_tokens", ">= 1 (and prefill_tokens too)")
+        need(self.prefill_run >= 0 and self.decode_run >= 1, "prefill_run", ">= 0 (and decode_run >= 1)")
+        need(self.segment is None or 1 <= self.segment[0] <= self.segment[1], "segment",
+             "None or (shortest, longest) with 1 <= shortest <= longest")
+        need(0 <= self.blend <= 1, "blend", "within [0, 1]")
+        need(self.concentration > 0, "concentration", "> 0")
+        need(self.requests >= 0 and self.request_steps >= 1, "requests", ">= 0 (and request_steps >= 1)")
+        need(0 <= self.request_share < 1, "request_share", "within [0, 1)")
+        need(self.request_sigma >= 0, "request_sigma", ">= 0")
+
+
+def generate_trace(regimes: Regimes, spec: TraceSpec, seed: int = 0, name: str = "") -> Trace:
+    """Sample a per-step trace from ``regimes`` with the dynamics of ``spec``.
+
+    Model, per step ``t``:
+
+    - phase: runs of decode steps (mean ``decode_run``) alternate with runs of prefill steps (mean ``prefill_run``);
+      a step has ``decode_tokens`` (+-10%) or ``prefill_tokens`` tokens and uses its phase's regimes;
+    - drift: the phase's popularity is a mix of its regimes whose weights move from one random mix to the next
+      every ``segment`` steps, blending smoothly over the last ``blend`` share of each segment;
+    - requests: live requests (born at random, living ``request_steps`` on average) route a share of the tokens
+      with their own preference (the phase mean times a log-normal factor of std ``request_sigma``), which makes
+      per-step load vary far more than sampling noise alone;
+    - routing: ``N`` tokens with ``top_k`` distinct experts each. Approximation: the counts are a multinomial draw
+      of ``N * top_k`` routings over the step's popularity (capped at one routing per token per expert), then
+      capped at ``N`` per expert with the overflow moved to experts with room, so every layer of a step totals
+      exactly ``N * top_k`` and no expert gets more routings than there are tokens.
+
+    Args:
+        regimes: the workloads to mix (:func:`parametric_regimes` or :func:`real_regimes`).
+        spec: the dynamics.
+        seed: the same seed gives the same trace.
+        name: stored in the trace.
+
+    Returns:
+        A :class:`Trace` with int32 counts ``[T, L, E]``.
+    """
+    rng = np.random.default_rng([seed, 0x7A4CE])
+    steps = spec.steps
+    prefill = _phases(spec, rng)
+    tokens = np.where(prefill, spec.prefill_tokens,
+                      np.maximum(1, np.round(spec.decode_tokens * rng.uniform(0.9, 1.1, steps)))).astype(np.int64)
+    weights = {phase: _drift(steps, regimes.of_phase(phase).size, spec, rng) for phase in (False, True)}
+    requests = _requests(spec, rng)
+    mean_profile = {phase: regimes.profiles[regimes.of_phase(phase)].mean(axis=0) for phase in (False, True)}
+    counts = np.empty((steps, regimes.num_layers, regimes.num_experts), dtype=np.int32)
+    preferences: dict[tuple[int, bool], np.ndarray] = {}
+    for start in range(0, steps, _CHUNK):
+        stop = min(start + _CHUNK, steps)
+        popularity = np.empty((stop - start, regimes.num_layers, regimes.num_experts))
+        for phase in (False, True):
+            rows = np.flatnonzero(prefill[start:stop] == phase)
+            if rows.size:
+                mix = weights[phase][start:stop][rows]
+                popularity[rows] = np.tensordot(mix, regimes.profiles[regimes.of_phase(phase)], axes=1)
+        popularity = _add_requests(popularity, start, requests, preferences, mean_profile, prefill[start:stop],
+                                   spec, seed, regimes.top_k)
+        counts[start:stop] = _route(popularity, tokens[start:stop], regimes.top_k, rng)
+    return Trace(counts, prefill, regimes.top_k, name)
+
+
+_CHUNK = 128
+
+
+def _phases(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
+    """bool ``[T]``: prefill steps, in runs alternating with decode runs (geometric lengths)."""
+    prefill = np.zeros(spec.steps, dtype=bool)
+    if spec.prefill_run <= 0:
+        return prefill
+    step, phase = 0, False
+    while step < spec.steps:
+        mean = spec.prefill_run if phase else spec.decode_run
+        length = int(rng.geometric(1.0 / max(mean, 1.0)))
+        prefill[step:step + length] = phase
+        step += length
+        phase = not phase
+    return prefill
+
+
+def _drift(steps: int, num_regimes: int, spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
+    """float64 ``[T, R]``: regime mix of every step; rows sum to 1."""
+    draw = lambda: rng.dirichlet(np.full(num_regimes, spec.concentration)) if num_regimes > 1 else np.ones(1)
+    current = draw()
+    if spec.segment is None:
+        return np.broadcast_to(current, (steps, num_regimes)).copy()
+    weights = np.empty((steps, num_regimes))
+    step = 0
+    while step < steps:
+        length = int(rng.integers(spec.segment[0], spec.segment[1] + 1))
+        target = draw()
+        ramp = int(round(spec.blend * length))
+        alpha = np.zeros(length)
+        if ramp:
+            alpha[length - ramp:] = 0.5 - 0.5 * np.cos(np.pi * np.arange(1, ramp + 1) / ramp)
+        block = (1 - alpha)[:, None] * current + alpha[:, None] * target
+        weights[step:step + length] = block[: steps - step]
+        step += length
+        current = target
+    return weights
+
+
+def _requests(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
+    """float64 ``[n, 3]``: (birth step, death step, share) of every request, in birth order."""
+    if spec.requests <= 0 or spec.request_share <= 0:
+        return np.zeros((0, 3))
+    births = rng.poisson(spec.requests / spec.request_steps, spec.steps)
+    # requests already alive at step 0, so the trace does not start calm
+    birth = np.concatenate([np.zeros(rng.poisson(spec.requests), dtype=np.int64),
+                            np.repeat(np.arange(spec.steps), births)])
+    life = rng.geometric(1.0 / spec.request_steps, birth.size)
+    share = rng.gamma(2.0, spec.request_share / spec.requests / 2.0, birth.size)
+    return np.stack([birth, birth + life, share], axis=1).astype(np.float64)
+
+
+def _add_requests(popularity, start, requests, preferences, mean_profile, prefill, spec, seed, top_k):
+    """Mix the live requests' preferences into ``popularity`` ``[c, L, E]`` (steps ``start ..``)."""
+    if requests.shape[0] == 0:
+        return popularity
+    stop = start + popularity.shape[0]
+    live = np.flatnonzero((requests[:, 0] < stop) & (requests[:, 1] > start))
+    for key in [key for key in preferences if requests[key[0], 1] <= start]:
+        del preferences[key]
+    if live.size == 0:
+        return popularity
+    t = np.arange(start, stop)[:, None]
+    share = np.where((requests[live, 0] <= t) & (t < requests[live, 1]), requests[live, 2], 0.0)  # [c, n]
+    total = share.sum(axis=1, keepdims=True)
+    share *= np.minimum(1.0, _MAX_REQUEST_SHARE / np.maximum(total, 1e-300))
+    popularity *= (1.0 - share.sum(axis=1))[:, None, None]
+    for phase in (False, True):
+        rows = np.flatnonzero(prefill == phase)
+        if rows.size == 0:
+            continue
+        stack = np.stack([_preference(preferences, (int(index), phase), mean_profile[phase], spec, seed, top_k)
+                          for index in live])
+        mixed = np.tensordot(share[rows], stack, axes=1)
+        if rows.size == popularity.shape[0]:
+            popularity += mixed
+        else:
+            popularity[rows] += mixed
+    return popularity
+
+
+def _preference(cache, key, mean_profile, spec, seed, top_k) -> np.ndarray:
+    """float64 ``[L, E]``: request ``key = (index, phase)``'s own popularity, seeded by the key alone so that it does
+    not depend on how the trace is cut into chunks."""
+    if key not in cache:
+        z = np.random.default_rng([seed, 0xB0257, *key]).standard_normal(mean_profile.shape)
+        cache[key] = _cap_popularity(_normalise(mean_profile * np.exp(spec.request_sigma * z), top_k))
+    return cache[key]
+
+
+_MAX_REQUEST_SHARE = 0.9
+
+
+def _route(popularity: np.ndarray, tokens: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:
+    """int32 ``[c, L, E]`` routings of ``tokens[c]`` tokens, ``top_k`` distinct experts each (see
+    :func:`generate_trace` for the approximation)."""
+    popularity = _cap_popularity(popularity)
+    pvals = popularity / popularity.sum(axis=-1, keepdims=True)
+    totals = np.broadcast_to((tokens * top_k)[:, None], popularity.shape[:2])
+    counts = rng.multinomial(totals, pvals)
+    limit = tokens[:, None, None]
+    while True:
+        over = counts > limit
+        if not over.any():
+            break
+        excess = np.where(over, counts - limit, 0).sum(axis=-1)  # [c, L]
+        counts = np.minimum(counts, limit)
+        step, layer = np.nonzero(excess)
+        for s, l in zip(step, layer):  # rare: only toy sizes (few experts per token slot) get here
+            room = (limit[s, 0, 0] - counts[s, l]).astype(np.float64) * pvals[s, l]
+            counts[s, l] += rng.multinomial(excess[s, l], room / room.sum())
+    return counts.astype(np.int32)
+
+
+# -- built-in scenarios ------------------------------------------------------------------------------------------------
+
+#: name -> (what it shows, dynamics). Sizes: DeepSeek-V3 (58 layers, 256 experts, top-8).
+SCENARIOS: dict[str, tuple[str, TraceSpec]] = {
+    "default": ("regime drift, bursty requests and prefill/decode phases together",
+                TraceSpec(steps=1000, prefill_run=3, decode_run=40, segment=(200, 600), requests=4,
+                          request_share=0.3, request_sigma=1.0)),
+    "drift": ("smooth drift between workloads, segments of 150-400 steps",
+              TraceSpec(steps=1500, segment=(150, 400))),
+    "bursty": ("one workload, with concurrent requests that prefer their own experts for tens of steps",
+               TraceSpec(steps=1500, segment=None, requests=6, request_share=0.4, request_sigma=1.0)),
+    "phases": ("runs of prefill steps (16k tokens) between runs of decode steps (2k tokens)",
+               TraceSpec(steps=1500, segment=None, prefill_run=4, decode_run=30)),
+    "steady": ("one workload mix, sampling noise only", TraceSpec(steps=1000, segment=None)),
+}
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_trace(name: str, steps: int | None = None, seed: int = 0, regimes: Regimes | None = None,
+                  num_layers: int = 58, num_experts: int = 256) -> Trace:
+    """A built-in scenario (``default``, ``drift``, ``bursty``, ``phases``, ``steady``; see :data:`SCENARIOS`).
+
+    Args:
+        name: scenario name, with or without the ``builtin:`` prefix.
+        steps: override the scenario's number of steps.
+        seed: the same seed gives the same trace.
+        regimes: workloads to draw from (e.g. :func:`real_regimes` of the real DeepSeek-V3 data); default
+            :func:`parametric_regimes` with ``num_layers`` x ``num_experts`` and the same seed.
+
+    Raises:
+        LoadError: unknown scenario or bad steps.
+    """
+    key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
+    if key not in SCENARIOS:
+        hint = difflib.get_close_matches(key, list(SCENARIOS), n=1)
+        suffix = f"; did you mean {BUILTIN_PREFIX}{hint[0]}?" if hint else ""
+        raise LoadError(f"unknown built-in trace {name!r}: expected one of "
+                        f"{', '.join(BUILTIN_PREFIX + n for n in SCENARIOS)}{suffix}")
+    spec = SCENARIOS[key][1]
+    if steps is not None:
+        spec = replace(spec, steps=steps)
+    if regimes is None:
+        regimes = parametric_regimes(num_layers, num_experts, seed)
+    return generate_trace(regimes, spec, seed, name=BUILTIN_PREFIX + key)
+
+
+def load_trace(source: str, steps: int | None = None, seed: int = 0, workloads=None) -> Trace:
+    """The trace ``eplb simulate --trace`` names.
+
+    - ``builtin:NAME``: a built-in scenario, drawn from the real workloads of the workload-statistics file
+      ``workloads`` when given, else from the parametric DeepSeek-V3-like ones;
+    - a workload-statistics ``.npz`` (``counts`` ``[workloads, L, E]`` + ``workloads``, such as
+      ``sglang_dsv3_ep_statistics.npz``): ``builtin:default`` drawn from those real workloads;
+    - any expert-load file :func:`eplb.formats.read_load` reads (our ``.npz`` traces included): a per-step load
+      ``[T, L, E]`` is replayed as recorded (``steps`` keeps the first ones); a window ``[L, E]`` has no time axis,
+      so it becomes the single workload of ``builtin:default``.
+
+    Raises:
+        EplbError: unknown scenario, unreadable file, bad load.
+    """
+    if source.startswith(BUILTIN_PREFIX):
+        return builtin_trace(source, steps, seed, regimes=real_regimes(workloads) if workloads else None)
+    if workloads:
+        raise LoadError(f"workloads ({workloads}) only go with a built-in trace, not with --trace {source}")
+    path = Path(source)
+    if is_workload_statistics(path):
+        return builtin_trace("default", steps, seed, regimes=real_regimes(path))
+    if _is_per_step_npz(path):
+        trace = Trace.load(path)
+        counts, prefill, top_k = trace.counts, trace.prefill, trace.top_k
+    else:
+        from eplb.formats import read_load
+
+        counts, prefill, top_k = read_load(path), None, TOP_K
+    if counts.ndim == 2:
+        logger.info("%s holds one window [L, E] (no time axis): generating builtin:default from it", path)
+        profile = _cap_popularity(counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1e-300) * top_k)
+        regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k)
+        return builtin_trace("default", steps, seed, regimes=regimes)
+    if steps is not None:
+        counts = counts[:steps]
+        prefill = None if prefill is None else prefill[:steps]
+    return Trace.from_counts(counts, name=path.name, top_k=top_k, prefill=prefill)

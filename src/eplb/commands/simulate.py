@@ -1,0 +1,219 @@
+"""``eplb simulate``: replay expert load over time and compare rebalancing policies.
+
+With no arguments it runs the built-in DeepSeek-V3-like scenario (no data file needed) with ``static`` (no
+balancing) and every available policy, plus the clairvoyant floor, prints one table row per policy and writes
+report.json, plots and report.md to ``./eplb-report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_TRACE = "builtin:default"
+_DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the floor: best window balance, cheap
+
+
+def register(subparsers) -> None:
+    from eplb.sim.dispatch import DISPATCH_MODES
+    from eplb.sim.cost import MODEL_EXPERT_BYTES
+    from eplb.sim.traces import SCENARIOS
+
+    scenarios = ", ".join(f"builtin:{name} ({what})" for name, (what, _) in SCENARIOS.items())
+    parser = subparsers.add_parser(
+        "simulate",
+        help="replay expert load over time and compare rebalancing policies (the main job)",
+        description="Replay per-step expert load through the same rebalancing cycle the runtime uses (a plan every "
+                    "H steps on the last window, ready A steps later, applied one layer per step) and score every "
+                    "step: PAR = busiest rank / mean rank, token-weighted mean and p99, window PAR, moved slots and "
+                    "bytes, planner time, and an estimated MoE step time against no balancing. The clairvoyant run "
+                    "plans on the steps it is scored on: the floor. Built-in traces: " + scenarios + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    trace = parser.add_argument_group("trace")
+    trace.add_argument("--trace", default=_DEFAULT_TRACE, metavar="FILE|builtin:NAME",
+                       help="a built-in scenario; a recorded per-step load to replay (.npz counts [T, L, E], SGLang "
+                            "logical_count, TensorRT-LLM statistics); or a per-workload statistics .npz such as "
+                            "sglang_dsv3_ep_statistics.npz (builtin:default drawn from its real workloads)")
+    trace.add_argument("--workloads", metavar="FILE.npz",
+                       help="draw the built-in scenario from the real workloads of this statistics file")
+    trace.add_argument("--steps", type=int, metavar="T", help="steps to simulate (default: the scenario's)")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the generated trace (same seed, same results)")
+    trace.add_argument("--save-trace", metavar="FILE.npz", help="also write the trace that was simulated")
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--ranks", type=int, default=32, metavar="W", help="ranks (EP size)")
+    slots = cluster.add_mutually_exclusive_group()
+    slots.add_argument("--slots-per-rank", type=int, metavar="K", help="expert slots per rank (default 9)")
+    slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
+    cluster.add_argument("--nodes", type=int, default=4, metavar="N", help="nodes the ranks are spread over")
+    cluster.add_argument("--groups", type=int, default=8, metavar="G", help="expert groups (DeepSeek-V3: 8)")
+    cluster.add_argument("--layout", default="vllm", choices=("vllm", "ascend", "spread"),
+                         help="initial placement (what static keeps)")
+    policies = parser.add_argument_group("policies and cycle")
+    policies.add_argument("--policies", metavar="A,B,...",
+                          help="policies to run besides static (default: every available one)")
+    policies.add_argument("--clairvoyant", metavar="POLICY|none",
+                          help=f"policy of the clairvoyant floor (default: the first available of "
+                               f"{', '.join(_DEFAULT_CLAIRVOYANT)})")
+    policies.add_argument("--interval", type=int, default=100, metavar="H", help="steps in each planning window")
+    policies.add_argument("--planner-steps", type=int, default=10, metavar="A",
+                          help="steps from the end of a window until its plan can be applied")
+    policies.add_argument("--layers-per-step", type=int, default=1, metavar="N",
+                          help="layers applied per step (0: all at once)")
+    policies.add_argument("--gb-per-step", type=float, metavar="GB",
+                          help="apply layers within this many GB of weights per step instead")
+    policies.add_argument("--min-gain", type=float, default=0.0, metavar="X",
+                          help="apply a layer only if its predicted PAR improves by more than this")
+    policies.add_argument("--max-layers", type=int, metavar="N", help="apply at most N layers per cycle, best first")
+    policies.add_argument("--dispatch", default="even", choices=DISPATCH_MODES,
+                          help="replica choice: even split, per source rank, per token, local first, per-batch "
+                               "balanced")
+    cost = parser.add_argument_group("cost model")
+    cost.add_argument("--model", default="deepseek-v3", choices=sorted(MODEL_EXPERT_BYTES),
+                      help="model preset for the size of an expert")
+    cost.add_argument("--expert-bytes", type=float, metavar="BYTES", help="size of one expert (overrides --model)")
+    cost.add_argument("--layer-fixed-us", type=float, default=80.0, help="a rank's fixed time per MoE layer, us")
+    cost.add_argument("--token-us", type=float, default=0.2, help="time per routed token on a rank, us")
+    cost.add_argument("--bandwidth", type=float, default=50.0, metavar="GB/S", help="transfer bandwidth per rank")
+    cost.add_argument("--overlap", type=float, default=0.5,
+                      help="share of a step's MoE time that weight transfers hide behind")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="eplb-report", metavar="DIR",
+                        help="folder for report.json, report.md and the plots")
+    output.add_argument("--no-files", action="store_true", help="write nothing to --out")
+    output.add_argument("--json", action="store_true",
+                        help="print one JSON object (policies, clairvoyant, settings) and nothing else")
+    parser.set_defaults(func=run)
+
+
+def _positive(name: str, value, minimum=1):
+    from eplb.errors import EplbError
+
+    if value is not None and value < minimum:
+        raise EplbError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _policy_names(args) -> list[str]:
+    """The policies to run besides static, in order; unknown names raise, unavailable defaults are skipped."""
+    from eplb import available_policies, get_policy
+
+    available = available_policies()
+    if args.policies is None:
+        return available
+    names = []
+    for name in (n.strip() for n in args.policies.split(",")):
+        if not name or name == "static":
+            continue
+        get_policy(name)  # raises a PolicyError with a suggestion when unknown
+        names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def _clairvoyant_name(args) -> str | None:
+    from eplb import available_policies, get_policy
+
+    if args.clairvoyant is not None:
+        if args.clairvoyant == "none":
+            return None
+        get_policy(args.clairvoyant)
+        return args.clairvoyant
+    available = available_policies()
+    for name in _DEFAULT_CLAIRVOYANT:
+        if name in available:
+            return name
+    logger.warning("no clairvoyant run: none of %s is available", ", ".join(_DEFAULT_CLAIRVOYANT))
+    return None
+
+
+def _topology(args, num_experts: int):
+    from eplb.topology import Topology
+
+    if args.redundant is not None:
+        return Topology.from_redundant(args.ranks, num_experts, args.redundant, args.nodes, args.groups)
+    return Topology(args.ranks, args.slots_per_rank or 9, args.nodes, args.groups)
+
+
+def run(args) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from eplb import get_policy
+    from eplb.cycle import CycleConfig
+    from eplb.report.simulate import build_report, policy_table, write_report
+    from eplb.sim.cost import CostModel, expert_bytes_of
+    from eplb.sim.simulator import SimConfig, simulate, warmup_steps
+    from eplb.sim.traces import SCENARIOS, load_trace
+
+    _positive("--steps", args.steps)
+    _positive("--interval", args.interval)
+    _positive("--planner-steps", args.planner_steps, 0)
+    _positive("--layers-per-step", args.layers_per_step, 0)
+    _positive("--max-layers", args.max_layers)
+    names = _policy_names(args)
+    clairvoyant_name = _clairvoyant_name(args)
+    expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
+    _positive("--expert-bytes", expert_bytes, 0)
+    console = Console(stderr=True, highlight=False)
+    progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TimeElapsedColumn(), console=console, transient=True, disable=args.json)
+    with progress:
+        task = progress.add_task(f"trace {args.trace}", total=None)
+        trace = load_trace(args.trace, args.steps, args.seed, args.workloads)
+        progress.update(task, total=1, completed=1)
+        topology = _topology(args, trace.num_experts)
+        cycle = CycleConfig(
+            interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
+            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
+            min_gain=args.min_gain, max_layers=args.max_layers)
+        config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
+                           cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap))
+        runs = {}
+        for name in ["static", *names]:
+            task = progress.add_task(name, total=1.0)
+            policy = None if name == "static" else get_policy(name)
+            runs[name] = simulate(trace, policy, config, name=name,
+                                  progress=lambda f, task=task: progress.update(task, completed=f))
+        clairvoyant = None
+        if clairvoyant_name is not None:
+            task = progress.add_task(f"clairvoyant ({clairvoyant_name})", total=1.0)
+            clairvoyant = simulate(trace, get_policy(clairvoyant_name), config,
+                                   name=f"clairvoyant:{clairvoyant_name}", clairvoyant=True,
+                                   progress=lambda f: progress.update(task, completed=f))
+    if args.save_trace:
+        trace.save(args.save_trace)
+    key = trace.name.removeprefix("builtin:")
+    meta = {
+        "trace": {"name": trace.name, "steps": trace.num_steps, "layers": trace.num_layers,
+                  "experts": trace.num_experts, "top_k": trace.top_k,
+                  "description": SCENARIOS[key][0] if trace.name.startswith("builtin:") else "recorded load",
+                  "workloads": args.workloads},
+        "topology": {"num_ranks": topology.num_ranks, "slots_per_rank": topology.slots_per_rank,
+                     "num_nodes": topology.num_nodes, "num_groups": topology.num_groups,
+                     "description": topology.describe()},
+        "settings": {"interval": args.interval, "planner_steps": args.planner_steps,
+                     "layers_per_step": args.layers_per_step, "gb_per_step": args.gb_per_step,
+                     "min_gain": args.min_gain, "max_layers": args.max_layers, "dispatch": args.dispatch,
+                     "layout": args.layout, "expert_bytes": expert_bytes,
+                     "pace": (f"within {args.gb_per_step:g} GB per step" if args.gb_per_step else
+                              "all layers at once" if args.layers_per_step == 0 else
+                              f"{args.layers_per_step} layer(s) per step"),
+                     "cost": {"layer_fixed_us": args.layer_fixed_us, "token_us": args.token_us,
+                              "bandwidth_gbs": args.bandwidth, "overlap": args.overlap}},
+        "seed": args.seed,
+        "warmup_steps": warmup_steps(cycle, trace.num_layers, trace.num_steps),
+    }
+    report = build_report(runs, runs["static"], clairvoyant, meta)
+    files = {} if args.no_files else write_report(report, runs, runs["static"], clairvoyant, args.out)
+    if args.json:
+        print(json.dumps({key: report[key] for key in ("trace", "topology", "settings", "seed", "warmup_steps",
+                                                         "policies", "clairvoyant")}))
+        return 0
+    out = Console(highlight=False)
+    out.print(policy_table(report))
+    if files:
+        out.print(f"report written to {files['report.md'].parent}/ ({', '.join(p.name for p in files.values())})")
+    return 0

@@ -1,0 +1,371 @@
+"""Trace-driven simulation of dynamic expert rebalancing.
+
+:func:`simulate` replays a :class:`~eplb.sim.traces.Trace` step by step through the same :class:`~eplb.cycle.Cycle`
+the runtime uses: the load of each window of ``H`` steps goes to the policy, the plan comes back ``A`` steps later
+and its layers are applied one per step (or per byte budget); a layer's new placement is in force from the step
+after it was applied, exactly as the runtime commits it after that step's forward. Every step is then scored with
+the placement that was in force in it:
+
+- per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.sim.dispatch`), their PAR
+  (busiest rank / mean rank) and the routings behind it;
+- per window of ``H`` steps: the PAR of the summed rank loads (what a policy that only sees sums is judged on);
+- per cycle: applied layers, moved slots and bytes, planner wall time, predicted PAR before / after;
+- step time from :class:`~eplb.sim.cost.CostModel`, including the exposed part of weight transfers.
+
+``policy=None`` is the static run (the initial layout is kept). ``clairvoyant=True`` gives the policy, at each
+cycle, the load of the steps its plan will be scored on (the window after submission) and applies every layer at
+once with no planner delay and free weight transfers: a floor no online policy can beat with the same planner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from eplb.cycle import Cycle, CycleConfig, CycleRecord
+from eplb.errors import EplbError
+from eplb.metrics import summarize_par
+from eplb.placement import LAYOUTS, Placement
+from eplb.policies.base import Policy
+from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
+from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
+from eplb.sim.traces import Trace
+from eplb.topology import Topology
+
+__all__ = ["SimConfig", "RunResult", "simulate", "clairvoyant_cycle", "warmup_steps"]
+
+logger = logging.getLogger(__name__)
+
+_BALANCED_ROWS = 8192  # rows per call of the balanced split, to bound its temporary arrays
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """What is simulated besides the trace and the policy.
+
+    Attributes:
+        topology: ranks, slots per rank, nodes, groups.
+        cycle: the rebalancing cycle (window ``H``, planner latency ``A``, application pace, thresholds).
+        dispatch: replica choice, one of :data:`~eplb.sim.dispatch.DISPATCH_MODES`.
+        tp_size: tensor-parallel size for the ``rank`` mode's rotation.
+        expert_bytes: bytes of one expert's weights.
+        cost: the step-time model.
+        layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
+        balanced_sweeps: refinement passes of the ``balanced`` mode.
+    """
+
+    topology: Topology
+    cycle: CycleConfig
+    dispatch: str = "even"
+    tp_size: int = 1
+    expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
+    cost: CostModel = field(default_factory=CostModel)
+    layout: str = "vllm"
+    balanced_sweeps: int = 3
+
+    def __post_init__(self):
+        if self.dispatch not in DISPATCH_MODES:
+            raise EplbError(f"dispatch mode must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
+        if self.layout not in LAYOUTS:
+            raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.expert_bytes < 0:
+            raise EplbError(f"expert_bytes must be >= 0, got {self.expert_bytes}")
+        if self.tp_size < 1:
+            raise EplbError(f"tp_size must be >= 1, got {self.tp_size}")
+
+
+@dataclass
+class RunResult:
+    """One simulated run.
+
+    Attributes:
+        name: policy name ("static", "clairvoyant:<policy>", ...).
+        step_par: float64 ``[T, L]`` PAR of every step and layer.
+        tokens: float64 ``[T, L]`` routings of every step and layer.
+        window_start: int64 ``[N]`` first step of each window of ``H`` steps.
+        window_par: float64 ``[N, L]`` PAR of the rank loads summed over each window.
+        window_tokens: float64 ``[N, L]`` routings behind each.
+        moe_us: float64 ``[T]`` estimated MoE time of each step.
+        perfect_us: float64 ``[T]`` the same at perfect balance (PAR = 1).
+        transfer_us: float64 ``[T]`` weight-transfer time of each step; ``exposed_us`` the part compute does not
+            hide (added to the step).
+        rank_load: float64 ``[L, W]`` load each rank served in each layer after the warm-up.
+        cycles: one :class:`~eplb.cycle.CycleRecord` per submitted window.
+        planner_ms: wall time of each planner call (one per cycle, in order).
+        final: the placement in force at the end.
+        warmup: leading steps left out of the summaries: the first window, which every run serves on the initial
+            layout before it has seen any load, plus the first plan's delay and layer-by-layer application
+            (``H + A + L`` steps, at most half the trace), so the figures describe the steady state.
+    """
+
+    name: str
+    step_par: np.ndarray
+    tokens: np.ndarray
+    window_start: np.ndarray
+    window_par: np.ndarray
+    window_tokens: np.ndarray
+    moe_us: np.ndarray
+    perfect_us: np.ndarray
+    transfer_us: np.ndarray
+    exposed_us: np.ndarray
+    rank_load: np.ndarray
+    cycles: list[CycleRecord]
+    planner_ms: list[float]
+    final: Placement
+    warmup: int = 0
+
+    @property
+    def step_us(self) -> np.ndarray:
+        """float64 ``[T]``: estimated MoE time of each step including exposed transfers."""
+        return self.moe_us + self.exposed_us
+
+    def step_par_series(self) -> np.ndarray:
+        """float64 ``[T]``: token-weighted mean PAR over the layers of each step."""
+        total = self.tokens.sum(axis=1)
+        weighted = (self.step_par * self.tokens).sum(axis=1)
+        return np.where(total > 0, weighted / np.where(total > 0, total, 1.0), 1.0)
+
+    def summary(self, static: "RunResult | None" = None) -> dict:
+        """The run's figures as a JSON-ready dict (``static`` gives ``speedup_vs_static``)."""
+        scored = slice(self.warmup, None)
+        steps = summarize_par(self.step_par[scored], self.tokens[scored])
+        first_window = int(np.searchsorted(self.window_start, self.warmup))
+        windows = summarize_par(self.window_par[first_window:], self.window_tokens[first_window:])
+        moved = [c.moved_slots for c in self.cycles]
+        moved_bytes = [c.bytes_moved for c in self.cycles]
+        total_us = float(self.step_us[scored].sum())
+        out = {
+            "step_par_mean": steps["par_mean"],
+            "step_par_p99": steps["par_p99"],
+            "step_par_max": steps["par_max"],
+            "window_par_mean": windows["par_mean"],
+            "cycles": len(self.cycles),
+            "cycles_applied": sum(1 for c in self.cycles if c.layers),
+            "cycles_skipped": sum(1 for c in self.cycles if c.skipped),
+            "layers_per_cycle": float(np.mean([len(c.layers) for c in self.cycles])) if self.cycles else 0.0,
+            "moved_slots_per_cycle": float(np.mean(moved)) if moved else 0.0,
+            "bytes_moved_per_cycle": float(np.mean(moved_bytes)) if moved_bytes else 0.0,
+            "bytes_moved_total": float(np.sum(moved_bytes)),
+            "planner_ms": float(np.median(self.planner_ms)) if self.planner_ms else 0.0,
+            "planner_ms_max": float(np.max(self.planner_ms)) if self.planner_ms else 0.0,
+            "moe_ms_per_step": float(self.moe_us[scored].mean() / 1e3),
+            "exposed_transfer_ms_per_step": float(self.exposed_us[scored].mean() / 1e3),
+            "step_ms": total_us / 1e3 / max(1, len(self.moe_us[scored])),
+            "speedup_vs_perfect": float(self.perfect_us[scored].sum() / total_us) if total_us > 0 else 1.0,
+        }
+        if static is not None:
+            static_us = float(static.step_us[scored].sum())
+            out["speedup_vs_static"] = static_us / total_us if total_us > 0 else 1.0
+        return out
+
+    def per_layer(self) -> dict[str, list[float]]:
+        """Token-weighted mean step PAR and window PAR of each layer."""
+        def weighted(values, weights):
+            total = weights.sum(axis=0)
+            return np.where(total > 0, (values * weights).sum(axis=0) / np.where(total > 0, total, 1.0), 1.0)
+
+        return {"step_par_mean": weighted(self.step_par, self.tokens).tolist(),
+                "window_par_mean": weighted(self.window_par, self.window_tokens).tolist()}
+
+
+def warmup_steps(cycle: CycleConfig, num_layers: int, num_steps: int) -> int:
+    """Steps left out of the summaries: ``H + A + L``, at most half of the ``num_steps``."""
+    return min(cycle.interval + cycle.planner_steps + num_layers, num_steps // 2)
+
+
+def clairvoyant_cycle(cycle: CycleConfig) -> CycleConfig:
+    """The cycle of a clairvoyant run: same window length, no planner delay, every layer applied at once."""
+    return CycleConfig(interval=cycle.interval, planner_steps=0, layers_per_step=0)
+
+
+def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str | None = None,
+             clairvoyant: bool = False, progress: Callable[[float], None] | None = None) -> RunResult:
+    """Replay ``trace`` with ``policy`` (None: static) and score every step.
+
+    Args:
+        trace: per-step load ``[T, L, E]``.
+        policy: a :class:`~eplb.policies.base.Policy`, or None to keep the initial layout.
+        config: topology, cycle, dispatch mode, cost model.
+        name: the run's name (default: the policy's name, or "static").
+        clairvoyant: plan each cycle on the steps it will be scored on (see the module docstring).
+        progress: called with the fraction done (0..1) now and then.
+
+    Returns:
+        A :class:`RunResult`.
+
+    Raises:
+        EplbError: the trace does not fit the topology.
+    """
+    topology = config.topology
+    num_steps, num_layers, num_experts = trace.counts.shape
+    topology.check_experts(num_experts)
+    name = name or (policy.name if policy is not None else "static")
+    initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
+    report = progress or (lambda fraction: None)
+    timeline = _Timeline(initial.phy2log, num_steps)
+    cycles: list[CycleRecord] = []
+    planner_ms: list[float] = []
+    received = np.zeros(num_steps)
+    if policy is not None:
+        cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
+        cycle = Cycle(cycle_config, num_layers)
+        plan = None
+        for step in range(num_steps):
+            action = cycle.on_step(step)
+            if action.submit:
+                plan = _plan(trace, policy, topology, timeline, action.window_start, step, clairvoyant, planner_ms)
+                if plan is None:
+                    cycle.plan_failed(step, "end of trace")
+                else:
+                    load = trace.counts[action.window_start:step].sum(axis=0, dtype=np.float64) \
+                        if cycle_config.similarity_threshold is not None else None
+                    cycle.plan_ready(step, plan, layer_bytes=plan.moved_slots * config.expert_bytes, load=load)
+            if action.apply_layers:
+                new_rows = plan.placement.phy2log[list(action.apply_layers)]
+                if not clairvoyant:  # the floor moves weights for free
+                    per_rank = _received_experts(timeline.current[list(action.apply_layers)], new_rows, topology)
+                    received[step] = per_rank.max() * config.expert_bytes
+                timeline.apply(step + 1, action.apply_layers, new_rows)
+            if step % 256 == 0:
+                report(0.5 * step / num_steps)
+        cycles = cycle.records
+    warmup = warmup_steps(config.cycle, num_layers, num_steps)
+    result = _score(trace, topology, config, timeline, warmup, report)
+    transfer_us = config.cost.transfer_us(received)
+    moe_us = config.cost.moe_us(result["peak"])
+    return RunResult(
+        name=name,
+        step_par=result["step_par"],
+        tokens=result["tokens"],
+        window_start=np.arange(0, num_steps, config.cycle.interval),
+        window_par=result["window_par"],
+        window_tokens=result["window_tokens"],
+        moe_us=moe_us,
+        perfect_us=config.cost.moe_us(result["tokens"] / topology.num_ranks),
+        transfer_us=transfer_us,
+        exposed_us=config.cost.exposed_us(transfer_us, moe_us),
+        rank_load=result["rank_load"],
+        cycles=cycles,
+        planner_ms=planner_ms,
+        final=Placement(timeline.current, num_experts, topology),
+        warmup=warmup,
+    )
+
+
+def _plan(trace, policy, topology, timeline, window_start, step, clairvoyant, planner_ms):
+    """Run the policy on the window (or, clairvoyant, on the steps the plan will be in force); None at the end."""
+    if clairvoyant:
+        start = step + 2  # applied in step + 1, in force from step + 2
+        window = trace.counts[start:start + (step - window_start)]
+    else:
+        window = trace.counts[window_start:step]
+    if window.shape[0] == 0:
+        return None
+    current = Placement(timeline.current, trace.num_experts, topology)
+    started = time.perf_counter()
+    plan = policy.rebalance(window, topology, current=current)
+    planner_ms.append((time.perf_counter() - started) * 1e3)
+    return plan
+
+
+def _received_experts(old_rows: np.ndarray, new_rows: np.ndarray, topology: Topology) -> np.ndarray:
+    """int64 ``[W]``: experts each rank receives when layers go from ``old_rows`` to ``new_rows`` ``[n, P]``.
+
+    A rank receives an expert it did not hold before once, however many of its slots take it.
+    """
+    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
+    old = old_rows.reshape(-1, num_ranks, slots)
+    new = np.sort(new_rows.reshape(-1, num_ranks, slots), axis=2)
+    first = np.ones(new.shape, dtype=bool)
+    first[..., 1:] = new[..., 1:] != new[..., :-1]
+    held = (new[..., :, None] == old[..., None, :]).any(axis=-1)
+    return (first & ~held).sum(axis=(0, 2))
+
+
+class _Timeline:
+    """Which placement row each layer uses in each step: versions of rows, and the version in force per step."""
+
+    def __init__(self, initial: np.ndarray, num_steps: int):
+        num_layers = initial.shape[0]
+        self.current = np.array(initial, dtype=np.int64)
+        self.rows: list[list[np.ndarray]] = [[initial[layer].copy()] for layer in range(num_layers)]
+        self.changes: list[list[int]] = [[0] for _ in range(num_layers)]  # first step of each version
+        self.num_steps = num_steps
+
+    def apply(self, effective: int, layers, new_rows: np.ndarray) -> None:
+        for layer, row in zip(layers, new_rows):
+            self.current[layer] = row
+            if effective >= self.num_steps:
+                continue
+            if self.changes[layer][-1] == effective:
+                self.rows[layer][-1] = row.copy()
+            else:
+                self.rows[layer].append(row.copy())
+                self.changes[layer].append(effective)
+
+    def versions(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64 ``[V, P]``, version of each step int64 ``[T]``) of one layer."""
+        starts = np.asarray(self.changes[layer])
+        version = np.zeros(self.num_steps, dtype=np.int64)
+        version[starts[1:]] = 1
+        return np.stack(self.rows[layer]), np.cumsum(version)
+
+
+def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timeline, warmup: int, report) -> dict:
+    """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums."""
+    num_steps, num_layers, num_experts = trace.counts.shape
+    num_ranks = topology.num_ranks
+    interval = config.cycle.interval
+    window_starts = np.arange(0, num_steps, interval)
+    out = {
+        "step_par": np.empty((num_steps, num_layers)),
+        "tokens": np.empty((num_steps, num_layers)),
+        "peak": np.empty((num_steps, num_layers)),
+        "window_par": np.empty((window_starts.size, num_layers)),
+        "window_tokens": np.empty((window_starts.size, num_layers)),
+        "rank_load": np.empty((num_layers, num_ranks)),
+    }
+    for layer in range(num_layers):
+        rows, version = timeline.versions(layer)
+        placement = Placement(rows, num_experts, topology)
+        load = trace.counts[:, layer, :].astype(np.float64)
+        if config.dispatch == "balanced":
+            table = replica_ranks(placement)
+            loads = np.concatenate([
+                balanced_rank_load(load[start:start + _BALANCED_ROWS], table, num_ranks,
+                                   version[start:start + _BALANCED_ROWS], config.balanced_sweeps)
+                for start in range(0, num_steps, _BALANCED_ROWS)])
+        else:
+            share = dispatch_share(placement, config.dispatch, config.tp_size)  # [V, E, W]
+            loads = np.zeros((num_steps, num_ranks))
+            bounds = np.flatnonzero(np.diff(version)) + 1
+            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, num_steps]):
+                _add_shared(loads[start:stop], load[start:stop], share[version[start]])
+        peak = loads.max(axis=1)
+        total = loads.sum(axis=1)
+        out["peak"][:, layer] = peak
+        out["tokens"][:, layer] = total
+        out["step_par"][:, layer] = _ratio(peak, total / num_ranks)
+        windows = np.add.reduceat(loads, window_starts, axis=0)
+        out["window_tokens"][:, layer] = windows.sum(axis=1)
+        out["window_par"][:, layer] = _ratio(windows.max(axis=1), windows.mean(axis=1))
+        out["rank_load"][layer] = loads[warmup:].sum(axis=0)
+        report(0.5 + 0.5 * (layer + 1) / num_layers)
+    return out
+
+
+def _add_shared(out: np.ndarray, load: np.ndarray, share: np.ndarray) -> None:
+    """``out += load @ share`` for a sparse ``share`` ``[E, W]`` (a few ranks per expert), without BLAS: a dense
+    matmul is no faster at these sizes and multi-threaded BLAS stalls on a busy machine."""
+    rank, expert = np.nonzero(share.T)  # ordered by rank, then expert
+    present, first = np.unique(rank, return_index=True)
+    contribution = load[:, expert] * share[expert, rank]
+    out[:, present] += np.add.reduceat(contribution, first, axis=1)
+
+
+def _ratio(peak: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    return np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0)
