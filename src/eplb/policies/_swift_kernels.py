@@ -352,10 +352,12 @@ def _fill_choice(table, d, load, count, group_of_rank, home_rank, base_table, on
 
 
 @njit(cache=True)
-def _pinned(table, old_table, r, k, moved, pin_experts):
-    """Whether the replica in slot ``(r, k)`` must stay: its expert moved this cycle (``pin_experts``), or this very
-    replica did (the slot's expert changed)."""
-    return moved[table[r, k]] if pin_experts else table[r, k] != old_table[r, k]
+def _pinned(table, old_table, r, k, moved, swapped, pin_experts):
+    """Whether the swap rounds must leave the replica in slot ``(r, k)`` alone. With ``pin_experts``: when its expert
+    was transferred or swapped this cycle. Otherwise: when this very replica moved (the slot's expert changed) or
+    its expert was swapped this cycle."""
+    e = table[r, k]
+    return moved[e] if pin_experts else swapped[e] or e != old_table[r, k]
 
 
 @njit(cache=True)
@@ -365,6 +367,7 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
     take the first partner whose best swap (the one minimising the pair's larger load) lowers the hot rank by at
     least ``gain`` without the partner ending above that. Pinned replicas (see :func:`_pinned`) stay."""
     slots = table.shape[1]
+    swapped_expert = np.zeros(load.shape[0], np.bool_)
     for _ in range(rounds):
         hot = lo
         for r in range(lo, hi):
@@ -378,13 +381,13 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
             best, best_i, best_j = rank_load[hot] - gain, -1, -1
             for i in range(slots):
                 a = table[hot, i]
-                if (_pinned(table, old_table, hot, i, moved, pin_experts) or on_rank[q, a]
+                if (_pinned(table, old_table, hot, i, moved, swapped_expert, pin_experts) or on_rank[q, a]
                         or not _may_receive(a, q, old_on, source, pair_used)):
                     continue
                 wa = load[a] / count[a]
                 for j in range(slots):
                     b = table[q, j]
-                    if (_pinned(table, old_table, q, j, moved, pin_experts) or on_rank[hot, b]
+                    if (_pinned(table, old_table, q, j, moved, swapped_expert, pin_experts) or on_rank[hot, b]
                             or not _may_receive(b, hot, old_on, source, pair_used)):
                         continue
                     wb = load[b] / count[b]
@@ -403,6 +406,7 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
             _receive(a, q, old_on, source, pair_used, moved)
             _receive(b, hot, old_on, source, pair_used, moved)
             moved[a], moved[b] = True, True
+            swapped_expert[a], swapped_expert[b] = True, True
             swapped = True
             break
         if not swapped:
