@@ -7,6 +7,7 @@ layers (and steps); a ``[5000, 58, 256]`` load against a 58 x 320 placement eval
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from eplb.load import as_load
 from eplb.placement import Placement
@@ -21,8 +22,6 @@ __all__ = [
     "summarize_par",
     "moved_slots",
 ]
-
-_CHUNK_STEPS = 256
 
 
 def rank_share(placement: Placement) -> np.ndarray:
@@ -43,21 +42,31 @@ def rank_loads(placement: Placement, load, share: np.ndarray | None = None) -> n
     Args:
         placement: ``L`` layers, ``W`` ranks.
         load: ``[L, E]`` or ``[T, L, E]``.
-        share: :func:`rank_share` of ``placement`` when the caller already has it.
+        share: :func:`rank_share` of ``placement`` when the caller already has it (used for ``[L, E]`` loads).
 
     Returns:
         float64 ``[L, W]`` or ``[T, L, W]``.
     """
     load = as_load(load, placement.num_experts, placement.num_layers)
-    if share is None:
-        share = rank_share(placement)
     if load.ndim == 2:
+        if share is None:
+            share = rank_share(placement)
         return np.matmul(load.astype(np.float64)[:, None, :], share)[:, 0, :]
-    steps = load.shape[0]
-    out = np.empty((steps, placement.num_layers, placement.topology.num_ranks))
-    for start in range(0, steps, _CHUNK_STEPS):
-        chunk = load[start:start + _CHUNK_STEPS].astype(np.float64).transpose(1, 0, 2)  # [L, t, E]
-        out[start:start + _CHUNK_STEPS] = np.matmul(chunk, share).transpose(1, 0, 2)
+    # Per step, add each slot's share of its expert's load to its rank (O(T*L*P)) instead of a dense [E, W] product
+    # (O(T*L*E*W)): each expert sits on a handful of ranks, so this is ~E*W/P times less work.
+    slot_weight = 1.0 / np.take_along_axis(placement.replica_count, placement.phy2log, axis=1)
+    return _per_step_rank_loads(load, placement.phy2log, slot_weight, placement.topology.slots_per_rank,
+                                placement.topology.num_ranks)
+
+
+@njit(cache=True)
+def _per_step_rank_loads(load, phy2log, slot_weight, slots_per_rank, num_ranks):
+    steps, num_layers = load.shape[0], load.shape[1]
+    out = np.zeros((steps, num_layers, num_ranks))
+    for t in range(steps):
+        for layer in range(num_layers):
+            for p in range(phy2log.shape[1]):
+                out[t, layer, p // slots_per_rank] += load[t, layer, phy2log[layer, p]] * slot_weight[layer, p]
     return out
 
 
