@@ -1,0 +1,417 @@
+"""EplbController: dynamic expert load balancing inside a serving engine, driven by two hooks per step.
+
+Where to call it (every rank of the EP group, every step, dummy steps included, so all ranks stay in lock-step)::
+
+    ctl = EplbController(EplbConfig.from_dict(user_cfg), num_layers=L, num_experts=E, topology=topo,
+                         rank=ep_rank, layer_tensors=[[moe.w13, moe.w2, moe.w13_scale] for moe in moe_layers],
+                         group=ep_group, device=device)
+    # ctl.placement.rank_table[:, ep_rank] says which expert each local slot holds at start (load weights so)
+    while serving:
+        ctl.before_forward(is_prefill=batch_has_prefill)      # same value on every rank
+        for l, moe in enumerate(moe_layers):                    # inside the forward
+            slots = ctl.route(l, topk_ids)                      # logical ids -> physical slots, recorded on device
+            ...dispatch tokens to slots, compute, combine...
+        ctl.after_forward()
+    ctl.close()
+
+What it costs (CPU figures from ``benchmarks/runtime.py``): ``route`` is one gather plus one ``index_add_`` on the
+device per layer, never a host sync. The hooks do host bookkeeping only, except in these steps: at the end of each
+heat window one all-gather/all-reduce of the counts (``[L, P]`` int64) and a queue put; every
+``planner_check_steps`` steps while a plan is awaited one all-reduce of 3 integers (the agreement); while a plan is
+applied, per step one layer's ``batch_isend_irecv`` posted in ``before_forward`` and waited for in ``after_forward``
+(only the ranks that send or receive an expert move bytes), then an in-place copy and a table update for that layer.
+The policy runs in a separate process (:mod:`eplb.runtime.planner`): serving never waits for it.
+
+What happens on failure: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns an invalid
+plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
+the plan, so either every rank applies the same plan or none does). Serving continues on the current placement, a
+warning is logged, and the worker process is restarted for the next cycle. A layer switches only after its weights
+arrived, on all ranks in the same step (``after_forward`` waits for the layer's transfers); a peer that never sends
+is a dead rank, which the process group's own timeout reports.
+
+Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
+cycle, moves nothing and keeps attributing heat through the placement actually in force; ``static`` loads
+``map_path`` at start and only records; ``off`` only routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb.cycle import Cycle, CycleConfig, Phase
+from eplb.errors import EplbError
+from eplb.metrics import balancedness, par, rank_loads
+from eplb.placement import Placement
+from eplb.runtime.config import EplbConfig
+from eplb.runtime.mover import ExpertMover
+from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
+from eplb.runtime.recorder import LoadRecorder
+from eplb.runtime.router import ReplicaRouter
+from eplb.topology import Topology
+
+__all__ = ["EplbController", "CycleMetrics"]
+
+log = logging.getLogger(__name__)
+
+_PER_STEP_POLICIES = ("flashlb",)
+_DEFAULT_RING_STEPS = 256
+
+
+@dataclass
+class CycleMetrics:
+    """Figures of one cycle (also logged, and exported to Prometheus when enabled).
+
+    Attributes:
+        cycle: cycle number (0-based).
+        submit_step: step at which the window was handed to the planner.
+        window_par: float64 ``[L]`` measured PAR of the window, with the placement in force.
+        par_before, par_after: float64 ``[L]`` PAR the plan predicts on the window (None when no plan came).
+        applied_layers: layers switched to the new placement, in order.
+        skipped_layers: layers the plan changed but the cycle did not apply (no gain, similarity, ...).
+        moved_slots, moved_bytes: over the applied layers (bytes received by this rank in ``moved_bytes_rank``).
+        planner_s: seconds the policy took in the worker.
+        transfer_s: seconds this rank spent waiting for and copying transfers (``after_forward``).
+        skipped: why the whole cycle was skipped, or None.
+        next_window_par: float64 ``[L]`` measured PAR of the following window (filled one cycle later).
+    """
+
+    cycle: int
+    submit_step: int
+    window_par: np.ndarray
+    par_before: np.ndarray | None = None
+    par_after: np.ndarray | None = None
+    applied_layers: list[int] = field(default_factory=list)
+    skipped_layers: list[int] = field(default_factory=list)
+    moved_slots: int = 0
+    moved_bytes: int = 0
+    moved_bytes_rank: int = 0
+    planner_s: float = float("nan")
+    transfer_s: float = 0.0
+    skipped: str | None = None
+    next_window_par: np.ndarray | None = None
+
+
+class EplbController:
+    """Ties recorder, router, planner worker and mover to the :class:`eplb.cycle.Cycle` state machine.
+
+    Args:
+        config: validated settings.
+        num_layers, num_experts: L MoE layers, E logical experts per layer.
+        topology: the EP group's shape (``num_ranks`` = the group's size).
+        rank: this rank's index in the EP group.
+        layer_tensors: ``layer_tensors[l]`` = the live per-expert tensors of layer ``l`` on this rank, each
+            ``[K, ...]`` (weights, scales, biases; any dtype). Needed in ``dynamic`` mode only.
+        group: the EP process group (None: default group). Collectives run on tensors on ``device``.
+        device: device of the MoE layers (recorder and router tables live there).
+        placement: the placement the weights were loaded with; default: the map file, else vLLM's initial layout.
+        recorder_source: ``"ids"`` (:meth:`route` records the physical ids) or ``"counts"`` (the engine calls
+            ``recorder.record_counts`` with its kernel's per-slot counts).
+        tp_size: for the ``rank`` router rule.
+        planner_target: the worker loop (tests inject crashing or hanging workers).
+    """
+
+    def __init__(self, config: EplbConfig, num_layers: int, num_experts: int, topology: Topology, rank: int,
+                 layer_tensors=None, group=None, device="cpu", placement: Placement | None = None,
+                 recorder_source: str = "ids", tp_size: int = 1, planner_target=_worker_main):
+        if not isinstance(config, EplbConfig):
+            raise EplbError(f"config must be an EplbConfig (use EplbConfig.from_dict), got {type(config).__name__}")
+        if dist.is_initialized() and dist.get_world_size(group) != topology.num_ranks:
+            raise EplbError(f"the EP group has {dist.get_world_size(group)} ranks, the topology {topology.num_ranks}")
+        self.config, self.rank, self.group, self.topology = config, rank, group, topology
+        self.device = torch.device(device)
+        from_file = config.check_model(num_layers, num_experts, topology)
+        if placement is None:
+            placement = from_file or Placement.initial(num_experts, topology, num_layers)
+        elif from_file is not None and placement != from_file:
+            raise EplbError(f"the placement passed differs from the map file {config.map_path}")
+        if placement.num_layers != num_layers or placement.num_experts != num_experts:
+            raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
+                            f"model {num_layers} x {num_experts}")
+        #: the placement in force (switched layer by layer as plans are applied)
+        self.placement = Placement(placement.phy2log, num_experts, topology)
+        self._phy2log = np.array(placement.phy2log)
+        self.router = ReplicaRouter(self.placement, rank, config.router_mode, tp_size, device)
+        ring = config.ring_steps
+        if ring is None:  # per-step policies plan on the last steps of the window (FlashLB cuts them into episodes)
+            ring = min(config.window_steps, _DEFAULT_RING_STEPS) if config.policy in _PER_STEP_POLICIES else 0
+        self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
+                                     recorder_source, ring, config.stage, device)
+        self.mover = None
+        expert_bytes = 0
+        if config.mode == "dynamic":
+            if layer_tensors is None or len(layer_tensors) != num_layers:
+                raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
+            self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group)
+            expert_bytes = self.mover.expert_bytes(0)
+        self.planner = None
+        if config.mode in ("dynamic", "record"):
+            self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
+                                         warmup=(config.policy, config.policy_options))
+            self.planner.start()
+        self.cycle = Cycle(CycleConfig(interval=config.window_steps, layers_per_step=config.layers_per_step,
+                                       bytes_per_step=config.bytes_per_step, expert_bytes=expert_bytes,
+                                       similarity_threshold=config.update_threshold), num_layers)
+        self.metrics: list[CycleMetrics] = []
+        self.step = 0
+        self._result: PlanResult | None = None
+        self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
+        self._submitted_step = 0
+        self._transfers: dict = {}
+        self._pending = None
+        self._last_interval_start = time.monotonic()
+        self._skip_submit = False
+        self._prometheus = _Prometheus(config.prometheus_port) if config.prometheus_port and rank == 0 else None
+        self._is_prefill = False
+
+    # -- hooks --------------------------------------------------------------------------------------------------
+    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Physical slots for the logical ``expert_ids`` ``[N, k]`` of ``layer`` (see :class:`ReplicaRouter`), and
+        record them when the recorder counts ids. Device ops only."""
+        slots = self.router.route(layer, expert_ids, group_counts)
+        if self.recorder.source == "ids":
+            self.recorder.record_ids(layer, slots)
+        return slots
+
+    def before_forward(self, is_prefill: bool = False) -> None:
+        """Call before every forward step (same step on every rank; ``is_prefill`` the same on every rank)."""
+        if self.config.mode == "off":
+            return
+        self.recorder.begin_step(is_prefill)
+        if self.config.mode == "static":
+            self._static_window()
+            return
+        action = self.cycle.on_step(self.step)
+        if action.skipped:
+            self._skip(action.skipped)
+        if action.submit:
+            self._submit(action.window_start)
+        if action.poll:
+            self._poll()
+        if action.apply_layers and self.mover is not None:
+            transfers = [self._transfers[layer] for layer in action.apply_layers]
+            self._pending = (transfers, self.mover.post(transfers))
+
+    def after_forward(self) -> None:
+        """Call after every forward step: commits the layers posted in :meth:`before_forward`."""
+        if self.config.mode == "off":
+            return
+        if self._pending is not None:
+            start = time.perf_counter()
+            transfers, pending = self._pending
+            self._pending = None
+            self.mover.commit(pending)
+            for transfer in transfers:
+                self._switch_layer(transfer.layer, transfer.new_row.reshape(-1))
+            current = self.metrics[-1]
+            current.transfer_s += time.perf_counter() - start
+            current.moved_bytes_rank += pending.bytes_received
+            current.applied_layers += [t.layer for t in transfers]
+        record = self.cycle.records[-1] if self.cycle.records else None
+        if record is not None and record.apply_end == self.step and self.metrics:
+            self._finish_cycle()
+        self.step += 1
+
+    def close(self) -> None:
+        """Stop the planner worker. Call once when serving ends."""
+        if self.planner is not None:
+            self.planner.close()
+
+    # -- cycle steps --------------------------------------------------------------------------------------------
+    def _gather_load(self) -> np.ndarray:
+        load = self.recorder.logical_load(self._phy2log, self.group)
+        self.recorder.reset()
+        return load
+
+    def _static_window(self) -> None:
+        if self.step and self.step % self.config.window_steps == 0:
+            load = self._gather_load()
+            window = load.sum(axis=0) if load.ndim == 3 else load
+            self._log_window(window)
+
+    def _log_window(self, window: np.ndarray) -> np.ndarray:
+        loads = rank_loads(self.placement, window)
+        window_par = par(loads)
+        if self.config.log_balancedness:
+            log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", self.step, balancedness(loads),
+                     float(window_par.mean()))
+        return window_par
+
+    def _submit(self, window_start: int) -> None:
+        load = self._gather_load()
+        window = load.sum(axis=0) if load.ndim == 3 else load
+        window_par = self._log_window(window)
+        if self.metrics and self.metrics[-1].next_window_par is None:
+            self.metrics[-1].next_window_par = window_par
+        self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step, window_par=window_par))
+        self._window_load = window
+        self._result, self._local, self._submitted_step = None, (0, ""), self.step
+        self._skip_submit = not self._interval_elapsed()
+        if self._skip_submit:
+            self._local = (-1, "eplb_update_interval has not elapsed since the last cycle")
+            return
+        if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
+            self.planner.restart()
+        self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self._phy2log.copy(), self.topology,
+                                        self.config.policy, self.config.policy_options))
+
+    def _interval_elapsed(self) -> bool:
+        """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
+        if self.config.update_interval_s is None:
+            return True
+        elapsed = float(time.monotonic() - self._last_interval_start >= self.config.update_interval_s)
+        flag = self._all_reduce(torch.tensor([elapsed]), dist.ReduceOp.MAX)
+        if flag[0] > 0:
+            self._last_interval_start = time.monotonic()
+            return True
+        return False
+
+    def _poll(self) -> None:
+        if self._local[0] == 0:
+            state, value = self.planner.poll()
+            if state == "ready":
+                self._result, self._local = value, (1, "")
+            elif state == "failed":
+                self._local = (-1, value)
+        if (self.step - self._submitted_step) % self.config.planner_check_steps:
+            return
+        flag, reason = self._local
+        checksum = plan_checksum(self._result.phy2log) if flag == 1 else 0
+        agreed = self._all_reduce(torch.tensor([flag, checksum, -checksum], dtype=torch.int64), dist.ReduceOp.MIN)
+        low_flag, low, high = int(agreed[0]), int(agreed[1]), -int(agreed[2])
+        if low_flag == 0:
+            return
+        if low_flag < 0:
+            self.cycle.plan_failed(self.step, reason or "the planner of another rank failed")
+            return
+        if low != high:
+            self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
+            return
+        self._accept(self._result)
+
+    def _accept(self, result: PlanResult) -> None:
+        changed = (result.phy2log != self._phy2log).any(axis=1)
+        moved = (result.phy2log != self._phy2log).sum(axis=1)
+        current = self.metrics[-1]
+        current.par_before, current.par_after, current.planner_s = result.par_before, result.par_after, result.seconds
+        plan = _PlanFigures(changed, result.par_before, result.par_after, moved)
+        layer_bytes = np.zeros(len(changed))
+        for t in result.transfers:  # what crosses the network: experts a rank did not hold, once per rank
+            layer_bytes[t.layer] = t.num_transfers * (self.mover.expert_bytes(t.layer) if self.mover else 0)
+        layers = self.cycle.plan_ready(self.step, plan, layer_bytes, load=self._window_load)
+        current.skipped_layers = sorted(set(np.flatnonzero(changed).tolist()) - set(layers))
+        current.moved_slots = int(moved[list(layers)].sum()) if layers else 0
+        current.moved_bytes = int(layer_bytes[list(layers)].sum()) if layers else 0
+        if self.config.mode == "record":
+            self._write_record(result.phy2log)
+            return
+        self._transfers = {t.layer: t for t in result.transfers}
+
+    def _write_record(self, phy2log: np.ndarray) -> None:
+        if self.rank == 0:
+            from eplb.formats import write_map
+
+            write_map(Placement(phy2log, self.placement.num_experts, self.topology), self.config.record_path,
+                      "ascend")
+            log.info("eplb record mode: cycle %d map written to %s", self.metrics[-1].cycle, self.config.record_path)
+
+    def _switch_layer(self, layer: int, new_row: np.ndarray) -> None:
+        if self.recorder.source == "ids":
+            old = self._phy2log[layer]
+        else:
+            k = self.topology.slots_per_rank
+            old = self._phy2log[layer, self.rank * k:(self.rank + 1) * k]
+        self.recorder.fold_layer(layer, torch.as_tensor(old, device=self.device))
+        self._phy2log[layer] = new_row
+        self.router.update_layer(layer, new_row)
+
+    def _skip(self, reason: str) -> None:
+        current = self.metrics[-1]
+        current.skipped = reason
+        self._result = None
+        if self.planner.busy:
+            self.planner.restart()  # abandon a request still running (it may be hung)
+        log.warning("eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
+                    current.cycle, self.step, reason)
+        self._export(current)
+
+    def _finish_cycle(self) -> None:
+        current = self.metrics[-1]
+        if self.config.mode == "record":
+            log.info("eplb cycle %d (record mode): plan for %d layers written, predicted mean PAR %.3f -> %.3f, "
+                     "nothing moved", current.cycle, len(self.cycle.records[-1].layers),
+                     float(np.mean(current.par_before)), float(np.mean(current.par_after)))
+            self._export(current)
+            return
+        self.placement = Placement(self._phy2log, self.placement.num_experts, self.topology)
+        log.info("eplb cycle %d: %d layers switched (%s), %d slots moved, %d bytes received here, predicted mean "
+                 "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s on this rank", current.cycle,
+                 len(current.applied_layers), current.applied_layers, current.moved_slots, current.moved_bytes_rank,
+                 float(np.mean(current.par_before[current.applied_layers])),
+                 float(np.mean(current.par_after[current.applied_layers])), current.planner_s, current.transfer_s)
+        self._export(current)
+
+    def _export(self, current: CycleMetrics) -> None:
+        if self._prometheus is not None:
+            self._prometheus.update(current)
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        if not dist.is_initialized() or self.topology.num_ranks == 1:
+            return tensor
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor.cpu()
+
+
+@dataclass(frozen=True)
+class _PlanFigures:
+    """What :meth:`eplb.cycle.Cycle.plan_ready` reads from a plan."""
+
+    changed: np.ndarray
+    par_before: np.ndarray
+    par_after: np.ndarray
+    moved_slots: np.ndarray
+
+
+class _Prometheus:
+    """Cycle metrics as Prometheus gauges on ``port`` (rank 0), when prometheus_client is installed."""
+
+    def __init__(self, port: int):
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            log.warning("prometheus_port is set but prometheus_client is not installed; metrics go to the log only")
+            self.gauges = None
+            return
+        prom.start_http_server(port)
+        names = {
+            "par_before": "predicted mean PAR before the last plan",
+            "par_after": "predicted mean PAR after the last plan",
+            "window_par": "measured mean PAR of the last window",
+            "moved_slots": "slots moved by the last cycle",
+            "planner_seconds": "seconds the last plan took",
+            "transfer_seconds": "seconds rank 0 spent on the last cycle's transfers",
+            "skipped_cycles": "cycles skipped since start",
+        }
+        self.gauges = {k: prom.Gauge(f"eplb_{k}", v) for k, v in names.items()}
+        self.skipped = 0
+
+    def update(self, m: CycleMetrics) -> None:
+        if self.gauges is None:
+            return
+        g = self.gauges
+        g["window_par"].set(float(np.mean(m.window_par)))
+        if m.par_before is not None:
+            g["par_before"].set(float(np.mean(m.par_before)))
+            g["par_after"].set(float(np.mean(m.par_after)))
+            g["planner_seconds"].set(m.planner_s)
+        g["moved_slots"].set(m.moved_slots)
+        g["transfer_seconds"].set(m.transfer_s)
+        if m.skipped:
+            self.skipped += 1
+        g["skipped_cycles"].set(self.skipped)

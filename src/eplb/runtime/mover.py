@@ -1,0 +1,128 @@
+"""Weight mover: executes a layer's :class:`~eplb.runtime.transfer.LayerTransfer` with point-to-point transfers.
+
+Protocol, per step (driven by the controller):
+
+1. :meth:`ExpertMover.post` before the forward: posts ``batch_isend_irecv`` for the layer(s). Sends read the live
+   expert tensors (the forward only reads them too); receives land in staging buffers, never in live tensors, so the
+   forward of this step still computes with the old experts.
+2. the engine runs its forward.
+3. :meth:`ExpertMover.commit` after the forward: waits for the transfers, copies the experts that stay on this rank
+   but change slot into staging, then writes staging into the live tensors in place (addresses do not change).
+   The caller then swaps the layer's maps (router, recorder) in the same step on every rank.
+
+Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
+every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from eplb.errors import EplbError
+from eplb.runtime.transfer import LayerTransfer
+
+__all__ = ["ExpertMover", "PendingMove"]
+
+
+@dataclass
+class PendingMove:
+    """Transfers posted for some layers and not yet committed."""
+
+    layers: list[int]
+    works: list = field(default_factory=list)
+    #: per posted layer: (transfer, staging tensors, dst slots, from_recv, source)
+    fills: list = field(default_factory=list)
+    bytes_received: int = 0
+
+
+class ExpertMover:
+    """Moves the expert tensors of one rank.
+
+    Args:
+        layer_tensors: ``layer_tensors[l]`` is the list of live tensors of MoE layer ``l``, each ``[K, ...]``.
+        rank: this rank's index in the EP group (its group rank).
+        slots_per_rank: K.
+        group: the EP process group (None: the default group).
+    """
+
+    def __init__(self, layer_tensors, rank: int, slots_per_rank: int, group=None):
+        self.layer_tensors = [list(ts) for ts in layer_tensors]
+        for layer, tensors in enumerate(self.layer_tensors):
+            if not tensors:
+                raise EplbError(f"layer {layer} has no expert tensors to move")
+            for i, t in enumerate(tensors):
+                if t.dim() == 0 or t.shape[0] != slots_per_rank:
+                    raise EplbError(f"layer {layer}, tensor {i}: expected shape [{slots_per_rank}, ...] (local slots "
+                                    f"first), got {tuple(t.shape)}")
+                if not t.is_contiguous():
+                    raise EplbError(f"layer {layer}, tensor {i} is not contiguous; expert slots must be rows of a "
+                                    "contiguous tensor so they can be sent and overwritten in place")
+        self.rank, self.slots_per_rank, self.group = rank, slots_per_rank, group
+        self._staging: dict[tuple, torch.Tensor] = {}
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one expert of ``layer`` summed over its tensors."""
+        return sum(t[0].numel() * t.element_size() for t in self.layer_tensors[layer])
+
+    def _staging_for(self, position: int, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        key = (position, index, tuple(tensor.shape), tensor.dtype, tensor.device)
+        buf = self._staging.get(key)
+        if buf is None:  # allocated once per (concurrent layer, tensor) and reused every cycle
+            buf = self._staging[key] = torch.empty_like(tensor)
+        return buf
+
+    def _peer(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def post(self, transfers: list[LayerTransfer]) -> PendingMove:
+        """Post the sends and receives of ``transfers`` (one per layer, distinct layers). Non-blocking."""
+        pending = PendingMove(layers=[t.layer for t in transfers])
+        ops = []
+        for position, transfer in enumerate(transfers):
+            tensors = self.layer_tensors[transfer.layer]
+            staging = [self._staging_for(position, t, i) for i, t in enumerate(tensors)]
+            rows = transfer.transfers
+            num_experts_tag = int(max(transfer.old_row.max(), transfer.new_row.max())) + 1
+            received = 0
+            for src, src_slot, dst, expert in rows.tolist():
+                for i, live in enumerate(tensors):
+                    # gloo matches messages by (peer, tag): make every message of a pair unique in this post
+                    tag = (position * len(tensors) + i) * num_experts_tag + expert
+                    if src == self.rank:
+                        ops.append(dist.P2POp(dist.isend, live[src_slot], self._peer(dst), self.group, tag))
+                    elif dst == self.rank:
+                        ops.append(dist.P2POp(dist.irecv, staging[i][received], self._peer(src), self.group, tag))
+                if dst == self.rank:
+                    received += 1
+                    pending.bytes_received += self.expert_bytes(transfer.layer)
+            dst_slot, from_recv, source = transfer.rank_fills(self.rank)
+            pending.fills.append((transfer, staging, dst_slot, from_recv, source, received))
+        if ops:
+            pending.works = dist.batch_isend_irecv(ops)
+        return pending
+
+    def commit(self, pending: PendingMove) -> None:
+        """Wait for ``pending``'s transfers and write the new experts into the live tensors, in place."""
+        for work in pending.works:
+            work.wait()
+        for transfer, staging, dst_slot, from_recv, source, received in pending.fills:
+            if dst_slot.size == 0:
+                continue
+            tensors = self.layer_tensors[transfer.layer]
+            device = tensors[0].device
+            # experts that stay on this rank but change slot go through staging too, so that overwriting a live slot
+            # never destroys a value another slot still has to copy
+            local = (~from_recv).nonzero()[0]
+            row = torch.as_tensor(source.copy(), device=device)
+            if local.size:
+                local_rows = torch.arange(received, received + local.size, device=device)
+                local_src = torch.as_tensor(source[local], device=device)
+                row[torch.as_tensor(local, device=device)] = local_rows
+                for live, stage in zip(tensors, staging):
+                    stage.index_copy_(0, local_rows, live.index_select(0, local_src))
+            dst = torch.as_tensor(dst_slot, device=device)
+            for live, stage in zip(tensors, staging):
+                live.index_copy_(0, dst, stage.index_select(0, row))

@@ -1,0 +1,265 @@
+"""Planner worker: runs the policy in a separate (spawned) process so that serving never waits for it.
+
+The serving process hands a request to :meth:`PlannerWorker.submit` and calls :meth:`PlannerWorker.poll` once per
+step; ``poll`` never blocks. It reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason):
+the worker crashed, missed its deadline (it is then killed, as it may be hung), or returned a plan that is not a valid
+placement for the model. After a failure the worker is restarted in the background, so the next cycle has one.
+
+This module and everything the worker imports are torch-free: the worker starts in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from eplb.errors import EplbError
+from eplb.placement import Placement, find_problems
+from eplb.runtime.transfer import LayerTransfer, transfer_plan
+from eplb.topology import Topology
+
+__all__ = ["PlanRequest", "PlanResult", "PlannerWorker", "plan_checksum"]
+
+log = logging.getLogger(__name__)
+
+_CHECKSUM_MASK = (1 << 62) - 1
+
+
+def plan_checksum(phy2log: np.ndarray) -> int:
+    """A 62-bit checksum of a placement (int64 ``[L, P]``), equal on every rank for the same plan."""
+    data = np.ascontiguousarray(phy2log, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _CHECKSUM_MASK
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """One planning job.
+
+    Attributes:
+        cycle: the controller's cycle number (results of older cycles are dropped).
+        load: ``[L, E]`` or ``[T, L, E]`` logical load of the window.
+        current: int64 ``[L, P]`` placement in force.
+        topology: the cluster.
+        policy: registry name or vllm-ascend id.
+        options: policy keyword options.
+        layers: optional bool ``[L]``: only these layers may change (the others keep ``current``).
+    """
+
+    cycle: int
+    load: np.ndarray
+    current: np.ndarray
+    topology: Topology
+    policy: str | int
+    options: dict
+    layers: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What the worker returns: the new ``phy2log`` ``[L, P]``, the transfers of every changed layer (ascending
+    layer order) and the plan's figures (float64 ``[L]`` PAR on the window load, seconds spent)."""
+
+    cycle: int
+    phy2log: np.ndarray
+    transfers: list[LayerTransfer]
+    par_before: np.ndarray
+    par_after: np.ndarray
+    seconds: float
+
+
+def _run_request(request: PlanRequest) -> PlanResult:
+    from eplb.policies import get_policy
+
+    start = time.perf_counter()
+    plan = get_policy(request.policy, **request.options).rebalance(request.load, request.topology, request.current)
+    phy2log = np.array(plan.placement.phy2log)
+    par_after = plan.par_after
+    if request.layers is not None:
+        keep = ~np.asarray(request.layers, dtype=bool)
+        phy2log[keep] = request.current[keep]
+        par_after = np.where(keep, plan.par_before, par_after)
+    num_experts = request.load.shape[-1]
+    transfers = transfer_plan(Placement(request.current, num_experts, request.topology),
+                              Placement(phy2log, num_experts, request.topology))
+    return PlanResult(request.cycle, phy2log, transfers, plan.par_before, par_after, time.perf_counter() - start)
+
+
+READY = "ready"
+
+
+def _warm_up(policy, options: dict) -> None:
+    """Import and run ``policy`` once on a tiny problem, so that imports and compiled kernels (numba cache loads)
+    are not charged to the first cycle's deadline."""
+    from eplb.policies import get_policy
+
+    topology = Topology(2, 3)
+    load = np.arange(1, 5, dtype=np.float64)[None, :]
+    try:
+        get_policy(policy, **options).rebalance(load, topology, Placement.initial(4, topology, 1))
+    except Exception:  # noqa: BLE001 - a real request will report the problem with its own traceback
+        log.debug("planner warm-up failed", exc_info=True)
+
+
+def _worker_main(requests, results, warmup=None) -> None:
+    """Worker process loop: warm up ``(policy, options)``, put :data:`READY`, then one result (or an error string)
+    per request; ``None`` stops it."""
+    if warmup is not None:
+        _warm_up(*warmup)
+    results.put(READY)
+    while True:
+        request = requests.get()
+        if request is None:
+            return
+        try:
+            results.put(_run_request(request))
+        except Exception:  # noqa: BLE001 - every failure goes back to the serving process, which decides
+            results.put((request.cycle, traceback.format_exc(limit=4)))
+
+
+class PlannerWorker:
+    """A policy process with a deadline.
+
+    Args:
+        deadline_s: seconds a request may take before it counts as hung, counted from :meth:`submit` or from the
+            moment a (re)started worker reported :data:`READY`, whichever is later.
+        startup_s: seconds a fresh worker may take to start (spawn and imports) before it counts as failed.
+        target: the worker loop ``target(requests, results, warmup)`` (tests replace it to simulate a crash or a
+            hang); it must put :data:`READY` on its results queue once started.
+        warmup: ``(policy, options)`` the worker runs once on a tiny problem before reporting :data:`READY`.
+    """
+
+    def __init__(self, deadline_s: float = 30.0, target=_worker_main, startup_s: float = 120.0, warmup=None):
+        if not deadline_s > 0:
+            raise EplbError(f"planner deadline must be > 0 seconds, got {deadline_s}")
+        self.deadline_s, self.startup_s, self.warmup = deadline_s, startup_s, warmup
+        self._started = 0.0
+        self._ready_at: float | None = None
+        self._target = target
+        self._ctx = mp.get_context("spawn")
+        self._process = None
+        self._requests = self._results = None
+        self._request: PlanRequest | None = None
+        self._submitted = 0.0
+        self.restarts = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker process (non-blocking: the child imports its modules on its own)."""
+        self._requests, self._results = self._ctx.Queue(), self._ctx.Queue()
+        self._started, self._ready_at = time.monotonic(), None
+        self._process = self._ctx.Process(target=self._target, args=(self._requests, self._results, self.warmup),
+                                          name="eplb-planner", daemon=True)
+        self._process.start()
+
+    def restart(self) -> None:
+        """Kill the current worker (if any) without waiting for it and start a fresh one."""
+        self._kill()
+        self.restarts += 1
+        self.start()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        for q in (self._requests, self._results):
+            if q is not None:
+                q.cancel_join_thread()  # never block the serving process on a dead peer's pipe
+                q.close()
+        self._process = None
+        self._request = None
+
+    def close(self) -> None:
+        """Stop the worker; waits at most a second for it to exit."""
+        if self._process is not None and self._process.is_alive():
+            try:
+                self._requests.put_nowait(None)
+            except (ValueError, OSError):
+                pass
+            self._process.join(timeout=1.0)
+        self._kill()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def busy(self) -> bool:
+        return self._request is not None
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def submit(self, request: PlanRequest) -> None:
+        """Hand a request to the worker; it starts (or restarts) the worker when needed. Non-blocking."""
+        if self._process is None or not self._process.is_alive():
+            if self._process is not None:
+                log.warning("eplb planner worker (pid %s) is gone; starting a new one", self._process.pid)
+                self.restarts += 1
+            self._kill()
+            self.start()
+        self._request = request
+        self._submitted = time.monotonic()
+        self._requests.put(request)  # pickled by the queue's feeder thread, not here
+
+    def poll(self) -> tuple[str, PlanResult | str | None]:
+        """The state of the current request: ``("idle", None)``, ``("pending", None)``, ``("ready", PlanResult)`` or
+        ``("failed", reason)``. Never blocks. On failure the worker is restarted."""
+        request = self._request
+        if request is None:
+            return "idle", None
+        while True:
+            try:
+                item = self._results.get_nowait()
+            except queue.Empty:
+                break
+            if item == READY:
+                self._ready_at = time.monotonic()
+                continue
+            cycle = item.cycle if isinstance(item, PlanResult) else item[0]
+            if cycle != request.cycle:
+                continue  # a result of an abandoned cycle
+            self._request = None
+            if isinstance(item, PlanResult):
+                problem = _check_result(item, request)
+                if problem is None:
+                    return "ready", item
+                return self._fail(f"planner returned an invalid plan: {problem}", restart=False)
+            return self._fail(f"planner raised an error:\n{item[1]}", restart=False)
+        if not self._process.is_alive():
+            return self._fail(f"planner worker died (exit code {self._process.exitcode})")
+        now = time.monotonic()
+        if self._ready_at is None:
+            if now - self._started > self.startup_s:
+                return self._fail(f"planner worker did not start within {self.startup_s:g} s")
+        elif now - max(self._submitted, self._ready_at) > self.deadline_s:
+            return self._fail(f"planner missed its deadline of {self.deadline_s:g} s (killed as hung)")
+        return "pending", None
+
+    def _fail(self, reason: str, restart: bool = True) -> tuple[str, str]:
+        self._request = None
+        if restart:
+            self.restart()
+        return "failed", reason
+
+
+def _check_result(result: PlanResult, request: PlanRequest) -> str | None:
+    phy2log = np.asarray(result.phy2log)
+    if phy2log.shape != request.current.shape:
+        return f"phy2log has shape {phy2log.shape}, expected {request.current.shape}"
+    num_experts = request.load.shape[-1]
+    problems = find_problems(phy2log, num_experts, request.topology)
+    if problems:
+        return "; ".join(problems[:3])
+    changed = np.flatnonzero((phy2log != request.current).any(axis=1)).tolist()
+    if [t.layer for t in result.transfers] != changed:
+        return f"transfers cover layers {[t.layer for t in result.transfers]}, the plan changes layers {changed}"
+    shape = (request.topology.num_ranks, request.topology.slots_per_rank)
+    for t in result.transfers:
+        if not (np.array_equal(t.old_row, request.current[t.layer].reshape(shape))
+                and np.array_equal(t.new_row, phy2log[t.layer].reshape(shape))):
+            return f"the transfers of layer {t.layer} do not lead from the current placement to the plan"
+    return None

@@ -1,0 +1,217 @@
+"""Expert-load recorder: per-slot token counts accumulated on the device, gathered into logical load once a window.
+
+Recording never synchronises with the host: every call is a handful of device ops on tensors allocated once.
+
+Two sources of counts, per MoE layer and step:
+
+- :meth:`LoadRecorder.record_ids`: the physical top-k slot ids this rank's tokens were routed to (any shape, values in
+  ``[0, P)``); counted over all ``P`` slots of the group.
+- :meth:`LoadRecorder.record_counts`: the per-local-slot counts an MoE kernel already returns (``[K]``), either plain
+  or cumulative over the slots (``cumulative=True``: entry ``k`` is the tokens of slots ``0..k``, the ``group_list``
+  form of grouped-matmul kernels); counted over this rank's ``K`` slots.
+
+Layouts (vllm-ascend ``heat_layout``): the local window buffer is ``[L, S]`` (``S = P`` for ids, ``K`` for kernel
+counts) and the optional per-step ring is ``[L, T, S]``; all-gathered over ``W`` ranks they become ``[W, L, S]``, read
+as ``[L, W, S]``, and ``[W, L, T, S]``, read as ``[T, L, W, S]``.
+
+When a layer switches placement inside a window, :meth:`LoadRecorder.fold_layer` first converts that layer's slot
+counts into logical counts with the placement that was in force while they were taken, so heat is never attributed to
+the expert that moved into a slot afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb.errors import EplbError
+
+__all__ = ["LoadRecorder", "STAGES", "gather_heat", "gather_heat_steps"]
+
+# torch >= 2.13 renamed all_gather_into_tensor (the old name warns); both take the concatenated [W * n, ...] output
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+log = logging.getLogger(__name__)
+
+STAGES = ("all", "prefill", "decode")
+
+
+class LoadRecorder:
+    """Per-slot token counts of ``L`` MoE layers on one rank.
+
+    Args:
+        num_layers: L.
+        num_experts: E, logical experts per layer.
+        num_ranks: W, ranks of the EP group.
+        slots_per_rank: K.
+        rank: this rank's index in the EP group.
+        source: ``"ids"`` (physical top-k ids, counted over all ``P`` slots) or ``"counts"`` (kernel per-slot counts
+            of this rank's ``K`` slots).
+        ring_steps: T > 0 keeps one row per step for the last ``T`` steps (per-step policies); 0 keeps only the sum.
+        stage: record ``"all"`` steps, only ``"prefill"`` or only ``"decode"`` steps.
+        device: where the counters live (the device of the MoE layers).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int, rank: int,
+                 source: str = "ids", ring_steps: int = 0, stage: str = "all", device="cpu"):
+        if source not in ("ids", "counts"):
+            raise EplbError(f"recorder source must be 'ids' or 'counts', got {source!r}")
+        if stage not in STAGES:
+            raise EplbError(f"heat collection stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        if ring_steps < 0:
+            raise EplbError(f"ring_steps must be >= 0, got {ring_steps}")
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.num_ranks, self.slots_per_rank, self.rank = num_ranks, slots_per_rank, rank
+        self.source, self.ring_steps, self.stage = source, ring_steps, stage
+        self.device = torch.device(device)
+        width = num_ranks * slots_per_rank if source == "ids" else slots_per_rank
+        self.width = width
+        kw = dict(dtype=torch.int64, device=self.device)
+        #: int64 [L, S]: counts of the current window, per slot, since the last fold of each layer
+        self.window = torch.zeros(num_layers, width, **kw)
+        #: int64 [L, E]: counts already converted to logical experts (layers that switched placement mid-window)
+        self.folded = torch.zeros(num_layers, num_experts, **kw)
+        #: int64 [L, T, S]: one row per step (ring), when ring_steps > 0
+        self.ring = torch.zeros(num_layers, ring_steps, width, **kw) if ring_steps else None
+        self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **kw) if ring_steps else None
+        self._ones = torch.ones(1, **kw)
+        self._row = 0  # ring row of the current step
+        self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
+        self._active = stage == "all"
+
+    # -- per step -----------------------------------------------------------------------------------------------
+    def begin_step(self, is_prefill: bool = False) -> None:
+        """Start a step. ``is_prefill`` must be the same on every rank (decide it from the global batch, e.g. "any
+        DP rank has a prefill request"), so that all ranks keep or drop the same steps."""
+        self._active = self.stage == "all" or (self.stage == "prefill") == bool(is_prefill)
+        if self._active and self.ring is not None:
+            self._row = self._steps % self.ring_steps
+            self.ring[:, self._row].zero_()
+            self.ring_folded[:, self._row].zero_()
+        if self._active:
+            self._steps += 1
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded since the last :meth:`reset`."""
+        return self._steps
+
+    def record_ids(self, layer: int, physical_ids: torch.Tensor) -> None:
+        """Count the physical slot ids (int, any shape, values in ``[0, P)``) routed in ``layer`` this step."""
+        if self.source != "ids":
+            raise EplbError("this recorder counts kernel per-slot counts; use record_counts()")
+        if not self._active:
+            return
+        ids = physical_ids.reshape(-1)
+        self.window[layer].index_add_(0, ids, self._ones.expand(ids.numel()))
+        if self.ring is not None:
+            self.ring[layer, self._row].index_add_(0, ids, self._ones.expand(ids.numel()))
+
+    def record_counts(self, layer: int, slot_counts: torch.Tensor, cumulative: bool = False) -> None:
+        """Add the kernel's per-local-slot counts ``[K]`` of ``layer`` for this step; ``cumulative`` counts are
+        prefix sums over the slots (``[2, 7]`` means 2 and 5 tokens)."""
+        if self.source != "counts":
+            raise EplbError("this recorder counts physical ids; use record_ids()")
+        if not self._active:
+            return
+        counts = slot_counts.to(torch.int64)
+        if cumulative:
+            counts = torch.diff(counts, prepend=counts.new_zeros(1))
+        self.window[layer].add_(counts)
+        if self.ring is not None:
+            self.ring[layer, self._row].add_(counts)
+
+    # -- placement changes --------------------------------------------------------------------------------------
+    def fold_layer(self, layer: int, slot_to_expert: torch.Tensor) -> None:
+        """Convert ``layer``'s slot counts to logical counts with the placement that was in force while they were
+        taken, and clear them. Call it right before the layer switches placement.
+
+        Args:
+            slot_to_expert: int64 ``[S]`` on the recorder's device: the old ``phy2log`` row ``[P]`` (``ids``) or this
+                rank's old local row ``[K]`` (``counts``).
+        """
+        self.folded[layer].index_add_(0, slot_to_expert, self.window[layer])
+        self.window[layer].zero_()
+        if self.ring is not None:
+            self.ring_folded[layer].index_add_(1, slot_to_expert, self.ring[layer])
+            self.ring[layer].zero_()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.window.zero_()
+        self.folded.zero_()
+        if self.ring is not None:
+            self.ring.zero_()
+            self.ring_folded.zero_()
+        self._steps = 0
+
+    # -- gathering ----------------------------------------------------------------------------------------------
+    def gather_slots(self, group=None) -> torch.Tensor:
+        """int64 ``[L, W, S]``: every rank's window buffer (vllm-ascend layout). Collective: all ranks call it."""
+        return gather_heat(self.window, self.num_ranks, group)
+
+    def gather_ring(self, group=None) -> torch.Tensor:
+        """int64 ``[T, L, W, S]``: every rank's per-step ring (vllm-ascend multi-stage layout). Collective."""
+        if self.ring is None:
+            raise EplbError("the recorder keeps no per-step ring (ring_steps=0)")
+        return gather_heat_steps(self.ring, self.num_ranks, group)
+
+    def logical_load(self, phy2log: np.ndarray, group=None) -> np.ndarray:
+        """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
+
+        Args:
+            phy2log: int64 ``[L, P]``, the placement in force now (layers switched inside the window were folded).
+
+        Returns:
+            int64 ``[L, E]``, or ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a ring
+            (``T' = min(T, steps)``).
+        """
+        table = torch.as_tensor(np.asarray(phy2log), dtype=torch.int64, device=self.device)  # [L, P]
+        if self.ring is None:
+            slots = self._global_slots(self.window[:, None], group)[:, 0]  # [L, P]
+            logical = _dist_sum(self.folded, group)
+            logical.scatter_add_(1, table, slots)
+            return logical.cpu().numpy()
+        slots = self._global_slots(self.ring, group)  # [L, T, P]
+        logical = _dist_sum(self.ring_folded, group)  # [L, T, E]
+        logical.scatter_add_(2, table[:, None, :].expand_as(slots), slots)
+        rows = min(self.ring_steps, self._steps)
+        order = (np.arange(self._steps - rows, self._steps) % self.ring_steps) if rows else np.arange(0)
+        return logical.permute(1, 0, 2)[torch.as_tensor(order, device=self.device)].cpu().numpy()
+
+    def _global_slots(self, local: torch.Tensor, group) -> torch.Tensor:
+        """``[L, T, S]`` local buffers -> ``[L, T, P]`` counts of the whole group."""
+        if self.source == "ids":
+            return _dist_sum(local, group)
+        gathered = _gather(local, self.num_ranks, group)  # [W, L, T, K]
+        num_layers, steps = local.shape[:2]
+        return gathered.permute(1, 2, 0, 3).reshape(num_layers, steps, -1)
+
+
+def gather_heat(local: torch.Tensor, num_ranks: int, group=None) -> torch.Tensor:
+    """``[L, W, ...]``: the layer-major buffers ``[L, ...]`` of all ``W`` ranks (vllm-ascend's gathered layout)."""
+    return _gather(local, num_ranks, group).transpose(0, 1)
+
+
+def gather_heat_steps(local: torch.Tensor, num_ranks: int, group=None) -> torch.Tensor:
+    """``[T, L, W, S]``: the per-step buffers ``[L, T, S]`` of all ``W`` ranks (vllm-ascend's multi-stage layout)."""
+    return _gather(local, num_ranks, group).permute(2, 1, 0, 3)
+
+
+def _gather(local: torch.Tensor, num_ranks: int, group) -> torch.Tensor:
+    """``[W, *local.shape]``: ``local`` of every rank (a copy of ``local`` alone when not distributed)."""
+    if not dist.is_initialized() or num_ranks == 1:
+        return local[None].clone()
+    out = torch.empty((num_ranks * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    _ALL_GATHER(out, local.contiguous(), group=group)
+    return out.view(num_ranks, *local.shape)
+
+
+def _dist_sum(local: torch.Tensor, group) -> torch.Tensor:
+    out = local.clone()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, group=group)
+    return out

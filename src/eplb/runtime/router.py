@@ -1,0 +1,150 @@
+"""Replica router: maps the logical expert ids a gate picked to the physical slots their tokens go to.
+
+Modes (all vectorised torch ops, deterministic, no host sync in :meth:`ReplicaRouter.route`):
+
+- ``rank``: rank ``r`` sends every token of expert ``e`` to replica ``r % count_e`` (replicas in slot order);
+  with ``tp_size > 1`` to replica ``(r % tp_size + r // tp_size + e) % count_e`` (vllm-ascend's rule).
+- ``token``: token ``i`` uses row ``i mod 1024`` of a rotation: replica ``(i mod 1024 + r + e) % count_e``
+  (vllm-ascend's per-token table, computed instead of stored).
+- ``local``: a replica on this rank if there is one, else one on this node (rotated by rank), else the ``rank`` rule.
+- ``balanced``: this step's per-expert token counts of the whole group are split over the replicas so the busiest rank
+  gets as few tokens as possible (the rule of :mod:`eplb.sim.dispatch`), and this rank's tokens fill its share of
+  each replica in rank order. Needs the group's counts ``[E]`` (the same tensor on every rank, e.g. an all-reduce of
+  each rank's ``bincount``), so every rank computes the same split.
+
+Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
+change (CUDA graphs captured once keep working after a layer switches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from eplb.errors import EplbError
+from eplb.placement import Placement
+
+__all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
+
+ROUTER_MODES = ("rank", "token", "local", "balanced")
+TOKEN_TABLE_ROWS = 1024
+
+
+def _rank_choice(placement: Placement, layers: np.ndarray, rank: int, tp_size: int, mode: str) -> np.ndarray:
+    """int64 ``[len(layers), E]``: the physical slot ``rank`` sends each expert's tokens to (``rank``/``local``)."""
+    rank_rule = placement.log2phy_for_rank(rank, tp_size)[layers]
+    if mode != "local":
+        return rank_rule
+    topology = placement.topology
+    log2phy = placement.log2phy[layers]  # [l, E, M]
+    valid = log2phy >= 0
+    slot_rank = np.where(valid, topology.rank_of_slot[np.maximum(log2phy, 0)], -1)
+    on_rank = valid & (slot_rank == rank)
+    on_node = valid & (topology.node_of_rank[np.maximum(slot_rank, 0)] == topology.node_of_rank[rank])
+    # replicas are in ascending slot order, so the first one on this rank is its lowest local slot
+    first_local = np.take_along_axis(log2phy, np.argmax(on_rank, axis=2)[..., None], axis=2)[..., 0]
+    node_count = on_node.sum(axis=2)
+    pick = rank % np.maximum(node_count, 1)  # the pick-th replica on this node
+    node_index = np.argmax(np.cumsum(on_node, axis=2) > pick[..., None], axis=2)
+    node_choice = np.take_along_axis(log2phy, node_index[..., None], axis=2)[..., 0]
+    return np.where(on_rank.any(axis=2), first_local, np.where(node_count > 0, node_choice, rank_rule))
+
+
+class ReplicaRouter:
+    """Logical expert ids -> physical slot ids for one rank, for every MoE layer.
+
+    Args:
+        placement: the placement in force at start.
+        rank: this rank in the EP group.
+        mode: one of :data:`ROUTER_MODES`.
+        tp_size: tensor-parallel size for the ``rank`` rule (vllm-ascend); 1 otherwise.
+        device: device of the tables (that of the MoE layers).
+        max_replicas: the most replicas any expert may ever get (sizes the fixed tables); default ``P - E + 1``.
+    """
+
+    def __init__(self, placement: Placement, rank: int, mode: str = "rank", tp_size: int = 1, device="cpu",
+                 max_replicas: int | None = None):
+        if mode not in ROUTER_MODES:
+            raise EplbError(f"router mode must be one of {', '.join(ROUTER_MODES)}, got {mode!r}")
+        if not 0 <= rank < placement.topology.num_ranks:
+            raise EplbError(f"rank must be in [0, {placement.topology.num_ranks}), got {rank}")
+        if tp_size < 1:
+            raise EplbError(f"tp_size must be >= 1, got {tp_size}")
+        self.mode, self.rank, self.tp_size = mode, rank, tp_size
+        self.num_layers, self.num_experts = placement.num_layers, placement.num_experts
+        self.topology = placement.topology
+        self.max_replicas = max_replicas or placement.num_physical - placement.num_experts + 1
+        self.device = torch.device(device)
+        kw = dict(dtype=torch.int64, device=self.device)
+        #: int64 [L, E, M]: physical slots of each expert (ascending, -1 padded)
+        self.log2phy = torch.full((self.num_layers, self.num_experts, self.max_replicas), -1, **kw)
+        #: int64 [L, E]: replicas of each expert
+        self.replica_count = torch.ones(self.num_layers, self.num_experts, **kw)
+        #: int64 [L, E]: the slot this rank sends each expert to (``rank`` and ``local`` modes)
+        self.rank_table = torch.zeros(self.num_layers, self.num_experts, **kw)
+        #: int64 [P]: rank of every physical slot
+        self.rank_of_slot = torch.as_tensor(self.topology.rank_of_slot, **kw)
+        self._expert_ids = torch.arange(self.num_experts, **kw)
+        self.update_layers(np.arange(self.num_layers), placement)
+
+    def update_layers(self, layers, placement: Placement) -> None:
+        """Rewrite the tables of ``layers`` (indices) from ``placement`` (all ``L`` layers, or exactly
+        ``len(layers)`` layers in that order), in place."""
+        layers = np.asarray(layers, dtype=np.int64).reshape(-1)
+        if layers.size == 0:
+            return
+        if placement.num_experts != self.num_experts or placement.num_layers not in (self.num_layers, layers.size):
+            raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
+                            f"router was built for {self.num_layers} x {self.num_experts}")
+        rows = layers if placement.num_layers == self.num_layers else np.arange(layers.size)
+        width = placement.log2phy.shape[2]
+        if width > self.max_replicas:
+            raise EplbError(f"an expert has {width} replicas, the router tables hold at most {self.max_replicas}")
+        index = torch.as_tensor(layers, device=self.device)
+        padded = np.full((layers.size, self.num_experts, self.max_replicas), -1, dtype=np.int64)
+        padded[:, :, :width] = placement.log2phy[rows]
+        self.log2phy.index_copy_(0, index, torch.as_tensor(padded, device=self.device))
+        self.replica_count.index_copy_(0, index, torch.as_tensor(placement.replica_count[rows], device=self.device))
+        choice = _rank_choice(placement, rows, self.rank, self.tp_size, "local" if self.mode == "local" else "rank")
+        self.rank_table.index_copy_(0, index, torch.as_tensor(choice, device=self.device))
+
+    def update_layer(self, layer: int, phy2log_row) -> None:
+        """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
+        self.update_layers([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology))
+
+    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Physical slot ids for ``expert_ids``.
+
+        Args:
+            layer: MoE layer index.
+            expert_ids: int ``[N, k]`` logical experts picked for this rank's ``N`` tokens (any int dtype).
+            group_counts: ``balanced`` mode only: int ``[E]`` tokens routed to each expert this step by the whole
+                group (identical on every rank).
+
+        Returns:
+            int64 ``[N, k]`` physical slot ids in ``[0, P)``.
+        """
+        ids = expert_ids.to(torch.int64)
+        if self.mode in ("rank", "local"):
+            return self.rank_table[layer][ids]
+        if self.mode == "token":
+            row = torch.arange(ids.shape[0], device=ids.device) % TOKEN_TABLE_ROWS
+            choice = (row.view(-1, *([1] * (ids.dim() - 1))) + self.rank + ids) % self.replica_count[layer][ids]
+            return self.log2phy[layer][ids, choice]
+        if group_counts is None:
+            raise EplbError("balanced routing needs group_counts: this step's tokens per expert over the whole group")
+        return self._route_balanced(layer, ids, group_counts)
+
+    # -- balanced ------------------------------------------------------------------------------------------------
+    def replica_split(self, layer: int, group_counts: torch.Tensor) -> torch.Tensor:
+        """int64 ``[E, M]``: tokens each replica of each expert receives this step (the :mod:`eplb.sim.dispatch` rule)."""
+        return balanced_split(self.log2phy[layer], self.replica_count[layer], group_counts.to(torch.int64),
+                              self.rank_of_slot, self.topology.num_ranks)
+
+    def _route_balanced(self, layer: int, ids: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def balanced_split(log2phy: torch.Tensor, replica_count: torch.Tensor, counts: torch.Tensor,
+                   rank_of_slot: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    raise NotImplementedError

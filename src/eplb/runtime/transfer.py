@@ -1,0 +1,111 @@
+"""Which rank receives which expert from whom when a layer changes placement (numpy only, no torch).
+
+Rules, per layer, from the old and the new ``phy2log`` rows:
+
+- a rank *needs* expert ``e`` when the new row puts ``e`` on it and the old row did not; it receives each needed
+  expert exactly once, even when the new row places it in several of its slots (the extra copies are local copies);
+- an expert already on a rank never crosses the network: if it changed slot, it is copied locally;
+- the source of a needed expert is one of the ranks holding it in the old row, chosen greedily in
+  (destination rank, expert) order by: same node first, then the holder that has sent the fewest experts so far
+  in this layer, then a holder that drops the expert (its slot is being freed), then the lowest rank.
+
+This module is imported by the planner worker process, which must not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from eplb.placement import Placement
+from eplb.topology import Topology
+
+__all__ = ["LayerTransfer", "layer_transfer", "transfer_plan"]
+
+
+@dataclass(frozen=True)
+class LayerTransfer:
+    """The moves of one layer.
+
+    Attributes:
+        layer: MoE layer index.
+        transfers: int64 ``[n, 4]`` rows ``(src_rank, src_slot, dst_rank, expert)``; ``src_slot`` is the local slot
+            on ``src_rank`` in the old placement. Sorted by ``(dst_rank, expert)``; ``(dst_rank, expert)`` is unique.
+        old_row: int64 ``[W, K]`` old logical expert per local slot.
+        new_row: int64 ``[W, K]`` new logical expert per local slot.
+    """
+
+    layer: int
+    transfers: np.ndarray
+    old_row: np.ndarray
+    new_row: np.ndarray
+
+    @property
+    def num_transfers(self) -> int:
+        return int(self.transfers.shape[0])
+
+    def send_recv(self) -> tuple[dict[int, list[list[int]]], dict[int, list[list[int]]]]:
+        """vllm-ascend's view: ``send[src] = [[dst, expert], ...]`` and ``recv[dst] = [[src, expert], ...]``."""
+        send: dict[int, list[list[int]]] = {}
+        recv: dict[int, list[list[int]]] = {}
+        for src, _, dst, expert in self.transfers.tolist():
+            send.setdefault(src, []).append([dst, expert])
+            recv.setdefault(dst, []).append([src, expert])
+        return send, recv
+
+    def rank_fills(self, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What ``rank`` writes into its live slots at commit.
+
+        Returns:
+            ``(dst_slot, from_recv, source)`` int64/bool/int64 ``[m]``, one entry per local slot whose expert
+            changes: when ``from_recv`` the data comes from this rank's ``source``-th receive (index into its rows of
+            :attr:`transfers` with ``dst_rank == rank``), else from its own old local slot ``source``.
+        """
+        old, new = self.old_row[rank], self.new_row[rank]
+        received = self.transfers[self.transfers[:, 2] == rank, 3]
+        dst_slot, from_recv, source = [], [], []
+        for slot in np.flatnonzero(old != new).tolist():
+            expert = new[slot]
+            kept = np.flatnonzero(old == expert)
+            dst_slot.append(slot)
+            if kept.size:
+                from_recv.append(False)
+                source.append(int(kept[0]))
+            else:
+                from_recv.append(True)
+                source.append(int(np.flatnonzero(received == expert)[0]))
+        return (np.asarray(dst_slot, dtype=np.int64), np.asarray(from_recv, dtype=bool),
+                np.asarray(source, dtype=np.int64))
+
+
+def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology) -> LayerTransfer:
+    """The transfers that turn ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module rules)."""
+    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
+    old = np.asarray(old_phy2log, dtype=np.int64).reshape(num_ranks, slots)
+    new = np.asarray(new_phy2log, dtype=np.int64).reshape(num_ranks, slots)
+    node = topology.node_of_rank
+    holders: dict[int, list[int]] = {}
+    for rank in range(num_ranks):
+        for expert in dict.fromkeys(old[rank].tolist()):
+            holders.setdefault(expert, []).append(rank)
+    sent = np.zeros(num_ranks, dtype=np.int64)
+    rows = []
+    for dst in range(num_ranks):
+        have = set(old[dst].tolist())
+        for expert in sorted(set(new[dst].tolist()) - have):
+            def key(src: int) -> tuple:
+                drops = expert not in set(new[src].tolist())
+                return (node[src] != node[dst], sent[src], not drops, src)
+
+            src = min(holders[expert], key=key)
+            sent[src] += 1
+            rows.append((src, int(np.flatnonzero(old[src] == expert)[0]), dst, expert))
+    transfers = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    return LayerTransfer(layer=layer, transfers=transfers, old_row=old, new_row=new)
+
+
+def transfer_plan(old: Placement, new: Placement) -> list[LayerTransfer]:
+    """One :class:`LayerTransfer` for every layer whose placement differs; unchanged layers are left out."""
+    changed = np.flatnonzero(old.moves_to(new).any(axis=1))
+    return [layer_transfer(int(l), old.phy2log[l], new.phy2log[l], old.topology) for l in changed]
