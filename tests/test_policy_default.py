@@ -227,3 +227,26 @@ def test_plan_command_errors(data_dir, tmp_path, capsys):
         code, _, err = _plan(capsys, *argv)
         assert code == 1 and message in err, (argv, err)
     assert not list(tmp_path.iterdir())
+
+
+def test_spread_duplicates_keeps_counts_and_nodes(dsv3_counts):
+    from eplb.policies.kernels import spread_duplicates
+
+    phy2log = np.array([[0, 0, 1, 2, 3, 4, 5, 5]])  # ranks of 2 slots: rank 0 and rank 3 hold an expert twice
+    load = np.array([[4.0, 4.0, 3, 3, 2, 2, 1, 1]])
+    out = spread_duplicates(phy2log, load, 4)
+    assert np.array_equal(np.sort(out), np.sort(phy2log))
+    assert all(len(set(row)) == 2 for row in out.reshape(4, 2))
+    within = spread_duplicates(phy2log, load, 4, ranks_per_block=2)
+    assert sorted(within[0, :4]) == [0, 0, 1, 2] and all(len(set(r)) == 2 for r in within.reshape(4, 2))
+    stuck = spread_duplicates(np.array([[0, 0, 0, 0]]), np.ones((1, 4)), 2)  # nowhere to go: left as is
+    assert stuck.tolist() == [[0, 0, 0, 0]]
+
+    for nodes, mode in ((1, "auto"), (4, "hierarchical")):
+        topology = Topology(32, 9, num_nodes=nodes, num_groups=8)
+        shared = eplb.get_policy("default", mode=mode).rebalance(dsv3_counts[0], topology)
+        spread = eplb.get_policy("default", mode=mode, allow_shared_rank=False).rebalance(dsv3_counts[0], topology)
+        assert shared.placement.problems(allow_shared_rank=False)  # the reference does share ranks here
+        assert not spread.placement.problems(allow_shared_rank=False)
+        assert np.array_equal(spread.placement.replica_count, shared.placement.replica_count)
+        assert spread.par_after.mean() <= shared.par_after.mean() + 0.002
