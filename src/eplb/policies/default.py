@@ -147,9 +147,9 @@ class DefaultPolicy(Policy):
     Args:
         mode: ``auto`` (hierarchical when the topology's groups divide evenly over its nodes, else global),
             ``hierarchical`` or ``global``.
-        retain_slots: when ``current`` is given, relabel ranks (within their node in hierarchical mode) and reorder
-            slots inside ranks so experts already in place stay there (vLLM's ``preserve_intragpu_slots`` plus
-            rank matching); rank loads are unchanged.
+        retain_slots: when ``current`` is given, relabel ranks (in hierarchical mode whole nodes, then ranks within
+            their node) and reorder slots inside ranks so experts already in place stay there (rank matching plus
+            vLLM's ``preserve_intragpu_slots``, see :mod:`eplb.policies.retention`); rank loads are unchanged.
         allow_shared_rank: DeepSeek may put two replicas of an expert on one rank. ``False`` (vllm-ascend's rule)
             swaps the extra copies with slots of other ranks (of the same node in hierarchical mode), picking the
             swap that raises the pair's peak least; output then differs from the reference.
