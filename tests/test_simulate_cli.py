@@ -1,0 +1,77 @@
+"""``eplb simulate``: the table, --json, the report folder, reproducibility and clear errors."""
+
+import json
+
+import pytest
+
+from eplb.cli import main
+
+FAST = ["--steps", "200", "--interval", "50", "--planner-steps", "4", "--policies", "default,random",
+        "--clairvoyant", "default"]
+
+
+def run_json(capsys, *args):
+    assert main(["simulate", *FAST, "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_report_and_files(capsys, tmp_path):
+    out = run_json(capsys, "--out", str(tmp_path / "report"))
+    policies = out["policies"]
+    assert list(policies) == ["static", "default", "random"]
+    keys = {"step_par_mean", "step_par_p99", "window_par_mean", "moved_slots_per_cycle", "bytes_moved_per_cycle",
+            "planner_ms", "speedup_vs_static"}
+    assert keys <= set(policies["default"]) and keys <= set(out["clairvoyant"])
+    static, default, floor = policies["static"], policies["default"], out["clairvoyant"]
+    assert floor["step_par_mean"] < default["step_par_mean"] < static["step_par_mean"]
+    assert static["speedup_vs_static"] == 1.0 and default["speedup_vs_static"] > 1.0
+    assert out["clairvoyant"]["policy"] == "default" and out["trace"]["name"] == "builtin:default"
+    written = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert written == ["heatmap_after.png", "heatmap_before.png", "par_over_time.png", "report.json", "report.md"]
+    report_md = (tmp_path / "report" / "report.md").read_text()
+    assert "![per-step PAR over time](par_over_time.png)" in report_md and "| default |" in report_md
+    full = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert full["policies"]["default"] == default and len(full["per_layer"]["default"]["step_par_mean"]) == 58
+
+
+def test_same_seed_same_results_and_saved_trace_replays(capsys, tmp_path):
+    quick = ["--no-files", "--steps", "120", "--policies", "default", "--clairvoyant", "none"]
+    first = run_json(capsys, *quick, "--seed", "3", "--save-trace", str(tmp_path / "t.npz"))
+    second = run_json(capsys, *quick, "--seed", "3")
+    replay = run_json(capsys, *quick, "--trace", str(tmp_path / "t.npz"))
+    for out in (first, second, replay):
+        for figures in out["policies"].values():
+            figures.pop("planner_ms"), figures.pop("planner_ms_max")
+    assert first["policies"] == second["policies"] == replay["policies"]
+    assert first["clairvoyant"] is None
+    other = run_json(capsys, *quick, "--seed", "4", "--policies", "random")
+    assert other["policies"]["static"]["step_par_mean"] != first["policies"]["static"]["step_par_mean"]
+
+
+def test_table_output(capsys, tmp_path):
+    assert main(["simulate", *FAST, "--out", str(tmp_path), "--redundant", "32", "--dispatch", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "static" in out and "clairvoyant:default" in out and "speed" in out
+    assert f"report written to {tmp_path}" in out.replace("\n", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "defualt"], "did you mean 'default'"),
+    (["--interval", "0"], "--interval must be >= 1"),
+    (["--trace", "builtin:nope"], "unknown built-in trace"),
+    (["--trace", "/nonexistent/load.npz"], "/nonexistent/load.npz"),
+    (["--ranks", "7"], "not divisible"),
+    (["--redundant", "3"], "(num_experts + num_redundant) % num_ranks"),
+    (["--clairvoyant", "oracle"], "unknown policy 'oracle'"),
+])
+def test_bad_input_is_one_clear_error(capsys, args, message):
+    assert main(["simulate", "--steps", "20", "--no-files", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_deepseek_v3_statistics_as_trace(capsys, data_dir):
+    out = run_json(capsys, "--no-files", "--trace", str(data_dir / "sglang_dsv3_ep_statistics.npz"), "--steps",
+                   "150", "--policies", "default")
+    assert out["trace"]["layers"] == 58 and out["policies"]["default"]["step_par_mean"] < \
+        out["policies"]["static"]["step_par_mean"]
