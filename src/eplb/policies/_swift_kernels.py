@@ -378,21 +378,26 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
         for q in partners:
             if q == hot:
                 continue
-            best, best_i, best_j = rank_load[hot] - gain, -1, -1
+            # a swap shifts d = w(a) - w(b) from hot to q; it must satisfy gain <= d <= room
+            room = rank_load[hot] - rank_load[q] - gain
+            if room < gain:
+                break  # partners only get hotter from here
+            best, best_i, best_j = 0.0, -1, -1
             for i in range(slots):
                 a = table[hot, i]
-                if (_pinned(table, old_table, hot, i, moved, swapped_expert, pin_experts) or on_rank[q, a]
-                        or not _may_receive(a, q, old_on, source, pair_used)):
-                    continue
                 wa = load[a] / count[a]
+                if (wa < gain or _pinned(table, old_table, hot, i, moved, swapped_expert, pin_experts)
+                        or on_rank[q, a] or not _may_receive(a, q, old_on, source, pair_used)):
+                    continue
                 for j in range(slots):
                     b = table[q, j]
-                    if (_pinned(table, old_table, q, j, moved, swapped_expert, pin_experts) or on_rank[hot, b]
-                            or not _may_receive(b, hot, old_on, source, pair_used)):
+                    shift = wa - load[b] / count[b]
+                    if (shift < gain or shift > room
+                            or _pinned(table, old_table, q, j, moved, swapped_expert, pin_experts)
+                            or on_rank[hot, b] or not _may_receive(b, hot, old_on, source, pair_used)):
                         continue
-                    wb = load[b] / count[b]
-                    peak = max(rank_load[hot] - wa + wb, rank_load[q] + wa - wb)
-                    if peak <= best and (best_i < 0 or peak < best):
+                    peak = max(rank_load[hot] - shift, rank_load[q] + shift)
+                    if best_i < 0 or peak < best:
                         best, best_i, best_j = peak, i, j
             if best_i < 0:
                 continue
