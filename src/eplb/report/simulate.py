@@ -145,18 +145,18 @@ def plot_par_over_time(runs: dict, clairvoyant, path, title: str, warmup: int) -
     every = list(runs.items()) + ([(clairvoyant.name, clairvoyant)] if clairvoyant is not None else [])
     steps = len(next(iter(runs.values())).moe_us)
     width = max(1, steps // 100)
-    figure = Figure(figsize=(11, 7.5), dpi=110)
+    figure = Figure(figsize=(12.5, 7.5), dpi=110)
     FigureCanvasAgg(figure)
     par_axes, time_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     colours = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"])
     x = np.arange(steps)
     for label, run in every:
-        if label == "static":
-            style = {"color": "#7f7f7f", "linewidth": 1.6}
+        if label == "static":  # drawn on top: a policy that moves nothing would hide it
+            style = {"color": "#7f7f7f", "linewidth": 2.2, "zorder": 4}
         elif label.startswith("clairvoyant"):
-            style = {"color": "black", "linewidth": 1.4, "linestyle": "--"}
+            style = {"color": "black", "linewidth": 1.4, "linestyle": "--", "zorder": 5}
         else:
-            style = {"color": next(colours), "linewidth": 1.4}
+            style = {"color": next(colours), "linewidth": 1.3, "zorder": 3}
         par_axes.plot(x, _smooth(run.step_par_series(), width), label=label, **style)
         time_axes.plot(x, _smooth(run.step_us / 1e3, width), **style)
     for axes in (par_axes, time_axes):
@@ -167,7 +167,7 @@ def plot_par_over_time(runs: dict, clairvoyant, path, title: str, warmup: int) -
     par_axes.set_ylabel("per-step PAR (busiest / mean rank)")
     par_axes.set_ylim(bottom=1.0)
     par_axes.set_title(title)
-    par_axes.legend(loc="upper right", fontsize=9, ncol=2, framealpha=0.9)
+    par_axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     time_axes.set_ylabel("MoE time per step, ms\n(incl. exposed transfers)")
     time_axes.set_xlabel(f"step (moving average over {width} steps)" if width > 1 else "step")
     figure.tight_layout()
