@@ -292,8 +292,8 @@ class EplbConfig:
         """Check the settings against the model and cluster; returns the map file's placement (or ``None``).
 
         Raises:
-            ConfigError: ``num_redundant_experts`` differs from ``P - E``, the map file does not match the model
-            (layers, experts, ranks, slots), or the policy needs options it was not given.
+            ConfigError: ``num_redundant_experts`` differs from ``P - E``, or the map file does not match the model
+            (layers, experts, ranks, slots).
         """
         redundant = topology.num_physical - num_experts
         if self.num_redundant_experts is not None and self.num_redundant_experts != redundant:

@@ -78,6 +78,7 @@ class LoadRecorder:
         self.ring = torch.zeros(num_layers, ring_steps, width, **kw) if ring_steps else None
         self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **kw) if ring_steps else None
         self._ones = torch.ones(1, **kw)
+        self._window_rows = list(self.window.unbind(0))  # per-layer views, bound once (cheaper per call)
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
@@ -106,7 +107,7 @@ class LoadRecorder:
         if not self._active:
             return
         ids = physical_ids.reshape(-1)
-        self.window[layer].index_add_(0, ids, self._ones.expand(ids.numel()))
+        self._window_rows[layer].index_add_(0, ids, self._ones.expand(ids.numel()))
         if self.ring is not None:
             self.ring[layer, self._row].index_add_(0, ids, self._ones.expand(ids.numel()))
 
@@ -169,7 +170,7 @@ class LoadRecorder:
             int64 ``[L, E]``, or ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a ring
             (``T' = min(T, steps)``).
         """
-        table = torch.as_tensor(np.asarray(phy2log), dtype=torch.int64, device=self.device)  # [L, P]
+        table = torch.as_tensor(np.array(phy2log, dtype=np.int64), device=self.device)  # [L, P]
         if self.ring is None:
             slots = self._global_slots(self.window[:, None], group)[:, 0]  # [L, P]
             logical = _dist_sum(self.folded, group)

@@ -7,10 +7,13 @@ Modes (all vectorised torch ops, deterministic, no host sync in :meth:`ReplicaRo
 - ``token``: token ``i`` uses row ``i mod 1024`` of a rotation: replica ``(i mod 1024 + r + e) % count_e``
   (vllm-ascend's per-token table, computed instead of stored).
 - ``local``: a replica on this rank if there is one, else one on this node (rotated by rank), else the ``rank`` rule.
-- ``balanced``: this step's per-expert token counts of the whole group are split over the replicas so the busiest rank
-  gets as few tokens as possible (the rule of :mod:`eplb.sim.dispatch`), and this rank's tokens fill its share of
-  each replica in rank order. Needs the group's counts ``[E]`` (the same tensor on every rank, e.g. an all-reduce of
-  each rank's ``bincount``), so every rank computes the same split.
+- ``balanced``: this step's tokens per expert over the whole group are split over the ranks holding the expert so
+  that the busiest rank gets as few tokens as possible (water-filling, the rule of
+  :func:`eplb.sim.dispatch.balanced_replica_load` rounded by :func:`eplb.sim.dispatch.round_split`); rank ``r``'s
+  tokens of expert ``e`` take the global positions after those of ranks ``0..r-1`` and fill the replicas in order.
+  Needs every rank's counts ``[W, E]`` (e.g. an all-gather of each rank's ``bincount``, one small collective per
+  layer), so every rank computes the same split. Its Python loop over replicated experts costs milliseconds per
+  layer on CPU (see ``benchmarks/runtime.py``).
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
 change (CUDA graphs captured once keep working after a layer switches).
@@ -50,6 +53,21 @@ def _rank_choice(placement: Placement, layers: np.ndarray, rank: int, tp_size: i
     return np.where(on_rank.any(axis=2), first_local, np.where(node_count > 0, node_choice, rank_rule))
 
 
+def _replica_ranks_and_slots(placement: Placement, layers: np.ndarray, width: int):
+    """``(ranks, slots)`` int64 ``[len(layers), E, width]``: :func:`eplb.sim.dispatch.replica_ranks` and the lowest
+    slot of the expert on each of those ranks (0 where padded)."""
+    from eplb.sim.dispatch import replica_ranks
+
+    ranks_all = replica_ranks(placement)[layers]
+    ranks = np.full((layers.size, placement.num_experts, width), -1, dtype=np.int64)
+    ranks[:, :, :ranks_all.shape[2]] = ranks_all
+    log2phy = placement.log2phy[layers]  # ascending slots, so the first match on a rank is its lowest slot
+    slot_rank = np.where(log2phy >= 0, placement.rank_of_slot[np.maximum(log2phy, 0)], -2)
+    match = slot_rank[:, :, None, :] == ranks[:, :, :, None]  # [l, E, width, M]
+    slots = np.take_along_axis(log2phy, np.argmax(match, axis=3), axis=2)
+    return ranks, np.where(ranks >= 0, slots, 0)
+
+
 class ReplicaRouter:
     """Logical expert ids -> physical slot ids for one rank, for every MoE layer.
 
@@ -82,10 +100,14 @@ class ReplicaRouter:
         self.replica_count = torch.ones(self.num_layers, self.num_experts, **kw)
         #: int64 [L, E]: the slot this rank sends each expert to (``rank`` and ``local`` modes)
         self.rank_table = torch.zeros(self.num_layers, self.num_experts, **kw)
+        #: int64 [L, E, M]: distinct ranks holding each expert, ascending, -1 padded (``balanced`` mode)
+        self.replica_rank = torch.full((self.num_layers, self.num_experts, self.max_replicas), -1, **kw)
+        #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
+        self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.max_replicas, **kw)
         #: int64 [P]: rank of every physical slot
-        self.rank_of_slot = torch.as_tensor(self.topology.rank_of_slot, **kw)
-        self._expert_ids = torch.arange(self.num_experts, **kw)
+        self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
         self.update_layers(np.arange(self.num_layers), placement)
+        self._rank_rows = list(self.rank_table.unbind(0))  # per-layer views, bound once (cheaper per call)
 
     def update_layers(self, layers, placement: Placement) -> None:
         """Rewrite the tables of ``layers`` (indices) from ``placement`` (all ``L`` layers, or exactly
@@ -107,6 +129,10 @@ class ReplicaRouter:
         self.replica_count.index_copy_(0, index, torch.as_tensor(placement.replica_count[rows], device=self.device))
         choice = _rank_choice(placement, rows, self.rank, self.tp_size, "local" if self.mode == "local" else "rank")
         self.rank_table.index_copy_(0, index, torch.as_tensor(choice, device=self.device))
+        if self.mode == "balanced":
+            ranks, slots = _replica_ranks_and_slots(placement, rows, self.max_replicas)
+            self.replica_rank.index_copy_(0, index, torch.as_tensor(ranks, device=self.device))
+            self.replica_slot.index_copy_(0, index, torch.as_tensor(slots, device=self.device))
 
     def update_layer(self, layer: int, phy2log_row) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
@@ -118,33 +144,104 @@ class ReplicaRouter:
         Args:
             layer: MoE layer index.
             expert_ids: int ``[N, k]`` logical experts picked for this rank's ``N`` tokens (any int dtype).
-            group_counts: ``balanced`` mode only: int ``[E]`` tokens routed to each expert this step by the whole
-                group (identical on every rank).
+            group_counts: ``balanced`` mode only: int ``[W, E]`` tokens each rank routes to each expert this step
+                (identical on every rank).
 
         Returns:
             int64 ``[N, k]`` physical slot ids in ``[0, P)``.
         """
         ids = expert_ids.to(torch.int64)
         if self.mode in ("rank", "local"):
-            return self.rank_table[layer][ids]
+            return torch.take(self._rank_rows[layer], ids)
         if self.mode == "token":
             row = torch.arange(ids.shape[0], device=ids.device) % TOKEN_TABLE_ROWS
             choice = (row.view(-1, *([1] * (ids.dim() - 1))) + self.rank + ids) % self.replica_count[layer][ids]
             return self.log2phy[layer][ids, choice]
         if group_counts is None:
-            raise EplbError("balanced routing needs group_counts: this step's tokens per expert over the whole group")
+            raise EplbError("balanced routing needs group_counts [W, E]: this step's tokens per expert of every rank")
         return self._route_balanced(layer, ids, group_counts)
 
     # -- balanced ------------------------------------------------------------------------------------------------
-    def replica_split(self, layer: int, group_counts: torch.Tensor) -> torch.Tensor:
-        """int64 ``[E, M]``: tokens each replica of each expert receives this step (the :mod:`eplb.sim.dispatch` rule)."""
-        return balanced_split(self.log2phy[layer], self.replica_count[layer], group_counts.to(torch.int64),
-                              self.rank_of_slot, self.topology.num_ranks)
+    def replica_split(self, layer: int, expert_load: torch.Tensor) -> torch.Tensor:
+        """int64 ``[E, M]``: whole tokens each distinct replica rank of each expert (ordered as
+        :attr:`replica_rank`) receives this step, for the group's per-expert tokens ``expert_load`` ``[E]``:
+        :func:`eplb.sim.dispatch.balanced_replica_load` followed by :func:`eplb.sim.dispatch.round_split`."""
+        ranks = self.replica_rank[layer]
+        load = expert_load.to(torch.float64)[None]
+        replica_load = balanced_replica_load(load, ranks[None], self.topology.num_ranks)[0]
+        return round_split(replica_load, expert_load.to(torch.int64))
 
     def _route_balanced(self, layer: int, ids: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        if group_counts.shape != (self.topology.num_ranks, self.num_experts):
+            raise EplbError(f"balanced routing needs group_counts [W={self.topology.num_ranks}, "
+                            f"E={self.num_experts}] (tokens per expert of every rank), got {tuple(group_counts.shape)}")
+        counts = group_counts.to(device=ids.device, dtype=torch.int64)
+        split = self.replica_split(layer, counts.sum(0))  # [E, M]
+        bounds = split.cumsum(1)  # tokens of replicas 0..j
+        flat = ids.reshape(-1)
+        # this rank's tokens of expert e take global positions offset[e], offset[e] + 1, ... (ranks in order)
+        offset = counts[:self.rank].sum(0)
+        order = torch.sort(flat, stable=True).indices
+        sorted_ids = flat[order]
+        first = torch.searchsorted(sorted_ids, sorted_ids, right=False)
+        occurrence = torch.empty_like(flat)
+        occurrence[order] = torch.arange(flat.numel(), device=flat.device) - first
+        position = offset[flat] + occurrence
+        replica = (position[:, None] >= bounds[flat]).sum(1).clamp_(max=bounds.shape[1] - 1)
+        return self.replica_slot[layer][flat, replica].reshape(ids.shape)
 
 
-def balanced_split(log2phy: torch.Tensor, replica_count: torch.Tensor, counts: torch.Tensor,
-                   rank_of_slot: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    raise NotImplementedError
+def balanced_replica_load(expert_load: torch.Tensor, replica_rank: torch.Tensor, num_ranks: int,
+                          sweeps: int = 2) -> torch.Tensor:
+    """float64 ``[B, E, M]``: torch version of :func:`eplb.sim.dispatch.balanced_replica_load` (same steps, same
+    result) for ``expert_load`` float64 ``[B, E]`` and ``replica_rank`` int64 ``[B, E, M]`` (-1 padded)."""
+    num_rows = expert_load.shape[0]
+    device = expert_load.device
+    rows = torch.arange(num_rows, device=device)
+    valid = replica_rank >= 0
+    count = valid.sum(2)
+    ranks = torch.where(valid, replica_rank, torch.full_like(replica_rank, num_ranks))
+    replica_load = torch.where(valid, (expert_load / count.clamp(min=1))[..., None], 0.0)
+    rank_load = torch.zeros(num_rows, num_ranks + 1, dtype=torch.float64, device=device)
+    rank_load.scatter_add_(1, ranks.reshape(num_rows, -1), replica_load.reshape(num_rows, -1))
+    single = count == 1
+    num_multi = int((~single).sum(1).max()) if num_rows else 0
+    if num_multi:
+        key = torch.where(single, torch.full_like(expert_load, float("inf")), -expert_load)
+        order = torch.sort(key, dim=1, stable=True).indices[:, :num_multi]
+        active = ~torch.gather(single, 1, order)
+        tokens = torch.where(active, torch.gather(expert_load, 1, order), 0.0)
+        for _ in range(sweeps):
+            for j in range(num_multi):
+                expert = order[:, j]
+                target = ranks[rows, expert]
+                mine = valid[rows, expert] & active[:, j, None]
+                current = replica_load[rows, expert]
+                rank_load.scatter_add_(1, target, -torch.where(mine, current, 0.0))
+                fill = _water_fill(torch.gather(rank_load, 1, target), mine, tokens[:, j])
+                rank_load.scatter_add_(1, target, fill)
+                replica_load[rows, expert] = torch.where(active[:, j, None], fill, current)
+    return replica_load
+
+
+def _water_fill(level: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    height = torch.where(valid, level, float("inf"))
+    ordered = torch.sort(height, dim=1).values
+    filled = torch.arange(1, height.shape[1] + 1, device=level.device, dtype=torch.float64)
+    finite = torch.isfinite(ordered)
+    prefix = torch.where(finite, ordered, 0.0).cumsum(1)
+    candidate = (tokens[:, None] + prefix) / filled
+    k = (finite & (ordered <= candidate)).sum(1).clamp(min=1)
+    top = torch.gather(candidate, 1, (k - 1)[:, None])
+    return torch.where(valid, (top - level).clamp(min=0.0), 0.0)
+
+
+def round_split(replica_load: torch.Tensor, expert_load: torch.Tensor) -> torch.Tensor:
+    """int64 ``[..., M]``: torch version of :func:`eplb.sim.dispatch.round_split` (largest remainder, ties to the
+    lower replica)."""
+    base = torch.floor(replica_load).to(torch.int64)
+    short = expert_load - base.sum(-1)
+    remainder = replica_load - base
+    order = torch.sort(-remainder, dim=-1, stable=True).indices
+    rank = torch.sort(order, dim=-1, stable=True).indices
+    return base + (rank < short[..., None]).to(torch.int64)

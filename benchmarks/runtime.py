@@ -1,0 +1,134 @@
+"""What the runtime costs the serving process per step, on CPU, for DeepSeek-V3 sizes.
+
+Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
+
+- ``route_us`` per router mode and ``record_us``: one MoE layer, ``--tokens`` tokens x top-8, 256 experts on
+  EP32 (32 ranks x 9 slots = 288 slots; ``balanced`` includes its water-filling over the replicated experts);
+- ``step_hooks_us``: ``before_forward`` + ``after_forward`` of an :class:`EplbController` (58 layers, record mode,
+  single process) in an ordinary step, in a step that polls the planner, and ``submit_us`` in the step that
+  closes a heat window (logical load of 58 x 288 slots, planner hand-off; without a process group, so the
+  all-reduce itself is not included);
+- ``layer_switch_us``: the host work of switching one layer in ``after_forward`` besides the transfer itself:
+  the commit recipe (``rank_fills``), the router's table update and the recorder's fold, for a layer of a real plan
+  of the ``default`` policy on the SGLang DeepSeek-V3 loads;
+- ``blocked_per_step_us``: per-step total for 58 layers (route + record on every layer + hooks), the figure to
+  compare with the 1 ms target; ``blocked_per_cycle_ms``: the steps of a cycle that do more than the ordinary
+  step (submit, planner checks, one switch per changed layer), summed.
+
+    python benchmarks/runtime.py [--tokens 256] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eplb import Placement, Topology, get_policy
+from eplb.runtime import EplbConfig, EplbController
+from eplb.runtime.recorder import LoadRecorder
+from eplb.runtime.router import ReplicaRouter
+from eplb.runtime.transfer import layer_transfer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+NUM_LAYERS, NUM_EXPERTS, TOP_K = 58, 256, 8
+TOPOLOGY = Topology(32, 9, num_nodes=4, num_groups=8)
+
+
+def median_us(fn, repeats: int, inner: int = 1) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times) * 1e6
+
+
+def dsv3_load() -> np.ndarray:
+    if DATA.exists():
+        with np.load(DATA) as f:
+            return f["counts"][0].astype(np.float64)
+    rng = np.random.default_rng(0)
+    return rng.zipf(1.3, (NUM_LAYERS, NUM_EXPERTS)).astype(np.float64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    load = dsv3_load()
+    initial = Placement.initial(NUM_EXPERTS, TOPOLOGY, NUM_LAYERS, layout="spread")
+    plan = get_policy("default").rebalance(load, TOPOLOGY, initial).placement
+    rng = np.random.default_rng(0)
+    p = load[0] / load[0].sum()
+    ids = torch.as_tensor(np.stack([rng.choice(NUM_EXPERTS, TOP_K, replace=False, p=p) for _ in range(args.tokens)]))
+    rank = 5
+    out: dict = {"tokens": args.tokens, "top_k": TOP_K, "topology": TOPOLOGY.describe(), "layers": NUM_LAYERS,
+                 "threads": 1, "route_us": {}}
+    group_counts = torch.as_tensor(np.stack([np.bincount(ids.numpy().ravel(), minlength=NUM_EXPERTS)] * 32))
+    for mode in ("rank", "token", "local", "balanced"):
+        router = ReplicaRouter(plan, rank, mode)
+        extra = (group_counts,) if mode == "balanced" else ()
+        out["route_us"][mode] = median_us(lambda: router.route(0, ids, *extra), args.repeats, 10)
+    router = ReplicaRouter(plan, rank, "rank")
+    slots = router.route(0, ids)
+    recorder = LoadRecorder(NUM_LAYERS, NUM_EXPERTS, 32, 9, rank)
+    recorder.begin_step()
+    out["record_us"] = median_us(lambda: recorder.record_ids(0, slots), args.repeats, 10)
+
+    config = EplbConfig.from_dict({"mode": "record", "window_steps": 10**9, "policy": "default"})
+    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPOLOGY, rank, placement=plan)
+    try:
+        def plain_step():
+            ctl.before_forward()
+            ctl.after_forward()
+
+        hooks = {"collect": median_us(plain_step, args.repeats, 10)}
+        out["submit_us"] = median_us(lambda: ctl._gather_load(), args.repeats)
+        ctl.planner.submit(_request(ctl, load))
+        hooks["poll"] = median_us(lambda: ctl.planner.poll(), args.repeats, 10)
+        out["step_hooks_us"] = hooks
+    finally:
+        ctl.close()
+
+    changed = np.flatnonzero(initial.moves_to(plan).any(axis=1))
+    layer = int(changed[0]) if changed.size else 0
+    transfer = layer_transfer(layer, initial.phy2log[layer], plan.phy2log[layer], TOPOLOGY)
+    old_row = torch.as_tensor(np.array(initial.phy2log[layer]))
+    switch = {
+        "rank_fills": median_us(lambda: transfer.rank_fills(rank), args.repeats),
+        "router_update": median_us(lambda: router.update_layer(layer, plan.phy2log[layer]), args.repeats),
+        "recorder_fold": median_us(lambda: recorder.fold_layer(layer, old_row), args.repeats),
+    }
+    switch["total"] = sum(switch.values())
+    out["layer_switch_us"] = switch
+    out["changed_layers"] = int(changed.size)
+    out["transfers_per_layer"] = int(transfer.num_transfers)
+    per_layer = out["route_us"]["rank"] + out["record_us"]
+    out["blocked_per_step_us"] = NUM_LAYERS * per_layer + hooks["collect"]
+    checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
+    out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
+    out["note"] = ("CPU, 1 thread, single process (no collectives); medians; taken on a shared 2-core machine "
+                   "under load by other jobs")
+    print(json.dumps(out, indent=2))
+
+
+def _request(ctl, load):
+    from eplb.runtime.planner import PlanRequest
+
+    return PlanRequest(0, load, ctl._phy2log.copy(), ctl.topology, "default", {})
+
+
+if __name__ == "__main__":
+    main()

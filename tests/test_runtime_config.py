@@ -1,0 +1,113 @@
+"""EplbConfig: the three engines' keys, env guards and strict validation; planner worker basics."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from eplb import Placement, Topology
+from eplb.runtime.config import ConfigError, EplbConfig
+from eplb.runtime.planner import PlannerWorker, PlanRequest, plan_checksum
+
+
+def test_vllm_ascend_keys_with_env_guards(tmp_path):
+    cfg = {"dynamic_eplb": True, "expert_heat_collection_interval": 400, "algorithm_execution_interval": 30,
+           "eplb_policy_type": 2, "num_redundant_experts": 16, "eplb_heat_collection_stage": "decode"}
+    with pytest.raises(ConfigError, match="DYNAMIC_EPLB=true"):
+        EplbConfig.from_dict(cfg, env={})
+    config = EplbConfig.from_dict(cfg, env={"DYNAMIC_EPLB": "true"})
+    assert (config.mode, config.window_steps, config.planner_check_steps, config.policy, config.stage) == (
+        "dynamic", 400, 30, "swift", "decode")
+    record = {"expert_map_record_path": str(tmp_path / "out" / "map.json")}
+    with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):
+        EplbConfig.from_dict(record, env={})
+    config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
+    assert config.mode == "record" and (tmp_path / "out").is_dir()
+
+
+def test_vllm_and_xllm_keys():
+    config = EplbConfig.from_dict({"window_size": 1000, "step_interval": 3000, "num_redundant_experts": 0,
+                                   "log_balancedness": True, "use_async": True, "policy": "default",
+                                   "mode": "dynamic"})
+    assert (config.window_steps, config.cycle_steps, config.log_balancedness) == (1000, 3000, True)
+    config = EplbConfig.from_dict({"eplb_update_interval": 5, "eplb_update_threshold": 0.9, "mode": "dynamic"})
+    assert (config.update_interval_s, config.update_threshold) == (5.0, 0.9)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"window_sise": 10}, "did you mean 'window_size'"),
+    ({"expert_heat_collection_interval": 0}, "must be >= 1, got 0"),
+    ({"step_interval": -5}, "must be >= 1, got -5"),
+    ({"eplb_policy_type": 7}, r"policy id in \[0, 1, 2, 3\], got 7"),
+    ({"policy": "defualt"}, "did you mean 'default'"),
+    ({"eplb_heat_collection_stage": "decoding"}, "did you mean 'decode'"),
+    ({"eplb_update_threshold": 1.5}, "eplb_update_threshold must be in"),
+    ({"eplb_update_interval": 0}, "eplb_update_interval must be > 0"),
+    ({"window_size": 10, "expert_heat_collection_interval": 20}, "set the same thing differently"),
+    ({"mode": "static"}, "static mode needs expert_map_path"),
+    ({"expert_map_path": "/nonexistent/map.json"}, "no such file"),
+    ({"router_mode": "fastest"}, "router_mode must be one of"),
+    ({"log_balancedness": "maybe"}, "log_balancedness must be true or false"),
+])
+def test_bad_config_is_a_clear_error(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        EplbConfig.from_dict(cfg, env={})
+
+
+def test_record_path_folder_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="cannot create its folder"):
+        EplbConfig.from_dict({"record_path": str(blocker / "sub" / "map.json")})
+
+
+def test_model_checks(tmp_path):
+    from eplb.formats import write_map
+
+    topology = Topology(4, 3)
+    with pytest.raises(ConfigError, match="num_redundant_experts=2 does not match the topology"):
+        EplbConfig.from_dict({"num_redundant_experts": 2}).check_model(3, 8, topology)
+    assert EplbConfig.from_dict({"num_redundant_experts": 4}).check_model(3, 8, topology) is None
+    path = tmp_path / "map.json"
+    write_map(Placement.initial(8, topology, 2), path, "ascend")
+    config = EplbConfig.from_dict({"expert_map_path": str(path)})
+    assert config.mode == "static"
+    with pytest.raises(ConfigError, match="is for 2 layers"):
+        config.check_model(3, 8, topology)
+    with pytest.raises(ConfigError, match="expert map"):
+        config.check_model(2, 10, topology)  # ids 8, 9 missing
+    assert config.check_model(2, 8, topology) == Placement.initial(8, topology, 2)
+
+
+def test_plan_checksum_is_stable_and_sensitive():
+    a = np.arange(12).reshape(2, 6)
+    assert plan_checksum(a) == plan_checksum(a.copy()) and 0 <= plan_checksum(a) < 2**62
+    b = a.copy()
+    b[1, 2] = 0
+    assert plan_checksum(a) != plan_checksum(b)
+
+
+def _crashing_worker(requests, results, warmup):
+    import os
+
+    os._exit(5)
+
+
+def test_planner_worker_restarts_after_crash():
+    topology = Topology(2, 3)
+    current = Placement.initial(5, topology, 2).phy2log
+    load = np.arange(10, dtype=float).reshape(2, 5) + 1
+    worker = PlannerWorker(deadline_s=30, target=_crashing_worker)
+    try:
+        worker.start()
+        worker.submit(PlanRequest(0, load, current, topology, "random", {}))
+        deadline = time.monotonic() + 60
+        while (state := worker.poll())[0] == "pending":
+            assert time.monotonic() < deadline, "the dead worker was not noticed"
+            time.sleep(0.02)
+        assert state[0] == "failed" and "died (exit code 5)" in state[1]
+        assert worker.restarts == 1 and worker.pid is not None
+    finally:
+        worker.close()
