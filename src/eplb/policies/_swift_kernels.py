@@ -448,6 +448,7 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
         _membership(old[layer], old_on)
         table = base[layer].copy()
         rank_load = np.zeros(num_ranks)
+        free = np.zeros(num_ranks, np.int64)
         on_rank[:] = False
         for r in range(num_ranks):
             for k in range(slots):
@@ -457,10 +458,7 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
                     rank_load[r] += h[e] / plan[e]
                 else:
                     table[r, k] = -1
-        free = np.zeros(num_ranks, np.int64)
-        for r in range(num_ranks):
-            for k in range(slots):
-                free[r] += table[r, k] < 0
+                    free[r] += 1
         # step 4: copies heaviest first, each onto the least-loaded rank of its group that may take it
         count = np.ones(num_experts, np.int64)
         per_copy = h / plan
