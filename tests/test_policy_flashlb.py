@@ -1,0 +1,206 @@
+"""FlashLB (policy ``flashlb``, vllm-ascend type 3): vectors, validity, gain rule, cherry-picking, determinism."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb import EplbError
+from eplb.metrics import rank_loads
+from eplb.placement import Placement
+from eplb.policies import get_policy
+from eplb.policies import _flashlb_kernels as kernels
+from eplb.policies.flashlb import episode_load
+from eplb.policies.retention import match_ranks
+from eplb.topology import Topology
+
+
+def _counts(weight, extra, max_count):
+    weight = np.asarray(weight, dtype=np.float64)
+    order = kernels.greedy_order(weight, np.ones(weight.size, dtype=np.bool_), extra, max_count)
+    return 1 + np.bincount(order, minlength=weight.size)
+
+
+def _scores(load, placement, num_episodes=64):
+    """Per-layer FlashLB score of ``placement`` on the episodes of ``load``."""
+    x = episode_load(np.asarray(load), num_episodes)
+    xt = np.ascontiguousarray(x.transpose(0, 2, 1))
+    return kernels.score_layers(xt, x.sum(axis=2), np.ascontiguousarray(placement.phy2log),
+                                placement.topology.num_ranks)
+
+
+def test_paper_example_beats_greedy(ascend_vectors):
+    case = ascend_vectors["flashlb_paper_example"]
+    hotness = np.array([case["hotness"]])
+    topology = Topology(case["ranks"], case["slots_per_rank"])
+    plan = get_policy("flashlb").rebalance(hotness, topology)
+    assert plan.placement.problems(allow_shared_rank=False) == []
+    peak = rank_loads(plan.placement, hotness).max()
+    assert peak <= case["flashlb_claimed_max_rank_load"]
+    assert peak < case["default_greedy_max_rank_load"]
+    assert plan.placement.replica_count[0].tolist() == case["flashlb_measured_replicas"]
+
+
+def test_min_max_replica_vectors(ascend_vectors):
+    for case in ascend_vectors["flashlb_primitives"]["min_max_replica"]:
+        mean = np.array(case["mean"], dtype=np.float64)
+        std = np.array(case["std"]) if "std" in case else np.sqrt(case["var"])
+        weight = mean + case.get("z", 0.6745) * std
+        assert _counts(weight, case["extra"], case["extra"] + 1).tolist() == case["replicas"]
+
+
+def test_greedy_order_respects_the_cap_and_subset():
+    weight = np.array([100.0, 1.0, 50.0, 1.0])
+    order = kernels.greedy_order(weight, np.array([True, True, False, True]), 4, 3)
+    assert order.tolist() == [0, 0, 1, 3]  # expert 0 stops at 3 replicas, expert 2 is not eligible
+
+
+def test_score_episode_par_vectors(ascend_vectors):
+    vec = ascend_vectors["flashlb_primitives"]["score_episode_par"]
+    x = np.array(vec["X"], dtype=np.float64)
+    xt = np.ascontiguousarray(x.T)
+    for case in vec["cases"]:
+        members = np.array(case["deployment"], dtype=np.int64)
+        count = np.bincount(members.ravel(), minlength=x.shape[1]).astype(np.float64)
+        scratch = np.empty(x.shape[0]), np.empty(x.shape[0])
+        score = kernels.episode_score(xt, x.sum(axis=1), members, 1.0 / count, *scratch)
+        assert score == pytest.approx(case["score"], abs=1e-4)
+
+
+def test_statistics_vectors(ascend_vectors):
+    vec = ascend_vectors["flashlb_primitives"]["statistics"]
+    xt = np.ascontiguousarray(np.array(vec["X"], dtype=np.float64).T)
+    num_experts = xt.shape[0]
+    mean, var, cov = np.empty(num_experts), np.empty(num_experts), np.empty((num_experts, num_experts))
+    kernels.episode_statistics(xt, mean, var, cov)
+    np.testing.assert_allclose(mean, vec["mean"], atol=1e-3)
+    np.testing.assert_allclose(var, vec["var_unbiased"], atol=1e-3)
+    np.testing.assert_allclose(cov[0], vec["cov_row0"], atol=1e-3)
+    np.testing.assert_allclose(cov, np.cov(xt), atol=1e-12)
+
+
+def test_single_episode_has_no_variance():
+    xt = np.array([[3.0], [5.0]])
+    mean, var, cov = np.empty(2), np.ones(2), np.ones((2, 2))
+    kernels.episode_statistics(xt, mean, var, cov)
+    assert mean.tolist() == [3.0, 5.0] and not var.any() and not cov.any()
+
+
+def test_minimal_redeploy_vectors(ascend_vectors):
+    for case in ascend_vectors["flashlb_primitives"]["minimal_redeploy"]:
+        old, new = np.array(case["old"]), np.array(case["new"])
+        num_ranks = old.shape[0]
+        out = match_ranks(new.reshape(1, -1), old.reshape(1, -1), num_ranks, across_nodes=True)
+        assert out.reshape(old.shape).tolist() == case["result"]
+
+
+def test_episode_load_adds_one_per_step():
+    load = np.zeros((10, 1, 3), dtype=np.int64)
+    load[:, 0, 1] = 2
+    x = episode_load(load, 4)  # 4 episodes of 2 steps; the 2 oldest steps are dropped
+    assert x.shape == (1, 4, 3)
+    assert np.all(x[0, :, 0] == 2) and np.all(x[0, :, 1] == 6)
+    assert episode_load(np.array([[4, 0]]), 64).tolist() == [[[5.0, 1.0]]]
+
+
+def _zipf_steps(rng, steps, layers, experts, tokens=512):
+    weight = 1.0 / np.arange(1, experts + 1) ** 1.2
+    out = np.empty((steps, layers, experts), dtype=np.int64)
+    for layer in range(layers):
+        p = rng.permutation(weight / weight.sum())
+        out[:, layer] = rng.multinomial(tokens, p, size=steps)
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_ranks=st.integers(1, 8),
+    slots=st.integers(1, 4),
+    extra=st.integers(0, 12),
+    steps=st.sampled_from([1, 3, 20, 70]),
+    with_current=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_valid_without_shared_ranks(num_ranks, slots, extra, steps, with_current, seed):
+    num_physical = num_ranks * slots
+    num_experts = max(slots, num_physical - extra)
+    topology = Topology(num_ranks, slots)
+    rng = np.random.default_rng(seed)
+    load = _zipf_steps(rng, steps, 2, num_experts)
+    current = None
+    if with_current:
+        current = Placement(np.stack([rng.permutation(np.arange(num_physical) % num_experts) for _ in range(2)]),
+                            num_experts, topology)
+    plan = get_policy("flashlb", depth=3, width=3).rebalance(load, topology, current)
+    assert plan.placement.problems(allow_shared_rank=False) == []
+    if current is not None:
+        assert np.array_equal(plan.changed, (plan.placement.phy2log != current.phy2log).any(axis=1))
+
+
+def test_layer_without_gain_stays_unchanged():
+    rng = np.random.default_rng(1)
+    load = _zipf_steps(rng, 64, 3, 16)
+    topology = Topology(4, 5)
+    good = get_policy("flashlb").rebalance(load, topology).placement
+    weak = get_policy("flashlb", depth=1, z=0.0)  # no search: its own plans mostly score worse
+    gain = _scores(load, good) - _scores(load, weak.rebalance(load, topology).placement)
+    assert np.any(gain < 0)
+    plan = weak.rebalance(load, topology, good)
+    assert np.array_equal(plan.changed, gain > 0)
+    kept = ~plan.changed
+    assert np.array_equal(plan.placement.phy2log[kept], good.phy2log[kept])
+
+
+def test_applied_layers_gain_on_the_same_episodes():
+    rng = np.random.default_rng(2)
+    load = _zipf_steps(rng, 128, 4, 24)
+    topology = Topology(8, 4)
+    current = Placement.initial(24, topology, 4)
+    balanced = get_policy("flashlb").rebalance(load, topology).placement
+    current = current.replace_layers([0, 2], balanced)  # layers 0 and 2 are already as good as FlashLB gets
+    plan = get_policy("flashlb").rebalance(load, topology, current)
+    assert plan.changed.tolist() == [False, True, False, True]
+    before, after = _scores(load, current), _scores(load, plan.placement)
+    assert np.all(after[plan.changed] < before[plan.changed])
+    assert plan.placement.problems(allow_shared_rank=False) == []
+
+
+def test_cherry_picking_with_last_balance():
+    rng = np.random.default_rng(3)
+    load = _zipf_steps(rng, 64, 2, 16)
+    topology = Topology(4, 5)
+    current = Placement.initial(16, topology, 2)
+    balance = 1.0 / get_policy("flashlb").rebalance(load, topology, current).par_before
+    # layer 0 is as balanced as at its last plan, layer 1 got much worse
+    last = np.array([balance[0], min(1.0, balance[1] / 0.8)])
+    plan = get_policy("flashlb", replan_floor=0.1, last_balance=last).rebalance(load, topology, current)
+    assert plan.changed.tolist() == [False, True]
+    everything = get_policy("flashlb").rebalance(load, topology, current)
+    assert everything.changed.tolist() == [True, True]
+
+
+def test_deterministic_and_window_input():
+    rng = np.random.default_rng(4)
+    load = _zipf_steps(rng, 40, 3, 12)
+    topology = Topology(4, 4)
+    policy = get_policy(3)
+    assert policy.rebalance(load, topology).placement == policy.rebalance(load.copy(), topology).placement
+    window = load.sum(axis=0)
+    plan = policy.rebalance(window, topology)
+    assert plan.placement == policy.rebalance(window, topology).placement
+    assert plan.placement.problems(allow_shared_rank=False) == []
+    assert plan.par_after.max() < plan.par_before.max()
+
+
+def test_rejects_bad_options_and_too_many_slots():
+    with pytest.raises(EplbError, match="depth"):
+        get_policy("flashlb", depth=0)
+    with pytest.raises(EplbError, match="z"):
+        get_policy("flashlb", z=float("nan"))
+    with pytest.raises(EplbError, match="last_balance"):
+        get_policy("flashlb", last_balance=[0.5, 1.5])
+    with pytest.raises(EplbError, match="slots_per_rank"):
+        get_policy("flashlb").rebalance(np.ones((1, 2)), Topology(1, 4))
+    with pytest.raises(EplbError, match="last_balance has 1 layers"):
+        get_policy("flashlb", last_balance=[0.5]).rebalance(np.ones((2, 4)), Topology(2, 2),
+                                                             Placement.initial(4, Topology(2, 2), 2))
