@@ -111,3 +111,25 @@ def test_planner_worker_restarts_after_crash():
         assert worker.restarts == 1 and worker.pid is not None
     finally:
         worker.close()
+
+
+def test_static_mode_loads_the_map_and_only_records(tmp_path):
+    torch = pytest.importorskip("torch")
+    from eplb.formats import write_map
+    from eplb.runtime import EplbController
+
+    topology = Topology(2, 3)
+    phy2log = np.array([[4, 3, 2, 1, 0, 4], [0, 1, 2, 3, 4, 0]])
+    path = tmp_path / "map.json"
+    write_map(Placement(phy2log, 5, topology), path, "ascend")
+    config = EplbConfig.from_dict({"expert_map_path": str(path), "window_steps": 2, "log_balancedness": True})
+    ctl = EplbController(config, 2, 5, topology, rank=1)
+    assert np.array_equal(ctl.placement.phy2log, phy2log) and ctl.planner is None
+    for _ in range(5):
+        ctl.before_forward()
+        slots = ctl.route(0, torch.tensor([[4, 0], [1, 2]]))
+        ctl.after_forward()
+    assert slots.tolist() == [[5, 4], [3, 2]]  # rank 1 takes the second replica of expert 4
+    assert ctl.recorder.steps == 1  # the window restarted at steps 2 and 4
+    with pytest.raises(ConfigError, match="is for 2 layers"):
+        EplbController(config, 3, 5, topology, rank=0)

@@ -333,12 +333,6 @@ def runs(tmp_path_factory):
 
 def _scenario(runs, name):
     results = [r[name] for r in runs]
-    print(name, [round(r["seconds"], 2) for r in results])
-    if name == "lifecycle":
-        for r in results:
-            print(r["steps"], r["restarts"], r["switch_step"])
-            for c in r["cycles"]:
-                print("   ", c["submit_step"], c["skipped"], c["applied"], c["planned"])
     for rank, res in enumerate(results):
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
     return results

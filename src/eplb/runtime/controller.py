@@ -184,15 +184,16 @@ class EplbController:
         """Call before every forward step (same step on every rank; ``is_prefill`` the same on every rank)."""
         if self.config.mode == "off":
             return
-        self.recorder.begin_step(is_prefill)
         if self.config.mode == "static":
             self._static_window()
+            self.recorder.begin_step(is_prefill)
             return
         action = self.cycle.on_step(self.step)
         if action.skipped:
             self._skip(action.skipped)
-        if action.submit:
+        if action.submit:  # the window is the steps before this one: gather it before this step records
             self._submit(action.window_start)
+        self.recorder.begin_step(is_prefill)
         if action.poll:
             self._poll()
         if action.apply_layers and self.mover is not None:
@@ -315,12 +316,17 @@ class EplbController:
         self._transfers = {t.layer: t for t in result.transfers}
 
     def _write_record(self, phy2log: np.ndarray) -> None:
-        if self.rank == 0:
-            from eplb.formats import write_map
+        if self.rank != 0:
+            return
+        from eplb.formats import write_map
 
+        try:  # written atomically; a plan the format cannot hold must not stop serving
             write_map(Placement(phy2log, self.placement.num_experts, self.topology), self.config.record_path,
                       "ascend")
-            log.info("eplb record mode: cycle %d map written to %s", self.metrics[-1].cycle, self.config.record_path)
+        except (EplbError, OSError) as exc:
+            log.error("eplb record mode: cycle %d map not written: %s", self.metrics[-1].cycle, exc)
+            return
+        log.info("eplb record mode: cycle %d map written to %s", self.metrics[-1].cycle, self.config.record_path)
 
     def _switch_layer(self, layer: int, new_row: np.ndarray) -> None:
         if self.recorder.source == "ids":
@@ -338,8 +344,9 @@ class EplbController:
         self._result = None
         if self.planner.busy:
             self.planner.restart()  # abandon a request still running (it may be hung)
-        log.warning("eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
-                    current.cycle, self.step, reason)
+        level = logging.INFO if reason == "no gain" else logging.WARNING
+        log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
+                current.cycle, self.step, reason)
         self._export(current)
 
     def _finish_cycle(self) -> None:

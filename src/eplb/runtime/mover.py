@@ -12,6 +12,11 @@ Protocol, per step (driven by the controller):
 
 Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
 every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
+
+Ranks with nothing to send or receive in a layer post no operation. NCCL requires the first point-to-point batch
+of a group to involve every rank; the controller always runs a collective on the group (the window's all-reduce)
+before any transfer, which satisfies it. Messages carry distinct tags per (layer position, tensor, expert), which
+Gloo needs to match several messages between the same pair of ranks.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Replica router: maps the logical expert ids a gate picked to the physical slots their tokens go to.
 
-Modes (all vectorised torch ops, deterministic, no host sync in :meth:`ReplicaRouter.route`):
+Modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route` except in ``balanced``):
 
 - ``rank``: rank ``r`` sends every token of expert ``e`` to replica ``r % count_e`` (replicas in slot order);
   with ``tp_size > 1`` to replica ``(r % tp_size + r // tp_size + e) % count_e`` (vllm-ascend's rule).
@@ -12,8 +12,9 @@ Modes (all vectorised torch ops, deterministic, no host sync in :meth:`ReplicaRo
   :func:`eplb.sim.dispatch.balanced_replica_load` rounded by :func:`eplb.sim.dispatch.round_split`); rank ``r``'s
   tokens of expert ``e`` take the global positions after those of ranks ``0..r-1`` and fill the replicas in order.
   Needs every rank's counts ``[W, E]`` (e.g. an all-gather of each rank's ``bincount``, one small collective per
-  layer), so every rank computes the same split. Its Python loop over replicated experts costs milliseconds per
-  layer on CPU (see ``benchmarks/runtime.py``).
+  layer), so every rank computes the same split. The split runs on the host (the simulator's own numpy code), so
+  this mode costs one host sync per layer and, on CPU, about 10 ms per layer for DeepSeek-V3 EP32 (its
+  water-filling loops over the replicated experts; see ``benchmarks/runtime.py``).
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
 change (CUDA graphs captured once keep working after a layer switches).
@@ -100,8 +101,8 @@ class ReplicaRouter:
         self.replica_count = torch.ones(self.num_layers, self.num_experts, **kw)
         #: int64 [L, E]: the slot this rank sends each expert to (``rank`` and ``local`` modes)
         self.rank_table = torch.zeros(self.num_layers, self.num_experts, **kw)
-        #: int64 [L, E, M]: distinct ranks holding each expert, ascending, -1 padded (``balanced`` mode)
-        self.replica_rank = torch.full((self.num_layers, self.num_experts, self.max_replicas), -1, **kw)
+        # int64 [L, E, M] on the host: distinct ranks holding each expert, ascending, -1 padded (``balanced`` mode)
+        self._replica_rank_host = np.full((self.num_layers, self.num_experts, self.max_replicas), -1, dtype=np.int64)
         #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
         self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.max_replicas, **kw)
         #: int64 [P]: rank of every physical slot
@@ -131,7 +132,7 @@ class ReplicaRouter:
         self.rank_table.index_copy_(0, index, torch.as_tensor(choice, device=self.device))
         if self.mode == "balanced":
             ranks, slots = _replica_ranks_and_slots(placement, rows, self.max_replicas)
-            self.replica_rank.index_copy_(0, index, torch.as_tensor(ranks, device=self.device))
+            self._replica_rank_host[layers] = ranks
             self.replica_slot.index_copy_(0, index, torch.as_tensor(slots, device=self.device))
 
     def update_layer(self, layer: int, phy2log_row) -> None:
@@ -162,21 +163,30 @@ class ReplicaRouter:
         return self._route_balanced(layer, ids, group_counts)
 
     # -- balanced ------------------------------------------------------------------------------------------------
-    def replica_split(self, layer: int, expert_load: torch.Tensor) -> torch.Tensor:
+    def replica_split(self, layer: int, expert_load) -> np.ndarray:
         """int64 ``[E, M]``: whole tokens each distinct replica rank of each expert (ordered as
-        :attr:`replica_rank`) receives this step, for the group's per-expert tokens ``expert_load`` ``[E]``:
-        :func:`eplb.sim.dispatch.balanced_replica_load` followed by :func:`eplb.sim.dispatch.round_split`."""
-        ranks = self.replica_rank[layer]
-        load = expert_load.to(torch.float64)[None]
-        replica_load = balanced_replica_load(load, ranks[None], self.topology.num_ranks)[0]
-        return round_split(replica_load, expert_load.to(torch.int64))
+        :func:`eplb.sim.dispatch.replica_ranks`) receives this step, for the group's per-expert tokens ``expert_load`` ``[E]``.
+
+        Computed on the host by :func:`eplb.sim.dispatch.balanced_replica_load` and
+        :func:`eplb.sim.dispatch.round_split` themselves (one implementation for the simulator and the runtime,
+        bit-identical on every rank)."""
+        from eplb.sim.dispatch import balanced_replica_load, round_split
+
+        total = np.asarray(expert_load.cpu() if isinstance(expert_load, torch.Tensor) else expert_load,
+                           dtype=np.int64)
+        ranks = self._replica_rank_host[layer]
+        width = max(1, int((ranks >= 0).sum(axis=1).max()))
+        replica_load, _ = balanced_replica_load(total[None], ranks[None, :, :width], self.topology.num_ranks)
+        split = np.zeros(ranks.shape, dtype=np.int64)
+        split[:, :width] = round_split(replica_load[0], total)
+        return split
 
     def _route_balanced(self, layer: int, ids: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
-        if group_counts.shape != (self.topology.num_ranks, self.num_experts):
+        if tuple(group_counts.shape) != (self.topology.num_ranks, self.num_experts):
             raise EplbError(f"balanced routing needs group_counts [W={self.topology.num_ranks}, "
                             f"E={self.num_experts}] (tokens per expert of every rank), got {tuple(group_counts.shape)}")
         counts = group_counts.to(device=ids.device, dtype=torch.int64)
-        split = self.replica_split(layer, counts.sum(0))  # [E, M]
+        split = torch.as_tensor(self.replica_split(layer, counts.sum(0)), device=ids.device)  # [E, M]; host sync
         bounds = split.cumsum(1)  # tokens of replicas 0..j
         flat = ids.reshape(-1)
         # this rank's tokens of expert e take global positions offset[e], offset[e] + 1, ... (ranks in order)
@@ -189,59 +199,3 @@ class ReplicaRouter:
         position = offset[flat] + occurrence
         replica = (position[:, None] >= bounds[flat]).sum(1).clamp_(max=bounds.shape[1] - 1)
         return self.replica_slot[layer][flat, replica].reshape(ids.shape)
-
-
-def balanced_replica_load(expert_load: torch.Tensor, replica_rank: torch.Tensor, num_ranks: int,
-                          sweeps: int = 2) -> torch.Tensor:
-    """float64 ``[B, E, M]``: torch version of :func:`eplb.sim.dispatch.balanced_replica_load` (same steps, same
-    result) for ``expert_load`` float64 ``[B, E]`` and ``replica_rank`` int64 ``[B, E, M]`` (-1 padded)."""
-    num_rows = expert_load.shape[0]
-    device = expert_load.device
-    rows = torch.arange(num_rows, device=device)
-    valid = replica_rank >= 0
-    count = valid.sum(2)
-    ranks = torch.where(valid, replica_rank, torch.full_like(replica_rank, num_ranks))
-    replica_load = torch.where(valid, (expert_load / count.clamp(min=1))[..., None], 0.0)
-    rank_load = torch.zeros(num_rows, num_ranks + 1, dtype=torch.float64, device=device)
-    rank_load.scatter_add_(1, ranks.reshape(num_rows, -1), replica_load.reshape(num_rows, -1))
-    single = count == 1
-    num_multi = int((~single).sum(1).max()) if num_rows else 0
-    if num_multi:
-        key = torch.where(single, torch.full_like(expert_load, float("inf")), -expert_load)
-        order = torch.sort(key, dim=1, stable=True).indices[:, :num_multi]
-        active = ~torch.gather(single, 1, order)
-        tokens = torch.where(active, torch.gather(expert_load, 1, order), 0.0)
-        for _ in range(sweeps):
-            for j in range(num_multi):
-                expert = order[:, j]
-                target = ranks[rows, expert]
-                mine = valid[rows, expert] & active[:, j, None]
-                current = replica_load[rows, expert]
-                rank_load.scatter_add_(1, target, -torch.where(mine, current, 0.0))
-                fill = _water_fill(torch.gather(rank_load, 1, target), mine, tokens[:, j])
-                rank_load.scatter_add_(1, target, fill)
-                replica_load[rows, expert] = torch.where(active[:, j, None], fill, current)
-    return replica_load
-
-
-def _water_fill(level: torch.Tensor, valid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    height = torch.where(valid, level, float("inf"))
-    ordered = torch.sort(height, dim=1).values
-    filled = torch.arange(1, height.shape[1] + 1, device=level.device, dtype=torch.float64)
-    finite = torch.isfinite(ordered)
-    prefix = torch.where(finite, ordered, 0.0).cumsum(1)
-    candidate = (tokens[:, None] + prefix) / filled
-    k = (finite & (ordered <= candidate)).sum(1).clamp(min=1)
-    top = torch.gather(candidate, 1, (k - 1)[:, None])
-    return torch.where(valid, (top - level).clamp(min=0.0), 0.0)
-
-
-def round_split(replica_load: torch.Tensor, expert_load: torch.Tensor) -> torch.Tensor:
-    """int64 ``[..., M]``: torch version of :func:`eplb.sim.dispatch.round_split` (largest remainder, ties to the
-    lower replica)."""
-    base = torch.floor(replica_load).to(torch.int64)
-    short = expert_load - base.sum(-1)
-    remainder = replica_load - base
-    order = torch.sort(-remainder, dim=-1, stable=True).indices
-    rank = torch.sort(order, dim=-1, stable=True).indices
-    return base + (rank < short[..., None]).to(torch.int64)

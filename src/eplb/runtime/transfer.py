@@ -84,23 +84,23 @@ def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray,
     num_ranks, slots = topology.num_ranks, topology.slots_per_rank
     old = np.asarray(old_phy2log, dtype=np.int64).reshape(num_ranks, slots)
     new = np.asarray(new_phy2log, dtype=np.int64).reshape(num_ranks, slots)
-    node = topology.node_of_rank
+    node = topology.node_of_rank.tolist()
+    old_sets = [set(row) for row in old.tolist()]
+    new_sets = [set(row) for row in new.tolist()]
+    first_slot = [{} for _ in range(num_ranks)]  # rank -> expert -> its lowest old local slot
     holders: dict[int, list[int]] = {}
-    for rank in range(num_ranks):
-        for expert in dict.fromkeys(old[rank].tolist()):
-            holders.setdefault(expert, []).append(rank)
-    sent = np.zeros(num_ranks, dtype=np.int64)
+    for rank, row in enumerate(old.tolist()):
+        for slot, expert in enumerate(row):
+            if expert not in first_slot[rank]:
+                first_slot[rank][expert] = slot
+                holders.setdefault(expert, []).append(rank)
+    sent = [0] * num_ranks
     rows = []
     for dst in range(num_ranks):
-        have = set(old[dst].tolist())
-        for expert in sorted(set(new[dst].tolist()) - have):
-            def key(src: int) -> tuple:
-                drops = expert not in set(new[src].tolist())
-                return (node[src] != node[dst], sent[src], not drops, src)
-
-            src = min(holders[expert], key=key)
+        for expert in sorted(new_sets[dst] - old_sets[dst]):
+            src = min(holders[expert], key=lambda h: (node[h] != node[dst], sent[h], expert in new_sets[h], h))
             sent[src] += 1
-            rows.append((src, int(np.flatnonzero(old[src] == expert)[0]), dst, expert))
+            rows.append((src, first_slot[src][expert], dst, expert))
     transfers = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     return LayerTransfer(layer=layer, transfers=transfers, old_row=old, new_row=new)
 
