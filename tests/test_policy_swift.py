@@ -147,12 +147,13 @@ def test_layers_below_the_threshold_are_untouched():
     topology = Topology(4, 3)
     current = Placement.initial(10, topology, 2, layout="spread")
     load = np.ones((2, 10))
-    load[1, 0] = 40.0  # layer 1 is badly skewed
+    load[0, 0] = 4.0  # mildly skewed
+    load[1, 0] = 40.0  # badly skewed
+    assert SwiftPolicy(threshold=1.0).rebalance(load, topology, current).changed.all()
     par_before = par(rank_loads(current, load))
-    load[0] = 1.0
     plan = SwiftPolicy(threshold=par_before[0] + 1e-6).rebalance(load, topology, current)
     assert not plan.changed[0] and plan.changed[1]
-    plan = SwiftPolicy(threshold=plan.par_before[1] + 1e-6).rebalance(load, topology, current)
+    plan = SwiftPolicy(threshold=par_before[1] + 1e-6).rebalance(load, topology, current)
     assert not plan.changed.any()
     np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
 
