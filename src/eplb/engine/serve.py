@@ -1,0 +1,205 @@
+"""One rank's serving loop: the model, the runtime controller, the skewed workload, and (for tests) faults.
+
+:func:`serve_rank` is the ``target`` of :func:`eplb.engine.launch.launch`. Per step it calls the controller's hooks
+around the forward exactly as an engine would, and emits ``("step", step, seconds, rows)`` (``rows`` int ``[L]``: the
+token x expert rows this rank's experts computed per layer) and, once per finished cycle, ``("cycle", figures)``.
+At the end it runs a fixed batch through the balanced model and through the same model without balancing (initial
+placement, EPLB off) and compares the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb.engine.model import ModelConfig, MoEModel
+from eplb.engine.tokens import SkewedTokens, expert_popularity
+from eplb.topology import Topology
+
+__all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures"]
+
+log = logging.getLogger(__name__)
+
+_CHECK_SEED = 987654321
+#: outputs "equal": |balanced - unbalanced| <= 1e-6 x max(1, |unbalanced|) element-wise (float32 rounding)
+OUTPUT_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults injected on purpose (tests). Cycles are 0-based; ``None`` disables a fault.
+
+    Attributes:
+        kill_planner: ``(rank, cycle)``: that rank's planner process is stopped before the cycle's window is
+            handed over and killed (SIGKILL) right after, so it dies holding the request.
+        hang_planner: ``(rank, cycle)``: that rank's planner process is stopped (SIGSTOP) before the cycle's window
+            is handed over: it hangs until the runtime's deadline kills it.
+        late_rank: ``(rank, seconds)``: that rank sleeps this long before ``before_forward`` (where it posts its
+            sends of a move) in every step while a plan is being applied.
+    """
+
+    kill_planner: tuple[int, int] | None = None
+    hang_planner: tuple[int, int] | None = None
+    late_rank: tuple[int, float] | None = None
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What one demo run serves.
+
+    Attributes:
+        model: the model.
+        slots_per_rank: K (``K * W - E`` redundant slots in all).
+        tokens_per_rank: tokens each rank serves per step.
+        steps: steps to serve (at most).
+        eplb: the runtime's config dict (:meth:`eplb.runtime.EplbConfig.from_dict` keys).
+        trace: optional load ``[T, L, E]`` / ``[L, E]`` whose popularity replaces the DeepSeek-V3-like profile.
+        stop_after_cycles: stop early once every rank has finished this many cycles (checked every 10 steps).
+        faults: faults to inject.
+        device: ``cpu``, or ``cuda`` (rank ``r`` uses GPU ``r``).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    slots_per_rank: int = 5
+    tokens_per_rank: int = 128
+    steps: int = 240
+    eplb: dict = field(default_factory=dict)
+    trace: np.ndarray | None = None
+    stop_after_cycles: int | None = None
+    faults: Faults = field(default_factory=Faults)
+    device: str = "cpu"
+
+
+def cycle_figures(metrics) -> dict:
+    """A picklable summary of one :class:`eplb.runtime.controller.CycleMetrics` (means over layers)."""
+    def mean(values):
+        return None if values is None else float(np.mean(values))
+
+    return {"cycle": metrics.cycle, "submit_step": metrics.submit_step, "window_par": mean(metrics.window_par),
+            "next_window_par": mean(metrics.next_window_par), "predicted_par_before": mean(metrics.par_before),
+            "predicted_par_after": mean(metrics.par_after), "applied_layers": list(metrics.applied_layers),
+            "moved_slots": int(metrics.moved_slots), "moved_bytes_rank": int(metrics.moved_bytes_rank),
+            "planner_s": float(metrics.planner_s), "transfer_s": float(metrics.transfer_s),
+            "skipped": metrics.skipped}
+
+
+def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, popularity=None, gate_bias=None):
+    from eplb.runtime import EplbConfig, EplbController
+
+    topology = Topology(world, settings.slots_per_rank)
+    cfg = settings.model
+    w13, w2 = MoEModel.allocate_experts(cfg, settings.slots_per_rank, device)
+    controller = EplbController(EplbConfig.from_dict(eplb), cfg.num_layers, cfg.num_experts, topology, rank,
+                                layer_tensors=[[w13[l], w2[l]] for l in range(cfg.num_layers)], device=device)
+    return MoEModel(cfg, controller, (w13, w2), popularity, gate_bias, device=device)
+
+
+def _signal_planner(controller, sig) -> None:
+    pid = controller.planner.pid if controller.planner is not None else None
+    if pid is not None:
+        os.kill(pid, sig)
+
+
+class _FaultInjector:
+    """Applies :class:`Faults` to this rank around the controller's hooks."""
+
+    def __init__(self, faults: Faults, rank: int):
+        self.faults, self.rank = faults, rank
+        self.stopped_for: int | None = None
+
+    def before_step(self, ctl) -> None:
+        for fault in (self.faults.kill_planner, self.faults.hang_planner):
+            if fault is None or fault[0] != self.rank or self.stopped_for is not None:
+                continue
+            cycle = fault[1]
+            previous_done = cycle == 0 or (len(ctl.metrics) == cycle and (
+                ctl.metrics[-1].par_after is not None or ctl.metrics[-1].skipped is not None))
+            if len(ctl.metrics) == cycle and previous_done:
+                _signal_planner(ctl, signal.SIGSTOP)  # idle, waiting for its next request: it will never take it
+                self.stopped_for = cycle
+        late = self.faults.late_rank
+        if late is not None and late[0] == self.rank and ctl.metrics and ctl.metrics[-1].par_after is not None \
+                and ctl.metrics[-1].skipped is None:
+            time.sleep(late[1])
+
+    def after_submit(self, ctl) -> None:
+        fault = self.faults.kill_planner
+        if fault is not None and self.stopped_for == fault[1] and len(ctl.metrics) == fault[1] + 1:
+            _signal_planner(ctl, signal.SIGKILL)
+            self.stopped_for = -1
+
+
+def _router_digest(ctl) -> int:
+    """A digest of the router's tables: equal on two ranks when they route with the same placement."""
+    return zlib.crc32(ctl.router.log2phy.cpu().numpy().tobytes())
+
+
+def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
+    """Serve ``settings.steps`` steps on this rank; see the module docstring. Returns a picklable dict."""
+    device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
+    cfg = settings.model
+    popularity = expert_popularity(cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.seed, settings.trace)
+    model = _build(settings, rank, world, settings.eplb, device, popularity=popularity)
+    ctl = model.ctl
+    emit(("ready",))
+    tokens = SkewedTokens(cfg.vocab, settings.tokens_per_rank, cfg.seed)
+    faults = _FaultInjector(settings.faults, rank)
+    reported, digests = 0, []
+    try:
+        for step in range(settings.steps):
+            batch = tokens.batch(step, rank).to(device)
+            faults.before_step(ctl)
+            start = time.perf_counter()
+            ctl.before_forward(is_prefill=False)
+            faults.after_submit(ctl)
+            model.forward(batch)
+            ctl.after_forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            emit(("step", step, seconds, model.last_received.tolist()))
+            digests.append(_router_digest(ctl))
+            while reported < len(ctl.metrics) and ctl.metrics[reported].next_window_par is not None:
+                emit(("cycle", cycle_figures(ctl.metrics[reported])))
+                reported += 1
+            if settings.stop_after_cycles is not None and step % 10 == 9:
+                done = torch.tensor([reported >= settings.stop_after_cycles], dtype=torch.int64, device=device)
+                dist.all_reduce(done, op=dist.ReduceOp.MIN)
+                if done.item():
+                    break
+        emit(("checking",))
+        check = _check_outputs(model, settings, rank, world, device)
+        return {"rank": rank, "cycles": [cycle_figures(m) for m in ctl.metrics], "digests": digests,
+                "restarts": ctl.planner.restarts if ctl.planner is not None else 0, **check}
+    finally:
+        ctl.close()
+
+
+def _check_outputs(model: MoEModel, settings: ServeSettings, rank: int, world: int, device) -> dict:
+    """Outputs of the balanced model for a fixed batch against the same model without balancing (same group,
+    initial placement, EPLB off) and against a dense local computation."""
+    tokens = SkewedTokens(settings.model.vocab, settings.tokens_per_rank, _CHECK_SEED).batch(0, rank).to(device)
+    balanced = model.forward(tokens)
+    reference_model = _build(settings, rank, world, {"mode": "off"}, device, gate_bias=model.gate_bias)
+    try:
+        reference = reference_model.forward(tokens)
+    finally:
+        reference_model.ctl.close()
+    dense = model.dense_forward(tokens)
+    scale = reference.abs().clamp_min(1.0)
+    figures = torch.tensor([(balanced - reference).abs().max().item(), ((balanced - reference).abs() / scale).max().item(),
+                            ((balanced - dense).abs() / scale).max().item(), float(not torch.equal(balanced, reference))],
+                           dtype=torch.float64, device=device)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    diff, rel_diff, dense_diff, differs = figures.tolist()
+    # bitwise unless a GEMM's reduction order depends on how many rows it gets (it does on CPU for some sizes)
+    return {"max_abs_diff": diff, "max_rel_diff": rel_diff, "dense_max_rel_diff": dense_diff,
+            "bitwise_equal": not differs, "outputs_equal": rel_diff <= OUTPUT_TOLERANCE}
