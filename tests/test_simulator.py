@@ -37,7 +37,7 @@ def placement():
     return eplb.get_policy("default").rebalance(parametric_profile(4, 32, 0) * 1000, TOPOLOGY).placement
 
 
-# -- dispatch -----------------------------------------------------------------------------------------------------------
+# -- dispatch -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", STATIC_MODES)
 def test_every_static_mode_serves_all_tokens_from_ranks_that_hold_the_expert(placement, mode):
@@ -136,7 +136,7 @@ def test_received_experts_counts_each_new_expert_once_per_rank():
     np.testing.assert_array_equal(_received_experts(old, new, topology), [1, 1])
 
 
-# -- cost model ---------------------------------------------------------------------------------------------------------
+# -- cost model -----------------------------------------------------------------------------------------------------
 
 def test_cost_model_layer_waits_for_the_busiest_rank_and_transfers_hide_behind_compute():
     cost = CostModel(layer_fixed_us=10, token_us=0.5, bandwidth_gbs=1.0, overlap=0.5)
@@ -150,7 +150,7 @@ def test_cost_model_layer_waits_for_the_busiest_rank_and_transfers_hide_behind_c
     assert 43e6 < expert_bytes_of("deepseek-v3") < 45e6
 
 
-# -- simulation ---------------------------------------------------------------------------------------------------------
+# -- simulation -----------------------------------------------------------------------------------------------------
 
 def config(**cycle):
     return SimConfig(TOPOLOGY, CycleConfig(**{"interval": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)

@@ -46,7 +46,7 @@ def test_parametric_profile_rejects_bad_sizes():
         parametric_profile(2, 4, 0, top_k=5)
 
 
-# -- generated traces ---------------------------------------------------------------------------------------------------
+# -- generated traces -----------------------------------------------------------------------------------------------
 
 from eplb.errors import FormatError  # noqa: E402
 from eplb.sim.traces import (  # noqa: E402

@@ -30,8 +30,8 @@ def register(subparsers) -> None:
                     "H steps on the last window, ready A steps later, applied one layer per step) and score every "
                     "step: PAR = busiest rank / mean rank, token-weighted mean and p99, window PAR, moved slots and "
                     "bytes, planner time, and an estimated MoE step time against no balancing. The clairvoyant run "
-                    "plans on the steps it is scored on: the floor. The same seed gives the same figures (planner ms is "
-                    "measured wall time). Built-in traces: " + scenarios + ".",
+                    "plans on the steps it is scored on: the floor. The same seed gives the same figures (planner ms "
+                    "is measured wall time). Built-in traces: " + scenarios + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     trace = parser.add_argument_group("trace")
@@ -194,8 +194,8 @@ def run(args) -> int:
     meta = {
         "trace": {"name": trace.name, "steps": trace.num_steps, "layers": trace.num_layers,
                   "experts": trace.num_experts, "top_k": trace.top_k,
-                  "description": SCENARIOS[key][0] if trace.name.startswith("builtin:") else "recorded load",
-                  "workloads": args.workloads},
+                  "description": SCENARIOS[key][0] if key in SCENARIOS else "recorded load",
+                  "source": trace.source},
         "topology": {"num_ranks": topology.num_ranks, "slots_per_rank": topology.slots_per_rank,
                      "num_nodes": topology.num_nodes, "num_groups": topology.num_groups,
                      "description": topology.describe()},

@@ -100,8 +100,8 @@ def policy_table(report: dict):
     from rich.table import Table
 
     trace, topology = report["trace"], report["topology"]
-    table = Table(title=f"{trace['name']}: {trace['steps']:,} steps x {trace['layers']} layers, "
-                        f"{topology['num_ranks']} ranks x {topology['slots_per_rank']} slots",
+    table = Table(title=f"{trace['name']} ({trace['source']}): {trace['steps']:,} steps x {trace['layers']} "
+                        f"layers, {topology['num_ranks']} ranks x {topology['slots_per_rank']} slots",
                   caption=f"per-step PAR (busiest / mean rank), token-weighted, after step {report['warmup_steps']}; "
                           "speed-up: estimated MoE time vs static; ideal: PAR = 1",
                   box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
@@ -241,7 +241,8 @@ def _markdown(report: dict, best: str | None) -> str:
         f"# eplb simulate: {trace['name']}",
         "",
         f"{trace['steps']:,} steps of {trace['layers']} MoE layers x {trace['experts']} experts "
-        f"(top-{trace['top_k']}; {trace['description']}) on {report['topology']['description']}. "
+        f"(top-{trace['top_k']}; {trace['description']}; from {trace['source']}) on "
+        f"{report['topology']['description']}. "
         f"A plan is made every {settings['interval']} steps on the last window, arrives "
         f"{settings['planner_steps']} steps later and is applied {settings['pace']}; replica choice "
         f"`{settings['dispatch']}`; seed {report['seed']}.",

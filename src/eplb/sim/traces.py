@@ -124,12 +124,14 @@ class Regimes:
         names: R names (e.g. ``decode_in1000out1000``).
         prefill: bool ``[R]``, the regimes that describe prefill steps (the others describe decode steps).
         top_k: experts per token.
+        source: where they come from, in words.
     """
 
     profiles: np.ndarray
     names: tuple[str, ...]
     prefill: np.ndarray
     top_k: int
+    source: str = "parametric DeepSeek-V3-like workloads"
 
     @property
     def num_layers(self) -> int:
@@ -203,7 +205,7 @@ def real_regimes(path) -> Regimes:
     profiles = counts / totals * top_k
     profiles = np.stack([_cap_popularity(p) for p in profiles])
     prefill = np.array([n.startswith("prefill") for n in names])
-    return Regimes(profiles, names, prefill, top_k)
+    return Regimes(profiles, names, prefill, top_k, f"{len(names)} real workloads of {path.name}")
 
 
 def _is_workload_statistics(data) -> bool:
@@ -260,13 +262,15 @@ class Trace:
         counts: int32 ``[T, L, E]``: routings of each logical expert in each step (tokens x top_k per layer).
         prefill: bool ``[T]``: steps that are prefill (False for decode, or when unknown).
         top_k: experts per token.
-        name: where it came from (``builtin:default``, a file name).
+        name: its name (``builtin:default``, a file name).
+        source: what it was drawn from or recorded on, in words.
     """
 
     counts: np.ndarray = field(repr=False)
     prefill: np.ndarray = field(repr=False)
     top_k: int = TOP_K
     name: str = ""
+    source: str = ""
 
     @property
     def num_steps(self) -> int:
@@ -281,7 +285,7 @@ class Trace:
         return self.counts.shape[2]
 
     @classmethod
-    def from_counts(cls, counts, name: str = "", top_k: int = TOP_K, prefill=None) -> "Trace":
+    def from_counts(cls, counts, name: str = "", top_k: int = TOP_K, prefill=None, source: str = "") -> "Trace":
         """A trace from a per-step load ``[T, L, E]`` of whole numbers (numpy, list or torch).
 
         Raises:
@@ -298,7 +302,7 @@ class Trace:
         prefill = np.zeros(counts.shape[0], dtype=bool) if prefill is None else np.asarray(prefill, dtype=bool)
         if prefill.shape != counts.shape[:1]:
             raise LoadError(f"{field}: prefill must be bool [{counts.shape[0]}], got shape {prefill.shape}")
-        return cls(counts.astype(np.int32, copy=False), prefill, int(top_k), name)
+        return cls(counts.astype(np.int32, copy=False), prefill, int(top_k), name, source)
 
     def save(self, path) -> None:
         """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically.
@@ -310,7 +314,7 @@ class Trace:
         try:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
-                                    name=np.str_(self.name))
+                                    name=np.str_(self.name), source=np.str_(self.source))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -331,13 +335,14 @@ class Trace:
                 prefill = data["prefill"] if "prefill" in data.files else None
                 top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
                 name = str(data["name"]) if "name" in data.files else path.name
+                source = str(data["source"]) if "source" in data.files else f"recorded load {path.name}"
         except FileNotFoundError:
             raise FormatError(f"{path}: no such file") from None
         except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
             if isinstance(exc, EplbError):
                 raise
             raise FormatError(f"{path}: not a readable .npz trace: {exc}") from None
-        return cls.from_counts(counts, name=name or path.name, top_k=top_k, prefill=prefill)
+        return cls.from_counts(counts, name=name or path.name, top_k=top_k, prefill=prefill, source=source)
 
 
 @dataclass(frozen=True)
@@ -436,7 +441,7 @@ def generate_trace(regimes: Regimes, spec: TraceSpec, seed: int = 0, name: str =
         popularity = _add_requests(popularity, start, requests, preferences, mean_profile, prefill[start:stop],
                                    spec, seed, regimes.top_k)
         counts[start:stop] = _route(popularity, tokens[start:stop], regimes.top_k, rng)
-    return Trace(counts, prefill, regimes.top_k, name)
+    return Trace(counts, prefill, regimes.top_k, name, regimes.source)
 
 
 _CHUNK = 128
@@ -624,17 +629,18 @@ def load_trace(source: str, steps: int | None = None, seed: int = 0, workloads=N
         return builtin_trace("default", steps, seed, regimes=real_regimes(path))
     if _is_per_step_npz(path):
         trace = Trace.load(path)
-        counts, prefill, top_k = trace.counts, trace.prefill, trace.top_k
+        counts, prefill, top_k, name, origin = trace.counts, trace.prefill, trace.top_k, trace.name, trace.source
     else:
         from eplb.formats import read_load
 
-        counts, prefill, top_k = read_load(path), None, TOP_K
+        counts, prefill, top_k, name, origin = read_load(path), None, TOP_K, path.name, f"recorded load {path.name}"
     if counts.ndim == 2:
         logger.info("%s holds one window [L, E] (no time axis): generating builtin:default from it", path)
         profile = _cap_popularity(counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1e-300) * top_k)
-        regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k)
+        regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k,
+                          f"the window load of {path.name}")
         return builtin_trace("default", steps, seed, regimes=regimes)
     if steps is not None:
         counts = counts[:steps]
         prefill = None if prefill is None else prefill[:steps]
-    return Trace.from_counts(counts, name=path.name, top_k=top_k, prefill=prefill)
+    return Trace.from_counts(counts, name=name, top_k=top_k, prefill=prefill, source=origin)
