@@ -191,6 +191,10 @@ def test_options_are_checked():
         get_policy("swift", swap_gain=0)
     with pytest.raises(PolicyError, match="threshold"):
         get_policy("swift", threshold=float("nan"))
+    with pytest.raises(PolicyError, match="swap_rounds must be an integer"):
+        get_policy("swift", swap_rounds=2.5)
+    with pytest.raises(PolicyError, match="threshold must be a number"):
+        get_policy("swift", threshold="high")
 
 
 @pytest.fixture(scope="module")

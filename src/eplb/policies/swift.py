@@ -65,6 +65,18 @@ logger = logging.getLogger(__name__)
 PINS = ("expert", "replica")
 
 
+def _number(name: str, value, kind: type):
+    """``value`` as ``kind`` (float or int), or a :class:`PolicyError` naming the option."""
+    try:
+        number = kind(value)
+        exact = kind is float or float(value) == number
+    except (TypeError, ValueError):
+        raise PolicyError(f"{name} must be a number, got {value!r}") from None
+    if not exact:
+        raise PolicyError(f"{name} must be an integer, got {value!r}")
+    return number
+
+
 class SwiftPolicy(Policy):
     """SwiftBalancer (vllm-ascend id 2) with the replica weight bug fixed; see the module docstring.
 
@@ -85,19 +97,21 @@ class SwiftPolicy(Policy):
 
     def __init__(self, threshold: float = 1.01, intra_node: bool = False, spread: bool = True,
                  swap_rounds: int = 100, swap_gain: float = 0.01, pin: str = "expert"):
+        threshold, swap_gain = _number("threshold", threshold, float), _number("swap_gain", swap_gain, float)
+        swap_rounds = _number("swap_rounds", swap_rounds, int)
         if not np.isfinite(threshold):
             raise PolicyError(f"threshold must be a finite PAR (e.g. 1.01), got {threshold!r}")
-        if int(swap_rounds) != swap_rounds or swap_rounds < 0:
-            raise PolicyError(f"swap_rounds must be an integer >= 0, got {swap_rounds!r}")
+        if swap_rounds < 0:
+            raise PolicyError(f"swap_rounds must be >= 0, got {swap_rounds}")
         if not 0 < swap_gain < np.inf:
             raise PolicyError(f"swap_gain must be > 0 (a fraction of the mean rank load), got {swap_gain!r}")
         if pin not in PINS:
             raise PolicyError(f"pin must be one of {', '.join(PINS)}, got {pin!r}")
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.intra_node = bool(intra_node)
         self.spread = bool(spread)
-        self.swap_rounds = int(swap_rounds)
-        self.swap_gain = float(swap_gain)
+        self.swap_rounds = swap_rounds
+        self.swap_gain = swap_gain
         self.pin = pin
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
