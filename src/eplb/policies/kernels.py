@@ -1,8 +1,8 @@
-"""Building blocks shared by the policies: replica allotment and balanced packing, vectorised over rows.
+"""Building blocks shared by the policies: replica allotment, balanced packing, spreading of shared-rank copies.
 
-A "row" is one independent problem: a layer, or a (layer, node) pair. Every kernel loops over the few items or
-replicas of a row and does the work for all rows at once, so the cost grows with the row length, not the number of
-layers. Arithmetic is done in the dtype of ``weight`` (DeepSeek's reference works in float32, and ties depend on it).
+A "row" is one independent problem: a layer, or a (layer, node) pair; every kernel takes all rows at once and runs
+the greedy loops of each row in numba. Arithmetic is done in the dtype of ``weight`` (DeepSeek's reference works in
+float32, and ties depend on it).
 """
 
 from __future__ import annotations
@@ -23,12 +23,17 @@ def _slots_per_row(num_rows: int, num_items: int, num_slots) -> np.ndarray:
     return slots
 
 
+def _float_weight(weight) -> np.ndarray:
+    weight = np.asarray(weight)
+    return weight if weight.dtype.kind == "f" else weight.astype(np.float64)
+
+
 def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Give ``num_slots`` replicas to ``n`` items: one each, then each further one to the item with the largest
     ``weight / replicas`` (ties: lowest index). DeepSeek's ``replicate_experts``.
 
     Args:
-        weight: float ``[X, n]``; the arithmetic runs in its dtype.
+        weight: float ``[X, n]``; the arithmetic runs in its dtype (integers: float64).
         num_slots: S >= n, the same for every row.
 
     Returns:
@@ -36,43 +41,48 @@ def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarra
         order), ``replica_rank`` int64 ``[X, S]`` (0 for the first replica of an item, 1 for the second, ...),
         ``counts`` int64 ``[X, n]``.
     """
-    weight = np.asarray(weight)
-    num_rows, num_items = weight.shape
-    _slots_per_row(num_rows, num_items, num_slots)
-    rows = np.arange(num_rows)
-    slot_item = np.empty((num_rows, num_slots), dtype=np.int64)
-    replica_rank = np.zeros((num_rows, num_slots), dtype=np.int64)
-    slot_item[:, :num_items] = np.arange(num_items)
-    counts = np.ones((num_rows, num_items), dtype=np.int64)
-    for slot in range(num_items, num_slots):
-        best = np.argmax(weight / counts.astype(weight.dtype), axis=1)
-        slot_item[:, slot] = best
-        replica_rank[:, slot] = counts[rows, best]
-        counts[rows, best] += 1
-    return slot_item, replica_rank, counts
+    weight = _float_weight(weight)
+    slots = _slots_per_row(weight.shape[0], weight.shape[1], num_slots)
+    return _replicate(weight, slots, int(num_slots))
 
 
 def replicate_counts(weight: np.ndarray, num_slots) -> np.ndarray:
     """Replica count of each item when ``num_slots`` replicas go greedily to the largest ``weight / replicas``.
 
     Args:
-        weight: float ``[X, n]``; the arithmetic runs in its dtype.
+        weight: float ``[X, n]``; the arithmetic runs in its dtype (integers: float64).
         num_slots: int, or int ``[X]`` (one total per row), each >= n.
 
     Returns:
         int64 ``[X, n]``, each >= 1, rows summing to ``num_slots``. Ties go to the lowest index.
     """
-    weight = np.asarray(weight)
+    weight = _float_weight(weight)
+    slots = _slots_per_row(weight.shape[0], weight.shape[1], num_slots)
+    return _replicate(weight, slots, int(slots.max(initial=weight.shape[1])))[2]
+
+
+@njit(cache=True)
+def _replicate(weight, slots_per_row, width):
     num_rows, num_items = weight.shape
-    slots = _slots_per_row(num_rows, num_items, num_slots)
+    slot_item = np.full((num_rows, width), -1, dtype=np.int64)
+    replica_rank = np.zeros((num_rows, width), dtype=np.int64)
     counts = np.ones((num_rows, num_items), dtype=np.int64)
-    extra = slots - num_items
-    rows = np.arange(num_rows)
-    for step in range(int(extra.max(initial=0))):
-        active = rows[extra > step]
-        best = np.argmax(weight[active] / counts[active].astype(weight.dtype), axis=1)
-        counts[active, best] += 1
-    return counts
+    per_replica = np.empty(num_items, dtype=weight.dtype)
+    for row in range(num_rows):
+        for item in range(num_items):
+            slot_item[row, item] = item
+            per_replica[item] = weight[row, item]
+        for slot in range(num_items, slots_per_row[row]):
+            best = 0
+            for item in range(1, num_items):  # strict > keeps the lowest index among equal ratios
+                if per_replica[item] > per_replica[best]:
+                    best = item
+            slot_item[row, slot] = best
+            replica_rank[row, slot] = counts[row, best]
+            counts[row, best] += 1
+            # rounded to the weight's dtype, as the reference divides in float32
+            per_replica[best] = weight[row, best] / counts[row, best]
+    return slot_item, replica_rank, counts
 
 
 def descending_order(weight: np.ndarray) -> np.ndarray:
@@ -87,14 +97,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     When every pack holds one item, item ``i`` goes to pack ``i`` (the reference does not sort then).
 
     Args:
-        weight: float ``[X, n]`` with ``n % num_packs == 0``; pack weights accumulate in its dtype.
+        weight: float ``[X, n]`` with ``n % num_packs == 0``; pack weights accumulate in its dtype (integers:
+            float64).
         num_packs: m.
 
     Returns:
         ``pack`` int64 ``[X, n]`` (the pack of each item) and ``rank_in_pack`` int64 ``[X, n]`` (its position in
         the pack, in packing order).
     """
-    weight = np.asarray(weight)
+    weight = _float_weight(weight)
     num_rows, num_items = weight.shape
     if num_items % num_packs:
         raise PolicyError(f"{num_items} items cannot fill {num_packs} packs evenly")
@@ -111,20 +122,23 @@ def _pack_greedy(weight, order, num_packs, per_pack):
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
     pack_weight = np.zeros(num_packs, dtype=weight.dtype)
+    open_weight = np.zeros(num_packs, dtype=weight.dtype)  # the pack's weight, or +inf once it is full
     pack_items = np.zeros(num_packs, dtype=np.int64)
     for row in range(num_rows):
         pack_weight[:] = 0
+        open_weight[:] = 0
         pack_items[:] = 0
         for position in range(num_items):
             item = order[row, position]
-            target = -1
-            for candidate in range(num_packs):  # strict < keeps the lowest index among equally light packs
-                if pack_items[candidate] < per_pack and (target < 0 or pack_weight[candidate] < pack_weight[target]):
+            target = 0
+            for candidate in range(1, num_packs):  # strict < keeps the lowest index among equally light packs
+                if open_weight[candidate] < open_weight[target]:
                     target = candidate
             pack[row, item] = target
             rank_in_pack[row, item] = pack_items[target]
             pack_weight[target] += weight[row, item]
             pack_items[target] += 1
+            open_weight[target] = pack_weight[target] if pack_items[target] < per_pack else np.inf
     return pack, rank_in_pack
 
 
