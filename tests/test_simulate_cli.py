@@ -32,6 +32,9 @@ def test_json_report_and_files(capsys, tmp_path):
     assert "![per-step PAR over time](par_over_time.png)" in report_md and "| default |" in report_md
     full = json.loads((tmp_path / "report" / "report.json").read_text())
     assert full["policies"]["default"] == default and len(full["per_layer"]["default"]["step_par_mean"]) == 58
+    first = full["cycles"]["default"][0]
+    assert first["window"] == [0, 50] and first["layers"] > 0 and first["skipped"] is None
+    assert first["predicted_par_after"] < first["measured_step_par"] < static["step_par_mean"]
 
 
 def test_same_seed_same_results_and_saved_trace_replays(capsys, tmp_path):
@@ -49,7 +52,8 @@ def test_same_seed_same_results_and_saved_trace_replays(capsys, tmp_path):
 
 
 def test_table_output(capsys, tmp_path):
-    assert main(["simulate", *FAST, "--out", str(tmp_path), "--redundant", "32", "--dispatch", "local"]) == 0
+    assert main(["simulate", *FAST, "--out", str(tmp_path), "--redundant", "32", "--dispatch", "local",
+                 "--similarity", "0.99"]) == 0
     out = capsys.readouterr().out
     assert "static" in out and "clairvoyant:default" in out and "speed" in out
     assert f"report written to {tmp_path}" in out.replace("\n", "")

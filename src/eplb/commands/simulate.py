@@ -69,6 +69,9 @@ def register(subparsers) -> None:
     policies.add_argument("--min-gain", type=float, default=0.0, metavar="X",
                           help="apply a layer only if its predicted PAR improves by more than this")
     policies.add_argument("--max-layers", type=int, metavar="N", help="apply at most N layers per cycle, best first")
+    policies.add_argument("--similarity", type=float, metavar="S",
+                          help="apply a layer only if its load's cosine similarity to its load when last applied is "
+                               "below S (xLLM's eplb_update_threshold)")
     policies.add_argument("--dispatch", default="even", choices=DISPATCH_MODES,
                           help="replica choice: even split, per source rank, per token, local first, per-batch "
                                "balanced")
@@ -173,7 +176,7 @@ def run(args) -> int:
         cycle = CycleConfig(
             interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
             bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
-            min_gain=args.min_gain, max_layers=args.max_layers)
+            min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap))
         runs = {}
@@ -201,7 +204,8 @@ def run(args) -> int:
                      "description": topology.describe()},
         "settings": {"interval": args.interval, "planner_steps": args.planner_steps,
                      "layers_per_step": args.layers_per_step, "gb_per_step": args.gb_per_step,
-                     "min_gain": args.min_gain, "max_layers": args.max_layers, "dispatch": args.dispatch,
+                     "min_gain": args.min_gain, "max_layers": args.max_layers, "similarity": args.similarity,
+                     "dispatch": args.dispatch,
                      "layout": args.layout, "expert_bytes": expert_bytes,
                      "pace": (f"within {args.gb_per_step:g} GB per step" if args.gb_per_step else
                               "all layers at once" if args.layers_per_step == 0 else

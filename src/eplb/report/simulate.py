@@ -61,10 +61,26 @@ def build_report(runs: dict, static, clairvoyant, meta: dict) -> dict:
         report["clairvoyant"] = {"policy": clairvoyant.name.split(":", 1)[-1], **figures(clairvoyant)}
     every = {**runs, **({clairvoyant.name: clairvoyant} if clairvoyant is not None else {})}
     report["per_layer"] = {name: run.per_layer() for name, run in every.items()}
-    report["cycles"] = {name: [_cycle_json(record, ms) for record, ms in
-                               zip(run.cycles, run.planner_ms + [None] * len(run.cycles))]
-                        for name, run in every.items() if run.cycles}
+    report["cycles"] = {name: _cycles_json(run) for name, run in every.items() if run.cycles}
     return report
+
+
+def _cycles_json(run) -> list[dict]:
+    """One entry per cycle; ``measured_step_par``: token-weighted step PAR from the step after its last layer was
+    applied until the next cycle starts applying (None when nothing was applied)."""
+    applied = [r.apply_start for r in run.cycles if r.apply_start is not None] + [run.step_par.shape[0]]
+    out = []
+    for record, planner_ms in zip(run.cycles, run.planner_ms + [None] * len(run.cycles)):
+        entry = _cycle_json(record, planner_ms)
+        entry["measured_step_par"] = None
+        if record.apply_end is not None:
+            stop = min(start for start in applied if start > record.apply_end)
+            steps = slice(record.apply_end + 1, stop)
+            tokens = run.tokens[steps].sum()
+            if tokens > 0:
+                entry["measured_step_par"] = float((run.step_par[steps] * run.tokens[steps]).sum() / tokens)
+        out.append(entry)
+    return out
 
 
 def _cycle_json(record, planner_ms) -> dict:
