@@ -6,6 +6,17 @@ Popularity profiles
     to the real DeepSeek-V3 loads in ``sglang_dsv3_ep_statistics.npz``: the hottest expert of a layer gets about
     6.5x the mean (5.6-8.1x averaged over layers per workload, 2.8-11x for single layers), layers differ, and the
     sorted popularity follows a log-normal curve (log-std about 0.75).
+
+Regimes
+    The workloads a trace drifts between (:class:`Regimes`): the 12 real DeepSeek-V3 workloads of a
+    workload-statistics file (:func:`real_regimes`), or related parametric ones (:func:`parametric_regimes`).
+
+Traces
+    :func:`generate_trace` samples ``[T, L, E]`` int32 counts with drift, bursty requests and prefill/decode phases
+    (:class:`TraceSpec`); :data:`SCENARIOS` names the built-in mixes (:func:`builtin_trace`). A :class:`Trace`
+    saves to and loads from ``.npz`` (``counts`` plus ``prefill``, ``top_k``, ``name``, ``source``), which
+    :func:`eplb.formats.read_load` also reads; :func:`load_trace` resolves what ``eplb simulate --trace`` names,
+    replaying a recorded per-step load in any supported format as it is.
 """
 
 from __future__ import annotations
@@ -464,7 +475,9 @@ def _phases(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
 
 def _drift(steps: int, num_regimes: int, spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
     """float64 ``[T, R]``: regime mix of every step; rows sum to 1."""
-    draw = lambda: rng.dirichlet(np.full(num_regimes, spec.concentration)) if num_regimes > 1 else np.ones(1)
+    def draw() -> np.ndarray:
+        return rng.dirichlet(np.full(num_regimes, spec.concentration)) if num_regimes > 1 else np.ones(1)
+
     current = draw()
     if spec.segment is None:
         return np.broadcast_to(current, (steps, num_regimes)).copy()
