@@ -37,10 +37,11 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float, threads: int,
-               messages, target, args) -> None:
+               log_level: int, messages, target, args) -> None:
     import torch
     import torch.distributed as dist
 
+    logging.basicConfig(level=log_level, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
@@ -56,7 +57,8 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
 
 
 def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, on_event=None,
-           backend: str = "gloo", collective_timeout_s: float = 60.0, threads: int = 1) -> list:
+           backend: str = "gloo", collective_timeout_s: float = 60.0, threads: int = 1,
+           log_level: int = logging.WARNING) -> list:
     """Run ``target`` on ``world_size`` ranks and return their results, rank order.
 
     Args:
@@ -68,6 +70,7 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
         backend: ``gloo`` (CPU) or ``nccl`` (rank ``r`` then uses GPU ``r``; the target picks its device).
         collective_timeout_s: the process group's timeout (a rank stuck in a collective fails after it).
         threads: torch threads per rank (1: ranks do not fight over the cores).
+        log_level: ``logging`` level of the ranks (their records go to stderr, prefixed with the rank).
 
     Raises:
         LaunchError: a rank raised (its traceback is in the message), died, or the launch ran past ``timeout_s``.
@@ -78,8 +81,8 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
     messages = ctx.Queue()
     port = _free_port()
     processes = [ctx.Process(target=_rank_main, name=f"eplb-rank{rank}",
-                             args=(rank, world_size, port, backend, collective_timeout_s, threads, messages, target,
-                                   args))
+                             args=(rank, world_size, port, backend, collective_timeout_s, threads, log_level, messages,
+                                   target, args))
                  for rank in range(world_size)]
     results: dict[int, object] = {}
     deadline = time.monotonic() + timeout_s

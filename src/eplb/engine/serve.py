@@ -1,8 +1,9 @@
 """One rank's serving loop: the model, the runtime controller, the skewed workload, and (for tests) faults.
 
 :func:`serve_rank` is the ``target`` of :func:`eplb.engine.launch.launch`. Per step it calls the controller's hooks
-around the forward exactly as an engine would, and emits ``("step", step, seconds, rows)`` (``rows`` int ``[L]``: the
-token x expert rows this rank's experts computed per layer) and, once per finished cycle, ``("cycle", figures)``.
+around the forward exactly as an engine would, and emits ``("step", step, seconds, rows, switched)`` (``rows`` int
+``[L]``: the token x expert rows this rank's experts computed per layer; ``switched``: a layer's placement changed in
+this step) and, once per finished cycle, ``("cycle", figures)``.
 At the end it runs a fixed batch through the balanced model and through the same model without balancing (initial
 placement, EPLB off) and compares the outputs.
 """
@@ -165,8 +166,9 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
-            emit(("step", step, seconds, model.last_received.tolist()))
             digests.append(_router_digest(ctl))
+            switched = len(digests) > 1 and digests[-1] != digests[-2]
+            emit(("step", step, seconds, model.last_received.tolist(), switched))
             while reported < len(ctl.metrics) and ctl.metrics[reported].next_window_par is not None:
                 emit(("cycle", cycle_figures(ctl.metrics[reported])))
                 reported += 1

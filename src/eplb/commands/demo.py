@@ -1,0 +1,327 @@
+"""``eplb demo``: a real expert-parallel MoE engine on this machine, balanced by the runtime while it serves.
+
+Spawns ``--ranks`` processes joined in a Gloo group over loopback; each serves a DeepSeek-V3-like skewed workload
+through :mod:`eplb.engine` with the runtime's controller (dynamic, record or static mode). Prints per cycle the
+measured PAR of the window before and after, moved slots, transfer time and tokens per second; then the busiest
+rank's rows per step and the step time before and after the first cycle (medians), and checks that a fixed batch
+gives the same outputs as the same model without balancing (exit code 1 when it does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from eplb.errors import EplbError
+
+log = logging.getLogger(__name__)
+
+_MODES = ("dynamic", "record", "static")
+_WARMUP_STEPS = 3  # first steps pay for lazy initialisation; left out of the medians
+_DEFAULT_RECORD_PATH = "eplb-demo-map.json"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="serve a small MoE model with expert parallelism over real processes and balance it live",
+        description="Spawn RANKS processes (Gloo over loopback) that serve a small MoE model with expert parallelism "
+                    "(gate -> replica router -> all_to_all -> experts -> all_to_all) on a DeepSeek-V3-like skewed "
+                    "workload, driven by the eplb runtime. Per cycle: measured PAR (busiest rank / mean rank) of "
+                    "the window before and after, moved slots, transfer time, tokens per second. At the end: the "
+                    "busiest rank's rows per step and the step time before and after the first cycle (medians), "
+                    "and whether a fixed batch gives the same outputs as the model without balancing. Timings "
+                    "are wall clock on this machine; on a shared CPU they are noisy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ranks", type=int, default=4, metavar="W", help="ranks (processes) of the EP group")
+    parser.add_argument("--policy", default="default", metavar="NAME", help="placement policy (name or vllm-ascend id)")
+    parser.add_argument("--steps", type=int, default=200, metavar="N", help="steps to serve")
+    parser.add_argument("--mode", choices=_MODES, default="dynamic",
+                        help="dynamic: plan and move experts; record: plan and write the map to --map every cycle, "
+                             "move nothing; static: load --map at start")
+    parser.add_argument("--map", metavar="FILE",
+                        help=f"expert map (vllm-ascend JSON): read in static mode (and dynamic, as the start), "
+                             f"written in record mode (default there: {_DEFAULT_RECORD_PATH})")
+    parser.add_argument("--window", type=int, default=40, metavar="H", help="steps per heat window (one cycle each)")
+    model = parser.add_argument_group("model and workload")
+    model.add_argument("--experts", type=int, default=16, metavar="E", help="routed experts per layer")
+    model.add_argument("--slots-per-rank", type=int, metavar="K",
+                       help="expert slots per rank (default: E / W + 1, one redundant slot per rank)")
+    model.add_argument("--layers", type=int, default=4, metavar="L", help="MoE layers")
+    model.add_argument("--top-k", type=int, default=4, metavar="k", help="experts per token")
+    model.add_argument("--groups", type=int, default=4, metavar="G",
+                       help="expert groups of DeepSeek-style grouped top-k (1: plain top-k)")
+    model.add_argument("--topk-groups", type=int, default=2, metavar="g", help="groups each token may pick from")
+    model.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens per rank per step")
+    model.add_argument("--router", default="rank", metavar="MODE", help="replica router: rank, token or local")
+    model.add_argument("--seed", type=int, default=0, help="weights and workload seed")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                        help="give up (and stop every rank) after this many seconds")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary at the end, nothing else")
+    parser.set_defaults(func=run)
+
+
+def _settings(args):
+    """Validate the arguments before any process starts; returns (ServeSettings, record_path)."""
+    from eplb.engine.model import ModelConfig
+    from eplb.engine.serve import ServeSettings
+    from eplb.runtime import EplbConfig
+    from eplb.topology import Topology
+
+    for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups"):
+        if getattr(args, name) < 1:
+            raise EplbError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.timeout > 0:
+        raise EplbError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    slots = args.slots_per_rank or math.ceil(args.experts / args.ranks) + 1
+    if slots * args.ranks < args.experts:
+        raise EplbError(f"--slots-per-rank {slots} x --ranks {args.ranks} = {slots * args.ranks} slots cannot hold "
+                        f"{args.experts} experts")
+    model = ModelConfig(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
+                        num_groups=args.groups, topk_groups=args.topk_groups, seed=args.seed)
+    eplb = {"mode": args.mode, "window_steps": args.window, "planner_check_steps": 4, "policy": args.policy,
+            "router_mode": args.router}
+    record_path = None
+    if args.mode == "record":
+        record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())
+        eplb["record_path"] = record_path
+        eplb.update(_record_policy_options(args.policy))
+    elif args.map is not None:
+        eplb["map_path"] = args.map
+    elif args.mode == "static":
+        raise EplbError("--mode static needs --map FILE (e.g. one written by --mode record)")
+    config = EplbConfig.from_dict(eplb)
+    config.check_model(args.layers, args.experts, Topology(args.ranks, slots))  # bad map: error before serving
+    settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
+                             eplb=eplb)
+    return settings, record_path
+
+
+def _record_policy_options(policy) -> dict:
+    """Record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank: ask the policy not to
+    do that when it has the option."""
+    from eplb.policies import get_policy
+
+    try:
+        get_policy(policy, allow_shared_rank=False)
+    except EplbError:
+        return {}
+    return {"policy_options": {"allow_shared_rank": False}}
+
+
+class _Collector:
+    """Gathers the ranks' events in the parent: per step the slowest rank's time and the busiest rank's rows."""
+
+    def __init__(self, world: int, num_layers: int, tokens_per_step: int):
+        self.world, self.num_layers, self.tokens_per_step = world, num_layers, tokens_per_step
+        self.steps: dict[int, dict[int, tuple]] = {}
+        self.cycles: dict[int, dict[int, dict]] = {}
+        self.ready = 0
+        self.checking = False
+
+    def on_event(self, rank: int, payload) -> None:
+        kind = payload[0]
+        if kind == "step":
+            _, step, seconds, rows, switched = payload
+            self.steps.setdefault(step, {})[rank] = (seconds, rows, switched)
+        elif kind == "cycle":
+            self.cycles.setdefault(payload[1]["cycle"], {})[rank] = payload[1]
+        elif kind == "ready":
+            self.ready += 1
+        elif kind == "checking":
+            self.checking = True
+
+    def complete_steps(self) -> list[int]:
+        return sorted(s for s, ranks in self.steps.items() if len(ranks) == self.world)
+
+    def step_figures(self, step: int) -> tuple[float, float, float, bool]:
+        """(seconds of the slowest rank, busiest rank's rows averaged over layers, PAR of rows, switched)."""
+        import numpy as np
+
+        ranks = self.steps[step]
+        seconds = max(v[0] for v in ranks.values())
+        rows = np.array([ranks[r][1] for r in range(self.world)], dtype=np.float64)  # [W, L]
+        busiest = float(rows.max(axis=0).mean())
+        mean = rows.mean(axis=0)
+        step_par = float(np.mean(rows.max(axis=0) / np.where(mean > 0, mean, 1.0)))
+        return seconds, busiest, step_par, any(v[2] for v in ranks.values())
+
+    def cycle(self, index: int) -> dict | None:
+        """Rank 0's figures of a finished cycle, with the slowest rank's transfer time; None until all reported."""
+        ranks = self.cycles.get(index, {})
+        if len(ranks) < self.world:
+            return None
+        out = dict(ranks[0])
+        out["transfer_s"] = max(r["transfer_s"] for r in ranks.values())
+        return out
+
+
+def _median(values) -> float | None:
+    import numpy as np
+
+    return float(np.median(values)) if len(values) else None
+
+
+def _summary(collector: _Collector, results: list, settings, args, elapsed: float) -> dict:
+    steps = [s for s in collector.complete_steps() if s >= _WARMUP_STEPS]
+    figures = {s: collector.step_figures(s) for s in steps}
+    cycles = [c for c in results[0]["cycles"]]
+    for c in cycles:
+        c["transfer_s"] = max(r["cycles"][c["cycle"]]["transfer_s"] for r in results)
+    applied = [c for c in cycles if c["applied_layers"]]
+    first = applied[0] if applied else None
+    before, after = steps, []
+    if first is not None:
+        nxt = [c["submit_step"] for c in cycles if c["submit_step"] > first["submit_step"]]
+        window_end = nxt[0] if nxt else steps[-1] + 1 if steps else first["submit_step"]
+        switched = [s for s in steps if first["submit_step"] <= s < window_end and figures[s][3]]
+        first_done = switched[-1] if switched else first["submit_step"]
+        before = [s for s in steps if s < first["submit_step"]]
+        after = [s for s in steps if s > first_done]
+    tokens = collector.tokens_per_step
+
+    def medians(selection):
+        return {"busiest_rank_rows": _median([figures[s][1] for s in selection]),
+                "step_par": _median([figures[s][2] for s in selection]),
+                "step_time_ms": None if not selection else 1000 * _median([figures[s][0] for s in selection]),
+                "tokens_per_s": _median([tokens / figures[s][0] for s in selection]), "steps": len(selection)}
+
+    for c in cycles:
+        end = next((d["submit_step"] for d in cycles if d["submit_step"] > c["submit_step"]), None)
+        window = [s for s in steps if c["submit_step"] - args.window <= s < c["submit_step"]]
+        moving = [s for s in steps if c["submit_step"] <= s < (end or math.inf) and figures[s][3]]
+        later = [s for s in steps if (moving[-1] if moving else c["submit_step"]) < s < (end or math.inf)]
+        c["tokens_per_s_before"] = _median([tokens / figures[s][0] for s in window])
+        c["tokens_per_s_after"] = _median([tokens / figures[s][0] for s in later])
+    out = {"ranks": args.ranks, "policy": args.policy, "mode": args.mode, "experts": args.experts,
+           "slots_per_rank": settings.slots_per_rank, "layers": args.layers, "top_k": args.top_k,
+           "tokens_per_rank": args.tokens, "steps": len(collector.complete_steps()), "window": args.window,
+           "cycles": [{"cycle": c["cycle"], "submit_step": c["submit_step"], "par_before": c["window_par"],
+                       "par_after": c["next_window_par"], "predicted_par_after": c["predicted_par_after"],
+                       "moved_slots": c["moved_slots"], "transfer_s": c["transfer_s"], "planner_s": c["planner_s"],
+                       "tokens_per_s_before": c["tokens_per_s_before"],
+                       "tokens_per_s_after": c["tokens_per_s_after"], "skipped": c["skipped"]} for c in cycles],
+           "before": medians(before), "after": medians(after) if first is not None else None,
+           "outputs_equal": all(r["outputs_equal"] for r in results),
+           "bitwise_equal": all(r["bitwise_equal"] for r in results),
+           "max_rel_diff": max(r["max_rel_diff"] for r in results), "elapsed_s": elapsed}
+    if first is not None and out["before"]["busiest_rank_rows"] and out["after"]["busiest_rank_rows"]:
+        out["busiest_rank_drop"] = 1 - out["after"]["busiest_rank_rows"] / out["before"]["busiest_rank_rows"]
+    return out
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _cycle_line(c: dict) -> str:
+    if c.get("skipped") and not c["applied_layers"]:
+        return (f"cycle {c['cycle']} (step {c['submit_step']}): skipped: {c['skipped'].splitlines()[0]}; "
+                f"PAR {_fmt(c['window_par'], '.3f')} -> {_fmt(c['next_window_par'], '.3f')}")
+    return (f"cycle {c['cycle']} (step {c['submit_step']}): PAR {_fmt(c['window_par'], '.3f')} -> "
+            f"{_fmt(c['next_window_par'], '.3f')} (predicted {_fmt(c['predicted_par_after'], '.3f')}), "
+            f"{c['moved_slots']} slots moved in layers {c['applied_layers']}, transfers "
+            f"{1000 * c['transfer_s']:.1f} ms")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from eplb.engine.launch import launch
+    from eplb.engine.serve import serve_rank
+
+    settings, record_path = _settings(args)
+    collector = _Collector(args.ranks, args.layers, args.ranks * args.tokens)
+    console = Console(stderr=True, highlight=False)
+    start = time.perf_counter()
+    if args.json:
+        results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=collector.on_event)
+    else:
+        shown = set()
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        task = progress.add_task(f"starting {args.ranks} ranks (Gloo over loopback)", total=args.steps)
+
+        def on_event(rank, payload):
+            collector.on_event(rank, payload)
+            kind = payload[0]
+            if kind == "cycle":
+                figures = collector.cycle(payload[1]["cycle"])
+                if figures is not None and figures["cycle"] not in shown:
+                    shown.add(figures["cycle"])
+                    progress.console.print(_cycle_line(figures))
+            elif kind == "step" and rank == 0:
+                done = collector.complete_steps()
+                text = f"serving, {args.mode} mode"
+                if done:
+                    seconds, busiest, step_par, _ = collector.step_figures(done[-1])
+                    text += (f": busiest rank {busiest:.0f} rows/layer, step PAR {step_par:.2f}, "
+                             f"{collector.tokens_per_step / seconds:,.0f} tok/s")
+                progress.update(task, completed=payload[1] + 1, description=text)
+            elif kind == "checking":
+                progress.update(task, description="checking outputs against the model without balancing")
+
+        with progress:
+            results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=on_event)
+    summary = _summary(collector, results, settings, args, time.perf_counter() - start)
+    if record_path is not None:
+        summary["map_written"] = record_path if Path(record_path).is_file() else None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(Console(highlight=False), summary)
+    return 0 if summary["outputs_equal"] else 1
+
+
+def _print_summary(console, s: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]eplb demo[/]: {s['ranks']} ranks x {s['slots_per_rank']} slots, {s['experts']} experts x "
+                  f"{s['layers']} layers, top-{s['top_k']}, {s['tokens_per_rank']} tokens per rank per step, "
+                  f"policy {s['policy']}, {s['mode']} mode, {s['steps']} steps in {s['elapsed_s']:.0f} s")
+    if s["cycles"]:
+        table = Table(title="cycles (PAR measured on the heat window before and after; transfer: slowest rank)")
+        moved = "planned moves" if s["mode"] == "record" else "moved slots"
+        for name in ("cycle", "step", "PAR before", "PAR after", moved, "transfer ms", "tok/s before",
+                     "tok/s after", "note"):
+            table.add_column(name, justify="left" if name == "note" else "right")
+        for c in s["cycles"]:
+            table.add_row(str(c["cycle"]), str(c["submit_step"]), _fmt(c["par_before"], ".3f"),
+                          _fmt(c["par_after"], ".3f"), str(c["moved_slots"]), _fmt(1000 * c["transfer_s"], ".1f"),
+                          _fmt(c["tokens_per_s_before"], ",.0f"), _fmt(c["tokens_per_s_after"], ",.0f"),
+                          (c["skipped"] or "").splitlines()[0] if c["skipped"] else "")
+        console.print(table)
+    b, a = s["before"], s["after"]
+    if a is None:
+        console.print(f"medians over {b['steps']} steps: busiest rank {_fmt(b['busiest_rank_rows'], '.0f')} "
+                      f"rows/layer per step (step PAR {_fmt(b['step_par'], '.3f')}), step "
+                      f"{_fmt(b['step_time_ms'], '.1f')} ms, {_fmt(b['tokens_per_s'], ',.0f')} tokens/s")
+    else:
+        console.print(f"busiest rank per step (token x expert rows per layer, medians): "
+                      f"{_fmt(b['busiest_rank_rows'], '.0f')} before the first cycle -> "
+                      f"{_fmt(a['busiest_rank_rows'], '.0f')} after ({_fmt(s.get('busiest_rank_drop'), '.0%')} less); "
+                      f"step PAR {_fmt(b['step_par'], '.3f')} -> {_fmt(a['step_par'], '.3f')}")
+        console.print(f"step time (median, slowest rank, wall clock on a shared CPU): "
+                      f"{_fmt(b['step_time_ms'], '.1f')} ms over {b['steps']} steps -> "
+                      f"{_fmt(a['step_time_ms'], '.1f')} ms over {a['steps']} steps; tokens/s "
+                      f"{_fmt(b['tokens_per_s'], ',.0f')} -> {_fmt(a['tokens_per_s'], ',.0f')}")
+    if "map_written" in s:
+        if s["map_written"] is None:
+            console.print("[red]record mode: no map was written[/] (no plan arrived in time, or see the log above)")
+        else:
+            console.print(f"record mode: the last cycle's map is in {s['map_written']} "
+                          f"(serve with it: eplb demo --mode static --map {s['map_written']})")
+    if s["bitwise_equal"]:
+        console.print("outputs for a fixed batch: [green]bitwise equal[/] to the same model without balancing")
+    elif s["outputs_equal"]:
+        console.print(f"outputs for a fixed batch: [green]equal within 1e-6[/] to the same model without balancing "
+                      f"(max relative difference {s['max_rel_diff']:.2e})")
+    else:
+        console.print(f"outputs for a fixed batch: [red]DIFFER[/] from the same model without balancing (max "
+                      f"relative difference {s['max_rel_diff']:.2e})")
