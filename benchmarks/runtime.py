@@ -14,8 +14,13 @@ Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
 - ``blocked_per_step_us``: per-step total for 58 layers (route + record on every layer + hooks), the figure to
   compare with the 1 ms target; ``blocked_per_cycle_ms``: the steps of a cycle that do more than the ordinary
   step (submit, planner checks, one switch per changed layer), summed.
+- ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it): a real dynamic cycle over a Gloo group of ``W`` processes
+  (58 layers x 256 experts on ``W`` ranks x ``288 / W`` slots, 4 KiB per expert, ``default`` policy in the planner
+  process; the ranks pass a barrier before each step): time spent inside ``before_forward`` + ``after_forward``
+  per step kind (median and max, us), the total per cycle (ms), and of it ``transfer_ms`` (posting
+  and waiting for the point-to-point transfers) and ``switch_ms`` (copies and table updates) over the cycle.
 
-    python benchmarks/runtime.py [--tokens 256] [--repeats 20]
+    python benchmarks/runtime.py [--tokens 256] [--repeats 20] [--ranks 2]
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the Gloo cycle measurement (0: skip)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
@@ -119,9 +125,73 @@ def main() -> None:
     out["blocked_per_step_us"] = NUM_LAYERS * per_layer + hooks["collect"]
     checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
     out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
-    out["note"] = ("CPU, 1 thread, single process (no collectives); medians; taken on a shared 2-core machine "
-                   "under load by other jobs")
+    if args.ranks:
+        out["cycle_gloo"] = gloo_cycle(args.ranks, load)
+    out["note"] = ("CPU, 1 thread per process; medians; a shared 2-core machine under load by other jobs, so "
+                   "timings are noisy")
     print(json.dumps(out, indent=2))
+
+
+def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
+    """Run one dynamic cycle over a real Gloo group; rank 0's hook timings per step kind."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gloo_rank, args=(num_ranks, tmp, load), nprocs=num_ranks, join=True)
+        return json.loads(Path(tmp, "rank0.json").read_text())
+
+
+def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
+    import torch.distributed as dist
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=num_ranks)
+    topology = Topology(num_ranks, TOPOLOGY.num_physical // num_ranks)
+    placement = Placement.initial(NUM_EXPERTS, topology, NUM_LAYERS, layout="spread")
+    tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
+    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
+                                   "policy": "default"})
+    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
+                         placement=placement)
+    p = load / load.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng(rank)
+    kinds: dict[str, list[float]] = {}
+    try:
+        for step in range(2000):
+            ids = [torch.as_tensor(rng.choice(NUM_EXPERTS, (64, TOP_K), p=p[l])) for l in range(NUM_LAYERS)]
+            submitted, phase = len(ctl.metrics), ctl.cycle.phase.value
+            dist.barrier()  # start every step together, so hook times do not include another rank's lag
+            start = time.perf_counter()
+            ctl.before_forward()
+            hooks = time.perf_counter() - start
+            for l in range(NUM_LAYERS):
+                ctl.route(l, ids[l])
+            start = time.perf_counter()
+            ctl.after_forward()
+            hooks += time.perf_counter() - start
+            kind = "submit" if len(ctl.metrics) > submitted else phase
+            kinds.setdefault(kind, []).append(hooks * 1e6)
+            time.sleep(0.002)
+            done = torch.tensor([int(bool(ctl.metrics) and ctl.metrics[0].par_before is not None
+                                     and ctl.cycle.phase.value == "collect")])
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if done.item():
+                break
+        m = ctl.metrics[0]
+        out = {"ranks": num_ranks, "steps": step + 1, "layers_switched": len(m.applied_layers),
+               "skipped": m.skipped, "planner_s": m.planner_s, "transfer_ms": m.transfer_s * 1e3,
+               "switch_ms": m.switch_s * 1e3, "moved_slots": m.moved_slots,
+               "hook_us": {k: {"median": statistics.median(v), "max": max(v), "steps": len(v)}
+                           for k, v in kinds.items()},
+               "cycle_ms": sum(sum(v) for k, v in kinds.items() if k != "collect") / 1e3}
+        if rank == 0:
+            Path(tmp, "rank0.json").write_text(json.dumps(out))
+    finally:
+        ctl.close()
+        dist.destroy_process_group()
 
 
 def _request(ctl, load):

@@ -133,3 +133,20 @@ def test_static_mode_loads_the_map_and_only_records(tmp_path):
     assert ctl.recorder.steps == 1  # the window restarted at steps 2 and 4
     with pytest.raises(ConfigError, match="is for 2 layers"):
         EplbController(config, 3, 5, topology, rank=0)
+
+
+def test_vllm_step_interval_plans_on_the_last_window(tmp_path):
+    torch = pytest.importorskip("torch")
+    from eplb.runtime import EplbController
+
+    config = EplbConfig.from_dict({"window_size": 3, "step_interval": 8, "record_path": str(tmp_path / "m.json")})
+    ctl = EplbController(config, 2, 5, Topology(2, 3), rank=0)
+    try:
+        assert ctl.cycle.config.interval == 8 and ctl.recorder.ring_steps == 3
+        for _ in range(8):
+            ctl.before_forward()
+            ctl.route(0, torch.tensor([[1, 2]]))
+            ctl.after_forward()
+        assert ctl.recorder.logical_load(ctl.placement.phy2log).shape == (3, 2, 5)
+    finally:
+        ctl.close()

@@ -13,7 +13,8 @@ key                                    meaning
 ``expert_heat_collection_interval``    steps of one heat window (vllm-ascend); = ``window_size`` (vLLM),
   / ``window_size`` / ``window_steps``
 ``step_interval`` / ``interval_steps`` steps from the start of one cycle to the start of the next (vLLM);
-                                       default: the window
+                                       default: the window. When longer than the window, the plan uses
+                                       the last ``window_size`` steps (a per-step ring of that length)
 ``algorithm_execution_interval``       steps between two checks of the planner (all ranks agree at a check);
   / ``planner_check_steps``
 ``eplb_policy_type`` / ``policy``      vllm-ascend id 0-3 or a policy name

@@ -78,7 +78,8 @@ class CycleMetrics:
         skipped_layers: layers the plan changed but the cycle did not apply (no gain, similarity, ...).
         moved_slots, moved_bytes: over the applied layers (bytes received by this rank in ``moved_bytes_rank``).
         planner_s: seconds the policy took in the worker.
-        transfer_s: seconds this rank spent waiting for and copying transfers (``after_forward``).
+        transfer_s: seconds this rank spent posting and waiting for transfers.
+        switch_s: seconds of host work switching layers besides the transfers (in-place copies, table updates).
         skipped: why the whole cycle was skipped, or None.
         next_window_par: float64 ``[L]`` measured PAR of the following window (filled one cycle later).
     """
@@ -95,6 +96,7 @@ class CycleMetrics:
     moved_bytes_rank: int = 0
     planner_s: float = float("nan")
     transfer_s: float = 0.0
+    switch_s: float = 0.0
     skipped: str | None = None
     next_window_par: np.ndarray | None = None
 
@@ -140,8 +142,13 @@ class EplbController:
         self._phy2log = np.array(placement.phy2log)
         self.router = ReplicaRouter(self.placement, rank, config.router_mode, tp_size, device)
         ring = config.ring_steps
-        if ring is None:  # per-step policies plan on the last steps of the window (FlashLB cuts them into episodes)
-            ring = min(config.window_steps, _DEFAULT_RING_STEPS) if config.policy in _PER_STEP_POLICIES else 0
+        if ring is None:
+            if config.cycle_steps > config.window_steps:  # vLLM: plan every step_interval on the last window_size
+                ring = config.window_steps
+            elif config.policy in _PER_STEP_POLICIES:  # per-step policies (FlashLB cuts the rows into episodes)
+                ring = min(config.window_steps, _DEFAULT_RING_STEPS)
+            else:
+                ring = 0
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
                                      recorder_source, ring, config.stage, device)
         self.mover = None
@@ -156,7 +163,7 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, config.policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(interval=config.window_steps, layers_per_step=config.layers_per_step,
+        self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step, expert_bytes=expert_bytes,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
@@ -167,9 +174,7 @@ class EplbController:
         self._transfers: dict = {}
         self._pending = None
         self._last_interval_start = time.monotonic()
-        self._skip_submit = False
         self._prometheus = _Prometheus(config.prometheus_port) if config.prometheus_port and rank == 0 else None
-        self._is_prefill = False
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,7 +217,8 @@ class EplbController:
             for transfer in transfers:
                 self._switch_layer(transfer.layer, transfer.new_row.reshape(-1))
             current = self.metrics[-1]
-            current.transfer_s += time.perf_counter() - start
+            current.transfer_s += pending.post_s + pending.wait_s
+            current.switch_s += time.perf_counter() - start - pending.wait_s
             current.moved_bytes_rank += pending.bytes_received
             current.applied_layers += [t.layer for t in transfers]
         record = self.cycle.records[-1] if self.cycle.records else None
@@ -254,8 +260,7 @@ class EplbController:
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step, window_par=window_par))
         self._window_load = window
         self._result, self._local, self._submitted_step = None, (0, ""), self.step
-        self._skip_submit = not self._interval_elapsed()
-        if self._skip_submit:
+        if not self._interval_elapsed():
             self._local = (-1, "eplb_update_interval has not elapsed since the last cycle")
             return
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
@@ -359,10 +364,11 @@ class EplbController:
             return
         self.placement = Placement(self._phy2log, self.placement.num_experts, self.topology)
         log.info("eplb cycle %d: %d layers switched (%s), %d slots moved, %d bytes received here, predicted mean "
-                 "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s on this rank", current.cycle,
+                 "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s and switching %.3f s on this rank", current.cycle,
                  len(current.applied_layers), current.applied_layers, current.moved_slots, current.moved_bytes_rank,
                  float(np.mean(current.par_before[current.applied_layers])),
-                 float(np.mean(current.par_after[current.applied_layers])), current.planner_s, current.transfer_s)
+                 float(np.mean(current.par_after[current.applied_layers])), current.planner_s, current.transfer_s,
+                 current.switch_s)
         self._export(current)
 
     def _export(self, current: CycleMetrics) -> None:

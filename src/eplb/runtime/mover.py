@@ -15,14 +15,16 @@ every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first,
 
 Ranks with nothing to send or receive in a layer post no operation. NCCL requires the first point-to-point batch
 of a group to involve every rank; the controller always runs a collective on the group (the window's all-reduce)
-before any transfer, which satisfies it. Messages carry distinct tags per (layer position, tensor, expert), which
-Gloo needs to match several messages between the same pair of ranks.
+before any transfer, which satisfies it. Messages carry distinct tags per (layer position, tensor), which Gloo
+needs to match several messages between the same pair of ranks.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,9 +40,14 @@ class PendingMove:
 
     layers: list[int]
     works: list = field(default_factory=list)
-    #: per posted layer: (transfer, staging tensors, dst slots, from_recv, source)
+    #: per posted layer: (transfer, staging tensors, dst slots, from_recv, source row, number of receives)
     fills: list = field(default_factory=list)
+    #: packed send buffers, alive until the sends completed
+    buffers: list = field(default_factory=list)
     bytes_received: int = 0
+    post_s: float = 0.0
+    wait_s: float = 0.0
+    copy_s: float = 0.0
 
 
 class ExpertMover:
@@ -83,36 +90,59 @@ class ExpertMover:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def post(self, transfers: list[LayerTransfer]) -> PendingMove:
-        """Post the sends and receives of ``transfers`` (one per layer, distinct layers). Non-blocking."""
+        """Post the sends and receives of ``transfers`` (one per layer, distinct layers). Non-blocking.
+
+        All experts one rank sends another in a layer travel as one message per tensor (packed in slot order of the
+        transfer list), so a layer costs at most ``W - 1`` messages per tensor and rank, however many experts move.
+        """
+        start = time.perf_counter()
         pending = PendingMove(layers=[t.layer for t in transfers])
         ops = []
         for position, transfer in enumerate(transfers):
             tensors = self.layer_tensors[transfer.layer]
             staging = [self._staging_for(position, t, i) for i, t in enumerate(tensors)]
             rows = transfer.transfers
-            num_experts_tag = int(max(transfer.old_row.max(), transfer.new_row.max())) + 1
-            received = 0
-            for src, src_slot, dst, expert in rows.tolist():
+            mine = rows[rows[:, 2] == self.rank]  # this rank's receives, in transfer-list order
+            by_src = np.argsort(mine[:, 0], kind="stable")  # staged grouped by source rank
+            stage_row = np.empty(len(mine), dtype=np.int64)
+            stage_row[by_src] = np.arange(len(mine))
+            counts = np.bincount(mine[:, 0], minlength=1)
+            offset = 0
+            for src in np.flatnonzero(counts).tolist():
+                count = int(counts[src])
+                for i in range(len(tensors)):
+                    tag = position * len(tensors) + i  # unique per message between a pair of ranks in this post
+                    ops.append(dist.P2POp(dist.irecv, staging[i][offset:offset + count], self._peer(src),
+                                          self.group, tag))
+                offset += count
+            outgoing = rows[rows[:, 0] == self.rank]
+            for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
+                slots = torch.as_tensor(outgoing[outgoing[:, 2] == dst, 1], device=tensors[0].device)
                 for i, live in enumerate(tensors):
-                    # gloo matches messages by (peer, tag): make every message of a pair unique in this post
-                    tag = (position * len(tensors) + i) * num_experts_tag + expert
-                    if src == self.rank:
-                        ops.append(dist.P2POp(dist.isend, live[src_slot], self._peer(dst), self.group, tag))
-                    elif dst == self.rank:
-                        ops.append(dist.P2POp(dist.irecv, staging[i][received], self._peer(src), self.group, tag))
-                if dst == self.rank:
-                    received += 1
-                    pending.bytes_received += self.expert_bytes(transfer.layer)
+                    packed = live.index_select(0, slots)  # kept alive in ``pending`` until the send completed
+                    pending.buffers.append(packed)
+                    ops.append(dist.P2POp(dist.isend, packed, self._peer(dst), self.group,
+                                          position * len(tensors) + i))
+            pending.bytes_received += len(mine) * self.expert_bytes(transfer.layer)
             dst_slot, from_recv, source = transfer.rank_fills(self.rank)
-            pending.fills.append((transfer, staging, dst_slot, from_recv, source, received))
+            source = source.copy()
+            source[from_recv] = stage_row[source[from_recv]]  # receive index -> its staging row
+            pending.fills.append((transfer, staging, dst_slot, from_recv, source, len(mine)))
         if ops:
             pending.works = dist.batch_isend_irecv(ops)
+        pending.post_s = time.perf_counter() - start
         return pending
 
     def commit(self, pending: PendingMove) -> None:
-        """Wait for ``pending``'s transfers and write the new experts into the live tensors, in place."""
+        """Wait for ``pending``'s transfers and write the new experts into the live tensors, in place.
+
+        Sets ``pending.wait_s`` (waiting for the transfers) and ``pending.copy_s`` (the in-place copies)."""
+        start = time.perf_counter()
         for work in pending.works:
             work.wait()
+        pending.buffers.clear()
+        waited = time.perf_counter()
+        pending.wait_s = waited - start
         for transfer, staging, dst_slot, from_recv, source, received in pending.fills:
             if dst_slot.size == 0:
                 continue
@@ -131,3 +161,4 @@ class ExpertMover:
             dst = torch.as_tensor(dst_slot, device=device)
             for live, stage in zip(tensors, staging):
                 live.index_copy_(0, dst, stage.index_select(0, row))
+        pending.copy_s = time.perf_counter() - waited

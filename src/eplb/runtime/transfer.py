@@ -63,20 +63,15 @@ class LayerTransfer:
             :attr:`transfers` with ``dst_rank == rank``), else from its own old local slot ``source``.
         """
         old, new = self.old_row[rank], self.new_row[rank]
-        received = self.transfers[self.transfers[:, 2] == rank, 3]
-        dst_slot, from_recv, source = [], [], []
-        for slot in np.flatnonzero(old != new).tolist():
-            expert = new[slot]
-            kept = np.flatnonzero(old == expert)
-            dst_slot.append(slot)
-            if kept.size:
-                from_recv.append(False)
-                source.append(int(kept[0]))
-            else:
-                from_recv.append(True)
-                source.append(int(np.flatnonzero(received == expert)[0]))
-        return (np.asarray(dst_slot, dtype=np.int64), np.asarray(from_recv, dtype=bool),
-                np.asarray(source, dtype=np.int64))
+        received = self.transfers[self.transfers[:, 2] == rank, 3]  # ascending experts
+        dst_slot = np.flatnonzero(old != new)
+        expert = new[dst_slot]
+        by_expert = np.argsort(old, kind="stable")  # so the first match is the lowest old slot
+        sorted_old = old[by_expert]
+        at = np.minimum(np.searchsorted(sorted_old, expert), len(old) - 1)
+        from_recv = sorted_old[at] != expert
+        source = np.where(from_recv, np.searchsorted(received, expert), by_expert[at])
+        return dst_slot.astype(np.int64), from_recv, source.astype(np.int64)
 
 
 def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology) -> LayerTransfer:
