@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 from eplb.formats import LOAD_FORMATS, MAP_FORMATS
 
 # Map formats told by the output's suffix; a .json can be vllm-ascend or SGLang, so it needs --format.
@@ -18,13 +16,12 @@ def register(subparsers) -> None:
                     "[layers, experts] (one window) or [steps, layers, experts]; PAR (busiest rank / mean rank, "
                     "1.0 is perfect) is predicted on the load summed over steps. Without --current the plan is "
                     "compared with vLLM's initial layout (experts in order, redundant slots last).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("load", metavar="LOAD",
                         help="expert load: .npz (counts), SGLang logical_count (.json/.pt), TensorRT-LLM statistics "
                              "folder")
     parser.add_argument("--load-format", choices=LOAD_FORMATS, help="format of LOAD (default: detected)")
-    parser.add_argument("--select", metavar="INDEX|sum",
+    parser.add_argument("--select", "--workload", metavar="INDEX|sum",
                         help="for a load with a leading axis [N, layers, experts]: plan on entry INDEX only, or on "
                              "the sum over the axis (default: use it as steps of one window)")
     parser.add_argument("--ranks", type=int, required=True, metavar="W", help="ranks (EP size)")
@@ -32,10 +29,11 @@ def register(subparsers) -> None:
     slots.add_argument("--slots-per-rank", type=int, metavar="K", help="expert slots per rank")
     slots.add_argument("--redundant", type=int, metavar="R",
                        help="redundant slots in total; (experts + R) must be divisible by the ranks")
-    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes the ranks are spread over")
-    parser.add_argument("--groups", type=int, default=1, metavar="G", help="expert groups (DeepSeek-V3: 8)")
+    parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes the ranks are spread over (default: 1)")
+    parser.add_argument("--groups", type=int, default=1, metavar="G", help="expert groups (DeepSeek-V3: 8; default: 1)")
     parser.add_argument("--policy", default="default",
-                        help="policy name or vllm-ascend id: random (0), default (1), swift (2), flashlb (3), ...")
+                        help="policy name or vllm-ascend id: random (0), default (1), swift (2), flashlb (3), ... "
+                             "(default: default, DeepSeek's EPLB)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="policy option, repeatable (e.g. --option mode=global); values are read as JSON "
                              "when they parse, else as text")
@@ -44,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--current-format", choices=MAP_FORMATS, help="format of MAP (default: detected)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="expert map file to write")
     parser.add_argument("--format", choices=MAP_FORMATS,
-                        help="format of OUT (default: from its suffix: .npy/.pt vllm, .yaml trtllm)")
+                        help="format of OUT (default: from its suffix: .npy/.pt vllm, .yaml trtllm); for ascend, a "
+                             "policy that can is asked to never put an expert twice on one rank")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(func=run)
 
