@@ -171,6 +171,14 @@ def test_a_layer_that_would_not_strictly_improve_is_untouched(ranks, slots, phy2
     np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
 
 
+def test_a_rejected_layer_keeps_no_spreading_either():
+    # from vLLM's layout rank 0 and 1 have no redundant slot; spreading relocates an expert, then planning cannot win
+    topology = Topology(3, 3)
+    current = Placement.initial(6, topology, 1, layout="vllm")
+    plan = SwiftPolicy(threshold=1.0).rebalance(np.array([[13, 15, 28, 20, 0, 0]]), topology, current)
+    assert plan.par_before[0] > 1.1 and not plan.changed[0]
+
+
 def test_every_transfer_pair_is_used_once_even_when_the_swaps_want_more():
     # 2 ranks: whatever rank 0 sends rank 1 comes from one source rank, so at most one expert crosses each way
     topology = Topology(2, 4)

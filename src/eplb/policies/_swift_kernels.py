@@ -68,9 +68,10 @@ def _assign_homes(table, home, home_rank, home_slot):
 
 
 @njit(cache=True)
-def _may_receive(e, d, old_on, source, pair_used):
-    """Whether rank ``d`` may get expert ``e``: no transfer at all, or the first one from ``e``'s source rank."""
-    return old_on[d, e] or not pair_used[source[e], d]
+def _may_receive(e, d, old_on, source, pair_used, group_of_rank):
+    """Whether rank ``d`` may get expert ``e``: no transfer at all, or the first one from ``e``'s source rank, which
+    must be in ``d``'s group."""
+    return old_on[d, e] or (group_of_rank[source[e]] == group_of_rank[d] and not pair_used[source[e], d])
 
 
 @njit(cache=True)
@@ -81,7 +82,7 @@ def _receive(e, d, old_on, source, pair_used, moved):
 
 
 @njit(cache=True)
-def _repair(table, load, count, on_rank, old_on, source, pair_used, moved, group_of_rank, home_rank):
+def _repair(table, load, count, on_rank, old_on, source, pair_used, moved, group_of_rank):
     """Give every slot that repeats an expert already on its rank another expert: the one with the largest load per
     replica that the rank lacks, of the rank's group and within the pair limit if possible.
 
@@ -103,8 +104,7 @@ def _repair(table, load, count, on_rank, old_on, source, pair_used, moved, group
                 for x in range(num_experts):
                     if on_rank[r, x]:
                         continue
-                    if strict and (group_of_rank[home_rank[x]] != group_of_rank[r]
-                                   or not _may_receive(x, r, old_on, source, pair_used)):
+                    if strict and not _may_receive(x, r, old_on, source, pair_used, group_of_rank):
                         continue
                     if best < 0 or load[x] * count[best] > load[best] * count[x]:
                         best = x
@@ -184,7 +184,7 @@ def _role_path(table, home, home_rank, home_slot, red, start, lo, hi, edge_start
 
 @njit(cache=True)
 def _relocate(table, home, home_rank, home_slot, red, start, lo, hi, load, count, on_rank, old_on, source,
-              pair_used, moved):
+              pair_used, moved, group_of_rank):
     """Give rank ``start`` a redundant slot by moving one of its home experts (the coldest that can go) into a
     redundant slot of a rank with at least two redundant slots more (those with the most first). The overwritten
     copy is the donor's copy with the least load per replica; the vacated slot keeps its weights as a redundant
@@ -209,7 +209,8 @@ def _relocate(table, home, home_rank, home_slot, red, start, lo, hi, load, count
         for i in range(slots):
             ka = cold_first[i]
             e = table[start, ka]
-            if not home[start, ka] or on_rank[donor, e] or not _may_receive(e, donor, old_on, source, pair_used):
+            if (not home[start, ka] or on_rank[donor, e]
+                    or not _may_receive(e, donor, old_on, source, pair_used, group_of_rank)):
                 continue
             y = table[donor, victim]
             table[donor, victim] = e
@@ -228,7 +229,8 @@ def _relocate(table, home, home_rank, home_slot, red, start, lo, hi, load, count
 
 
 @njit(cache=True)
-def _spread(table, home, home_rank, home_slot, lo, hi, load, count, on_rank, old_on, source, pair_used, moved):
+def _spread(table, home, home_rank, home_slot, lo, hi, load, count, on_rank, old_on, source, pair_used, moved,
+            group_of_rank):
     """Even out the redundant slots over ranks ``lo..hi-1``: afterwards each holds the floor or the ceiling of their
     mean, unless no role swap or relocation can get there. Role swaps (free) are tried before relocations."""
     num_ranks, slots = table.shape
@@ -255,7 +257,7 @@ def _spread(table, home, home_rank, home_slot, lo, hi, load, count, on_rank, old
         if not _role_path(table, home, home_rank, home_slot, red, low, lo, hi, edge_start, edge_rank, edge_slot,
                           queue, parent, parent_slot):
             if not _relocate(table, home, home_rank, home_slot, red, low, lo, hi, load, count, on_rank, old_on,
-                             source, pair_used, moved):
+                             source, pair_used, moved, group_of_rank):
                 return
 
 
@@ -272,13 +274,16 @@ def prepare_layers(old, load, group_of_rank, group_start, threshold, spread):
         spread: even out the redundant slots in the active layers.
 
     Returns:
-        ``base`` int64 ``[L, W, K]`` (repaired and spread), ``home`` bool ``[L, W, K]`` (home-copy slots of
-        ``base``), ``home_rank`` int64 ``[L, E]``, ``source`` int64 ``[L, E]`` (scan-order home rank in ``old``),
-        ``pair_used`` bool ``[L, W, W]`` and ``moved`` bool ``[L, E]`` (transfers so far), ``active`` bool ``[L]``.
+        ``repaired`` int64 ``[L, W, K]`` (``old`` with repeats repaired: what a layer keeps when planning does not
+        improve it), ``base`` int64 ``[L, W, K]`` (repaired and spread: what planning starts from), ``home`` bool
+        ``[L, W, K]`` (home-copy slots of ``base``), ``home_rank`` int64 ``[L, E]``, ``source`` int64 ``[L, E]``
+        (scan-order home rank in ``old``), ``pair_used`` bool ``[L, W, W]`` and ``moved`` bool ``[L, E]`` (transfers
+        so far), ``active`` bool ``[L]``.
     """
     num_layers, num_ranks, slots = old.shape
     num_experts = load.shape[1]
     base = old.copy()
+    repaired = np.empty_like(old)
     home = np.zeros((num_layers, num_ranks, slots), np.bool_)
     home_rank = np.empty((num_layers, num_experts), np.int64)
     source = np.empty((num_layers, num_experts), np.int64)
@@ -295,16 +300,16 @@ def prepare_layers(old, load, group_of_rank, group_start, threshold, spread):
         _assign_homes(table, home[layer], home_rank[layer], home_slot)
         source[layer] = home_rank[layer]
         count = _replica_counts(table, num_experts)
-        _repair(table, h, count, on_rank, old_on, source[layer], pair_used[layer], moved[layer],
-                group_of_rank, home_rank[layer])
+        _repair(table, h, count, on_rank, old_on, source[layer], pair_used[layer], moved[layer], group_of_rank)
+        repaired[layer] = table
         mean = h.sum() / num_ranks
         active[layer] = mean > 0 and _max_rank_load(table, h) >= threshold * mean
         if not (active[layer] and spread):
             continue
         for g in range(group_start.shape[0] - 1):
             _spread(table, home[layer], home_rank[layer], home_slot, group_start[g], group_start[g + 1], h, count,
-                    on_rank, old_on, source[layer], pair_used[layer], moved[layer])
-    return base, home, home_rank, source, pair_used, moved, active
+                    on_rank, old_on, source[layer], pair_used[layer], moved[layer], group_of_rank)
+    return repaired, base, home, home_rank, source, pair_used, moved, active
 
 
 @njit(cache=True)
@@ -321,7 +326,7 @@ def _place(table, e, d, base_table, on_rank, old_on, source, pair_used, moved):
 
 
 @njit(cache=True)
-def _fill_choice(table, d, load, count, group_of_rank, home_rank, base_table, on_rank, old_on, source, pair_used):
+def _fill_choice(table, d, load, count, group_of_rank, base_table, on_rank, old_on, source, pair_used):
     """Expert for a leftover redundant slot of rank ``d``: the heaviest per replica that the rank lacks, of its
     group, within the pair limit; else what a free slot held before planning (no new transfer; always possible
     unless ``K > E``); else the heaviest the rank lacks at all; else a repeat (the rank holds every expert)."""
@@ -341,8 +346,7 @@ def _fill_choice(table, d, load, count, group_of_rank, home_rank, base_table, on
         for x in range(num_experts):
             if on_rank[d, x]:
                 continue
-            if level == 0 and (group_of_rank[home_rank[x]] != group_of_rank[d]
-                               or not _may_receive(x, d, old_on, source, pair_used)):
+            if level == 0 and not _may_receive(x, d, old_on, source, pair_used, group_of_rank):
                 continue
             if best < 0 or load[x] * count[best] > load[best] * count[x]:
                 best = x
@@ -362,7 +366,7 @@ def _pinned(table, old_table, r, k, moved, swapped, pin_experts):
 
 @njit(cache=True)
 def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds, on_rank, old_on, source,
-                 pair_used, moved, pin_experts):
+                 pair_used, moved, group_of_rank, pin_experts):
     """Up to ``rounds`` swaps inside ranks ``lo..hi-1``: from the hottest rank, try partners from the coolest up and
     take the first partner whose best swap (the one minimising the pair's larger load) lowers the hot rank by at
     least ``gain`` without the partner ending above that. Pinned replicas (see :func:`_pinned`) stay."""
@@ -387,14 +391,14 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
                 a = table[hot, i]
                 wa = load[a] / count[a]
                 if (wa < gain or _pinned(table, old_table, hot, i, moved, swapped_expert, pin_experts)
-                        or on_rank[q, a] or not _may_receive(a, q, old_on, source, pair_used)):
+                        or on_rank[q, a] or not _may_receive(a, q, old_on, source, pair_used, group_of_rank)):
                     continue
                 for j in range(slots):
                     b = table[q, j]
                     shift = wa - load[b] / count[b]
                     if (shift < gain or shift > room
                             or _pinned(table, old_table, q, j, moved, swapped_expert, pin_experts)
-                            or on_rank[hot, b] or not _may_receive(b, hot, old_on, source, pair_used)):
+                            or on_rank[hot, b] or not _may_receive(b, hot, old_on, source, pair_used, group_of_rank)):
                         continue
                     peak = max(rank_load[hot] - shift, rank_load[q] + shift)
                     if best_i < 0 or peak < best:
@@ -419,12 +423,12 @@ def _swap_rounds(table, old_table, lo, hi, load, count, rank_load, gain, rounds,
 
 
 @njit(cache=True)
-def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, load, counts, group_of_rank,
-                group_start, rounds, min_gain, pin_experts):
+def plan_layers(old, repaired, base, home, home_rank, source, pair_used, moved, active, load, counts,
+                group_of_rank, group_start, rounds, min_gain, pin_experts):
     """Second pass: SwiftBalancer steps 4-7 on every active layer.
 
     Args:
-        old, base, home, home_rank, source, pair_used, moved, active: as from :func:`prepare_layers`
+        old, repaired, base, home, home_rank, source, pair_used, moved, active: as from :func:`prepare_layers`
             (``pair_used`` and ``moved`` are updated in place).
         load: float64 ``[L, E]``.
         counts: int64 ``[L, E]``, planned replicas per expert (home copy included).
@@ -434,11 +438,12 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
         pin_experts: the swaps leave every replica of an expert moved this cycle alone, not only the moved replica.
 
     Returns:
-        int64 ``[L, W, K]``: the new table of every layer (``base`` where a layer is inactive or does not improve).
+        int64 ``[L, W, K]``: the new table of every layer (``repaired`` where a layer is inactive or does not
+        improve; the spreading alone is never kept).
     """
     num_layers, num_ranks, slots = old.shape
     num_experts = load.shape[1]
-    out = base.copy()
+    out = repaired.copy()
     on_rank = np.zeros((num_ranks, num_experts), np.bool_)
     old_on = np.zeros((num_ranks, num_experts), np.bool_)
     for layer in range(num_layers):
@@ -467,7 +472,7 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
             for _ in range(plan[e] - 1):
                 d = -1
                 for r in range(group_start[g], group_start[g + 1]):
-                    if (free[r] > 0 and not on_rank[r, e] and _may_receive(e, r, old_on, src, pairs)
+                    if (free[r] > 0 and not on_rank[r, e] and _may_receive(e, r, old_on, src, pairs, group_of_rank)
                             and (d < 0 or rank_load[r] < rank_load[d])):
                         d = r
                 if d < 0:
@@ -479,8 +484,7 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
         # step 5: leftover redundant slots
         for d in range(num_ranks):
             for _ in range(free[d]):
-                x = _fill_choice(table, d, h, count, group_of_rank, home_rank[layer], base[layer], on_rank, old_on,
-                                 src, pairs)
+                x = _fill_choice(table, d, h, count, group_of_rank, base[layer], on_rank, old_on, src, pairs)
                 _place(table, x, d, base[layer], on_rank, old_on, src, pairs, done)
                 count[x] += 1
         # step 6: swap rounds on the real replica counts
@@ -491,8 +495,8 @@ def plan_layers(old, base, home, home_rank, source, pair_used, moved, active, lo
         gain = min_gain * h.sum() / num_ranks
         for g in range(group_start.shape[0] - 1):
             _swap_rounds(table, old[layer], group_start[g], group_start[g + 1], h, count, rank_load, gain, rounds,
-                         on_rank, old_on, src, pairs, done, pin_experts)
+                         on_rank, old_on, src, pairs, done, group_of_rank, pin_experts)
         # step 7: only a strict improvement replaces the layer
-        if _max_rank_load(table, h) < _max_rank_load(base[layer], h) * (1.0 - STRICT_MARGIN):
+        if _max_rank_load(table, h) < _max_rank_load(repaired[layer], h) * (1.0 - STRICT_MARGIN):
             out[layer] = table
     return out

@@ -9,13 +9,14 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
 2. **Threshold.** A layer whose PAR is below ``threshold`` (after any repair) is left as it is.
 3. **Spreading** (``spread=True``; not in the reference). Redundant slots can only receive copies, so a rank without
    one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) only those ranks
-   can take copies, and the reference achieves nothing. Before planning, the redundant slots are evened out until every rank has the floor or the
-   ceiling of their mean (per node in intra-node mode). First for free, by role swaps: an expert homed on rank ``u``
-   with a redundant copy on rank ``v`` may as well be homed on ``v``, which hands ``u`` a redundant slot (chains of
-   such swaps are found by breadth-first search). Only where no chain exists, a rank short of redundant slots sends
-   its coldest home expert into a redundant slot of the rank with the most of them, overwriting that rank's copy
-   with the least load per replica; the sender's slot keeps its weights as a redundant copy. Each such relocation
-   is one transfer and counts as a moved slot. Cold experts are chosen so that the receiving ranks do not heat up.
+   can take copies, and the reference achieves nothing. Before planning, the redundant slots are evened out until
+   every rank has the floor or the ceiling of their mean (per node in intra-node mode). First for free, by role
+   swaps: an expert homed on rank ``u`` with a redundant copy on rank ``v`` may as well be homed on ``v``, which
+   hands ``u`` a redundant slot (chains of such swaps are found by breadth-first search). Only where no chain
+   exists, a rank short of redundant slots sends its coldest home expert into a redundant slot of the rank with the
+   most of them, overwriting that rank's copy with the least load per replica; the sender's slot keeps its weights
+   as a redundant copy. Each such relocation is one transfer and counts as a moved slot. Cold experts are chosen so
+   that the receiving ranks do not heat up. A layer whose plan is rejected (step 7) keeps no relocation either.
 4. **Replicas.** The ``R = P - E`` redundant slots go greedily to the expert with the largest load per replica
    (per-copy load after ``c`` extra copies is ``h / (c + 1)``; the reference's ``(c + 1) / (c + 2)`` shrink is a
    bug). In intra-node mode each node shares out its own redundant slots among the experts homed on it.
@@ -128,10 +129,10 @@ class SwiftPolicy(Policy):
         else:
             group_of_rank = np.zeros(num_ranks, dtype=np.int64)
             group_start = np.array([0, num_ranks], dtype=np.int64)
-        base, home, home_rank, source, pair_used, moved, active = prepare_layers(
+        repaired, base, home, home_rank, source, pair_used, moved, active = prepare_layers(
             old, window, group_of_rank, group_start, self.threshold, self.spread)
         counts = self._replica_counts(window, home_rank, group_of_rank, topology)
-        new = plan_layers(old, base, home, home_rank, source, pair_used, moved, active, window, counts,
+        new = plan_layers(old, repaired, base, home, home_rank, source, pair_used, moved, active, window, counts,
                           group_of_rank, group_start, self.swap_rounds, self.swap_gain, self.pin == "expert")
         logger.debug("swift: %d of %d layers above the threshold", int(active.sum()), num_layers)
         return preserve_slots(new.reshape(num_layers, -1), current.phy2log, num_ranks)
