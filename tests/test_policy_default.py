@@ -250,3 +250,20 @@ def test_spread_duplicates_keeps_counts_and_nodes(dsv3_counts):
         assert not spread.placement.problems(allow_shared_rank=False)
         assert np.array_equal(spread.placement.replica_count, shared.placement.replica_count)
         assert spread.par_after.mean() <= shared.par_after.mean() + 0.002
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "global"])
+def test_replanning_the_same_load_moves_nothing(dsv3_counts, mode):
+    topology = Topology(32, 9, num_nodes=4, num_groups=8)
+    policy = eplb.get_policy("default", mode=mode)
+    first = policy.rebalance(dsv3_counts[3], topology)
+    rng = np.random.default_rng(0)
+    table = first.placement.rank_table
+    if mode == "global":  # ranks are interchangeable across nodes only in global mode
+        table = table[:, rng.permutation(32)]
+    else:  # whole nodes are
+        table = table.reshape(58, 4, 8, 9)[:, rng.permutation(4)].reshape(58, 32, 9)
+    shuffled = rng.permuted(table, axis=2).reshape(58, -1)  # and slots within a rank
+    again = policy.rebalance(dsv3_counts[3], topology, shuffled)
+    assert again.total_moved_slots == 0 and np.array_equal(again.placement.phy2log, shuffled)
+    assert first.total_moved_slots > 0
