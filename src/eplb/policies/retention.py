@@ -33,9 +33,12 @@ def _occurrence(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For flat ``keys``: how many equal keys come before each one, and the keys sorted."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
-    first = np.searchsorted(sorted_keys, sorted_keys, side="left")
+    position = np.arange(keys.size)
+    starts = np.ones(keys.size, dtype=bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    first = np.maximum.accumulate(np.where(starts, position, 0))  # where each run of equal keys begins
     occurrence = np.empty_like(keys)
-    occurrence[order] = np.arange(keys.size) - first
+    occurrence[order] = position - first
     return occurrence, sorted_keys
 
 
@@ -87,7 +90,8 @@ def rank_overlap(new_phy2log, old_phy2log, num_ranks: int, num_experts: int | No
     slots = num_slots // num_ranks
     row = np.arange(num_layers * num_slots) // slots  # (layer, rank) of every slot
     old_counts = np.bincount(row * num_experts + old.ravel(), minlength=num_layers * num_ranks * num_experts)
-    old_counts = old_counts.reshape(num_layers, num_ranks, num_experts).transpose(0, 2, 1)  # [L, E, W]
+    # [L, E, W], narrow: the gather below is the bulk of the work
+    old_counts = old_counts.reshape(num_layers, num_ranks, num_experts).transpose(0, 2, 1).astype(np.int16)
     # The j-th copy (j from 0) of expert e on new rank i is kept on old rank r when r held more than j copies.
     occurrence, _ = _occurrence(row * num_experts + new.ravel())
     layer = np.arange(num_layers)[:, None]
