@@ -204,3 +204,17 @@ def test_rejects_bad_options_and_too_many_slots():
     with pytest.raises(EplbError, match="last_balance has 1 layers"):
         get_policy("flashlb", last_balance=[0.5]).rebalance(np.ones((2, 4)), Topology(2, 2),
                                                              Placement.initial(4, Topology(2, 2), 2))
+
+
+def test_lpt_makes_room_when_every_free_rank_holds_the_expert():
+    # expert 0 fills rank 0 alone; the three light experts fill rank 1; expert 4's second replica then finds
+    # only rank 0 free, which already holds it
+    mean = np.array([100.0, 1.0, 1.0, 1.0, 0.2])
+    count = np.array([1, 1, 1, 1, 2])
+    num_ranks, slots = 2, 3
+    members = np.empty((num_ranks, slots), dtype=np.int64)
+    scratch = (np.empty(num_ranks, dtype=np.int64), np.empty(num_ranks), np.empty(num_ranks),
+               np.empty((num_ranks, 5)), np.empty(num_ranks, dtype=np.int64))
+    kernels.lpt(mean, np.zeros(5), np.zeros((5, 5)), count, 0.6745, np.arange(5), members, *scratch)
+    assert sorted(members.ravel().tolist()) == [0, 1, 2, 3, 4, 4]
+    assert all(len(set(row)) == slots for row in members.tolist())

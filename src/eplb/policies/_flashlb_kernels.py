@@ -52,7 +52,22 @@ def greedy_order(weight, eligible, extra, max_count):
 
 
 @njit(cache=True)
-def lpt(mean, var, cov, count, z, members, dev_size, dev_mean, dev_var, dev_cov, stamp):
+def _sort_by_load(experts, load):
+    """Insertion-sort ``experts`` in place by ``load`` descending, ties by lowest id (a stable sort's order).
+
+    Linear on a nearly sorted input, which is what :func:`lpt` gets from one candidate to the next."""
+    for i in range(1, experts.shape[0]):
+        item = experts[i]
+        value = load[item]
+        j = i - 1
+        while j >= 0 and (load[experts[j]] < value or (load[experts[j]] == value and experts[j] > item)):
+            experts[j + 1] = experts[j]
+            j -= 1
+        experts[j + 1] = item
+
+
+@njit(cache=True)
+def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var, dev_cov, stamp):
     """Covariance-aware LPT: deploy ``count[e]`` replicas of every expert onto the ranks, filling ``members``.
 
     Experts go by ``mean / count`` descending (ties: lowest id); each replica goes to the rank with a free slot that
@@ -64,16 +79,15 @@ def lpt(mean, var, cov, count, z, members, dev_size, dev_mean, dev_var, dev_cov,
     Args:
         mean, var: float64 ``[E]``; cov: float64 ``[E, E]``; count: int64 ``[E]`` summing to ``W * K``, each in
             ``[1, W]``; z: weight of the standard deviation (>= 0).
+        experts: int64 ``[E]``, a permutation of the experts, reordered by replica load (cheap when it already is
+            nearly: the FlashTree candidates differ in a few counts).
         members: int64 ``[W, K]``, written.
         dev_size, stamp: int64 ``[W]``; dev_mean, dev_var: float64 ``[W]``; dev_cov: float64 ``[W, E]``: scratch.
     """
     num_ranks, slots = members.shape
     num_experts = mean.shape[0]
     inv_count = 1.0 / count
-    key = np.empty(num_experts)
-    for e in range(num_experts):
-        key[e] = -mean[e] * inv_count[e]
-    experts = np.argsort(key, kind="mergesort")
+    _sort_by_load(experts, mean * inv_count)
     dev_size[:] = 0
     dev_mean[:] = 0.0
     dev_var[:] = 0.0
@@ -222,7 +236,8 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
     num_experts = mean.shape[0]
     episodes = xt.shape[1]
     weight = mean + z * np.sqrt(var)
-    by_weight = np.argsort(-weight, kind="mergesort")
+    by_weight = np.arange(num_experts)
+    _sort_by_load(by_weight, weight)
     group_of = np.empty(num_experts, dtype=np.int64)
     base, larger = divmod(num_experts, depth)
     start = 0
@@ -233,6 +248,8 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
         start += size
 
     count = np.ones(num_experts, dtype=np.int64)
+    best_count = np.zeros(num_experts, dtype=np.int64)
+    experts = by_weight.copy()  # nearly in LPT order already
     members = np.empty((num_ranks, slots), dtype=np.int64)
     dev_size = np.empty(num_ranks, dtype=np.int64)
     stamp = np.empty(num_ranks, dtype=np.int64)
@@ -273,14 +290,18 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
                 count[group_order[j]] += 1
             for j in range(remaining - share):
                 count[rest_order[j]] += 1
-            lpt(mean, var, cov, count, z, members, dev_size, dev_mean, dev_var, dev_cov, stamp)
-            score = episode_score(xt, total, members, 1.0 / count, acc, peak)
+            if np.array_equal(count, best_count):  # a group's guess repeats the previous group's choice
+                score = best_score
+            else:
+                lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var, dev_cov, stamp)
+                score = episode_score(xt, total, members, 1.0 / count, acc, peak)
             if score < group_best:
                 group_best = score
                 group_share = share
             if score < best_score:
                 best_score = score
                 best_members[:] = members
+                best_count[:] = count
         for e in range(num_experts):
             if in_group[e]:
                 count[e] = 1
@@ -290,7 +311,7 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
     if best_score == np.inf:  # depth 1: the plain greedy allotment
         for e in greedy_order(weight, group_of >= 0, remaining, num_ranks):
             count[e] += 1
-        lpt(mean, var, cov, count, z, best_members, dev_size, dev_mean, dev_var, dev_cov, stamp)
+        lpt(mean, var, cov, count, z, experts, best_members, dev_size, dev_mean, dev_var, dev_cov, stamp)
         best_score = episode_score(xt, total, best_members, 1.0 / count, acc, peak)
     return best_score
 

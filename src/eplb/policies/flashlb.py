@@ -11,7 +11,9 @@ Differences from the reference, on purpose:
 - The current placement is scored on the same episodes as the candidate (the reference scores it on raw steps, which
   biases the comparison towards changing), and a layer is only changed when that predicted gain is positive.
 - A policy call is stateless, so "average-to-peak at the last plan", which cherry-picking compares against, comes
-  from the ``last_balance`` option; without it every layer is a candidate (and still needs a positive gain).
+  from the ``last_balance`` option; without it every layer is a candidate (and still needs a positive gain). Pass it
+  in a dynamic loop: a plan made on a fresh window of the same traffic almost always scores a little better on that
+  window's noise, so without cherry-picking nearly every layer is re-planned and most slots move each cycle.
 - Changed layers keep as many experts in place as possible: new ranks are matched to old ones (Hungarian) and
   experts a rank keeps stay in their slot (:func:`eplb.policies.retention.match_ranks`).
 """
