@@ -44,12 +44,17 @@ class Faults:
         hang_planner: ``(rank, cycle)``: that rank's planner process is stopped (SIGSTOP) before the cycle's window
             is handed over: it hangs until the runtime's deadline kills it.
         late_rank: ``(rank, seconds)``: that rank sleeps this long before ``before_forward`` (where it posts its
-            sends of a move) in every step while a plan is being applied.
+            sends of a move) in each of the ``L + 2`` steps after a plan was accepted (one layer moves per step).
     """
 
     kill_planner: tuple[int, int] | None = None
     hang_planner: tuple[int, int] | None = None
     late_rank: tuple[int, float] | None = None
+
+    def __post_init__(self):
+        ranks = [f[0] for f in (self.kill_planner, self.hang_planner) if f is not None]
+        if len(ranks) != len(set(ranks)):
+            raise ValueError("kill_planner and hang_planner must hit different ranks")
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class ServeSettings:
         steps: steps to serve (at most).
         eplb: the runtime's config dict (:meth:`eplb.runtime.EplbConfig.from_dict` keys).
         trace: optional load ``[T, L, E]`` / ``[L, E]`` whose popularity replaces the DeepSeek-V3-like profile.
-        stop_after_cycles: stop early once every rank has finished this many cycles (checked every 10 steps).
+        stop_after_cycles: stop early once every rank knows the outcome of this many cycles (a plan accepted or the
+            cycle skipped; checked every 10 steps).
         faults: faults to inject.
         device: ``cpu``, or ``cuda`` (rank ``r`` uses GPU ``r``).
     """
@@ -112,9 +118,10 @@ def _signal_planner(controller, sig) -> None:
 class _FaultInjector:
     """Applies :class:`Faults` to this rank around the controller's hooks."""
 
-    def __init__(self, faults: Faults, rank: int):
-        self.faults, self.rank = faults, rank
+    def __init__(self, faults: Faults, rank: int, num_layers: int):
+        self.faults, self.rank, self.num_layers = faults, rank, num_layers
         self.stopped_for: int | None = None
+        self.accepted: dict[int, int] = {}  # cycle -> first step at which its plan was seen accepted
 
     def before_step(self, ctl) -> None:
         for fault in (self.faults.kill_planner, self.faults.hang_planner):
@@ -127,8 +134,10 @@ class _FaultInjector:
                 _signal_planner(ctl, signal.SIGSTOP)  # idle, waiting for its next request: it will never take it
                 self.stopped_for = cycle
         late = self.faults.late_rank
-        if late is not None and late[0] == self.rank and ctl.metrics and ctl.metrics[-1].par_after is not None \
-                and ctl.metrics[-1].skipped is None:
+        if late is None or late[0] != self.rank or not ctl.metrics or ctl.metrics[-1].par_after is None:
+            return
+        accepted = self.accepted.setdefault(ctl.metrics[-1].cycle, ctl.step)
+        if ctl.step < accepted + self.num_layers + 2:
             time.sleep(late[1])
 
     def after_submit(self, ctl) -> None:
@@ -152,7 +161,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     ctl = model.ctl
     emit(("ready",))
     tokens = SkewedTokens(cfg.vocab, settings.tokens_per_rank, cfg.seed)
-    faults = _FaultInjector(settings.faults, rank)
+    faults = _FaultInjector(settings.faults, rank, cfg.num_layers)
     reported, digests = 0, []
     try:
         for step in range(settings.steps):
@@ -173,7 +182,8 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
                 emit(("cycle", cycle_figures(ctl.metrics[reported])))
                 reported += 1
             if settings.stop_after_cycles is not None and step % 10 == 9:
-                done = torch.tensor([reported >= settings.stop_after_cycles], dtype=torch.int64, device=device)
+                decided = sum(m.par_after is not None or m.skipped is not None for m in ctl.metrics)
+                done = torch.tensor([decided >= settings.stop_after_cycles], dtype=torch.int64, device=device)
                 dist.all_reduce(done, op=dist.ReduceOp.MIN)
                 if done.item():
                     break
