@@ -223,7 +223,7 @@ def scenario_lifecycle(rank, tmp):
     """One dynamic controller through six cycles: planner killed, ok, hung, ok, invalid plan, ok."""
     marker = os.path.join(tmp, f"fault-{rank}")
     ctl = make_controller(rank, tmp, planner_target=functools.partial(faulty_worker, marker=marker),
-                          planner_deadline_s=1.5)
+                          planner_deadline_s=2.5)
     killed, armed = [], set()
 
     def inject(c):
