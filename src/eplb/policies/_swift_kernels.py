@@ -135,6 +135,8 @@ def _role_path(table, home, home_rank, home_slot, red, start, lo, hi, edge_start
                 u = home_rank[table[v, k]]
                 if lo <= u < hi and u != v:
                     edge_start[u + 1] += 1
+    if edge_start[start + 1] == 0:
+        return False
     for u in range(lo, hi):
         edge_start[u + 1] += edge_start[u]
     fill = edge_start.copy()
@@ -184,14 +186,19 @@ def _role_path(table, home, home_rank, home_slot, red, start, lo, hi, edge_start
 
 @njit(cache=True)
 def _relocate(table, home, home_rank, home_slot, red, start, lo, hi, load, count, on_rank, old_on, source,
-              pair_used, moved, group_of_rank):
+              pair_used, moved, group_of_rank, cold_first, tried):
     """Give rank ``start`` a redundant slot by moving one of its home experts (the coldest that can go) into a
     redundant slot of a rank with at least two redundant slots more (those with the most first). The overwritten
     copy is the donor's copy with the least load per replica; the vacated slot keeps its weights as a redundant
     copy, so this costs exactly one transfer. Returns False when no expert can go anywhere."""
     slots = table.shape[1]
-    cold_first = np.argsort(np.array([load[table[start, k]] for k in range(slots)]), kind="mergesort")
-    tried = np.zeros(table.shape[0], np.bool_)
+    for i in range(slots):  # insertion sort of the rank's slots by load: K is small, and ties keep slot order
+        k = i
+        while k > 0 and load[table[start, cold_first[k - 1]]] > load[table[start, i]]:
+            cold_first[k] = cold_first[k - 1]
+            k -= 1
+        cold_first[k] = i
+    tried[:] = False
     while True:
         donor = -1
         for b in range(lo, hi):
@@ -245,6 +252,8 @@ def _spread(table, home, home_rank, home_slot, lo, hi, load, count, on_rank, old
     queue = np.empty(num_ranks, np.int64)
     parent = np.empty(num_ranks, np.int64)
     parent_slot = np.empty(num_ranks, np.int64)
+    cold_first = np.empty(slots, np.int64)
+    tried = np.empty(num_ranks, np.bool_)
     while True:
         low, high = lo, lo
         for r in range(lo, hi):
@@ -257,7 +266,7 @@ def _spread(table, home, home_rank, home_slot, lo, hi, load, count, on_rank, old
         if not _role_path(table, home, home_rank, home_slot, red, low, lo, hi, edge_start, edge_rank, edge_slot,
                           queue, parent, parent_slot):
             if not _relocate(table, home, home_rank, home_slot, red, low, lo, hi, load, count, on_rank, old_on,
-                             source, pair_used, moved, group_of_rank):
+                             source, pair_used, moved, group_of_rank, cold_first, tried):
                 return
 
 
