@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 _PER_STEP_POLICIES = ("flashlb",)
 _DEFAULT_RING_STEPS = 256
+_WAITING_FOR_INTERVAL = "eplb_update_interval has not elapsed since the last cycle"
 
 
 @dataclass
@@ -261,7 +262,7 @@ class EplbController:
         self._window_load = window
         self._result, self._local, self._submitted_step = None, (0, ""), self.step
         if not self._interval_elapsed():
-            self._local = (-1, "eplb_update_interval has not elapsed since the last cycle")
+            self._local = (-1, _WAITING_FOR_INTERVAL)
             return
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
@@ -349,7 +350,7 @@ class EplbController:
         self._result = None
         if self.planner.busy:
             self.planner.restart()  # abandon a request still running (it may be hung)
-        level = logging.INFO if reason == "no gain" else logging.WARNING
+        level = logging.INFO if reason == "no gain" or _WAITING_FOR_INTERVAL in reason else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)
