@@ -150,3 +150,22 @@ def test_vllm_step_interval_plans_on_the_last_window(tmp_path):
         assert ctl.recorder.logical_load(ctl.placement.phy2log).shape == (3, 2, 5)
     finally:
         ctl.close()
+
+
+def test_xllm_update_interval_holds_cycles_back(tmp_path):
+    torch = pytest.importorskip("torch")
+    from eplb.runtime import EplbController
+
+    config = EplbConfig.from_dict({"window_steps": 2, "planner_check_steps": 1, "eplb_update_interval": 3600,
+                                   "record_path": str(tmp_path / "m.json")})
+    ctl = EplbController(config, 2, 5, Topology(2, 3), rank=0)
+    try:
+        for _ in range(6):
+            ctl.before_forward()
+            ctl.route(1, torch.tensor([[0, 4]]))
+            ctl.after_forward()
+        assert ctl.metrics and all("eplb_update_interval" in (m.skipped or "eplb_update_interval")
+                                   for m in ctl.metrics)
+        assert ctl.metrics[0].skipped and not ctl.planner.busy
+    finally:
+        ctl.close()
