@@ -67,6 +67,19 @@ def _sort_by_load(experts, load):
 
 
 @njit(cache=True)
+def _sort_ranks(ranks, dev_mean):
+    """Insertion-sort ``ranks`` in place by ``dev_mean`` ascending, ties by lowest rank."""
+    for i in range(1, ranks.shape[0]):
+        item = ranks[i]
+        value = dev_mean[item]
+        j = i - 1
+        while j >= 0 and (dev_mean[ranks[j]] > value or (dev_mean[ranks[j]] == value and ranks[j] > item)):
+            ranks[j + 1] = ranks[j]
+            j -= 1
+        ranks[j + 1] = item
+
+
+@njit(cache=True)
 def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var, dev_cov, stamp):
     """Covariance-aware LPT: deploy ``count[e]`` replicas of every expert onto the ranks, filling ``members``.
 
@@ -95,19 +108,32 @@ def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var,
     # instead of a sum over the rank's experts for every rank looked at.
     dev_cov[:] = 0.0
     stamp[:] = -1  # stamp[d] == e: rank d holds a replica of e (replicas of one expert are placed one after another)
+    # Ranks with a free slot by mu ascending (ties: lowest rank). The std term only adds to mu, so a scan in this order
+    # stops at the first rank whose mu alone exceeds the best score, with the result of a full scan.
+    open_ranks = np.arange(num_ranks)
+    num_open = num_ranks
     for e in experts:
         inv_c = inv_count[e]
         add_mean = mean[e] * inv_c
         add_var = var[e] * inv_c * inv_c
         for _ in range(count[e]):
-            # The std term only adds to mu, so the rank with the lowest mu gives a bound that rules out most ranks
-            # before their score is computed; the result is that of a full scan.
             best = -1
-            lowest = np.inf
-            for d in range(num_ranks):
-                if dev_size[d] < slots and stamp[d] != e and dev_mean[d] < lowest:
-                    lowest = dev_mean[d]
+            best_pos = -1
+            best_score = np.inf
+            for pos in range(num_open):
+                d = open_ranks[pos]
+                if stamp[d] == e:
+                    continue
+                score = dev_mean[d] + add_mean
+                if score > best_score:
+                    break
+                new_var = dev_var[d] + add_var + 2.0 * inv_c * dev_cov[d, e]
+                if new_var > 0.0:
+                    score += z * np.sqrt(new_var)
+                if score < best_score or (score == best_score and d < best):
+                    best_score = score
                     best = d
+                    best_pos = pos
             if best < 0:
                 best, freed = _make_room(e, add_mean, mean, inv_count, members, dev_size, dev_mean, stamp)
                 for d in (best, freed):
@@ -119,33 +145,38 @@ def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var,
                     dev_var[d] = 0.0
                     for j in range(dev_size[d]):
                         dev_var[d] += dev_cov[d, members[d, j]] * inv_count[members[d, j]]
-            else:
-                first = best
-                best_score = np.inf
-                for i in range(num_ranks + 1):
-                    d = first if i == 0 else i - 1
-                    if i > 0 and d == first:
-                        continue
-                    if dev_size[d] == slots or stamp[d] == e or dev_mean[d] + add_mean > best_score:
-                        continue
-                    new_var = dev_var[d] + add_var + 2.0 * inv_c * dev_cov[d, e]
-                    score = dev_mean[d] + add_mean
-                    if new_var > 0.0:
-                        score += z * np.sqrt(new_var)
-                    if score < best_score or (score == best_score and d < best):
-                        best_score = score
-                        best = d
+                num_open = 0
+                for d in range(num_ranks):
+                    if dev_size[d] < slots:
+                        open_ranks[num_open] = d
+                        num_open += 1
+                _sort_ranks(open_ranks[:num_open], dev_mean)
+                for pos in range(num_open):
+                    if open_ranks[pos] == best:
+                        best_pos = pos
             members[best, dev_size[best]] = e
             dev_size[best] += 1
             dev_mean[best] += add_mean
             dev_var[best] += add_var + 2.0 * inv_c * dev_cov[best, e]
-            # A full rank is never looked at again; a constant series has no covariance with anything.
-            if dev_size[best] < slots and var[e] > 0.0:
+            stamp[best] = e
+            if dev_size[best] == slots:  # a full rank is never looked at again
+                num_open -= 1
+                for pos in range(best_pos, num_open):
+                    open_ranks[pos] = open_ranks[pos + 1]
+                continue
+            value = dev_mean[best]
+            while best_pos + 1 < num_open:  # mu only grew: move the rank towards the end
+                nxt = open_ranks[best_pos + 1]
+                if dev_mean[nxt] > value or (dev_mean[nxt] == value and nxt > best):
+                    break
+                open_ranks[best_pos] = nxt
+                best_pos += 1
+            open_ranks[best_pos] = best
+            if var[e] > 0.0:  # a constant series has no covariance with anything
                 row = dev_cov[best]
                 cov_row = cov[e]
                 for other in range(num_experts):
                     row[other] += cov_row[other] * inv_c
-            stamp[best] = e
 
 
 @njit(cache=True)
