@@ -198,3 +198,15 @@ def test_real_regimes_from_the_deepseek_v3_statistics(data_dir, tmp_path):
     np.savez(tmp_path / "trace.npz", counts=np.ones((3, 2, 4)))
     with pytest.raises(FormatError, match="not a workload-statistics .npz"):
         real_regimes(tmp_path / "trace.npz")
+
+
+def test_multinomial_sampler_sums_exactly_and_matches_multinomial_moments():
+    from eplb.sim._sampling import multinomial_rows
+
+    pvals = np.tile(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005]), (4000, 1))
+    totals = np.full(4000, 3000)
+    counts = multinomial_rows(totals, pvals, 7)
+    assert (counts.sum(axis=1) == 3000).all() and (counts >= 0).all()
+    np.testing.assert_allclose(counts.mean(axis=0), 3000 * pvals[0], rtol=0.02)
+    np.testing.assert_allclose(counts.var(axis=0), 3000 * pvals[0] * (1 - pvals[0]), rtol=0.1)
+    np.testing.assert_array_equal(counts, multinomial_rows(totals, pvals, 7))

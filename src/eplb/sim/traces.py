@@ -418,9 +418,11 @@ def generate_trace(regimes: Regimes, spec: TraceSpec, seed: int = 0, name: str =
       with their own preference (the phase mean times a log-normal factor of std ``request_sigma``), which makes
       per-step load vary far more than sampling noise alone;
     - routing: ``N`` tokens with ``top_k`` distinct experts each. Approximation: the counts are a multinomial draw
-      of ``N * top_k`` routings over the step's popularity (capped at one routing per token per expert), then
-      capped at ``N`` per expert with the overflow moved to experts with room, so every layer of a step totals
-      exactly ``N * top_k`` and no expert gets more routings than there are tokens.
+      of ``N * top_k`` routings over the step's popularity (capped at one routing per token per expert; large
+      conditional binomials drawn from their normal approximation, see
+      :func:`eplb.sim._sampling.multinomial_rows`), then capped at ``N`` per expert with the overflow moved to
+      experts with room, so every layer of a step totals exactly ``N * top_k`` and no expert gets more routings
+      than there are tokens.
 
     Args:
         regimes: the workloads to mix (:func:`parametric_regimes` or :func:`real_regimes`).
@@ -554,10 +556,12 @@ _MAX_REQUEST_SHARE = 0.9
 def _route(popularity: np.ndarray, tokens: np.ndarray, top_k: int, rng: np.random.Generator) -> np.ndarray:
     """int32 ``[c, L, E]`` routings of ``tokens[c]`` tokens, ``top_k`` distinct experts each (see
     :func:`generate_trace` for the approximation)."""
+    from eplb.sim._sampling import multinomial_rows
+
     popularity = _cap_popularity(popularity)
     pvals = popularity / popularity.sum(axis=-1, keepdims=True)
-    totals = np.broadcast_to((tokens * top_k)[:, None], popularity.shape[:2])
-    counts = rng.multinomial(totals, pvals)
+    totals = np.repeat(tokens * top_k, popularity.shape[1])
+    counts = multinomial_rows(totals, pvals.reshape(totals.size, -1), int(rng.integers(2**31))).reshape(pvals.shape)
     limit = tokens[:, None, None]
     while True:
         over = counts > limit
