@@ -37,7 +37,7 @@ from eplb.errors import EplbError
 
 __all__ = ["ModelConfig", "MoEModel", "expert_weights", "grouped_topk"]
 
-_CALIBRATION_TOKENS = 2048
+_CALIBRATION_TOKENS = 4096
 _CALIBRATION_ROUNDS = 200
 _MIN_GEMM_ROWS = 8
 
@@ -153,12 +153,14 @@ class MoEModel:
             unskewed gate. The gate bias is calibrated to it on the group's first rank and broadcast.
         gate_bias: the calibrated :attr:`gate_bias` of another instance of the same model, instead of
             ``popularity`` (skips the calibration).
+        calibration_tokens: int64 ``[n]`` token ids the calibration routes (a sample of the workload); default:
+            uniform over the vocabulary.
         group: the EP process group (None: the default group).
         device: where weights and activations live.
     """
 
     def __init__(self, config: ModelConfig, controller, expert_tensors, popularity: np.ndarray | None = None,
-                 gate_bias=None, group=None, device="cpu"):
+                 gate_bias=None, calibration_tokens: torch.Tensor | None = None, group=None, device="cpu"):
         self.config, self.ctl, self.group = config, controller, group
         self.device = torch.device(device)
         self.rank = controller.rank
@@ -180,7 +182,7 @@ class MoEModel:
         if gate_bias is not None:
             self.gate_bias = [b.clone().to(**to) for b in gate_bias]
         elif popularity is not None:
-            self._calibrate_on_first_rank(np.asarray(popularity, dtype=np.float64))
+            self._calibrate_on_first_rank(np.asarray(popularity, dtype=np.float64), calibration_tokens)
         #: int64 [L]: rows (token x expert pairs) this rank's experts computed in the last forward, per layer
         self.last_received = torch.zeros(cfg.num_layers, dtype=torch.int64)
 
@@ -214,23 +216,24 @@ class MoEModel:
         weights = scores.gather(1, ids)
         return ids, weights / weights.sum(-1, keepdim=True)
 
-    def _calibrate_on_first_rank(self, popularity: np.ndarray) -> None:
+    def _calibrate_on_first_rank(self, popularity: np.ndarray, tokens: torch.Tensor | None) -> None:
         """Calibrate on the group's first rank and broadcast: every rank gets the same bias, whatever its device."""
         if self.rank == 0:
-            self._calibrate(popularity)
+            self._calibrate(popularity, tokens)
         first = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         for bias in self.gate_bias:
             dist.broadcast(bias, src=first, group=self.group)
 
-    def _calibrate(self, popularity: np.ndarray) -> None:
+    def _calibrate(self, popularity: np.ndarray, tokens: torch.Tensor | None) -> None:
         """Fit each layer's selection bias so expert ``e`` gets a share ``popularity[l, e] / top_k`` of the
-        routings of a fixed sample, layer after layer on the sample's real hidden states (dense, local)."""
+        routings of the sample ``tokens``, layer after layer on the sample's real hidden states (dense, local)."""
         cfg = self.config
         if popularity.shape != (cfg.num_layers, cfg.num_experts):
             raise EplbError(f"popularity has shape {popularity.shape}, expected [L={cfg.num_layers}, "
                             f"E={cfg.num_experts}]")
         target = torch.as_tensor(popularity / popularity.sum(1, keepdims=True), dtype=torch.float32)
-        tokens = torch.randint(0, cfg.vocab, (_CALIBRATION_TOKENS,), generator=_generator(cfg.seed, 8))
+        if tokens is None:
+            tokens = torch.randint(0, cfg.vocab, (_CALIBRATION_TOKENS,), generator=_generator(cfg.seed, 8))
         h = self.embed[tokens.to(self.device)]
         for layer in range(cfg.num_layers):
             h = h + self._dense(layer, h)

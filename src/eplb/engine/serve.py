@@ -30,6 +30,8 @@ __all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures"]
 log = logging.getLogger(__name__)
 
 _CHECK_SEED = 987654321
+_CALIBRATION_SEED = 123456789
+_CALIBRATION_TOKENS = 4096
 #: outputs "equal": |balanced - unbalanced| <= 1e-6 x max(1, |unbalanced|) element-wise (float32 rounding)
 OUTPUT_TOLERANCE = 1e-6
 
@@ -98,7 +100,8 @@ def cycle_figures(metrics) -> dict:
             "skipped": metrics.skipped}
 
 
-def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, popularity=None, gate_bias=None):
+def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, popularity=None, gate_bias=None,
+           calibration_tokens=None):
     from eplb.runtime import EplbConfig, EplbController
 
     topology = Topology(world, settings.slots_per_rank)
@@ -106,7 +109,7 @@ def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, p
     w13, w2 = MoEModel.allocate_experts(cfg, settings.slots_per_rank, device)
     controller = EplbController(EplbConfig.from_dict(eplb), cfg.num_layers, cfg.num_experts, topology, rank,
                                 layer_tensors=[[w13[l], w2[l]] for l in range(cfg.num_layers)], device=device)
-    return MoEModel(cfg, controller, (w13, w2), popularity, gate_bias, device=device)
+    return MoEModel(cfg, controller, (w13, w2), popularity, gate_bias, calibration_tokens, device=device)
 
 
 def _signal_planner(controller, sig) -> None:
@@ -157,7 +160,8 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
     cfg = settings.model
     popularity = expert_popularity(cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.seed, settings.trace)
-    model = _build(settings, rank, world, settings.eplb, device, popularity=popularity)
+    sample = SkewedTokens(cfg.vocab, _CALIBRATION_TOKENS, _CALIBRATION_SEED).batch(0, 0)
+    model = _build(settings, rank, world, settings.eplb, device, popularity=popularity, calibration_tokens=sample)
     ctl = model.ctl
     emit(("ready",))
     tokens = SkewedTokens(cfg.vocab, settings.tokens_per_rank, cfg.seed)

@@ -47,7 +47,7 @@ class SkewedTokens:
         zipf: exponent of the token-frequency law.
     """
 
-    def __init__(self, vocab: int, tokens_per_rank: int, seed: int = 0, zipf: float = 1.1):
+    def __init__(self, vocab: int, tokens_per_rank: int, seed: int = 0, zipf: float = 0.8):
         if tokens_per_rank < 1:
             raise EplbError(f"tokens_per_rank must be >= 1, got {tokens_per_rank}")
         self.vocab, self.tokens_per_rank, self.seed = vocab, tokens_per_rank, seed
