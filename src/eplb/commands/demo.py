@@ -18,8 +18,6 @@ from pathlib import Path
 
 from eplb.errors import EplbError
 
-log = logging.getLogger(__name__)
-
 _MODES = ("dynamic", "record", "static")
 _WARMUP_STEPS = 3  # first steps pay for lazy initialisation; left out of the medians
 _DEFAULT_RECORD_PATH = "eplb-demo-map.json"
@@ -60,6 +58,8 @@ def register(subparsers) -> None:
     model.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens per rank per step")
     model.add_argument("--router", default="rank", metavar="MODE", help="replica router: rank, token or local")
     model.add_argument("--seed", type=int, default=0, help="weights and workload seed")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: Gloo; cuda: NCCL, rank r on GPU r (needs one GPU per rank)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="give up (and stop every rank) after this many seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON summary at the end, nothing else")
@@ -97,8 +97,14 @@ def _settings(args):
         raise EplbError("--mode static needs --map FILE (e.g. one written by --mode record)")
     config = EplbConfig.from_dict(eplb)
     config.check_model(args.layers, args.experts, Topology(args.ranks, slots))  # bad map: error before serving
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.ranks:
+            raise EplbError(f"--device cuda needs one GPU per rank: {args.ranks} ranks, "
+                            f"{torch.cuda.device_count()} GPUs visible")
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
-                             eplb=eplb)
+                             eplb=eplb, device=args.device)
     return settings, record_path
 
 
@@ -237,11 +243,14 @@ def run(args) -> int:
     from eplb.engine.serve import serve_rank
 
     settings, record_path = _settings(args)
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    log_level = logging.getLogger().getEffectiveLevel()  # the ranks log like the parent (-v, -vv)
     collector = _Collector(args.ranks, args.layers, args.ranks * args.tokens)
     console = Console(stderr=True, highlight=False)
     start = time.perf_counter()
     if args.json:
-        results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=collector.on_event)
+        results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=collector.on_event,
+                         backend=backend, log_level=log_level)
     else:
         shown = set()
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -268,7 +277,8 @@ def run(args) -> int:
                 progress.update(task, description="checking outputs against the model without balancing")
 
         with progress:
-            results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=on_event)
+            results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=on_event,
+                             backend=backend, log_level=log_level)
     summary = _summary(collector, results, settings, args, time.perf_counter() - start)
     if record_path is not None:
         summary["map_written"] = record_path if Path(record_path).is_file() else None

@@ -45,6 +45,8 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
         result = target(rank, world_size, lambda payload: messages.put(("event", rank, payload)), *args)

@@ -158,6 +158,8 @@ def _router_digest(ctl) -> int:
 def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     """Serve ``settings.steps`` steps on this rank; see the module docstring. Returns a picklable dict."""
     device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     cfg = settings.model
     popularity = expert_popularity(cfg.num_layers, cfg.num_experts, cfg.top_k, cfg.seed, settings.trace)
     sample = SkewedTokens(cfg.vocab, _CALIBRATION_TOKENS, _CALIBRATION_SEED).batch(0, 0)
