@@ -36,7 +36,7 @@ def test_dynamic_demo_balances_while_serving_and_keeps_outputs(capsys):
     assert summary["after"] is not None, "the first plan was not applied within 150 steps"
     # the acceptance figure: the busiest rank's rows per step drop by at least 30% after the first cycle
     assert summary["busiest_rank_drop"] >= 0.30
-    for key in ("step_time_ms", "tokens_per_s", "busiest_rank_rows", "step_par"):
+    for key in ("step_time_ms", "tokens_per_s", "busiest_rank_rows", "step_par", "busiest_expert_cpu_ms"):
         assert summary["before"][key] > 0 and summary["after"][key] > 0
     assert all(set(c) >= {"par_before", "par_after", "moved_slots", "transfer_s", "tokens_per_s_before",
                           "tokens_per_s_after"} for c in summary["cycles"])

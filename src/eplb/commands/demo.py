@@ -133,8 +133,8 @@ class _Collector:
     def on_event(self, rank: int, payload) -> None:
         kind = payload[0]
         if kind == "step":
-            _, step, seconds, rows, switched = payload
-            self.steps.setdefault(step, {})[rank] = (seconds, rows, switched)
+            _, step, seconds, rows, switched, expert_cpu_s = payload
+            self.steps.setdefault(step, {})[rank] = (seconds, rows, switched, expert_cpu_s)
         elif kind == "cycle":
             self.cycles.setdefault(payload[1]["cycle"], {})[rank] = payload[1]
         elif kind == "ready":
@@ -145,8 +145,9 @@ class _Collector:
     def complete_steps(self) -> list[int]:
         return sorted(s for s, ranks in self.steps.items() if len(ranks) == self.world)
 
-    def step_figures(self, step: int) -> tuple[float, float, float, bool]:
-        """(seconds of the slowest rank, busiest rank's rows averaged over layers, PAR of rows, switched)."""
+    def step_figures(self, step: int) -> tuple[float, float, float, bool, float]:
+        """(seconds of the slowest rank, busiest rank's rows averaged over layers, PAR of rows, switched, expert CPU
+        seconds of the busiest rank)."""
         import numpy as np
 
         ranks = self.steps[step]
@@ -155,7 +156,7 @@ class _Collector:
         busiest = float(rows.max(axis=0).mean())
         mean = rows.mean(axis=0)
         step_par = float(np.mean(rows.max(axis=0) / np.where(mean > 0, mean, 1.0)))
-        return seconds, busiest, step_par, any(v[2] for v in ranks.values())
+        return seconds, busiest, step_par, any(v[2] for v in ranks.values()), max(v[3] for v in ranks.values())
 
     def cycle(self, index: int) -> dict | None:
         """Rank 0's figures of a finished cycle, with the slowest rank's transfer time; None until all reported."""
@@ -195,6 +196,7 @@ def _summary(collector: _Collector, results: list, settings, args, elapsed: floa
         return {"busiest_rank_rows": _median([figures[s][1] for s in selection]),
                 "step_par": _median([figures[s][2] for s in selection]),
                 "step_time_ms": None if not selection else 1000 * _median([figures[s][0] for s in selection]),
+                "busiest_expert_cpu_ms": None if not selection else 1000 * _median([figures[s][4] for s in selection]),
                 "tokens_per_s": _median([tokens / figures[s][0] for s in selection]), "steps": len(selection)}
 
     for c in cycles:
@@ -269,7 +271,7 @@ def run(args) -> int:
                 done = collector.complete_steps()
                 text = f"serving, {args.mode} mode"
                 if done:
-                    seconds, busiest, step_par, _ = collector.step_figures(done[-1])
+                    seconds, busiest, step_par, _, _ = collector.step_figures(done[-1])
                     text += (f": busiest rank {busiest:.0f} rows/layer, step PAR {step_par:.2f}, "
                              f"{collector.tokens_per_step / seconds:,.0f} tok/s")
                 progress.update(task, completed=payload[1] + 1, description=text)
@@ -321,6 +323,9 @@ def _print_summary(console, s: dict) -> None:
                       f"{_fmt(b['step_time_ms'], '.1f')} ms over {b['steps']} steps -> "
                       f"{_fmt(a['step_time_ms'], '.1f')} ms over {a['steps']} steps; tokens/s "
                       f"{_fmt(b['tokens_per_s'], ',.0f')} -> {_fmt(a['tokens_per_s'], ',.0f')}")
+        console.print(f"busiest rank's expert FFN time per step (median CPU time, unaffected by other processes "
+                      f"on the CPU): {_fmt(b['busiest_expert_cpu_ms'], '.2f')} ms -> "
+                      f"{_fmt(a['busiest_expert_cpu_ms'], '.2f')} ms")
     if "map_written" in s:
         if s["map_written"] is None:
             console.print("[red]record mode: no map was written[/] (no plan arrived in time, or see the log above)")

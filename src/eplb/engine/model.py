@@ -26,6 +26,7 @@ the split sizes of the all_to_all, which every expert-parallel engine needs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,6 +186,9 @@ class MoEModel:
             self._calibrate_on_first_rank(np.asarray(popularity, dtype=np.float64), calibration_tokens)
         #: int64 [L]: rows (token x expert pairs) this rank's experts computed in the last forward, per layer
         self.last_received = torch.zeros(cfg.num_layers, dtype=torch.int64)
+        #: CPU seconds (``time.thread_time``) this rank spent in its experts' FFNs in the last forward: what the
+        #: step would cost with a core per rank, unaffected by other processes sharing the CPU (CPU devices only)
+        self.last_expert_cpu_s = 0.0
 
     # -- weights ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -264,6 +268,7 @@ class MoEModel:
         """Expert-parallel forward of this rank's tokens (int64 ``[N]``); every rank of the group must call it in
         the same step (``N`` may differ per rank, 0 included). Returns float32 ``[N, D]``."""
         h = self.embed_tokens(tokens)
+        self.last_expert_cpu_s = 0.0
         for layer in range(self.config.num_layers):
             h = h + self._dense(layer, h)
             h = h + self.moe(layer, _rms_norm(h))
@@ -287,7 +292,9 @@ class MoEModel:
         dist.all_to_all_single(recv_rows, send_rows, recv_sizes, send_sizes, group=self.group)
         recv_slots = slots.new_empty(received)
         dist.all_to_all_single(recv_slots, (slots % k_slots)[order], recv_sizes, send_sizes, group=self.group)
+        start = time.thread_time()
         out_rows = self._local_experts(layer, recv_rows, recv_slots)
+        self.last_expert_cpu_s += time.thread_time() - start
         back = x.new_empty(n * top_k, d)
         dist.all_to_all_single(back, out_rows, send_sizes, recv_sizes, group=self.group)
         per_choice = torch.empty_like(back)

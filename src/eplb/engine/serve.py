@@ -1,9 +1,10 @@
 """One rank's serving loop: the model, the runtime controller, the skewed workload, and (for tests) faults.
 
 :func:`serve_rank` is the ``target`` of :func:`eplb.engine.launch.launch`. Per step it calls the controller's hooks
-around the forward exactly as an engine would, and emits ``("step", step, seconds, rows, switched)`` (``rows`` int
-``[L]``: the token x expert rows this rank's experts computed per layer; ``switched``: a layer's placement changed in
-this step) and, once per finished cycle, ``("cycle", figures)``.
+around the forward exactly as an engine would, and emits ``("step", step, seconds, rows, switched, expert_cpu_s)``
+(``rows`` int ``[L]``: the token x expert rows this rank's experts computed per layer; ``switched``: a layer's
+placement changed in this step; ``expert_cpu_s``: CPU seconds in its experts) and, once per finished cycle,
+``("cycle", figures)``.
 At the end it runs a fixed batch through the balanced model and through the same model without balancing (initial
 placement, EPLB off) and compares the outputs.
 """
@@ -183,7 +184,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
             seconds = time.perf_counter() - start
             digests.append(_router_digest(ctl))
             switched = len(digests) > 1 and digests[-1] != digests[-2]
-            emit(("step", step, seconds, model.last_received.tolist(), switched))
+            emit(("step", step, seconds, model.last_received.tolist(), switched, model.last_expert_cpu_s))
             while reported < len(ctl.metrics) and ctl.metrics[reported].next_window_par is not None:
                 emit(("cycle", cycle_figures(ctl.metrics[reported])))
                 reported += 1
