@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -97,3 +98,13 @@ def test_demo_help_lists_the_documented_options(capsys):
     out = capsys.readouterr().out
     for option in ("--ranks", "--policy", "--steps", "--mode", "--map", "--json"):
         assert option in out
+
+
+def test_a_trace_of_another_shape_is_a_clear_error(tmp_path, capsys):
+    from eplb.formats import write_load
+
+    path = tmp_path / "load.npz"
+    write_load(np.ones((5, 3, 8)), path)
+    assert main(["demo", "--trace", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "L=4 layers x E=16 experts" in err and "Traceback" not in err

@@ -58,6 +58,10 @@ def register(subparsers) -> None:
     model.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens per rank per step")
     model.add_argument("--router", default="rank", metavar="MODE", help="replica router: rank, token or local")
     model.add_argument("--seed", type=int, default=0, help="weights and workload seed")
+    model.add_argument("--trace", metavar="LOAD",
+                       help="recorded expert load [T, L, E] or [L, E] (.npz counts, SGLang logical_count, TensorRT-LLM "
+                            "statistics) whose popularity the gate follows, instead of the built-in DeepSeek-V3-like "
+                            "profile; its L and E must match --layers and --experts")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: Gloo; cuda: NCCL, rank r on GPU r (needs one GPU per rank)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
@@ -103,8 +107,16 @@ def _settings(args):
         if torch.cuda.device_count() < args.ranks:
             raise EplbError(f"--device cuda needs one GPU per rank: {args.ranks} ranks, "
                             f"{torch.cuda.device_count()} GPUs visible")
+    trace = None
+    if args.trace is not None:
+        from eplb.engine.tokens import expert_popularity
+        from eplb.formats import read_load
+
+        load = read_load(args.trace)
+        trace = load.sum(axis=0) if load.ndim == 3 else load
+        expert_popularity(args.layers, args.experts, args.top_k, trace=trace)  # shape errors before any rank starts
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
-                             eplb=eplb, device=args.device)
+                             eplb=eplb, trace=trace, device=args.device)
     return settings, record_path
 
 

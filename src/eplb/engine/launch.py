@@ -23,8 +23,6 @@ from eplb.errors import EplbError
 
 __all__ = ["launch", "LaunchError"]
 
-log = logging.getLogger(__name__)
-
 
 class LaunchError(EplbError):
     """A rank failed, died or did not finish in time."""

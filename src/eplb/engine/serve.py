@@ -11,12 +11,11 @@ placement, EPLB off) and compares the outputs.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,11 +23,10 @@ import torch.distributed as dist
 
 from eplb.engine.model import ModelConfig, MoEModel
 from eplb.engine.tokens import SkewedTokens, expert_popularity
+from eplb.errors import EplbError
 from eplb.topology import Topology
 
 __all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures"]
-
-log = logging.getLogger(__name__)
 
 _CHECK_SEED = 987654321
 _CALIBRATION_SEED = 123456789
@@ -57,7 +55,7 @@ class Faults:
     def __post_init__(self):
         ranks = [f[0] for f in (self.kill_planner, self.hang_planner) if f is not None]
         if len(ranks) != len(set(ranks)):
-            raise ValueError("kill_planner and hang_planner must hit different ranks")
+            raise EplbError("kill_planner and hang_planner must hit different ranks")
 
 
 @dataclass(frozen=True)
