@@ -186,8 +186,8 @@ class MoEModel:
             self._calibrate_on_first_rank(np.asarray(popularity, dtype=np.float64), calibration_tokens)
         #: int64 [L]: rows (token x expert pairs) this rank's experts computed in the last forward, per layer
         self.last_received = torch.zeros(cfg.num_layers, dtype=torch.int64)
-        #: CPU seconds (``time.thread_time``) this rank spent in its experts' FFNs in the last forward: what the
-        #: step would cost with a core per rank, unaffected by other processes sharing the CPU (CPU devices only)
+        #: CPU seconds (``time.thread_time``) this rank spent in its experts' FFNs in the last forward; unlike wall
+        #: clock it does not grow when other processes share the CPU (meaningful on CPU devices only)
         self.last_expert_cpu_s = 0.0
 
     # -- weights ------------------------------------------------------------------------------------------------
