@@ -1,0 +1,158 @@
+"""The `auto` policy against default, swift and flashlb over time (prints ONE JSON object).
+
+Protocol (issue 5): traces ``drift``, ``bursty`` and ``phases`` drawn from the real DeepSeek-V3 workloads of
+``../shared/data/sglang_dsv3_ep_statistics.npz`` plus the built-in parametric ``default`` scenario; topologies
+16 ranks x 17 slots (2 nodes), 32 x 9 (4 nodes), 64 x 5 (8 nodes), 8 expert groups; re-plan every 600 steps (plan on
+the last window, no planner delay, one layer applied per step); every step scored. Per cell and policy: the
+token-weighted per-step PAR after the warm-up (first window + application), moved slots per re-plan (the first
+cycle, which leaves the initial layout, is not counted: every policy moves most slots there), median planner ms.
+Runs: each policy with an even split; ``auto`` and ``flashlb`` also with per-batch ``balanced`` dispatch; the
+clairvoyant floor (flashlb planning on the window it is scored on, even split).
+
+Ratios per cell: ``auto_par_vs_flashlb`` (target <= 1.01), ``auto_moves_vs_flashlb`` (target <= 0.25),
+``auto_balanced_vs_flashlb_even`` (target <= 0.95 on drift, <= 0.90 on bursty, at 32 and 64 ranks).
+
+Usage: ``python benchmarks/auto.py [--steps 1800] [--layers 58] [--cells 32x9x4,...] [--scenarios drift,...]
+[--move-budget 0.05,0.1,...]``. The default (1,800 steps: two scored re-plans after the first) is a lean run; pass
+``--steps 4200`` for six re-plans. ``--move-budget`` adds one ``auto`` run per budget (fraction of slots per cycle)
+to trace the PAR-vs-moves curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+CELLS = {"16x17": (16, 17, 2), "32x9": (32, 9, 4), "64x5": (64, 5, 8)}
+SCENARIOS = ("drift", "bursty", "phases", "default")
+BASELINES = ("default", "swift", "flashlb")
+
+
+def _trace(name: str, steps: int, layers: int, seed: int):
+    from eplb.sim.traces import Trace, builtin_trace, real_regimes
+
+    regimes = real_regimes(DATA) if name != "default" and DATA.exists() else None
+    trace = builtin_trace(name, steps=steps, seed=seed, regimes=regimes)
+    if layers < trace.num_layers:
+        trace = Trace.from_counts(trace.counts[:, :layers], name=trace.name, top_k=trace.top_k,
+                                  prefill=trace.prefill, source=trace.source)
+    return trace
+
+
+def _run(trace, policy_name, config, options=None, clairvoyant=False) -> dict:
+    from eplb import get_policy
+    from eplb.sim.simulator import simulate
+
+    result = simulate(trace, get_policy(policy_name, **(options or {})), config, clairvoyant=clairvoyant)
+    summary = result.summary()
+    replans = [c.moved_slots for c in result.cycles[1:]]
+    return {"step_par_mean": round(summary["step_par_mean"], 4),
+            "step_par_p99": round(summary["step_par_p99"], 4),
+            "moved_slots_per_replan": float(np.mean(replans)) if replans else 0.0,
+            "planner_ms": round(summary["planner_ms"], 1)}
+
+
+def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) -> dict:
+    from eplb import Topology
+    from eplb.cycle import CycleConfig
+    from eplb.sim.simulator import SimConfig
+
+    topology = Topology(num_ranks=ranks, slots_per_rank=slots, num_nodes=nodes, num_groups=8)
+    cycle = CycleConfig(interval=600, planner_steps=0, layers_per_step=1)
+    even = SimConfig(topology, cycle)
+    balanced = SimConfig(topology, cycle, dispatch="balanced")
+    out = {name: _run(trace, name, even) for name in BASELINES}
+    out["flashlb_balanced"] = _run(trace, "flashlb", balanced)
+    out["clairvoyant_flashlb"] = _run(trace, "flashlb", even, clairvoyant=True)
+    if with_auto:
+        out["auto"] = _run(trace, "auto", even)
+        out["auto_balanced"] = _run(trace, "auto", balanced, {"dispatch": "balanced"})
+        for budget in budgets:
+            out[f"auto_budget_{budget:g}"] = _run(trace, "auto", even, {"move_budget": budget})
+        flash = out["flashlb"]
+        out["ratios"] = {
+            "auto_par_vs_flashlb": round(out["auto"]["step_par_mean"] / flash["step_par_mean"], 4),
+            "auto_moves_vs_flashlb": round(out["auto"]["moved_slots_per_replan"]
+                                           / max(flash["moved_slots_per_replan"], 1e-9), 4),
+            "auto_balanced_vs_flashlb_even": round(out["auto_balanced"]["step_par_mean"]
+                                                   / flash["step_par_mean"], 4),
+            "flashlb_balanced_vs_flashlb_even": round(out["flashlb_balanced"]["step_par_mean"]
+                                                      / flash["step_par_mean"], 4),
+        }
+    return out
+
+
+def dispatch_timing(repeat: int = 200) -> dict:
+    """Median ms of one balanced split of one DeepSeek-V3 layer step (256 experts, 64 ranks x 5 slots, a flashlb
+    placement of the real-data drift trace), and its gap to the exact LP optimum (HiGHS) on 20 steps."""
+    from scipy.optimize import linprog
+
+    from eplb import Topology, get_policy
+    from eplb.sim.dispatch import balanced_rank_load, replica_ranks
+
+    trace = _trace("bursty", 640, 1, 0)
+    topology = Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)
+    ranks = replica_ranks(get_policy("flashlb").rebalance(trace.counts[:600], topology).placement)
+    load = trace.counts[600:, 0].astype(np.float64)
+    balanced_rank_load(load[:1], ranks, 64)  # compile
+    times = []
+    for step in range(repeat):
+        started = time.perf_counter()
+        balanced_rank_load(load[step % 40:step % 40 + 1], ranks, 64)
+        times.append(time.perf_counter() - started)
+    peak = balanced_rank_load(load[:20], ranks, 64).max(axis=1)
+    optimum = []
+    for step in range(20):
+        pairs = [(e, r) for e in range(ranks.shape[1]) for r in ranks[0, e] if r >= 0]
+        a_ub = np.zeros((64, len(pairs) + 1))
+        a_eq = np.zeros((ranks.shape[1], len(pairs) + 1))
+        a_ub[:, -1] = -1
+        for i, (e, r) in enumerate(pairs):
+            a_eq[e, i] = a_ub[r, i] = 1
+        cost = np.zeros(len(pairs) + 1)
+        cost[-1] = 1
+        optimum.append(linprog(cost, A_ub=a_ub, b_ub=np.zeros(64), A_eq=a_eq, b_eq=load[step]).fun)
+    return {"balanced_split_ms_median": round(float(np.median(times)) * 1e3, 4),
+            "max_relative_gap_to_lp": float(np.max(peak / np.array(optimum) - 1))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--layers", type=int, default=58, help="keep the first N MoE layers (lean runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cells", default=",".join(CELLS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--move-budget", default="", help="comma-separated budgets for extra auto runs")
+    parser.add_argument("--dispatch-only", action="store_true", help="only time the balanced split")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.dispatch_only:
+        print(json.dumps({"dispatch": dispatch_timing()}))
+        return
+    from eplb.policies import available_policies
+
+    with_auto = "auto" in available_policies()
+    budgets = [float(b) for b in args.move_budget.split(",") if b]
+    started = time.perf_counter()
+    out = {"protocol": {"steps": args.steps, "layers": args.layers, "interval": 600, "planner_steps": 0,
+                        "layers_per_step": 1, "seed": args.seed, "real_data": DATA.exists()},
+           "cells": {}}
+    for scenario in args.scenarios.split(","):
+        trace = _trace(scenario, args.steps, args.layers, args.seed)
+        for key in args.cells.split(","):
+            ranks, slots, nodes = CELLS[key]
+            out["cells"][f"{scenario}/{key}"] = cell(trace, ranks, slots, nodes, budgets, with_auto)
+    out["dispatch"] = dispatch_timing()
+    out["wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
