@@ -16,6 +16,8 @@ from eplb.topology import Topology
 
 __all__ = [
     "Placement",
+    "Failover",
+    "live_mask",
     "compute_log2phy",
     "find_problems",
     "shared_rank_experts",
@@ -139,6 +141,34 @@ def initial_phy2log(num_experts: int, topology: Topology, layout: str = "vllm") 
             copies = np.arange(extra[rank]) % num_experts
         table[rank, primaries[rank]:] = copies
     return table.ravel()
+
+
+def _rank_mask(ranks, num_ranks: int, what: str) -> np.ndarray:
+    """bool ``[W]`` from a bool mask ``[W]`` or an iterable of rank ids, checked."""
+    arr = np.asarray(list(ranks) if not isinstance(ranks, np.ndarray) and not hasattr(ranks, "shape") else ranks)
+    if arr.dtype == bool:
+        if arr.shape != (num_ranks,):
+            raise PlacementError(f"{what}: a mask must have one entry per rank ({num_ranks}), got shape {arr.shape}")
+        return arr.copy()
+    arr = to_int_array(arr, what, PlacementError).reshape(-1)
+    bad = arr[(arr < 0) | (arr >= num_ranks)]
+    if bad.size:
+        raise PlacementError(f"{what}: rank {int(bad[0])} is out of range [0, {num_ranks})")
+    mask = np.zeros(num_ranks, dtype=bool)
+    mask[arr] = True
+    return mask
+
+
+def live_mask(live_ranks, num_ranks: int) -> np.ndarray:
+    """bool ``[W]``: the live ranks, from a bool mask ``[W]`` or an iterable of live rank ids.
+
+    Raises:
+        PlacementError: a rank out of range, a mask of the wrong length, or no live rank at all.
+    """
+    mask = _rank_mask(live_ranks, num_ranks, "live ranks")
+    if not mask.any():
+        raise PlacementError(f"live ranks: no rank of {num_ranks} is live")
+    return mask
 
 
 class Placement:
@@ -289,6 +319,18 @@ class Placement:
             index = (rank % tp_size + rank // tp_size + experts) % count
         return np.take_along_axis(self.log2phy, index[:, :, None], axis=2)[:, :, 0]
 
+    def without_ranks(self, ranks) -> "Failover":
+        """Immediate failover: the routing that serves every expert from its surviving replicas when ``ranks`` fail.
+
+        Moves no weights. Experts whose every replica was on a failed rank are listed in :attr:`Failover.lost`;
+        their tokens must wait until their weights are loaded again (a re-plan over the live ranks places them).
+
+        Args:
+            ranks: the failed ranks (an iterable of ints), or a bool mask ``[W]`` of failed ranks.
+        """
+        dead = _rank_mask(ranks, self._topology.num_ranks, "failed ranks")
+        return Failover(self, dead)
+
     def moves_to(self, other: "Placement") -> np.ndarray:
         """bool ``[L, P]``: slots whose logical expert differs in ``other``. ``.sum(1)`` counts moves per layer."""
         self._check_compatible(other)
@@ -329,3 +371,114 @@ class Placement:
     def __repr__(self) -> str:
         return (f"Placement(layers={self.num_layers}, experts={self._num_experts}, "
                 f"{self._topology.describe()})")
+
+
+class Failover:
+    """The routing of a :class:`Placement` after some ranks failed, before any weight moves
+    (:meth:`Placement.without_ranks`).
+
+    It offers the routing views of a placement restricted to the surviving slots, so the router and the simulator
+    can use it in place of the placement in the same step the failure is known. No view ever names a slot of a
+    failed rank; an expert with no survivor has ``replica_count`` 0 and routes to -1.
+
+    Attributes:
+        placement: the placement in force when the ranks failed.
+        dead: bool ``[W]``, failed ranks.
+    """
+
+    def __init__(self, placement: Placement, dead: np.ndarray):
+        self.placement = placement
+        self.dead = np.array(dead, dtype=bool)
+        self.dead.flags.writeable = False
+        masked = np.where(self.dead[placement.rank_of_slot][None, :], -1, placement.phy2log)
+        log2phy, count = compute_log2phy(masked, placement.num_experts)
+        log2phy.flags.writeable = False
+        count.flags.writeable = False
+        self._log2phy, self._count = log2phy, count
+
+    @property
+    def topology(self) -> Topology:
+        return self.placement.topology
+
+    @property
+    def num_experts(self) -> int:
+        return self.placement.num_experts
+
+    @property
+    def num_layers(self) -> int:
+        return self.placement.num_layers
+
+    @property
+    def rank_of_slot(self) -> np.ndarray:
+        return self.placement.rank_of_slot
+
+    @property
+    def live(self) -> np.ndarray:
+        """bool ``[W]``: ranks still serving."""
+        return ~self.dead
+
+    @property
+    def log2phy(self) -> np.ndarray:
+        """int64 ``[L, E, M]``: surviving slots of each expert, ascending, padded with -1."""
+        return self._log2phy
+
+    @property
+    def replica_count(self) -> np.ndarray:
+        """int64 ``[L, E]``: surviving replicas of each expert (0: lost)."""
+        return self._count
+
+    @cached_property
+    def lost_mask(self) -> np.ndarray:
+        """bool ``[L, E]``: experts with no surviving replica."""
+        out = self._count == 0
+        out.flags.writeable = False
+        return out
+
+    @property
+    def lost(self) -> np.ndarray:
+        """int64 ``[n, 2]``: ``(layer, expert)`` of every expert with no surviving replica; their weights must be
+        loaded from a checkpoint or a host copy before they can serve."""
+        return np.argwhere(self.lost_mask).astype(np.int64).reshape(-1, 2)
+
+    def log2phy_for_rank(self, rank: int, tp_size: int = 1) -> np.ndarray:
+        """int64 ``[L, E]``: the surviving slot ``rank`` sends each expert's tokens to, -1 for a lost expert.
+
+        The rule of :meth:`Placement.log2phy_for_rank` applied to the surviving replicas.
+        """
+        rank = self.placement._check_rank(rank)
+        if tp_size < 1:
+            raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
+        count = np.maximum(self._count, 1)
+        if tp_size == 1:
+            index = rank % count
+        else:
+            experts = np.arange(self.num_experts)[None, :]
+            index = (rank % tp_size + rank // tp_size + experts) % count
+        return np.take_along_axis(self._log2phy, index[:, :, None], axis=2)[:, :, 0]
+
+    def rank_share(self) -> np.ndarray:
+        """float64 ``[L, E, W]``: share of expert ``e``'s tokens each rank serves when they are split evenly over
+        the surviving replicas; all zero for a lost expert (its tokens wait)."""
+        placement = self.placement
+        num_layers, num_ranks = placement.num_layers, placement.topology.num_ranks
+        share = np.zeros((num_layers, placement.num_experts, num_ranks))
+        alive = ~self.dead[placement.rank_of_slot]
+        count = np.take_along_axis(self._count, placement.phy2log, axis=1)  # [L, P]
+        weight = np.where(alive[None, :], 1.0 / np.maximum(count, 1), 0.0)
+        layer_idx = np.broadcast_to(np.arange(num_layers)[:, None], placement.phy2log.shape)
+        rank_idx = np.broadcast_to(placement.rank_of_slot[None, :], placement.phy2log.shape)
+        np.add.at(share, (layer_idx, placement.phy2log, rank_idx), weight)
+        return share
+
+    def rank_loads(self, window: np.ndarray) -> np.ndarray:
+        """float64 ``[L, W]``: tokens each rank serves for a window load ``[L, E]`` (failed ranks: 0)."""
+        window = np.asarray(window, dtype=np.float64)
+        return np.matmul(window[:, None, :], self.rank_share())[:, 0, :]
+
+    def waiting(self, window: np.ndarray) -> np.ndarray:
+        """float64 ``[L]``: tokens of a window load ``[L, E]`` routed to lost experts."""
+        return (np.asarray(window, dtype=np.float64) * self.lost_mask).sum(axis=-1)
+
+    def __repr__(self) -> str:
+        return (f"Failover(dead ranks={np.flatnonzero(self.dead).tolist()}, lost={len(self.lost)}, "
+                f"{self.placement!r})")

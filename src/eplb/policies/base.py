@@ -14,7 +14,8 @@ import numpy as np
 from eplb.errors import PolicyError
 from eplb.load import as_load, window_sum
 from eplb.metrics import par, rank_loads
-from eplb.placement import Placement
+from eplb.placement import Placement, live_mask
+from eplb.policies.resilience import Resilience, check_capacity, live_topology, make_resilient, repair_current
 from eplb.topology import Topology
 
 __all__ = ["Plan", "Policy", "as_placement"]
@@ -31,6 +32,9 @@ class Plan:
         par_before: float64 ``[L]``, PAR of ``reference`` on the planning load (window sum, even split).
         par_after: float64 ``[L]``, PAR of ``placement`` on the same load.
         moved_slots: int64 ``[L]``, slots whose logical expert changes.
+        live_ranks: bool ``[W]``, the ranks planned on (None: all). PARs are then over the live ranks, with the
+            reference routed by failover (:meth:`Placement.without_ranks`); the failed ranks' slots keep the
+            reference's experts, which no failover route reaches.
     """
 
     placement: Placement
@@ -39,6 +43,7 @@ class Plan:
     par_before: np.ndarray
     par_after: np.ndarray
     moved_slots: np.ndarray
+    live_ranks: np.ndarray | None = None
 
     @property
     def total_moved_slots(self) -> int:
@@ -73,34 +78,72 @@ class Policy:
     #: whether two replicas of one expert may share a rank in this policy's output
     allows_shared_rank: bool = True
 
-    def rebalance(self, load, topology: Topology, current=None) -> Plan:
+    def rebalance(self, load, topology: Topology, current=None, live_ranks=None,
+                  resilience: Resilience | None = None) -> Plan:
         """Plan a placement for ``load``.
 
         Args:
             load: ``[L, E]`` window load or ``[T, L, E]`` per-step load (numpy, list or torch).
             topology: the cluster to place on.
             current: placement in force (:class:`Placement` or ``phy2log`` ``[L, P]``), or None for a fresh layout.
+            live_ranks: the ranks to place on (iterable of ids or bool mask ``[W]``); None: all. The policy plans
+                on the live ranks' sub-topology (see :mod:`eplb.policies.resilience`), so every policy honours it.
+            resilience: spread replicas over ranks and nodes, and a minimum replica count for the hottest experts.
 
         Returns:
             A :class:`Plan`.
+
+        Raises:
+            PolicyError: the live slots cannot hold every expert (the error names the experts left out).
         """
         load = as_load(load)
         num_layers, num_experts = load.shape[-2:]
         topology.check_experts(num_experts)
         current = as_placement(current, num_experts, topology, num_layers)
-        phy2log = np.asarray(self.place(load, topology, current), dtype=np.int64)
-        new = Placement(phy2log.reshape(num_layers, topology.num_physical), num_experts, topology)
-        reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
+        live = None if live_ranks is None else live_mask(live_ranks, topology.num_ranks)
+        if live is not None and live.all():
+            live = None
         window = window_sum(load)
+        reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
+        if live is None:
+            phy2log = np.asarray(self.place(load, topology, current), dtype=np.int64)
+            phy2log = phy2log.reshape(num_layers, topology.num_physical)
+            if resilience is not None:
+                phy2log = make_resilient(phy2log, window, topology, resilience)
+            new = Placement(phy2log, num_experts, topology)
+            par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
+        else:
+            new = self._place_live(load, window, topology, current, reference, live, resilience)
+            par_before = _live_par(reference, window, live, count_waiting=True)
+            par_after = _live_par(new, window, live, count_waiting=False)
         moved = reference.moves_to(new).sum(axis=1).astype(np.int64)
         return Plan(
             placement=new,
             reference=reference,
             changed=moved > 0,
-            par_before=par(rank_loads(reference, window)),
-            par_after=par(rank_loads(new, window)),
+            par_before=par_before,
+            par_after=par_after,
             moved_slots=moved,
+            live_ranks=live,
         )
+
+    def _place_live(self, load, window, topology, current, reference, live, resilience) -> Placement:
+        """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots."""
+        num_layers, num_experts = window.shape
+        check_capacity(window, topology, live)
+        sub_topology = live_topology(topology, live)
+        live_slots = live[topology.rank_of_slot]
+        sub_current = None
+        if current is not None:
+            sub_current = Placement(repair_current(current.phy2log[:, live_slots], window), num_experts, sub_topology)
+        sub = np.asarray(self.place(load, sub_topology, sub_current), dtype=np.int64)
+        sub = sub.reshape(num_layers, sub_topology.num_physical)
+        if resilience is not None:
+            sub = make_resilient(sub, window, sub_topology, resilience)
+        sub = Placement(sub, num_experts, sub_topology).phy2log  # the policy's output is checked on its own terms
+        phy2log = reference.phy2log.copy()
+        phy2log[:, live_slots] = sub
+        return Placement(phy2log, num_experts, topology)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
         """Return ``phy2log`` int64 ``[L, P]`` for a validated ``load`` (``[L, E]`` or ``[T, L, E]``)."""
@@ -108,3 +151,18 @@ class Policy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _live_par(placement: Placement, window: np.ndarray, live: np.ndarray, count_waiting: bool) -> np.ndarray:
+    """float64 ``[L]``: PAR over the live ranks of ``placement`` routed by failover.
+
+    With ``count_waiting``, the tokens of experts with no live replica are added to the busiest rank: they wait for
+    a reload, which delays the layer at least as much as serving them there would.
+    """
+    failover = placement.without_ranks(~live)
+    loads = failover.rank_loads(window)[:, live]
+    if count_waiting:
+        waiting = failover.waiting(window)
+        busiest = np.argmax(loads, axis=1)
+        loads[np.arange(loads.shape[0]), busiest] += waiting
+    return par(loads)
