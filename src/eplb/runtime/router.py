@@ -18,6 +18,11 @@ Modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
 change (CUDA graphs captured once keep working after a layer switches).
+
+Failover: :meth:`ReplicaRouter.set_failed_ranks` rewrites every table, in place, from
+:meth:`eplb.placement.Placement.without_ranks` in the step the failure is known, and every later table update keeps
+the failed ranks out, so no route names a slot of a failed rank. Tokens of an expert with no surviving replica route
+to slot -1: the engine holds them until the expert's weights are loaded again (a re-plan over the live ranks).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
-from eplb.placement import Placement
+from eplb.placement import Failover, Placement
 
 __all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
@@ -107,6 +112,8 @@ class ReplicaRouter:
         self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.max_replicas, **kw)
         #: int64 [P]: rank of every physical slot
         self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
+        #: bool [W]: failed ranks whose slots no route may name (all False while every rank serves)
+        self.failed = np.zeros(self.topology.num_ranks, dtype=bool)
         self.update_layers(np.arange(self.num_layers), placement)
         self._rank_rows = list(self.rank_table.unbind(0))  # per-layer views, bound once (cheaper per call)
 
@@ -120,6 +127,8 @@ class ReplicaRouter:
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"router was built for {self.num_layers} x {self.num_experts}")
         rows = layers if placement.num_layers == self.num_layers else np.arange(layers.size)
+        if self.failed.any():
+            placement = placement.without_ranks(self.failed)
         width = placement.log2phy.shape[2]
         if width > self.max_replicas:
             raise EplbError(f"an expert has {width} replicas, the router tables hold at most {self.max_replicas}")
@@ -134,6 +143,40 @@ class ReplicaRouter:
             ranks, slots = _replica_ranks_and_slots(placement, rows, self.max_replicas)
             self._replica_rank_host[layers] = ranks
             self.replica_slot.index_copy_(0, index, torch.as_tensor(slots, device=self.device))
+        if isinstance(placement, Failover):
+            self._park_lost(layers, placement.lost_mask[rows])
+
+    def set_failed_ranks(self, placement: Placement, ranks) -> Failover:
+        """Fail over now: route around ``ranks`` (ids or bool mask ``[W]``; empty: every rank serves again).
+
+        Rewrites every layer's tables in place from ``placement.without_ranks(ranks)``; no weight moves. Later
+        :meth:`update_layers` calls keep routing around the failed ranks until this is called again.
+
+        Args:
+            placement: the placement in force (all ``L`` layers).
+            ranks: the failed ranks.
+
+        Returns:
+            The :class:`~eplb.placement.Failover`; its ``lost`` experts route to -1 until a re-plan places them.
+        """
+        failover = placement.without_ranks(ranks)
+        self.failed = np.array(failover.dead)
+        self.update_layers(np.arange(self.num_layers), placement)
+        return failover
+
+    def _park_lost(self, layers: np.ndarray, lost: np.ndarray) -> None:
+        """Route the lost experts ``lost`` bool ``[len(layers), E]`` of ``layers`` to slot -1 in every mode."""
+        if not lost.any():
+            return
+        layer, expert = np.nonzero(lost)
+        layer = layers[layer]
+        l_idx, e_idx = torch.as_tensor(layer, device=self.device), torch.as_tensor(expert, device=self.device)
+        self.replica_count[l_idx, e_idx] = 1  # the token rotation then picks replica 0, which is -1
+        self.rank_table[l_idx, e_idx] = -1
+        if self.mode == "balanced":
+            # the split needs a rank per expert: the first live rank stands in, and its slot is -1
+            self._replica_rank_host[layer, expert, 0] = int(np.flatnonzero(~self.failed)[0])
+            self.replica_slot[l_idx, e_idx] = -1
 
     def update_layer(self, layer: int, phy2log_row) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
@@ -149,7 +192,8 @@ class ReplicaRouter:
                 (identical on every rank).
 
         Returns:
-            int64 ``[N, k]`` physical slot ids in ``[0, P)``.
+            int64 ``[N, k]`` physical slot ids in ``[0, P)``; -1 for an expert with no surviving replica after
+            :meth:`set_failed_ranks`.
         """
         ids = expert_ids.to(torch.int64)
         if self.mode in ("rank", "local"):
