@@ -13,7 +13,6 @@ pytest.importorskip("torch")
 
 from eplb import Placement, Topology, get_policy  # noqa: E402
 from eplb.cli import main  # noqa: E402
-from eplb.commands.demo import _record_policy_options  # noqa: E402
 from eplb.engine.tokens import expert_popularity  # noqa: E402
 from eplb.formats import write_map  # noqa: E402
 
@@ -85,11 +84,6 @@ def test_bad_arguments_are_clear_errors(capsys, argv, message):
     assert main(["demo", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-
-
-def test_record_mode_asks_the_policy_for_maps_vllm_ascend_can_hold():
-    assert _record_policy_options("default") == {"policy_options": {"allow_shared_rank": False}}
-    assert _record_policy_options("random") == {}
 
 
 def test_demo_help_lists_the_documented_options(capsys):

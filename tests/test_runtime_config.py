@@ -169,3 +169,16 @@ def test_xllm_update_interval_holds_cycles_back(tmp_path):
         assert ctl.metrics[0].skipped and not ctl.planner.busy
     finally:
         ctl.close()
+
+
+def test_record_mode_asks_the_policy_for_maps_vllm_ascend_can_hold(tmp_path):
+    from eplb.runtime.controller import _policy_options
+
+    def options(**values):
+        return _policy_options(EplbConfig.from_dict({"record_path": str(tmp_path / "m.json"), **values}))
+
+    assert options(mode="record", policy="default") == {"allow_shared_rank": False}
+    assert options(mode="record", policy="random") == {}  # no such option: nothing to ask
+    assert options(mode="record", policy="default", policy_options={"allow_shared_rank": True}) == {
+        "allow_shared_rank": True}
+    assert options(mode="dynamic", policy="default") == {}

@@ -94,7 +94,6 @@ def _settings(args):
     if args.mode == "record":
         record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())
         eplb["record_path"] = record_path
-        eplb.update(_record_policy_options(args.policy))
     elif args.map is not None:
         eplb["map_path"] = args.map
     elif args.mode == "static":
@@ -118,18 +117,6 @@ def _settings(args):
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
                              eplb=eplb, trace=trace, device=args.device)
     return settings, record_path
-
-
-def _record_policy_options(policy) -> dict:
-    """Record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank: ask the policy not to
-    do that when it has the option."""
-    from eplb.policies import get_policy
-
-    try:
-        get_policy(policy, allow_shared_rank=False)
-    except EplbError:
-        return {}
-    return {"policy_options": {"allow_shared_rank": False}}
 
 
 class _Collector:

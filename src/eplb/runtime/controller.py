@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.cycle import Cycle, CycleConfig, Phase
+from eplb.cycle import Cycle, CycleConfig
 from eplb.errors import EplbError
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
@@ -102,6 +102,20 @@ class CycleMetrics:
     next_window_par: np.ndarray | None = None
 
 
+def _policy_options(config: EplbConfig) -> dict:
+    """The policy's options; record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank, so
+    it asks a policy that has the option not to do that (unless the user set it)."""
+    options = dict(config.policy_options)
+    if config.mode == "record" and "allow_shared_rank" not in options:
+        import inspect
+
+        from eplb.policies import _policy_class
+
+        if "allow_shared_rank" in inspect.signature(_policy_class(config.policy).__init__).parameters:
+            options["allow_shared_rank"] = False
+    return options
+
+
 class EplbController:
     """Ties recorder, router, planner worker and mover to the :class:`eplb.cycle.Cycle` state machine.
 
@@ -138,8 +152,8 @@ class EplbController:
         if placement.num_layers != num_layers or placement.num_experts != num_experts:
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"model {num_layers} x {num_experts}")
-        #: the placement in force (switched layer by layer as plans are applied)
-        self.placement = Placement(placement.phy2log, num_experts, topology)
+        self._placement = Placement(placement.phy2log, num_experts, topology)
+        self.num_experts = num_experts
         self._phy2log = np.array(placement.phy2log)
         self.router = ReplicaRouter(self.placement, rank, config.router_mode, tp_size, device)
         ring = config.ring_steps
@@ -160,9 +174,10 @@ class EplbController:
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group)
             expert_bytes = self.mover.expert_bytes(0)
         self.planner = None
+        self._policy_options = _policy_options(config)
         if config.mode in ("dynamic", "record"):
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
-                                         warmup=(config.policy, config.policy_options))
+                                         warmup=(config.policy, self._policy_options))
             self.planner.start()
         self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step, expert_bytes=expert_bytes,
@@ -233,6 +248,13 @@ class EplbController:
             self.planner.close()
 
     # -- cycle steps --------------------------------------------------------------------------------------------
+    @property
+    def placement(self) -> Placement:
+        """The placement in force on this rank now (switched layer by layer as plans are applied)."""
+        if self._placement is None:
+            self._placement = Placement(self._phy2log, self.num_experts, self.topology)
+        return self._placement
+
     def _gather_load(self) -> np.ndarray:
         load = self.recorder.logical_load(self._phy2log, self.group)
         self.recorder.reset()
@@ -267,7 +289,7 @@ class EplbController:
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self._phy2log.copy(), self.topology,
-                                        self.config.policy, self.config.policy_options))
+                                        self.config.policy, self._policy_options))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
@@ -342,6 +364,7 @@ class EplbController:
             old = self._phy2log[layer, self.rank * k:(self.rank + 1) * k]
         self.recorder.fold_layer(layer, torch.as_tensor(old, device=self.device))
         self._phy2log[layer] = new_row
+        self._placement = None  # rebuilt from _phy2log when next asked for
         self.router.update_layer(layer, new_row)
 
     def _skip(self, reason: str) -> None:
@@ -363,7 +386,6 @@ class EplbController:
                      float(np.mean(current.par_before)), float(np.mean(current.par_after)))
             self._export(current)
             return
-        self.placement = Placement(self._phy2log, self.placement.num_experts, self.topology)
         log.info("eplb cycle %d: %d layers switched (%s), %d slots moved, %d bytes received here, predicted mean "
                  "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s and switching %.3f s on this rank", current.cycle,
                  len(current.applied_layers), current.applied_layers, current.moved_slots, current.moved_bytes_rank,
