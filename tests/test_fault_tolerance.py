@@ -166,6 +166,10 @@ def test_every_policy_with_resilience_survives_any_single_rank_failure(name, cas
     for layer in range(load.shape[0]):
         for rank in set(range(topology.num_ranks)) - dead:
             assert _lost_replicated(phy2log[layer], topology, {rank}, dead) == [], (layer, rank)
+        for node in range(topology.num_nodes if topology.num_nodes > 1 else 0):  # nodes left unequal included
+            ranks = {r for r in range(topology.num_ranks) if r // topology.ranks_per_node == node}
+            if ranks - dead and set(range(topology.num_ranks)) - dead - ranks:
+                assert _lost_replicated(phy2log[layer], topology, ranks, dead) == [], (layer, node)
 
 
 def test_min_replicas_for_the_hottest_experts():

@@ -75,6 +75,18 @@ def register(subparsers) -> None:
     policies.add_argument("--dispatch", default="even", choices=DISPATCH_MODES,
                           help="replica choice: even split, per source rank, per token, local first, per-batch "
                                "balanced")
+    faults = parser.add_argument_group("failures")
+    faults.add_argument("--fail-rank", action="append", default=[], metavar="R@STEP[:BACK]",
+                        help="rank R stops serving at STEP (and serves again from BACK); repeatable")
+    faults.add_argument("--fail-node", action="append", default=[], metavar="N@STEP[:BACK]",
+                        help="every rank of node N stops serving at STEP (and serves again from BACK); repeatable")
+    faults.add_argument("--resilient", action="store_true",
+                        help="resilience option: replicas of one expert on distinct ranks and on two nodes, so one "
+                             "rank or node failure never takes the last replica of an expert that has two")
+    faults.add_argument("--min-replicas", type=int, default=1, metavar="M",
+                        help="with --resilient: at least M replicas for each of the --hot-experts hottest experts")
+    faults.add_argument("--hot-experts", type=int, default=0, metavar="N",
+                        help="with --resilient: how many of each layer's hottest experts --min-replicas applies to")
     cost = parser.add_argument_group("cost model")
     cost.add_argument("--model", default="deepseek-v3", choices=sorted(MODEL_EXPERT_BYTES),
                       help="model preset for the size of an expert")
@@ -153,7 +165,8 @@ def run(args) -> int:
     from eplb.cycle import CycleConfig
     from eplb.report.simulate import build_report, policy_table, write_report
     from eplb.sim.cost import CostModel, expert_bytes_of
-    from eplb.sim.simulator import SimConfig, simulate, warmup_steps
+    from eplb.policies.resilience import Resilience
+    from eplb.sim.simulator import Failure, SimConfig, dead_ranks, simulate, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace
 
     _positive("--steps", args.steps)
@@ -161,6 +174,9 @@ def run(args) -> int:
     _positive("--planner-steps", args.planner_steps, 0)
     _positive("--layers-per-step", args.layers_per_step, 0)
     _positive("--max-layers", args.max_layers)
+    failures = tuple([Failure.parse("rank", text) for text in args.fail_rank]
+                     + [Failure.parse("node", text) for text in args.fail_node])
+    resilience = Resilience(min_replicas=args.min_replicas, hot_experts=args.hot_experts) if args.resilient else None
     names = _policy_names(args)
     clairvoyant_name = _clairvoyant_name(args)
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
@@ -178,7 +194,9 @@ def run(args) -> int:
             bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
-                           cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap))
+                           cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
+                           failures=failures, resilience=resilience)
+        dead_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
         runs = {}
         for name in ["static", *names]:
             task = progress.add_task(name, total=1.0)
@@ -211,7 +229,11 @@ def run(args) -> int:
                               "all layers at once" if args.layers_per_step == 0 else
                               f"{args.layers_per_step} layer(s) per step"),
                      "cost": {"layer_fixed_us": args.layer_fixed_us, "token_us": args.token_us,
-                              "bandwidth_gbs": args.bandwidth, "overlap": args.overlap}},
+                              "bandwidth_gbs": args.bandwidth, "overlap": args.overlap},
+                     "failures": [f.describe() for f in failures],
+                     "resilience": None if resilience is None else
+                     {"spread_nodes": resilience.spread_nodes, "min_replicas": resilience.min_replicas,
+                      "hot_experts": resilience.hot_experts}},
         "seed": args.seed,
         "warmup_steps": warmup_steps(cycle, trace.num_layers, trace.num_steps),
     }
@@ -223,6 +245,38 @@ def run(args) -> int:
         return 0
     out = Console(highlight=False)
     out.print(policy_table(report))
+    if failures:
+        out.print(_failure_table(report))
     if files:
         out.print(f"report written to {files['report.md'].parent}/ ({', '.join(p.name for p in files.values())})")
     return 0
+
+
+def _failure_table(report: dict):
+    """One row per policy and failure: lost experts (and those that had replicas on two ranks), steps with experts unavailable, tokens that waited, PAR before,
+    after failover and after the re-plan."""
+    from rich.table import Table
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    table = Table(title="failures (PAR over live ranks; waiting tokens need a reload)")
+    for header in ("policy", "failure", "lost experts", "of them replicated", "steps unavail.", "tokens waiting", "PAR before",
+                   "PAR failover", "re-plan at", "PAR re-planned"):
+        table.add_column(header, justify="left" if header in ("policy", "failure") else "right", no_wrap=True)
+    rows = [(name, figures) for name, figures in report["policies"].items()]
+    if report.get("clairvoyant"):
+        rows.append((f"clairvoyant:{report['clairvoyant']['policy']}", report["clairvoyant"]))
+    for name, figures in rows:
+        failures = figures.get("failures", {})
+        for event in failures.get("events", []):
+            if not event.get("until"):
+                continue
+            table.add_row(name, event["spec"], str(event["lost_experts"]), str(event["lost_replicated_experts"]),
+                          str(event["steps_with_unavailable_experts"]), fmt(event["tokens_waiting"], ".3g"),
+                          fmt(event["par_before"], ".3f"), fmt(event["par_after_failover"], ".3f"),
+                          fmt(event["replan_step"], "d"), fmt(event["par_after_replan"], ".3f"))
+        table.add_row(name, "whole run", "", "", str(failures.get("steps_with_unavailable_experts", 0)),
+                      f"{failures.get('tokens_waiting', 0):.3g} ({100 * failures.get('tokens_waiting_share', 0):.2f}%)",
+                      "", "", "", "", end_section=True)
+    return table

@@ -139,7 +139,7 @@ class Policy:
         sub = np.asarray(self.place(load, sub_topology, sub_current), dtype=np.int64)
         sub = sub.reshape(num_layers, sub_topology.num_physical)
         if resilience is not None:
-            sub = make_resilient(sub, window, sub_topology, resilience)
+            sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
         sub = Placement(sub, num_experts, sub_topology).phy2log  # the policy's output is checked on its own terms
         phy2log = reference.phy2log.copy()
         phy2log[:, live_slots] = sub

@@ -105,7 +105,8 @@ def repair_current(phy2log: np.ndarray, window: np.ndarray) -> np.ndarray:
     return out
 
 
-def make_resilient(phy2log: np.ndarray, window: np.ndarray, topology: Topology, option: Resilience) -> np.ndarray:
+def make_resilient(phy2log: np.ndarray, window: np.ndarray, topology: Topology, option: Resilience,
+                   node_of_rank: np.ndarray | None = None) -> np.ndarray:
     """int64 ``[L, P]``: ``phy2log`` with the hottest experts' minimum replicas and the replicas spread apart.
 
     Args:
@@ -113,13 +114,19 @@ def make_resilient(phy2log: np.ndarray, window: np.ndarray, topology: Topology, 
         window: float ``[L, E]`` planning load (hotness and per-replica load).
         topology: the cluster (the live sub-topology when planning around failures).
         option: what to guarantee.
+        node_of_rank: int ``[W]`` the node of each rank when it is not ``topology``'s (the live ranks of a cluster
+            with unequal nodes left).
     """
     out = np.array(phy2log, dtype=np.int64, copy=True)
+    node_of_rank = topology.node_of_rank if node_of_rank is None else np.asarray(node_of_rank, dtype=np.int64)
+    _, node_of_rank = np.unique(node_of_rank, return_inverse=True)  # nodes numbered 0.. without gaps
+    node_of_rank = node_of_rank.reshape(-1)
+    spread_nodes = option.spread_nodes and node_of_rank.max() > 0
     for layer in range(out.shape[0]):
         load = np.asarray(window[layer], dtype=np.float64)
         if option.min_replicas > 1 and option.hot_experts > 0:
             _raise_hot(out[layer], load, option.min_replicas, option.hot_experts, topology)
-        _spread(out[layer], load, topology, option.spread_nodes and topology.num_nodes > 1)
+        _spread(out[layer], load, topology, node_of_rank, spread_nodes)
     return out
 
 
@@ -145,7 +152,7 @@ def _raise_hot(row: np.ndarray, load: np.ndarray, min_replicas: int, hot: int, t
             count[expert] += 1
 
 
-def _spread(row: np.ndarray, load: np.ndarray, topology: Topology, nodes: bool) -> None:
+def _spread(row: np.ndarray, load: np.ndarray, topology: Topology, node_of_rank: np.ndarray, nodes: bool) -> None:
     """Move replicas apart in place: distinct ranks for the replicas of one expert, and two nodes when ``nodes``.
 
     Repeats, hottest expert first, a swap of one replica on a crowded rank (or on the expert's only node) with the
@@ -153,7 +160,7 @@ def _spread(row: np.ndarray, load: np.ndarray, topology: Topology, nodes: bool) 
     """
     num_experts = load.size
     rank = topology.rank_of_slot
-    node = topology.node_of_rank[rank]
+    node = node_of_rank[rank]
     count = np.bincount(row, minlength=num_experts)
     weight = load / np.maximum(count, 1)
     order = np.argsort(-load, kind="stable")

@@ -12,6 +12,13 @@ the placement that was in force in it:
 - per cycle: applied layers, moved slots and bytes, planner wall time, predicted PAR before / after;
 - step time from :class:`~eplb.sim.cost.CostModel`, including the exposed part of weight transfers.
 
+Failures (:class:`Failure`): a rank or a whole node stops serving at a step and may come back later. From that step
+on, tokens go to the surviving replicas only (the failover routing of :meth:`Placement.without_ranks`, split evenly
+over them whatever the dispatch mode), and the tokens of experts with no surviving replica wait: they are counted, not
+served, until a re-plan over the live ranks (the normal cycle, ``live_ranks=``) places those experts again. A layer of
+a plan made for another set of live ranks is not applied. A rank that comes back holds what it held when it failed.
+PAR during a failure is over the live ranks.
+
 ``policy=None`` is the static run (the initial layout is kept). ``clairvoyant=True`` gives the policy, at each
 cycle, the load of the steps its plan will be scored on (the window after submission) and applies every layer at
 once with no planner delay and free weight transfers: a floor no online policy can beat with the same planner.
@@ -27,20 +34,80 @@ from typing import Callable
 import numpy as np
 
 from eplb.cycle import Cycle, CycleConfig, CycleRecord
-from eplb.errors import EplbError
+from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
+from eplb.policies.resilience import Resilience, make_resilient
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
 from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
 from eplb.sim.traces import Trace
 from eplb.topology import Topology
 
-__all__ = ["SimConfig", "RunResult", "simulate", "clairvoyant_cycle", "warmup_steps"]
+__all__ = ["SimConfig", "RunResult", "Failure", "simulate", "clairvoyant_cycle", "warmup_steps", "dead_ranks"]
 
 logger = logging.getLogger(__name__)
 
 _BALANCED_ROWS = 8192  # rows per call of the balanced split, to bound its temporary arrays
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A rank (``kind="rank"``) or a whole node (``kind="node"``) that stops serving at ``step`` and, when ``back`` is
+    given, serves again from step ``back``."""
+
+    kind: str
+    index: int
+    step: int
+    back: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("rank", "node"):
+            raise EplbError(f"failure kind must be 'rank' or 'node', got {self.kind!r}")
+        if self.index < 0 or self.step < 0:
+            raise EplbError(f"failure of {self.kind} {self.index} at step {self.step}: rank/node and step must be >= 0")
+        if self.back is not None and self.back <= self.step:
+            raise EplbError(f"failure of {self.kind} {self.index} at step {self.step}: it must come back after it "
+                            f"fails, got back at step {self.back}")
+
+    @classmethod
+    def parse(cls, kind: str, text: str) -> "Failure":
+        """From ``INDEX@STEP`` or ``INDEX@STEP:BACK`` (the CLI's ``--fail-rank`` / ``--fail-node``)."""
+        try:
+            index, _, when = text.partition("@")
+            step, _, back = when.partition(":")
+            return cls(kind, int(index), int(step), int(back) if back else None)
+        except ValueError:
+            raise EplbError(f"--fail-{kind} must be {kind.upper()}@STEP or {kind.upper()}@STEP:BACK (integers), "
+                            f"got {text!r}") from None
+
+    def ranks(self, topology: Topology) -> np.ndarray:
+        """int64: the ranks that fail."""
+        limit = topology.num_ranks if self.kind == "rank" else topology.num_nodes
+        if self.index >= limit:
+            raise EplbError(f"failure of {self.kind} {self.index}: the cluster has {limit} {self.kind}s "
+                            f"({topology.describe()})")
+        if self.kind == "rank":
+            return np.array([self.index], dtype=np.int64)
+        return np.flatnonzero(topology.node_of_rank == self.index)
+
+    def describe(self) -> str:
+        back = f", back at step {self.back}" if self.back is not None else ""
+        return f"{self.kind} {self.index} fails at step {self.step}{back}"
+
+    def spec(self) -> str:
+        """The CLI form: ``rank R@STEP[:BACK]`` or ``node N@STEP[:BACK]``."""
+        back = f":{self.back}" if self.back is not None else ""
+        return f"{self.kind} {self.index}@{self.step}{back}"
+
+
+def dead_ranks(failures, topology: Topology, num_steps: int) -> np.ndarray:
+    """bool ``[T, W]``: ranks that do not serve in each step."""
+    dead = np.zeros((num_steps, topology.num_ranks), dtype=bool)
+    for failure in failures:
+        stop = num_steps if failure.back is None else min(failure.back, num_steps)
+        dead[failure.step:stop, failure.ranks(topology)] = True
+    return dead
 
 
 @dataclass(frozen=True)
@@ -56,6 +123,8 @@ class SimConfig:
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
         balanced_sweeps: refinement passes of the ``balanced`` mode.
+        failures: ranks or nodes that fail during the run (:class:`Failure`).
+        resilience: the policies' resilience option (also applied to the initial layout), or None.
     """
 
     topology: Topology
@@ -66,6 +135,8 @@ class SimConfig:
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
     balanced_sweeps: int = 3
+    failures: tuple[Failure, ...] = ()
+    resilience: Resilience | None = None
 
     def __post_init__(self):
         if self.dispatch not in DISPATCH_MODES:
@@ -100,6 +171,11 @@ class RunResult:
         warmup: leading steps left out of the summaries: the first window, which every run serves on the initial
             layout before it has seen any load, plus the first plan's delay and layer-by-layer application
             (``H + A + L`` steps, at most half the trace), so the figures describe the steady state.
+        waiting: float64 ``[T, L]`` tokens routed to experts with no live replica (they wait for a reload; not in
+            ``tokens``); zeros without failures.
+        unavailable: int64 ``[T, L]`` experts with no live replica in each step and layer.
+        live_count: int64 ``[T]`` live ranks in each step.
+        failures: one dict per injected failure (see :func:`simulate`), in order.
     """
 
     name: str
@@ -117,6 +193,10 @@ class RunResult:
     planner_ms: list[float]
     final: Placement
     warmup: int = 0
+    waiting: np.ndarray | None = None
+    unavailable: np.ndarray | None = None
+    live_count: np.ndarray | None = None
+    failures: list[dict] = field(default_factory=list)
 
     @property
     def step_us(self) -> np.ndarray:
@@ -160,7 +240,23 @@ class RunResult:
         if static is not None:
             static_us = float(static.step_us[scored].sum())
             out["speedup_vs_static"] = static_us / total_us if total_us > 0 else 1.0
+        if self.failures:
+            out["failures"] = self.failure_summary()
         return out
+
+    def failure_summary(self) -> dict:
+        """Availability over the whole run (warm-up included): steps with an expert unavailable, expert-layer-steps
+        unavailable, tokens that waited for a reload (and their share of all routed tokens), and each failure's
+        figures."""
+        waited = float(self.waiting.sum())
+        routed = float(self.tokens.sum()) + waited
+        return {
+            "steps_with_unavailable_experts": int((self.unavailable.sum(axis=1) > 0).sum()),
+            "unavailable_expert_layer_steps": int(self.unavailable.sum()),
+            "tokens_waiting": waited,
+            "tokens_waiting_share": waited / routed if routed > 0 else 0.0,
+            "events": self.failures,
+        }
 
     def per_layer(self) -> dict[str, list[float]]:
         """Token-weighted mean step PAR and window PAR of each layer."""
@@ -205,11 +301,16 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     topology.check_experts(num_experts)
     name = name or (policy.name if policy is not None else "static")
     initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
+    if config.resilience is not None:
+        flat = np.ones((num_layers, num_experts))  # no load seen yet: spread replicas only
+        initial = Placement(make_resilient(initial.phy2log, flat, topology, config.resilience), num_experts, topology)
     report = progress or (lambda fraction: None)
     timeline = _Timeline(initial.phy2log, num_steps)
     cycles: list[CycleRecord] = []
     planner_ms: list[float] = []
     received = np.zeros(num_steps)
+    dead = dead_ranks(config.failures, topology, num_steps)
+    cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
     if policy is not None:
         cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
         cycle = Cycle(cycle_config, num_layers)
@@ -217,14 +318,25 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         for step in range(num_steps):
             action = cycle.on_step(step)
             if action.submit:
-                plan = _plan(trace, policy, topology, timeline, action.window_start, step, clairvoyant, planner_ms)
+                live = ~dead[step]
+                cycle_live.append(live)
+                try:
+                    plan = _plan(trace, policy, config, timeline, action.window_start, step, clairvoyant,
+                                 planner_ms, live)
+                    reason = "end of trace"
+                except PolicyError as exc:  # too few live slots: keep serving on failover
+                    logger.warning("step %d: no plan over the live ranks: %s", step, exc)
+                    plan, reason = None, "too few live slots"
                 if plan is None:
-                    cycle.plan_failed(step, "end of trace")
+                    cycle.plan_failed(step, reason)
                 else:
                     load = trace.counts[action.window_start:step].sum(axis=0, dtype=np.float64) \
                         if cycle_config.similarity_threshold is not None else None
                     cycle.plan_ready(step, plan, layer_bytes=plan.moved_slots * config.expert_bytes, load=load)
-            if action.apply_layers:
+            if action.apply_layers and not np.array_equal(cycle_live[-1], ~dead[step]):
+                logger.info("step %d: layers %s not applied: planned for other live ranks", step,
+                            list(action.apply_layers))
+            elif action.apply_layers:
                 new_rows = plan.placement.phy2log[list(action.apply_layers)]
                 if not clairvoyant:  # the floor moves weights for free
                     per_rank = _received_experts(timeline.current[list(action.apply_layers)], new_rows, topology)
@@ -234,9 +346,10 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 report(0.5 * step / num_steps)
         cycles = cycle.records
     warmup = warmup_steps(config.cycle, num_layers, num_steps)
-    result = _score(trace, topology, config, timeline, warmup, report)
+    result = _score(trace, topology, config, timeline, warmup, report, dead if dead.any() else None)
     transfer_us = config.cost.transfer_us(received)
     moe_us = config.cost.moe_us(result["peak"])
+    live_count = (~dead).sum(axis=1)
     return RunResult(
         name=name,
         step_par=result["step_par"],
@@ -245,7 +358,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         window_par=result["window_par"],
         window_tokens=result["window_tokens"],
         moe_us=moe_us,
-        perfect_us=config.cost.moe_us(result["tokens"] / topology.num_ranks),
+        perfect_us=config.cost.moe_us(result["tokens"] / live_count[:, None]),
         transfer_us=transfer_us,
         exposed_us=config.cost.exposed_us(transfer_us, moe_us),
         rank_load=result["rank_load"],
@@ -253,11 +366,72 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         planner_ms=planner_ms,
         final=Placement(timeline.current, num_experts, topology),
         warmup=warmup,
+        waiting=result["waiting"],
+        unavailable=result["unavailable"],
+        live_count=live_count,
+        failures=_failure_events(config, result, dead, cycles, cycle_live),
     )
 
 
-def _plan(trace, policy, topology, timeline, window_start, step, clairvoyant, planner_ms):
-    """Run the policy on the window (or, clairvoyant, on the steps the plan will be in force); None at the end."""
+def _failure_events(config: SimConfig, result: dict, dead: np.ndarray, cycles: list[CycleRecord],
+                    cycle_live: list[np.ndarray]) -> list[dict]:
+    """Per injected failure, over the steps from it to the next change of the live ranks (``until``):
+
+    - ``lost_experts``: expert-layer pairs with no live replica in the failure step (served by nobody);
+      ``lost_replicated_experts``: those of them that had two or more replicas on the ranks serving just before
+      (what the resilience option prevents for one failure);
+    - ``steps_with_unavailable_experts``, ``tokens_waiting``: over those steps;
+    - ``par_before``: token-weighted mean step PAR over the ``H`` steps before the failure;
+    - ``par_after_failover``: the same from the failure until the first re-plan over the new live ranks is fully
+      applied (or ``until``); ``replan_step``: the first step on that re-plan (None: none completed);
+      ``par_after_replan``: from ``replan_step`` to ``until``.
+    """
+    num_steps = dead.shape[0]
+    changes = sorted({f.step for f in config.failures} | {f.back for f in config.failures if f.back is not None})
+    events = []
+
+    def mean_par(start, stop):
+        if stop <= start:
+            return None
+        steps = result["step_par"][start:stop]
+        tokens = result["tokens"][start:stop]
+        return float(summarize_par(steps, tokens)["par_mean"]) if tokens.sum() > 0 else None
+
+    for failure in config.failures:
+        start = failure.step
+        if start >= num_steps:
+            events.append({"failure": failure.describe(), "step": start, "in_trace": False})
+            continue
+        until = min([c for c in changes if c > start] + [num_steps])
+        replan = None
+        for record, live in zip(cycles, cycle_live):
+            if (record.window_end >= start and record.apply_end is not None and record.apply_end + 1 < until
+                    and np.array_equal(live, ~dead[start])):
+                replan = record.apply_end + 1
+                break
+        unavailable = result["unavailable"][start:until].sum(axis=1)
+        events.append({
+            "failure": failure.describe(),
+            "spec": failure.spec(),
+            "step": start,
+            "until": until,
+            "failed_ranks": np.flatnonzero(dead[start]).tolist(),
+            "lost_experts": int(result["unavailable"][start].sum()),
+            "lost_replicated_experts": int(result["unavailable_replicated"][start].sum()),
+            "steps_with_unavailable_experts": int((unavailable > 0).sum()),
+            "tokens_waiting": float(result["waiting"][start:until].sum()),
+            "par_before": mean_par(max(0, start - config.cycle.interval), start),
+            "par_after_failover": mean_par(start, replan if replan is not None else until),
+            "replan_step": replan,
+            "par_after_replan": mean_par(replan, until) if replan is not None else None,
+        })
+    return events
+
+
+def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, planner_ms, live):
+    """Run the policy on the window (or, clairvoyant, on the steps the plan will be in force) over the ``live``
+    ranks; None at the end."""
+    topology = config.topology
     if clairvoyant:
         start = step + 2  # applied in step + 1, in force from step + 2
         window = trace.counts[start:start + (step - window_start)]
@@ -267,7 +441,8 @@ def _plan(trace, policy, topology, timeline, window_start, step, clairvoyant, pl
         return None
     current = Placement(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
-    plan = policy.rebalance(window, topology, current=current)
+    plan = policy.rebalance(window, topology, current=current, live_ranks=None if live.all() else live,
+                            resilience=config.resilience)
     planner_ms.append((time.perf_counter() - started) * 1e3)
     return plan
 
@@ -315,8 +490,13 @@ class _Timeline:
         return np.stack(self.rows[layer]), np.cumsum(version)
 
 
-def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timeline, warmup: int, report) -> dict:
-    """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums."""
+def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timeline, warmup: int, report,
+           dead: np.ndarray | None = None) -> dict:
+    """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums.
+
+    ``dead`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
+    dispatch mode (:func:`_score_failover`).
+    """
     num_steps, num_layers, num_experts = trace.counts.shape
     num_ranks = topology.num_ranks
     interval = config.cycle.interval
@@ -328,7 +508,15 @@ def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timel
         "window_par": np.empty((window_starts.size, num_layers)),
         "window_tokens": np.empty((window_starts.size, num_layers)),
         "rank_load": np.empty((num_layers, num_ranks)),
+        "waiting": np.zeros((num_steps, num_layers)),
+        "unavailable": np.zeros((num_steps, num_layers), dtype=np.int64),
+        "unavailable_replicated": np.zeros((num_steps, num_layers), dtype=np.int64),
     }
+    live_count = np.full(num_steps, float(num_ranks))
+    window_live = np.full(window_starts.size, float(num_ranks))
+    if dead is not None:
+        live_count = (~dead).sum(axis=1).astype(np.float64)
+        window_live = np.logical_or.reduceat(~dead, window_starts, axis=0).sum(axis=1).astype(np.float64)
     for layer in range(num_layers):
         rows, version = timeline.versions(layer)
         placement = Placement(rows, num_experts, topology)
@@ -345,17 +533,50 @@ def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timel
             bounds = np.flatnonzero(np.diff(version)) + 1
             for start, stop in zip(np.r_[0, bounds], np.r_[bounds, num_steps]):
                 _add_shared(loads[start:stop], load[start:stop], share[version[start]])
+        if dead is not None:
+            _score_failover(loads, load, rows, version, dead, num_experts, topology, out["waiting"][:, layer],
+                            out["unavailable"][:, layer], out["unavailable_replicated"][:, layer])
         peak = loads.max(axis=1)
         total = loads.sum(axis=1)
         out["peak"][:, layer] = peak
         out["tokens"][:, layer] = total
-        out["step_par"][:, layer] = _ratio(peak, total / num_ranks)
+        out["step_par"][:, layer] = _ratio(peak, total / live_count)
         windows = np.add.reduceat(loads, window_starts, axis=0)
         out["window_tokens"][:, layer] = windows.sum(axis=1)
-        out["window_par"][:, layer] = _ratio(windows.max(axis=1), windows.mean(axis=1))
+        window_mean = windows.mean(axis=1) if dead is None else windows.sum(axis=1) / window_live
+        out["window_par"][:, layer] = _ratio(windows.max(axis=1), window_mean)
         out["rank_load"][layer] = loads[warmup:].sum(axis=0)
         report(0.5 + 0.5 * (layer + 1) / num_layers)
     return out
+
+
+def _score_failover(loads, load, rows, version, dead, num_experts, topology, waiting, unavailable,
+                    unavailable_replicated) -> None:
+    """Overwrite, in place, the rank loads ``[T, W]`` of one layer in the steps with failed ranks by the failover
+    routing (even split over the surviving replicas), and fill that layer's ``waiting`` tokens ``[T]``,
+    ``unavailable`` expert counts ``[T]`` and, in the steps where ranks fail, ``unavailable_replicated`` ``[T]``: the
+    experts that become unavailable although they had two or more replicas on the ranks serving the step before.
+
+    ``load`` float ``[T, E]``; ``rows`` int ``[V, P]`` and ``version`` int ``[T]`` from :meth:`_Timeline.versions`.
+    """
+    num_steps = load.shape[0]
+    _, live_id = np.unique(dead, axis=0, return_inverse=True)
+    live_id = live_id.reshape(-1)
+    change = np.flatnonzero((np.diff(version) != 0) | (np.diff(live_id) != 0)) + 1
+    for start, stop in zip(np.r_[0, change], np.r_[change, num_steps]):
+        if not dead[start].any():
+            continue
+        placement = Placement(rows[version[start]][None], num_experts, topology)
+        failover = placement.without_ranks(dead[start])
+        share = failover.rank_share()[0]  # [E, W]
+        loads[start:stop] = 0.0
+        if share.any():
+            _add_shared(loads[start:stop], load[start:stop], share)
+        lost = failover.lost_mask[0]
+        waiting[start:stop] = load[start:stop][:, lost].sum(axis=1)
+        unavailable[start:stop] = int(lost.sum())
+        before = placement.without_ranks(dead[start - 1] if start > 0 else np.zeros_like(dead[start]))
+        unavailable_replicated[start] = int((lost & (before.replica_count[0] >= 2)).sum())
 
 
 def _add_shared(out: np.ndarray, load: np.ndarray, share: np.ndarray) -> None:
