@@ -72,7 +72,7 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) ->
     out["clairvoyant_flashlb"] = _run(trace, "flashlb", even, clairvoyant=True)
     if with_auto:
         out["auto"] = _run(trace, "auto", even)
-        out["auto_balanced"] = _run(trace, "auto", balanced, {"dispatch": "balanced"})
+        out["auto_balanced"] = _run(trace, "auto", balanced)
         for budget in budgets:
             out[f"auto_budget_{budget:g}"] = _run(trace, "auto", even, {"move_budget": budget})
         flash = out["flashlb"]

@@ -1,0 +1,504 @@
+"""Compiled local search of the ``auto`` policy (:mod:`eplb.policies.auto`).
+
+One layer is a table ``[W, K]`` of experts (slot ``k`` of rank ``w``; no expert twice on a rank) scored on episode
+loads ``x`` ``[S, E]`` with episode weights ``w`` ``[S]``: the objective is ``sum_s w_s * max_r load[s, r]`` under an
+even split (each replica of ``e`` serves ``x[s, e] / count[e]``). Two moves:
+
+- swap: two slots on different ranks exchange experts (2 slots move, replica counts unchanged);
+- reassign: one slot of an expert with >= 2 replicas takes another expert (1 slot moves, one replica changes hands).
+
+Every change is linear in the two experts' loads: affected rank ``r`` gains ``alpha_r * x[s, a] + beta_r * x[s, b]``,
+so a candidate is scored exactly over all episodes from the per-episode top-3 rank loads (the busiest rank outside
+the affected ones) without rebuilding the loads. Candidates are screened first on the mean over the episodes in
+which the hot rank is the busiest (they must lower it there without lifting an affected rank above it); the best screened ones are scored exactly and
+the one with the largest gain net of its move cost is applied, until nothing pays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# candidates scored exactly per hot rank, after screening on the mean load
+_EXACT = 48
+# hot ranks tried per step before the search stops
+_HOT_RANKS = 4
+
+
+@njit(cache=True)
+def rank_loads(x, table, counts):
+    """float64 ``[S, W]``: load of every rank in every episode under an even split."""
+    num_episodes = x.shape[0]
+    num_ranks, slots = table.shape
+    out = np.zeros((num_episodes, num_ranks))
+    for r in range(num_ranks):
+        for k in range(slots):
+            e = table[r, k]
+            for s in range(num_episodes):
+                out[s, r] += x[s, e] / counts[e]
+    return out
+
+
+@njit(cache=True)
+def objective(x, weight, table, counts):
+    """``sum_s weight[s] * max_r load[s, r]``."""
+    loads = rank_loads(x, table, counts)
+    total = 0.0
+    for s in range(x.shape[0]):
+        total += weight[s] * loads[s].max()
+    return total
+
+
+@njit(cache=True)
+def _top3(loads, top, arg):
+    num_episodes, num_ranks = loads.shape
+    for s in range(num_episodes):
+        for k in range(3):
+            top[s, k] = -np.inf
+            arg[s, k] = -1
+        for r in range(num_ranks):
+            v = loads[s, r]
+            if v > top[s, 2]:
+                if v > top[s, 1]:
+                    top[s, 2], arg[s, 2] = top[s, 1], arg[s, 1]
+                    if v > top[s, 0]:
+                        top[s, 1], arg[s, 1] = top[s, 0], arg[s, 0]
+                        top[s, 0], arg[s, 0] = v, r
+                    else:
+                        top[s, 1], arg[s, 1] = v, r
+                else:
+                    top[s, 2], arg[s, 2] = v, r
+
+
+@njit(cache=True)
+def _in(values, n, value):
+    for i in range(n):
+        if values[i] == value:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n):
+    """Decrease of the objective when affected ranks ``aff[:n]`` gain ``alpha * x[:, a] + beta * x[:, b]``."""
+    gain = 0.0
+    for s in range(x.shape[0]):
+        rest = -np.inf
+        found = False
+        for k in range(3):
+            if arg[s, k] >= 0 and not _in(aff, n, arg[s, k]):
+                rest = top[s, k]
+                found = True
+                break
+        if not found:  # the three busiest ranks are all affected: scan the others
+            for r in range(loads.shape[1]):
+                if not _in(aff, n, r) and loads[s, r] > rest:
+                    rest = loads[s, r]
+        peak = rest
+        xa = x[s, a]
+        xb = x[s, b] if b >= 0 else 0.0
+        for i in range(n):
+            v = loads[s, aff[i]] + alpha[i] * xa + beta[i] * xb
+            if v > peak:
+                peak = v
+        gain += weight[s] * (top[s, 0] - peak)
+    return gain
+
+
+@njit(cache=True)
+def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta):
+    """Affected ranks of "slot on ``rank``: ``a_old`` -> ``a_new``" and their coefficients on x[a_old], x[a_new]."""
+    n = 0
+    c_old, c_new = counts[a_old], counts[a_new]
+    for i in range(c_old):
+        r = holders[a_old, i]
+        aff[n] = r
+        alpha[n] = -1.0 / c_old if r == rank else 1.0 / (c_old - 1) - 1.0 / c_old
+        beta[n] = 1.0 / (c_new + 1) if r == rank else 0.0
+        n += 1
+    for i in range(c_new):
+        aff[n] = holders[a_new, i]
+        alpha[n] = 0.0
+        beta[n] = 1.0 / (c_new + 1) - 1.0 / c_new
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n):
+    peak = -np.inf
+    for i in range(n):
+        v = mean_load[aff[i]] + alpha[i] * mean_x[a] + beta[i] * (mean_x[b] if b >= 0 else 0.0)
+        if v > peak:
+            peak = v
+    return peak
+
+
+@njit(cache=True)
+def local_search(x, weight, table, original, counts, move_cost, budget, max_steps):
+    """Improve ``table`` ``[W, K]`` in place (and ``counts`` ``[E]``) on the episode objective.
+
+    Args:
+        x: float64 ``[S, E]`` episode loads; weight: float64 ``[S]``.
+        table: int64 ``[W, K]``, the starting placement (no expert twice on a rank).
+        original: int64 ``[W, K]``, the placement in force: moved slots are counted against it.
+        counts: int64 ``[E]`` replica counts of ``table``.
+        move_cost: objective units a moved slot must gain.
+        budget: at most this many slots differ from ``original`` at the end (a move back frees budget).
+        max_steps: at most this many applied moves.
+
+    Returns:
+        (objective, moved slots vs ``original``, search steps taken).
+    """
+    num_episodes, num_experts = x.shape
+    num_ranks, slots = table.shape
+    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
+    has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+    filled = np.zeros(num_experts, dtype=np.int64)
+    for r in range(num_ranks):
+        for k in range(slots):
+            e = table[r, k]
+            holders[e, filled[e]] = r
+            filled[e] += 1
+            has[r, e] = True
+    moved = 0
+    for r in range(num_ranks):
+        for k in range(slots):
+            if table[r, k] != original[r, k]:
+                moved += 1
+    mean_x = np.zeros(num_experts)
+    loads = rank_loads(x, table, counts)
+    total = 0.0
+    for s in range(x.shape[0]):
+        total += weight[s] * loads[s].max()
+    return total
+
+
+@njit(cache=True)
+def _top3(loads, top, arg):
+    num_episodes, num_ranks = loads.shape
+    for s in range(num_episodes):
+        for k in range(3):
+            top[s, k] = -np.inf
+            arg[s, k] = -1
+        for r in range(num_ranks):
+            v = loads[s, r]
+            if v > top[s, 2]:
+                if v > top[s, 1]:
+                    top[s, 2], arg[s, 2] = top[s, 1], arg[s, 1]
+                    if v > top[s, 0]:
+                        top[s, 1], arg[s, 1] = top[s, 0], arg[s, 0]
+                        top[s, 0], arg[s, 0] = v, r
+                    else:
+                        top[s, 1], arg[s, 1] = v, r
+                else:
+                    top[s, 2], arg[s, 2] = v, r
+
+
+@njit(cache=True)
+def _in(values, n, value):
+    for i in range(n):
+        if values[i] == value:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n):
+    """Decrease of the objective when affected ranks ``aff[:n]`` gain ``alpha * x[:, a] + beta * x[:, b]``."""
+    gain = 0.0
+    for s in range(x.shape[0]):
+        rest = -np.inf
+        found = False
+        for k in range(3):
+            if arg[s, k] >= 0 and not _in(aff, n, arg[s, k]):
+                rest = top[s, k]
+                found = True
+                break
+        if not found:  # the three busiest ranks are all affected: scan the others
+            for r in range(loads.shape[1]):
+                if not _in(aff, n, r) and loads[s, r] > rest:
+                    rest = loads[s, r]
+        peak = rest
+        xa = x[s, a]
+        xb = x[s, b] if b >= 0 else 0.0
+        for i in range(n):
+            v = loads[s, aff[i]] + alpha[i] * xa + beta[i] * xb
+            if v > peak:
+                peak = v
+        gain += weight[s] * (top[s, 0] - peak)
+    return gain
+
+
+@njit(cache=True)
+def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta):
+    """Affected ranks of "slot on ``rank``: ``a_old`` -> ``a_new``" and their coefficients on x[a_old], x[a_new]."""
+    n = 0
+    c_old, c_new = counts[a_old], counts[a_new]
+    for i in range(c_old):
+        r = holders[a_old, i]
+        aff[n] = r
+        alpha[n] = -1.0 / c_old if r == rank else 1.0 / (c_old - 1) - 1.0 / c_old
+        beta[n] = 1.0 / (c_new + 1) if r == rank else 0.0
+        n += 1
+    for i in range(c_new):
+        aff[n] = holders[a_new, i]
+        alpha[n] = 0.0
+        beta[n] = 1.0 / (c_new + 1) - 1.0 / c_new
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n):
+    peak = -np.inf
+    for i in range(n):
+        v = mean_load[aff[i]] + alpha[i] * mean_x[a] + beta[i] * (mean_x[b] if b >= 0 else 0.0)
+        if v > peak:
+            peak = v
+    return peak
+
+
+@njit(cache=True)
+def local_search(x, weight, table, original, counts, move_cost, budget, max_steps):
+    """Improve ``table`` ``[W, K]`` in place (and ``counts`` ``[E]``) on the episode objective.
+
+    Args:
+        x: float64 ``[S, E]`` episode loads; weight: float64 ``[S]``.
+        table: int64 ``[W, K]``, the starting placement (no expert twice on a rank).
+        original: int64 ``[W, K]``, the placement in force: moved slots are counted against it.
+        counts: int64 ``[E]`` replica counts of ``table``.
+        move_cost: objective units a moved slot must gain.
+        budget: at most this many slots differ from ``original`` at the end (a move back frees budget).
+        max_steps: at most this many applied moves.
+
+    Returns:
+        (objective, moved slots vs ``original``, search steps taken).
+    """
+    num_episodes, num_experts = x.shape
+    num_ranks, slots = table.shape
+    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
+    has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+    filled = np.zeros(num_experts, dtype=np.int64)
+    for r in range(num_ranks):
+        for k in range(slots):
+            e = table[r, k]
+            holders[e, filled[e]] = r
+            filled[e] += 1
+            has[r, e] = True
+    moved = 0
+    for r in range(num_ranks):
+        for k in range(slots):
+            if table[r, k] != original[r, k]:
+                moved += 1
+    total_weight = weight.sum()
+    mean_x = np.zeros(num_experts)
+    for s in range(num_episodes):
+        for e in range(num_experts):
+            mean_x[e] += weight[s] * x[s, e] / total_weight
+    loads = rank_loads(x, table, counts)
+    top = np.empty((num_episodes, 3))
+    arg = np.empty((num_episodes, 3), dtype=np.int64)
+    _top3(loads, top, arg)
+    mean_load = np.zeros(num_ranks)
+    hot = np.zeros(num_ranks)
+    aff = np.empty(2 * num_ranks + 2, dtype=np.int64)
+    alpha = np.empty(2 * num_ranks + 2)
+    beta = np.empty(2 * num_ranks + 2)
+    cap = 2 * slots * slots * num_ranks + slots * num_experts + 8
+    cand_kind = np.empty(cap, dtype=np.int64)  # 0 swap, 1 reassign
+    cand_r1 = np.empty(cap, dtype=np.int64)
+    cand_k1 = np.empty(cap, dtype=np.int64)
+    cand_r2 = np.empty(cap, dtype=np.int64)
+    cand_k2 = np.empty(cap, dtype=np.int64)  # swap: slot on r2; reassign: the new expert
+    cand_score = np.empty(cap)
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        hot[:] = 0.0
+        for s in range(num_episodes):
+            hot[arg[s, 0]] += weight[s]
+        order = np.argsort(-hot, kind="mergesort")
+        applied = False
+        for attempt in range(min(_HOT_RANKS, num_ranks)):
+            hot_rank = order[attempt]
+            if hot[hot_rank] <= 0:
+                break
+            # screen on the mean over the episodes in which this rank is the busiest
+            total_weight = 0.0
+            mean_load[:] = 0.0
+            mean_x[:] = 0.0
+            for s in range(num_episodes):
+                if arg[s, 0] == hot_rank:
+                    total_weight += weight[s]
+                    for r in range(num_ranks):
+                        mean_load[r] += weight[s] * loads[s, r]
+                    for e in range(num_experts):
+                        mean_x[e] += weight[s] * x[s, e]
+            mean_load /= total_weight
+            mean_x /= total_weight
+            level = mean_load[hot_rank]
+            m = 0
+            for k1 in range(slots):
+                a = table[hot_rank, k1]
+                for r2 in range(num_ranks):
+                    if r2 == hot_rank:
+                        continue
+                    if not has[r2, a]:
+                        # swap a (hot rank) with b (rank r2)
+                        for k2 in range(slots):
+                            b = table[r2, k2]
+                            if has[hot_rank, b]:
+                                continue
+                            d = mean_x[b] / counts[b] - mean_x[a] / counts[a]
+                            peak = max(level + d, mean_load[r2] - d)
+                            if peak < level:
+                                cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 0, hot_rank, k1, r2, k2
+                                cand_score[m] = level - peak
+                                m += 1
+                        # one more replica of a, in a slot of r2 whose expert has replicas to spare
+                        for k2 in range(slots):
+                            old = table[r2, k2]
+                            if counts[old] < 2 or old == a:
+                                continue
+                            n = _reassign_terms(holders, counts, old, a, r2, aff, alpha, beta)
+                            peak = _mean_peak(mean_load, mean_x, old, a, aff, alpha, beta, n)
+                            if peak < level:
+                                cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, r2, k2, -1, a
+                                cand_score[m] = level - peak
+                                m += 1
+                # a replica of the hot rank that can be spared takes another expert
+                if counts[a] >= 2:
+                    for b in range(num_experts):
+                        if has[hot_rank, b]:
+                            continue
+                        n = _reassign_terms(holders, counts, a, b, hot_rank, aff, alpha, beta)
+                        peak = _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n)
+                        if peak < level:
+                            cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, hot_rank, k1, -1, b
+                            cand_score[m] = level - peak
+                            m += 1
+            if m == 0:
+                continue
+            cut = -np.inf if m <= _EXACT else np.partition(-cand_score[:m], _EXACT - 1)[_EXACT - 1]
+            best, best_net, best_moved = -1, 0.0, 0
+            for c in range(m):
+                if -cand_score[c] > cut:
+                    continue
+                r1, k1 = cand_r1[c], cand_k1[c]
+                if cand_kind[c] == 0:
+                    r2, k2 = cand_r2[c], cand_k2[c]
+                    a, b = table[r1, k1], table[r2, k2]
+                    aff[0], aff[1] = r1, r2
+                    alpha[0], beta[0] = -1.0 / counts[a], 1.0 / counts[b]
+                    alpha[1], beta[1] = 1.0 / counts[a], -1.0 / counts[b]
+                    n = 2
+                    delta = (int(b != original[r1, k1]) - int(a != original[r1, k1])
+                             + int(a != original[r2, k2]) - int(b != original[r2, k2]))
+                else:
+                    a, b = table[r1, k1], cand_k2[c]
+                    n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta)
+                    delta = int(b != original[r1, k1]) - int(a != original[r1, k1])
+                if moved + delta > budget:
+                    continue
+                net = _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n) - move_cost * delta
+                if net > best_net:
+                    best, best_net, best_moved = c, net, delta
+            if best < 0:
+                continue
+            # apply
+            r1, k1 = cand_r1[best], cand_k1[best]
+            if cand_kind[best] == 0:
+                r2, k2 = cand_r2[best], cand_k2[best]
+                a, b = table[r1, k1], table[r2, k2]
+                for s in range(num_episodes):
+                    d = x[s, b] / counts[b] - x[s, a] / counts[a]
+                    loads[s, r1] += d
+                    loads[s, r2] -= d
+                table[r1, k1], table[r2, k2] = b, a
+                has[r1, a], has[r1, b], has[r2, b], has[r2, a] = False, True, False, True
+                for i in range(counts[a]):
+                    if holders[a, i] == r1:
+                        holders[a, i] = r2
+                for i in range(counts[b]):
+                    if holders[b, i] == r2:
+                        holders[b, i] = r1
+            else:
+                a, b = table[r1, k1], cand_k2[best]
+                n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta)
+                for i in range(n):
+                    for s in range(num_episodes):
+                        loads[s, aff[i]] += alpha[i] * x[s, a] + beta[i] * x[s, b]
+                table[r1, k1] = b
+                has[r1, a], has[r1, b] = False, True
+                for i in range(counts[a]):
+                    if holders[a, i] == r1:
+                        holders[a, i] = holders[a, counts[a] - 1]
+                counts[a] -= 1
+                holders[b, counts[b]] = r1
+                counts[b] += 1
+            moved += best_moved
+            _top3(loads, top, arg)
+            applied = True
+            break
+        if not applied:
+            break
+    total = 0.0
+    for s in range(num_episodes):
+        total += weight[s] * top[s, 0]
+    return total, moved, steps
+
+
+@njit(cache=True)
+def greedy_tables(mean_x, num_ranks, slots):
+    """int64 ``[L, W, K]``: a fresh placement per layer from ``mean_x`` ``[L, E]``.
+
+    Replicas go one by one to the expert with the largest load per replica (at most one per rank, ties to the lower
+    id); then replicas, heaviest per-replica load first, fill the lightest rank with a free slot that does not hold
+    the expert yet (ties to the lower rank). When no such rank is left the lightest rank with a free slot takes it
+    (a duplicate that :func:`eplb.policies.kernels.spread_duplicates` then swaps away).
+    """
+    num_layers, num_experts = mean_x.shape
+    out = np.empty((num_layers, num_ranks, slots), dtype=np.int64)
+    for layer in range(num_layers):
+        counts = np.ones(num_experts, dtype=np.int64)
+        for _ in range(num_ranks * slots - num_experts):
+            best, best_value = -1, -1.0
+            for e in range(num_experts):
+                if counts[e] < num_ranks and mean_x[layer, e] / counts[e] > best_value:
+                    best, best_value = e, mean_x[layer, e] / counts[e]
+            if best < 0:  # every expert on every rank already: duplicates are unavoidable
+                best = 0
+                for e in range(1, num_experts):
+                    if mean_x[layer, e] / counts[e] > mean_x[layer, best] / counts[best]:
+                        best = e
+            counts[best] += 1
+        items = np.empty(num_ranks * slots, dtype=np.int64)
+        per_replica = np.empty(num_ranks * slots)
+        i = 0
+        for e in range(num_experts):
+            for _ in range(counts[e]):
+                items[i] = e
+                per_replica[i] = mean_x[layer, e] / counts[e]
+                i += 1
+        order = np.argsort(-per_replica, kind="mergesort")
+        rank_load = np.zeros(num_ranks)
+        used = np.zeros(num_ranks, dtype=np.int64)
+        has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+        for j in order:
+            e = items[j]
+            target, fallback = -1, -1
+            for r in range(num_ranks):
+                if used[r] == slots:
+                    continue
+                if fallback < 0 or rank_load[r] < rank_load[fallback]:
+                    fallback = r
+                if not has[r, e] and (target < 0 or rank_load[r] < rank_load[target]):
+                    target = r
+            if target < 0:
+                target = fallback
+            out[layer, target, used[target]] = e
+            used[target] += 1
+            has[target, e] = True
+            rank_load[target] += per_replica[j]
+    return out

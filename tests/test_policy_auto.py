@@ -1,0 +1,118 @@
+"""The ``auto`` policy (validity and determinism are in test_policies_properties.py) and the exact balanced split."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linprog
+
+import eplb
+from eplb import Placement, PolicyError, Topology
+from eplb.policies import _auto_kernels as kernels
+from eplb.policies.auto import forecast
+from eplb.sim.dispatch import balanced_rank_load, replica_ranks
+from eplb.sim.traces import builtin_trace
+
+TOPOLOGY = Topology(16, 5, num_nodes=2, num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return builtin_trace("drift", steps=400, seed=3, num_layers=3, num_experts=64).counts
+
+
+def _step_par(placement: Placement, counts: np.ndarray) -> float:
+    """Token-weighted per-step PAR of ``counts`` ``[T, L, E]`` under an even split."""
+    loads = np.einsum("tle,lew->tlw", counts.astype(float), eplb.metrics.rank_share(placement))
+    return float(loads.max(axis=-1).sum() / loads.mean(axis=-1).sum())
+
+
+def test_forecast_weights_halve_every_half_life():
+    load = np.ones((64, 2, 4), dtype=np.int64)
+    x, weight = forecast(load, 8, half_life=16.0)
+    assert x.shape == (2, 8, 4) and (x == 8).all()
+    np.testing.assert_allclose(weight, 0.5 ** ((7 - np.arange(8)) * 8 / 16))
+    assert (forecast(load, 8, None)[1] == 1).all()
+    x, weight = forecast(np.ones((2, 4)), 8, 16.0)
+    assert x.shape == (2, 1, 4) and weight.tolist() == [1.0]
+
+
+def test_fresh_plan_balances_the_next_window_like_flashlb(trace):
+    auto = eplb.get_policy("auto").rebalance(trace[:200], TOPOLOGY).placement
+    flashlb = eplb.get_policy("flashlb").rebalance(trace[:200], TOPOLOGY).placement
+    static = Placement.initial(64, TOPOLOGY, 3)
+    future = trace[200:]
+    assert _step_par(auto, future) < _step_par(static, future) - 0.2
+    assert _step_par(auto, future) <= 1.03 * _step_par(flashlb, future)
+
+
+def test_replan_moves_few_slots_and_pays_for_them():
+    trace = builtin_trace("steady", steps=400, seed=3, num_layers=3, num_experts=64).counts
+    policy = eplb.get_policy("auto")
+    first = policy.rebalance(trace[:200], TOPOLOGY).placement
+    replan = policy.rebalance(trace[200:400], TOPOLOGY, current=first)
+    flashlb = eplb.get_policy("flashlb").rebalance(trace[200:400], TOPOLOGY, current=first)
+    assert replan.total_moved_slots < 0.5 * flashlb.total_moved_slots
+    assert (replan.par_after <= replan.par_before + 0.02).all()
+    # a gain threshold no move can reach keeps the placement in force
+    frozen = eplb.get_policy("auto", min_gain=10.0).rebalance(trace[200:400], TOPOLOGY, current=first)
+    assert frozen.total_moved_slots == 0
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.2])
+def test_move_budget_caps_moved_slots_per_layer(trace, budget):
+    start = Placement.initial(64, TOPOLOGY, 3, layout="vllm")
+    plan = eplb.get_policy("auto", move_budget=budget, min_gain=0.0).rebalance(trace[:200], TOPOLOGY, start)
+    assert (plan.moved_slots <= int(budget * TOPOLOGY.num_physical)).all()
+    if budget > 0:
+        assert (plan.par_after < plan.par_before).all()
+
+
+def test_local_search_reports_the_objective_of_what_it_returns(trace):
+    x, weight = forecast(trace[:200], 16, 100.0)
+    rng = np.random.default_rng(0)
+    row = np.concatenate([np.arange(64), rng.choice(64, 16, replace=False)])
+    table = row.reshape(16, 5)[:, ::-1].copy()  # distinct experts per rank
+    table = np.ascontiguousarray(table)
+    original = table.copy()
+    counts = np.bincount(table.ravel(), minlength=64).astype(np.int64)
+    before = kernels.objective(x[0], weight, table, counts)
+    value, moved, _ = kernels.local_search(x[0], weight, table, original, counts, 0.0, 80, 200)
+    assert value == pytest.approx(kernels.objective(x[0], weight, table, counts))
+    assert value < before
+    assert moved == int((table != original).sum())
+    assert (np.bincount(table.ravel(), minlength=64) == counts).all() and counts.min() >= 1
+    assert all(len(set(rank)) == len(rank) for rank in table.tolist())
+
+
+@pytest.mark.parametrize("option, value", [("num_episodes", 0), ("half_life", 0), ("min_gain", -1.0),
+                                           ("move_budget", 1.5), ("max_moves", -1), ("min_gain", float("nan"))])
+def test_bad_options_are_refused(option, value):
+    with pytest.raises(PolicyError, match=option):
+        eplb.get_policy("auto", **{option: value})
+
+
+def _lp_peak(load, ranks, num_ranks):
+    pairs = [(e, r) for e in range(ranks.shape[0]) for r in ranks[e] if r >= 0]
+    a_ub = np.zeros((num_ranks, len(pairs) + 1))
+    a_eq = np.zeros((ranks.shape[0], len(pairs) + 1))
+    a_ub[:, -1] = -1
+    for i, (e, r) in enumerate(pairs):
+        a_eq[e, i] = a_ub[r, i] = 1
+    cost = np.zeros(len(pairs) + 1)
+    cost[-1] = 1
+    return linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=load).fun
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31))
+def test_balanced_split_reaches_the_lp_optimum(seed):
+    rng = np.random.default_rng(seed)
+    num_ranks, slots, num_experts = 6, 4, 16
+    row = rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, 8)]))
+    placement = Placement(row, num_experts, Topology(num_ranks, slots))
+    ranks = replica_ranks(placement)
+    load = (rng.zipf(1.5, size=(3, num_experts)) * (rng.random((3, num_experts)) < 0.9)).astype(float)
+    peak = balanced_rank_load(load, ranks, num_ranks).max(axis=1)
+    optimum = np.array([_lp_peak(load[b], ranks[0], num_ranks) for b in range(3)])
+    np.testing.assert_allclose(peak, optimum, rtol=1e-4, atol=1e-6)
