@@ -72,7 +72,7 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) ->
     out["clairvoyant_flashlb"] = _run(trace, "flashlb", even, clairvoyant=True)
     if with_auto:
         out["auto"] = _run(trace, "auto", even)
-        out["auto_balanced"] = _run(trace, "auto", balanced)
+        out["auto_balanced"] = _run(trace, "auto", balanced, {"dispatch": "balanced"})
         for budget in budgets:
             out[f"auto_budget_{budget:g}"] = _run(trace, "auto", even, {"move_budget": budget})
         flash = out["flashlb"]
@@ -122,6 +122,28 @@ def dispatch_timing(repeat: int = 200) -> dict:
             "max_relative_gap_to_lp": float(np.max(peak / np.array(optimum) - 1))}
 
 
+def planner_timing(repeat: int = 7) -> dict:
+    """Median ms of one ``auto`` plan of all 58 DeepSeek-V3 layers on 64 ranks x 5 slots from a 600-step window of
+    the real-data drift trace: a re-plan against the previous plan (the steady state), and a fresh plan."""
+    from eplb import Topology, get_policy
+
+    trace = _trace("drift", 1200, 58, 0)
+    topology = Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)
+    policy = get_policy("auto")
+    first = policy.rebalance(trace.counts[:600], topology).placement  # also compiles
+    replan, fresh = [], []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        policy.rebalance(trace.counts[600:1200], topology, current=first)
+        replan.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        policy.rebalance(trace.counts[600:1200], topology)
+        fresh.append(time.perf_counter() - started)
+    return {"replan_ms_median": round(float(np.median(replan)) * 1e3, 1),
+            "fresh_ms_median": round(float(np.median(fresh)) * 1e3, 1),
+            "replan_ms_runs": [round(t * 1e3, 1) for t in replan]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1800)
@@ -131,10 +153,14 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--move-budget", default="", help="comma-separated budgets for extra auto runs")
     parser.add_argument("--dispatch-only", action="store_true", help="only time the balanced split")
+    parser.add_argument("--timing-only", action="store_true", help="only time the balanced split and the planner")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.dispatch_only:
-        print(json.dumps({"dispatch": dispatch_timing()}))
+    if args.dispatch_only or args.timing_only:
+        out = {"dispatch": dispatch_timing()}
+        if args.timing_only:
+            out["planner"] = planner_timing()
+        print(json.dumps(out))
         return
     from eplb.policies import available_policies
 
@@ -150,6 +176,8 @@ def main() -> None:
             ranks, slots, nodes = CELLS[key]
             out["cells"][f"{scenario}/{key}"] = cell(trace, ranks, slots, nodes, budgets, with_auto)
     out["dispatch"] = dispatch_timing()
+    if with_auto:
+        out["planner"] = planner_timing()
     out["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out))
 

@@ -76,9 +76,9 @@ def test_local_search_reports_the_objective_of_what_it_returns(trace):
     table = np.ascontiguousarray(table)
     original = table.copy()
     counts = np.bincount(table.ravel(), minlength=64).astype(np.int64)
-    before = kernels.objective(x[0], weight, table, counts)
-    value, moved, _ = kernels.local_search(x[0], weight, table, original, counts, 0.0, 80, 200)
-    assert value == pytest.approx(kernels.objective(x[0], weight, table, counts))
+    before = kernels.objective(x[0], weight, table, counts, 1.0)
+    value, moved, _ = kernels.local_search(x[0], weight, table, original, counts, 0.0, 80, 200, 1.0)
+    assert value == pytest.approx(kernels.objective(x[0], weight, table, counts, 1.0))
     assert value < before
     assert moved == int((table != original).sum())
     assert (np.bincount(table.ravel(), minlength=64) == counts).all() and counts.min() >= 1
@@ -86,7 +86,8 @@ def test_local_search_reports_the_objective_of_what_it_returns(trace):
 
 
 @pytest.mark.parametrize("option, value", [("num_episodes", 0), ("half_life", 0), ("min_gain", -1.0),
-                                           ("move_budget", 1.5), ("max_moves", -1), ("min_gain", float("nan"))])
+                                           ("move_budget", 1.5), ("max_moves", -1), ("min_gain", float("nan")),
+                                           ("dispatch", "token")])
 def test_bad_options_are_refused(option, value):
     with pytest.raises(PolicyError, match=option):
         eplb.get_policy("auto", **{option: value})

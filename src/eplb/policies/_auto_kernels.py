@@ -1,8 +1,11 @@
 """Compiled local search of the ``auto`` policy (:mod:`eplb.policies.auto`).
 
 One layer is a table ``[W, K]`` of experts (slot ``k`` of rank ``w``; no expert twice on a rank) scored on episode
-loads ``x`` ``[S, E]`` with episode weights ``w`` ``[S]``: the objective is ``sum_s w_s * max_r load[s, r]`` under an
-even split (each replica of ``e`` serves ``x[s, e] / count[e]``). Two moves:
+loads ``x`` ``[S, E]`` with episode weights ``w`` ``[S]``: the objective is ``sum_s w_s * max_r load[s, r]``, where
+each replica of an expert with ``c`` replicas is charged ``x[s, e] * share(c)``: ``1 / c`` under an even split
+(``liquid = 1``). Under per-batch balanced dispatch a replicated expert's tokens go wherever there is room, so its
+replicas are charged less (``liquid / c`` with ``liquid < 1``) and a single-replica expert, which cannot move,
+fully. Two moves:
 
 - swap: two slots on different ranks exchange experts (2 slots move, replica counts unchanged);
 - reassign: one slot of an expert with >= 2 replicas takes another expert (1 slot moves, one replica changes hands).
@@ -17,17 +20,23 @@ the one with the largest gain net of its move cost is applied, until nothing pay
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # candidates scored exactly per hot rank, after screening on the mean load
-_EXACT = 48
+_EXACT = 32
 # hot ranks tried per step before the search stops
-_HOT_RANKS = 4
+_HOT_RANKS = 2
 
 
 @njit(cache=True)
-def rank_loads(x, table, counts):
-    """float64 ``[S, W]``: load of every rank in every episode under an even split."""
+def share(count, liquid):
+    """Fraction of an expert's load one of its ``count`` replicas is charged with (see the module docstring)."""
+    return 1.0 if count == 1 else liquid / count
+
+
+@njit(cache=True)
+def rank_loads(x, table, counts, liquid):
+    """float64 ``[S, W]``: load charged to every rank in every episode."""
     num_episodes = x.shape[0]
     num_ranks, slots = table.shape
     out = np.zeros((num_episodes, num_ranks))
@@ -35,14 +44,14 @@ def rank_loads(x, table, counts):
         for k in range(slots):
             e = table[r, k]
             for s in range(num_episodes):
-                out[s, r] += x[s, e] / counts[e]
+                out[s, r] += x[s, e] * share(counts[e], liquid)
     return out
 
 
 @njit(cache=True)
-def objective(x, weight, table, counts):
+def objective(x, weight, table, counts, liquid):
     """``sum_s weight[s] * max_r load[s, r]``."""
-    loads = rank_loads(x, table, counts)
+    loads = rank_loads(x, table, counts, liquid)
     total = 0.0
     for s in range(x.shape[0]):
         total += weight[s] * loads[s].max()
@@ -106,36 +115,26 @@ def _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n):
 
 
 @njit(cache=True)
-def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta):
+def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta, liquid):
     """Affected ranks of "slot on ``rank``: ``a_old`` -> ``a_new``" and their coefficients on x[a_old], x[a_new]."""
     n = 0
     c_old, c_new = counts[a_old], counts[a_new]
     for i in range(c_old):
         r = holders[a_old, i]
         aff[n] = r
-        alpha[n] = -1.0 / c_old if r == rank else 1.0 / (c_old - 1) - 1.0 / c_old
-        beta[n] = 1.0 / (c_new + 1) if r == rank else 0.0
+        alpha[n] = -share(c_old, liquid) if r == rank else share(c_old - 1, liquid) - share(c_old, liquid)
+        beta[n] = share(c_new + 1, liquid) if r == rank else 0.0
         n += 1
     for i in range(c_new):
         aff[n] = holders[a_new, i]
         alpha[n] = 0.0
-        beta[n] = 1.0 / (c_new + 1) - 1.0 / c_new
+        beta[n] = share(c_new + 1, liquid) - share(c_new, liquid)
         n += 1
     return n
 
 
 @njit(cache=True)
-def _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n):
-    peak = -np.inf
-    for i in range(n):
-        v = mean_load[aff[i]] + alpha[i] * mean_x[a] + beta[i] * (mean_x[b] if b >= 0 else 0.0)
-        if v > peak:
-            peak = v
-    return peak
-
-
-@njit(cache=True)
-def local_search(x, weight, table, original, counts, move_cost, budget, max_steps):
+def local_search(x, weight, table, original, counts, move_cost, budget, max_steps, liquid):
     """Improve ``table`` ``[W, K]`` in place (and ``counts`` ``[E]``) on the episode objective.
 
     Args:
@@ -146,131 +145,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
         move_cost: objective units a moved slot must gain.
         budget: at most this many slots differ from ``original`` at the end (a move back frees budget).
         max_steps: at most this many applied moves.
-
-    Returns:
-        (objective, moved slots vs ``original``, search steps taken).
-    """
-    num_episodes, num_experts = x.shape
-    num_ranks, slots = table.shape
-    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
-    has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
-    filled = np.zeros(num_experts, dtype=np.int64)
-    for r in range(num_ranks):
-        for k in range(slots):
-            e = table[r, k]
-            holders[e, filled[e]] = r
-            filled[e] += 1
-            has[r, e] = True
-    moved = 0
-    for r in range(num_ranks):
-        for k in range(slots):
-            if table[r, k] != original[r, k]:
-                moved += 1
-    mean_x = np.zeros(num_experts)
-    loads = rank_loads(x, table, counts)
-    total = 0.0
-    for s in range(x.shape[0]):
-        total += weight[s] * loads[s].max()
-    return total
-
-
-@njit(cache=True)
-def _top3(loads, top, arg):
-    num_episodes, num_ranks = loads.shape
-    for s in range(num_episodes):
-        for k in range(3):
-            top[s, k] = -np.inf
-            arg[s, k] = -1
-        for r in range(num_ranks):
-            v = loads[s, r]
-            if v > top[s, 2]:
-                if v > top[s, 1]:
-                    top[s, 2], arg[s, 2] = top[s, 1], arg[s, 1]
-                    if v > top[s, 0]:
-                        top[s, 1], arg[s, 1] = top[s, 0], arg[s, 0]
-                        top[s, 0], arg[s, 0] = v, r
-                    else:
-                        top[s, 1], arg[s, 1] = v, r
-                else:
-                    top[s, 2], arg[s, 2] = v, r
-
-
-@njit(cache=True)
-def _in(values, n, value):
-    for i in range(n):
-        if values[i] == value:
-            return True
-    return False
-
-
-@njit(cache=True)
-def _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n):
-    """Decrease of the objective when affected ranks ``aff[:n]`` gain ``alpha * x[:, a] + beta * x[:, b]``."""
-    gain = 0.0
-    for s in range(x.shape[0]):
-        rest = -np.inf
-        found = False
-        for k in range(3):
-            if arg[s, k] >= 0 and not _in(aff, n, arg[s, k]):
-                rest = top[s, k]
-                found = True
-                break
-        if not found:  # the three busiest ranks are all affected: scan the others
-            for r in range(loads.shape[1]):
-                if not _in(aff, n, r) and loads[s, r] > rest:
-                    rest = loads[s, r]
-        peak = rest
-        xa = x[s, a]
-        xb = x[s, b] if b >= 0 else 0.0
-        for i in range(n):
-            v = loads[s, aff[i]] + alpha[i] * xa + beta[i] * xb
-            if v > peak:
-                peak = v
-        gain += weight[s] * (top[s, 0] - peak)
-    return gain
-
-
-@njit(cache=True)
-def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta):
-    """Affected ranks of "slot on ``rank``: ``a_old`` -> ``a_new``" and their coefficients on x[a_old], x[a_new]."""
-    n = 0
-    c_old, c_new = counts[a_old], counts[a_new]
-    for i in range(c_old):
-        r = holders[a_old, i]
-        aff[n] = r
-        alpha[n] = -1.0 / c_old if r == rank else 1.0 / (c_old - 1) - 1.0 / c_old
-        beta[n] = 1.0 / (c_new + 1) if r == rank else 0.0
-        n += 1
-    for i in range(c_new):
-        aff[n] = holders[a_new, i]
-        alpha[n] = 0.0
-        beta[n] = 1.0 / (c_new + 1) - 1.0 / c_new
-        n += 1
-    return n
-
-
-@njit(cache=True)
-def _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n):
-    peak = -np.inf
-    for i in range(n):
-        v = mean_load[aff[i]] + alpha[i] * mean_x[a] + beta[i] * (mean_x[b] if b >= 0 else 0.0)
-        if v > peak:
-            peak = v
-    return peak
-
-
-@njit(cache=True)
-def local_search(x, weight, table, original, counts, move_cost, budget, max_steps):
-    """Improve ``table`` ``[W, K]`` in place (and ``counts`` ``[E]``) on the episode objective.
-
-    Args:
-        x: float64 ``[S, E]`` episode loads; weight: float64 ``[S]``.
-        table: int64 ``[W, K]``, the starting placement (no expert twice on a rank).
-        original: int64 ``[W, K]``, the placement in force: moved slots are counted against it.
-        counts: int64 ``[E]`` replica counts of ``table``.
-        move_cost: objective units a moved slot must gain.
-        budget: at most this many slots differ from ``original`` at the end (a move back frees budget).
-        max_steps: at most this many applied moves.
+        liquid: charge of a replicated expert's replicas (1: even split; below 1: balanced dispatch).
 
     Returns:
         (objective, moved slots vs ``original``, search steps taken).
@@ -296,7 +171,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     for s in range(num_episodes):
         for e in range(num_experts):
             mean_x[e] += weight[s] * x[s, e] / total_weight
-    loads = rank_loads(x, table, counts)
+    loads = rank_loads(x, table, counts, liquid)
     top = np.empty((num_episodes, 3))
     arg = np.empty((num_episodes, 3), dtype=np.int64)
     _top3(loads, top, arg)
@@ -312,6 +187,10 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     cand_r2 = np.empty(cap, dtype=np.int64)
     cand_k2 = np.empty(cap, dtype=np.int64)  # swap: slot on r2; reassign: the new expert
     cand_score = np.empty(cap)
+    up_first = np.empty(num_experts)
+    up_second = np.empty(num_experts)
+    up_rank = np.empty(num_experts, dtype=np.int64)
+    grow_peak = np.empty(slots)
     steps = 0
     while steps < max_steps:
         steps += 1
@@ -338,6 +217,26 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
             mean_load /= total_weight
             mean_x /= total_weight
             level = mean_load[hot_rank]
+            # screening terms: an expert losing a replica lifts its other holders (busiest two kept, so the
+            # holder giving up the slot can be left out); one of the hot rank's experts gaining one lowers its
+            for e in range(num_experts):
+                up_first[e], up_second[e], up_rank[e] = -np.inf, -np.inf, -1
+                if counts[e] < 2:
+                    continue
+                lift = mean_x[e] * (share(counts[e] - 1, liquid) - share(counts[e], liquid))
+                for i in range(counts[e]):
+                    v = mean_load[holders[e, i]] + lift
+                    if v > up_first[e]:
+                        up_second[e] = up_first[e]
+                        up_first[e], up_rank[e] = v, holders[e, i]
+                    elif v > up_second[e]:
+                        up_second[e] = v
+            for k1 in range(slots):
+                a = table[hot_rank, k1]
+                grow_peak[k1] = -np.inf
+                drop = mean_x[a] * (share(counts[a] + 1, liquid) - share(counts[a], liquid))
+                for i in range(counts[a]):
+                    grow_peak[k1] = max(grow_peak[k1], mean_load[holders[a, i]] + drop)
             m = 0
             for k1 in range(slots):
                 a = table[hot_rank, k1]
@@ -350,7 +249,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                             b = table[r2, k2]
                             if has[hot_rank, b]:
                                 continue
-                            d = mean_x[b] / counts[b] - mean_x[a] / counts[a]
+                            d = mean_x[b] * share(counts[b], liquid) - mean_x[a] * share(counts[a], liquid)
                             peak = max(level + d, mean_load[r2] - d)
                             if peak < level:
                                 cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 0, hot_rank, k1, r2, k2
@@ -361,8 +260,9 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                             old = table[r2, k2]
                             if counts[old] < 2 or old == a:
                                 continue
-                            n = _reassign_terms(holders, counts, old, a, r2, aff, alpha, beta)
-                            peak = _mean_peak(mean_load, mean_x, old, a, aff, alpha, beta, n)
+                            peak = max(grow_peak[k1], up_first[old] if up_rank[old] != r2 else up_second[old],
+                                       mean_load[r2] - mean_x[old] * share(counts[old], liquid)
+                                       + mean_x[a] * share(counts[a] + 1, liquid))
                             if peak < level:
                                 cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, r2, k2, -1, a
                                 cand_score[m] = level - peak
@@ -372,8 +272,10 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                     for b in range(num_experts):
                         if has[hot_rank, b]:
                             continue
-                        n = _reassign_terms(holders, counts, a, b, hot_rank, aff, alpha, beta)
-                        peak = _mean_peak(mean_load, mean_x, a, b, aff, alpha, beta, n)
+                        # b's other holders only get lighter
+                        peak = max(up_first[a] if up_rank[a] != hot_rank else up_second[a],
+                                   level - mean_x[a] * share(counts[a], liquid)
+                                   + mean_x[b] * share(counts[b] + 1, liquid))
                         if peak < level:
                             cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, hot_rank, k1, -1, b
                             cand_score[m] = level - peak
@@ -390,14 +292,14 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                     r2, k2 = cand_r2[c], cand_k2[c]
                     a, b = table[r1, k1], table[r2, k2]
                     aff[0], aff[1] = r1, r2
-                    alpha[0], beta[0] = -1.0 / counts[a], 1.0 / counts[b]
-                    alpha[1], beta[1] = 1.0 / counts[a], -1.0 / counts[b]
+                    alpha[0], beta[0] = -share(counts[a], liquid), share(counts[b], liquid)
+                    alpha[1], beta[1] = share(counts[a], liquid), -share(counts[b], liquid)
                     n = 2
                     delta = (int(b != original[r1, k1]) - int(a != original[r1, k1])
                              + int(a != original[r2, k2]) - int(b != original[r2, k2]))
                 else:
                     a, b = table[r1, k1], cand_k2[c]
-                    n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta)
+                    n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
                     delta = int(b != original[r1, k1]) - int(a != original[r1, k1])
                 if moved + delta > budget:
                     continue
@@ -412,7 +314,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                 r2, k2 = cand_r2[best], cand_k2[best]
                 a, b = table[r1, k1], table[r2, k2]
                 for s in range(num_episodes):
-                    d = x[s, b] / counts[b] - x[s, a] / counts[a]
+                    d = x[s, b] * share(counts[b], liquid) - x[s, a] * share(counts[a], liquid)
                     loads[s, r1] += d
                     loads[s, r2] -= d
                 table[r1, k1], table[r2, k2] = b, a
@@ -425,7 +327,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                         holders[b, i] = r1
             else:
                 a, b = table[r1, k1], cand_k2[best]
-                n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta)
+                n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
                 for i in range(n):
                     for s in range(num_episodes):
                         loads[s, aff[i]] += alpha[i] * x[s, a] + beta[i] * x[s, b]
@@ -447,6 +349,25 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     for s in range(num_episodes):
         total += weight[s] * top[s, 0]
     return total, moved, steps
+
+
+@njit(cache=True, parallel=True)
+def search_layers(x, weight, tables, originals, move_cost, budget, max_steps, liquid, active):
+    """:func:`local_search` on every ``active`` layer (in parallel): ``x`` ``[L, S, E]``, ``tables`` and
+    ``originals`` ``[L, W, K]``, ``move_cost`` ``[L]``. Improves ``tables`` in place; returns the objectives
+    ``[L]`` (inf for inactive layers)."""
+    num_layers, _, num_experts = x.shape
+    out = np.full(num_layers, np.inf)
+    for layer in prange(num_layers):
+        if not active[layer]:
+            continue
+        counts = np.zeros(num_experts, dtype=np.int64)
+        for e in tables[layer].ravel():
+            counts[e] += 1
+        value, _, _ = local_search(x[layer], weight, tables[layer], originals[layer], counts, move_cost[layer],
+                                   budget, max_steps, liquid)
+        out[layer] = value
+    return out
 
 
 @njit(cache=True)

@@ -39,6 +39,9 @@ __all__ = ["Auto", "POLICY", "forecast"]
 
 log = logging.getLogger(__name__)
 
+# charge of a replicated expert's replicas in the objective, per dispatch mode (see _auto_kernels)
+_LIQUID = {"even": 1.0, "balanced": 0.8}
+
 
 def forecast(load: np.ndarray, num_episodes: int, half_life: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Episode loads and their recency weights.
@@ -72,13 +75,16 @@ class Auto(Policy):
         move_budget: at most this fraction of each layer's slots moves per plan (None: no limit); with
             ``min_gain`` it traces the balance-vs-moves curve.
         max_moves: at most this many accepted swaps/reassignments per layer (None: 4 x slots).
+        dispatch: the replica choice the placement is made for: ``even`` (each replica serves the same share)
+            or ``balanced`` (per-batch min-max split, :mod:`eplb.sim.dispatch`): replicated experts then count as
+            movable load, so the search flattens the load of single-replica experts and spreads replicas.
     """
 
     name = "auto"
     allows_shared_rank = False
 
     def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 2e-4,
-                 move_budget: float | None = None, max_moves: int | None = None):
+                 move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even"):
         if isinstance(num_episodes, bool) or not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
             raise PolicyError(f"auto option num_episodes must be an integer >= 1, got {num_episodes!r}")
         self.num_episodes = int(num_episodes)
@@ -91,6 +97,9 @@ class Auto(Policy):
                                       or max_moves < 0):
             raise PolicyError(f"auto option max_moves must be None or an integer >= 0, got {max_moves!r}")
         self.max_moves = None if max_moves is None else int(max_moves)
+        if dispatch not in _LIQUID:
+            raise PolicyError(f"auto option dispatch must be one of {', '.join(_LIQUID)}, got {dispatch!r}")
+        self.dispatch = dispatch
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
@@ -100,6 +109,7 @@ class Auto(Policy):
             raise PolicyError(f"auto never puts an expert twice on a rank, so slots_per_rank ({slots}) must be <= "
                               f"the number of experts ({num_experts})")
         x, weight = forecast(load, self.num_episodes, self.half_life)
+        liquid = _LIQUID[self.dispatch]
         mean_x = np.einsum("lse,s->le", x, weight / weight.sum())
         fresh = kernels.greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
         fresh = spread_duplicates(fresh, mean_x[np.arange(num_layers)[:, None], fresh], num_ranks)
@@ -110,64 +120,55 @@ class Auto(Policy):
         max_steps = 4 * num_slots if self.max_moves is None else self.max_moves
         if current is None:
             out = fresh.copy()
-            for layer in range(num_layers):
-                if not _has_duplicates(out[layer], num_ranks):
-                    self._search(x[layer], weight, out[layer], out[layer].copy(), num_ranks, 0.0, num_slots,
-                                 max_steps)
+            # moves away from the greedy start must pay too: a gain threshold that keeps the search short
+            self._search(x, weight, out, out.copy(), num_ranks, move_cost, num_slots, max_steps, liquid,
+                         ~_has_duplicates(out, num_ranks))
             return out
-        base = current.phy2log
+        base = np.ascontiguousarray(current.phy2log)
         out = base.copy()
-        score = np.full(num_layers, np.inf)
-        for layer in range(num_layers):
-            if _has_duplicates(base[layer], num_ranks):
-                continue  # local search needs distinct experts per rank: only the fresh start below applies
-            score[layer] = self._search(x[layer], weight, out[layer], base[layer], num_ranks, move_cost[layer],
-                                        budget, max_steps)
-        fresh_score = np.array([_objective(x[layer], weight, fresh[layer], num_ranks, num_experts)
+        # local search needs distinct experts per rank: elsewhere only the fresh start below applies
+        clean = ~_has_duplicates(base, num_ranks)
+        score = self._search(x, weight, out, base, num_ranks, move_cost, budget, max_steps, liquid, clean)
+        fresh_score = np.array([_objective(x[layer], weight, fresh[layer], num_ranks, num_experts, liquid)
                                 for layer in range(num_layers)])
-        restart = fresh_score + 0.5 * num_slots * move_cost < score
-        if restart.any() and budget > 0:
-            matched = match_ranks(fresh[restart], base[restart], num_ranks, across_nodes=True)
-            for layer, start in zip(np.flatnonzero(restart), matched):
-                table = start.copy()
-                if _has_duplicates(table, num_ranks):
-                    continue
-                moved_start = int((table != base[layer]).sum())
-                if moved_start > budget:
-                    continue
-                restarted = self._search(x[layer], weight, table, base[layer], num_ranks, move_cost[layer],
-                                         budget, max_steps)
-                moved = int((table != base[layer]).sum())
-                if restarted + move_cost[layer] * moved < score[layer] + move_cost[layer] * \
-                        int((out[layer] != base[layer]).sum()):
-                    out[layer] = table
-        log.debug("auto: %d layers changed, %d restarted", int((out != base).any(axis=1).sum()),
-                  int(restart.sum()))
+        restart = (fresh_score + 0.5 * num_slots * move_cost < score) & ~_has_duplicates(fresh, num_ranks)
+        if restart.any():
+            start = match_ranks(fresh, base, num_ranks, across_nodes=True)
+            restart &= (start != base).sum(axis=1) <= budget
+            restarted = self._search(x, weight, start, base, num_ranks, move_cost, budget, max_steps, liquid,
+                                     restart)
+            # the restart wins where its objective plus the cost of its moves is lower
+            kept = score + move_cost * (out != base).sum(axis=1)
+            better = restart & (restarted + move_cost * (start != base).sum(axis=1) < np.where(clean, kept, np.inf))
+            out[better] = start[better]
+        log.debug("auto: %d layers changed, %d restarted", int((out != base).any(axis=1).sum()), int(restart.sum()))
         return out
 
     @staticmethod
-    def _search(x, weight, row, original, num_ranks, move_cost, budget, max_steps) -> float:
-        """Local search on one layer; ``row`` ``[P]`` is improved in place. Returns the objective."""
-        table = row.reshape(num_ranks, -1)
-        counts = np.bincount(row, minlength=x.shape[1]).astype(np.int64)
-        value, _, steps = kernels.local_search(x, weight, table, original.reshape(num_ranks, -1), counts,
-                                        float(move_cost), int(budget), int(max_steps))
-        log.debug("auto: %d search steps", steps)
-        return float(value)
+    def _search(x, weight, rows, original, num_ranks, move_cost, budget, max_steps, liquid, active=None):
+        """Local search on every ``active`` layer; ``rows`` ``[L, P]`` are improved in place. Returns the
+        objectives ``[L]`` (inf where inactive)."""
+        num_layers = rows.shape[0]
+        active = np.ones(num_layers, dtype=bool) if active is None else active
+        tables = rows.reshape(num_layers, num_ranks, -1)
+        return kernels.search_layers(x, weight, tables, original.reshape(num_layers, num_ranks, -1),
+                                     np.ascontiguousarray(move_cost, dtype=np.float64), int(budget), int(max_steps),
+                                     float(liquid), active)
 
     def __repr__(self) -> str:
         return (f"Auto(num_episodes={self.num_episodes}, half_life={self.half_life}, min_gain={self.min_gain}, "
-                f"move_budget={self.move_budget}, max_moves={self.max_moves})")
+                f"move_budget={self.move_budget}, max_moves={self.max_moves}, dispatch={self.dispatch!r})")
 
 
-def _objective(x, weight, row, num_ranks, num_experts) -> float:
+def _objective(x, weight, row, num_ranks, num_experts, liquid) -> float:
     counts = np.bincount(row, minlength=num_experts).astype(np.int64)
-    return float(kernels.objective(x, weight, row.reshape(num_ranks, -1), counts))
+    return float(kernels.objective(x, weight, row.reshape(num_ranks, -1), counts, liquid))
 
 
-def _has_duplicates(row: np.ndarray, num_ranks: int) -> bool:
-    table = np.sort(row.reshape(num_ranks, -1), axis=1)
-    return bool((table[:, 1:] == table[:, :-1]).any())
+def _has_duplicates(rows: np.ndarray, num_ranks: int) -> np.ndarray:
+    """bool ``[L]``: layers of ``rows`` ``[L, P]`` in which some rank holds an expert twice."""
+    table = np.sort(rows.reshape(rows.shape[0], num_ranks, -1), axis=2)
+    return (table[..., 1:] == table[..., :-1]).any(axis=(1, 2))
 
 
 def _number(name: str, value, allow_none: bool = False, positive: bool = False):
