@@ -23,9 +23,9 @@ import numpy as np
 from numba import njit, prange
 
 # candidates scored exactly per hot rank, after screening on the mean load
-_EXACT = 32
+_EXACT = 48
 # hot ranks tried per step before the search stops
-_HOT_RANKS = 2
+_HOT_RANKS = 4
 
 
 @njit(cache=True)

@@ -83,7 +83,7 @@ class Auto(Policy):
     name = "auto"
     allows_shared_rank = False
 
-    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 2e-4,
+    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 1.5e-4,
                  move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even"):
         if isinstance(num_episodes, bool) or not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
             raise PolicyError(f"auto option num_episodes must be an integer >= 1, got {num_episodes!r}")
