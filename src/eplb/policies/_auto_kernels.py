@@ -12,9 +12,10 @@ fully. Two moves:
 
 Every change is linear in the two experts' loads: affected rank ``r`` gains ``alpha_r * x[s, a] + beta_r * x[s, b]``,
 so a candidate is scored exactly over all episodes from the per-episode top-3 rank loads (the busiest rank outside
-the affected ones) without rebuilding the loads. Candidates are screened first on the mean over the episodes in
-which the hot rank is the busiest (they must lower it there without lifting an affected rank above it); the best screened ones are scored exactly and
-the one with the largest gain net of its move cost is applied, until nothing pays.
+the affected ones) without rebuilding the loads. Candidates are screened first, in O(1) each, on the mean over the
+episodes in which the hot rank is the busiest (they must lower it there without lifting an affected rank above
+it); the best screened ones are scored exactly and the one with the largest gain net of its move cost is applied,
+until nothing pays. Layers are independent and run in parallel (:func:`search_layers`).
 """
 
 from __future__ import annotations
