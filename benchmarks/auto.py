@@ -14,7 +14,7 @@ Ratios per cell: ``auto_par_vs_flashlb`` (target <= 1.01), ``auto_moves_vs_flash
 
 Usage: ``python benchmarks/auto.py [--steps 1800] [--layers 58] [--cells 32x9x4,...] [--scenarios drift,...]
 [--move-budget 0.05,0.1,...]``. The default (1,800 steps: two scored re-plans after the first) is a lean run; pass
-``--steps 4200`` for six re-plans. ``--move-budget`` adds one ``auto`` run per budget (fraction of slots per cycle)
+``--steps 4200`` for five (about 5 minutes). ``--move-budget`` adds one ``auto`` run per budget (fraction of slots per cycle)
 to trace the PAR-vs-moves curve.
 """
 
