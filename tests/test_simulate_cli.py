@@ -79,3 +79,22 @@ def test_deepseek_v3_statistics_as_trace(capsys, data_dir):
                    "150", "--policies", "default")
     assert out["trace"]["layers"] == 58 and out["policies"]["default"]["step_par_mean"] < \
         out["policies"]["static"]["step_par_mean"]
+
+
+def test_parallel_runs_match_in_process_runs(capsys):
+    quick = ["--no-files", "--steps", "120", "--policies", "default,random", "--clairvoyant", "default"]
+    outs = [run_json(capsys, *quick, "--jobs", jobs) for jobs in ("1", "2")]
+    for out in outs:
+        for figures in [*out["policies"].values(), out["clairvoyant"]]:
+            figures.pop("planner_ms"), figures.pop("planner_ms_max")
+    assert list(outs[1]["policies"]) == ["static", "default", "random"]
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_error_in_a_run_is_one_clear_error(capsys, jobs):
+    # 32 ranks x 7 slots cannot hold 256 experts: simulate() raises, in a worker with --jobs 2
+    assert main(["simulate", "--steps", "20", "--no-files", "--policies", "default", "--slots-per-rank", "7",
+                 "--jobs", jobs]) == 1
+    err = capsys.readouterr().err
+    assert "256" in err and "Traceback" not in err

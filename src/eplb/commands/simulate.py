@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def register(subparsers) -> None:
     cost.add_argument("--bandwidth", type=float, default=50.0, metavar="GB/S", help="transfer bandwidth per rank")
     cost.add_argument("--overlap", type=float, default=0.5,
                       help="share of a step's MoE time that weight transfers hide behind")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="runs simulated at the same time in worker processes (default: one per CPU, at most one "
+                             "per run); 1 runs them one after the other in this process")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="eplb-report", metavar="DIR",
                         help="folder for report.json, report.md and the plots")
@@ -161,12 +165,12 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from eplb import get_policy
     from eplb.cycle import CycleConfig
     from eplb.report.simulate import build_report, policy_table, write_report
     from eplb.sim.cost import CostModel, expert_bytes_of
     from eplb.policies.resilience import Resilience
-    from eplb.sim.simulator import Failure, SimConfig, dead_ranks, simulate, warmup_steps
+    from eplb.sim.runs import RunSpec, simulate_runs
+    from eplb.sim.simulator import Failure, SimConfig, dead_ranks, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace
 
     _positive("--steps", args.steps)
@@ -174,6 +178,7 @@ def run(args) -> int:
     _positive("--planner-steps", args.planner_steps, 0)
     _positive("--layers-per-step", args.layers_per_step, 0)
     _positive("--max-layers", args.max_layers)
+    _positive("--jobs", args.jobs)
     failures = tuple([Failure.parse("rank", text) for text in args.fail_rank]
                      + [Failure.parse("node", text) for text in args.fail_node])
     resilience = Resilience(min_replicas=args.min_replicas, hot_experts=args.hot_experts) if args.resilient else None
@@ -197,18 +202,16 @@ def run(args) -> int:
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
         dead_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
-        runs = {}
-        for name in ["static", *names]:
-            task = progress.add_task(name, total=1.0)
-            policy = None if name == "static" else get_policy(name)
-            runs[name] = simulate(trace, policy, config, name=name,
-                                  progress=lambda f, task=task: progress.update(task, completed=f))
-        clairvoyant = None
+        specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
         if clairvoyant_name is not None:
-            task = progress.add_task(f"clairvoyant ({clairvoyant_name})", total=1.0)
-            clairvoyant = simulate(trace, get_policy(clairvoyant_name), config,
-                                   name=f"clairvoyant:{clairvoyant_name}", clairvoyant=True,
-                                   progress=lambda f: progress.update(task, completed=f))
+            specs.append(RunSpec(f"clairvoyant:{clairvoyant_name}", clairvoyant_name, clairvoyant=True))
+        tasks = [progress.add_task(spec.name if not spec.clairvoyant else f"clairvoyant ({spec.policy})", total=1.0)
+                 for spec in specs]
+        jobs = args.jobs or min(os.cpu_count() or 1, len(specs))
+        results = simulate_runs(trace, config, specs, jobs,
+                                progress=lambda index, fraction: progress.update(tasks[index], completed=fraction))
+    runs = {spec.name: result for spec, result in zip(specs, results) if not spec.clairvoyant}
+    clairvoyant = results[-1] if clairvoyant_name is not None else None
     if args.save_trace:
         trace.save(args.save_trace)
     key = trace.name.removeprefix("builtin:")
