@@ -98,3 +98,11 @@ def test_error_in_a_run_is_one_clear_error(capsys, jobs):
                  "--jobs", jobs]) == 1
     err = capsys.readouterr().err
     assert "256" in err and "Traceback" not in err
+
+
+def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
+    from eplb.sim.runs import _policy
+
+    assert _policy("auto", "balanced").dispatch == "balanced"
+    assert _policy("auto", "even").dispatch == "even"
+    assert _policy("default", "balanced") is not None  # no such option: built as usual

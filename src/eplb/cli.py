@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except EplbError as exc:
         print(f"eplb {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"eplb {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

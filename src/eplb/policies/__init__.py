@@ -13,7 +13,7 @@ import inspect
 from eplb.errors import PolicyError
 from eplb.policies.base import Plan, Policy
 
-__all__ = ["get_policy", "available_policies", "Plan", "Policy", "POLICY_IDS"]
+__all__ = ["get_policy", "available_policies", "policy_options", "Plan", "Policy", "POLICY_IDS"]
 
 _MODULES = {
     "random": "eplb.policies.random_policy",
@@ -45,6 +45,11 @@ def available_policies() -> list[str]:
     return names
 
 
+def policy_options(name: str) -> list[str]:
+    """Names of the options (keyword arguments) the registered policy ``name`` takes."""
+    return [p for p in inspect.signature(_policy_class(name).__init__).parameters if p != "self"]
+
+
 def get_policy(name_or_id: str | int, **options) -> Policy:
     """A policy instance by registry name (``"default"``) or vllm-ascend policy id (``1``).
 
@@ -65,7 +70,7 @@ def get_policy(name_or_id: str | int, **options) -> Policy:
         suffix = f"; did you mean {hint[0]!r}?" if hint else ""
         raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
     cls = _policy_class(name)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    accepted = policy_options(name)
     for key in options:
         if key not in accepted:
             hint = difflib.get_close_matches(key, accepted, n=1)

@@ -50,6 +50,7 @@ from eplb.cycle import Cycle, CycleConfig
 from eplb.errors import EplbError
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
+from eplb.policies import policy_options
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
@@ -106,13 +107,9 @@ def _policy_options(config: EplbConfig) -> dict:
     """The policy's options; record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank, so
     it asks a policy that has the option not to do that (unless the user set it)."""
     options = dict(config.policy_options)
-    if config.mode == "record" and "allow_shared_rank" not in options:
-        import inspect
-
-        from eplb.policies import _policy_class
-
-        if "allow_shared_rank" in inspect.signature(_policy_class(config.policy).__init__).parameters:
-            options["allow_shared_rank"] = False
+    if (config.mode == "record" and "allow_shared_rank" not in options
+            and "allow_shared_rank" in policy_options(config.policy)):
+        options["allow_shared_rank"] = False
     return options
 
 

@@ -86,10 +86,18 @@ def simulate_runs(trace: Trace, config: SimConfig, specs: list[RunSpec], jobs: i
 
 
 def _simulate(trace: Trace, config: SimConfig, spec: RunSpec, progress: Callable[[float], None]) -> RunResult:
-    from eplb import get_policy
-
-    policy = None if spec.policy is None else get_policy(spec.policy)
+    policy = None if spec.policy is None else _policy(spec.policy, config.dispatch)
     return simulate(trace, policy, config, name=spec.name, clairvoyant=spec.clairvoyant, progress=progress)
+
+
+def _policy(name: str, dispatch: str):
+    """The policy ``name``; one that can plan for the per-batch balanced split (a ``dispatch`` option) is told so
+    when the run uses it, since its placement differs from the one for an even split."""
+    from eplb.policies import get_policy, policy_options
+
+    if dispatch == "balanced" and "dispatch" in policy_options(name):
+        return get_policy(name, dispatch="balanced")
+    return get_policy(name)
 
 
 def _start_worker(trace: Trace, config: SimConfig, messages, level: int) -> None:

@@ -122,7 +122,8 @@ class SimConfig:
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_sweeps: refinement passes of the ``balanced`` mode.
+        balanced_sweeps: ``balanced`` mode: 0 keeps the even split, any positive value refines it to the min-max
+            split (see :func:`eplb.sim.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
     """
