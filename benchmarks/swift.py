@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from eplb import Placement, Topology
+from eplb.load import window_sum
 from eplb.metrics import par, rank_loads
 from eplb.policies._swift_kernels import prepare_layers
 from eplb.policies.swift import SwiftPolicy
@@ -70,7 +71,7 @@ def bench(topology_name: str, layout: str, options: dict, counts: np.ndarray, re
     times = []
     for r in range(repeats):
         start = time.perf_counter()
-        policy.place(counts[r % num_workloads], topology, current)
+        policy.place(counts[r % num_workloads], topology, current, window_sum(counts[r % num_workloads]))
         times.append(1000 * (time.perf_counter() - start))
     moved = np.concatenate(moved)
     return {
@@ -96,7 +97,8 @@ def main() -> None:
         counts = f["counts"]
     topology = TOPOLOGIES["EP32"]
     start = time.perf_counter()
-    SwiftPolicy().place(counts[0], topology, Placement.initial(counts.shape[2], topology, counts.shape[1]))
+    SwiftPolicy().place(counts[0], topology, Placement.initial(counts.shape[2], topology, counts.shape[1]),
+                        window_sum(counts[0]))
     first_call_ms = 1000 * (time.perf_counter() - start)
     results = [bench(name, layout, options, counts, args.repeats)
                for name in TOPOLOGIES for layout in ("vllm", "spread") for options in OPTIONS]

@@ -172,7 +172,7 @@ class FixedPolicy(Policy):
     def __init__(self, phy2log):
         self.phy2log = phy2log
 
-    def place(self, load, topology, current):
+    def place(self, load, topology, current, window):
         return self.phy2log
 
 

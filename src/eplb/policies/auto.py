@@ -101,7 +101,8 @@ class Auto(Policy):
             raise PolicyError(f"auto option dispatch must be one of {', '.join(_LIQUID)}, got {dispatch!r}")
         self.dispatch = dispatch
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         num_ranks, slots = topology.num_ranks, topology.slots_per_rank
         num_slots = topology.num_physical

@@ -106,7 +106,7 @@ class Policy:
         window = window_sum(load)
         reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
         if live is None:
-            phy2log = np.asarray(self.place(load, topology, current), dtype=np.int64)
+            phy2log = np.asarray(self.place(load, topology, current, window), dtype=np.int64)
             phy2log = phy2log.reshape(num_layers, topology.num_physical)
             if resilience is not None:
                 phy2log = make_resilient(phy2log, window, topology, resilience)
@@ -136,7 +136,7 @@ class Policy:
         sub_current = None
         if current is not None:
             sub_current = Placement(repair_current(current.phy2log[:, live_slots], window), num_experts, sub_topology)
-        sub = np.asarray(self.place(load, sub_topology, sub_current), dtype=np.int64)
+        sub = np.asarray(self.place(load, sub_topology, sub_current, window), dtype=np.int64)
         sub = sub.reshape(num_layers, sub_topology.num_physical)
         if resilience is not None:
             sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
@@ -145,8 +145,12 @@ class Policy:
         phy2log[:, live_slots] = sub
         return Placement(phy2log, num_experts, topology)
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
-        """Return ``phy2log`` int64 ``[L, P]`` for a validated ``load`` (``[L, E]`` or ``[T, L, E]``)."""
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
+        """Return ``phy2log`` int64 ``[L, P]`` for a validated ``load`` (``[L, E]`` or ``[T, L, E]``).
+
+        ``window`` is float64 ``[L, E]``, ``load`` summed over steps, computed once by :meth:`rebalance`
+        (read-only: copy it before writing)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

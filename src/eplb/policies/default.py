@@ -15,11 +15,11 @@ import numpy as np
 
 from eplb._arrays import like_input
 from eplb.errors import PolicyError
-from eplb.load import as_load, window_sum
+from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies.base import Policy
 from eplb.policies.kernels import balanced_packing, replicate, spread_duplicates
-from eplb.policies.retention import match_ranks, preserve_slots
+from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
 __all__ = ["DefaultPolicy", "POLICY", "rebalance_experts", "deepseek_placement", "MODES"]
@@ -164,10 +164,10 @@ class DefaultPolicy(Policy):
         self.retain_slots = bool(retain_slots)
         self.allows_shared_rank = bool(allow_shared_rank)
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
         t = topology
         hierarchical = self.mode != "global" and t.num_groups % t.num_nodes == 0
-        window = window_sum(load)
         phy2log, _, replica_count = deepseek_placement(window, t.num_physical, t.num_groups, t.num_nodes,
                                                        t.num_ranks, "hierarchical" if hierarchical else self.mode)
         if not self.allows_shared_rank:

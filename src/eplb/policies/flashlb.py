@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from eplb.errors import PolicyError
-from eplb.load import episodes, window_sum
+from eplb.load import episodes
 from eplb.metrics import par, rank_loads
 from eplb.placement import Placement
 from eplb.policies import _flashlb_kernels as kernels
@@ -114,7 +114,8 @@ class FlashLB(Policy):
                                   f"{balance.max(initial=np.nan)}]")
             self.last_balance = balance
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         num_ranks, slots = topology.num_ranks, topology.slots_per_rank
         if slots > num_experts:
@@ -123,7 +124,7 @@ class FlashLB(Policy):
         x = episode_load(load, self.num_episodes)
         xt = np.ascontiguousarray(x.transpose(0, 2, 1))
         total = x.sum(axis=2)
-        selected = self._candidates(load, current, num_layers)
+        selected = self._candidates(window, current, num_layers)
         new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
                                              self.width)
         if current is None:
@@ -137,7 +138,7 @@ class FlashLB(Policy):
             out[apply] = match_ranks(new[apply], out[apply], num_ranks, across_nodes=True)
         return out
 
-    def _candidates(self, load: np.ndarray, current: Placement | None, num_layers: int) -> np.ndarray:
+    def _candidates(self, window: np.ndarray, current: Placement | None, num_layers: int) -> np.ndarray:
         """bool ``[L]``: the layers worth re-planning (cherry-picking)."""
         if current is None or self.last_balance is None:
             return np.ones(num_layers, dtype=bool)
@@ -147,7 +148,7 @@ class FlashLB(Policy):
         small = current.topology.num_ranks < _SMALL_GROUP
         ratio = self.replan_ratio if self.replan_ratio is not None else (0.95 if small else 0.9)
         floor = self.replan_floor if self.replan_floor is not None else (0.9 if small else 0.85)
-        balance = 1.0 / par(rank_loads(current, window_sum(load)))
+        balance = 1.0 / par(rank_loads(current, window))
         return (balance < floor) | (balance < ratio * self.last_balance)
 
     def __repr__(self) -> str:

@@ -33,7 +33,8 @@ class RandomPolicy(Policy):
         self.seed = int(seed)
         self.num_moves = int(num_moves)
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         if current is None:
             current = Placement.initial(num_experts, topology, num_layers)

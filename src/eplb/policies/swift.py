@@ -50,7 +50,6 @@ import logging
 import numpy as np
 
 from eplb.errors import PolicyError
-from eplb.load import window_sum
 from eplb.placement import Placement
 from eplb.policies._swift_kernels import plan_layers, prepare_layers
 from eplb.policies.base import Policy
@@ -115,10 +114,11 @@ class SwiftPolicy(Policy):
         self.swap_gain = swap_gain
         self.pin = pin
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
+              ) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         # fresh writable copies: numba compiles read-only arrays as a separate signature
-        window = np.array(window_sum(load), dtype=np.float64)
+        window = np.array(window, dtype=np.float64)
         if current is None:
             current = Placement.initial(num_experts, topology, num_layers, layout="spread")
         old = np.array(current.rank_table, dtype=np.int64)
