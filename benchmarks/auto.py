@@ -93,10 +93,8 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) ->
 def dispatch_timing(repeat: int = 200) -> dict:
     """Median ms of one balanced split of one DeepSeek-V3 layer step (256 experts, 64 ranks x 5 slots, a flashlb
     placement of the real-data drift trace), and its gap to the exact LP optimum (HiGHS) on 20 steps."""
-    from scipy.optimize import linprog
-
     from eplb import Topology, get_policy
-    from eplb.sim.dispatch import balanced_rank_load, replica_ranks
+    from eplb.sim.dispatch import balanced_rank_load, optimal_peak, replica_ranks
 
     trace = _trace("bursty", 640, 1, 0)
     topology = Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)
@@ -109,19 +107,9 @@ def dispatch_timing(repeat: int = 200) -> dict:
         balanced_rank_load(load[step % 40:step % 40 + 1], ranks, 64)
         times.append(time.perf_counter() - started)
     peak = balanced_rank_load(load[:20], ranks, 64).max(axis=1)
-    optimum = []
-    for step in range(20):
-        pairs = [(e, r) for e in range(ranks.shape[1]) for r in ranks[0, e] if r >= 0]
-        a_ub = np.zeros((64, len(pairs) + 1))
-        a_eq = np.zeros((ranks.shape[1], len(pairs) + 1))
-        a_ub[:, -1] = -1
-        for i, (e, r) in enumerate(pairs):
-            a_eq[e, i] = a_ub[r, i] = 1
-        cost = np.zeros(len(pairs) + 1)
-        cost[-1] = 1
-        optimum.append(linprog(cost, A_ub=a_ub, b_ub=np.zeros(64), A_eq=a_eq, b_eq=load[step]).fun)
+    optimum = np.array([optimal_peak(load[step], ranks[0], 64) for step in range(20)])
     return {"balanced_split_ms_median": round(float(np.median(times)) * 1e3, 4),
-            "max_relative_gap_to_lp": float(np.max(peak / np.array(optimum) - 1))}
+            "max_relative_gap_to_lp": float(np.max(peak / optimum - 1))}
 
 
 def planner_timing(repeat: int = 7) -> dict:

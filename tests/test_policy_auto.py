@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.optimize import linprog
 
 import eplb
 from eplb import Placement, PolicyError, Topology
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.auto import forecast
-from eplb.sim.dispatch import balanced_rank_load, replica_ranks
+from eplb.sim.dispatch import balanced_rank_load, optimal_peak, replica_ranks
 from eplb.sim.traces import builtin_trace
 
 TOPOLOGY = Topology(16, 5, num_nodes=2, num_groups=4)
@@ -93,18 +92,6 @@ def test_bad_options_are_refused(option, value):
         eplb.get_policy("auto", **{option: value})
 
 
-def _lp_peak(load, ranks, num_ranks):
-    pairs = [(e, r) for e in range(ranks.shape[0]) for r in ranks[e] if r >= 0]
-    a_ub = np.zeros((num_ranks, len(pairs) + 1))
-    a_eq = np.zeros((ranks.shape[0], len(pairs) + 1))
-    a_ub[:, -1] = -1
-    for i, (e, r) in enumerate(pairs):
-        a_eq[e, i] = a_ub[r, i] = 1
-    cost = np.zeros(len(pairs) + 1)
-    cost[-1] = 1
-    return linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=load).fun
-
-
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31))
 def test_balanced_split_reaches_the_lp_optimum(seed):
@@ -115,5 +102,5 @@ def test_balanced_split_reaches_the_lp_optimum(seed):
     ranks = replica_ranks(placement)
     load = (rng.zipf(1.5, size=(3, num_experts)) * (rng.random((3, num_experts)) < 0.9)).astype(float)
     peak = balanced_rank_load(load, ranks, num_ranks).max(axis=1)
-    optimum = np.array([_lp_peak(load[b], ranks[0], num_ranks) for b in range(3)])
+    optimum = np.array([optimal_peak(load[b], ranks[0], num_ranks) for b in range(3)])
     np.testing.assert_allclose(peak, optimum, rtol=1e-4, atol=1e-6)

@@ -32,6 +32,7 @@ __all__ = [
     "replica_ranks",
     "balanced_rank_load",
     "balanced_replica_load",
+    "optimal_peak",
     "round_split",
 ]
 
@@ -126,6 +127,30 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     replica_load = np.zeros((expert_load.shape[0], *replica_rank.shape[1:]))
     rank_load = _balance(expert_load, replica_rank, table, num_ranks, _passes(sweeps), replica_load, True)
     return replica_load, rank_load
+
+
+def optimal_peak(expert_load, replica_rank, num_ranks: int) -> float:
+    """The least possible busiest-rank load of one row, solved exactly as a linear program (HiGHS).
+
+    The reference :func:`balanced_replica_load` is checked against; too slow for every step.
+
+    Args:
+        expert_load: float ``[E]`` tokens of each expert.
+        replica_rank: int ``[E, M]`` distinct ranks holding each expert, -1 padded.
+        num_ranks: W.
+    """
+    from scipy.optimize import linprog
+
+    pairs = [(e, r) for e in range(replica_rank.shape[0]) for r in replica_rank[e] if r >= 0]
+    # variables: tokens of each (expert, rank) pair, then the peak; minimise the peak
+    a_ub = np.zeros((num_ranks, len(pairs) + 1))
+    a_eq = np.zeros((replica_rank.shape[0], len(pairs) + 1))
+    a_ub[:, -1] = -1
+    for i, (e, r) in enumerate(pairs):
+        a_eq[e, i] = a_ub[r, i] = 1
+    cost = np.zeros(len(pairs) + 1)
+    cost[-1] = 1
+    return float(linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=expert_load).fun)
 
 
 def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, sweeps: int = 3) -> np.ndarray:
