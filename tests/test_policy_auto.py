@@ -84,9 +84,29 @@ def test_local_search_reports_the_objective_of_what_it_returns(trace):
     assert all(len(set(rank)) == len(rank) for rank in table.tolist())
 
 
+def test_reset_leaves_a_poor_placement_whatever_it_moves(trace):
+    # the initial layout knows nothing of the load: far worse than a fresh plan on every layer
+    start = Placement.initial(64, TOPOLOGY, 3, layout="vllm")
+    window = trace[:200]
+    stuck = eplb.get_policy("auto", min_gain=10.0, reset=None).rebalance(window, TOPOLOGY, start)
+    assert stuck.total_moved_slots == 0
+    reset = eplb.get_policy("auto", min_gain=10.0).rebalance(window, TOPOLOGY, start)
+    fresh = eplb.get_policy("auto", min_gain=10.0).rebalance(window, TOPOLOGY)
+    # a reset layer starts from the fresh plan (its ranks matched to the placement in force)
+    assert (reset.moved_slots > 0).all()
+    assert (reset.par_after < 0.5 * stuck.par_after).all()
+    assert (reset.par_after <= fresh.par_after + 0.05).all()
+    # the move budget still holds
+    capped = eplb.get_policy("auto", min_gain=10.0, move_budget=0.1).rebalance(window, TOPOLOGY, start)
+    assert (capped.moved_slots <= int(0.1 * TOPOLOGY.num_physical)).all()
+    # and a placement close to a fresh plan is not reset: its moves must pay
+    assert eplb.get_policy("auto", min_gain=10.0).rebalance(trace[200:], TOPOLOGY, reset.placement
+                                                            ).total_moved_slots == 0
+
+
 @pytest.mark.parametrize("option, value", [("num_episodes", 0), ("half_life", 0), ("min_gain", -1.0),
                                            ("move_budget", 1.5), ("max_moves", -1), ("min_gain", float("nan")),
-                                           ("dispatch", "token")])
+                                           ("dispatch", "token"), ("reset", -0.1)])
 def test_bad_options_are_refused(option, value):
     with pytest.raises(PolicyError, match=option):
         eplb.get_policy("auto", **{option: value})

@@ -153,15 +153,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     """
     num_episodes, num_experts = x.shape
     num_ranks, slots = table.shape
-    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
-    has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
-    filled = np.zeros(num_experts, dtype=np.int64)
-    for r in range(num_ranks):
-        for k in range(slots):
-            e = table[r, k]
-            holders[e, filled[e]] = r
-            filled[e] += 1
-            has[r, e] = True
+    holders, has = _index(table, num_experts)
     moved = 0
     for r in range(num_ranks):
         for k in range(slots):
@@ -309,37 +301,12 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
                     best, best_net, best_moved = c, net, delta
             if best < 0:
                 continue
-            # apply
-            r1, k1 = cand_r1[best], cand_k1[best]
             if cand_kind[best] == 0:
-                r2, k2 = cand_r2[best], cand_k2[best]
-                a, b = table[r1, k1], table[r2, k2]
-                for s in range(num_episodes):
-                    d = x[s, b] * share(counts[b], liquid) - x[s, a] * share(counts[a], liquid)
-                    loads[s, r1] += d
-                    loads[s, r2] -= d
-                table[r1, k1], table[r2, k2] = b, a
-                has[r1, a], has[r1, b], has[r2, b], has[r2, a] = False, True, False, True
-                for i in range(counts[a]):
-                    if holders[a, i] == r1:
-                        holders[a, i] = r2
-                for i in range(counts[b]):
-                    if holders[b, i] == r2:
-                        holders[b, i] = r1
+                _apply_swap(x, loads, table, has, holders, counts, cand_r1[best], cand_k1[best], cand_r2[best],
+                            cand_k2[best], liquid)
             else:
-                a, b = table[r1, k1], cand_k2[best]
-                n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
-                for i in range(n):
-                    for s in range(num_episodes):
-                        loads[s, aff[i]] += alpha[i] * x[s, a] + beta[i] * x[s, b]
-                table[r1, k1] = b
-                has[r1, a], has[r1, b] = False, True
-                for i in range(counts[a]):
-                    if holders[a, i] == r1:
-                        holders[a, i] = holders[a, counts[a] - 1]
-                counts[a] -= 1
-                holders[b, counts[b]] = r1
-                counts[b] += 1
+                _apply_reassign(x, loads, table, has, holders, counts, cand_r1[best], cand_k1[best], cand_k2[best],
+                                liquid, aff, alpha, beta)
             moved += best_moved
             _top3(loads, top, arg)
             applied = True
@@ -350,6 +317,57 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     for s in range(num_episodes):
         total += weight[s] * top[s, 0]
     return total, moved, steps
+
+
+@njit(cache=True)
+def _index(table, num_experts):
+    """``holders`` int64 ``[E, W]`` (the ranks holding each expert, first ``counts[e]`` valid) and ``has`` bool
+    ``[W, E]``."""
+    num_ranks, slots = table.shape
+    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
+    has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+    filled = np.zeros(num_experts, dtype=np.int64)
+    for r in range(num_ranks):
+        for k in range(slots):
+            e = table[r, k]
+            holders[e, filled[e]] = r
+            filled[e] += 1
+            has[r, e] = True
+    return holders, has
+
+
+@njit(cache=True)
+def _apply_swap(x, loads, table, has, holders, counts, r1, k1, r2, k2, liquid):
+    a, b = table[r1, k1], table[r2, k2]
+    for s in range(x.shape[0]):
+        d = x[s, b] * share(counts[b], liquid) - x[s, a] * share(counts[a], liquid)
+        loads[s, r1] += d
+        loads[s, r2] -= d
+    table[r1, k1], table[r2, k2] = b, a
+    has[r1, a], has[r1, b], has[r2, b], has[r2, a] = False, True, False, True
+    for i in range(counts[a]):
+        if holders[a, i] == r1:
+            holders[a, i] = r2
+    for i in range(counts[b]):
+        if holders[b, i] == r2:
+            holders[b, i] = r1
+
+
+@njit(cache=True)
+def _apply_reassign(x, loads, table, has, holders, counts, r1, k1, b, liquid, aff, alpha, beta):
+    a = table[r1, k1]
+    n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
+    for i in range(n):
+        for s in range(x.shape[0]):
+            loads[s, aff[i]] += alpha[i] * x[s, a] + beta[i] * x[s, b]
+    table[r1, k1] = b
+    has[r1, a], has[r1, b] = False, True
+    for i in range(counts[a]):
+        if holders[a, i] == r1:
+            holders[a, i] = holders[a, counts[a] - 1]
+    counts[a] -= 1
+    holders[b, counts[b]] = r1
+    counts[b] += 1
 
 
 @njit(cache=True, parallel=True)

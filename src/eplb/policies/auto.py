@@ -83,8 +83,9 @@ class Auto(Policy):
     name = "auto"
     allows_shared_rank = False
 
-    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 1.5e-4,
-                 move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even"):
+    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,
+                 move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even",
+                 reset: float | None = 0.3):
         if isinstance(num_episodes, bool) or not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
             raise PolicyError(f"auto option num_episodes must be an integer >= 1, got {num_episodes!r}")
         self.num_episodes = int(num_episodes)
@@ -100,6 +101,7 @@ class Auto(Policy):
         if dispatch not in _LIQUID:
             raise PolicyError(f"auto option dispatch must be one of {', '.join(_LIQUID)}, got {dispatch!r}")
         self.dispatch = dispatch
+        self.reset = _number("reset", reset, allow_none=True)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:
@@ -127,20 +129,29 @@ class Auto(Policy):
             return out
         base = np.ascontiguousarray(current.phy2log)
         out = base.copy()
+        fresh_score = _objectives(x, weight, fresh, num_ranks, num_experts, liquid)
+        # a placement far worse than a fresh one (e.g. the initial layout) is a poor basin that moves paying one
+        # by one do not leave: such layers are re-planned from the fresh start whatever it moves
+        usable = ~_has_duplicates(fresh, num_ranks)
+        reset = np.zeros(num_layers, dtype=bool) if self.reset is None else usable & (
+            _objectives(x, weight, base, num_ranks, num_experts, liquid) > (1 + self.reset) * fresh_score)
+        start = None
+        if reset.any():
+            start = match_ranks(fresh, base, num_ranks, across_nodes=True)
+            reset &= (start != base).sum(axis=1) <= budget
         # local search needs distinct experts per rank: elsewhere only the fresh start below applies
         clean = ~_has_duplicates(base, num_ranks)
-        score = self._search(x, weight, out, base, num_ranks, move_cost, budget, max_steps, liquid, clean)
-        fresh_score = np.array([_objective(x[layer], weight, fresh[layer], num_ranks, num_experts, liquid)
-                                for layer in range(num_layers)])
-        restart = (fresh_score + 0.5 * num_slots * move_cost < score) & ~_has_duplicates(fresh, num_ranks)
+        score = self._search(x, weight, out, base, num_ranks, move_cost, budget, max_steps, liquid, clean & ~reset)
+        restart = usable & (reset | (fresh_score + 0.5 * num_slots * move_cost < score))
         if restart.any():
-            start = match_ranks(fresh, base, num_ranks, across_nodes=True)
+            start = match_ranks(fresh, base, num_ranks, across_nodes=True) if start is None else start
             restart &= (start != base).sum(axis=1) <= budget
             restarted = self._search(x, weight, start, base, num_ranks, move_cost, budget, max_steps, liquid,
                                      restart)
-            # the restart wins where its objective plus the cost of its moves is lower
+            # the restart wins where its objective plus the cost of its moves is lower, and always on a reset
             kept = score + move_cost * (out != base).sum(axis=1)
-            better = restart & (restarted + move_cost * (start != base).sum(axis=1) < np.where(clean, kept, np.inf))
+            better = restart & (reset | (restarted + move_cost * (start != base).sum(axis=1)
+                                         < np.where(clean, kept, np.inf)))
             out[better] = start[better]
         log.debug("auto: %d layers changed, %d restarted", int((out != base).any(axis=1).sum()), int(restart.sum()))
         return out
@@ -158,12 +169,17 @@ class Auto(Policy):
 
     def __repr__(self) -> str:
         return (f"Auto(num_episodes={self.num_episodes}, half_life={self.half_life}, min_gain={self.min_gain}, "
-                f"move_budget={self.move_budget}, max_moves={self.max_moves}, dispatch={self.dispatch!r})")
+                f"move_budget={self.move_budget}, max_moves={self.max_moves}, dispatch={self.dispatch!r}, "
+                f"reset={self.reset})")
 
 
-def _objective(x, weight, row, num_ranks, num_experts, liquid) -> float:
-    counts = np.bincount(row, minlength=num_experts).astype(np.int64)
-    return float(kernels.objective(x, weight, row.reshape(num_ranks, -1), counts, liquid))
+def _objectives(x, weight, rows, num_ranks, num_experts, liquid) -> np.ndarray:
+    """float64 ``[L]``: the episode objective of every layer of ``rows`` ``[L, P]``."""
+    out = np.empty(rows.shape[0])
+    for layer, row in enumerate(rows):
+        counts = np.bincount(row, minlength=num_experts).astype(np.int64)
+        out[layer] = kernels.objective(x[layer], weight, row.reshape(num_ranks, -1), counts, liquid)
+    return out
 
 
 def _has_duplicates(rows: np.ndarray, num_ranks: int) -> np.ndarray:
