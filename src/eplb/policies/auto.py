@@ -12,9 +12,11 @@ Method (docs/auto.md):
    when its exact gain on the objective exceeds ``min_gain`` (in PAR units) per moved slot, within ``move_budget``.
    Experts stay where they are unless moving them pays, so no rank relabelling is needed afterwards.
 4. Fresh start. A greedy placement (replica counts by load per replica, heaviest replica to the lightest rank) is
-   also built; where it beats the local-search result by more than the cost of moving half the slots (e.g. the
-   first plan after the initial layout), its ranks are matched to the current ones
-   (:func:`eplb.policies.retention.match_ranks`) and the local search continues from it.
+   also built. Its ranks are matched to the current ones (:func:`eplb.policies.retention.match_ranks`) and the local
+   search continues from it where it beats the local-search result by more than the cost of moving half the slots,
+   or, whatever it moves (within ``move_budget``), where the placement in force scores more than ``reset`` above
+   it (e.g. the initial layout): one slot at a time, the search does not leave such a poor basin, and every later
+   plan would inherit it.
 
 No expert is placed twice on a rank. Deterministic: no randomness, stable orders, ties to lower ids.
 """
@@ -78,6 +80,8 @@ class Auto(Policy):
         dispatch: the replica choice the placement is made for: ``even`` (each replica serves the same share)
             or ``balanced`` (per-batch min-max split, :mod:`eplb.sim.dispatch`): replicated experts then count as
             movable load, so the search flattens the load of single-replica experts and spreads replicas.
+        reset: a layer whose placement in force scores more than this fraction above the fresh greedy placement
+            on the window is re-planned from the fresh start, moves not counted against ``min_gain`` (None: never).
     """
 
     name = "auto"
