@@ -282,6 +282,22 @@ class Cycle:
         self._expect_plan(step)
         self._failed = f"failed: {reason}"
 
+    def restart(self, next_step: int, reason: str) -> None:
+        """Give up the cycle in progress (its plan, and the layers it has not applied yet) and start a new window at
+        ``next_step``, the next step :meth:`on_step` will see. Ranks that lost step agreement (a rank failure
+        caught in different steps) call it with the same ``next_step`` and are in lock-step again."""
+        if not _is_int(next_step) or (self._last_step is not None and next_step <= self._last_step):
+            raise CycleError(f"next_step must be an integer after the last step {self._last_step}, got {next_step!r}")
+        if self.phase is not Phase.COLLECT and self.records:
+            record = self.records[-1]
+            record.skipped = reason
+            if self.phase is Phase.APPLY:
+                record.apply_end = int(next_step) - 1
+        self.phase = Phase.COLLECT
+        self._queue, self._plan_ready, self._failed = [], False, None
+        self._last_step = int(next_step) - 1
+        self._window_start = int(next_step)
+
     # -- internals ----------------------------------------------------------------------------------------------
     def _expect_plan(self, step: int) -> None:
         if self.phase is not Phase.PLAN or self._plan_ready or self._failed:

@@ -5,11 +5,17 @@ runs ``target(rank, world_size, emit, *args)``; ``emit(payload)`` sends a progre
 The parent never blocks for longer than the timeout: a rank that raises, dies or hangs ends the whole launch with
 an :class:`eplb.EplbError`, and every rank still running is killed.
 
+With ``rank_failures=True`` the parent is the control plane of a cluster that keeps serving when ranks die: it hosts
+the group's key-value store (so the store outlives any rank, rank 0 included), and when rank processes die it
+publishes the failed ranks in the store (ranks dying within half a second, such as a whole node, form one event).
+A surviving rank reads the ``n``-th event with :func:`failure_notice`.
+
 Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -21,7 +27,11 @@ from datetime import timedelta
 
 from eplb.errors import EplbError
 
-__all__ = ["launch", "LaunchError"]
+__all__ = ["launch", "LaunchError", "failure_notice"]
+
+_FAILURE_KEY = "eplb/failure/{}"
+_FAILURE_GRACE_S = 0.5
+_store = None  # this rank's client of the group's store
 
 
 class LaunchError(EplbError):
@@ -34,19 +44,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
+    """In a rank of a launch with ``rank_failures=True``: the failed ranks (all so far, ascending) of the ``index``-th
+    failure event (0-based), waiting up to ``timeout_s`` for the parent to publish it.
+
+    Raises:
+        LaunchError: no such event within ``timeout_s`` (or not in such a launch).
+    """
+    if _store is None:
+        raise LaunchError("failure_notice works only in the ranks of launch(..., rank_failures=True)")
+    key = _FAILURE_KEY.format(index)
+    try:
+        _store.wait([key], timedelta(seconds=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - the store raises a bare RuntimeError/DistStoreError on timeout
+        raise LaunchError(f"no failure event {index} was published within {timeout_s:g} s") from exc
+    return json.loads(_store.get(key).decode())
+
+
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float, threads: int,
                log_level: int, messages, target, args) -> None:
     import torch
     import torch.distributed as dist
 
+    global _store
     logging.basicConfig(level=log_level, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=collective_timeout_s))
+        timeout = timedelta(seconds=collective_timeout_s)
+        _store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=_store, rank=rank, world_size=world_size, timeout=timeout)
         result = target(rank, world_size, lambda payload: messages.put(("event", rank, payload)), *args)
         messages.put(("result", rank, result))
     except BaseException:  # noqa: BLE001 - every failure goes to the parent, which ends the launch
@@ -58,8 +87,9 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
 
 def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, on_event=None,
            backend: str = "gloo", collective_timeout_s: float = 60.0, threads: int = 1,
-           log_level: int = logging.WARNING) -> list:
-    """Run ``target`` on ``world_size`` ranks and return their results, rank order.
+           log_level: int = logging.WARNING, rank_failures: bool = False) -> list:
+    """Run ``target`` on ``world_size`` ranks and return their results, rank order (None for a rank that died, with
+    ``rank_failures``).
 
     Args:
         target: a picklable function ``target(rank, world_size, emit, *args) -> result`` (picklable result).
@@ -71,15 +101,24 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
         collective_timeout_s: the process group's timeout (a rank stuck in a collective fails after it).
         threads: torch threads per rank (1: ranks do not fight over the cores).
         log_level: ``logging`` level of the ranks (their records go to stderr, prefixed with the rank).
+        rank_failures: a rank process that dies is a failure the others survive: it is published to them (see
+            :func:`failure_notice`) instead of ending the launch.
 
     Raises:
-        LaunchError: a rank raised (its traceback is in the message), died, or the launch ran past ``timeout_s``.
+        LaunchError: a rank raised (its traceback is in the message), died (without ``rank_failures``), or the
+            launch ran past ``timeout_s``.
     """
+    import torch.distributed as dist
+
     if world_size < 1:
         raise EplbError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
-    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
+    failed: list[int] = []  # ranks published as failed
+    first_death = None  # when the first death not yet published was seen
+    events = 0
     processes = [ctx.Process(target=_rank_main, name=f"eplb-rank{rank}",
                              args=(rank, world_size, port, backend, collective_timeout_s, threads, log_level, messages,
                                    target, args))
@@ -93,20 +132,28 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
             try:
                 kind, rank, payload = messages.get(timeout=0.2)
             except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish within "
-                                      f"{timeout_s:g} s") from None
-                dead = [r for r, p in enumerate(processes) if r not in results and p.exitcode not in (None, 0)]
-                if dead:
-                    raise LaunchError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode})") from None
-                continue
+                kind = None
             if kind == "event":
                 if on_event is not None:
                     on_event(rank, payload)
             elif kind == "result":
                 results[rank] = payload
-            else:
+            elif kind == "error":
                 raise LaunchError(f"rank {rank} failed:\n{payload}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish within "
+                                  f"{timeout_s:g} s")
+            dead = [r for r, p in enumerate(processes) if r not in results and p.exitcode not in (None, 0)]
+            if dead and not rank_failures:
+                raise LaunchError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode})")
+            if dead:
+                first_death = first_death or time.monotonic()
+                if time.monotonic() - first_death >= _FAILURE_GRACE_S:
+                    failed = sorted(failed + dead)
+                    store.set(_FAILURE_KEY.format(events), json.dumps(failed))
+                    events += 1
+                    results.update({r: None for r in dead})
+                    first_death = None
         for process in processes:
             process.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:

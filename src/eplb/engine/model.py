@@ -168,6 +168,7 @@ class MoEModel:
         self.num_ranks = controller.topology.num_ranks
         self.slots_per_rank = controller.topology.slots_per_rank
         self.w13, self.w2 = expert_tensors
+        self._members: torch.Tensor | None = None  # ranks of the group after a failure (None: all W)
         self._load_local_experts(controller.placement.phy2log)
         cfg, d = config, config.hidden
         to = dict(device=self.device)
@@ -209,6 +210,12 @@ class MoEModel:
                 w13, w2 = expert_weights(self.config, layer, expert)
                 self.w13[layer][slot].copy_(w13)
                 self.w2[layer][slot].copy_(w2)
+
+    def use_group(self, group, live_ranks) -> None:
+        """Serve over ``group``, the survivors' process group (the live ranks in rank order), after a failure; the
+        controller's :meth:`~eplb.runtime.EplbController.fail_ranks` keeps every route off the failed ranks."""
+        self.group = group
+        self._members = torch.as_tensor(np.flatnonzero(np.asarray(live_ranks, dtype=bool)), device=self.device)
 
     # -- gate ---------------------------------------------------------------------------------------------------
     def route_logical(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,6 +290,8 @@ class MoEModel:
         dest = torch.div(slots, k_slots, rounding_mode="floor")
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=self.num_ranks)
+        if self._members is not None:  # no route names a failed rank: their counts are 0
+            send_counts = send_counts[self._members]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()

@@ -7,6 +7,12 @@ placement changed in this step; ``expert_cpu_s``: CPU seconds in its experts) an
 ``("cycle", figures)``.
 At the end it runs a fixed batch through the balanced model and through the same model without balancing (initial
 placement, EPLB off) and compares the outputs.
+
+Rank failures (``Faults.kill_ranks``, in a launch with ``rank_failures=True``): the chosen ranks' processes exit at the
+start of a step. The survivors find out when a collective with a failed rank raises; they read which ranks failed from
+the launcher (:func:`eplb.engine.launch.failure_notice`), build the survivors' process group, fail over
+(:meth:`eplb.runtime.EplbController.fail_ranks`) and serve the interrupted step's batch again. Each survivor emits
+``("failover", figures)``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.engine.model import ModelConfig, MoEModel
+from eplb.engine.model import ModelConfig, MoEModel, expert_weights
 from eplb.engine.tokens import SkewedTokens, expert_popularity
 from eplb.errors import EplbError
 from eplb.topology import Topology
@@ -46,11 +52,15 @@ class Faults:
             is handed over: it hangs until the runtime's deadline kills it.
         late_rank: ``(rank, seconds)``: that rank sleeps this long before ``before_forward`` (where it posts its
             sends of a move) in each of the ``L + 2`` steps after a plan was accepted (one layer moves per step).
+        kill_ranks: ``((rank, ...), cycle)``: those rank processes exit at the start of the step after the first
+            layer of that cycle switched (so, mid-move when the plan moves several layers), or after the cycle was
+            skipped; a node failure when they are a node's ranks. Needs a launch with ``rank_failures=True``.
     """
 
     kill_planner: tuple[int, int] | None = None
     hang_planner: tuple[int, int] | None = None
     late_rank: tuple[int, float] | None = None
+    kill_ranks: tuple[tuple[int, ...], int] | None = None
 
     def __post_init__(self):
         ranks = [f[0] for f in (self.kill_planner, self.hang_planner) if f is not None]
@@ -65,6 +75,7 @@ class ServeSettings:
     Attributes:
         model: the model.
         slots_per_rank: K (``K * W - E`` redundant slots in all).
+        num_nodes: nodes the ranks are spread over (consecutive ranks share a node).
         tokens_per_rank: tokens each rank serves per step.
         steps: steps to serve (at most).
         eplb: the runtime's config dict (:meth:`eplb.runtime.EplbConfig.from_dict` keys).
@@ -77,6 +88,7 @@ class ServeSettings:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     slots_per_rank: int = 5
+    num_nodes: int = 1
     tokens_per_rank: int = 128
     steps: int = 240
     eplb: dict = field(default_factory=dict)
@@ -103,11 +115,16 @@ def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, p
            calibration_tokens=None):
     from eplb.runtime import EplbConfig, EplbController
 
-    topology = Topology(world, settings.slots_per_rank)
+    topology = Topology(world, settings.slots_per_rank, settings.num_nodes)
     cfg = settings.model
     w13, w2 = MoEModel.allocate_experts(cfg, settings.slots_per_rank, device)
+
+    def checkpoint(layer: int, expert: int):  # the weights as a checkpoint would give them back
+        return [t.to(device) for t in expert_weights(cfg, layer, expert)]
+
     controller = EplbController(EplbConfig.from_dict(eplb), cfg.num_layers, cfg.num_experts, topology, rank,
-                                layer_tensors=[[w13[l], w2[l]] for l in range(cfg.num_layers)], device=device)
+                                layer_tensors=[[w13[l], w2[l]] for l in range(cfg.num_layers)], device=device,
+                                expert_loader=checkpoint)
     return MoEModel(cfg, controller, (w13, w2), popularity, gate_bias, calibration_tokens, device=device)
 
 
@@ -142,11 +159,34 @@ class _FaultInjector:
         if ctl.step < accepted + self.num_layers + 2:
             time.sleep(late[1])
 
+    def doomed(self, ctl) -> bool:
+        """Whether this rank's process dies now (:attr:`Faults.kill_ranks`)."""
+        kill = self.faults.kill_ranks
+        if kill is None or self.rank not in kill[0] or len(ctl.metrics) <= kill[1]:
+            return False
+        metrics = ctl.metrics[kill[1]]
+        return bool(metrics.applied_layers) or metrics.skipped is not None or len(ctl.metrics) > kill[1] + 1
+
     def after_submit(self, ctl) -> None:
         fault = self.faults.kill_planner
         if fault is not None and self.stopped_for == fault[1] and len(ctl.metrics) == fault[1] + 1:
             _signal_planner(ctl, signal.SIGKILL)
             self.stopped_for = -1
+
+
+def _fail_over(model: MoEModel, events: int, interrupted: Exception):
+    """After a collective raised: the launcher's ``events``-th failure notice, the survivors' group, failover."""
+    from eplb.engine.launch import failure_notice
+
+    failed = failure_notice(events)
+    if model.rank in failed:
+        raise interrupted
+    live = np.ones(model.num_ranks, dtype=bool)
+    live[failed] = False
+    group = dist.new_group(np.flatnonzero(live).tolist(), use_local_synchronization=True)
+    report = model.ctl.fail_ranks(failed, group)
+    model.use_group(group, live)
+    return report
 
 
 def _router_digest(ctl) -> int:
@@ -167,20 +207,35 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     emit(("ready",))
     tokens = SkewedTokens(cfg.vocab, settings.tokens_per_rank, cfg.seed)
     faults = _FaultInjector(settings.faults, rank, cfg.num_layers)
-    reported, digests = 0, []
+    reported, digests, steps, failovers = 0, [], [], []
+    kill = settings.faults.kill_ranks
+    step = 0
     try:
-        for step in range(settings.steps):
+        while step < settings.steps:
+            if faults.doomed(ctl):
+                os._exit(17)  # the process is gone: no cleanup, no goodbye to the group
             batch = tokens.batch(step, rank).to(device)
             faults.before_step(ctl)
             start = time.perf_counter()
-            ctl.before_forward(is_prefill=False)
-            faults.after_submit(ctl)
-            model.forward(batch)
-            ctl.after_forward()
+            try:
+                ctl.before_forward(is_prefill=False)
+                faults.after_submit(ctl)
+                model.forward(batch)
+                ctl.after_forward()
+            except RuntimeError as exc:  # a collective with a rank that failed (Gloo/NCCL errors are RuntimeErrors)
+                if kill is None:
+                    raise
+                report = _fail_over(model, len(failovers), exc)
+                failovers.append({"step": step, "resume": report.step, "failed_ranks": report.failed_ranks,
+                                  "lost": report.lost.tolist(), "reloaded": report.reloaded.tolist(),
+                                  "completed_layers": report.completed_layers, "seconds": report.seconds})
+                emit(("failover", failovers[-1]))
+                continue  # the same batch again
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
             digests.append(_router_digest(ctl))
+            steps.append(step)
             switched = len(digests) > 1 and digests[-1] != digests[-2]
             emit(("step", step, seconds, model.last_received.tolist(), switched, model.last_expert_cpu_s))
             while reported < len(ctl.metrics) and ctl.metrics[reported].next_window_par is not None:
@@ -189,13 +244,15 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
             if settings.stop_after_cycles is not None and step % 10 == 9:
                 decided = sum(m.par_after is not None or m.skipped is not None for m in ctl.metrics)
                 done = torch.tensor([decided >= settings.stop_after_cycles], dtype=torch.int64, device=device)
-                dist.all_reduce(done, op=dist.ReduceOp.MIN)
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=model.group)
                 if done.item():
                     break
+            step += 1
         emit(("checking",))
         check = _check_outputs(model, settings, rank, world, device)
-        return {"rank": rank, "cycles": [cycle_figures(m) for m in ctl.metrics], "digests": digests,
-                "restarts": ctl.planner.restarts if ctl.planner is not None else 0, **check}
+        return {"rank": rank, "cycles": [cycle_figures(m) for m in ctl.metrics], "digests": digests, "steps": steps,
+                "failovers": failovers, "restarts": ctl.planner.restarts if ctl.planner is not None else 0,
+                "placement": ctl.placement.phy2log.tolist(), **check}
     finally:
         ctl.close()
 
@@ -207,6 +264,9 @@ def _check_outputs(model: MoEModel, settings: ServeSettings, rank: int, world: i
     balanced = model.forward(tokens)
     reference_model = _build(settings, rank, world, {"mode": "off"}, device, gate_bias=model.gate_bias)
     try:
+        if model.ctl.failed.any():  # the reference serves on the survivors too
+            reference_model.ctl.fail_ranks(model.ctl.failed, model.group)
+            reference_model.use_group(model.group, ~model.ctl.failed)
         reference = reference_model.forward(tokens)
     finally:
         reference_model.ctl.close()
@@ -215,7 +275,7 @@ def _check_outputs(model: MoEModel, settings: ServeSettings, rank: int, world: i
     figures = torch.tensor([(balanced - reference).abs().max().item(), ((balanced - reference).abs() / scale).max().item(),
                             ((balanced - dense).abs() / scale).max().item(), float(not torch.equal(balanced, reference))],
                            dtype=torch.float64, device=device)
-    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX, group=model.group)
     diff, rel_diff, dense_diff, differs = figures.tolist()
     # bitwise unless a GEMM's reduction order depends on how many rows it gets (it does on CPU for some sizes)
     return {"max_abs_diff": diff, "max_rel_diff": rel_diff, "dense_max_rel_diff": dense_diff,

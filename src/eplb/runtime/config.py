@@ -19,6 +19,10 @@ key                                    meaning
   / ``planner_check_steps``
 ``eplb_policy_type`` / ``policy``      vllm-ascend id 0-3 or a policy name
 ``policy_options``                     keyword options of the policy
+``resilience``                         true, or a dict of :class:`eplb.policies.resilience.Resilience` fields
+                                       (``spread_nodes``, ``min_replicas``, ``hot_experts``): plans keep the
+                                       replicas of an expert on distinct ranks and nodes, so one failure loses
+                                       no expert that has two or more
 ``num_redundant_experts``              R; checked against the topology
 ``eplb_heat_collection_stage``         ``all`` | ``prefill`` | ``decode``
   / ``stage``
@@ -44,6 +48,7 @@ from pathlib import Path
 
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
+from eplb.policies.resilience import Resilience
 from eplb.topology import Topology
 
 __all__ = ["EplbConfig", "ConfigError", "MODES"]
@@ -52,6 +57,7 @@ MODES = ("off", "dynamic", "record", "static")
 _STAGES = ("all", "prefill", "decode")
 _ROUTER_MODES = ("rank", "token", "local", "balanced")
 _TRUE = ("1", "true", "yes", "on")
+_RESILIENCE_KEYS = ("spread_nodes", "min_replicas", "hot_experts")
 
 #: accepted key -> canonical field
 _ALIASES = {
@@ -71,6 +77,7 @@ _ALIASES = {
     "eplb_policy_type": "policy",
     "policy": "policy",
     "policy_options": "policy_options",
+    "resilience": "resilience",
     "num_redundant_experts": "num_redundant_experts",
     "eplb_heat_collection_stage": "stage",
     "stage": "stage",
@@ -156,6 +163,7 @@ class EplbConfig:
     planner_check_steps: int = 8
     policy: str = "default"
     policy_options: dict = field(default_factory=dict)
+    resilience: Resilience | None = None
     num_redundant_experts: int | None = None
     map_path: str | None = None
     record_path: str | None = None
@@ -214,6 +222,8 @@ class EplbConfig:
             if not isinstance(values["policy_options"], dict):
                 raise ConfigError(f"policy_options must be a dict, got {values['policy_options']!r}")
             out["policy_options"] = dict(values["policy_options"])
+        if "resilience" in values:
+            out["resilience"] = _resilience(values["resilience"])
         if "num_redundant_experts" in values:
             out["num_redundant_experts"] = _int(source["num_redundant_experts"], values["num_redundant_experts"], 0)
         if "stage" in values:
@@ -320,3 +330,20 @@ class EplbConfig:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _resilience(value) -> Resilience | None:
+    if isinstance(value, bool):
+        return Resilience() if value else None
+    if not isinstance(value, dict):
+        raise ConfigError(f"resilience must be true/false or a dict of {_RESILIENCE_KEYS}, got {value!r}")
+    unknown = sorted(set(value) - set(_RESILIENCE_KEYS))
+    if unknown:
+        raise ConfigError(f"resilience: unknown key {unknown[0]!r}; expected some of {', '.join(_RESILIENCE_KEYS)}")
+    value = dict(value)
+    if "spread_nodes" in value:
+        value["spread_nodes"] = _bool("resilience.spread_nodes", value["spread_nodes"])
+    try:
+        return Resilience(**value)
+    except EplbError as exc:
+        raise ConfigError(str(exc)) from None

@@ -24,7 +24,13 @@ plan is awaited one all-reduce of 3 integers (the agreement); while a plan is ap
 receive an expert move bytes), then an in-place copy and the layer's table update (about 0.2 ms of host work
 besides the transfer). The policy runs in a separate process (:mod:`eplb.runtime.planner`): serving never waits.
 
-What happens on failure: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns an invalid
+What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, or its
+health check says so), builds the process group of the survivors and calls :meth:`EplbController.fail_ranks` on every
+survivor between two steps. From the next step on no token goes to a failed rank, and every expert that lost its last
+replica is back, loaded from ``expert_loader`` into a slot of a spare replica; later windows are planned over the live
+ranks only. See :meth:`EplbController.fail_ranks`.
+
+What happens when the planner fails: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns an invalid
 plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
 the plan, so either every rank applies the same plan or none does). Serving continues on the current placement, a
 warning is logged, and the worker process is restarted for the next cycle. A layer switches only after its weights
@@ -46,11 +52,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.cycle import Cycle, CycleConfig
+from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.errors import EplbError
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
 from eplb.policies import policy_options
+from eplb.policies.resilience import check_capacity, repair_current
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
@@ -58,7 +65,7 @@ from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
 from eplb.topology import Topology
 
-__all__ = ["EplbController", "CycleMetrics"]
+__all__ = ["EplbController", "CycleMetrics", "FailoverReport"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +110,28 @@ class CycleMetrics:
     next_window_par: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class FailoverReport:
+    """What :meth:`EplbController.fail_ranks` did on this rank.
+
+    Attributes:
+        step: the step serving resumes at (agreed by the survivors).
+        failed_ranks: every failed rank so far, ascending.
+        lost: int64 ``[n, 2]`` ``(layer, expert)`` pairs that had no replica left on a live rank.
+        reloaded: int64 ``[m, 3]`` ``(layer, local slot, expert)`` this rank loaded with the expert loader.
+        completed_layers: layers of the interrupted cycle that another survivor had already switched, completed here
+            from the expert loader.
+        seconds: wall time of the call (agreement, reloads, table rewrites).
+    """
+
+    step: int
+    failed_ranks: list[int]
+    lost: np.ndarray
+    reloaded: np.ndarray
+    completed_layers: list[int]
+    seconds: float
+
+
 def _policy_options(config: EplbConfig) -> dict:
     """The policy's options; record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank, so
     it asks a policy that has the option not to do that (unless the user set it)."""
@@ -130,11 +159,14 @@ class EplbController:
             ``recorder.record_counts`` with its kernel's per-slot counts).
         tp_size: for the ``rank`` router rule.
         planner_target: the worker loop (tests inject crashing or hanging workers).
+        expert_loader: ``expert_loader(layer, expert)`` -> the tensors of one logical expert, one per entry of
+            ``layer_tensors[layer]`` and shaped like one of its slots (``t[0]``), read from a checkpoint or a host
+            copy. Used only after a rank failure, for experts with no surviving replica (:meth:`fail_ranks`).
     """
 
     def __init__(self, config: EplbConfig, num_layers: int, num_experts: int, topology: Topology, rank: int,
                  layer_tensors=None, group=None, device="cpu", placement: Placement | None = None,
-                 recorder_source: str = "ids", tp_size: int = 1, planner_target=_worker_main):
+                 recorder_source: str = "ids", tp_size: int = 1, planner_target=_worker_main, expert_loader=None):
         if not isinstance(config, EplbConfig):
             raise EplbError(f"config must be an EplbConfig (use EplbConfig.from_dict), got {type(config).__name__}")
         if dist.is_initialized() and dist.get_world_size(group) != topology.num_ranks:
@@ -164,6 +196,11 @@ class EplbController:
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
                                      recorder_source, ring, config.stage, device)
         self.mover = None
+        self._layer_tensors = None if layer_tensors is None else [list(ts) for ts in layer_tensors]
+        self.expert_loader = expert_loader
+        #: bool [W]: ranks that failed (:meth:`fail_ranks`); all False while every rank serves
+        self.failed = np.zeros(topology.num_ranks, dtype=bool)
+        self.failovers: list[FailoverReport] = []
         expert_bytes = 0
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
@@ -181,6 +218,8 @@ class EplbController:
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
+        self._in_step = False  # between before_forward and after_forward
+        self._window_load: np.ndarray | None = None
         self._result: PlanResult | None = None
         self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
         self._submitted_step = 0
@@ -202,6 +241,7 @@ class EplbController:
         """Call before every forward step (same step on every rank; ``is_prefill`` the same on every rank)."""
         if self.config.mode == "off":
             return
+        self._in_step = True
         if self.config.mode == "static":
             self._static_window()
             self.recorder.begin_step(is_prefill)
@@ -238,11 +278,139 @@ class EplbController:
         if record is not None and record.apply_end == self.step and self.metrics:
             self._finish_cycle()
         self.step += 1
+        self._in_step = False
 
     def close(self) -> None:
         """Stop the planner worker. Call once when serving ends."""
         if self.planner is not None:
             self.planner.close()
+
+    def fail_ranks(self, ranks, group=None) -> FailoverReport:
+        """Keep serving after ``ranks`` failed. Call on every surviving rank, between two steps (also when the
+        failure interrupted a step: that step is abandoned and its batch should be served again).
+
+        Collective over ``group``, the process group of the survivors: the live ranks of the EP group in rank order
+        (e.g. ``dist.new_group(live, use_local_synchronization=True)``, which needs no call from the failed ranks).
+        Ranks keep their ids; the topology still has ``W`` ranks, the failed ones' slots are simply never used.
+
+        In order:
+
+        1. The survivors agree on the step to resume at and on every layer's placement: a survivor that caught the
+           failure one step later may have switched one more layer of the cycle in progress; the others complete it
+           from ``expert_loader``. The rest of that cycle is given up and a new window starts.
+        2. Every expert whose replicas were all on failed ranks takes the slot of the expert with a spare live
+           replica whose per-replica load grows least (on the last window's load), and the rank owning that slot
+           loads it with ``expert_loader``. Tokens wait for these experts only during this call.
+        3. The router routes around the failed ranks (:meth:`ReplicaRouter.set_failed_ranks`) from the next step on.
+        4. Later windows are gathered over ``group`` and planned over the live ranks only; no transfer involves a
+           failed rank.
+
+        Args:
+            ranks: the ranks that failed (ids or bool mask ``[W]``); added to those that failed before.
+            group: the survivors' process group (None: the default group, when it holds just the survivors).
+
+        Returns:
+            A :class:`FailoverReport`.
+
+        Raises:
+            EplbError: bad ranks (out of range, this rank, every rank), a group that does not hold exactly the live
+                ranks, fewer live slots than experts (the error names the experts left out; nothing was changed),
+                or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
+        """
+        start = time.perf_counter()
+        failed = self.failed | self.placement.without_ranks(ranks).dead
+        if failed[self.rank]:
+            raise EplbError(f"rank {self.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
+                            "fail_ranks on the survivors only")
+        live = ~failed
+        if dist.is_initialized() and dist.get_world_size(group) != int(live.sum()):
+            raise EplbError(f"the survivors' group has {dist.get_world_size(group)} ranks, expected the "
+                            f"{int(live.sum())} live ranks {np.flatnonzero(live).tolist()}")
+        load = self._window_load if self._window_load is not None else np.ones(
+            (self.placement.num_layers, self.num_experts))
+        check_capacity(load, self.topology, live)  # names the experts that cannot be served any more
+        self.failed, self.group = failed, group
+        if self.mover is not None:
+            self.mover.group = group
+            if self._pending is not None:  # transfers posted in the abandoned step: never waited for
+                self.mover.abandon()
+                self._pending = None
+        self.recorder.live = live
+
+        resume, completed = self._agree_after_failure()
+        reason = f"ranks {np.flatnonzero(failed).tolist()} failed"
+        if self.cycle.phase is not Phase.COLLECT:
+            if len(self.metrics) < len(self.cycle.records):  # the failure hit while the window was gathered
+                self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
+                                                 window_par=np.full(self.placement.num_layers, np.nan)))
+            self.metrics[-1].skipped = reason
+        self.cycle.restart(resume, reason)
+        self._result, self._local, self._transfers = None, (0, ""), {}
+        if self.planner is not None and self.planner.busy:
+            self.planner.restart()
+        self.recorder.reset()
+        self.step, self._in_step = resume, False
+
+        lost = self.placement.without_ranks(failed).lost
+        live_slots = live[self.topology.rank_of_slot]
+        repaired = np.array(self._phy2log)
+        repaired[:, live_slots] = repair_current(self._phy2log[:, live_slots], load)
+        reloaded = []
+        for layer in np.flatnonzero((repaired != self._phy2log).any(axis=1)).tolist():
+            reloaded += self._load_layer(layer, repaired[layer])
+        self.router.set_failed_ranks(self.placement, failed)
+        report = FailoverReport(step=resume, failed_ranks=np.flatnonzero(failed).tolist(), lost=lost,
+                                reloaded=np.asarray(reloaded, dtype=np.int64).reshape(-1, 3),
+                                completed_layers=completed, seconds=time.perf_counter() - start)
+        self.failovers.append(report)
+        log.warning("eplb: %s; serving resumes at step %d on %d ranks; %d experts had no live replica and were "
+                    "reloaded (%d slots here), %d layers completed, %.3f s", reason, resume, int(live.sum()),
+                    len(lost), len(report.reloaded), len(completed), report.seconds)
+        return report
+
+    def _agree_after_failure(self) -> tuple[int, list[int]]:
+        """The resume step (the latest any survivor reached) and the layers of the interrupted cycle this rank
+        completes because another survivor had switched them. One all-reduce over the survivors."""
+        num_layers = self.placement.num_layers
+        checksums = [plan_checksum(row[None]) for row in self._phy2log]
+        mine = torch.tensor([-(self.step + int(self._in_step)), *checksums, *(-c for c in checksums)],
+                            dtype=torch.int64)
+        agreed = self._all_reduce(mine, dist.ReduceOp.MIN)
+        low, high = agreed[1:1 + num_layers].numpy(), -agreed[1 + num_layers:].numpy()
+        completed = []
+        for layer in np.flatnonzero(low != high).tolist():
+            transfer = self._transfers.get(layer)
+            if transfer is None:
+                raise EplbError(f"layer {layer}: the survivors hold different placements and this rank has no plan "
+                                "for it")
+            target = transfer.new_row.reshape(-1)
+            if not np.array_equal(self._phy2log[layer], target):
+                self._load_layer(layer, target)
+                completed.append(layer)
+        return -int(agreed[0]), completed
+
+    def _load_layer(self, layer: int, new_row: np.ndarray) -> list[tuple[int, int, int]]:
+        """Switch ``layer`` to ``new_row`` ``[P]``, loading this rank's changed slots with the expert loader.
+        Returns the ``(layer, local slot, expert)`` loaded."""
+        k = self.topology.slots_per_rank
+        local = slice(self.rank * k, (self.rank + 1) * k)
+        slots = np.flatnonzero(self._phy2log[layer, local] != new_row[local])
+        if slots.size and (self.expert_loader is None or self._layer_tensors is None):
+            raise EplbError(f"layer {layer}: experts {new_row[local][slots].tolist()} must be loaded on rank "
+                            f"{self.rank} after the failure, but the controller has no expert_loader and "
+                            "layer_tensors")
+        loaded = []
+        for slot in slots.tolist():
+            expert = int(new_row[local][slot])
+            tensors = self.expert_loader(layer, expert)
+            if len(tensors) != len(self._layer_tensors[layer]):
+                raise EplbError(f"expert_loader({layer}, {expert}) returned {len(tensors)} tensors, the layer has "
+                                f"{len(self._layer_tensors[layer])}")
+            for live, value in zip(self._layer_tensors[layer], tensors):
+                live[slot].copy_(value)
+            loaded.append((layer, slot, expert))
+        self._switch_layer(layer, np.array(new_row))
+        return loaded
 
     # -- cycle steps --------------------------------------------------------------------------------------------
     @property
@@ -264,7 +432,10 @@ class EplbController:
             self._log_window(window)
 
     def _log_window(self, window: np.ndarray) -> np.ndarray:
-        loads = rank_loads(self.placement, window)
+        if self.failed.any():
+            loads = self.placement.without_ranks(self.failed).rank_loads(window)[:, ~self.failed]
+        else:
+            loads = rank_loads(self.placement, window)
         window_par = par(loads)
         if self.config.log_balancedness:
             log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", self.step, balancedness(loads),
@@ -285,8 +456,10 @@ class EplbController:
             return
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
+        live = ~self.failed if self.failed.any() else None
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self._phy2log.copy(), self.topology,
-                                        self.config.policy, self._policy_options))
+                                        self.config.policy, self._policy_options, live_ranks=live,
+                                        resilience=self.config.resilience))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
@@ -396,7 +569,7 @@ class EplbController:
             self._prometheus.update(current)
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        if not dist.is_initialized() or self.topology.num_ranks == 1:
+        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
             return tensor
         tensor = tensor.to(self.device)
         dist.all_reduce(tensor, op=op, group=self.group)

@@ -73,6 +73,10 @@ class ExpertMover:
                     raise EplbError(f"layer {layer}, tensor {i} is not contiguous; expert slots must be rows of a "
                                     "contiguous tensor so they can be sent and overwritten in place")
         self.rank, self.slots_per_rank, self.group = rank, slots_per_rank, group
+        # P2P names peers by global rank; fixed now, so that it still holds when the group is replaced by the group
+        # of the survivors after a failure (ranks keep their global ids)
+        self._global_rank = None if group is None else [dist.get_global_rank(group, r)
+                                                        for r in range(dist.get_world_size(group))]
         self._staging: dict[tuple, torch.Tensor] = {}
 
     def expert_bytes(self, layer: int) -> int:
@@ -87,7 +91,7 @@ class ExpertMover:
         return buf
 
     def _peer(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+        return rank if self._global_rank is None else self._global_rank[rank]
 
     def post(self, transfers: list[LayerTransfer]) -> PendingMove:
         """Post the sends and receives of ``transfers`` (one per layer, distinct layers). Non-blocking.
@@ -132,6 +136,11 @@ class ExpertMover:
             pending.works = dist.batch_isend_irecv(ops)
         pending.post_s = time.perf_counter() - start
         return pending
+
+    def abandon(self) -> None:
+        """Forget transfers that were posted and will never be waited for (a peer failed). Their receives may still
+        land, so later posts get fresh staging buffers."""
+        self._staging.clear()
 
     def commit(self, pending: PendingMove) -> None:
         """Wait for ``pending``'s transfers and write the new experts into the live tensors, in place.

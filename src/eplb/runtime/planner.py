@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
@@ -22,6 +23,7 @@ import numpy as np
 
 from eplb.errors import EplbError
 from eplb.placement import Placement, find_problems
+from eplb.policies.resilience import Resilience
 from eplb.runtime.transfer import LayerTransfer, transfer_plan
 from eplb.topology import Topology
 
@@ -30,6 +32,7 @@ __all__ = ["PlanRequest", "PlanResult", "PlannerWorker", "plan_checksum"]
 log = logging.getLogger(__name__)
 
 _CHECKSUM_MASK = (1 << 62) - 1
+_PARENT_CHECK_S = 1.0
 
 
 def plan_checksum(phy2log: np.ndarray) -> int:
@@ -50,6 +53,9 @@ class PlanRequest:
         policy: registry name or vllm-ascend id.
         options: policy keyword options.
         layers: optional bool ``[L]``: only these layers may change (the others keep ``current``).
+        live_ranks: optional bool ``[W]``: the ranks still serving; the plan places experts on them only and no
+            transfer involves a failed rank.
+        resilience: optional :class:`~eplb.policies.resilience.Resilience` of the plan.
     """
 
     cycle: int
@@ -59,6 +65,8 @@ class PlanRequest:
     policy: str | int
     options: dict
     layers: np.ndarray | None = None
+    live_ranks: np.ndarray | None = None
+    resilience: Resilience | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,9 @@ def _run_request(request: PlanRequest) -> PlanResult:
     from eplb.policies import get_policy
 
     start = time.perf_counter()
-    plan = get_policy(request.policy, **request.options).rebalance(request.load, request.topology, request.current)
+    plan = get_policy(request.policy, **request.options).rebalance(request.load, request.topology, request.current,
+                                                                   live_ranks=request.live_ranks,
+                                                                   resilience=request.resilience)
     phy2log = np.array(plan.placement.phy2log)
     par_after = plan.par_after
     if request.layers is not None:
@@ -87,7 +97,7 @@ def _run_request(request: PlanRequest) -> PlanResult:
         par_after = np.where(keep, plan.par_before, par_after)
     num_experts = request.load.shape[-1]
     transfers = transfer_plan(Placement(request.current, num_experts, request.topology),
-                              Placement(phy2log, num_experts, request.topology))
+                              Placement(phy2log, num_experts, request.topology), request.live_ranks)
     return PlanResult(request.cycle, phy2log, transfers, plan.par_before, par_after, time.perf_counter() - start)
 
 
@@ -109,12 +119,18 @@ def _warm_up(policy, options: dict) -> None:
 
 def _worker_main(requests, results, warmup=None) -> None:
     """Worker process loop: warm up ``(policy, options)``, put :data:`READY`, then one result (or an error string)
-    per request; ``None`` stops it."""
+    per request; ``None`` stops it, and so does the death of the serving process."""
+    parent = os.getppid()
     if warmup is not None:
         _warm_up(*warmup)
     results.put(READY)
     while True:
-        request = requests.get()
+        try:
+            request = requests.get(timeout=_PARENT_CHECK_S)
+        except queue.Empty:
+            if os.getppid() != parent:  # the serving process died without stopping us (a rank failure)
+                return
+            continue
         if request is None:
             return
         try:

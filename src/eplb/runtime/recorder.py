@@ -82,6 +82,9 @@ class LoadRecorder:
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
+        #: bool [W]: the ranks of the (shrunk) group after a failure; None while every rank serves. Gathers then
+        #: run over the live ranks only and leave zeros in the failed ranks' rows.
+        self.live: np.ndarray | None = None
 
     # -- per step -----------------------------------------------------------------------------------------------
     def begin_step(self, is_prefill: bool = False) -> None:
@@ -152,13 +155,13 @@ class LoadRecorder:
     # -- gathering ----------------------------------------------------------------------------------------------
     def gather_slots(self, group=None) -> torch.Tensor:
         """int64 ``[L, W, S]``: every rank's window buffer (vllm-ascend layout). Collective: all ranks call it."""
-        return gather_heat(self.window, self.num_ranks, group)
+        return gather_heat(self.window, self.num_ranks, group, self.live)
 
     def gather_ring(self, group=None) -> torch.Tensor:
         """int64 ``[T, L, W, S]``: every rank's per-step ring (vllm-ascend multi-stage layout). Collective."""
         if self.ring is None:
             raise EplbError("the recorder keeps no per-step ring (ring_steps=0)")
-        return gather_heat_steps(self.ring, self.num_ranks, group)
+        return gather_heat_steps(self.ring, self.num_ranks, group, self.live)
 
     def logical_load(self, phy2log: np.ndarray, group=None) -> np.ndarray:
         """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
@@ -187,28 +190,37 @@ class LoadRecorder:
         """``[L, T, S]`` local buffers -> ``[L, T, P]`` counts of the whole group."""
         if self.source == "ids":
             return _dist_sum(local, group)
-        gathered = _gather(local, self.num_ranks, group)  # [W, L, T, K]
+        gathered = _gather(local, self.num_ranks, group, self.live)  # [W, L, T, K]
         num_layers, steps = local.shape[:2]
         return gathered.permute(1, 2, 0, 3).reshape(num_layers, steps, -1)
 
 
-def gather_heat(local: torch.Tensor, num_ranks: int, group=None) -> torch.Tensor:
-    """``[L, W, ...]``: the layer-major buffers ``[L, ...]`` of all ``W`` ranks (vllm-ascend's gathered layout)."""
-    return _gather(local, num_ranks, group).transpose(0, 1)
+def gather_heat(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
+    """``[L, W, ...]``: the layer-major buffers ``[L, ...]`` of all ``W`` ranks (vllm-ascend's gathered layout).
+    ``live``: bool ``[W]``, the members of ``group`` after a failure (failed ranks' rows are zero)."""
+    return _gather(local, num_ranks, group, live).transpose(0, 1)
 
 
-def gather_heat_steps(local: torch.Tensor, num_ranks: int, group=None) -> torch.Tensor:
+def gather_heat_steps(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
     """``[T, L, W, S]``: the per-step buffers ``[L, T, S]`` of all ``W`` ranks (vllm-ascend's multi-stage layout)."""
-    return _gather(local, num_ranks, group).permute(2, 1, 0, 3)
+    return _gather(local, num_ranks, group, live).permute(2, 1, 0, 3)
 
 
-def _gather(local: torch.Tensor, num_ranks: int, group) -> torch.Tensor:
-    """``[W, *local.shape]``: ``local`` of every rank (a copy of ``local`` alone when not distributed)."""
-    if not dist.is_initialized() or num_ranks == 1:
-        return local[None].clone()
-    out = torch.empty((num_ranks * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-    _ALL_GATHER(out, local.contiguous(), group=group)
-    return out.view(num_ranks, *local.shape)
+def _gather(local: torch.Tensor, num_ranks: int, group, live: np.ndarray | None = None) -> torch.Tensor:
+    """``[W, *local.shape]``: ``local`` of every rank (a copy of ``local`` alone when not distributed); with ``live``
+    the group holds the live ranks only, in rank order, and the failed ranks' entries are zero."""
+    members = num_ranks if live is None else int(np.count_nonzero(live))
+    if not dist.is_initialized() or members == 1:
+        gathered = local[None].clone()
+    else:
+        gathered = torch.empty((members * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        _ALL_GATHER(gathered, local.contiguous(), group=group)
+        gathered = gathered.view(members, *local.shape)
+    if live is None:
+        return gathered
+    out = torch.zeros((num_ranks, *local.shape), dtype=local.dtype, device=local.device)
+    out[torch.as_tensor(np.flatnonzero(live), device=local.device)] = gathered
+    return out
 
 
 def _dist_sum(local: torch.Tensor, group) -> torch.Tensor:

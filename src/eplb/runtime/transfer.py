@@ -7,7 +7,8 @@ Rules, per layer, from the old and the new ``phy2log`` rows:
 - an expert already on a rank never crosses the network: if it changed slot, it is copied locally;
 - the source of a needed expert is one of the ranks holding it in the old row, chosen greedily in
   (destination rank, expert) order by: same node first, then the holder that has sent the fewest experts so far
-  in this layer, then a holder that drops the expert (its slot is being freed), then the lowest rank.
+  in this layer, then a holder that drops the expert (its slot is being freed), then the lowest rank;
+- after a failure (``live`` given), only live ranks send, and a failed rank's row may not change.
 
 This module is imported by the planner worker process, which must not pay for importing torch.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.topology import Topology
 
@@ -74,17 +76,30 @@ class LayerTransfer:
         return dst_slot.astype(np.int64), from_recv, source.astype(np.int64)
 
 
-def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology) -> LayerTransfer:
-    """The transfers that turn ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module rules)."""
+def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology,
+                   live: np.ndarray | None = None) -> LayerTransfer:
+    """The transfers that turn ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module rules).
+
+    ``live``: bool ``[W]``, the ranks still serving (None: all).
+
+    Raises:
+        EplbError: a failed rank's experts change, or a needed expert has no live holder.
+    """
     num_ranks, slots = topology.num_ranks, topology.slots_per_rank
     old = np.asarray(old_phy2log, dtype=np.int64).reshape(num_ranks, slots)
     new = np.asarray(new_phy2log, dtype=np.int64).reshape(num_ranks, slots)
+    if live is not None:
+        changed_dead = np.flatnonzero(~live & (old != new).any(axis=1))
+        if changed_dead.size:
+            raise EplbError(f"layer {layer}: the plan changes the experts of failed rank {int(changed_dead[0])}")
     node = topology.node_of_rank.tolist()
     old_sets = [set(row) for row in old.tolist()]
     new_sets = [set(row) for row in new.tolist()]
     first_slot = [{} for _ in range(num_ranks)]  # rank -> expert -> its lowest old local slot
     holders: dict[int, list[int]] = {}
     for rank, row in enumerate(old.tolist()):
+        if live is not None and not live[rank]:
+            continue
         for slot, expert in enumerate(row):
             if expert not in first_slot[rank]:
                 first_slot[rank][expert] = slot
@@ -93,6 +108,9 @@ def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray,
     rows = []
     for dst in range(num_ranks):
         for expert in sorted(new_sets[dst] - old_sets[dst]):
+            if expert not in holders:
+                raise EplbError(f"layer {layer}: rank {dst} needs expert {expert}, which no live rank holds (load it "
+                                "from a checkpoint first)")
             src = min(holders[expert], key=lambda h: (node[h] != node[dst], sent[h], expert in new_sets[h], h))
             sent[src] += 1
             rows.append((src, first_slot[src][expert], dst, expert))
@@ -100,7 +118,8 @@ def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray,
     return LayerTransfer(layer=layer, transfers=transfers, old_row=old, new_row=new)
 
 
-def transfer_plan(old: Placement, new: Placement) -> list[LayerTransfer]:
-    """One :class:`LayerTransfer` for every layer whose placement differs; unchanged layers are left out."""
+def transfer_plan(old: Placement, new: Placement, live: np.ndarray | None = None) -> list[LayerTransfer]:
+    """One :class:`LayerTransfer` for every layer whose placement differs; unchanged layers are left out.
+    ``live``: bool ``[W]``, the ranks still serving (None: all)."""
     changed = np.flatnonzero(old.moves_to(new).any(axis=1))
-    return [layer_transfer(int(l), old.phy2log[l], new.phy2log[l], old.topology) for l in changed]
+    return [layer_transfer(int(l), old.phy2log[l], new.phy2log[l], old.topology, live) for l in changed]
