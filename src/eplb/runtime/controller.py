@@ -329,6 +329,11 @@ class EplbController:
         load = self._window_load if self._window_load is not None else np.ones(
             (self.placement.num_layers, self.num_experts))
         check_capacity(load, self.topology, live)  # names the experts that cannot be served any more
+        lost = self.placement.without_ranks(failed).lost
+        if lost.size and (self.expert_loader is None or self._layer_tensors is None):
+            raise EplbError(f"{len(lost)} experts lost their last replica ((layer, expert): {lost[:8].tolist()}"
+                            f"{' ...' if len(lost) > 8 else ''}) and the controller has no expert_loader and "
+                            "layer_tensors to load them again")
         self.failed, self.group = failed, group
         if self.mover is not None:
             self.mover.group = group
@@ -351,7 +356,6 @@ class EplbController:
         self.recorder.reset()
         self.step, self._in_step = resume, False
 
-        lost = self.placement.without_ranks(failed).lost
         live_slots = live[self.topology.rank_of_slot]
         repaired = np.array(self._phy2log)
         repaired[:, live_slots] = repair_current(self._phy2log[:, live_slots], load)
