@@ -26,7 +26,7 @@ def trace():
 
 def test_static_failure_report_equals_a_direct_count(trace):
     failures = (Failure("rank", 6, 100, 250), Failure("node", 0, 300))
-    run = simulate(trace, None, SimConfig(TOPOLOGY, CYCLE, failures=failures))
+    run = simulate(trace, None, SimConfig(TOPOLOGY, CYCLE, failures=failures, reload_lost=False))
     placement = Placement.initial(32, TOPOLOGY, 4)
     slots = TOPOLOGY.slots_per_rank
     for step in (0, 99, 100, 249, 250, 300, 399):
@@ -62,10 +62,29 @@ def test_static_failure_report_equals_a_direct_count(trace):
     assert first["replan_step"] is None and first["par_after_replan"] is None  # static never re-plans
 
 
+@pytest.mark.parametrize("policy", [None, "default"])
+def test_lost_experts_are_reloaded_for_the_step_after_the_failure(trace, policy):
+    failures = (Failure("rank", 2, 122),)
+    run = simulate(trace, policy and eplb.get_policy(policy), SimConfig(TOPOLOGY, CYCLE, failures=failures))
+    assert run.unavailable[122].sum() > 0  # the rank held the only replica of some experts
+    assert not run.unavailable[123:].any() and not run.waiting[123:].any()
+    assert np.allclose(run.tokens + run.waiting, trace.counts.sum(axis=2))
+    event = run.summary()["failures"]["events"][0]
+    assert event["tokens_waiting"] == pytest.approx(run.waiting[122].sum())
+    live_slots = TOPOLOGY.rank_of_slot != 2
+    for layer in range(4):
+        assert set(run.final.phy2log[layer, live_slots].tolist()) == set(range(32))
+    if policy is not None:  # the cycle in progress was given up, and the next window starts at the failure
+        given_up = [c for c in run.cycles if c.skipped == "ranks [2] failed"]
+        assert len(given_up) == 1 and given_up[0].window_end == 120  # submitted at 120, plan due at 124
+        assert any(c.window_start == 122 for c in run.cycles)
+
+
 @pytest.mark.parametrize("name", ["default", "swift"])
 def test_a_policy_replans_over_the_live_ranks_and_tokens_are_conserved(trace, name):
     failure = Failure("rank", 3, 130, 330)
-    run = simulate(trace, eplb.get_policy(name), SimConfig(TOPOLOGY, CYCLE, failures=(failure,)))
+    config = SimConfig(TOPOLOGY, CYCLE, failures=(failure,), reload_lost=False)
+    run = simulate(trace, eplb.get_policy(name), config)
     total = trace.counts.sum(axis=2)
     assert np.allclose(run.tokens + run.waiting, total)  # every routed token is served or waits
     assert not run.unavailable[:130].any() and not run.waiting[:130].any()

@@ -12,12 +12,15 @@ the placement that was in force in it:
 - per cycle: applied layers, moved slots and bytes, planner wall time, predicted PAR before / after;
 - step time from :class:`~eplb.sim.cost.CostModel`, including the exposed part of weight transfers.
 
-Failures (:class:`Failure`): a rank or a whole node stops serving at a step and may come back later. From that step
-on, tokens go to the surviving replicas only (the failover routing of :meth:`Placement.without_ranks`, split evenly
-over them whatever the dispatch mode), and the tokens of experts with no surviving replica wait: they are counted, not
-served, until a re-plan over the live ranks (the normal cycle, ``live_ranks=``) places those experts again. A layer of
-a plan made for another set of live ranks is not applied. A rank that comes back holds what it held when it failed.
-PAR during a failure is over the live ranks.
+Failures (:class:`Failure`): a rank or a whole node stops serving at a step and may come back later. As in the
+runtime (:meth:`eplb.runtime.EplbController.fail_ranks`): from that step on, tokens go to the surviving replicas only
+(the failover routing of :meth:`Placement.without_ranks`, split evenly over them whatever the dispatch mode); the
+cycle in progress is given up and a new window starts; every expert with no surviving replica is reloaded into the
+slot of a spare replica on a live rank, in force from the next step, so its tokens of the failure step wait (counted,
+not served). With ``reload_lost=False`` they wait until a re-plan over the live ranks (the normal cycle,
+``live_ranks=``) places those experts again. A layer of a plan made for another set of live ranks is not applied. A
+rank that comes back holds what it held when it failed (the runtime has no way back yet). PAR during a failure is over
+the live ranks.
 
 ``policy=None`` is the static run (the initial layout is kept). ``clairvoyant=True`` gives the policy, at each
 cycle, the load of the steps its plan will be scored on (the window after submission) and applies every layer at
@@ -38,7 +41,7 @@ from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
-from eplb.policies.resilience import Resilience, make_resilient
+from eplb.policies.resilience import Resilience, check_capacity, make_resilient, repair_current
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
 from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
 from eplb.sim.traces import Trace
@@ -126,6 +129,8 @@ class SimConfig:
             split (see :func:`eplb.sim.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
+        reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
+            False: they wait for the next re-plan.
     """
 
     topology: Topology
@@ -138,6 +143,7 @@ class SimConfig:
     balanced_sweeps: int = 3
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
+    reload_lost: bool = True
 
     def __post_init__(self):
         if self.dispatch not in DISPATCH_MODES:
@@ -312,11 +318,21 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     received = np.zeros(num_steps)
     dead = dead_ranks(config.failures, topology, num_steps)
     cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
-    if policy is not None:
+    failing = (dead & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), dead[:-1]])).any(axis=1)
+    if policy is None:
+        for step in np.flatnonzero(failing).tolist():
+            if config.reload_lost:
+                _reload_lost(timeline, trace, topology, ~dead[step], step, None)
+    else:
         cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
         cycle = Cycle(cycle_config, num_layers)
         plan = None
         for step in range(num_steps):
+            if failing[step]:
+                cycle.restart(step, f"ranks {np.flatnonzero(dead[step]).tolist()} failed")
+                if config.reload_lost:
+                    last = cycle.records[-1] if cycle.records else None
+                    _reload_lost(timeline, trace, topology, ~dead[step], step, last)
             action = cycle.on_step(step)
             if action.submit:
                 live = ~dead[step]
@@ -446,6 +462,26 @@ def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, plan
                             resilience=config.resilience)
     planner_ms.append((time.perf_counter() - started) * 1e3)
     return plan
+
+
+def _reload_lost(timeline: _Timeline, trace: Trace, topology: Topology, live: np.ndarray, step: int,
+                 last: CycleRecord | None) -> None:
+    """Put every expert with no replica on the ``live`` ranks into the slot of a spare replica, in force from
+    ``step + 1`` (the runtime's reload, on the load of the ``last`` submitted window)."""
+    if last is None:
+        load = np.ones((trace.num_layers, trace.num_experts))
+    else:
+        load = trace.counts[last.window_start:last.window_end].sum(axis=0, dtype=np.float64)
+    try:
+        check_capacity(load, topology, live)
+    except PolicyError as exc:
+        logger.warning("step %d: lost experts cannot be reloaded: %s", step, exc)
+        return
+    live_slots = live[topology.rank_of_slot]
+    repaired = timeline.current.copy()
+    repaired[:, live_slots] = repair_current(timeline.current[:, live_slots], load)
+    layers = np.flatnonzero((repaired != timeline.current).any(axis=1))
+    timeline.apply(step + 1, layers, repaired[layers])
 
 
 def _received_experts(old_rows: np.ndarray, new_rows: np.ndarray, topology: Topology) -> np.ndarray:
