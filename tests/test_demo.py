@@ -42,6 +42,17 @@ def test_dynamic_demo_balances_while_serving_and_keeps_outputs(capsys):
                           "tokens_per_s_after"} for c in summary["cycles"])
 
 
+def test_demo_with_a_failed_rank_serves_on_over_the_survivors(capsys):
+    code, summary = _demo_json(capsys, "--steps", "120", "--window", "25", "--slots-per-rank", "6",
+                               "--fail-rank", "2", *SMALL_RUN)
+    assert code == 0 and summary["outputs_equal"]
+    failover = summary["failover"]
+    assert failover["failed_ranks"] == [2] and failover["live_ranks"] == 3
+    assert failover["lost_experts"] > 0 and failover["reloaded_slots"] >= failover["lost_experts"]
+    assert summary["cycles"][0]["skipped"] == "ranks [2] failed"
+    assert summary["steps"] == 120  # every step was served, the interrupted one again
+
+
 def test_static_demo_serves_a_balanced_map_from_the_start(tmp_path, capsys):
     topology = Topology(2, 9)
     load = expert_popularity(2, 16, 4)
@@ -79,6 +90,8 @@ def test_static_mode_with_a_bad_map_fails_before_serving(tmp_path, capsys, conte
     (["--slots-per-rank", "3"], "cannot hold 16 experts"),
     (["--policy", "nope"], "policy"),
     (["--experts", "10"], "multiple of num_groups"),
+    (["--fail-rank", "4"], "--fail-rank 4: ranks are 0..3"),
+    (["--fail-rank", "2"], "--fail-rank 2 leaves 15 slots for 16 experts"),
 ])
 def test_bad_arguments_are_clear_errors(capsys, argv, message):
     assert main(["demo", *argv]) == 1

@@ -5,6 +5,9 @@ through :mod:`eplb.engine` with the runtime's controller (dynamic, record or sta
 measured PAR of the window before and after, moved slots, transfer time and tokens per second; then the busiest
 rank's rows per step and the step time before and after the first cycle (medians), and checks that a fixed batch
 gives the same outputs as the same model without balancing (exit code 1 when it does not).
+
+``--fail-rank R`` makes rank R's process exit in the middle of the first weight move: the others fail over
+(:meth:`eplb.runtime.EplbController.fail_ranks`), reload the experts that only lived there and serve on.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def register(subparsers) -> None:
                        help="recorded expert load [T, L, E] or [L, E] (.npz counts, SGLang logical_count, TensorRT-LLM "
                             "statistics) whose popularity the gate follows, instead of the built-in DeepSeek-V3-like "
                             "profile; its L and E must match --layers and --experts")
+    parser.add_argument("--fail-rank", type=int, action="append", default=[], metavar="R",
+                        help="this rank's process exits in the middle of the first weight move (repeat it for a "
+                             "node); the others fail over, reload the experts only it held and serve on")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: Gloo; cuda: NCCL, rank r on GPU r (needs one GPU per rank)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
@@ -73,7 +79,7 @@ def register(subparsers) -> None:
 def _settings(args):
     """Validate the arguments before any process starts; returns (ServeSettings, record_path)."""
     from eplb.engine.model import ModelConfig
-    from eplb.engine.serve import ServeSettings
+    from eplb.engine.serve import Faults, ServeSettings
     from eplb.runtime import EplbConfig
     from eplb.topology import Topology
 
@@ -100,6 +106,18 @@ def _settings(args):
         raise EplbError("--mode static needs --map FILE (e.g. one written by --mode record)")
     config = EplbConfig.from_dict(eplb)
     config.check_model(args.layers, args.experts, Topology(args.ranks, slots))  # bad map: error before serving
+    faults = Faults()
+    if args.fail_rank:
+        failed = sorted(set(args.fail_rank))
+        if failed[0] < 0 or failed[-1] >= args.ranks:
+            raise EplbError(f"--fail-rank {failed[0] if failed[0] < 0 else failed[-1]}: ranks are 0..{args.ranks - 1}")
+        if args.mode == "static":
+            raise EplbError("--fail-rank strikes during the first cycle: use --mode dynamic or record")
+        live_slots = (args.ranks - len(failed)) * slots
+        if live_slots < args.experts:
+            raise EplbError(f"--fail-rank {','.join(map(str, failed))} leaves {live_slots} slots for {args.experts} "
+                            "experts: the survivors could not hold every expert")
+        faults = Faults(kill_ranks=(tuple(failed), 0))
     if args.device == "cuda":
         import torch
 
@@ -115,19 +133,21 @@ def _settings(args):
         trace = load.sum(axis=0) if load.ndim == 3 else load
         expert_popularity(args.layers, args.experts, args.top_k, trace=trace)  # shape errors before any rank starts
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
-                             eplb=eplb, trace=trace, device=args.device)
+                             eplb=eplb, trace=trace, device=args.device, faults=faults)
     return settings, record_path
 
 
 class _Collector:
     """Gathers the ranks' events in the parent: per step the slowest rank's time and the busiest rank's rows."""
 
-    def __init__(self, world: int, num_layers: int, tokens_per_step: int):
-        self.world, self.num_layers, self.tokens_per_step = world, num_layers, tokens_per_step
+    def __init__(self, world: int, num_layers: int, tokens_per_rank: int):
+        self.world, self.num_layers, self.tokens_per_rank = world, num_layers, tokens_per_rank
         self.steps: dict[int, dict[int, tuple]] = {}
         self.cycles: dict[int, dict[int, dict]] = {}
         self.ready = 0
         self.checking = False
+        self.failed: set[int] = set()
+        self.failovers: dict[int, dict] = {}  # rank -> its failover figures
 
     def on_event(self, rank: int, payload) -> None:
         kind = payload[0]
@@ -140,9 +160,16 @@ class _Collector:
             self.ready += 1
         elif kind == "checking":
             self.checking = True
+        elif kind == "failover":
+            self.failed |= set(payload[1]["failed_ranks"])
+            self.failovers[rank] = payload[1]
+
+    @property
+    def live(self) -> int:
+        return self.world - len(self.failed)
 
     def complete_steps(self) -> list[int]:
-        return sorted(s for s, ranks in self.steps.items() if len(ranks) == self.world)
+        return sorted(s for s, ranks in self.steps.items() if len(ranks) >= self.live)
 
     def step_figures(self, step: int) -> tuple[float, float, float, bool, float]:
         """(seconds of the slowest rank, busiest rank's rows averaged over layers, PAR of rows, switched, expert CPU
@@ -151,18 +178,22 @@ class _Collector:
 
         ranks = self.steps[step]
         seconds = max(v[0] for v in ranks.values())
-        rows = np.array([ranks[r][1] for r in range(self.world)], dtype=np.float64)  # [W, L]
+        rows = np.array([ranks[r][1] for r in sorted(ranks)], dtype=np.float64)  # [ranks serving, L]
         busiest = float(rows.max(axis=0).mean())
         mean = rows.mean(axis=0)
         step_par = float(np.mean(rows.max(axis=0) / np.where(mean > 0, mean, 1.0)))
         return seconds, busiest, step_par, any(v[2] for v in ranks.values()), max(v[3] for v in ranks.values())
 
+    def tokens(self, step: int) -> int:
+        """Tokens served in ``step`` (by the ranks that were serving)."""
+        return self.tokens_per_rank * len(self.steps[step])
+
     def cycle(self, index: int) -> dict | None:
         """Rank 0's figures of a finished cycle, with the slowest rank's transfer time; None until all reported."""
         ranks = self.cycles.get(index, {})
-        if len(ranks) < self.world:
+        if len(ranks) < self.live:
             return None
-        out = dict(ranks[0])
+        out = dict(ranks[min(ranks)])
         out["transfer_s"] = max(r["transfer_s"] for r in ranks.values())
         return out
 
@@ -176,6 +207,7 @@ def _median(values) -> float | None:
 def _summary(collector: _Collector, results: list, settings, args, elapsed: float) -> dict:
     steps = [s for s in collector.complete_steps() if s >= _WARMUP_STEPS]
     figures = {s: collector.step_figures(s) for s in steps}
+    results = [r for r in results if r is not None]  # a rank that failed returns nothing
     cycles = [c for c in results[0]["cycles"]]
     for c in cycles:
         c["transfer_s"] = max(r["cycles"][c["cycle"]]["transfer_s"] for r in results)
@@ -189,22 +221,22 @@ def _summary(collector: _Collector, results: list, settings, args, elapsed: floa
         first_done = switched[-1] if switched else first["submit_step"]
         before = [s for s in steps if s < first["submit_step"]]
         after = [s for s in steps if s > first_done]
-    tokens = collector.tokens_per_step
+    tokens = collector.tokens
 
     def medians(selection):
         return {"busiest_rank_rows": _median([figures[s][1] for s in selection]),
                 "step_par": _median([figures[s][2] for s in selection]),
                 "step_time_ms": None if not selection else 1000 * _median([figures[s][0] for s in selection]),
                 "busiest_expert_cpu_ms": None if not selection else 1000 * _median([figures[s][4] for s in selection]),
-                "tokens_per_s": _median([tokens / figures[s][0] for s in selection]), "steps": len(selection)}
+                "tokens_per_s": _median([tokens(s) / figures[s][0] for s in selection]), "steps": len(selection)}
 
     for c in cycles:
         end = next((d["submit_step"] for d in cycles if d["submit_step"] > c["submit_step"]), None)
         window = [s for s in steps if c["submit_step"] - args.window <= s < c["submit_step"]]
         moving = [s for s in steps if c["submit_step"] <= s < (end or math.inf) and figures[s][3]]
         later = [s for s in steps if (moving[-1] if moving else c["submit_step"]) < s < (end or math.inf)]
-        c["tokens_per_s_before"] = _median([tokens / figures[s][0] for s in window])
-        c["tokens_per_s_after"] = _median([tokens / figures[s][0] for s in later])
+        c["tokens_per_s_before"] = _median([tokens(s) / figures[s][0] for s in window])
+        c["tokens_per_s_after"] = _median([tokens(s) / figures[s][0] for s in later])
     out = {"ranks": args.ranks, "policy": args.policy, "mode": args.mode, "experts": args.experts,
            "slots_per_rank": settings.slots_per_rank, "layers": args.layers, "top_k": args.top_k,
            "tokens_per_rank": args.tokens, "steps": len(collector.complete_steps()), "window": args.window,
@@ -217,6 +249,13 @@ def _summary(collector: _Collector, results: list, settings, args, elapsed: floa
            "outputs_equal": all(r["outputs_equal"] for r in results),
            "bitwise_equal": all(r["bitwise_equal"] for r in results),
            "max_rel_diff": max(r["max_rel_diff"] for r in results), "elapsed_s": elapsed}
+    if collector.failovers:
+        first = results[0]["failovers"][0]
+        out["failover"] = {"failed_ranks": first["failed_ranks"], "step": first["step"],
+                           "lost_experts": len(first["lost"]),
+                           "reloaded_slots": sum(len(r["failovers"][0]["reloaded"]) for r in results),
+                           "seconds": max(r["failovers"][0]["seconds"] for r in results),
+                           "live_ranks": len(results)}
     if first is not None and out["before"]["busiest_rank_rows"] and out["after"]["busiest_rank_rows"]:
         out["busiest_rank_drop"] = 1 - out["after"]["busiest_rank_rows"] / out["before"]["busiest_rank_rows"]
     return out
@@ -246,12 +285,12 @@ def run(args) -> int:
     settings, record_path = _settings(args)
     backend = "nccl" if args.device == "cuda" else "gloo"
     log_level = logging.getLogger().getEffectiveLevel()  # the ranks log like the parent (-v, -vv)
-    collector = _Collector(args.ranks, args.layers, args.ranks * args.tokens)
+    collector = _Collector(args.ranks, args.layers, args.tokens)
     console = Console(stderr=True, highlight=False)
     start = time.perf_counter()
     if args.json:
         results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=collector.on_event,
-                         backend=backend, log_level=log_level)
+                         backend=backend, log_level=log_level, rank_failures=bool(args.fail_rank))
     else:
         shown = set()
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -272,14 +311,19 @@ def run(args) -> int:
                 if done:
                     seconds, busiest, step_par, _, _ = collector.step_figures(done[-1])
                     text += (f": busiest rank {busiest:.0f} rows/layer, step PAR {step_par:.2f}, "
-                             f"{collector.tokens_per_step / seconds:,.0f} tok/s")
+                             f"{collector.tokens(done[-1]) / seconds:,.0f} tok/s")
                 progress.update(task, completed=payload[1] + 1, description=text)
             elif kind == "checking":
                 progress.update(task, description="checking outputs against the model without balancing")
+            elif kind == "failover" and len(collector.failovers) == 1:
+                f = payload[1]
+                progress.console.print(f"[red]ranks {f['failed_ranks']} failed[/] at step {f['step']}: failed over; "
+                                       f"{len(f['lost'])} experts had no surviving replica and were reloaded; "
+                                       f"serving goes on over {args.ranks - len(f['failed_ranks'])} ranks")
 
         with progress:
             results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=on_event,
-                             backend=backend, log_level=log_level)
+                             backend=backend, log_level=log_level, rank_failures=bool(args.fail_rank))
     summary = _summary(collector, results, settings, args, time.perf_counter() - start)
     if record_path is not None:
         summary["map_written"] = record_path if Path(record_path).is_file() else None
@@ -325,6 +369,11 @@ def _print_summary(console, s: dict) -> None:
         console.print(f"busiest rank's expert FFN time per step (median CPU time, unaffected by other processes "
                       f"on the CPU): {_fmt(b['busiest_expert_cpu_ms'], '.2f')} ms -> "
                       f"{_fmt(a['busiest_expert_cpu_ms'], '.2f')} ms")
+    if "failover" in s:
+        f = s["failover"]
+        console.print(f"failover: ranks {f['failed_ranks']} lost at step {f['step']}; {f['lost_experts']} "
+                      f"experts had no surviving replica, {f['reloaded_slots']} slots reloaded from the checkpoint; "
+                      f"longest fail_ranks call {1000 * f['seconds']:.1f} ms; served on over {f['live_ranks']} ranks")
     if "map_written" in s:
         if s["map_written"] is None:
             console.print("[red]record mode: no map was written[/] (no plan arrived in time, or see the log above)")
