@@ -13,9 +13,11 @@ Ratios per cell: ``auto_par_vs_flashlb`` (target <= 1.01), ``auto_moves_vs_flash
 ``auto_balanced_vs_flashlb_even`` (target <= 0.95 on drift, <= 0.90 on bursty, at 32 and 64 ranks).
 
 Usage: ``python benchmarks/auto.py [--steps 1800] [--layers 58] [--cells 32x9,...] [--scenarios drift,...]
-[--move-budget 0.05,0.1,...] [--timing-only]``. The default (1,800 steps: one re-plan scored after the first) is a
-lean run of about 3 minutes; ``--steps 4200`` scores five (about 5 minutes). ``--move-budget`` adds one ``auto``
-run per budget (fraction of each layer's slots per plan) to trace the PAR-vs-moves curve. The JSON also holds
+[--move-budget 0.05,0.1,...] [--min-gain 2e-4,1e-3,...] [--timing-only]``. The default (1,800 steps: one re-plan
+scored after the first) is a lean run of about 3 minutes; ``--steps 4200`` scores five (about 5 minutes).
+``--move-budget`` adds one ``auto`` run per budget (fraction of each layer's slots per plan, a hard cap that also
+slows the way out of the initial layout) and ``--min-gain`` one per gain threshold (PAR per moved slot): both trace
+the PAR-vs-moves curve. The JSON also holds
 ``dispatch`` (one balanced split of a DeepSeek-V3 layer step: median ms, gap to the LP optimum) and ``planner``
 (median ms of an ``auto`` plan of 58 layers on 64 ranks x 5 slots from a 600-step window).
 """
@@ -60,7 +62,7 @@ def _run(trace, policy_name, config, options=None, clairvoyant=False) -> dict:
             "planner_ms": round(summary["planner_ms"], 1)}
 
 
-def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) -> dict:
+def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool, min_gains=()) -> dict:
     from eplb import Topology
     from eplb.cycle import CycleConfig
     from eplb.sim.simulator import SimConfig
@@ -77,6 +79,8 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool) ->
         out["auto_balanced"] = _run(trace, "auto", balanced, {"dispatch": "balanced"})
         for budget in budgets:
             out[f"auto_budget_{budget:g}"] = _run(trace, "auto", even, {"move_budget": budget})
+        for min_gain in min_gains:
+            out[f"auto_min_gain_{min_gain:g}"] = _run(trace, "auto", even, {"min_gain": min_gain})
         flash = out["flashlb"]
         out["ratios"] = {
             "auto_par_vs_flashlb": round(out["auto"]["step_par_mean"] / flash["step_par_mean"], 4),
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--cells", default=",".join(CELLS))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--move-budget", default="", help="comma-separated budgets for extra auto runs")
+    parser.add_argument("--min-gain", default="", help="comma-separated min_gain values for extra auto runs")
     parser.add_argument("--dispatch-only", action="store_true", help="only time the balanced split")
     parser.add_argument("--timing-only", action="store_true", help="only time the balanced split and the planner")
     args = parser.parse_args()
@@ -156,6 +161,7 @@ def main() -> None:
 
     with_auto = "auto" in available_policies()
     budgets = [float(b) for b in args.move_budget.split(",") if b]
+    min_gains = [float(g) for g in args.min_gain.split(",") if g]
     started = time.perf_counter()
     out = {"protocol": {"steps": args.steps, "layers": args.layers, "interval": 600, "planner_steps": 0,
                         "layers_per_step": 1, "seed": args.seed, "real_data": DATA.exists()},
@@ -164,7 +170,7 @@ def main() -> None:
         trace = _trace(scenario, args.steps, args.layers, args.seed)
         for key in args.cells.split(","):
             ranks, slots, nodes = CELLS[key]
-            out["cells"][f"{scenario}/{key}"] = cell(trace, ranks, slots, nodes, budgets, with_auto)
+            out["cells"][f"{scenario}/{key}"] = cell(trace, ranks, slots, nodes, budgets, with_auto, min_gains)
     out["dispatch"] = dispatch_timing()
     if with_auto:
         out["planner"] = planner_timing()
