@@ -14,6 +14,10 @@ Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
 - ``blocked_per_step_us``: per-step total for 58 layers (route + record on every layer + hooks), the figure to
   compare with the 1 ms target; ``blocked_per_cycle_ms``: the steps of a cycle that do more than the ordinary
   step (submit, planner checks, one switch per changed layer), summed.
+- ``failover``: :meth:`EplbController.fail_ranks` on one survivor (single process, so no collective) when one rank
+  or two ranks of the ``default`` plan fail (a whole node of 8 would leave 216 slots for 256 experts): milliseconds
+  (median), experts lost, slots this rank reloads from host memory (4 KiB experts, so the time is the host work,
+  not a checkpoint read);
 - ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it): a real dynamic cycle over a Gloo group of ``W`` processes
   (58 layers x 256 experts on ``W`` ranks x ``288 / W`` slots, 4 KiB per expert, ``default`` policy in the planner
   process; the ranks pass a barrier before each step): time spent inside ``before_forward`` + ``after_forward``
@@ -125,11 +129,32 @@ def main() -> None:
     out["blocked_per_step_us"] = NUM_LAYERS * per_layer + hooks["collect"]
     checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
     out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
+    out["failover"] = failover(plan, args.repeats)
     if args.ranks:
         out["cycle_gloo"] = gloo_cycle(args.ranks, load)
     out["note"] = ("CPU, 1 thread per process; medians; a shared 2-core machine under load by other jobs, so "
                    "timings are noisy")
     print(json.dumps(out, indent=2))
+
+
+def failover(plan: Placement, repeats: int) -> dict:
+    """fail_ranks on rank 31 when rank 3, or ranks 3 and 20, fail; a fresh controller per run."""
+    config = EplbConfig.from_dict({"mode": "off"})
+    expert = torch.zeros(1024)
+    out = {}
+    for name, failed in (("rank", [3]), ("two_ranks", [3, 20])):
+        times, report = [], None
+        for _ in range(max(3, repeats // 4)):
+            tensors = [[torch.zeros(TOPOLOGY.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
+            ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPOLOGY, 31, layer_tensors=tensors,
+                                 placement=plan, expert_loader=lambda layer, e: [expert])
+            start = time.perf_counter()
+            report = ctl.fail_ranks(failed)
+            times.append(time.perf_counter() - start)
+            ctl.close()
+        out[name] = {"ms": statistics.median(times) * 1e3, "lost_experts": int(len(report.lost)),
+                     "reloaded_here": int(len(report.reloaded))}
+    return out
 
 
 def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
