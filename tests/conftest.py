@@ -41,3 +41,15 @@ def dsv3_counts():
 
     with np.load(_need(DATA / "sglang_dsv3_ep_statistics.npz")) as f:
         return f["counts"]
+
+
+@pytest.fixture(scope="session")
+def compiled_auto():
+    """Compile the default policy's numba kernels once, in this process, before a test spawns planner workers:
+    they then load the cache instead of all compiling at once on a cold checkout (about 30 s each)."""
+    import numpy as np
+
+    import eplb
+
+    topology = eplb.Topology(2, 3)
+    eplb.get_policy("auto").rebalance(np.arange(1.0, 5.0)[None], topology, eplb.Placement.initial(4, topology, 1))

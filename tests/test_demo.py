@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("compiled_auto")  # the runtime's default policy, compiled once
 
 from eplb import Placement, Topology, get_policy  # noqa: E402
 from eplb.cli import main  # noqa: E402
@@ -28,7 +29,7 @@ def _demo_json(capsys, *argv) -> dict:
 def test_dynamic_demo_balances_while_serving_and_keeps_outputs(capsys):
     code, summary = _demo_json(capsys, "--steps", "150", "--window", "25", *SMALL_RUN)
     assert code == 0
-    assert summary["ranks"] == 4 and summary["policy"] == "default" and summary["slots_per_rank"] == 5
+    assert summary["ranks"] == 4 and summary["policy"] == "auto" and summary["slots_per_rank"] == 5
     assert summary["outputs_equal"] and summary["bitwise_equal"]
     first = summary["cycles"][0]
     assert first["par_before"] > 1.5 and first["moved_slots"] > 0 and first["skipped"] is None

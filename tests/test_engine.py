@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("compiled_auto")  # the runtime's default policy, compiled once
 import torch.distributed as dist  # noqa: E402
 
 from eplb import EplbError, Placement, Topology  # noqa: E402

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("compiled_auto")  # the runtime's default policy, compiled once
 
 from eplb.engine.launch import launch  # noqa: E402
 from eplb.engine.model import ModelConfig  # noqa: E402

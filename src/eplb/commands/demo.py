@@ -40,7 +40,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ranks", type=int, default=4, metavar="W", help="ranks (processes) of the EP group")
-    parser.add_argument("--policy", default="default", metavar="NAME", help="placement policy (name or vllm-ascend id)")
+    parser.add_argument("--policy", default="auto", metavar="NAME", help="placement policy (name or vllm-ascend id)")
     parser.add_argument("--steps", type=int, default=200, metavar="N", help="steps to serve")
     parser.add_argument("--mode", choices=_MODES, default="dynamic",
                         help="dynamic: plan and move experts; record: plan and write the map to --map every cycle, "

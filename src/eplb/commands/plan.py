@@ -31,9 +31,10 @@ def register(subparsers) -> None:
                        help="redundant slots in total; (experts + R) must be divisible by the ranks")
     parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes the ranks are spread over (default: 1)")
     parser.add_argument("--groups", type=int, default=1, metavar="G", help="expert groups (DeepSeek-V3: 8; default: 1)")
-    parser.add_argument("--policy", default="default",
-                        help="policy name or vllm-ascend id: random (0), default (1), swift (2), flashlb (3), ... "
-                             "(default: default, DeepSeek's EPLB)")
+    parser.add_argument("--policy", default="auto",
+                        help="policy name or vllm-ascend id: auto, random (0), default (1, DeepSeek's EPLB), "
+                             "swift (2), flashlb (3) (default: auto: FlashLB's balance at a fraction of its moves, "
+                             "see docs/auto.md)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="policy option, repeatable (e.g. --option mode=global); values are read as JSON "
                              "when they parse, else as text")

@@ -14,7 +14,7 @@ import os
 logger = logging.getLogger(__name__)
 
 _DEFAULT_TRACE = "builtin:default"
-_MAIN_POLICIES = ("default", "swift", "flashlb")  # always compared; any other registered policy joins them
+_MAIN_POLICIES = ("auto", "default", "swift", "flashlb")  # always compared; any other registered policy joins them
 _DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the floor: best window balance, cheap
 
 

@@ -17,7 +17,7 @@ key                                    meaning
                                        the last ``window_size`` steps (a per-step ring of that length)
 ``algorithm_execution_interval``       steps between two checks of the planner (all ranks agree at a check);
   / ``planner_check_steps``
-``eplb_policy_type`` / ``policy``      vllm-ascend id 0-3 or a policy name
+``eplb_policy_type`` / ``policy``      vllm-ascend id 0-3 or a policy name (default ``auto``)
 ``policy_options``                     keyword options of the policy
 ``resilience``                         true, or a dict of :class:`eplb.policies.resilience.Resilience` fields
                                        (``spread_nodes``, ``min_replicas``, ``hot_experts``): plans keep the
@@ -161,7 +161,7 @@ class EplbConfig:
     window_steps: int = 1000
     interval_steps: int | None = None
     planner_check_steps: int = 8
-    policy: str = "default"
+    policy: str = "auto"
     policy_options: dict = field(default_factory=dict)
     resilience: Resilience | None = None
     num_redundant_experts: int | None = None
