@@ -51,5 +51,7 @@ def compiled_auto():
 
     import eplb
 
-    topology = eplb.Topology(2, 3)
-    eplb.get_policy("auto").rebalance(np.arange(1.0, 5.0)[None], topology, eplb.Placement.initial(4, topology, 1))
+    topology = eplb.Topology(3, 2)
+    load, initial = np.arange(1.0, 5.0)[None], eplb.Placement.initial(4, topology, 1)
+    eplb.get_policy("auto").rebalance(load, topology, initial)
+    eplb.get_policy("auto").rebalance(load, topology, initial, live_ranks=[0, 1])  # the path after a rank failure

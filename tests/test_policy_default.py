@@ -181,9 +181,10 @@ def test_random_policy_is_seeded_and_valid():
 
 
 def _plan(capsys, *argv):
+    """``eplb plan --policy default ...`` (the command's default policy is auto)."""
     from eplb.cli import main
 
-    code = main(["plan", *map(str, argv)])
+    code = main(["plan", "--policy", "default", *map(str, argv)])
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -167,6 +167,8 @@ class Auto(Policy):
         num_layers = rows.shape[0]
         active = np.ones(num_layers, dtype=bool) if active is None else active
         tables = rows.reshape(num_layers, num_ranks, -1)
+        # a writable copy: numba compiles a kernel once per array type, and read-only arrays are another type
+        original = np.array(original, dtype=np.int64)
         return kernels.search_layers(x, weight, tables, original.reshape(num_layers, num_ranks, -1),
                                      np.ascontiguousarray(move_cost, dtype=np.float64), int(budget), int(max_steps),
                                      float(liquid), active)
@@ -180,6 +182,7 @@ class Auto(Policy):
 def _objectives(x, weight, rows, num_ranks, num_experts, liquid) -> np.ndarray:
     """float64 ``[L]``: the episode objective of every layer of ``rows`` ``[L, P]``."""
     out = np.empty(rows.shape[0])
+    rows = np.array(rows, dtype=np.int64)  # writable, as in every call (one compiled kernel type)
     for layer, row in enumerate(rows):
         counts = np.bincount(row, minlength=num_experts).astype(np.int64)
         out[layer] = kernels.objective(x[layer], weight, row.reshape(num_ranks, -1), counts, liquid)

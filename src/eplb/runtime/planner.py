@@ -105,14 +105,18 @@ READY = "ready"
 
 
 def _warm_up(policy, options: dict) -> None:
-    """Import and run ``policy`` once on a tiny problem, so that imports and compiled kernels (numba cache loads)
-    are not charged to the first cycle's deadline."""
+    """Import and run ``policy`` once on a tiny problem, and once more over live ranks only, so that imports and
+    compiled kernels (numba cache loads, or compiles on a fresh machine) are not charged to a cycle's deadline, nor to
+    the first cycle after a rank failure."""
     from eplb.policies import get_policy
 
-    topology = Topology(2, 3)
+    topology = Topology(3, 2)
     load = np.arange(1, 5, dtype=np.float64)[None, :]
     try:
-        get_policy(policy, **options).rebalance(load, topology, Placement.initial(4, topology, 1))
+        planner = get_policy(policy, **options)
+        initial = Placement.initial(4, topology, 1)
+        planner.rebalance(load, topology, initial)
+        planner.rebalance(load, topology, initial, live_ranks=[0, 1])
     except Exception:  # noqa: BLE001 - a real request will report the problem with its own traceback
         log.debug("planner warm-up failed", exc_info=True)
 
