@@ -122,14 +122,16 @@ class FlashLB(Policy):
             raise PolicyError(f"flashlb never puts an expert twice on a rank, so slots_per_rank ({slots}) must be "
                               f"<= the number of experts ({num_experts})")
         x = episode_load(load, self.num_episodes)
+        # C-ordered, writable arrays in every call: numba compiles each array layout and read-only flag separately
         xt = np.ascontiguousarray(x.transpose(0, 2, 1))
-        total = x.sum(axis=2)
+        total = np.ascontiguousarray(x.sum(axis=2))
         selected = self._candidates(window, current, num_layers)
         new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
                                              self.width)
         if current is None:
             return new
-        old_score = kernels.score_layers(xt, total, np.ascontiguousarray(current.phy2log), num_ranks)
+        old_rows = np.array(current.phy2log, dtype=np.int64, order="C")
+        old_score = kernels.score_layers(xt, total, old_rows, num_ranks)
         gain = np.where(selected, old_score - new_score, 0.0)
         apply = gain > _GAIN_TOLERANCE * old_score
         log.debug("flashlb: %d layers re-planned, %d with a positive gain", selected.sum(), apply.sum())

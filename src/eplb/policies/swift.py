@@ -121,7 +121,7 @@ class SwiftPolicy(Policy):
         window = np.array(window, dtype=np.float64)
         if current is None:
             current = Placement.initial(num_experts, topology, num_layers, layout="spread")
-        old = np.array(current.rank_table, dtype=np.int64)
+        old = np.array(current.rank_table, dtype=np.int64, order="C")
         num_ranks = topology.num_ranks
         if self.intra_node:
             group_of_rank = np.array(topology.node_of_rank, dtype=np.int64)
