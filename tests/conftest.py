@@ -46,12 +46,8 @@ def dsv3_counts():
 @pytest.fixture(scope="session")
 def compiled_auto():
     """Compile the default policy's numba kernels once, in this process, before a test spawns planner workers:
-    they then load the cache instead of all compiling at once on a cold checkout (about 30 s each)."""
-    import numpy as np
+    they then load the cache instead of all compiling at once on a cold checkout (about 30 s each). The same warm-up
+    a planner worker runs, live-ranks path included."""
+    from eplb.runtime.planner import _warm_up
 
-    import eplb
-
-    topology = eplb.Topology(3, 2)
-    load, initial = np.arange(1.0, 5.0)[None], eplb.Placement.initial(4, topology, 1)
-    eplb.get_policy("auto").rebalance(load, topology, initial)
-    eplb.get_policy("auto").rebalance(load, topology, initial, live_ranks=[0, 1])  # the path after a rank failure
+    _warm_up("auto", {})

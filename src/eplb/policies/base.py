@@ -15,7 +15,7 @@ from eplb.errors import PolicyError
 from eplb.load import as_load, window_sum
 from eplb.metrics import par, rank_loads
 from eplb.placement import Placement, live_mask
-from eplb.policies.resilience import Resilience, check_capacity, live_topology, make_resilient, repair_current
+from eplb.policies.resilience import Resilience, live_topology, make_resilient, reload_lost
 from eplb.topology import Topology
 
 __all__ = ["Plan", "Policy", "as_placement"]
@@ -130,20 +130,19 @@ class Policy:
     def _place_live(self, load, window, topology, current, reference, live, resilience) -> Placement:
         """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots."""
         num_layers, num_experts = window.shape
-        check_capacity(window, topology, live)
+        start = reload_lost(reference.phy2log, window, topology, live)  # also checks the live slots suffice
         sub_topology = live_topology(topology, live)
         live_slots = live[topology.rank_of_slot]
         sub_current = None
         if current is not None:
-            sub_current = Placement(repair_current(current.phy2log[:, live_slots], window), num_experts, sub_topology)
+            sub_current = Placement(start[:, live_slots], num_experts, sub_topology)
         sub = np.asarray(self.place(load, sub_topology, sub_current, window), dtype=np.int64)
         sub = sub.reshape(num_layers, sub_topology.num_physical)
         if resilience is not None:
             sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
         sub = Placement(sub, num_experts, sub_topology).phy2log  # the policy's output is checked on its own terms
-        phy2log = reference.phy2log.copy()
-        phy2log[:, live_slots] = sub
-        return Placement(phy2log, num_experts, topology)
+        start[:, live_slots] = sub
+        return Placement(start, num_experts, topology)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from eplb.errors import PolicyError
 from eplb.topology import Topology
 
-__all__ = ["Resilience", "live_topology", "repair_current", "make_resilient", "check_capacity"]
+__all__ = ["Resilience", "live_topology", "repair_current", "reload_lost", "make_resilient", "check_capacity"]
 
 _NAMED = 8  # experts / layers named in an error
 
@@ -102,6 +102,21 @@ def repair_current(phy2log: np.ndarray, window: np.ndarray) -> np.ndarray:
             row[slot] = expert
             count[donor] -= 1
             count[expert] += 1
+    return out
+
+
+def reload_lost(phy2log: np.ndarray, window: np.ndarray, topology: Topology, live: np.ndarray) -> np.ndarray:
+    """int64 ``[L, P]``: ``phy2log`` with every expert that has no replica on the ``live`` ranks (bool ``[W]``) put
+    into a live slot by :func:`repair_current`; the failed ranks' slots are unchanged. What the runtime loads from a
+    checkpoint right after a failure, and what a plan over the live ranks starts from.
+
+    Raises:
+        PolicyError: the live slots are fewer than the experts (see :func:`check_capacity`).
+    """
+    check_capacity(window, topology, live)
+    live_slots = live[topology.rank_of_slot]
+    out = np.array(phy2log, dtype=np.int64, copy=True)
+    out[:, live_slots] = repair_current(out[:, live_slots], window)
     return out
 
 

@@ -57,7 +57,7 @@ from eplb.errors import EplbError
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
 from eplb.policies import policy_options
-from eplb.policies.resilience import check_capacity, repair_current
+from eplb.policies.resilience import check_capacity, reload_lost
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
@@ -356,9 +356,7 @@ class EplbController:
         self.recorder.reset()
         self.step, self._in_step = resume, False
 
-        live_slots = live[self.topology.rank_of_slot]
-        repaired = np.array(self._phy2log)
-        repaired[:, live_slots] = repair_current(self._phy2log[:, live_slots], load)
+        repaired = reload_lost(self._phy2log, load, self.topology, live)
         reloaded = []
         for layer in np.flatnonzero((repaired != self._phy2log).any(axis=1)).tolist():
             reloaded += self._load_layer(layer, repaired[layer])

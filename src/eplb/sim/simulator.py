@@ -41,7 +41,7 @@ from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
-from eplb.policies.resilience import Resilience, check_capacity, make_resilient, repair_current
+from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
 from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
 from eplb.sim.traces import Trace
@@ -473,13 +473,10 @@ def _reload_lost(timeline: _Timeline, trace: Trace, topology: Topology, live: np
     else:
         load = trace.counts[last.window_start:last.window_end].sum(axis=0, dtype=np.float64)
     try:
-        check_capacity(load, topology, live)
+        repaired = reload_lost(timeline.current, load, topology, live)
     except PolicyError as exc:
         logger.warning("step %d: lost experts cannot be reloaded: %s", step, exc)
         return
-    live_slots = live[topology.rank_of_slot]
-    repaired = timeline.current.copy()
-    repaired[:, live_slots] = repair_current(timeline.current[:, live_slots], load)
     layers = np.flatnonzero((repaired != timeline.current).any(axis=1))
     timeline.apply(step + 1, layers, repaired[layers])
 
