@@ -43,7 +43,7 @@ from eplb import Placement, Topology, get_policy
 from eplb.runtime import EplbConfig, EplbController
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
-from eplb.runtime.transfer import layer_transfer
+from eplb.transfers import layer_transfer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 58, 256, 8

@@ -9,7 +9,8 @@ import pytest
 
 from eplb import Placement, Topology
 from eplb.runtime.config import ConfigError, EplbConfig
-from eplb.runtime.planner import PlannerWorker, PlanRequest, plan_checksum
+from eplb.planning import plan_checksum
+from eplb.runtime.planner import PlannerWorker, PlanRequest
 
 
 def test_vllm_ascend_keys_with_env_guards(tmp_path):

@@ -107,7 +107,7 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
 
 def make_controller(rank: int, tmp, planner_target=None, **cfg):
     from eplb.runtime import EplbConfig, EplbController
-    from eplb.runtime.planner import _worker_main
+    from eplb.runtime.planner import worker_main
 
     base = {"mode": "dynamic", "window_steps": 4, "planner_check_steps": 2, "policy": "default",
             "planner_deadline_s": 30.0}
@@ -116,7 +116,7 @@ def make_controller(rank: int, tmp, planner_target=None, **cfg):
     placement = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     tensors = [fresh_tensors(l, local_row(placement.phy2log[l], rank)) for l in range(NUM_LAYERS)]
     return EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPO, rank, layer_tensors=tensors, placement=placement,
-                          planner_target=planner_target or _worker_main)
+                          planner_target=planner_target or worker_main)
 
 
 # -- scenarios ----------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def scenario_recorder(rank, tmp):
 
 def scenario_mover(rank, tmp):
     from eplb.runtime.mover import ExpertMover
-    from eplb.runtime.transfer import transfer_plan
+    from eplb.transfers import transfer_plan
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     rows = [np.roll(old.phy2log[0], 4), np.roll(old.phy2log[1], -5),

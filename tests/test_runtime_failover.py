@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from eplb import EplbError, Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
 from eplb.policies.resilience import Resilience
-from eplb.runtime.transfer import layer_transfer
+from eplb.planning import CyclePlan
+from eplb.transfers import layer_transfer
 
 torch = pytest.importorskip("torch")
 
@@ -56,13 +57,10 @@ def test_cycle_restart_gives_up_the_move_and_resyncs_the_step():
     for step in range(5):
         cycle.on_step(step)
 
-    class Plan:
-        changed = np.array([True, True, True])
-        par_before = np.array([2.0, 2.0, 2.0])
-        par_after = np.array([1.0, 1.1, 1.2])
-        moved_slots = np.array([1, 1, 1])
-
-    cycle.plan_ready(4, Plan())
+    plan = CyclePlan(phy2log=np.zeros((3, 2)), changed=np.ones(3, dtype=bool), par_before=np.full(3, 2.0),
+                     par_after=np.array([1.0, 1.1, 1.2]), moved_slots=np.ones(3, dtype=np.int64), layers=(0, 1, 2),
+                     transfers=(), layer_bytes=np.zeros(3, dtype=np.int64), schedule=((0,), (1,), (2,)))
+    cycle.plan_ready(4, plan)
     assert cycle.on_step(5).apply_layers == (0,)
     assert cycle.phase is Phase.APPLY
     cycle.restart(8, "ranks [2] failed")  # another survivor got as far as step 7

@@ -12,7 +12,7 @@ from eplb.cycle import CycleConfig
 from eplb.errors import EplbError
 from eplb.policies.base import Policy
 from eplb.sim.cost import CostModel, expert_bytes_of
-from eplb.sim.dispatch import (
+from eplb.dispatch import (
     STATIC_MODES,
     balanced_rank_load,
     balanced_replica_load,
@@ -20,8 +20,9 @@ from eplb.sim.dispatch import (
     replica_ranks,
     round_split,
 )
-from eplb.sim.simulator import SimConfig, _received_experts, simulate, warmup_steps
+from eplb.sim.simulator import SimConfig, simulate, warmup_steps
 from eplb.sim.traces import Trace, TraceSpec, generate_trace, parametric_profile, parametric_regimes
+from eplb.transfers import layer_transfer, transfer_plan
 
 TOPOLOGY = Topology(num_ranks=8, slots_per_rank=5, num_nodes=2, num_groups=4)  # 40 slots, 8 redundant
 
@@ -129,11 +130,11 @@ def test_round_split_gives_whole_tokens_that_sum_to_the_expert_load(weights, tot
     assert tokens.sum() == total and (np.abs(tokens - split) < 1 + 1e-9).all()
 
 
-def test_received_experts_counts_each_new_expert_once_per_rank():
+def test_a_rank_receives_each_new_expert_once():
     topology = Topology(2, 3)
-    old = np.array([[0, 1, 2, 3, 4, 5]])
-    new = np.array([[0, 5, 5, 3, 4, 1]])  # rank 0 gets 5 twice (one transfer), rank 1 gets 1, keeps 3, 4
-    np.testing.assert_array_equal(_received_experts(old, new, topology), [1, 1])
+    old = np.array([0, 1, 2, 3, 4, 5])
+    new = np.array([0, 5, 5, 3, 4, 1])  # rank 0 gets 5 twice (one transfer), rank 1 gets 1, keeps 3, 4
+    np.testing.assert_array_equal(layer_transfer(0, old, new, topology).transfers[:, 2], [0, 1])
 
 
 # -- cost model -----------------------------------------------------------------------------------------------------
@@ -189,7 +190,9 @@ def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
         np.testing.assert_allclose(result.step_par[:switch, layer], old[:switch, layer])
         np.testing.assert_allclose(result.step_par[switch:, layer], new[switch:, layer])
     moved = Placement.initial(32, TOPOLOGY, 4).moves_to(placement).sum(axis=1)
-    assert record.moved_slots == moved[record.layers].sum() and record.bytes_moved == record.moved_slots * 1e6
+    transfers = transfer_plan(Placement.initial(32, TOPOLOGY, 4), placement)
+    assert record.moved_slots == moved[record.layers].sum()
+    assert record.bytes_moved == sum(t.num_transfers for t in transfers) * 10**6  # what crosses the network
     assert (result.transfer_us > 0).sum() == len(record.layers)
 
 
@@ -197,6 +200,8 @@ def test_byte_budget_applies_several_layers_per_step(trace, placement):
     result = simulate(trace, FixedPolicy(placement.phy2log), config(bytes_per_step=200e6))
     record = result.cycles[0]
     assert record.apply_end - record.apply_start + 1 < len(record.layers)
+    assert len(record.schedule) == record.apply_end - record.apply_start + 1
+    assert [layer for step in record.schedule for layer in step] == record.layers
 
 
 def test_policies_beat_static_and_the_clairvoyant_floor_is_lowest(trace):

@@ -19,7 +19,7 @@ _DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the flo
 
 
 def register(subparsers) -> None:
-    from eplb.sim.dispatch import DISPATCH_MODES
+    from eplb.dispatch import DISPATCH_MODES
     from eplb.sim.cost import MODEL_EXPERT_BYTES
     from eplb.sim.traces import SCENARIOS
 
@@ -196,7 +196,7 @@ def run(args) -> int:
         topology = _topology(args, trace.num_experts)
         cycle = CycleConfig(
             interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
-            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
+            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),

@@ -78,13 +78,14 @@ class Auto(Policy):
             ``min_gain`` it traces the balance-vs-moves curve.
         max_moves: at most this many accepted swaps/reassignments per layer (None: 4 x slots).
         dispatch: the replica choice the placement is made for: ``even`` (each replica serves the same share)
-            or ``balanced`` (per-batch min-max split, :mod:`eplb.sim.dispatch`): replicated experts then count as
+            or ``balanced`` (per-batch min-max split, :mod:`eplb.dispatch`): replicated experts then count as
             movable load, so the search flattens the load of single-replica experts and spreads replicas.
         reset: a layer whose placement in force scores more than this fraction above the fresh greedy placement
             on the window is re-planned from the fresh start, moves not counted against ``min_gain`` (None: never).
     """
 
     name = "auto"
+    wants_steps = True
     allows_shared_rank = False
 
     def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,

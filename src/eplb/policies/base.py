@@ -77,9 +77,12 @@ class Policy:
     name: str = ""
     #: whether two replicas of one expert may share a rank in this policy's output
     allows_shared_rank: bool = True
+    #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
+    #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
+    wants_steps: bool = False
 
     def rebalance(self, load, topology: Topology, current=None, live_ranks=None,
-                  resilience: Resilience | None = None) -> Plan:
+                  resilience: Resilience | None = None, state=None) -> Plan:
         """Plan a placement for ``load``.
 
         Args:
@@ -89,6 +92,8 @@ class Policy:
             live_ranks: the ranks to place on (iterable of ids or bool mask ``[W]``); None: all. The policy plans
                 on the live ranks' sub-topology (see :mod:`eplb.policies.resilience`), so every policy honours it.
             resilience: spread replicas over ranks and nodes, and a minimum replica count for the hottest experts.
+            state: what :meth:`next_state` returned after the previous cycle (None: none, or a stateless policy);
+                handed to :meth:`place` as the keyword ``state`` when not None.
 
         Returns:
             A :class:`Plan`.
@@ -105,15 +110,16 @@ class Policy:
             live = None
         window = window_sum(load)
         reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
+        extra = {} if state is None else {"state": state}
         if live is None:
-            phy2log = np.asarray(self.place(load, topology, current, window), dtype=np.int64)
+            phy2log = np.asarray(self.place(load, topology, current, window, **extra), dtype=np.int64)
             phy2log = phy2log.reshape(num_layers, topology.num_physical)
             if resilience is not None:
                 phy2log = make_resilient(phy2log, window, topology, resilience)
             new = Placement(phy2log, num_experts, topology)
             par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
         else:
-            new = self._place_live(load, window, topology, current, reference, live, resilience)
+            new = self._place_live(load, window, topology, current, reference, live, resilience, extra)
             par_before = _live_par(reference, window, live, count_waiting=True)
             par_after = _live_par(new, window, live, count_waiting=False)
         moved = reference.moves_to(new).sum(axis=1).astype(np.int64)
@@ -127,7 +133,7 @@ class Policy:
             live_ranks=live,
         )
 
-    def _place_live(self, load, window, topology, current, reference, live, resilience) -> Placement:
+    def _place_live(self, load, window, topology, current, reference, live, resilience, extra) -> Placement:
         """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots."""
         num_layers, num_experts = window.shape
         start = reload_lost(reference.phy2log, window, topology, live)  # also checks the live slots suffice
@@ -136,7 +142,7 @@ class Policy:
         sub_current = None
         if current is not None:
             sub_current = Placement(start[:, live_slots], num_experts, sub_topology)
-        sub = np.asarray(self.place(load, sub_topology, sub_current, window), dtype=np.int64)
+        sub = np.asarray(self.place(load, sub_topology, sub_current, window, **extra), dtype=np.int64)
         sub = sub.reshape(num_layers, sub_topology.num_physical)
         if resilience is not None:
             sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
@@ -151,6 +157,12 @@ class Policy:
         ``window`` is float64 ``[L, E]``, ``load`` summed over steps, computed once by :meth:`rebalance`
         (read-only: copy it before writing)."""
         raise NotImplementedError
+
+    def next_state(self, state, plan: Plan, layers):
+        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices) are applied.
+        Stateless policies keep None; the state must be deterministic and picklable (it travels to the planner
+        worker and back)."""
+        return state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

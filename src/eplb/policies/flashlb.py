@@ -10,10 +10,12 @@ Differences from the reference, on purpose:
 
 - The current placement is scored on the same episodes as the candidate (the reference scores it on raw steps, which
   biases the comparison towards changing), and a layer is only changed when that predicted gain is positive.
-- A policy call is stateless, so "average-to-peak at the last plan", which cherry-picking compares against, comes
-  from the ``last_balance`` option; without it every layer is a candidate (and still needs a positive gain). Pass it
-  in a dynamic loop: a plan made on a fresh window of the same traffic almost always scores a little better on that
-  window's noise, so without cherry-picking nearly every layer is re-planned and most slots move each cycle.
+- Cherry-picking compares each layer's average-to-peak with its value when the layer was last applied: the policy's
+  state (:meth:`FlashLB.next_state`), which the planning function (:func:`eplb.planning.plan_cycle`) carries from
+  one cycle to the next in the simulator and in the runtime alike; a single call can pass it as the
+  ``last_balance`` option. A layer never applied is always a candidate (and still needs a positive gain). Without
+  the state, a plan made on a fresh window of the same traffic almost always scores a little better on that
+  window's noise, so nearly every layer is re-planned and most slots move each cycle.
 - Changed layers keep as many experts in place as possible: new ranks are matched to old ones (Hungarian) and
   experts a rank keeps stay in their slot (:func:`eplb.policies.retention.match_ranks`).
 """
@@ -92,6 +94,7 @@ class FlashLB(Policy):
 
     name = "flashlb"
     allows_shared_rank = False
+    wants_steps = True
 
     def __init__(self, num_episodes: int = 64, z: float = 0.6745, depth: int = 4, width: int = 8,
                  replan_ratio: float | None = None, replan_floor: float | None = None, last_balance=None):
@@ -114,8 +117,8 @@ class FlashLB(Policy):
                                   f"{balance.max(initial=np.nan)}]")
             self.last_balance = balance
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
-              ) -> np.ndarray:
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray,
+              state=None) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         num_ranks, slots = topology.num_ranks, topology.slots_per_rank
         if slots > num_experts:
@@ -125,7 +128,7 @@ class FlashLB(Policy):
         # C-ordered, writable arrays in every call: numba compiles each array layout and read-only flag separately
         xt = np.ascontiguousarray(x.transpose(0, 2, 1))
         total = np.ascontiguousarray(x.sum(axis=2))
-        selected = self._candidates(window, current, num_layers)
+        selected = self._candidates(window, current, num_layers, self.last_balance if state is None else state)
         new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
                                              self.width)
         if current is None:
@@ -140,18 +143,28 @@ class FlashLB(Policy):
             out[apply] = match_ranks(new[apply], out[apply], num_ranks, across_nodes=True)
         return out
 
-    def _candidates(self, window: np.ndarray, current: Placement | None, num_layers: int) -> np.ndarray:
-        """bool ``[L]``: the layers worth re-planning (cherry-picking)."""
-        if current is None or self.last_balance is None:
+    def _candidates(self, window: np.ndarray, current: Placement | None, num_layers: int, last) -> np.ndarray:
+        """bool ``[L]``: the layers worth re-planning (cherry-picking against ``last``, the balance of each layer
+        when last applied, NaN for a layer never applied)."""
+        if current is None or last is None:
             return np.ones(num_layers, dtype=bool)
-        if self.last_balance.shape != (num_layers,):
-            raise PolicyError(f"flashlb option last_balance has {self.last_balance.shape[0]} layers, the load has "
-                              f"{num_layers}")
+        last = np.asarray(last, dtype=np.float64)
+        if last.shape != (num_layers,):
+            raise PolicyError(f"flashlb option last_balance has {last.shape[0]} layers, the load has {num_layers}")
         small = current.topology.num_ranks < _SMALL_GROUP
         ratio = self.replan_ratio if self.replan_ratio is not None else (0.95 if small else 0.9)
         floor = self.replan_floor if self.replan_floor is not None else (0.9 if small else 0.85)
         balance = 1.0 / par(rank_loads(current, window))
-        return (balance < floor) | (balance < ratio * self.last_balance)
+        return np.isnan(last) | (balance < floor) | (balance < ratio * last)
+
+    def next_state(self, state, plan, layers):
+        """float64 ``[L]``: each layer's average-to-peak (``1 / par_after``) when it was last applied, NaN for a
+        layer never applied (what cherry-picking compares against)."""
+        if state is None:
+            state = np.full(plan.par_after.shape, np.nan) if self.last_balance is None else self.last_balance
+        balance = np.array(state, dtype=np.float64)
+        balance[list(layers)] = 1.0 / plan.par_after[list(layers)]
+        return balance
 
     def __repr__(self) -> str:
         return (f"FlashLB(num_episodes={self.num_episodes}, z={self.z}, depth={self.depth}, width={self.width}, "

@@ -33,8 +33,8 @@ key                                    meaning
                                        the load it was last planned on is below this
 ``planner_deadline_s``                 seconds the planner may take before the cycle is skipped (default 30)
 ``layers_per_step`` / ``bytes_per_step`` how much weight moves per step (default 1 layer)
-``router_mode``                        ``rank`` | ``token`` | ``local`` | ``balanced``
-``ring_steps``                         keep per-step rows for per-step policies (default: the window for flashlb)
+``dispatch`` (old: ``router_mode``)   replica choice: ``rank`` | ``token`` | ``local`` | ``balanced``
+``ring_steps``                         keep per-step rows (default: the window, for policies that plan on steps)
 ``prometheus_port``                    serve metrics on this port when prometheus_client is installed
 =====================================  =========================================================================
 """
@@ -46,6 +46,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from eplb.dispatch import RUNTIME_MODES
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
 from eplb.policies.resilience import Resilience
@@ -55,7 +56,6 @@ __all__ = ["EplbConfig", "ConfigError", "MODES"]
 
 MODES = ("off", "dynamic", "record", "static")
 _STAGES = ("all", "prefill", "decode")
-_ROUTER_MODES = ("rank", "token", "local", "balanced")
 _TRUE = ("1", "true", "yes", "on")
 _RESILIENCE_KEYS = ("spread_nodes", "min_replicas", "hot_experts")
 
@@ -90,7 +90,8 @@ _ALIASES = {
     "planner_deadline_s": "planner_deadline_s",
     "layers_per_step": "layers_per_step",
     "bytes_per_step": "bytes_per_step",
-    "router_mode": "router_mode",
+    "dispatch": "dispatch",
+    "router_mode": "dispatch",
     "ring_steps": "ring_steps",
     "prometheus_port": "prometheus_port",
 }
@@ -174,7 +175,7 @@ class EplbConfig:
     planner_deadline_s: float = 30.0
     layers_per_step: int = 1
     bytes_per_step: int | None = None
-    router_mode: str = "rank"
+    dispatch: str = "rank"
     ring_steps: int | None = None
     prometheus_port: int | None = None
 
@@ -243,8 +244,8 @@ class EplbConfig:
             out["layers_per_step"] = _int("layers_per_step", values["layers_per_step"], 1)
         if "bytes_per_step" in values:
             out["bytes_per_step"] = _int("bytes_per_step", values["bytes_per_step"], 1)
-        if "router_mode" in values:
-            out["router_mode"] = _choice("router_mode", values["router_mode"], _ROUTER_MODES)
+        if "dispatch" in values:
+            out["dispatch"] = _choice(source["dispatch"], values["dispatch"], RUNTIME_MODES)
         if "ring_steps" in values:
             out["ring_steps"] = _int("ring_steps", values["ring_steps"], 0)
         if "prometheus_port" in values:

@@ -60,7 +60,8 @@ from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.mover import ExpertMover
-from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
+from eplb.planning import cycle_policy, plan_checksum
+from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
 from eplb.topology import Topology
@@ -69,8 +70,6 @@ __all__ = ["EplbController", "CycleMetrics", "FailoverReport"]
 
 log = logging.getLogger(__name__)
 
-_PER_STEP_POLICIES = ("flashlb",)
-_DEFAULT_RING_STEPS = 256
 _WAITING_FOR_INTERVAL = "eplb_update_interval has not elapsed since the last cycle"
 
 
@@ -166,7 +165,7 @@ class EplbController:
 
     def __init__(self, config: EplbConfig, num_layers: int, num_experts: int, topology: Topology, rank: int,
                  layer_tensors=None, group=None, device="cpu", placement: Placement | None = None,
-                 recorder_source: str = "ids", tp_size: int = 1, planner_target=_worker_main, expert_loader=None):
+                 recorder_source: str = "ids", tp_size: int = 1, planner_target=worker_main, expert_loader=None):
         if not isinstance(config, EplbConfig):
             raise EplbError(f"config must be an EplbConfig (use EplbConfig.from_dict), got {type(config).__name__}")
         if dist.is_initialized() and dist.get_world_size(group) != topology.num_ranks:
@@ -184,13 +183,15 @@ class EplbController:
         self._placement = Placement(placement.phy2log, num_experts, topology)
         self.num_experts = num_experts
         self._phy2log = np.array(placement.phy2log)
-        self.router = ReplicaRouter(self.placement, rank, config.router_mode, tp_size, device)
+        self.router = ReplicaRouter(self.placement, rank, config.dispatch, tp_size, device)
+        self._policy_options = _policy_options(config)
+        planning = config.mode in ("dynamic", "record")
         ring = config.ring_steps
         if ring is None:
-            if config.cycle_steps > config.window_steps:  # vLLM: plan every step_interval on the last window_size
+            if planning and config.cycle_steps > config.window_steps:  # vLLM: every step_interval, last window_size
                 ring = config.window_steps
-            elif config.policy in _PER_STEP_POLICIES:  # per-step policies (FlashLB cuts the rows into episodes)
-                ring = min(config.window_steps, _DEFAULT_RING_STEPS)
+            elif planning and cycle_policy(config.policy, self._policy_options, config.dispatch).wants_steps:
+                ring = config.window_steps  # the policy plans on the window's per-step rows, as in the simulator
             else:
                 ring = 0
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
@@ -201,26 +202,26 @@ class EplbController:
         #: bool [W]: ranks that failed (:meth:`fail_ranks`); all False while every rank serves
         self.failed = np.zeros(topology.num_ranks, dtype=bool)
         self.failovers: list[FailoverReport] = []
-        expert_bytes = 0
+        self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
                 raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group)
-            expert_bytes = self.mover.expert_bytes(0)
+            self._expert_bytes = np.array([self.mover.expert_bytes(layer) for layer in range(num_layers)],
+                                          dtype=np.int64)
         self.planner = None
-        self._policy_options = _policy_options(config)
-        if config.mode in ("dynamic", "record"):
+        if planning:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
         self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step, expert_bytes=expert_bytes,
+                                       bytes_per_step=config.bytes_per_step,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
         self._window_load: np.ndarray | None = None
-        self._result: PlanResult | None = None
+        self._result: PlannerReply | None = None
         self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
         self._submitted_step = 0
         self._transfers: dict = {}
@@ -460,8 +461,9 @@ class EplbController:
             self.planner.restart()
         live = ~self.failed if self.failed.any() else None
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self._phy2log.copy(), self.topology,
-                                        self.config.policy, self._policy_options, live_ranks=live,
-                                        resilience=self.config.resilience))
+                                        self.config.policy, self._policy_options, dispatch=self.config.dispatch,
+                                        cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
+                                        live_ranks=live, resilience=self.config.resilience, state=self.cycle.state))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
@@ -484,7 +486,7 @@ class EplbController:
         if (self.step - self._submitted_step) % self.config.planner_check_steps:
             return
         flag, reason = self._local
-        checksum = plan_checksum(self._result.phy2log) if flag == 1 else 0
+        checksum = self._result.plan.checksum if flag == 1 else 0
         agreed = self._all_reduce(torch.tensor([flag, checksum, -checksum], dtype=torch.int64), dist.ReduceOp.MIN)
         low_flag, low, high = int(agreed[0]), int(agreed[1]), -int(agreed[2])
         if low_flag == 0:
@@ -497,23 +499,18 @@ class EplbController:
             return
         self._accept(self._result)
 
-    def _accept(self, result: PlanResult) -> None:
-        changed = (result.phy2log != self._phy2log).any(axis=1)
-        moved = (result.phy2log != self._phy2log).sum(axis=1)
+    def _accept(self, reply: PlannerReply) -> None:
+        plan = reply.plan
         current = self.metrics[-1]
-        current.par_before, current.par_after, current.planner_s = result.par_before, result.par_after, result.seconds
-        plan = _PlanFigures(changed, result.par_before, result.par_after, moved)
-        layer_bytes = np.zeros(len(changed))
-        for t in result.transfers:  # what crosses the network: experts a rank did not hold, once per rank
-            layer_bytes[t.layer] = t.num_transfers * (self.mover.expert_bytes(t.layer) if self.mover else 0)
-        layers = self.cycle.plan_ready(self.step, plan, layer_bytes, load=self._window_load)
-        current.skipped_layers = sorted(set(np.flatnonzero(changed).tolist()) - set(layers))
-        current.moved_slots = int(moved[list(layers)].sum()) if layers else 0
-        current.moved_bytes = int(layer_bytes[list(layers)].sum()) if layers else 0
+        current.par_before, current.par_after, current.planner_s = plan.par_before, plan.par_after, reply.seconds
+        layers = list(self.cycle.plan_ready(self.step, plan))
+        current.skipped_layers = plan.skipped_layers
+        current.moved_slots = int(plan.moved_slots[layers].sum())
+        current.moved_bytes = int(plan.layer_bytes[layers].sum())
         if self.config.mode == "record":
-            self._write_record(result.phy2log)
+            self._write_record(plan.phy2log)
             return
-        self._transfers = {t.layer: t for t in result.transfers}
+        self._transfers = {t.layer: t for t in plan.transfers}
 
     def _write_record(self, phy2log: np.ndarray) -> None:
         if self.rank != 0:
@@ -576,16 +573,6 @@ class EplbController:
         tensor = tensor.to(self.device)
         dist.all_reduce(tensor, op=op, group=self.group)
         return tensor.cpu()
-
-
-@dataclass(frozen=True)
-class _PlanFigures:
-    """What :meth:`eplb.cycle.Cycle.plan_ready` reads from a plan."""
-
-    changed: np.ndarray
-    par_before: np.ndarray
-    par_after: np.ndarray
-    moved_slots: np.ndarray
 
 
 class _Prometheus:

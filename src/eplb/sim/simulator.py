@@ -6,7 +6,7 @@ and its layers are applied one per step (or per byte budget); a layer's new plac
 after it was applied, exactly as the runtime commits it after that step's forward. Every step is then scored with
 the placement that was in force in it:
 
-- per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.sim.dispatch`), their PAR
+- per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.dispatch`), their PAR
   (busiest rank / mean rank) and the routings behind it;
 - per window of ``H`` steps: the PAR of the summed rank loads (what a policy that only sees sums is judged on);
 - per cycle: applied layers, moved slots and bytes, planner wall time, predicted PAR before / after;
@@ -39,11 +39,12 @@ import numpy as np
 from eplb.cycle import Cycle, CycleConfig, CycleRecord
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
+from eplb.planning import CyclePlan, plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
+from eplb.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
 from eplb.sim.traces import Trace
 from eplb.topology import Topology
 
@@ -120,13 +121,13 @@ class SimConfig:
     Attributes:
         topology: ranks, slots per rank, nodes, groups.
         cycle: the rebalancing cycle (window ``H``, planner latency ``A``, application pace, thresholds).
-        dispatch: replica choice, one of :data:`~eplb.sim.dispatch.DISPATCH_MODES`.
+        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_MODES`.
         tp_size: tensor-parallel size for the ``rank`` mode's rotation.
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
         balanced_sweeps: ``balanced`` mode: 0 keeps the even split, any positive value refines it to the min-max
-            split (see :func:`eplb.sim.dispatch.balanced_rank_load`).
+            split (see :func:`eplb.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -338,7 +339,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 live = ~dead[step]
                 cycle_live.append(live)
                 try:
-                    plan = _plan(trace, policy, config, timeline, action.window_start, step, clairvoyant,
+                    plan = _plan(trace, policy, config, cycle, timeline, action.window_start, step, clairvoyant,
                                  planner_ms, live)
                     reason = "end of trace"
                 except PolicyError as exc:  # too few live slots: keep serving on failover
@@ -347,18 +348,15 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 if plan is None:
                     cycle.plan_failed(step, reason)
                 else:
-                    load = trace.counts[action.window_start:step].sum(axis=0, dtype=np.float64) \
-                        if cycle_config.similarity_threshold is not None else None
-                    cycle.plan_ready(step, plan, layer_bytes=plan.moved_slots * config.expert_bytes, load=load)
+                    cycle.plan_ready(step, plan)
             if action.apply_layers and not np.array_equal(cycle_live[-1], ~dead[step]):
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
             elif action.apply_layers:
-                new_rows = plan.placement.phy2log[list(action.apply_layers)]
+                layers = list(action.apply_layers)
                 if not clairvoyant:  # the floor moves weights for free
-                    per_rank = _received_experts(timeline.current[list(action.apply_layers)], new_rows, topology)
-                    received[step] = per_rank.max() * config.expert_bytes
-                timeline.apply(step + 1, action.apply_layers, new_rows)
+                    received[step] = _received_experts(plan, layers, topology.num_ranks).max() * config.expert_bytes
+                timeline.apply(step + 1, layers, plan.phy2log[layers])
             if step % 256 == 0:
                 report(0.5 * step / num_steps)
         cycles = cycle.records
@@ -445,9 +443,9 @@ def _failure_events(config: SimConfig, result: dict, dead: np.ndarray, cycles: l
     return events
 
 
-def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, planner_ms, live):
-    """Run the policy on the window (or, clairvoyant, on the steps the plan will be in force) over the ``live``
-    ranks; None at the end."""
+def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyant, planner_ms, live):
+    """The planning function on the window (or, clairvoyant, on the steps the plan will be in force) over the
+    ``live`` ranks, from the state the cycle keeps; None at the end."""
     topology = config.topology
     if clairvoyant:
         start = step + 2  # applied in step + 1, in force from step + 2
@@ -458,8 +456,9 @@ def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, plan
         return None
     current = Placement(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
-    plan = policy.rebalance(window, topology, current=current, live_ranks=None if live.all() else live,
-                            resilience=config.resilience)
+    plan = plan_cycle(policy, window, current, cycle.config, expert_bytes=int(round(config.expert_bytes)),
+                      live_ranks=None if live.all() else live, resilience=config.resilience, state=cycle.state,
+                      from_checkpoint=not config.reload_lost)
     planner_ms.append((time.perf_counter() - started) * 1e3)
     return plan
 
@@ -481,18 +480,11 @@ def _reload_lost(timeline: _Timeline, trace: Trace, topology: Topology, live: np
     timeline.apply(step + 1, layers, repaired[layers])
 
 
-def _received_experts(old_rows: np.ndarray, new_rows: np.ndarray, topology: Topology) -> np.ndarray:
-    """int64 ``[W]``: experts each rank receives when layers go from ``old_rows`` to ``new_rows`` ``[n, P]``.
-
-    A rank receives an expert it did not hold before once, however many of its slots take it.
-    """
-    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
-    old = old_rows.reshape(-1, num_ranks, slots)
-    new = np.sort(new_rows.reshape(-1, num_ranks, slots), axis=2)
-    first = np.ones(new.shape, dtype=bool)
-    first[..., 1:] = new[..., 1:] != new[..., :-1]
-    held = (new[..., :, None] == old[..., None, :]).any(axis=-1)
-    return (first & ~held).sum(axis=(0, 2))
+def _received_experts(plan: CyclePlan, layers: list[int], num_ranks: int) -> np.ndarray:
+    """int64 ``[W]``: experts each rank receives over the network when ``plan`` applies ``layers`` (its transfers)."""
+    transfers = {t.layer: t.transfers for t in plan.transfers}
+    targets = np.concatenate([transfers[layer][:, 2] for layer in layers])
+    return np.bincount(targets, minlength=num_ranks)
 
 
 class _Timeline:
