@@ -156,6 +156,8 @@ class CycleRecord:
         bytes_moved: bytes moved over the network for the applied layers (their transfers x expert bytes).
         par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
         skipped: why nothing was applied, or None.
+        checksum: :attr:`eplb.planning.CyclePlan.checksum` of the plan (placement, transfers, schedule), 0 when no
+            plan came.
     """
 
     window_start: int
@@ -170,6 +172,7 @@ class CycleRecord:
     par_before: float = float("nan")
     par_after: float = float("nan")
     skipped: str | None = None
+    checksum: int = 0
 
 
 class Cycle:
@@ -241,6 +244,7 @@ class Cycle:
         order = list(plan.layers)
         record = self.records[-1]
         record.ready_step = int(step)
+        record.checksum = plan.checksum
         if order:
             record.layers = order
             record.moved_slots = int(plan.moved_slots[order].sum())

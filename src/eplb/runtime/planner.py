@@ -157,6 +157,7 @@ class PlannerWorker:
         self._requests = self._results = None
         self._request: PlanRequest | None = None
         self._submitted = 0.0
+        self._arrived = None  # a reply :meth:`wait` took off the queue, for the next poll
         self.restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class PlannerWorker:
                 q.close()
         self._process = None
         self._request = None
+        self._arrived = None
 
     def close(self) -> None:
         """Stop the worker; waits at most a second for it to exit."""
@@ -211,9 +213,26 @@ class PlannerWorker:
                 self.restarts += 1
             self._kill()
             self.start()
-        self._request = request
+        self._request, self._arrived = request, None
         self._submitted = time.monotonic()
         self._requests.put(request)  # pickled by the queue's feeder thread, not here
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until the current request's reply arrived, the worker died or ``timeout_s`` passed; the next
+        :meth:`poll` reports it. Serving never calls this (it would wait on the planner); a replay that must accept
+        each plan in a known step does (the parity test of the simulator and the runtime)."""
+        deadline = time.monotonic() + timeout_s
+        while self._request is not None and self._arrived is None and time.monotonic() < deadline:
+            try:
+                item = self._results.get(timeout=0.05)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    return
+                continue
+            if item == READY:
+                self._ready_at = time.monotonic()
+            else:
+                self._arrived = item
 
     def poll(self) -> tuple[str, PlannerReply | str | None]:
         """The state of the current request: ``("idle", None)``, ``("pending", None)``, ``("ready", PlannerReply)`` or
@@ -222,10 +241,12 @@ class PlannerWorker:
         if request is None:
             return "idle", None
         while True:
-            try:
-                item = self._results.get_nowait()
-            except queue.Empty:
-                break
+            item, self._arrived = self._arrived, None
+            if item is None:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
             if item == READY:
                 self._ready_at = time.monotonic()
                 continue
