@@ -33,7 +33,8 @@ from eplb.sim.traces import Trace  # noqa: E402
 
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
-RUNS = [(name, "rank") for name in available_policies()] + [("auto", "balanced")]
+RUNS = {2: [(name, "rank") for name in available_policies()] + [("auto", "balanced")],
+        4: [("auto", "rank"), ("flashlb", "rank")]}  # the per-step window and the policy state, on 4 ranks too
 WORLDS = (2, 4)  # ranks x 40 and x 20 slots
 COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "moved_slots",
             "bytes_moved", "par_before", "par_after", "skipped", "checksum")
@@ -58,7 +59,7 @@ def rank_ids(counts_row: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.repeat(np.arange(EXPERTS), counts_row)[rank::world]
 
 
-def _serve(rank: int, world: int, policy: str, dispatch: str, counts: np.ndarray) -> dict:
+def _serve(rank: int, world: int, policy: str, dispatch: str, tokens: list) -> dict:
     from eplb.runtime import EplbConfig, EplbController
 
     topology = Topology(world, SLOTS // world)
@@ -73,9 +74,8 @@ def _serve(rank: int, world: int, policy: str, dispatch: str, counts: np.ndarray
                 ctl.planner.wait(300.0)
             ctl.before_forward()
             for layer in range(LAYERS):
-                ids = [rank_ids(counts[step, layer], r, world) for r in range(world)]
-                group = torch.as_tensor(np.stack([np.bincount(i, minlength=EXPERTS) for i in ids]))
-                ctl.route(layer, torch.as_tensor(ids[rank]).reshape(-1, 1), group)
+                ids, group = tokens[step][layer]
+                ctl.route(layer, ids, group)
             ctl.after_forward()
             if rank == world - 1 and policy == "flashlb" and ctl.cycle.records and step == ctl.cycle.records[0].apply_end:
                 ctl.planner.restart()  # the next cycle plans from the state the serving process kept
@@ -85,15 +85,28 @@ def _serve(rank: int, world: int, policy: str, dispatch: str, counts: np.ndarray
         ctl.close()
 
 
+def _tokens(counts: np.ndarray, rank: int, world: int) -> list:
+    """Per step and layer: ``rank``'s ids ``[n, 1]`` and every rank's tokens per expert ``[W, E]``."""
+    out = []
+    for step_counts in counts:
+        row = []
+        for layer_counts in step_counts:
+            ids = [rank_ids(layer_counts, r, world) for r in range(world)]
+            group = np.stack([np.bincount(i, minlength=EXPERTS) for i in ids])
+            row.append((torch.as_tensor(ids[rank]).reshape(-1, 1), torch.as_tensor(group)))
+        out.append(row)
+    return out
+
+
 def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     out = {}
     try:
-        counts = parity_counts()
-        for policy, dispatch in RUNS:
-            out[(policy, dispatch)] = _serve(rank, world, policy, dispatch, counts)
+        tokens = _tokens(parity_counts(), rank, world)
+        for policy, dispatch in RUNS[world]:
+            out[(policy, dispatch)] = _serve(rank, world, policy, dispatch, tokens)
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
@@ -116,7 +129,7 @@ def simulated():
     out = {}
     for world in WORLDS:
         topology = Topology(world, SLOTS // world)
-        for policy, dispatch in RUNS:
+        for policy, dispatch in RUNS[world]:
             config = SimConfig(topology, CycleConfig(interval=INTERVAL, planner_steps=2), dispatch=dispatch,
                                expert_bytes=EXPERT_BYTES)
             result = simulate(trace, cycle_policy(policy, dispatch=dispatch), config)
@@ -140,7 +153,7 @@ def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
             ranks.append(pickle.load(f))
         assert "error" not in ranks[-1], ranks[-1].get("error")
     moved_somewhere = False
-    for policy, dispatch in RUNS:
+    for policy, dispatch in RUNS[world]:
         sim = simulated[world, policy, dispatch]
         expected = [comparable(dataclasses.asdict(r)) for r in sim.cycles]
         for rank, out in enumerate(ranks):
