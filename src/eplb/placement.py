@@ -300,7 +300,7 @@ class Placement:
 
     def expert_map(self, rank: int) -> np.ndarray:
         """int64 ``[L, E]``: local slot of each logical expert on ``rank``, or -1 when it is not there."""
-        return self.expert_maps[:, self._check_rank(rank)]
+        return self.expert_maps[:, check_rank(rank, self._topology)]
 
     def log2phy_for_rank(self, rank: int, tp_size: int = 1) -> np.ndarray:
         """int64 ``[L, E]``: the physical slot ``rank`` sends each expert's tokens to (vllm-ascend rule).
@@ -308,16 +308,7 @@ class Placement:
         The replicas of expert ``e`` are taken in ascending slot (= rank) order; rank ``r`` picks replica
         ``r % count`` when ``tp_size == 1``, else ``(r % tp_size + r // tp_size + e) % count``.
         """
-        rank = self._check_rank(rank)
-        if tp_size < 1:
-            raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
-        count = self.replica_count
-        if tp_size == 1:
-            index = rank % count
-        else:
-            experts = np.arange(self._num_experts)[None, :]
-            index = (rank % tp_size + rank // tp_size + experts) % count
-        return np.take_along_axis(self.log2phy, index[:, :, None], axis=2)[:, :, 0]
+        return _replica_for_rank(self.log2phy, self.replica_count, check_rank(rank, self._topology), tp_size)
 
     def without_ranks(self, ranks) -> "Failover":
         """Immediate failover: the routing that serves every expert from its surviving replicas when ``ranks`` fail.
@@ -348,11 +339,6 @@ class Placement:
         return self
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def _check_rank(self, rank: int) -> int:
-        if not 0 <= rank < self._topology.num_ranks:
-            raise PlacementError(f"rank must be in [0, {self._topology.num_ranks}), got {rank}")
-        return int(rank)
-
     def _check_compatible(self, other: "Placement") -> None:
         if not isinstance(other, Placement):
             raise PlacementError(f"expected a Placement, got {type(other).__name__}")
@@ -445,16 +431,8 @@ class Failover:
 
         The rule of :meth:`Placement.log2phy_for_rank` applied to the surviving replicas.
         """
-        rank = self.placement._check_rank(rank)
-        if tp_size < 1:
-            raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
-        count = np.maximum(self._count, 1)
-        if tp_size == 1:
-            index = rank % count
-        else:
-            experts = np.arange(self.num_experts)[None, :]
-            index = (rank % tp_size + rank // tp_size + experts) % count
-        return np.take_along_axis(self._log2phy, index[:, :, None], axis=2)[:, :, 0]
+        rank = check_rank(rank, self.placement.topology)
+        return _replica_for_rank(self._log2phy, np.maximum(self._count, 1), rank, tp_size)
 
     def rank_share(self) -> np.ndarray:
         """float64 ``[L, E, W]``: share of expert ``e``'s tokens each rank serves when they are split evenly over
@@ -482,3 +460,23 @@ class Failover:
     def __repr__(self) -> str:
         return (f"Failover(dead ranks={np.flatnonzero(self.dead).tolist()}, lost={len(self.lost)}, "
                 f"{self.placement!r})")
+
+
+def check_rank(rank: int, topology: Topology) -> int:
+    """``rank`` as an int when it is a rank of ``topology``, else a :class:`PlacementError`."""
+    if not 0 <= rank < topology.num_ranks:
+        raise PlacementError(f"rank must be in [0, {topology.num_ranks}), got {rank}")
+    return int(rank)
+
+
+def _replica_for_rank(log2phy: np.ndarray, count: np.ndarray, rank: int, tp_size: int) -> np.ndarray:
+    """int64 ``[L, E]``: the replica (in ``log2phy`` ``[L, E, M]``, ascending slots) ``rank`` picks for each expert:
+    ``rank % count``, or with ``tp_size > 1`` vllm-ascend's ``(rank % tp + rank // tp + e) % count``."""
+    if tp_size < 1:
+        raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
+    if tp_size == 1:
+        index = rank % count
+    else:
+        experts = np.arange(log2phy.shape[1])[None, :]
+        index = (rank % tp_size + rank // tp_size + experts) % count
+    return np.take_along_axis(log2phy, index[:, :, None], axis=2)[:, :, 0]

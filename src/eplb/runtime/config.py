@@ -264,7 +264,7 @@ class EplbConfig:
 
     @staticmethod
     def _policy(key: str, value) -> str:
-        from eplb.policies import _MODULES
+        from eplb.policies import POLICY_NAMES
 
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a policy name or id, got {value!r}")
@@ -272,7 +272,7 @@ class EplbConfig:
             if int(value) not in POLICY_IDS:
                 raise ConfigError(f"{key} must be a vllm-ascend policy id in {sorted(POLICY_IDS)}, got {value}")
             return POLICY_IDS[int(value)]
-        return _choice(key, value, tuple(_MODULES))
+        return _choice(key, value, POLICY_NAMES)
 
     @staticmethod
     def _mode(values: dict, source: dict, env) -> tuple[str, str | None]:
