@@ -182,7 +182,9 @@ def _check(raw: RawMap, num_experts: int | None, num_ranks: int | None):
     if phy2log is None:
         return problems, warnings, None, None
     num_layers, num_slots = phy2log.shape
-    if num_slots == 0 or (num_layers == 0 and not problems):
+    if num_layers == 0 and problems:  # no layer was well-formed: the problems say why
+        return problems, warnings, None, None
+    if num_slots == 0 or num_layers == 0:
         return problems + [f"the map is empty: {num_layers} layers x {num_slots} slots"], warnings, None, None
     ranks = raw.num_ranks
     if num_ranks is not None and ranks is not None and num_ranks != ranks:
