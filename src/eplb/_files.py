@@ -45,18 +45,24 @@ def _target(path: Path, flag: str | None) -> Path:
     return target
 
 
-def check_writable(path, flag: str | None = None) -> None:
-    """Raise now, before any long work, when ``path`` could not be written by :func:`atomic_path`.
+def check_writable(path, flag: str | None = None, folder: bool = False) -> None:
+    """Raise now, before any long work, when ``path`` could not be written by :func:`atomic_path` (``folder``: when
+    files could not be written in the folder ``path``, or in the nearest existing folder above it that would hold it).
 
-    Creates and removes a temporary file beside it: the only test that covers permissions, read-only and special
-    file systems alike.
+    Creates and removes a temporary file there: the only test that covers permissions, read-only and special file
+    systems alike.
     """
     path = Path(path)
-    target = _target(path, flag)
+    if folder:
+        where = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+        if not where.is_dir():
+            raise FormatError(f"{_label(path, flag)}: {where} is a file, not a folder")
+    else:
+        where = _target(path, flag).parent
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".eplb-check.", suffix=".tmp", dir=where)
     except OSError as exc:
-        raise FormatError(f"{_label(path, flag)}: cannot write in {target.parent}: {exc.strerror or exc}") from None
+        raise FormatError(f"{_label(path, flag)}: cannot write in {where}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(tmp)
 
