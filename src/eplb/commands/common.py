@@ -19,17 +19,10 @@ MAP_FORMAT_BY_SUFFIX = {".json": "ascend", ".npy": "vllm", ".pt": "vllm", ".pth"
                         ".yml": "trtllm"}
 LOAD_FORMAT_BY_SUFFIX = {".npz": "npz", ".json": "sglang", ".pt": "sglang", ".pth": "sglang"}
 
-# The same --nodes / --groups defaults in every command (help text and rule): 8 ranks (GPUs) per node, and the
-# model's expert groups, which only the built-in DeepSeek-V3 scenarios know (8); a load file does not say.
-RANKS_PER_NODE = 8
-NODES_HELP = f"nodes the ranks are spread over (default: ranks / {RANKS_PER_NODE} when that divides, else 1)"
-GROUPS_HELP = ("expert groups of the model, for DeepSeek's hierarchical policy (default: 8 for the built-in "
-               "DeepSeek-V3 scenarios, else 1; DeepSeek-V3: 8)")
-
-
-def default_nodes(ranks: int) -> int:
-    """``--nodes`` when not given: one node per 8 ranks when 8 divides the ranks, else a single node."""
-    return ranks // RANKS_PER_NODE if ranks % RANKS_PER_NODE == 0 and ranks > 0 else 1
+# The same --nodes / --groups defaults and help in every command that plans: a single node and plain (ungrouped)
+# experts unless told, so that the same load and flags give the same plan in plan and simulate.
+NODES_HELP = "nodes the ranks are spread over, for hierarchical policies (default: 1)"
+GROUPS_HELP = "expert groups of the model, for DeepSeek's hierarchical policy (default: 1; DeepSeek-V3: 8)"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,7 +91,7 @@ def _gib(size: float) -> str:
     return f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.0f} MiB"
 
 
-def topology(args, num_experts: int, default_slots: int | None = None, default_groups: int = 1):
+def topology(args, num_experts: int, default_slots: int | None = None):
     """The :class:`~eplb.Topology` of ``--ranks``, ``--slots-per-rank`` or ``--redundant``, ``--nodes``, ``--groups``
     for ``num_experts`` experts; every error names the flags."""
     from eplb.topology import Topology
@@ -106,8 +99,7 @@ def topology(args, num_experts: int, default_slots: int | None = None, default_g
     at_least("--ranks", args.ranks)
     at_least("--nodes", args.nodes)
     at_least("--groups", args.groups)
-    nodes = args.nodes if args.nodes is not None else default_nodes(args.ranks)
-    groups = args.groups if args.groups is not None else default_groups if num_experts % default_groups == 0 else 1
+    nodes, groups = args.nodes, args.groups
     if args.redundant is not None:
         at_least("--redundant", args.redundant, 0)
         total = num_experts + args.redundant

@@ -28,8 +28,8 @@ def register(subparsers) -> None:
     slots.add_argument("--slots-per-rank", type=int, metavar="K", help="expert slots per rank")
     slots.add_argument("--redundant", type=int, metavar="R",
                        help="redundant slots in total; (experts + R) must be divisible by the ranks")
-    parser.add_argument("--nodes", type=int, metavar="N", help=NODES_HELP)
-    parser.add_argument("--groups", type=int, metavar="G", help=GROUPS_HELP)
+    parser.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
+    parser.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
     parser.add_argument("--policy", default="auto",
                         help="policy name or vllm-ascend id: auto, random (0), default (1, DeepSeek's EPLB), "
                              "swift (2), flashlb (3) (default: auto: FlashLB's balance at a fraction of its moves, "

@@ -19,7 +19,6 @@ _DEFAULT_TRACE = "builtin:default"
 _MAIN_POLICIES = ("auto", "default", "swift", "flashlb")  # always compared; any other registered policy joins them
 _DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the floor: best window balance, cheap
 _SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
-_BUILTIN_GROUPS = 8  # the built-in scenarios are DeepSeek-V3's 256 experts in 8 groups
 
 
 def register(subparsers) -> None:
@@ -54,8 +53,8 @@ def register(subparsers) -> None:
     slots = cluster.add_mutually_exclusive_group()
     slots.add_argument("--slots-per-rank", type=int, metavar="K", help=f"expert slots per rank (default: {_SLOTS})")
     slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
-    cluster.add_argument("--nodes", type=int, metavar="N", help=NODES_HELP)
-    cluster.add_argument("--groups", type=int, metavar="G", help=GROUPS_HELP)
+    cluster.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
+    cluster.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
     cluster.add_argument("--layout", default="vllm", choices=("vllm", "ascend", "spread"),
                          help="initial placement (what static keeps)")
     policies = parser.add_argument_group("policies and cycle")
@@ -119,7 +118,7 @@ def _check_flags(args) -> None:
     from eplb.commands.common import at_least, within
     from eplb.errors import EplbError
 
-    for flag, value, minimum in (("--steps", args.steps, 1), ("--window", args.interval, 1),
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--window/--interval", args.interval, 1),
                                  ("--planner-steps", args.planner_steps, 0), ("--layers-per-step",
                                  args.layers_per_step, 0), ("--max-layers", args.max_layers, 1),
                                  ("--jobs", args.jobs, 1), ("--seed", args.seed, 0), ("--min-gain", args.min_gain, 0),
@@ -244,7 +243,7 @@ def run(args) -> int:
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
     shape = _builtin_shape(args)
     if shape is not None:  # a built-in trace: refuse before drawing it
-        common.topology(args, shape[2], default_slots=_SLOTS, default_groups=_BUILTIN_GROUPS)
+        common.topology(args, shape[2], default_slots=_SLOTS)
         _check_memory(args, *shape, num_runs)
     console = common.stderr_console()
     quiet = args.json or not console.is_terminal
@@ -255,8 +254,7 @@ def run(args) -> int:
         task = progress.add_task(f"trace {args.trace}", total=None, note="")
         trace = load_trace(args.trace, args.steps, args.seed, args.workloads)
         progress.update(task, total=1, completed=1)
-        topology = common.topology(args, trace.num_experts, default_slots=_SLOTS,
-                                   default_groups=_BUILTIN_GROUPS if shape is not None else 1)
+        topology = common.topology(args, trace.num_experts, default_slots=_SLOTS)
         _check_memory(args, trace.num_steps, trace.num_layers, trace.num_experts, num_runs)
         cycle = CycleConfig(
             interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,

@@ -121,7 +121,7 @@ def torch_load(path):
             raise FormatError(f"{path}: holds Python objects other than tensors, lists and dicts; eplb reads .pt "
                               "files without running code, so save plain tensors (torch.save(tensor or dict))") \
                 from None
-        raise FormatError(f"{path}: not a torch .pt file (torch.save) that eplb can read") from None
+        raise FormatError(f"{path}: not a readable torch .pt file (one written by torch.save)") from None
 
 
 def to_plain(value):
