@@ -46,8 +46,8 @@ def _example():
     topology = Topology(num_ranks=32, slots_per_rank=9, num_nodes=4, num_groups=8)
     placement = Placement.initial(num_experts=256, topology=topology, num_layers=58, layout="vllm")
     load = parametric_profile(58, 256, seed=0) * _EXAMPLE_TOKENS
-    return placement, load, "example: vLLM default placement", \
-        f"example: DeepSeek-V3-like load, {_EXAMPLE_TOKENS:,} tokens"
+    return placement, load, "vLLM's default placement (example)", \
+        f"a DeepSeek-V3-like load of {_EXAMPLE_TOKENS:,} tokens (example)"
 
 
 def _inputs(args):

@@ -231,6 +231,7 @@ def run(args) -> int:
     from eplb.sim.traces import SCENARIOS, load_trace
 
     from eplb.commands import common
+    from eplb.errors import EplbError
 
     _check_flags(args)
     _check_outputs(args)
@@ -263,7 +264,10 @@ def run(args) -> int:
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
-        dead_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
+        try:  # a rank or node out of range fails before any run
+            dead_ranks(failures, topology, trace.num_steps)
+        except EplbError as exc:
+            raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
         if clairvoyant_name is not None:
             specs.append(RunSpec(f"clairvoyant:{clairvoyant_name}", clairvoyant_name, clairvoyant=True))

@@ -7,6 +7,7 @@ mean; blue: idler), from 0 to :data:`SCALE_MAX` (darker red beyond, shown by the
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +51,15 @@ def plot_rank_heatmap(rank_loads: np.ndarray, path, title: str = "", flag: str |
     par = relative.max(axis=1)
     drawn_par = float(np.average(par, weights=layer_load)) if layer_load.sum() > 0 else 1.0
     num_layers, num_ranks = loads.shape
-    figure = Figure(figsize=(min(4 + num_ranks * 0.18, 24), min(3 + num_layers * 0.12, 16)), dpi=100)
+    width = min(4 + num_ranks * 0.18, 24)
+    figure = Figure(figsize=(width, min(3 + num_layers * 0.12, 16)), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(relative, aspect="auto", interpolation="nearest", cmap="RdBu_r",
                         norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=SCALE_MAX))
     axes.set_xlabel("rank")
     axes.set_ylabel("MoE layer")
+    title = textwrap.fill(title, int(width * 12)) if title else ""  # long file names: wrap, not clip
     axes.set_title((f"{title}\n" if title else "") + f"busiest rank / mean rank of this load: {drawn_par:.3f} "
                    f"(token-weighted mean over layers; worst layer {par.max():.3f})", fontsize=10)
     figure.colorbar(image, ax=axes, label="rank load / layer mean (1 = balanced)",
