@@ -154,12 +154,14 @@ def _check_outputs(args) -> None:
 
 
 def _estimate_bytes(steps: int, layers: int, experts: int, ranks: int, runs: int, jobs: int) -> int:
-    """Memory a simulation needs, roughly: the trace (int32) in this process and in each worker, per run a few
-    float64 copies of one layer's load and its per-step series, and the dispatch table [L, E, W]."""
+    """Memory a simulation needs, roughly: the trace (int32) and the interpreter in this process and in each worker,
+    per run a few float64 copies of one layer's load, its per-step series and the dispatch table [L, E, W]."""
     trace = 4 * steps * layers * experts
     per_run = 8 * (3 * steps * experts + layers * experts * ranks + 12 * steps * layers)
     workers = min(jobs, runs) if jobs > 1 else 0
-    return trace * (1 + workers) + per_run * max(1, min(jobs, runs)) + 8 * 12 * steps * layers * runs
+    interpreter = 256 * 2**20  # Python, numpy, numba: per process
+    return ((trace + interpreter) * (1 + workers) + per_run * max(1, min(jobs, runs))
+            + 8 * 12 * steps * layers * runs)
 
 
 def _check_memory(args, steps: int, layers: int, experts: int, runs: int) -> None:
