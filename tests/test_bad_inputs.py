@@ -159,6 +159,8 @@ CASES = [
     ("simulate --no-files --trace builtin:nope", ["unknown built-in trace"]),
     ("simulate --no-files --fail-rank 99@10", ["--fail-rank", "rank 99", "32 ranks"]),
     ("simulate --no-files --fail-rank 3", ["--fail-rank", "RANK@STEP"]),
+    ("simulate --no-files --steps 50", ["50 steps", "--window 100", "warm-up"]),
+    ("simulate --no-files --trace {d}/load.npz --ranks 2 --slots-per-rank 3", ["4 steps", "warm-up", "--window"]),
 ]
 
 

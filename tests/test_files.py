@@ -105,3 +105,14 @@ def test_files_the_commands_write_are_readable_by_others_and_back(tmp_path, caps
                  str(tmp_path / "h.png")]) == 0
     assert mode(tmp_path / "h.png") == 0o644
     capsys.readouterr()
+
+
+def test_plan_json_without_output_prints_the_map_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    write_load(np.random.default_rng(0).integers(1, 50, (2, 5)), tmp_path / "load.npz")
+    assert main(["plan", "load.npz", "--ranks", "2", "--slots-per-rank", "3", "--policy", "default", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["output"] is None and np.array(result["phy2log"]).shape == (2, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.npz"]

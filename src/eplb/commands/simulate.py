@@ -173,14 +173,50 @@ def _check_memory(args, steps: int, layers: int, experts: int, runs: int) -> Non
                  f"worker(s)", "lower --steps (or --jobs, --policies)")
 
 
-def _builtin_shape(args) -> tuple[int, int, int] | None:
-    """(steps, layers, experts) of a built-in trace before it is drawn; None for a file."""
+def _drawn_shape(args) -> tuple[int, int, int] | None:
+    """(steps, layers, experts) of a trace eplb draws (a built-in scenario, from --workloads, from a statistics or a
+    window-load ``.npz``) before drawing it; None when that cannot be told cheaply (a recorded trace is read as is)."""
     from eplb.sim.traces import BUILTIN_PREFIX, SCENARIOS
 
-    key = args.trace.removeprefix(BUILTIN_PREFIX)
-    if not args.trace.startswith(BUILTIN_PREFIX) or key not in SCENARIOS or args.workloads:
+    if args.trace.startswith(BUILTIN_PREFIX):
+        key, source = args.trace.removeprefix(BUILTIN_PREFIX), args.workloads
+    else:
+        key, source = "default", args.trace
+    if key not in SCENARIOS:
         return None
-    return args.steps or SCENARIOS[key][1].steps, 58, 256
+    steps = args.steps or SCENARIOS[key][1].steps
+    if source is None:
+        return steps, 58, 256  # the parametric DeepSeek-V3-like workloads
+    shape = _counts_shape(source)
+    if shape is None or (source == args.trace and len(shape) == 3 and not _has_workloads(source)):
+        return None  # a per-step trace: replayed, not drawn
+    return steps, shape[-2], shape[-1]
+
+
+def _counts_shape(path) -> tuple[int, ...] | None:
+    """The shape of ``counts`` in an ``.npz``, from its header (no data read); None when it is not such a file."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("counts.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            return header(f)[0]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _has_workloads(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "workloads.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _policy_names(args) -> list[str]:
@@ -244,8 +280,8 @@ def run(args) -> int:
     clairvoyant_name = _clairvoyant_name(args)
     num_runs = 1 + len(names) + (clairvoyant_name is not None)
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
-    shape = _builtin_shape(args)
-    if shape is not None:  # a built-in trace: refuse before drawing it
+    shape = _drawn_shape(args)
+    if shape is not None:  # a trace eplb draws: refuse before drawing it
         common.topology(args, shape[2], default_slots=_SLOTS)
         _check_memory(args, *shape, num_runs)
     console = common.stderr_console()
@@ -263,6 +299,11 @@ def run(args) -> int:
             interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
             bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
+        warmup = warmup_steps(cycle, trace.num_layers, trace.num_steps)
+        if -(-warmup // args.interval) * args.interval >= trace.num_steps:  # no window starts after the warm-up
+            raise EplbError(f"the trace has {trace.num_steps} steps: no planning window of --window {args.interval} "
+                            f"starts after the {warmup}-step warm-up, so nothing would be scored; simulate more "
+                            f"steps (--steps, a longer trace) or give a smaller --window")
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
