@@ -1,6 +1,7 @@
 """Writing files the way Unix tools do: one writer for every file eplb writes (maps, loads, traces, reports, plots).
 
-- A new file gets ``0666`` less the umask, like ``open(path, "w")``; an existing file keeps its mode.
+- A new file gets ``0666`` less the umask, like ``open(path, "w")``; an existing file keeps its mode (and its
+  owner, where the process may set it).
 - A symbolic link is written through: its target is replaced, the link stays.
 - The write is atomic: the data goes to a temporary file beside the target, then ``os.replace`` puts it in place,
   so a reader sees the old file or the new one, never half of one; on error the temporary file is removed.
@@ -82,7 +83,8 @@ def atomic_path(path, flag: str | None = None):
     path = Path(path)
     target = _target(path, flag)
     try:
-        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else new_file_mode()
+        old = target.stat() if target.exists() else None
+        mode = stat.S_IMODE(old.st_mode) if old else new_file_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix or ".tmp", dir=target.parent)
     except OSError as exc:
         raise FormatError(f"{_label(path, flag)}: cannot write in {target.parent}: {exc.strerror or exc}") from None
@@ -91,6 +93,11 @@ def atomic_path(path, flag: str | None = None):
     try:
         yield tmp
         os.chmod(tmp, mode)
+        if old and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+            try:  # keep the owner too, where we may (root replacing a service's file)
+                os.chown(tmp, old.st_uid, old.st_gid)
+            except OSError:
+                pass
         os.replace(tmp, target)
     except OSError as exc:
         raise FormatError(f"{_label(path, flag)}: cannot write: {exc.strerror or exc}") from None

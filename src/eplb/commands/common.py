@@ -30,7 +30,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         help = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in help:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "(default" in help:
             return help
         return super()._get_help_string(action)
 
