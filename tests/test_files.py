@@ -116,3 +116,12 @@ def test_plan_json_without_output_prints_the_map_and_writes_nothing(tmp_path, ca
     result = json.loads(capsys.readouterr().out)
     assert result["output"] is None and np.array(result["phy2log"]).shape == (2, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["load.npz"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another user")
+def test_replaced_file_keeps_its_owner(tmp_path):
+    target = tmp_path / "m.json"
+    target.write_text("{}")
+    os.chown(target, 1234, 1234)
+    write_map(PLACEMENT, target, "ascend")
+    assert (os.stat(target).st_uid, os.stat(target).st_gid) == (1234, 1234)
