@@ -44,6 +44,9 @@ def d(tmp_path_factory) -> Path:
     np.savez(root / "nan.npz", counts=np.array([[1.0, np.nan, 2, 3, 4]] * 3))
     np.savez(root / "negative.npz", counts=np.array([[1, -3, 2, 3, 4]] * 3))
     np.savez(root / "nocounts.npz", load=np.ones((3, 5)))
+    np.savez(root / "noexperts.npz", counts=np.zeros((3, 0)))
+    np.savez(root / "nosteps.npz", counts=np.zeros((0, 3, 5)))
+    np.savez(root / "zero.npz", counts=np.zeros((3, 5)))
     np.save(root / "pickled.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
     np.save(root / "one.npy", np.arange(288))
     (root / "empty.npz").write_bytes(b"")
@@ -97,6 +100,7 @@ CASES = [
     ("plan {d}/nan.npz --ranks 2 --slots-per-rank 3 -o {o}/x.npy", ["nan.npz", "finite"]),
     ("plan {d}/negative.npz --ranks 2 --slots-per-rank 3 -o {o}/x.npy", ["negative load -3", "layer 0, expert 1"]),
     ("plan {d}/ragged_load.json --ranks 2 --slots-per-rank 3 -o {o}/x.npy", ["logical_count", "rectangular"]),
+    ("plan {d}/noexperts.npz --ranks 2 --slots-per-rank 3 -o {o}/x.npy", ["noexperts.npz", "empty", "[3, 0]"]),
     # eval
     ("eval {d}/map.npy {d}/load.npz --ranks 2 --plot /proc/x.png", ["--plot /proc/x.png", "cannot write"]),
     ("eval {d}/map.npy {d}/load.npz --ranks 2 --plot {o}/x.txt", ["--plot", "PNG", ".png"]),
@@ -110,6 +114,7 @@ CASES = [
     ("eval {d}/map.npy {d}/load.npz", ["pass --ranks"]),
     ("eval {d}/map.npy {d}/load.npz --ranks 0", ["--ranks must be >= 1, got 0"]),
     ("eval {d}/map.npy {d}/garbage.npz --ranks 2", ["garbage.npz", "not a .npz archive"]),
+    ("eval {d}/map.npy {d}/nosteps.npz --ranks 2", ["nosteps.npz", "empty", "(steps, layers, experts)"]),
     # validate (exit 1: the problems are listed)
     ("validate {d}/uneq.json", ["INVALID", "device 1: 2 experts (slots)", "same number of slots"]),
     ("validate {d}/one.npy --ranks 2", ["phy2log must be [layers, slots], got shape (288,)"]),
@@ -159,6 +164,7 @@ CASES = [
     ("simulate --no-files --trace builtin:nope", ["unknown built-in trace"]),
     ("simulate --no-files --fail-rank 99@10", ["--fail-rank", "rank 99", "32 ranks"]),
     ("simulate --no-files --fail-rank 3", ["--fail-rank", "RANK@STEP"]),
+    ("simulate --no-files --trace {d}/zero.npz", ["zero.npz", "layer 0 has no load"]),
     ("simulate --no-files --steps 50", ["50 steps", "--window 100", "warm-up"]),
     ("simulate --no-files --trace {d}/load.npz --ranks 2 --slots-per-rank 3", ["4 steps", "warm-up", "--window"]),
 ]

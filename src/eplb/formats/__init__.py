@@ -293,8 +293,12 @@ def read_load(path, format: str | None = None) -> np.ndarray:
     if format not in LOAD_FORMATS:
         raise FormatError(f"{path}: a {format} expert map, not an expert load (expert-load files: .npz counts, "
                           "SGLang logical_count, TensorRT-LLM statistics folder)")
-    load = _module(format).read_load(Path(path))
-    return as_load(load, field=str(path))
+    load = as_load(_module(format).read_load(Path(path)), field=str(path))
+    if 0 in load.shape:
+        axes = ("steps", "layers", "experts")[3 - load.ndim:]
+        raise FormatError(f"{path}: the expert load is empty: shape {list(load.shape)} ({', '.join(axes)}); it needs "
+                          "at least one of each")
+    return load
 
 
 def write_load(load, path, format: str = "npz") -> None:

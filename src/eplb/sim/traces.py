@@ -649,6 +649,10 @@ def load_trace(source: str, steps: int | None = None, seed: int = 0, workloads=N
 
         counts, prefill, top_k, name, origin = read_load(path), None, TOP_K, path.name, f"recorded load {path.name}"
     if counts.ndim == 2:
+        if not (counts.sum(axis=-1) > 0).all():
+            layer = int(np.argmin(counts.sum(axis=-1) > 0))
+            raise LoadError(f"{path} holds one window [L, E] whose layer {layer} has no load; a scenario is drawn "
+                            "from each layer's expert popularity, so every layer needs some")
         logger.info("%s holds one window [L, E] (no time axis): generating builtin:default from it", path)
         profile = _cap_popularity(counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1e-300) * top_k)
         regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k,
