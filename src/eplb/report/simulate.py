@@ -113,10 +113,12 @@ def _cell(figures: dict, key: str, fmt: str) -> str:
 def policy_table(report: dict):
     """A rich table, one row per run."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     trace, topology = report["trace"], report["topology"]
-    table = Table(title=f"{trace['name']} ({trace['source']}): {trace['steps']:,} steps x {trace['layers']} "
+    table = Table(title=f"{escape(trace['name'])} ({escape(trace['source'])}): {trace['steps']:,} steps x "
+                        f"{trace['layers']} "
                         f"layers, {topology['num_ranks']} ranks x {topology['slots_per_rank']} slots",
                   caption=f"per-step PAR (busiest / mean rank), token-weighted, after step {report['warmup_steps']}; "
                           "speed-up: estimated MoE time vs static; ideal: PAR = 1",
