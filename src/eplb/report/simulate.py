@@ -4,8 +4,9 @@ Files written to the output folder (each atomically):
 
 - ``report.json``: the scenario, the settings and every run's figures (:func:`build_report`);
 - ``par_over_time.png``: per-step PAR (token-weighted over layers, smoothed) and estimated step time per run;
-- ``heatmap_before.png`` / ``heatmap_after.png``: rank x layer load of the whole run without balancing and with
-  the best online policy (drawn by :func:`eplb.report.heatmap.plot_rank_heatmap`);
+- ``heatmap_before.png`` / ``heatmap_after.png``: rank x layer load summed over the scored steps (after the
+  warm-up), without balancing and with the best online policy, on the one colour scale of
+  :func:`eplb.report.heatmap.plot_rank_heatmap` (white = balanced, red = busier than the layer's mean);
 - ``report.md``: the table and the plots, with how to read them.
 """
 
@@ -276,8 +277,8 @@ def _markdown(report: dict, best: str | None) -> str:
         "",
         "![per-step PAR over time](par_over_time.png)",
         "",
-        "Rank x layer load after the warm-up (rank load / layer mean), without balancing and with "
-        f"{best or 'no policy'}:",
+        "Rank x layer load summed over the steps after the warm-up, as rank load / layer mean (white: balanced, "
+        f"red: busier, blue: idler; one scale for both), without balancing and with {best or 'no policy'}:",
         "",
         "![rank x layer load without balancing](heatmap_before.png)",
     ]
