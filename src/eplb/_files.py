@@ -22,11 +22,24 @@ from eplb.errors import FormatError
 __all__ = ["atomic_path", "check_writable", "new_file_mode"]
 
 
-def new_file_mode(folder: bool = False) -> int:
-    """``0666`` (``0777`` for a folder) less the process umask: the mode ``open(path, "w")`` / ``mkdir`` give."""
+def _umask() -> int:
+    # Linux reports the umask without changing it; setting and restoring it instead would race with any thread
+    # that creates a file in between (the runtime writes maps from a background thread).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return mask
+
+
+def new_file_mode(folder: bool = False) -> int:
+    """``0666`` (``0777`` for a folder) less the process umask: the mode ``open(path, "w")`` / ``mkdir`` give."""
+    return (0o777 if folder else 0o666) & ~_umask()
 
 
 def _label(path: Path, flag: str | None) -> str:
