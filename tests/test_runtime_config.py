@@ -23,7 +23,10 @@ def test_vllm_ascend_keys_with_env_guards(tmp_path):
     record = {"expert_map_record_path": str(tmp_path / "out" / "map.json")}
     with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):
         EplbConfig.from_dict(record, env={})
-    config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
+    with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):  # vllm-ascend compares it to "true" exactly
+        EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
+    assert not (tmp_path / "out").exists()
+    config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "true"})
     assert config.mode == "record" and (tmp_path / "out").is_dir()
 
 
@@ -38,8 +41,8 @@ def test_vllm_and_xllm_keys():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"window_sise": 10}, "did you mean 'window_size'"),
-    ({"expert_heat_collection_interval": 0}, "must be >= 1, got 0"),
-    ({"step_interval": -5}, "must be >= 1, got -5"),
+    ({"expert_heat_collection_interval": 0}, "must be an integer >= 1, got 0"),
+    ({"step_interval": -5}, "must be an integer >= 1, got -5"),
     ({"eplb_policy_type": 7}, r"policy id in \[0, 1, 2, 3\], got 7"),
     ({"policy": "defualt"}, "did you mean 'default'"),
     ({"eplb_heat_collection_stage": "decoding"}, "did you mean 'decode'"),
@@ -181,4 +184,4 @@ def test_record_mode_asks_the_policy_for_maps_vllm_ascend_can_hold(tmp_path):
     assert options(mode="record", policy="random") == {}  # no such option: nothing to ask
     assert options(mode="record", policy="default", policy_options={"allow_shared_rank": True}) == {
         "allow_shared_rank": True}
-    assert options(mode="dynamic", policy="default") == {}
+    assert _policy_options(EplbConfig.from_dict({"mode": "dynamic", "policy": "default"})) == {}
