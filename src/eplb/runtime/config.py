@@ -198,6 +198,8 @@ def _policy_options(key: str, value, policy: str) -> dict:
 
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ConfigError(f"{key} must be a dict of option name -> value, got {value!r}")
+    if not value:
+        return {}
     try:
         get_policy(policy, **value)
     except EplbError as exc:
@@ -454,12 +456,13 @@ def _checked(values: dict, names: dict) -> dict:
     def key(name: str) -> str:
         return names.get(name, name)
 
+    settings = {f.name for f in fields(EplbConfig)}
     for name, check in _CHECKS.items():
-        if out.get(name) is not None and name in {f.name for f in fields(EplbConfig)}:
+        if name in settings and out.get(name) is not None:
             out[name] = check(key(name), out[name])
-    policy = out.get("policy", "auto")
     if "policy_options" in out:
-        out["policy_options"] = _policy_options(key("policy_options"), out["policy_options"], policy)
+        out["policy_options"] = _policy_options(key("policy_options"), out["policy_options"],
+                                                out.get("policy", "auto"))
     mode = out.get("mode", "off")
     if out.get("map_path") is not None and not Path(out["map_path"]).is_file():
         raise ConfigError(f"{key('map_path')}={out['map_path']!r}: no such file")
