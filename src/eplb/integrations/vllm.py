@@ -103,7 +103,7 @@ class VllmPolicy:
             # vLLM copies nothing for an expert that keeps its slot; the policy's retention worked on the repaired
             # start, so put the experts the engine really holds back in their slots (rank loads do not change)
             phy2log = preserve_slots(phy2log, np.where(old < 0, num_experts, old), topology.num_ranks)
-        return like_input(np.ascontiguousarray(phy2log, dtype=np.int64), weight)
+        return like_input(np.array(phy2log, dtype=np.int64), weight)  # a writable copy: the caller owns it
 
 
 def _old_map(value, num_layers: int, num_experts: int, num_replicas: int) -> np.ndarray:
