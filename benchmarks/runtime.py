@@ -48,6 +48,7 @@ from eplb.transfers import layer_transfer
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 58, 256, 8
 TOPOLOGY = Topology(32, 9, num_nodes=4, num_groups=8)
+TOPOLOGY_64 = Topology(64, 5, num_nodes=8, num_groups=8)
 
 
 def median_us(fn, repeats: int, inner: int = 1) -> float:
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the Gloo cycle measurement (0: skip)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the only output format)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
@@ -131,7 +133,10 @@ def main() -> None:
     out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
     out["failover"] = failover(plan, args.repeats)
     if args.ranks:
-        out["cycle_gloo"] = gloo_cycle(args.ranks, load)
+        cycle = gloo_cycle(args.ranks, load)
+        for key in ("added_host_us", "forward_ratio_during_transfer", "staging_bytes"):
+            out[key] = cycle.pop(key)
+        out["cycle_gloo"] = cycle
     out["note"] = ("CPU, 1 thread per process; medians; a shared 2-core machine under load by other jobs, so "
                    "timings are noisy")
     print(json.dumps(out, indent=2))
@@ -158,7 +163,7 @@ def failover(plan: Placement, repeats: int) -> dict:
 
 
 def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
-    """Run one dynamic cycle over a real Gloo group; rank 0's hook timings per step kind."""
+    """Per step kind, the host time EPLB adds over a no-EPLB baseline, on a real Gloo group (rank 0's figures)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -168,50 +173,93 @@ def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
         return json.loads(Path(tmp, "rank0.json").read_text())
 
 
+STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
+
+
+def _forward(hidden: torch.Tensor, weight: torch.Tensor) -> float:
+    """A stand-in forward (one matmul per layer); its seconds."""
+    start = time.perf_counter()
+    for _ in range(NUM_LAYERS):
+        hidden = torch.tanh(hidden @ weight)
+    return time.perf_counter() - start
+
+
+def _serve_steps(ctl, ids, steps: int, hidden, weight, until=None):
+    """Serve ``steps`` steps (every rank together); per step: (hook seconds, forward seconds, kinds)."""
+    import torch.distributed as dist
+
+    rows = []
+    for _ in range(steps):
+        switching = ctl._pending is not None
+        agreement, submitted = ctl._agreement, len(ctl.metrics)
+        dist.barrier()  # start every step together, so hook times do not include another rank's lag
+        start = time.perf_counter()
+        ctl.before_forward()
+        for layer in range(NUM_LAYERS):
+            ctl.route(layer, ids[layer])
+        hooks = time.perf_counter() - start
+        kinds = {"switch"} if switching else set()
+        if ctl._pending is not None:
+            kinds.add("move")
+        if len(ctl.metrics) > submitted:
+            kinds.add("submit")
+        if ctl._agreement is not None and ctl._agreement is not agreement:
+            kinds.add("check")
+        if ctl.cycle.phase.value == "plan":
+            kinds.add("poll")
+        forward = _forward(hidden, weight)
+        start = time.perf_counter()
+        ctl.after_forward()
+        hooks += time.perf_counter() - start
+        rows.append((hooks, forward, kinds or {"ordinary"}))
+        if until is not None:
+            done = torch.tensor([int(until(ctl))])
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if done[0]:
+                break
+    return rows
+
+
 def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
     import torch.distributed as dist
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=num_ranks)
-    topology = Topology(num_ranks, TOPOLOGY.num_physical // num_ranks)
+    topology = Topology(num_ranks, TOPOLOGY_64.num_physical // num_ranks)
     placement = Placement.initial(NUM_EXPERTS, topology, NUM_LAYERS, layout="spread")
-    tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
-    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
-                                   "policy": "default"})
-    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
-                         placement=placement)
     p = load / load.sum(axis=1, keepdims=True)
     rng = np.random.default_rng(rank)
-    kinds: dict[str, list[float]] = {}
+    ids = [torch.as_tensor(rng.choice(NUM_EXPERTS, (64, TOP_K), p=p[l])) for l in range(NUM_LAYERS)]
+    hidden, weight = torch.randn(64, 256), torch.randn(256, 256) / 16
+    baseline_ctl = EplbController(EplbConfig.from_dict({"mode": "off"}), NUM_LAYERS, NUM_EXPERTS, topology, rank,
+                                  placement=placement)
+    baseline = _serve_steps(baseline_ctl, ids, 200, hidden, weight)
+    base_us = statistics.median(h for h, _, _ in baseline) * 1e6
+    tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
+    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
+                                   "policy": "default", "layers_per_step": 4})
+    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
+                         placement=placement)
     try:
-        for step in range(2000):
-            ids = [torch.as_tensor(rng.choice(NUM_EXPERTS, (64, TOP_K), p=p[l])) for l in range(NUM_LAYERS)]
-            submitted, phase = len(ctl.metrics), ctl.cycle.phase.value
-            dist.barrier()  # start every step together, so hook times do not include another rank's lag
-            start = time.perf_counter()
-            ctl.before_forward()
-            hooks = time.perf_counter() - start
-            for l in range(NUM_LAYERS):
-                ctl.route(l, ids[l])
-            start = time.perf_counter()
-            ctl.after_forward()
-            hooks += time.perf_counter() - start
-            kind = "submit" if len(ctl.metrics) > submitted else phase
-            kinds.setdefault(kind, []).append(hooks * 1e6)
-            time.sleep(0.002)
-            done = torch.tensor([int(bool(ctl.metrics) and ctl.metrics[0].par_before is not None
-                                     and ctl.cycle.phase.value == "collect")])
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-            if done.item():
-                break
-        m = ctl.metrics[0]
-        out = {"ranks": num_ranks, "steps": step + 1, "layers_switched": len(m.applied_layers),
-               "skipped": m.skipped, "planner_s": m.planner_s, "transfer_ms": m.transfer_s * 1e3,
-               "switch_ms": m.switch_s * 1e3, "moved_slots": m.moved_slots,
-               "hook_us": {k: {"median": statistics.median(v), "max": max(v), "steps": len(v)}
-                           for k, v in kinds.items()},
-               "cycle_ms": sum(sum(v) for k, v in kinds.items() if k != "collect") / 1e3}
+        rows = _serve_steps(ctl, ids, 3000, hidden, weight,
+                            until=lambda c: sum(1 for m in c.metrics if m.applied_layers) >= 3
+                            and c.cycle.phase.value == "collect" and c._pending is None)
+        added = {}
+        for kind in STEP_KINDS:
+            values = [h * 1e6 - base_us for h, _, k in rows if kind in k]
+            if values:
+                added[kind] = {"median": float(np.median(values)), "p99": float(np.percentile(values, 99)),
+                               "steps": len(values)}
+        moving = [f for _, f, k in rows if "move" in k]
+        still = [f for _, f, k in rows if k == {"ordinary"}]
+        out = {"ranks": num_ranks, "topology": topology.describe(), "steps": len(rows),
+               "baseline_host_us": base_us, "added_host_us": added,
+               "forward_ratio_during_transfer": statistics.median(moving) / statistics.median(still),
+               "staging_bytes": max(m.staging_bytes for m in ctl.metrics),
+               "added_memory_bytes": ctl.added_memory(),
+               "late_steps": sum(m.late_steps for m in ctl.metrics),
+               "layers_switched": sum(len(m.applied_layers) for m in ctl.metrics)}
         if rank == 0:
             Path(tmp, "rank0.json").write_text(json.dumps(out))
     finally:

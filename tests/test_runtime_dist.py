@@ -88,16 +88,20 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
     for count in range(max_steps):
         step = ctl.step
         before = ctl.live.phy2log.copy()
-        ctl.before_forward()
+        ctl.before_forward()  # layers posted in the last step switch here
+        in_force = ctl.live.phy2log.copy()
         if on_step is not None:
             on_step(ctl)
         ids = skewed_ids(step, rank)
         for layer in range(NUM_LAYERS):
             ctl.route(layer, ids)
             if check_weights and ctl.mover is not None:  # the forward must see the placement in force
-                old_weights_ok &= equal_to_fresh(ctl.mover.layer_tensors[layer], layer, before[layer], rank)
+                old_weights_ok &= equal_to_fresh(ctl.mover.layer_tensors[layer], layer, in_force[layer], rank)
         ctl.after_forward()
-        for layer in np.flatnonzero((ctl.live.phy2log != before).any(axis=1)).tolist():
+        # a layer transferred in step s is in force from step s + 1 on (it switches before that step's forward)
+        for layer in np.flatnonzero((in_force != before).any(axis=1)).tolist():
+            switch_step.setdefault(layer, []).append(step - 1)
+        for layer in np.flatnonzero((ctl.live.phy2log != in_force).any(axis=1)).tolist():
             switch_step.setdefault(layer, []).append(step)
         time.sleep(sleep_s)
         if count % 5 == 4 and agree_all(until(ctl)):
@@ -266,9 +270,10 @@ def scenario_record(rank, tmp):
     initial = ctl.live.phy2log.copy()
     maps = {}
 
-    def capture(c):  # rank 0 writes the map in the step its plan is accepted, before the forward
+    def capture(c):  # rank 0's side thread writes the map once the plan is accepted, outside the step
         cycle = len(c.metrics) - 1
         if rank == 0 and cycle >= 0 and cycle not in maps and c.metrics[cycle].par_before is not None:
+            c.channel.drain()
             with open(path) as f:
                 maps[cycle] = json.load(f)
 

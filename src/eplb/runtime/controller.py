@@ -44,6 +44,7 @@ cycle, moves nothing and keeps attributing heat through the placement actually i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -59,11 +60,12 @@ from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
 from eplb.runtime.agreement import agree_on_plan, all_reduce
-from eplb.runtime.config import EplbConfig
+from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
 from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
+from eplb.runtime.transport import SideChannel, hand_over, side_event
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
@@ -152,9 +154,18 @@ class EplbController:
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
                 raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
-            self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group)
-            self._expert_bytes = np.array([self.mover.expert_bytes(layer) for layer in range(num_layers)],
-                                          dtype=np.int64)
+            self._expert_bytes = np.array([sum(t[0].numel() * t.element_size() for t in ts) if len(ts) else 0
+                                           for ts in layer_tensors], dtype=np.int64)
+            largest = int(self._expert_bytes.max())
+            if config.bytes_per_step is not None and config.bytes_per_step < largest:  # before anything starts
+                raise ConfigError(f"bytes_per_step={config.bytes_per_step} is smaller than one expert of layer "
+                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors); expected "
+                                  f">= {largest} so that a step can move at least one expert")
+        #: EPLB's side thread, groups and stream (transfers, agreements); None in ``off`` and ``static`` modes
+        self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching)
+                        if planning else None)
+        if config.mode == "dynamic":
+            self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group, self.channel)
         self.planner = None
         if planning:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
@@ -172,7 +183,12 @@ class EplbController:
         self._submitted_step = 0
         #: the transfers of the cycle being applied, by layer
         self.transfers: dict = {}
+        #: (post step, transfers, PendingMove) in flight on the side thread, switched before the next forward
         self._pending = None
+        #: Future of the plan agreement started on the side group in a check step, read in the next step
+        self._agreement = None
+        #: Future of the window gather and planner request running on the side thread
+        self._gathering = None
         self._last_interval_start = time.monotonic()
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
@@ -194,8 +210,13 @@ class EplbController:
             self._static_window()
             self.recorder.begin_step(is_prefill)
             return
+        if self._pending is not None:  # the layers posted in the last step are in force from this one on
+            self._switch()
+        if self._gathering is not None and self._gathering.done():
+            self._gathered()
         action = self.cycle.on_step(self.step)
         if action.skipped:
+            self._agreement = None
             self._skip(action.skipped)
         if action.submit:  # the window is the steps before this one: gather it before this step records
             self._submit(action.window_start)
@@ -204,34 +225,55 @@ class EplbController:
             self._poll()
         if action.apply_layers and self.mover is not None:
             transfers = [self.transfers[layer] for layer in action.apply_layers]
-            self._pending = (transfers, self.mover.post(transfers))
+            pending = self.mover.post(transfers)
+            tables = self.channel.submit(self._prepare_switch, transfers)
+            self._pending = (self.step, transfers, pending, tables)
 
     def after_forward(self) -> None:
-        """Call after every forward step: commits the layers posted in :meth:`before_forward`."""
+        """Call after every forward step."""
         if self.config.mode == "off":
             return
-        if self._pending is not None:
-            start = time.perf_counter()
-            transfers, pending = self._pending
-            self._pending = None
-            self.mover.commit(pending)
-            for transfer in transfers:
-                self.live.switch(transfer.layer, transfer.new_row.reshape(-1))
-            current = self.metrics[-1]
-            current.transfer_s += pending.post_s + pending.wait_s
-            current.switch_s += time.perf_counter() - start - pending.wait_s
-            current.bytes_received += pending.bytes_received
-            current.applied_layers += [t.layer for t in transfers]
         record = self.cycle.records[-1] if self.cycle.records else None
-        if record is not None and record.apply_end == self.step and self.metrics:
+        if record is not None and record.apply_end == self.step and self.metrics and self.mover is None:
             self._finish_cycle()
         self.step += 1
         self._in_step = False
 
+    def _prepare_switch(self, transfers: list) -> list[dict]:
+        """Side thread: the recorder fold and router tables of each layer's switch, uploaded to the device."""
+        prepared = [self.live.prepare(t.layer, t.new_row.reshape(-1), t.old_row.reshape(-1)) for t in transfers]
+        return prepared, side_event(self.channel.stream)
+
+    def _switch(self) -> None:
+        """Switch the layers posted in the last step: every rank's transfers completed (the side thread agreed on
+        it), so every rank switches them in this same step. Waits only when the side thread is late."""
+        start = time.perf_counter()
+        posted, transfers, pending, tables = self._pending
+        self._pending = None
+        self.mover.commit(pending)
+        late = pending.late or not tables.done()
+        prepared, event = tables.result()
+        hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values()) if isinstance(t, torch.Tensor)])
+        for transfer, tables_of_layer in zip(transfers, prepared):
+            self.live.switch(transfer.layer, transfer.new_row.reshape(-1), tables_of_layer)
+        current = self.metrics[-1]
+        current.transfer_s += pending.post_s + pending.wait_s
+        current.switch_s += time.perf_counter() - start - pending.wait_s
+        current.bytes_received += pending.bytes_received
+        current.applied_layers += [t.layer for t in transfers]
+        current.staging_bytes = max(current.staging_bytes, self.mover.staging_bytes)
+        current.late_steps += int(late)
+        if self.cycle.records[-1].apply_end == posted:
+            self._finish_cycle()
+
     def close(self) -> None:
         """Stop the planner worker. Call once when serving ends."""
+        if self._pending is not None:  # transfers posted in the last step: in force from now on
+            self._switch()
         if self.planner is not None:
             self.planner.close()
+        if self.channel is not None:
+            self.channel.close()
 
     def fail_ranks(self, ranks, group=None) -> FailoverReport:
         """Keep serving after ``ranks`` failed. Call on every surviving rank, between two steps (also when the
@@ -283,11 +325,12 @@ class EplbController:
                             f"{' ...' if len(lost) > 8 else ''}) and the controller has no expert_loader and "
                             "layer_tensors to load them again")
         self.failed, self.group = failed, group
-        if self.mover is not None:
-            self.mover.group = group
-            if self._pending is not None:  # transfers posted in the abandoned step: never waited for
-                self.mover.abandon()
-                self._pending = None
+        moving = self._pending is not None  # the cycle's last layer may be posted and not yet switched
+        if self.channel is not None:  # EPLB's groups are rebuilt over the survivors; the old ones are dropped
+            self.channel = self.channel.rebuilt(group)
+        if self.mover is not None:  # transfers posted in the abandoned step are never switched
+            self.mover.abandon(self.channel)
+        self._pending = self._agreement = self._gathering = None
         self.recorder.live = live
 
         resume, complete = agree_after_failure(self.live, self.step + int(self._in_step), self.transfers, self.group,
@@ -296,7 +339,7 @@ class EplbController:
             load_layer(self.live, layer, row, self._layer_tensors, self.expert_loader)
         completed = sorted(complete)
         reason = f"ranks {np.flatnonzero(failed).tolist()} failed"
-        if self.cycle.phase is not Phase.COLLECT:
+        if self.cycle.phase is not Phase.COLLECT or moving:
             if len(self.metrics) < len(self.cycle.records):  # the failure hit while the window was gathered
                 self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
                                                  window_par=np.full(self.placement.num_layers, np.nan)))
@@ -322,6 +365,19 @@ class EplbController:
                     len(lost), len(report.reloaded), len(completed), report.seconds)
         return report
 
+    def added_memory(self) -> dict:
+        """Bytes EPLB adds on this rank: ``redundant_slots`` (expert weights beyond ``E / W`` slots),
+        ``staging`` (transfer arenas, device and pinned host), ``tables`` (router tables and recorder buffers), and
+        their ``total``."""
+        spare = self.topology.slots_per_rank - self.num_experts / self.topology.num_ranks
+        tensors = [self.router.log2phy, self.router.replica_count, self.router.rank_table, self.router.replica_slot,
+                   self.recorder.window, self.recorder.folded, self.recorder.ring, self.recorder.ring_folded]
+        out = {"redundant_slots": int(round(spare * float(self._expert_bytes.sum()))),
+               "staging": self.mover.staging_bytes if self.mover is not None else 0,
+               "tables": sum(t.numel() * t.element_size() for t in tensors if t is not None)}
+        out["total"] = sum(out.values())
+        return out
+
     # -- cycle steps --------------------------------------------------------------------------------------------
     @property
     def placement(self) -> Placement:
@@ -337,72 +393,116 @@ class EplbController:
     def _static_window(self) -> None:
         if self.step and self.step % self.config.window_steps == 0:
             load = self.gather_load()
-            window = load.sum(axis=0) if load.ndim == 3 else load
-            self._log_window(window)
+            self._window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step)
 
-    def _log_window(self, window: np.ndarray) -> np.ndarray:
-        if self.failed.any():
-            loads = self.placement.without_ranks(self.failed).rank_loads(window)[:, ~self.failed]
+    def _window_par(self, window: np.ndarray, placement: Placement, failed: np.ndarray, step: int) -> np.ndarray:
+        if failed.any():
+            loads = placement.without_ranks(failed).rank_loads(window)[:, ~failed]
         else:
-            loads = rank_loads(self.placement, window)
+            loads = rank_loads(placement, window)
         window_par = par(loads)
         if self.config.log_balancedness:
-            log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", self.step, balancedness(loads),
+            log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", step, balancedness(loads),
                      float(window_par.mean()))
         return window_par
 
     def _submit(self, window_start: int) -> None:
-        load = self.gather_load()
-        window = load.sum(axis=0) if load.ndim == 3 else load
-        window_par = self._log_window(window)
-        if self.metrics and self.metrics[-1].next_window_par is None:
-            self.metrics[-1].next_window_par = window_par
-        self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step, window_par=window_par))
-        self._window_load = window
+        """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
+        group, PAR, the interval agreement, the planner request) runs on the side thread."""
+        if self._gathering is not None:  # the last window's gather is still running (a very short window)
+            self._gathered(late=True)
+        self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
+                                         window_par=np.full(self.placement.num_layers, np.nan)))
         self._result, self._local, self._submitted_step = None, (0, ""), self.step
+        request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
+                              self.config.policy, self._policy_options, dispatch=self.config.dispatch,
+                              cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
+                              live_ranks=~self.failed if self.failed.any() else None,
+                              resilience=self.config.resilience, state=self.cycle.state)
+        self._gathering = self.channel.submit(self._gather_and_plan, self.recorder.snapshot(),
+                                              self.channel.record_event(), request, self.failed.copy(), self.step)
+
+    def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int) -> tuple:
+        """Side thread: the window's load over the side group, its PAR, and the planner request."""
+        if event is not None:
+            self.channel.stream.wait_event(event)
+        group = self.channel.cpu_group
+        load = self.recorder.logical_load(request.current, group, snapshot.to_host(self.channel.stream))
+        window = load.sum(axis=0) if load.ndim == 3 else load
+        window_par = self._window_par(window, Placement(request.current, self.num_experts, self.topology), failed,
+                                      step)
         if not self._interval_elapsed():
-            self._local = (-1, _WAITING_FOR_INTERVAL)
-            return
+            return window, window_par, _WAITING_FOR_INTERVAL
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
-        live = ~self.failed if self.failed.any() else None
-        self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self.live.phy2log.copy(), self.topology,
-                                        self.config.policy, self._policy_options, dispatch=self.config.dispatch,
-                                        cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
-                                        live_ranks=live, resilience=self.config.resilience, state=self.cycle.state))
+        self.planner.submit(dataclasses.replace(request, load=load))
+        return window, window_par, None
+
+    def _gathered(self, late: bool = False) -> None:
+        """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""
+        future, self._gathering = self._gathering, None
+        window, window_par, waiting = future.result()
+        current = self.metrics[-1]
+        current.late_steps += int(late)
+        current.window_par = window_par
+        if len(self.metrics) > 1 and self.metrics[-2].next_window_par is None:
+            self.metrics[-2].next_window_par = window_par
+        self._window_load = window
+        if waiting and self._local[0] == 0:
+            self._local = (-1, waiting)
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
         if self.config.update_interval_s is None:
             return True
         elapsed = float(time.monotonic() - self._last_interval_start >= self.config.update_interval_s)
-        flag = all_reduce(torch.tensor([elapsed]), dist.ReduceOp.MAX, self.group, self.device)
+        flag = torch.tensor([elapsed])
+        if self.channel.world > 1:  # rare (a cycle start), on the side group
+            flag = all_reduce(flag, dist.ReduceOp.MAX, self.channel.cpu_group)
         if flag[0] > 0:
             self._last_interval_start = time.monotonic()
             return True
         return False
 
     def _poll(self) -> None:
+        if self._agreement is not None:  # started in the last step on the side group: decide with it now
+            future, self._agreement = self._agreement, None
+            self.metrics[-1].late_steps += int(not future.done())
+            low_flag, same = future.result()
+            if low_flag < 0:
+                self.cycle.plan_failed(self.step, self._local[1] or "the planner of another rank failed")
+                return
+            if low_flag > 0:
+                if same:
+                    self._accept(self._result)
+                else:
+                    self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
+                return
+        if self._gathering is not None:
+            if not self._gathering.done():  # the planner has not been asked yet
+                self._start_agreement()
+                return
+            self._gathered()
         if self._local[0] == 0:
             state, value = self.planner.poll()
             if state == "ready":
                 self._result, self._local = value, (1, "")
             elif state == "failed":
                 self._local = (-1, value)
+        self._start_agreement()
+
+    def _start_agreement(self) -> None:
+        """In check steps: the ranks' planner states and plan checksums, agreed on the side group (read next step)."""
         if (self.step - self._submitted_step) % self.config.planner_check_steps:
             return
-        flag, reason = self._local
-        low_flag, same = agree_on_plan(flag, self._result.plan.checksum if flag == 1 else 0, self.group,
-                                       self.device)
-        if low_flag == 0:
-            return
-        if low_flag < 0:
-            self.cycle.plan_failed(self.step, reason or "the planner of another rank failed")
-            return
-        if not same:
-            self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
-            return
-        self._accept(self._result)
+        flag = self._local[0]
+        self._agreement = self.channel.submit(self._agree, flag, self._result.plan.checksum if flag == 1 else 0)
+
+    def _agree(self, flag: int, checksum: int) -> tuple[int, bool]:
+        """Side thread: every rank's planner flag and plan checksum, agreed on the side group."""
+        if self.channel.world == 1:
+            return flag, True
+        return agree_on_plan(flag, checksum, self.channel.cpu_group)
 
     def _accept(self, reply: PlannerReply) -> None:
         plan = reply.plan
@@ -413,33 +513,36 @@ class EplbController:
         current.moved_slots = int(plan.moved_slots[layers].sum())
         current.bytes_moved = int(plan.layer_bytes[layers].sum())
         if self.config.mode == "record":
-            self._write_record(plan.phy2log)
+            if self.rank == 0:  # written by the side thread, never inside a step
+                self.channel.submit(self._write_record, plan.phy2log, current.cycle)
             return
         self.transfers = {t.layer: t for t in plan.transfers}
 
-    def _write_record(self, phy2log: np.ndarray) -> None:
-        if self.rank != 0:
-            return
+    def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
         from eplb.formats import write_map
 
         try:  # written atomically; a plan the format cannot hold must not stop serving
             write_map(Placement(phy2log, self.placement.num_experts, self.topology), self.config.record_path,
                       "ascend")
         except (EplbError, OSError) as exc:
-            log.error("eplb record mode: cycle %d map not written: %s", self.metrics[-1].cycle, exc)
+            log.error("eplb record mode: cycle %d map not written: %s", cycle, exc)
             return
-        log.info("eplb record mode: cycle %d map written to %s", self.metrics[-1].cycle, self.config.record_path)
+        log.info("eplb record mode: cycle %d map written to %s", cycle, self.config.record_path)
 
     def _skip(self, reason: str) -> None:
         current = self.metrics[-1]
         current.skipped = reason
         self._result = None
-        if self.planner.busy:
-            self.planner.restart()  # abandon a request still running (it may be hung)
+        self.channel.submit(self._restart_busy_planner)  # a restart takes milliseconds: not in a step
         level = logging.INFO if reason == "no gain" or _WAITING_FOR_INTERVAL in reason else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)
+
+    def _restart_busy_planner(self) -> None:
+        """Side thread: abandon a request still running (it may be hung)."""
+        if self.planner.busy:
+            self.planner.restart()
 
     def _finish_cycle(self) -> None:
         current = self.metrics[-1]

@@ -27,6 +27,9 @@ class CycleMetrics:
         planner_s: seconds the policy took in the worker.
         transfer_s: seconds this rank spent posting and waiting for transfers.
         switch_s: seconds of host work switching layers besides the transfers (in-place copies, table updates).
+        staging_bytes: staging memory this rank held for the cycle's transfers (device and pinned host arenas).
+        late_steps: steps of the cycle in which the serving thread waited for EPLB's side thread (a transfer or an
+            agreement not finished one step after it started); 0 when serving never waited.
         skipped: why the whole cycle was skipped, or None.
         next_window_par: float64 ``[L]`` measured PAR of the following window (filled one cycle later).
     """
@@ -44,6 +47,8 @@ class CycleMetrics:
     planner_s: float = float("nan")
     transfer_s: float = 0.0
     switch_s: float = 0.0
+    staging_bytes: int = 0
+    late_steps: int = 0
     skipped: str | None = None
     next_window_par: np.ndarray | None = None
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from eplb.placement import Placement
+from eplb.runtime.transport import upload
 
 __all__ = ["LivePlacement"]
 
@@ -50,13 +51,26 @@ class LivePlacement:
         k = self.topology.slots_per_rank
         return self._phy2log[layer, self.rank * k:(self.rank + 1) * k].copy()
 
-    def switch(self, layer: int, new_row: np.ndarray) -> None:
-        """Put ``layer`` on ``new_row`` ``[P]`` (its weights are in place): recorder fold, row, router tables."""
-        old = self._phy2log[layer] if self.recorder.source == "ids" else self.local_row(layer)
-        self.recorder.fold_layer(layer, torch.as_tensor(old, device=self.recorder.device))
+    def switch(self, layer: int, new_row: np.ndarray, prepared: dict | None = None) -> None:
+        """Put ``layer`` on ``new_row`` ``[P]`` (its weights are in place): recorder fold, row, router tables.
+        ``prepared``: :meth:`prepare` of this switch (built off the serving thread): then device copies only."""
+        if prepared is None:
+            prepared = self.prepare(layer, new_row)
+        self.recorder.fold_layer(layer, prepared["fold"])
         self._phy2log[layer] = np.asarray(new_row, dtype=np.int64).reshape(-1)
         self._placement = None
-        self.router.update_layer(layer, self._phy2log[layer].copy())
+        self.router.apply_tables(prepared["router"])
+
+    def prepare(self, layer: int, new_row: np.ndarray, old_row: np.ndarray | None = None) -> dict:
+        """What :meth:`switch` writes for ``layer``, built on the host and uploaded (any thread). ``old_row``: the
+        row in force when the switch comes (default: the row in force now)."""
+        if old_row is None:
+            old_row = self._phy2log[layer]
+        old_row = np.asarray(old_row, dtype=np.int64).reshape(-1)
+        if self.recorder.source != "ids":
+            k = self.topology.slots_per_rank
+            old_row = old_row[self.rank * k:(self.rank + 1) * k]
+        return {"fold": upload(old_row, self.recorder.device), "router": self.router.layer_tables(layer, np.asarray(new_row).reshape(-1))}
 
     def fail_over(self, failed: np.ndarray) -> None:
         """Route around the ``failed`` ranks (bool ``[W]``) from now on."""

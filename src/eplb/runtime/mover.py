@@ -1,34 +1,38 @@
-"""Weight mover: executes a layer's :class:`~eplb.transfers.LayerTransfer` with point-to-point transfers.
+"""Weight mover: executes a layer's :class:`~eplb.transfers.LayerTransfer` on EPLB's side channel.
 
-Protocol, per step (driven by the controller):
+Protocol, driven by the controller:
 
-1. :meth:`ExpertMover.post` before the forward: posts ``batch_isend_irecv`` for the layer(s). Sends read the live
-   expert tensors (the forward only reads them too); receives land in staging buffers, never in live tensors, so the
-   forward of this step still computes with the old experts.
-2. the engine runs its forward.
-3. :meth:`ExpertMover.commit` after the forward: waits for the transfers, copies the experts that stay on this rank
-   but change slot into staging, then writes staging into the live tensors in place (addresses do not change).
-   The caller then swaps the layer's maps (router, recorder) in the same step on every rank.
+1. :meth:`ExpertMover.post` (serving thread, before the forward of step ``s``): records an event on the serving
+   stream and hands the layer(s) to the :class:`~eplb.runtime.transport.SideChannel`; nothing else. On the side
+   thread, after that event: the rows to send are packed from the live tensors (the forward only reads them too), the
+   backend sends and receives them (receives land in a staging arena, never in live tensors, so the forward still
+   computes with the old experts), the index tensors of the switch are uploaded, and one all-reduce on the side group
+   tells every rank that every rank's transfers completed.
+2. :meth:`ExpertMover.ready` (serving thread): whether that happened (``Future.done()``, no wait).
+3. :meth:`ExpertMover.commit` (serving thread, before the forward of step ``s + 1``): the serving stream waits on the
+   side stream's event, copies the experts that stay on this rank but change slot, then writes the staged experts into
+   the live tensors in place (addresses do not change). Device ops only; it waits on the host only when the side
+   thread has not finished (counted in :attr:`PendingMove.late`).
+
+Staging holds the rows this rank receives and the rows that change slot locally in one step (at most that step's
+share of ``bytes_per_step`` when no single layer exceeds it), never a copy of a whole layer; :attr:`ExpertMover.
+staging_bytes` reports it (device arena plus the backend's pinned host arena).
 
 Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
 every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
-
-Ranks with nothing to send or receive in a layer post no operation. NCCL requires the first point-to-point batch
-of a group to involve every rank; the controller always runs a collective on the group (the window's all-reduce)
-before any transfer, which satisfies it. Messages carry distinct tags per (layer position, tensor), which Gloo
-needs to match several messages between the same pair of ranks.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from eplb.errors import EplbError
+from eplb.runtime.transport import Message, SideChannel, StagingArena, hand_over, side_event, upload
 from eplb.transfers import LayerTransfer
 
 __all__ = ["ExpertMover", "PendingMove"]
@@ -39,15 +43,33 @@ class PendingMove:
     """Transfers posted for some layers and not yet committed."""
 
     layers: list[int]
-    works: list = field(default_factory=list)
-    #: per posted layer: (transfer, staging tensors, dst slots, from_recv, source row, number of receives)
-    fills: list = field(default_factory=list)
-    #: packed send buffers, alive until the sends completed
-    buffers: list = field(default_factory=list)
+    future: Future | None = None
     bytes_received: int = 0
     post_s: float = 0.0
+    #: seconds the serving thread waited in :meth:`ExpertMover.commit` (0 unless the side thread was late)
     wait_s: float = 0.0
     copy_s: float = 0.0
+    #: the side thread had not finished when the commit came
+    late: bool = False
+
+
+@dataclass
+class _Fill:
+    """What the switch of one layer writes on this rank (device tensors prepared on the side thread)."""
+
+    layer: int
+    staging: list  # per tensor: [rows, ...] received then local rows
+    dst: torch.Tensor
+    row: torch.Tensor
+    local_rows: torch.Tensor | None = None
+    local_src: torch.Tensor | None = None
+
+
+@dataclass
+class _Moved:
+    fills: list = field(default_factory=list)
+    event: object = None
+    ok: bool = True
 
 
 class ExpertMover:
@@ -57,10 +79,12 @@ class ExpertMover:
         layer_tensors: ``layer_tensors[l]`` is the list of live tensors of MoE layer ``l``, each ``[K, ...]``.
         rank: this rank's index in the EP group (its group rank).
         slots_per_rank: K.
-        group: the EP process group (None: the default group).
+        group: the EP process group (None: the default group); only its members are used: transfers run on the
+            side channel's groups, never on this one.
+        channel: the :class:`SideChannel` (default: a Gloo one created here; collective over ``group``).
     """
 
-    def __init__(self, layer_tensors, rank: int, slots_per_rank: int, group=None):
+    def __init__(self, layer_tensors, rank: int, slots_per_rank: int, group=None, channel: SideChannel | None = None):
         self.layer_tensors = [list(ts) for ts in layer_tensors]
         for layer, tensors in enumerate(self.layer_tensors):
             if not tensors:
@@ -72,102 +96,125 @@ class ExpertMover:
                 if not t.is_contiguous():
                     raise EplbError(f"layer {layer}, tensor {i} is not contiguous; expert slots must be rows of a "
                                     "contiguous tensor so they can be sent and overwritten in place")
-        self.rank, self.slots_per_rank, self.group = rank, slots_per_rank, group
-        # P2P names peers by global rank; fixed now, so that it still holds when the group is replaced by the group
-        # of the survivors after a failure (ranks keep their global ids)
-        self._global_rank = None if group is None else [dist.get_global_rank(group, r)
-                                                        for r in range(dist.get_world_size(group))]
-        self._staging: dict[tuple, torch.Tensor] = {}
+        self.rank, self.slots_per_rank = rank, slots_per_rank
+        device = self.layer_tensors[0][0].device
+        self.channel = channel if channel is not None else SideChannel(group, "gloo", device)
+        self._staging = StagingArena(device)
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` summed over its tensors."""
         return sum(t[0].numel() * t.element_size() for t in self.layer_tensors[layer])
 
-    def _staging_for(self, position: int, tensor: torch.Tensor, index: int) -> torch.Tensor:
-        key = (position, index, tuple(tensor.shape), tensor.dtype, tensor.device)
-        buf = self._staging.get(key)
-        if buf is None:  # allocated once per (concurrent layer, tensor) and reused every cycle
-            buf = self._staging[key] = torch.empty_like(tensor)
-        return buf
-
-    def _peer(self, rank: int) -> int:
-        return rank if self._global_rank is None else self._global_rank[rank]
+    @property
+    def staging_bytes(self) -> int:
+        """Staging memory this rank holds for transfers: device arena plus the backend's host arena (bytes)."""
+        return self._staging.nbytes + self.channel.backend.staging_bytes
 
     def post(self, transfers: list[LayerTransfer]) -> PendingMove:
-        """Post the sends and receives of ``transfers`` (one per layer, distinct layers). Non-blocking.
-
-        All experts one rank sends another in a layer travel as one message per tensor (packed in slot order of the
-        transfer list), so a layer costs at most ``W - 1`` messages per tensor and rank, however many experts move.
-        """
+        """Hand the transfers of ``transfers`` (one per layer, distinct layers) to the side thread. Non-blocking."""
         start = time.perf_counter()
         pending = PendingMove(layers=[t.layer for t in transfers])
-        ops = []
+        pending.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
+                                     for t in transfers)
+        pending.future = self.channel.submit(self._move, transfers, self.channel.record_event())
+        pending.post_s = time.perf_counter() - start
+        return pending
+
+    def ready(self, pending: PendingMove) -> bool:
+        """Whether ``pending``'s transfers completed on every rank (no wait)."""
+        return pending.future.done()
+
+    def abandon(self, channel: SideChannel | None = None) -> None:
+        """Forget transfers that were posted and will never be committed (a peer failed): later posts use
+        ``channel`` (the survivors') and fresh staging, since receives in flight may still land in the old one."""
+        if channel is not None:
+            self.channel = channel
+        self._staging = StagingArena(self._staging.device)
+
+    def commit(self, pending: PendingMove) -> None:
+        """Write ``pending``'s new experts into the live tensors, in place (device ops on the serving stream).
+
+        Raises:
+            EplbError: another rank's transfers failed (nothing was written; every rank raises alike).
+        """
+        start = time.perf_counter()
+        pending.late = not pending.future.done()
+        moved = pending.future.result()  # a wait only when late
+        waited = time.perf_counter()
+        pending.wait_s = waited - start
+        if not moved.ok:
+            raise EplbError(f"transfers of layers {pending.layers} failed on some rank; nothing was switched")
+        hand_over(moved.event, [t for fill in moved.fills for t in (*fill.staging, fill.dst, fill.row, fill.local_rows,
+                                                                     fill.local_src) if t is not None])
+        for fill in moved.fills:
+            tensors = self.layer_tensors[fill.layer]
+            if fill.local_rows is not None:
+                # experts that stay on this rank but change slot go through staging too, so that overwriting a live
+                # slot never destroys a value another slot still has to copy
+                for live, stage in zip(tensors, fill.staging):
+                    stage.index_copy_(0, fill.local_rows, live.index_select(0, fill.local_src))
+            for live, stage in zip(tensors, fill.staging):
+                live.index_copy_(0, fill.dst, stage.index_select(0, fill.row))
+        pending.copy_s = time.perf_counter() - waited
+
+    # -- side thread ----------------------------------------------------------------------------------------------
+    def _move(self, transfers: list[LayerTransfer], posted) -> _Moved:
+        stream = self.channel.stream
+        if posted is not None:
+            stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
+        device = self.layer_tensors[0][0].device
+        moved, sends, recvs, specs, plans = _Moved(), [], [], [], []
         for position, transfer in enumerate(transfers):
             tensors = self.layer_tensors[transfer.layer]
-            staging = [self._staging_for(position, t, i) for i, t in enumerate(tensors)]
             rows = transfer.transfers
             mine = rows[rows[:, 2] == self.rank]  # this rank's receives, in transfer-list order
             by_src = np.argsort(mine[:, 0], kind="stable")  # staged grouped by source rank
             stage_row = np.empty(len(mine), dtype=np.int64)
             stage_row[by_src] = np.arange(len(mine))
+            dst_slot, from_recv, source = transfer.rank_fills(self.rank)
+            local = np.flatnonzero(~from_recv)
+            height = len(mine) + local.size
+            for t in tensors:
+                specs.append(((height, *t.shape[1:]), t.dtype))
+            plans.append((position, transfer, mine, by_src, stage_row, dst_slot, from_recv, source, local))
+        arena = self._staging.views(specs)
+        cursor = 0
+        for position, transfer, mine, by_src, stage_row, dst_slot, from_recv, source, local in plans:
+            tensors = self.layer_tensors[transfer.layer]
+            staging = arena[cursor:cursor + len(tensors)]
+            cursor += len(tensors)
             counts = np.bincount(mine[:, 0], minlength=1)
             offset = 0
             for src in np.flatnonzero(counts).tolist():
                 count = int(counts[src])
                 for i in range(len(tensors)):
-                    tag = position * len(tensors) + i  # unique per message between a pair of ranks in this post
-                    ops.append(dist.P2POp(dist.irecv, staging[i][offset:offset + count], self._peer(src),
-                                          self.group, tag))
+                    recvs.append(Message(src, position * len(tensors) + i, staging[i][offset:offset + count]))
                 offset += count
-            outgoing = rows[rows[:, 0] == self.rank]
+            outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
             for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                slots = torch.as_tensor(outgoing[outgoing[:, 2] == dst, 1], device=tensors[0].device)
+                slots = upload(outgoing[outgoing[:, 2] == dst, 1], device)
                 for i, live in enumerate(tensors):
-                    packed = live.index_select(0, slots)  # kept alive in ``pending`` until the send completed
-                    pending.buffers.append(packed)
-                    ops.append(dist.P2POp(dist.isend, packed, self._peer(dst), self.group,
-                                          position * len(tensors) + i))
-            pending.bytes_received += len(mine) * self.expert_bytes(transfer.layer)
-            dst_slot, from_recv, source = transfer.rank_fills(self.rank)
-            source = source.copy()
-            source[from_recv] = stage_row[source[from_recv]]  # receive index -> its staging row
-            pending.fills.append((transfer, staging, dst_slot, from_recv, source, len(mine)))
-        if ops:
-            pending.works = dist.batch_isend_irecv(ops)
-        pending.post_s = time.perf_counter() - start
-        return pending
-
-    def abandon(self) -> None:
-        """Forget transfers that were posted and will never be waited for (a peer failed). Their receives may still
-        land, so later posts get fresh staging buffers."""
-        self._staging.clear()
-
-    def commit(self, pending: PendingMove) -> None:
-        """Wait for ``pending``'s transfers and write the new experts into the live tensors, in place.
-
-        Sets ``pending.wait_s`` (waiting for the transfers) and ``pending.copy_s`` (the in-place copies)."""
-        start = time.perf_counter()
-        for work in pending.works:
-            work.wait()
-        pending.buffers.clear()
-        waited = time.perf_counter()
-        pending.wait_s = waited - start
-        for transfer, staging, dst_slot, from_recv, source, received in pending.fills:
+                    sends.append(Message(dst, position * len(tensors) + i, live.index_select(0, slots)))
             if dst_slot.size == 0:
                 continue
-            tensors = self.layer_tensors[transfer.layer]
-            device = tensors[0].device
-            # experts that stay on this rank but change slot go through staging too, so that overwriting a live slot
-            # never destroys a value another slot still has to copy
-            local = (~from_recv).nonzero()[0]
-            row = torch.as_tensor(source.copy(), device=device)
+            row = source.copy()
+            row[from_recv] = stage_row[source[from_recv]]  # receive index -> its staging row
+            fill = _Fill(transfer.layer, staging, upload(dst_slot, device), None)
             if local.size:
-                local_rows = torch.arange(received, received + local.size, device=device)
-                local_src = torch.as_tensor(source[local], device=device)
-                row[torch.as_tensor(local, device=device)] = local_rows
-                for live, stage in zip(tensors, staging):
-                    stage.index_copy_(0, local_rows, live.index_select(0, local_src))
-            dst = torch.as_tensor(dst_slot, device=device)
-            for live, stage in zip(tensors, staging):
-                live.index_copy_(0, dst, stage.index_select(0, row))
-        pending.copy_s = time.perf_counter() - waited
+                local_rows = np.arange(len(mine), len(mine) + local.size)
+                fill.local_src = upload(source[local], device)
+                fill.local_rows = upload(local_rows, device)
+                row[local] = local_rows
+            fill.row = upload(row, device)
+            moved.fills.append(fill)
+        try:
+            self.channel.backend.exchange(sends, recvs, stream)
+        except Exception:  # noqa: BLE001 - this rank's failure is agreed below, then raised by every rank's commit
+            moved.ok = False
+        moved.event = side_event(stream)
+        # one small all-reduce: a layer switches only when every rank's transfers completed
+        moved.ok = bool(self.channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
+        return moved
+
+
+_MIN = torch.distributed.ReduceOp.MIN

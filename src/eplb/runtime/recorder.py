@@ -22,14 +22,16 @@ the expert that moved into a slot afterwards.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
+from eplb.runtime.transport import wait_for
 
-__all__ = ["LoadRecorder", "STAGES", "gather_heat", "gather_heat_steps"]
+__all__ = ["LoadRecorder", "STAGES", "WindowSnapshot", "gather_heat", "gather_heat_steps"]
 
 # torch >= 2.13 renamed all_gather_into_tensor (the old name warns); both take the concatenated [W * n, ...] output
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -37,6 +39,32 @@ _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 log = logging.getLogger(__name__)
 
 STAGES = ("all", "prefill", "decode")
+
+
+@dataclass
+class WindowSnapshot:
+    """A window's buffers taken at its end (:meth:`LoadRecorder.snapshot`), read later by
+    :meth:`LoadRecorder.logical_load` on any thread."""
+
+    window: torch.Tensor
+    folded: torch.Tensor
+    ring: torch.Tensor | None
+    ring_folded: torch.Tensor | None
+    steps: int
+
+    def to_host(self, stream=None) -> "WindowSnapshot":
+        """The snapshot in host memory: pinned, non-blocking copies on ``stream``, then this thread waits for them
+        (EPLB's side thread calls it, never the serving thread)."""
+        if self.window.device.type == "cpu":
+            return self
+
+        def move(t):
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        host = WindowSnapshot(move(self.window), move(self.folded), move(self.ring), move(self.ring_folded),
+                              self.steps)
+        wait_for(stream)
+        return host
 
 
 class LoadRecorder:
@@ -152,6 +180,14 @@ class LoadRecorder:
             self.ring_folded.zero_()
         self._steps = 0
 
+    def snapshot(self) -> WindowSnapshot:
+        """Copies of the window's buffers (device ops, no host sync), and a new window starts."""
+        clone = (lambda t: None if t is None else t.clone())  # noqa: E731
+        snap = WindowSnapshot(self.window.clone(), self.folded.clone(), clone(self.ring), clone(self.ring_folded),
+                              self._steps)
+        self.reset()
+        return snap
+
     # -- gathering ----------------------------------------------------------------------------------------------
     def gather_slots(self, group=None) -> torch.Tensor:
         """int64 ``[L, W, S]``: every rank's window buffer (vllm-ascend layout). Collective: all ranks call it."""
@@ -163,28 +199,33 @@ class LoadRecorder:
             raise EplbError("the recorder keeps no per-step ring (ring_steps=0)")
         return gather_heat_steps(self.ring, self.num_ranks, group, self.live)
 
-    def logical_load(self, phy2log: np.ndarray, group=None) -> np.ndarray:
+    def logical_load(self, phy2log: np.ndarray, group=None, snapshot: WindowSnapshot | None = None) -> np.ndarray:
         """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
 
         Args:
             phy2log: int64 ``[L, P]``, the placement in force now (layers switched inside the window were folded).
+            group: the group to sum over (its tensors' device must suit its backend).
+            snapshot: a :meth:`snapshot` to read instead of the live buffers (the gather then runs on the
+                snapshot's device, e.g. the host for EPLB's Gloo side group).
 
         Returns:
             int64 ``[L, E]``, or ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a ring
             (``T' = min(T, steps)``).
         """
-        table = torch.as_tensor(np.array(phy2log, dtype=np.int64), device=self.device)  # [L, P]
-        if self.ring is None:
-            slots = self._global_slots(self.window[:, None], group)[:, 0]  # [L, P]
-            logical = _dist_sum(self.folded, group)
+        snap = snapshot or WindowSnapshot(self.window, self.folded, self.ring, self.ring_folded, self._steps)
+        device = snap.window.device
+        table = torch.as_tensor(np.array(phy2log, dtype=np.int64), device=device)  # [L, P]
+        if snap.ring is None:
+            slots = self._global_slots(snap.window[:, None], group)[:, 0]  # [L, P]
+            logical = _dist_sum(snap.folded, group)
             logical.scatter_add_(1, table, slots)
             return logical.cpu().numpy()
-        slots = self._global_slots(self.ring, group)  # [L, T, P]
-        logical = _dist_sum(self.ring_folded, group)  # [L, T, E]
+        slots = self._global_slots(snap.ring, group)  # [L, T, P]
+        logical = _dist_sum(snap.ring_folded, group)  # [L, T, E]
         logical.scatter_add_(2, table[:, None, :].expand_as(slots), slots)
-        rows = min(self.ring_steps, self._steps)
-        order = (np.arange(self._steps - rows, self._steps) % self.ring_steps) if rows else np.arange(0)
-        return logical.permute(1, 0, 2)[torch.as_tensor(order, device=self.device)].cpu().numpy()
+        rows = min(self.ring_steps, snap.steps)
+        order = (np.arange(snap.steps - rows, snap.steps) % self.ring_steps) if rows else np.arange(0)
+        return logical.permute(1, 0, 2)[torch.as_tensor(order, device=device)].cpu().numpy()
 
     def _global_slots(self, local: torch.Tensor, group) -> torch.Tensor:
         """``[L, T, S]`` local buffers -> ``[L, T, P]`` counts of the whole group."""

@@ -36,6 +36,7 @@ import torch
 from eplb.dispatch import RUNTIME_MODES, TOKEN_TABLE_ROWS, balanced_split, check_dispatch, rank_choice, replica_slots
 from eplb.errors import EplbError
 from eplb.placement import Failover, Placement
+from eplb.runtime.transport import upload
 
 __all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
@@ -88,31 +89,51 @@ class ReplicaRouter:
     def update_layers(self, layers, placement: Placement) -> None:
         """Rewrite the tables of ``layers`` (indices) from ``placement`` (all ``L`` layers, or exactly
         ``len(layers)`` layers in that order), in place."""
+        self.apply_tables(self.build_tables(layers, placement))
+
+    def build_tables(self, layers, placement: Placement) -> dict:
+        """The tables of ``layers`` from ``placement`` (as :meth:`update_layers` takes them), built on the host and
+        uploaded to the device; :meth:`apply_tables` then writes them with device copies only. EPLB builds them on
+        its side thread, so the switch of a layer costs the serving thread no host work or blocking copy."""
         layers = np.asarray(layers, dtype=np.int64).reshape(-1)
-        if layers.size == 0:
-            return
         if placement.num_experts != self.num_experts or placement.num_layers not in (self.num_layers, layers.size):
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"router was built for {self.num_layers} x {self.num_experts}")
+        tables = {"layers": layers}
+        if layers.size == 0:
+            return tables
         rows = layers if placement.num_layers == self.num_layers else np.arange(layers.size)
         if self.failed.any():
             placement = placement.without_ranks(self.failed)
         width = placement.log2phy.shape[2]
         if width > self.max_replicas:
             raise EplbError(f"an expert has {width} replicas, the router tables hold at most {self.max_replicas}")
-        index = torch.as_tensor(layers, device=self.device)
         padded = np.full((layers.size, self.num_experts, self.max_replicas), -1, dtype=np.int64)
         padded[:, :, :width] = placement.log2phy[rows]
-        self.log2phy.index_copy_(0, index, torch.as_tensor(padded, device=self.device))
-        self.replica_count.index_copy_(0, index, torch.as_tensor(placement.replica_count[rows], device=self.device))
-        choice = rank_choice(placement, self.rank, "local" if self.dispatch == "local" else "rank", self.tp_size, rows)
-        self.rank_table.index_copy_(0, index, torch.as_tensor(choice, device=self.device))
+        host = {"index": layers, "log2phy": padded, "replica_count": placement.replica_count[rows],
+                "rank_table": rank_choice(placement, self.rank, "local" if self.dispatch == "local" else "rank",
+                                          self.tp_size, rows)}
         if self.dispatch == "balanced":
-            ranks, slots = replica_slots(placement, rows, self.max_replicas)
-            self._replica_rank_host[layers] = ranks
-            self.replica_slot.index_copy_(0, index, torch.as_tensor(slots, device=self.device))
+            tables["replica_rank"], host["replica_slot"] = replica_slots(placement, rows, self.max_replicas)
+        tables.update({name: upload(value, self.device) for name, value in host.items()})
         if isinstance(placement, Failover):
-            self._park_lost(layers, placement.lost_mask[rows])
+            tables["lost"] = placement.lost_mask[rows]
+        return tables
+
+    def apply_tables(self, tables: dict) -> None:
+        """Write tables from :meth:`build_tables` in place (device copies; the host table of ``balanced`` mode)."""
+        layers = tables["layers"]
+        if layers.size == 0:
+            return
+        index = tables["index"]
+        self.log2phy.index_copy_(0, index, tables["log2phy"])
+        self.replica_count.index_copy_(0, index, tables["replica_count"])
+        self.rank_table.index_copy_(0, index, tables["rank_table"])
+        if self.dispatch == "balanced":
+            self._replica_rank_host[layers] = tables["replica_rank"]
+            self.replica_slot.index_copy_(0, index, tables["replica_slot"])
+        if "lost" in tables:
+            self._park_lost(layers, tables["lost"])
 
     def set_failed_ranks(self, placement: Placement, ranks) -> Failover:
         """Fail over now: route around ``ranks`` (ids or bool mask ``[W]``; empty: every rank serves again).
@@ -148,7 +169,11 @@ class ReplicaRouter:
 
     def update_layer(self, layer: int, phy2log_row) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
-        self.update_layers([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology))
+        self.apply_tables(self.layer_tables(layer, phy2log_row))
+
+    def layer_tables(self, layer: int, phy2log_row) -> dict:
+        """:meth:`build_tables` of one layer from its new ``phy2log`` row (int ``[P]``)."""
+        return self.build_tables([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology))
 
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Physical slot ids for ``expert_ids``.
