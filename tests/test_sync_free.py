@@ -1,7 +1,8 @@
 """The serving thread never waits on EPLB: the sync-free contract, on CPU at DeepSeek-V3 size.
 
 Two real Gloo ranks run the controller on a 58-layer, 256-expert model (2 ranks x 144 slots, small expert tensors)
-through ordinary, poll, check, window-end (submit), move and switch steps, in every runtime dispatch mode but
+through ordinary, poll, check, window-end (submit), move and switch steps of two cycles after a first one that warms
+up (planner processes start), in every runtime dispatch mode but
 ``balanced`` (its split still runs on the host: see :mod:`eplb.runtime.router`). Inside the controller's hooks on
 the serving thread, these count as violations:
 
@@ -91,18 +92,23 @@ def _run_mode(rank: int, dispatch: str) -> dict:
     from eplb.runtime import EplbConfig, EplbController
 
     topology = Topology(WORLD, SLOTS)
-    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 8, "planner_check_steps": 2,
-                                   "policy": "default", "dispatch": dispatch, "layers_per_step": 16,
+    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 8, "step_interval": 100, "planner_check_steps": 2,
+                                   "policy": "default", "dispatch": dispatch, "layers_per_step": 4,
                                    "planner_deadline_s": 120.0})
     tensors = [[torch.zeros(SLOTS, 4)] for _ in range(LAYERS)]
     ctl = EplbController(config, LAYERS, EXPERTS, topology, rank, layer_tensors=tensors)
     rng = np.random.default_rng(rank)
-    popularity = rng.dirichlet(np.full(EXPERTS, 0.2), size=LAYERS)
-    ids = [torch.as_tensor(rng.choice(EXPERTS, size=(64, 8), p=popularity[layer])) for layer in range(LAYERS)]
+    profiles = []  # the load changes from window to window, so that every cycle has layers to move
+    for seed in range(3):
+        popularity = np.random.default_rng(seed).dirichlet(np.full(EXPERTS, 0.2), size=LAYERS)
+        profiles.append([torch.as_tensor(rng.choice(EXPERTS, size=(64, 8), p=popularity[layer]))
+                         for layer in range(LAYERS)])
     kinds = dict.fromkeys(KINDS, 0)
     hits_by_kind: dict = {}
     try:
-        for _ in range(400):
+        for step in range(1000):
+            # the first cycle warms up (planner processes start, imports); measured from the second window on
+            measured = len(ctl.metrics) >= 2
             start = len(_Guard.hits)
             switching = ctl._pending is not None
             agreement, metrics = ctl._agreement, len(ctl.metrics)
@@ -118,19 +124,20 @@ def _run_mode(rank: int, dispatch: str) -> dict:
                 step_kinds.add("check")
             if ctl.cycle.phase.value == "plan":
                 step_kinds.add("poll")
+            ids = profiles[len(ctl.metrics) % len(profiles)]
             _Guard.active = True
             for layer in range(LAYERS):
                 ctl.route(layer, ids[layer])
             _Guard.active = False
-            time.sleep(0.01)  # the forward the side thread's work overlaps with
+            time.sleep(0.02)  # the forward the side thread's work overlaps with
             _Guard.active = True
             ctl.after_forward()
             _Guard.active = False
-            for kind in step_kinds or {"ordinary"}:
+            for kind in (step_kinds or {"ordinary"}) if measured else ():
                 kinds[kind] += 1
                 if len(_Guard.hits) > start:
-                    hits_by_kind.setdefault(kind, []).extend(_Guard.hits[start:])
-            done = sum(1 for m in ctl.metrics if m.applied_layers) >= 2 and all(kinds.values())
+                    hits_by_kind.setdefault(kind, []).extend(f"step {step}: {hit}" for hit in _Guard.hits[start:])
+            done = sum(1 for m in ctl.metrics[1:] if m.applied_layers) >= 2 and all(kinds.values())
             flag = torch.tensor([int(done)])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_SIDE)  # the test's own agreement, outside the hooks
             if flag[0]:
@@ -197,8 +204,8 @@ def test_serving_thread_never_waits_on_eplb(runs, dispatch):
     for rank, r in enumerate(runs):
         res = r[dispatch]
         assert all(res["kinds"][kind] > 0 for kind in KINDS), (rank, res["kinds"])  # every step kind was served
-        assert any(res["applied"]), res["applied"]
-        assert res["hits"] == {}, (rank, {k: sorted(set(v)) for k, v in res["hits"].items()})
+        assert sum(1 for layers in res["applied"][1:] if layers) >= 2, res["applied"]
+        assert res["hits"] == {}, (rank, res["hits"])
 
 
 @pytest.mark.parametrize("dispatch", MODES)

@@ -14,15 +14,19 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
         ctl.after_forward()
     ctl.close()
 
-What it costs (``benchmarks/runtime.py``, DeepSeek-V3 sizes, CPU, one thread): ``route`` is a gather plus an
-``index_add_`` on the device per layer, never a host sync (about 17 us per layer on CPU, so about 1 ms per step
-for 58 layers; on a GPU these are two small kernel launches). The hooks take about 3 us in an ordinary step. Extra
-work happens only in these steps: at the end of each heat window one all-reduce (or all-gather) of the counts
-(``[L, P]`` int64) and a queue put (about 60 us besides the collective); every ``planner_check_steps`` steps while a
-plan is awaited one all-reduce of 3 integers (the agreement); while a plan is applied, one layer per step: its
-``batch_isend_irecv`` is posted in ``before_forward`` and waited for in ``after_forward`` (only ranks that send or
-receive an expert move bytes), then an in-place copy and the layer's table update (about 0.2 ms of host work
-besides the transfer). The policy runs in a separate process (:mod:`eplb.runtime.planner`): serving never waits.
+What runs where (see :mod:`eplb.runtime.transport`): the serving thread only launches device ops and reads
+``Future.done()``. Everything that blocks runs on EPLB's side thread, on process groups created for EPLB alone (a
+Gloo group, plus an NCCL one with ``communicator: torch_nccl``) and, on a GPU, a side stream: the window gather (the
+recorder's buffers are copied on the device at the window end, then gathered on the Gloo side group), the PAR of the
+window, the planner request, a planner restart and the record-mode map write; each layer's transfers (packed, staged
+through pinned host memory, sent and received) and the tables of its switch (router, recorder fold, uploaded from
+pinned memory without blocking); and every agreement (plan checksums in check steps, one started in a check step and
+read in the next; "every rank's transfers completed" after each transfer). The serving group carries only the
+model's collectives. A layer posted in step ``s`` switches at the start of step ``s + 1`` on every rank (its weights
+are copied in place and its tables written, device ops only), so a transfer overlaps one forward; the serving
+thread waits only when the side thread has not finished by then (counted in :attr:`CycleMetrics.late_steps`).
+``route`` is a gather plus an ``index_add_`` on the device per layer. ``benchmarks/runtime.py --json`` measures the
+host time EPLB adds per step kind; ``tests/test_sync_free.py`` holds the contract.
 
 What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, or its
 health check says so), builds the process group of the survivors and calls :meth:`EplbController.fail_ranks` on every
@@ -34,8 +38,8 @@ What happens when the planner fails: a planner that crashes, hangs past ``planne
 plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
 the plan, so either every rank applies the same plan or none does). Serving continues on the current placement, a
 warning is logged, and the worker process is restarted for the next cycle. A layer switches only after its weights
-arrived, on all ranks in the same step (``after_forward`` waits for the layer's transfers); a peer that never sends
-is a dead rank, which the process group's own timeout reports.
+arrived on every rank, on all ranks in the same step; a peer that never sends is a dead rank, which the side group's
+own timeout reports (its jobs fail, and the switch raises on every rank).
 
 Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
 cycle, moves nothing and keeps attributing heat through the placement actually in force; ``static`` loads
@@ -465,7 +469,11 @@ class EplbController:
         return False
 
     def _poll(self) -> None:
-        if self._agreement is not None:  # started in the last step on the side group: decide with it now
+        check = (self.step - self._submitted_step) % self.config.planner_check_steps == 0
+        if self._agreement is not None:
+            if not check:  # it runs on the side group until the next check step
+                return
+            # started in the last check step; every rank reads it now, so all decide in the same step
             future, self._agreement = self._agreement, None
             self.metrics[-1].late_steps += int(not future.done())
             low_flag, same = future.result()
@@ -492,7 +500,8 @@ class EplbController:
         self._start_agreement()
 
     def _start_agreement(self) -> None:
-        """In check steps: the ranks' planner states and plan checksums, agreed on the side group (read next step)."""
+        """In check steps: the ranks' planner states and plan checksums, agreed on the side group (read in the next
+        check step)."""
         if (self.step - self._submitted_step) % self.config.planner_check_steps:
             return
         flag = self._local[0]
