@@ -15,13 +15,14 @@ from eplb.planning import PlanState, plan_cycle
 from eplb.policies import get_policy
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.flashlb import episode_load
+from eplb.policies.kernels import allot_replicas
 from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
 
 def _counts(weight, extra, max_count):
     weight = np.asarray(weight, dtype=np.float64)
-    order = kernels.greedy_order(weight, np.ones(weight.size, dtype=np.bool_), extra, max_count)
+    order = allot_replicas(weight, np.ones(weight.size, dtype=np.bool_), extra, max_count)
     return 1 + np.bincount(order, minlength=weight.size)
 
 
@@ -53,9 +54,9 @@ def test_min_max_replica_vectors(ascend_vectors):
         assert _counts(weight, case["extra"], case["extra"] + 1).tolist() == case["replicas"]
 
 
-def test_greedy_order_respects_the_cap_and_subset():
+def test_allotment_respects_the_cap_and_subset():
     weight = np.array([100.0, 1.0, 50.0, 1.0])
-    order = kernels.greedy_order(weight, np.array([True, True, False, True]), 4, 3)
+    order = allot_replicas(weight, np.array([True, True, False, True]), 4, 3)
     assert order.tolist() == [0, 0, 1, 3]  # expert 0 stops at 3 replicas, expert 2 is not eligible
 
 

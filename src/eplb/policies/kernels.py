@@ -85,6 +85,43 @@ def _replicate(weight, slots_per_row, width):
     return slot_item, replica_rank, counts
 
 
+@njit(cache=True)
+def allot_replicas(weight, eligible, extra, max_count):
+    """Which expert gets each of ``extra`` extra replicas, handing them out one by one to the eligible expert with the
+    largest ``weight / replicas`` (ties: lowest expert id); eligible experts start with one replica and stop at
+    ``max_count`` (when every one is there, the cap is lifted: duplicates on a rank become unavoidable). A prefix of
+    the result is the allotment of fewer extras. The replica allotment of ``auto`` and ``flashlb``.
+
+    Args:
+        weight: float64 ``[E]``.
+        eligible: bool ``[E]``, the experts taking part.
+        extra: number of extra replicas.
+        max_count: the most replicas one expert may get.
+
+    Returns:
+        int64 ``[extra]`` expert ids.
+    """
+    num_experts = weight.shape[0]
+    count = np.ones(num_experts, dtype=np.int64)
+    order = np.empty(extra, dtype=np.int64)
+    for i in range(extra):
+        best = -1
+        best_value = -np.inf
+        for e in range(num_experts):
+            if eligible[e] and count[e] < max_count:
+                value = weight[e] / count[e]
+                if value > best_value:
+                    best_value = value
+                    best = e
+        if best < 0:
+            for e in range(num_experts):
+                if eligible[e] and (best < 0 or weight[e] / count[e] > weight[best] / count[best]):
+                    best = e
+        order[i] = best
+        count[best] += 1
+    return order
+
+
 def descending_order(weight: np.ndarray) -> np.ndarray:
     """int64 ``[X, n]``: item indices of each row by weight, heaviest first; equal weights keep index order."""
     return np.argsort(-np.asarray(weight), axis=1, kind="stable")
