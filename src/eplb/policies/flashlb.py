@@ -4,7 +4,7 @@ Per layer: the window is cut into episodes (+1 to every per-step count, so no ex
 mean, unbiased variance and covariances across episodes give a risk weight ``mean + z * std``. The FlashTree search
 tries replica allotments around the greedy min-max one, deploys each with a covariance-aware LPT (two replicas of one
 expert never share a rank) and keeps the allotment with the best per-episode score (mean over episodes of the
-episode's PAR). See ALGORITHMS.md section 4.
+episode's PAR).
 
 Differences from the reference, on purpose:
 

@@ -78,7 +78,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
             table = replica_ranks(placement)
             loads = np.concatenate([
                 balanced_rank_load(load[start:start + _BALANCED_ROWS], table, num_ranks,
-                                   version[start:start + _BALANCED_ROWS], config.balanced_sweeps)
+                                   version[start:start + _BALANCED_ROWS], config.balanced_passes)
                 for start in range(0, num_steps, _BALANCED_ROWS)])
         else:
             share = dispatch_share(placement, config.dispatch, config.tp_size)  # [V, E, W]

@@ -66,8 +66,8 @@ class SimConfig:
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_sweeps: ``balanced`` mode: 0 keeps the even split, any positive value refines it to the min-max
-            split (see :func:`eplb.dispatch.balanced_rank_load`).
+        balanced_passes: ``balanced`` mode: the most water-filling passes towards the min-max split (0 keeps the even
+            split; 200, the default, converges on DeepSeek-V3 loads; see :func:`eplb.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -81,7 +81,7 @@ class SimConfig:
     expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
-    balanced_sweeps: int = 3
+    balanced_passes: int = 200
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
