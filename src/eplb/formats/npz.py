@@ -14,16 +14,16 @@ import numpy as np
 from eplb.errors import FormatError
 from eplb.formats._common import atomic_path
 
-__all__ = ["read_load", "write_load"]
+__all__ = ["read_load", "write_load", "read_arrays", "write_arrays"]
 
 KEY = "counts"
 
 
-def read_load(path: Path) -> np.ndarray:
-    """``counts`` as stored (validated by the caller).
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive that holds ``counts`` (the trace files of :mod:`eplb.sim.traces` too).
 
     Raises:
-        FormatError: unreadable file or no ``counts`` key.
+        FormatError: unreadable file, not an archive, or no ``counts`` key.
     """
     try:
         data = np.load(path, allow_pickle=False)
@@ -36,11 +36,28 @@ def read_load(path: Path) -> np.ndarray:
     with data:
         if KEY not in data.files:
             raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'})")
-        return data[KEY]
+        try:
+            return {name: data[name] for name in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
+
+
+def write_arrays(path: Path, **arrays) -> None:
+    """Write ``arrays`` (``counts`` among them) as a compressed ``.npz``, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def read_load(path: Path) -> np.ndarray:
+    """``counts`` as stored (validated by the caller).
+
+    Raises:
+        FormatError: unreadable file or no ``counts`` key.
+    """
+    return read_arrays(path)[KEY]
 
 
 def write_load(load: np.ndarray, path: Path) -> None:
     """Write ``load`` as ``counts`` in a compressed ``.npz``, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **{KEY: load})
+    write_arrays(path, **{KEY: load})

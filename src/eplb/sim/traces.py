@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from eplb.errors import EplbError, FormatError, LoadError
+from eplb.errors import FormatError, LoadError
+from eplb.formats.npz import read_arrays, write_arrays
 from eplb.load import as_load
 
 __all__ = [
@@ -192,20 +192,13 @@ def real_regimes(path) -> Regimes:
         FormatError: unreadable file, or not a workload-statistics file.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not _is_workload_statistics(data):
-                raise FormatError(f"{path}: not a workload-statistics .npz (needs keys 'counts' [workloads, layers, "
-                                  f"experts] and 'workloads'; found {', '.join(data.files)})")
-            counts = as_load(data["counts"], field=f"{path}:counts")
-            names = tuple(str(n) for n in data["workloads"])
-            top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        if isinstance(exc, EplbError):
-            raise
-        raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
+    data = read_arrays(path)
+    if "workloads" not in data:
+        raise FormatError(f"{path}: not a workload-statistics .npz (needs keys 'counts' [workloads, layers, "
+                          f"experts] and 'workloads'; found {', '.join(data)})")
+    counts = as_load(data["counts"], field=f"{path}:counts")
+    names = tuple(str(n) for n in data["workloads"])
+    top_k = int(data["top_k"]) if "top_k" in data else TOP_K
     if counts.ndim != 3 or len(names) != counts.shape[0]:
         raise FormatError(f"{path}: 'counts' must be [workloads, layers, experts] with one name per workload, got "
                           f"shape {counts.shape} and {len(names)} names")
@@ -320,15 +313,8 @@ class Trace:
 
         The file is also a plain load file: :func:`eplb.formats.read_load` reads its ``counts``.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
-                                    name=np.str_(self.name), source=np.str_(self.source))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_arrays(Path(path), counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
+                     name=np.str_(self.name), source=np.str_(self.source))
 
     @classmethod
     def load(cls, path) -> "Trace":
@@ -338,22 +324,12 @@ class Trace:
             FormatError: unreadable file or missing ``counts``; LoadError: bad counts.
         """
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "counts" not in data.files:
-                    raise FormatError(f"{path}: missing key 'counts' (found {', '.join(data.files) or 'none'})")
-                counts = data["counts"]
-                prefill = data["prefill"] if "prefill" in data.files else None
-                top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
-                name = str(data["name"]) if "name" in data.files else path.name
-                source = str(data["source"]) if "source" in data.files else f"recorded load {path.name}"
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such file") from None
-        except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
-            if isinstance(exc, EplbError):
-                raise
-            raise FormatError(f"{path}: not a readable .npz trace: {exc}") from None
-        return cls.from_counts(counts, name=name or path.name, top_k=top_k, prefill=prefill, source=source)
+        data = read_arrays(path)
+        prefill = data.get("prefill")
+        top_k = int(data["top_k"]) if "top_k" in data else TOP_K
+        name = str(data["name"]) if "name" in data else path.name
+        source = str(data["source"]) if "source" in data else f"recorded load {path.name}"
+        return cls.from_counts(data["counts"], name=name or path.name, top_k=top_k, prefill=prefill, source=source)
 
 
 @dataclass(frozen=True)
