@@ -170,7 +170,7 @@ def run(args) -> int:
     from eplb.sim.cost import CostModel, expert_bytes_of
     from eplb.policies.resilience import Resilience
     from eplb.sim.runs import RunSpec, simulate_runs
-    from eplb.sim.simulator import Failure, SimConfig, dead_ranks, warmup_steps
+    from eplb.sim.simulator import Failure, SimConfig, failed_ranks, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace
 
     _positive("--steps", args.steps)
@@ -201,7 +201,7 @@ def run(args) -> int:
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
-        dead_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
+        failed_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
         if clairvoyant_name is not None:
             specs.append(RunSpec(f"clairvoyant:{clairvoyant_name}", clairvoyant_name, clairvoyant=True))

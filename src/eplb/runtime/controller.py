@@ -266,7 +266,7 @@ class EplbController:
                 or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
         """
         start = time.perf_counter()
-        failed = self.failed | self.placement.without_ranks(ranks).dead
+        failed = self.failed | self.placement.without_ranks(ranks).failed
         if failed[self.rank]:
             raise EplbError(f"rank {self.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
                             "fail_ranks on the survivors only")
