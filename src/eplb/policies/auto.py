@@ -86,7 +86,7 @@ class Auto(Policy):
 
     name = "auto"
     wants_steps = True
-    allows_shared_rank = False
+    allow_shared_rank = False
 
     def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,
                  move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even",

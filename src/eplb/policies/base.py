@@ -76,7 +76,7 @@ class Policy:
 
     name: str = ""
     #: whether two replicas of one expert may share a rank in this policy's output
-    allows_shared_rank: bool = True
+    allow_shared_rank: bool = True
     #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
     #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
     wants_steps: bool = False

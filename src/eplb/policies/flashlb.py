@@ -93,7 +93,7 @@ class FlashLB(Policy):
     """
 
     name = "flashlb"
-    allows_shared_rank = False
+    allow_shared_rank = False
     wants_steps = True
 
     def __init__(self, num_episodes: int = 64, z: float = 0.6745, depth: int = 4, width: int = 8,
