@@ -130,7 +130,7 @@ def simulated():
     for world in WORLDS:
         topology = Topology(world, SLOTS // world)
         for policy, dispatch in RUNS[world]:
-            config = SimConfig(topology, CycleConfig(interval=INTERVAL, planner_steps=2), dispatch=dispatch,
+            config = SimConfig(topology, CycleConfig(cycle_steps=INTERVAL, planner_steps=2), dispatch=dispatch,
                                expert_bytes=EXPERT_BYTES)
             result = simulate(trace, cycle_policy(policy, dispatch=dispatch), config)
             out[world, policy, dispatch] = result

@@ -228,7 +228,7 @@ def test_lpt_makes_room_when_every_free_rank_holds_the_expert():
 def test_the_planning_function_carries_the_balance_of_the_last_plan_to_the_next_cycle():
     rng = np.random.default_rng(3)
     topology = Topology(4, 5)
-    cycle = CycleConfig(interval=64, layers_per_step=0)
+    cycle = CycleConfig(cycle_steps=64, layers_per_step=0)
     policy = get_policy("flashlb", replan_floor=0.1)
     load = _zipf_steps(rng, 64, 2, 16)
     initial = Placement.initial(16, topology, 2)

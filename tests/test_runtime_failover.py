@@ -53,7 +53,7 @@ def test_transfer_errors_after_a_failure():
 
 # -- cycle ----------------------------------------------------------------------------------------------------------
 def test_cycle_restart_gives_up_the_move_and_resyncs_the_step():
-    cycle = Cycle(CycleConfig(interval=4, planner_steps=1), num_layers=3)
+    cycle = Cycle(CycleConfig(cycle_steps=4, planner_steps=1), num_layers=3)
     for step in range(5):
         cycle.on_step(step)
 

@@ -154,7 +154,7 @@ def test_cost_model_layer_waits_for_the_busiest_rank_and_transfers_hide_behind_c
 # -- simulation -----------------------------------------------------------------------------------------------------
 
 def config(**cycle):
-    return SimConfig(TOPOLOGY, CycleConfig(**{"interval": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
+    return SimConfig(TOPOLOGY, CycleConfig(**{"cycle_steps": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
 
 
 def test_static_run_matches_the_metrics_module(trace):
@@ -178,7 +178,7 @@ class FixedPolicy(Policy):
 
 
 def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
-    result = simulate(trace, FixedPolicy(placement.phy2log), config(interval=60, planner_steps=7))
+    result = simulate(trace, FixedPolicy(placement.phy2log), config(cycle_steps=60, planner_steps=7))
     record = result.cycles[0]
     assert (record.window_start, record.window_end, record.ready_step) == (0, 60, 60)
     assert record.apply_start == 67 and record.apply_end == 67 + len(record.layers) - 1
@@ -243,4 +243,4 @@ def test_trace_that_does_not_fit_the_topology_is_refused():
     with pytest.raises(EplbError, match="64 logical experts do not fit in 40 physical slots"):
         simulate(trace, None, config())
     with pytest.raises(EplbError, match="dispatch mode"):
-        SimConfig(TOPOLOGY, CycleConfig(interval=5), dispatch="fastest")
+        SimConfig(TOPOLOGY, CycleConfig(cycle_steps=5), dispatch="fastest")

@@ -195,7 +195,7 @@ def run(args) -> int:
         progress.update(task, total=1, completed=1)
         topology = _topology(args, trace.num_experts)
         cycle = CycleConfig(
-            interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
+            cycle_steps=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
             bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,

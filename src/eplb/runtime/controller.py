@@ -160,7 +160,7 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
+        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []

@@ -120,7 +120,7 @@ def failure_events(config, result: dict, failed: np.ndarray, cycles: list[CycleR
             "lost_replicated_experts": int(result["unavailable_replicated"][start].sum()),
             "steps_with_unavailable_experts": int((unavailable > 0).sum()),
             "tokens_waiting": float(result["waiting"][start:until].sum()),
-            "par_before": mean_par(max(0, start - config.cycle.interval), start),
+            "par_before": mean_par(max(0, start - config.cycle.cycle_steps), start),
             "par_after_failover": mean_par(start, replan if replan is not None else until),
             "replan_step": replan,
             "par_after_replan": mean_par(replan, until) if replan is not None else None,

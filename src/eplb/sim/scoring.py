@@ -52,7 +52,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
     """
     num_steps, num_layers, num_experts = trace.counts.shape
     num_ranks = topology.num_ranks
-    interval = config.cycle.interval
+    interval = config.cycle.cycle_steps
     window_starts = np.arange(0, num_steps, interval)
     out = {
         "step_par": np.empty((num_steps, num_layers)),

@@ -218,12 +218,12 @@ class RunResult:
 
 def warmup_steps(cycle: CycleConfig, num_layers: int, num_steps: int) -> int:
     """Steps left out of the summaries: ``H + A + L``, at most half of the ``num_steps``."""
-    return min(cycle.interval + cycle.planner_steps + num_layers, num_steps // 2)
+    return min(cycle.cycle_steps + cycle.planner_steps + num_layers, num_steps // 2)
 
 
 def clairvoyant_cycle(cycle: CycleConfig) -> CycleConfig:
     """The cycle of a clairvoyant run: same window length, no planner delay, every layer applied at once."""
-    return CycleConfig(interval=cycle.interval, planner_steps=0, layers_per_step=0)
+    return CycleConfig(cycle_steps=cycle.cycle_steps, planner_steps=0, layers_per_step=0)
 
 
 def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str | None = None,
@@ -309,7 +309,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         name=name,
         step_par=result["step_par"],
         tokens=result["tokens"],
-        window_start=np.arange(0, num_steps, config.cycle.interval),
+        window_start=np.arange(0, num_steps, config.cycle.cycle_steps),
         window_par=result["window_par"],
         window_tokens=result["window_tokens"],
         moe_us=moe_us,
