@@ -121,7 +121,7 @@ def make_controller(rank: int, tmp, planner_target=None, **cfg):
 
 # -- scenarios ----------------------------------------------------------------------------------------------------
 def scenario_heat_layout(rank, tmp):
-    from eplb.runtime.recorder import LoadRecorder, gather_heat, gather_heat_steps
+    from eplb.runtime.recorder import LoadRecorder, gather_slot_counts, gather_slot_count_steps
 
     out = {}
     g3 = dist.new_group([0, 1, 2])
@@ -139,8 +139,8 @@ def scenario_heat_layout(rank, tmp):
             rec.record_counts(0, torch.tensor([2, 7]), cumulative=True)
         out["world2_cumulative"] = rec.gather_slots(g2).reshape(-1).tolist()
     local = (torch.arange(58 * 100 * 8).reshape(58, 100, 8) + rank * 10**6)
-    normal = gather_heat(local, WORLD)
-    staged = gather_heat_steps(local, WORLD)
+    normal = gather_slot_counts(local, WORLD)
+    staged = gather_slot_count_steps(local, WORLD)
     out["normal_shape"], out["staged_shape"] = list(normal.shape), list(staged.shape)
     out["normal_ok"] = all(torch.equal(normal[:, w], local - (rank - w) * 10**6) for w in range(WORLD))
     out["staged_ok"] = all(torch.equal(staged[:, :, w], (local - (rank - w) * 10**6).transpose(0, 1))
