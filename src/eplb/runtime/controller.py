@@ -366,6 +366,8 @@ class EplbController:
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
         live = ~self.failed if self.failed.any() else None
+        if load.size and load.max() <= np.iinfo(np.int32).max:
+            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self.live.phy2log.copy(), self.topology,
                                         self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                                         cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
