@@ -131,13 +131,13 @@ def scenario_heat_layout(rank, tmp):
         rec.begin_step()
         if rank == 1:
             rec.record_counts(0, torch.tensor([3, 5]))
-        out["world3"] = rec.gather_slots(g3).reshape(-1).tolist()
+        out["world3"] = gather_slot_counts(rec.window, 3, g3).reshape(-1).tolist()
     if rank < 2:
         rec = LoadRecorder(1, 4, 2, 2, rank, source="counts")
         rec.begin_step()
         if rank == 0:
             rec.record_counts(0, torch.tensor([2, 7]), cumulative=True)
-        out["world2_cumulative"] = rec.gather_slots(g2).reshape(-1).tolist()
+        out["world2_cumulative"] = gather_slot_counts(rec.window, 2, g2).reshape(-1).tolist()
     local = (torch.arange(58 * 100 * 8).reshape(58, 100, 8) + rank * 10**6)
     normal = gather_slot_counts(local, WORLD)
     staged = gather_slot_count_steps(local, WORLD)

@@ -153,16 +153,6 @@ class LoadRecorder:
         self._steps = 0
 
     # -- gathering ----------------------------------------------------------------------------------------------
-    def gather_slots(self, group=None) -> torch.Tensor:
-        """int64 ``[L, W, S]``: every rank's window buffer (vllm-ascend layout). Collective: all ranks call it."""
-        return gather_slot_counts(self.window, self.num_ranks, group, self.live)
-
-    def gather_ring(self, group=None) -> torch.Tensor:
-        """int64 ``[T, L, W, S]``: every rank's per-step ring (vllm-ascend multi-stage layout). Collective."""
-        if self.ring is None:
-            raise EplbError("the recorder keeps no per-step ring (ring_steps=0)")
-        return gather_slot_count_steps(self.ring, self.num_ranks, group, self.live)
-
     def logical_load(self, phy2log: np.ndarray, group=None) -> np.ndarray:
         """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
 
