@@ -68,7 +68,7 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool, mi
     from eplb.sim.simulator import SimConfig
 
     topology = Topology(num_ranks=ranks, slots_per_rank=slots, num_nodes=nodes, num_groups=8)
-    cycle = CycleConfig(interval=600, planner_steps=0, layers_per_step=1)
+    cycle = CycleConfig(cycle_steps=600, planner_steps=0, layers_per_step=1)
     even = SimConfig(topology, cycle)
     balanced = SimConfig(topology, cycle, dispatch="balanced")
     out = {name: _run(trace, name, even) for name in BASELINES}

@@ -164,7 +164,7 @@ class _Stateless:
     def rebalance(self, *args, **kwargs):
         return self.policy.rebalance(*args, **kwargs)
 
-    def next_state(self, state, plan, layers):
+    def next_state(self, state, plan, layers, load):
         return None
 
 
@@ -180,7 +180,7 @@ def replay(args) -> list[dict]:
     for scenario in ("drift", "bursty"):
         trace = builtin_trace(scenario, args.replay_steps, seed=0, regimes=regimes)
         for topology_name, topology in TOPOLOGIES.items():
-            config = SimConfig(topology, CycleConfig(interval=REPLAY_INTERVAL, layers_per_step=0))
+            config = SimConfig(topology, CycleConfig(cycle_steps=REPLAY_INTERVAL, layers_per_step=0))
             for policy in (eplb.get_policy("flashlb"), _Stateless(eplb.get_policy("flashlb"))):
                 summary = simulate(trace, policy, config, name=policy.name).summary()
                 out.append({"trace": scenario, "topology": topology_name, "policy": policy.name,

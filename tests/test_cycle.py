@@ -48,7 +48,7 @@ def run(cycle, steps, on_submit=None, start=0):
 
 
 def test_collect_plan_apply_one_layer_per_step_largest_gain_first():
-    cycle = Cycle(CycleConfig(interval=10, planner_steps=3), num_layers=4)
+    cycle = Cycle(CycleConfig(cycle_steps=10, planner_steps=3), num_layers=4)
     figures = ([1.5, 1.2, 1.0, 2.0], [1.1, 1.2, 1.0, 1.1])
     actions = run(cycle, 25, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert [a.step for a in actions if a.submit] == [10, 20]
@@ -64,14 +64,14 @@ def test_collect_plan_apply_one_layer_per_step_largest_gain_first():
 
 
 def test_plan_is_applied_no_earlier_than_the_step_after_submission():
-    cycle = Cycle(CycleConfig(interval=2, planner_steps=0), num_layers=1)
+    cycle = Cycle(CycleConfig(cycle_steps=2, planner_steps=0), num_layers=1)
     actions = run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan(c, [2.0], [1.0])))
     assert actions[2].submit and not actions[2].apply_layers
     assert actions[3].apply_layers == (0,)
 
 
 def test_runtime_polls_until_the_plan_arrives():
-    cycle = Cycle(CycleConfig(interval=5), num_layers=2)
+    cycle = Cycle(CycleConfig(cycle_steps=5), num_layers=2)
     actions = run(cycle, 8)
     assert actions[5].submit and all(a.poll for a in actions[5:8])
     assert cycle.plan_ready(7, make_plan(cycle, [1.3, 1.4], [1.0, 1.0])) == (1, 0)
@@ -80,7 +80,7 @@ def test_runtime_polls_until_the_plan_arrives():
 
 
 def test_late_planner_skips_the_cycle_and_keeps_collecting():
-    cycle = Cycle(CycleConfig(interval=4, deadline_steps=3), num_layers=2)
+    cycle = Cycle(CycleConfig(cycle_steps=4, deadline_steps=3), num_layers=2)
     actions = run(cycle, 12)
     assert actions[4].submit
     assert actions[7].skipped == "late" and actions[7].phase is Phase.COLLECT
@@ -91,7 +91,7 @@ def test_late_planner_skips_the_cycle_and_keeps_collecting():
 
 
 def test_failed_planner_skips_the_cycle():
-    cycle = Cycle(CycleConfig(interval=3), num_layers=1)
+    cycle = Cycle(CycleConfig(cycle_steps=3), num_layers=1)
     run(cycle, 4, lambda c, s: c.plan_failed(s, "worker died"))
     action = cycle.on_step(4)
     assert action.skipped == "failed: worker died" and not action.apply_layers
@@ -99,13 +99,13 @@ def test_failed_planner_skips_the_cycle():
 
 
 def test_plan_without_gain_is_skipped():
-    cycle = Cycle(CycleConfig(interval=3, min_gain=0.05), num_layers=3)
+    cycle = Cycle(CycleConfig(cycle_steps=3, min_gain=0.05), num_layers=3)
     run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan(c, [1.3, 1.2, 1.1], [1.28, 1.25, 1.1], [2, 2, 0])))
     assert cycle.on_step(4).skipped == "no gain"
 
 
 def test_thresholds_and_cherry_picking():
-    cycle = Cycle(CycleConfig(interval=1, min_par=1.05, min_gain=0.02, max_layers=2), num_layers=5)
+    cycle = Cycle(CycleConfig(cycle_steps=1, min_par=1.05, min_gain=0.02, max_layers=2), num_layers=5)
     plan = make_plan(cycle, [1.02, 1.5, 1.4, 1.8, 1.3], [1.0, 1.1, 1.39, 1.0, 1.0])
     cycle.on_step(0)
     cycle.on_step(1)
@@ -114,20 +114,20 @@ def test_thresholds_and_cherry_picking():
 
 def test_byte_budget_and_all_at_once():
     figures = ([2.0, 1.9, 1.8, 1.7], [1.0, 1.0, 1.0, 1.0])
-    cycle = Cycle(CycleConfig(interval=1, bytes_per_step=4.0), num_layers=4)
+    cycle = Cycle(CycleConfig(cycle_steps=1, bytes_per_step=4.0), num_layers=4)
     plan = make_plan(cycle, *figures, expert_bytes=[1, 1, 4, 1])
     assert plan.layer_bytes.tolist() == [2, 2, 8, 2]  # 2 transfers per layer x the layer's expert bytes
     actions = run(cycle, 6, lambda c, s: c.plan_ready(s, plan) if not c.records[:-1] else c.plan_failed(s, "x"))
     assert [a.apply_layers for a in actions[2:5]] == [(0, 1), (2,), (3,)]  # layer 2 exceeds the budget: alone
     assert cycle.records[0].schedule == [(0, 1), (2,), (3,)] and cycle.records[0].bytes_moved == 14
-    cycle = Cycle(CycleConfig(interval=1, layers_per_step=0), num_layers=4)
+    cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0), num_layers=4)
     actions = run(cycle, 3, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert actions[2].apply_layers == (0, 1, 2, 3)
-    assert schedule_layers([2, 0, 1], np.zeros(3), CycleConfig(interval=1, layers_per_step=2)) == ((2, 0), (1,))
+    assert schedule_layers([2, 0, 1], np.zeros(3), CycleConfig(cycle_steps=1, layers_per_step=2)) == ((2, 0), (1,))
 
 
 def test_similarity_threshold_applies_only_layers_whose_load_drifted():
-    cycle = Cycle(CycleConfig(interval=1, layers_per_step=0, similarity_threshold=0.99), num_layers=2)
+    cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0, similarity_threshold=0.99), num_layers=2)
     first = np.array([[10.0, 1.0, 1.0], [10.0, 1.0, 1.0]])
     second = np.array([[10.0, 1.0, 1.0], [1.0, 10.0, 1.0]])  # layer 1 flipped
     cycle.on_step(0)
@@ -140,7 +140,7 @@ def test_similarity_threshold_applies_only_layers_whose_load_drifted():
 
 
 def test_long_apply_submits_as_soon_as_it_ends():
-    cycle = Cycle(CycleConfig(interval=3, planner_steps=2), num_layers=5)
+    cycle = Cycle(CycleConfig(cycle_steps=3, planner_steps=2), num_layers=5)
     actions = run(cycle, 14, lambda c, s: c.plan_ready(s, make_plan(c, [2.0] * 5, [1.0] * 5)))
     assert actions[3].submit
     assert [a.step for a in actions[:12] if a.apply_layers] == [5, 6, 7, 8, 9]
@@ -148,13 +148,13 @@ def test_long_apply_submits_as_soon_as_it_ends():
 
 
 def test_misuse_is_reported_clearly():
-    with pytest.raises(CycleError, match="interval must be an integer >= 1, got 0"):
-        CycleConfig(interval=0)
+    with pytest.raises(CycleError, match="cycle_steps must be an integer >= 1, got 0"):
+        CycleConfig(cycle_steps=0)
     with pytest.raises(CycleError, match="deadline_steps"):
-        CycleConfig(interval=5, planner_steps=4, deadline_steps=2)
+        CycleConfig(cycle_steps=5, planner_steps=4, deadline_steps=2)
     with pytest.raises(CycleError, match="similarity_threshold"):
-        CycleConfig(interval=5, similarity_threshold=1.5)
-    cycle = Cycle(CycleConfig(interval=2), num_layers=3)
+        CycleConfig(cycle_steps=5, similarity_threshold=1.5)
+    cycle = Cycle(CycleConfig(cycle_steps=2), num_layers=3)
     cycle.on_step(0)
     with pytest.raises(CycleError, match="consecutive"):
         cycle.on_step(2)
@@ -175,7 +175,7 @@ def test_misuse_is_reported_clearly():
 def test_any_sequence_keeps_windows_contiguous_and_applies_each_changed_layer_once(
         interval, planner_steps, layers_per_step, num_layers, events, seed):
     rng = np.random.default_rng(seed)
-    cycle = Cycle(CycleConfig(interval=interval, planner_steps=planner_steps, layers_per_step=layers_per_step,
+    cycle = Cycle(CycleConfig(cycle_steps=interval, planner_steps=planner_steps, layers_per_step=layers_per_step,
                               deadline_steps=planner_steps + 3), num_layers=num_layers)
     applied_per_cycle = []
     plans = []

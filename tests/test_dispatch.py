@@ -27,17 +27,17 @@ def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
     rng = np.random.default_rng(seed)
     num_ranks, slots, num_experts, num_nodes = shape
     placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
-    dead = np.zeros(num_ranks, dtype=bool)
+    failed_ranks = np.zeros(num_ranks, dtype=bool)
     if failed:
-        dead[rng.integers(num_ranks)] = True
-    reference = placement.without_ranks(dead) if failed else placement
+        failed_ranks[rng.integers(num_ranks)] = True
+    reference = placement.without_ranks(failed_ranks) if failed else placement
     ids = rng.integers(0, num_experts, (int(rng.integers(1, 40)), 3))
     counts = rng.integers(0, 6, (num_ranks, num_experts))
     for mode in RUNTIME_MODES:
-        for rank in np.flatnonzero(~dead).tolist():
+        for rank in np.flatnonzero(~failed_ranks).tolist():
             router = ReplicaRouter(placement, rank, dispatch=mode, tp_size=tp_size)
             if failed:
-                router.set_failed_ranks(placement, dead)
+                router.set_failed_ranks(placement, failed_ranks)
             group = counts.copy()
             group[rank] = np.bincount(ids.ravel(), minlength=num_experts)  # this rank's tokens are in the counts
             for layer in range(placement.num_layers):

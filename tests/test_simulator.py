@@ -102,11 +102,11 @@ def test_balanced_split_conserves_tokens_beats_even_and_nears_the_lp_optimum(pla
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 50), min_size=6, max_size=6), st.integers(0, 3))
-def test_balanced_split_of_one_shared_expert_levels_its_ranks(loads, sweeps):
+@given(st.lists(st.integers(0, 50), min_size=6, max_size=6))
+def test_balanced_split_of_one_shared_expert_levels_its_ranks(loads):
     # expert 0 on ranks 0..2; experts 1..5 pinned to ranks 0, 1, 2, 0, 1
     ranks = np.array([[[0, 1, 2], [0, -1, -1], [1, -1, -1], [2, -1, -1], [0, -1, -1], [1, -1, -1]]])
-    replica, rank_load = balanced_replica_load(np.array([loads]), ranks, 3, sweeps=max(sweeps, 1))
+    replica, rank_load = balanced_replica_load(np.array([loads]), ranks, 3, passes=200)
     assert replica[0, 0].sum() == pytest.approx(loads[0])
     fixed = np.array([loads[1] + loads[4], loads[2] + loads[5], loads[3]], dtype=float)
     assert rank_load.max() == pytest.approx(max(fixed.max(), (fixed.sum() + loads[0]) / 3))  # the optimum
@@ -154,7 +154,7 @@ def test_cost_model_layer_waits_for_the_busiest_rank_and_transfers_hide_behind_c
 # -- simulation -----------------------------------------------------------------------------------------------------
 
 def config(**cycle):
-    return SimConfig(TOPOLOGY, CycleConfig(**{"interval": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
+    return SimConfig(TOPOLOGY, CycleConfig(**{"cycle_steps": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
 
 
 def test_static_run_matches_the_metrics_module(trace):
@@ -178,7 +178,7 @@ class FixedPolicy(Policy):
 
 
 def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
-    result = simulate(trace, FixedPolicy(placement.phy2log), config(interval=60, planner_steps=7))
+    result = simulate(trace, FixedPolicy(placement.phy2log), config(cycle_steps=60, planner_steps=7))
     record = result.cycles[0]
     assert (record.window_start, record.window_end, record.ready_step) == (0, 60, 60)
     assert record.apply_start == 67 and record.apply_end == 67 + len(record.layers) - 1
@@ -243,4 +243,4 @@ def test_trace_that_does_not_fit_the_topology_is_refused():
     with pytest.raises(EplbError, match="64 logical experts do not fit in 40 physical slots"):
         simulate(trace, None, config())
     with pytest.raises(EplbError, match="dispatch mode"):
-        SimConfig(TOPOLOGY, CycleConfig(interval=5), dispatch="fastest")
+        SimConfig(TOPOLOGY, CycleConfig(cycle_steps=5), dispatch="fastest")

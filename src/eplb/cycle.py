@@ -12,7 +12,7 @@ Phases, per cycle::
 
 Driving it (once per step, before the step's forward; steps are consecutive integers)::
 
-    cycle = Cycle(CycleConfig(interval=H, planner_steps=A, deadline_steps=D), num_layers=L)
+    cycle = Cycle(CycleConfig(cycle_steps=H, planner_steps=A, deadline_steps=D), num_layers=L)
     # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.config, ..., state=cycle.state))
     for step in itertools.count():
         action = cycle.on_step(step)
@@ -67,7 +67,8 @@ class CycleConfig:
     """How a rebalancing cycle runs.
 
     Attributes:
-        interval: H, steps of expert load in each planning window (>= 1).
+        cycle_steps: H, steps of expert load in each planning window (>= 1); a cycle starts every H steps at most
+            (the runtime's ``EplbConfig.cycle_steps``, ``eplb simulate --interval``).
         planner_steps: A, steps between submitting a window and applying its plan (the simulator's planner latency;
             the runtime leaves it 0 and polls). A plan is applied one step after submission at the earliest.
         deadline_steps: steps after submission after which a missing plan is given up (the cycle is skipped and
@@ -82,7 +83,7 @@ class CycleConfig:
             and its load when last applied (both max-normalised) is below it.
     """
 
-    interval: int
+    cycle_steps: int
     planner_steps: int = 0
     deadline_steps: int | None = None
     layers_per_step: int = 1
@@ -97,7 +98,7 @@ class CycleConfig:
             if not ok:
                 raise CycleError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
-        need(_is_int(self.interval) and self.interval >= 1, "interval", "an integer >= 1")
+        need(_is_int(self.cycle_steps) and self.cycle_steps >= 1, "cycle_steps", "an integer >= 1")
         need(_is_int(self.planner_steps) and self.planner_steps >= 0, "planner_steps", "an integer >= 0")
         need(self.deadline_steps is None or (_is_int(self.deadline_steps) and self.deadline_steps >= 1),
              "deadline_steps", "None or an integer >= 1")
@@ -224,7 +225,7 @@ class Cycle:
                 return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
         if self.phase is Phase.APPLY:
             return self._apply(step)
-        if step - self._window_start >= self.config.interval:
+        if step - self._window_start >= self.config.cycle_steps:
             start, self._window_start = self._window_start, step
             self.records.append(CycleRecord(window_start=start, window_end=step))
             self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None

@@ -6,7 +6,7 @@ tested equal) does, :func:`rank_choice` and :func:`replica_slots` build the rout
 the split its ``balanced`` mode uses, and :func:`dispatch_share` / :func:`balanced_rank_load` give the rank loads the
 simulator scores.
 
-Modes (ALGORITHMS.md section 7). Tokens of an expert are assumed to come evenly from every source rank (each rank
+Modes (the rules of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly from every source rank (each rank
 serves its own share of the batch), which makes the static modes a fixed share matrix per placement:
 
 - ``even``: an expert with ``c`` replicas sends ``1/c`` of its tokens to each (the metrics' convention).
@@ -194,7 +194,7 @@ def replica_ranks(placement: Placement) -> np.ndarray:
     return np.where(ranks == np.iinfo(np.int64).max, -1, ranks)
 
 
-def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, sweeps: int = 3):
+def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = 200):
     """Split each row's expert load over the experts' replicas so that the busiest rank is as light as possible.
 
     Experts with one replica are fixed. The replicated ones start from an even split over their ranks; then each of
@@ -203,7 +203,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     repeating passes converges to the split of least squared rank loads, which on this transportation polytope is
     also the most balanced one (it minimises the busiest rank, then the next, ...): the exact min-max split, not a
     heuristic. Passes stop when no rank load changes by more than 1e-5 of the mean rank load (a few tens of passes
-    on DeepSeek-V3 loads; at most ``max(sweeps, 200)``). Deterministic (stable orders, ties split evenly). Each pass
+    on DeepSeek-V3 loads; at most ``passes``). Deterministic (stable orders, ties split evenly). Each pass
     only lowers or keeps the busiest rank, so the result is never worse than the even split.
 
     Args:
@@ -212,7 +212,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
             ``V`` placements (e.g. one per layer).
         num_ranks: W.
         table: int ``[B]``: which of the ``V`` placements each row uses; None when ``V == 1`` or ``V == B``.
-        sweeps: 0 keeps the even split; any positive value refines to convergence as above.
+        passes: the most water-filling passes (0 keeps the even split).
 
     Returns:
         ``(replica_load float64 [B, E, M], rank_load float64 [B, W])``: tokens each replica (ordered as
@@ -220,7 +220,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     """
     expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
     replica_load = np.zeros((expert_load.shape[0], *replica_rank.shape[1:]))
-    rank_load = _balance(expert_load, replica_rank, table, num_ranks, _passes(sweeps), replica_load, True)
+    rank_load = _balance(expert_load, replica_rank, table, num_ranks, _passes(passes), replica_load, True)
     return replica_load, rank_load
 
 
@@ -248,23 +248,22 @@ def optimal_peak(expert_load, replica_rank, num_ranks: int) -> float:
     return float(linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=expert_load).fun)
 
 
-def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, sweeps: int = 3) -> np.ndarray:
+def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = 200) -> np.ndarray:
     """float64 ``[B, W]``: the rank loads of :func:`balanced_replica_load` (without building the per-replica
     array)."""
     expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
     scratch = np.zeros((1, *replica_rank.shape[1:]))
-    return _balance(expert_load, replica_rank, table, num_ranks, _passes(sweeps), scratch, False)
+    return _balance(expert_load, replica_rank, table, num_ranks, _passes(passes), scratch, False)
 
 
-def _passes(sweeps: int) -> int:
-    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
-        raise EplbError(f"sweeps must be an integer >= 0, got {sweeps!r}")
-    return 0 if sweeps == 0 else max(int(sweeps), _MAX_PASSES)
+def _passes(passes: int) -> int:
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 0:
+        raise EplbError(f"passes must be an integer >= 0, got {passes!r}")
+    return int(passes)
 
 
 # Passes of the balanced split stop when rank loads move less than this fraction of the mean rank load.
 _TOLERANCE = 1e-5
-_MAX_PASSES = 200
 
 
 @njit(cache=True)

@@ -319,8 +319,8 @@ class Placement:
         Args:
             ranks: the failed ranks (an iterable of ints), or a bool mask ``[W]`` of failed ranks.
         """
-        dead = _rank_mask(ranks, self._topology.num_ranks, "failed ranks")
-        return Failover(self, dead)
+        failed = _rank_mask(ranks, self._topology.num_ranks, "failed ranks")
+        return Failover(self, failed)
 
     def moves_to(self, other: "Placement") -> np.ndarray:
         """bool ``[L, P]``: slots whose logical expert differs in ``other``. ``.sum(1)`` counts moves per layer."""
@@ -369,14 +369,14 @@ class Failover:
 
     Attributes:
         placement: the placement in force when the ranks failed.
-        dead: bool ``[W]``, failed ranks.
+        failed: bool ``[W]``, failed ranks.
     """
 
-    def __init__(self, placement: Placement, dead: np.ndarray):
+    def __init__(self, placement: Placement, failed: np.ndarray):
         self.placement = placement
-        self.dead = np.array(dead, dtype=bool)
-        self.dead.flags.writeable = False
-        masked = np.where(self.dead[placement.rank_of_slot][None, :], -1, placement.phy2log)
+        self.failed = np.array(failed, dtype=bool)
+        self.failed.flags.writeable = False
+        masked = np.where(self.failed[placement.rank_of_slot][None, :], -1, placement.phy2log)
         log2phy, count = compute_log2phy(masked, placement.num_experts)
         log2phy.flags.writeable = False
         count.flags.writeable = False
@@ -401,7 +401,7 @@ class Failover:
     @property
     def live(self) -> np.ndarray:
         """bool ``[W]``: ranks still serving."""
-        return ~self.dead
+        return ~self.failed
 
     @property
     def log2phy(self) -> np.ndarray:
@@ -440,7 +440,7 @@ class Failover:
         placement = self.placement
         num_layers, num_ranks = placement.num_layers, placement.topology.num_ranks
         share = np.zeros((num_layers, placement.num_experts, num_ranks))
-        alive = ~self.dead[placement.rank_of_slot]
+        alive = ~self.failed[placement.rank_of_slot]
         count = np.take_along_axis(self._count, placement.phy2log, axis=1)  # [L, P]
         weight = np.where(alive[None, :], 1.0 / np.maximum(count, 1), 0.0)
         layer_idx = np.broadcast_to(np.arange(num_layers)[:, None], placement.phy2log.shape)
@@ -458,7 +458,7 @@ class Failover:
         return (np.asarray(window, dtype=np.float64) * self.lost_mask).sum(axis=-1)
 
     def __repr__(self) -> str:
-        return (f"Failover(dead ranks={np.flatnonzero(self.dead).tolist()}, lost={len(self.lost)}, "
+        return (f"Failover(failed ranks={np.flatnonzero(self.failed).tolist()}, lost={len(self.lost)}, "
                 f"{self.placement!r})")
 
 

@@ -33,7 +33,7 @@ from eplb.load import episodes
 from eplb.placement import Placement
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.base import Policy
-from eplb.policies.kernels import spread_duplicates
+from eplb.policies.kernels import greedy_tables, spread_duplicates
 from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
@@ -86,7 +86,7 @@ class Auto(Policy):
 
     name = "auto"
     wants_steps = True
-    allows_shared_rank = False
+    allow_shared_rank = False
 
     def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,
                  move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even",
@@ -119,7 +119,7 @@ class Auto(Policy):
         x, weight = forecast(load, self.num_episodes, self.half_life)
         liquid = _LIQUID[self.dispatch]
         mean_x = np.einsum("lse,s->le", x, weight / weight.sum())
-        fresh = kernels.greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
+        fresh = greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
         fresh = spread_duplicates(fresh, mean_x[np.arange(num_layers)[:, None], fresh], num_ranks)
         # objective units of one moved slot: min_gain PAR points on the weighted mean rank load
         scale = np.einsum("lse,s->l", x, weight) / num_ranks

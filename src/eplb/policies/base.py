@@ -76,7 +76,7 @@ class Policy:
 
     name: str = ""
     #: whether two replicas of one expert may share a rank in this policy's output
-    allows_shared_rank: bool = True
+    allow_shared_rank: bool = True
     #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
     #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
     wants_steps: bool = False
@@ -158,10 +158,10 @@ class Policy:
         (read-only: copy it before writing)."""
         raise NotImplementedError
 
-    def next_state(self, state, plan: Plan, layers):
-        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices) are applied.
-        Stateless policies keep None; the state must be deterministic and picklable (it travels to the planner
-        worker and back)."""
+    def next_state(self, state, plan: Plan, layers, load):
+        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices), planned on
+        ``load`` (as given to :meth:`rebalance`), are applied. Stateless policies keep None; the state must be
+        deterministic and picklable (it travels to the planner worker and back)."""
         return state
 
     def __repr__(self) -> str:

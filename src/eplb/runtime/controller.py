@@ -42,7 +42,7 @@ arrived on every rank, on all ranks in the same step; a peer that never sends is
 own timeout reports (its jobs fail, and the switch raises on every rank).
 
 Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
-cycle, moves nothing and keeps attributing heat through the placement actually in force; ``static`` loads
+cycle, moves nothing and keeps attributing load through the placement actually in force; ``static`` loads
 ``map_path`` at start and only records; ``off`` only routes.
 """
 
@@ -175,7 +175,7 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
+        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
@@ -312,7 +312,7 @@ class EplbController:
                 or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
         """
         start = time.perf_counter()
-        failed = self.failed | self.placement.without_ranks(ranks).dead
+        failed = self.failed | self.placement.without_ranks(ranks).failed
         if failed[self.rank]:
             raise EplbError(f"rank {self.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
                             "fail_ranks on the survivors only")
@@ -439,6 +439,8 @@ class EplbController:
             return window, window_par, _WAITING_FOR_INTERVAL
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
+        if load.size and load.max() <= np.iinfo(np.int32).max:
+            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
         self.planner.submit(dataclasses.replace(request, load=load))
         return window, window_par, None
 

@@ -63,7 +63,7 @@ class PlanRequest:
     policy: str | int
     options: dict
     dispatch: str = "even"
-    cycle_config: CycleConfig = field(default_factory=lambda: CycleConfig(interval=1))
+    cycle_config: CycleConfig = field(default_factory=lambda: CycleConfig(cycle_steps=1))
     expert_bytes: object = 0
     live_ranks: np.ndarray | None = None
     resilience: Resilience | None = None

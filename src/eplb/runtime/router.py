@@ -149,7 +149,7 @@ class ReplicaRouter:
             The :class:`~eplb.placement.Failover`; its ``lost`` experts route to -1 until a re-plan places them.
         """
         failover = placement.without_ranks(ranks)
-        self.failed = np.array(failover.dead)
+        self.failed = np.array(failover.failed)
         self.update_layers(np.arange(self.num_layers), placement)
         return failover
 

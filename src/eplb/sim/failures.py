@@ -11,7 +11,7 @@ from eplb.errors import EplbError
 from eplb.metrics import summarize_par
 from eplb.topology import Topology
 
-__all__ = ["Failure", "dead_ranks", "failure_events"]
+__all__ = ["Failure", "failed_ranks", "failure_events"]
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,16 @@ class Failure:
         return f"{self.kind} {self.index}@{self.step}{back}"
 
 
-def dead_ranks(failures, topology: Topology, num_steps: int) -> np.ndarray:
+def failed_ranks(failures, topology: Topology, num_steps: int) -> np.ndarray:
     """bool ``[T, W]``: ranks that do not serve in each step."""
-    dead = np.zeros((num_steps, topology.num_ranks), dtype=bool)
+    failed = np.zeros((num_steps, topology.num_ranks), dtype=bool)
     for failure in failures:
         stop = num_steps if failure.back is None else min(failure.back, num_steps)
-        dead[failure.step:stop, failure.ranks(topology)] = True
-    return dead
+        failed[failure.step:stop, failure.ranks(topology)] = True
+    return failed
 
 
-def failure_events(config, result: dict, dead: np.ndarray, cycles: list[CycleRecord],
+def failure_events(config, result: dict, failed: np.ndarray, cycles: list[CycleRecord],
                     cycle_live: list[np.ndarray]) -> list[dict]:
     """Per injected failure, over the steps from it to the next change of the live ranks (``until``):
 
@@ -86,7 +86,7 @@ def failure_events(config, result: dict, dead: np.ndarray, cycles: list[CycleRec
       applied (or ``until``); ``replan_step``: the first step on that re-plan (None: none completed);
       ``par_after_replan``: from ``replan_step`` to ``until``.
     """
-    num_steps = dead.shape[0]
+    num_steps = failed.shape[0]
     changes = sorted({f.step for f in config.failures} | {f.back for f in config.failures if f.back is not None})
     events = []
 
@@ -106,7 +106,7 @@ def failure_events(config, result: dict, dead: np.ndarray, cycles: list[CycleRec
         replan = None
         for record, live in zip(cycles, cycle_live):
             if (record.window_end >= start and record.apply_end is not None and record.apply_end + 1 < until
-                    and np.array_equal(live, ~dead[start])):
+                    and np.array_equal(live, ~failed[start])):
                 replan = record.apply_end + 1
                 break
         unavailable = result["unavailable"][start:until].sum(axis=1)
@@ -115,12 +115,12 @@ def failure_events(config, result: dict, dead: np.ndarray, cycles: list[CycleRec
             "spec": failure.spec(),
             "step": start,
             "until": until,
-            "failed_ranks": np.flatnonzero(dead[start]).tolist(),
+            "failed_ranks": np.flatnonzero(failed[start]).tolist(),
             "lost_experts": int(result["unavailable"][start].sum()),
             "lost_replicated_experts": int(result["unavailable_replicated"][start].sum()),
             "steps_with_unavailable_experts": int((unavailable > 0).sum()),
             "tokens_waiting": float(result["waiting"][start:until].sum()),
-            "par_before": mean_par(max(0, start - config.cycle.interval), start),
+            "par_before": mean_par(max(0, start - config.cycle.cycle_steps), start),
             "par_after_failover": mean_par(start, replan if replan is not None else until),
             "replan_step": replan,
             "par_after_replan": mean_par(replan, until) if replan is not None else None,

@@ -44,15 +44,15 @@ class Timeline:
 
 
 def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, report,
-           dead: np.ndarray | None = None) -> dict:
+           failed: np.ndarray | None = None) -> dict:
     """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums.
 
-    ``dead`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
+    ``failed`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
     dispatch mode (:func:`_score_failover`).
     """
     num_steps, num_layers, num_experts = trace.counts.shape
     num_ranks = topology.num_ranks
-    interval = config.cycle.interval
+    interval = config.cycle.cycle_steps
     window_starts = np.arange(0, num_steps, interval)
     out = {
         "step_par": np.empty((num_steps, num_layers)),
@@ -67,9 +67,9 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
     }
     live_count = np.full(num_steps, float(num_ranks))
     window_live = np.full(window_starts.size, float(num_ranks))
-    if dead is not None:
-        live_count = (~dead).sum(axis=1).astype(np.float64)
-        window_live = np.logical_or.reduceat(~dead, window_starts, axis=0).sum(axis=1).astype(np.float64)
+    if failed is not None:
+        live_count = (~failed).sum(axis=1).astype(np.float64)
+        window_live = np.logical_or.reduceat(~failed, window_starts, axis=0).sum(axis=1).astype(np.float64)
     for layer in range(num_layers):
         rows, version = timeline.versions(layer)
         placement = Placement(rows, num_experts, topology)
@@ -78,7 +78,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
             table = replica_ranks(placement)
             loads = np.concatenate([
                 balanced_rank_load(load[start:start + _BALANCED_ROWS], table, num_ranks,
-                                   version[start:start + _BALANCED_ROWS], config.balanced_sweeps)
+                                   version[start:start + _BALANCED_ROWS], config.balanced_passes)
                 for start in range(0, num_steps, _BALANCED_ROWS)])
         else:
             share = dispatch_share(placement, config.dispatch, config.tp_size)  # [V, E, W]
@@ -86,8 +86,8 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
             bounds = np.flatnonzero(np.diff(version)) + 1
             for start, stop in zip(np.r_[0, bounds], np.r_[bounds, num_steps]):
                 _add_shared(loads[start:stop], load[start:stop], share[version[start]])
-        if dead is not None:
-            _score_failover(loads, load, rows, version, dead, num_experts, topology, out["waiting"][:, layer],
+        if failed is not None:
+            _score_failover(loads, load, rows, version, failed, num_experts, topology, out["waiting"][:, layer],
                             out["unavailable"][:, layer], out["unavailable_replicated"][:, layer])
         peak = loads.max(axis=1)
         total = loads.sum(axis=1)
@@ -96,14 +96,14 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
         out["step_par"][:, layer] = _ratio(peak, total / live_count)
         windows = np.add.reduceat(loads, window_starts, axis=0)
         out["window_tokens"][:, layer] = windows.sum(axis=1)
-        window_mean = windows.mean(axis=1) if dead is None else windows.sum(axis=1) / window_live
+        window_mean = windows.mean(axis=1) if failed is None else windows.sum(axis=1) / window_live
         out["window_par"][:, layer] = _ratio(windows.max(axis=1), window_mean)
         out["rank_load"][layer] = loads[warmup:].sum(axis=0)
         report(0.5 + 0.5 * (layer + 1) / num_layers)
     return out
 
 
-def _score_failover(loads, load, rows, version, dead, num_experts, topology, waiting, unavailable,
+def _score_failover(loads, load, rows, version, failed, num_experts, topology, waiting, unavailable,
                     unavailable_replicated) -> None:
     """Overwrite, in place, the rank loads ``[T, W]`` of one layer in the steps with failed ranks by the failover
     routing (even split over the surviving replicas), and fill that layer's ``waiting`` tokens ``[T]``,
@@ -113,14 +113,14 @@ def _score_failover(loads, load, rows, version, dead, num_experts, topology, wai
     ``load`` float ``[T, E]``; ``rows`` int ``[V, P]`` and ``version`` int ``[T]`` from :meth:`Timeline.versions`.
     """
     num_steps = load.shape[0]
-    _, live_id = np.unique(dead, axis=0, return_inverse=True)
+    _, live_id = np.unique(failed, axis=0, return_inverse=True)
     live_id = live_id.reshape(-1)
     change = np.flatnonzero((np.diff(version) != 0) | (np.diff(live_id) != 0)) + 1
     for start, stop in zip(np.r_[0, change], np.r_[change, num_steps]):
-        if not dead[start].any():
+        if not failed[start].any():
             continue
         placement = Placement(rows[version[start]][None], num_experts, topology)
-        failover = placement.without_ranks(dead[start])
+        failover = placement.without_ranks(failed[start])
         share = failover.rank_share()[0]  # [E, W]
         loads[start:stop] = 0.0
         if share.any():
@@ -128,7 +128,7 @@ def _score_failover(loads, load, rows, version, dead, num_experts, topology, wai
         lost = failover.lost_mask[0]
         waiting[start:stop] = load[start:stop][:, lost].sum(axis=1)
         unavailable[start:stop] = int(lost.sum())
-        before = placement.without_ranks(dead[start - 1] if start > 0 else np.zeros_like(dead[start]))
+        before = placement.without_ranks(failed[start - 1] if start > 0 else np.zeros_like(failed[start]))
         unavailable_replicated[start] = int((lost & (before.replica_count[0] >= 2)).sum())
 
 

@@ -45,12 +45,12 @@ from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
 from eplb.dispatch import DISPATCH_MODES
-from eplb.sim.failures import Failure, dead_ranks, failure_events
+from eplb.sim.failures import Failure, failed_ranks, failure_events
 from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
 from eplb.topology import Topology
 
-__all__ = ["SimConfig", "RunResult", "Failure", "simulate", "clairvoyant_cycle", "warmup_steps", "dead_ranks"]
+__all__ = ["SimConfig", "RunResult", "Failure", "simulate", "clairvoyant_cycle", "warmup_steps", "failed_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class SimConfig:
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_sweeps: ``balanced`` mode: 0 keeps the even split, any positive value refines it to the min-max
-            split (see :func:`eplb.dispatch.balanced_rank_load`).
+        balanced_passes: ``balanced`` mode: the most water-filling passes towards the min-max split (0 keeps the even
+            split; 200, the default, converges on DeepSeek-V3 loads; see :func:`eplb.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -81,7 +81,7 @@ class SimConfig:
     expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
-    balanced_sweeps: int = 3
+    balanced_passes: int = 200
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
@@ -218,12 +218,12 @@ class RunResult:
 
 def warmup_steps(cycle: CycleConfig, num_layers: int, num_steps: int) -> int:
     """Steps left out of the summaries: ``H + A + L``, at most half of the ``num_steps``."""
-    return min(cycle.interval + cycle.planner_steps + num_layers, num_steps // 2)
+    return min(cycle.cycle_steps + cycle.planner_steps + num_layers, num_steps // 2)
 
 
 def clairvoyant_cycle(cycle: CycleConfig) -> CycleConfig:
     """The cycle of a clairvoyant run: same window length, no planner delay, every layer applied at once."""
-    return CycleConfig(interval=cycle.interval, planner_steps=0, layers_per_step=0)
+    return CycleConfig(cycle_steps=cycle.cycle_steps, planner_steps=0, layers_per_step=0)
 
 
 def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str | None = None,
@@ -257,26 +257,26 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     cycles: list[CycleRecord] = []
     planner_ms: list[float] = []
     received = np.zeros(num_steps)
-    dead = dead_ranks(config.failures, topology, num_steps)
+    failed = failed_ranks(config.failures, topology, num_steps)
     cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
-    failing = (dead & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), dead[:-1]])).any(axis=1)
+    failing = (failed & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), failed[:-1]])).any(axis=1)
     if policy is None:
         for step in np.flatnonzero(failing).tolist():
             if config.reload_lost:
-                _reload_lost(timeline, trace, topology, ~dead[step], step, None)
+                _reload_lost(timeline, trace, topology, ~failed[step], step, None)
     else:
         cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
         cycle = Cycle(cycle_config, num_layers)
         plan = None
         for step in range(num_steps):
             if failing[step]:
-                cycle.restart(step, f"ranks {np.flatnonzero(dead[step]).tolist()} failed")
+                cycle.restart(step, f"ranks {np.flatnonzero(failed[step]).tolist()} failed")
                 if config.reload_lost:
                     last = cycle.records[-1] if cycle.records else None
-                    _reload_lost(timeline, trace, topology, ~dead[step], step, last)
+                    _reload_lost(timeline, trace, topology, ~failed[step], step, last)
             action = cycle.on_step(step)
             if action.submit:
-                live = ~dead[step]
+                live = ~failed[step]
                 cycle_live.append(live)
                 try:
                     plan = _plan(trace, policy, config, cycle, timeline, action.window_start, step, clairvoyant,
@@ -289,7 +289,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                     cycle.plan_failed(step, reason)
                 else:
                     cycle.plan_ready(step, plan)
-            if action.apply_layers and not np.array_equal(cycle_live[-1], ~dead[step]):
+            if action.apply_layers and not np.array_equal(cycle_live[-1], ~failed[step]):
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
             elif action.apply_layers:
@@ -301,15 +301,15 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 report(0.5 * step / num_steps)
         cycles = cycle.records
     warmup = warmup_steps(config.cycle, num_layers, num_steps)
-    result = score(trace, topology, config, timeline, warmup, report, dead if dead.any() else None)
+    result = score(trace, topology, config, timeline, warmup, report, failed if failed.any() else None)
     transfer_us = config.cost.transfer_us(received)
     moe_us = config.cost.moe_us(result["peak"])
-    live_count = (~dead).sum(axis=1)
+    live_count = (~failed).sum(axis=1)
     return RunResult(
         name=name,
         step_par=result["step_par"],
         tokens=result["tokens"],
-        window_start=np.arange(0, num_steps, config.cycle.interval),
+        window_start=np.arange(0, num_steps, config.cycle.cycle_steps),
         window_par=result["window_par"],
         window_tokens=result["window_tokens"],
         moe_us=moe_us,
@@ -324,7 +324,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         waiting=result["waiting"],
         unavailable=result["unavailable"],
         live_count=live_count,
-        failures=failure_events(config, result, dead, cycles, cycle_live),
+        failures=failure_events(config, result, failed, cycles, cycle_live),
     )
 
 
