@@ -257,7 +257,8 @@ class EplbController:
         self.mover.commit(pending)
         late = pending.late or not tables.done()
         prepared, event = tables.result()
-        hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values()) if isinstance(t, torch.Tensor)])
+        hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values())
+                          if isinstance(t, torch.Tensor)])
         for transfer, tables_of_layer in zip(transfers, prepared):
             self.live.switch(transfer.layer, transfer.new_row.reshape(-1), tables_of_layer)
         current = self.metrics[-1]

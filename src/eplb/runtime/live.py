@@ -66,11 +66,12 @@ class LivePlacement:
         row in force when the switch comes (default: the row in force now)."""
         if old_row is None:
             old_row = self._phy2log[layer]
-        old_row = np.asarray(old_row, dtype=np.int64).reshape(-1)
+        old_row = np.array(old_row, dtype=np.int64).reshape(-1)  # a copy: the tensor may share its memory
         if self.recorder.source != "ids":
             k = self.topology.slots_per_rank
             old_row = old_row[self.rank * k:(self.rank + 1) * k]
-        return {"fold": upload(old_row, self.recorder.device), "router": self.router.layer_tables(layer, np.asarray(new_row).reshape(-1))}
+        return {"fold": upload(old_row, self.recorder.device),
+                "router": self.router.layer_tables(layer, np.asarray(new_row).reshape(-1))}
 
     def fail_over(self, failed: np.ndarray) -> None:
         """Route around the ``failed`` ranks (bool ``[W]``) from now on."""

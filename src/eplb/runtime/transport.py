@@ -278,8 +278,9 @@ class SideChannel:
         return future
 
     def _loop(self) -> None:
-        if self.stream is not None:
-            torch.cuda.set_stream(self.stream)  # this thread's device work runs on the side stream
+        if self.stream is not None:  # this thread's device work runs on the side stream (both are per thread)
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self.stream)
         while True:
             job = self._jobs.get()
             if job is None:
