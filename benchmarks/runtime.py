@@ -99,7 +99,11 @@ def main() -> None:
     recorder.begin_step()
     out["record_us"] = median_us(lambda: recorder.record_ids(0, slots), args.repeats, 10)
 
-    config = EplbConfig.from_dict({"mode": "record", "window_steps": 10**9, "policy": "default"})
+    import tempfile
+
+    record_path = str(Path(tempfile.mkdtemp()) / "map.json")
+    config = EplbConfig.from_dict({"mode": "record", "window_steps": 10**9, "policy": "default",
+                                   "record_path": record_path})
     ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPOLOGY, rank, placement=plan)
     try:
         def plain_step():
