@@ -4,7 +4,12 @@ Spawns ``--ranks`` processes joined in a Gloo group over loopback; each serves a
 through :mod:`eplb.engine` with the runtime's controller (dynamic, record or static mode). Prints per cycle the
 measured PAR of the window before and after, moved slots, transfer time and tokens per second; then the busiest
 rank's rows per step and the step time before and after the first cycle (medians), and checks that a fixed batch
-gives the same outputs as the same model without balancing (exit code 1 when it does not).
+gives the same outputs as the same model without balancing (exit code 1 when it does not, and in record mode when
+no map was written).
+
+Before any process starts, the demo checks that the machine can run it: the ranks' estimated memory against the
+available memory, and the ranks against the usable cores (:func:`check_machine_fits`). No rank outlives the demo,
+whichever process is killed (see :mod:`eplb.engine.launch`).
 
 ``--fail-rank R`` makes rank R's process exit in the middle of the first weight move: the others fail over
 (:meth:`eplb.runtime.EplbController.fail_ranks`), reload the experts that only lived there and serve on.
@@ -16,6 +21,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +31,9 @@ from eplb.errors import EplbError
 _MODES = ("dynamic", "record", "static")
 _WARMUP_STEPS = 3  # first steps pay for lazy initialisation; left out of the medians
 _DEFAULT_RECORD_PATH = "eplb-demo-map.json"
+_RANK_FIXED_BYTES = 550 * 2**20  # a rank and its planner worker on the default model (see rank_memory_bytes)
+_RANKS_PER_CORE = 4
+_MIN_RANK_CAP = 8
 
 
 def register(subparsers) -> None:
@@ -86,6 +96,8 @@ def _settings(args):
     for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups"):
         if getattr(args, name) < 1:
             raise EplbError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.slots_per_rank is not None and args.slots_per_rank < 1:
+        raise EplbError(f"--slots-per-rank must be >= 1, got {args.slots_per_rank} (leave it out for E / W + 1)")
     if not args.timeout > 0:
         raise EplbError(f"--timeout must be > 0 seconds, got {args.timeout}")
     slots = args.slots_per_rank or math.ceil(args.experts / args.ranks) + 1
@@ -94,11 +106,13 @@ def _settings(args):
                         f"{args.experts} experts")
     model = ModelConfig(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                         num_groups=args.groups, topk_groups=args.topk_groups, seed=args.seed)
+    check_machine_fits(args.ranks, rank_memory_bytes(model, slots, args.tokens))
     eplb = {"mode": args.mode, "window_steps": args.window, "planner_check_steps": 4, "policy": args.policy,
             "router_mode": args.router}
     record_path = None
     if args.mode == "record":
         record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())
+        _check_writable(record_path)
         eplb["record_path"] = record_path
     elif args.map is not None:
         eplb["map_path"] = args.map
@@ -135,6 +149,76 @@ def _settings(args):
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
                              eplb=eplb, trace=trace, device=args.device, faults=faults)
     return settings, record_path
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give new processes without swapping (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def rank_memory_bytes(model, slots_per_rank: int, tokens_per_rank: int) -> int:
+    """Estimated resident memory of one rank of the demo: the process itself, its planner worker, and the model.
+
+    The fixed part is measured on the default model (4 ranks, Linux, torch 2 on CPU): a rank holds about 320 MB
+    resident and its planner worker grows to about 200 MB. On top come, in float32, the whole model (every rank keeps
+    the unbalanced reference to check outputs against), its own slots twice (serving and receiving a move) and the
+    activations of a step.
+    """
+    expert = 3 * model.hidden * model.ffn  # gate, up and down projections
+    whole_model = model.num_layers * (model.num_experts + 1) * expert + model.vocab * model.hidden
+    own_slots = 2 * model.num_layers * slots_per_rank * expert
+    activations = 8 * tokens_per_rank * model.top_k * max(model.hidden, model.ffn)
+    return _RANK_FIXED_BYTES + 4 * (whole_model + own_slots + activations)
+
+
+def check_machine_fits(ranks: int, per_rank_bytes: int) -> None:
+    """Refuse a demo this machine cannot run: more memory than is available, or more ranks than
+    :data:`_RANKS_PER_CORE` per usable core (at least :data:`_MIN_RANK_CAP`): with more, the ranks' collectives
+    time out while they wait for a core."""
+    cores = usable_cores()
+    cap = max(_MIN_RANK_CAP, _RANKS_PER_CORE * cores)
+    if ranks > cap:
+        raise EplbError(f"--ranks {ranks} is too many for {cores} usable CPU core(s): the demo runs one process per "
+                        f"rank and allows at most {cap} here ({_RANKS_PER_CORE} per core, {_MIN_RANK_CAP} at least); "
+                        f"lower --ranks")
+    free = available_memory_bytes()
+    need = ranks * per_rank_bytes + _RANK_FIXED_BYTES  # the ranks and this process
+    if free is not None and need > free:
+        raise EplbError(f"--ranks {ranks} needs about {need / 2**30:.1f} GiB ({ranks} ranks x "
+                        f"{per_rank_bytes / 2**20:,.0f} MiB each, plus this process), but {free / 2**30:.1f} GiB of "
+                        f"memory is available; lower --ranks (or --experts, --layers, --tokens)")
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a record-mode map path the demo could not write, before any rank starts."""
+    target = Path(path)
+    if target.is_dir():
+        raise EplbError(f"--map {path} is a folder; expected a file path for the expert map")
+    if not target.parent.is_dir():
+        raise EplbError(f"--map {path}: folder {target.parent} does not exist")
+    try:  # os.access says yes to root everywhere, /proc included: only a real file tells
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".eplb-probe-"):
+            pass
+    except OSError as exc:
+        raise EplbError(f"--map {path}: cannot write in {target.parent}: {exc.strerror or exc}") from None
 
 
 class _Collector:
@@ -331,6 +415,8 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(Console(highlight=False), summary)
+    if record_path is not None and summary["map_written"] is None:
+        return 1  # asked for a map and got none (the summary says so)
     return 0 if summary["outputs_equal"] else 1
 
 

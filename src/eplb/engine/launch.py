@@ -10,7 +10,9 @@ the group's key-value store (so the store outlives any rank, rank 0 included), a
 publishes the failed ranks in the store (ranks dying within half a second, such as a whole node, form one event).
 A surviving rank reads the ``n``-th event with :func:`failure_notice`.
 
-Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker).
+Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker). No rank
+outlives the launch: the launcher kills the ranks still running when it returns or raises, and each rank is killed by
+the kernel when the parent process dies, however it dies (:func:`eplb._process.exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 import traceback
 from datetime import timedelta
 
+from eplb._process import exit_with_parent
 from eplb.errors import EplbError
 
 __all__ = ["launch", "LaunchError", "failure_notice"]
@@ -63,6 +66,7 @@ def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float, threads: int,
                log_level: int, messages, target, args) -> None:
+    exit_with_parent()
     import torch
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb._process import exit_with_parent
 from eplb.errors import EplbError
 from eplb.placement import Placement, find_problems
 from eplb.policies.resilience import Resilience
@@ -124,7 +125,8 @@ def _warm_up(policy, options: dict) -> None:
 def _worker_main(requests, results, warmup=None) -> None:
     """Worker process loop: warm up ``(policy, options)``, put :data:`READY`, then one result (or an error string)
     per request; ``None`` stops it, and so does the death of the serving process."""
-    parent = os.getppid()
+    parent = mp.parent_process().pid  # not os.getppid(): the serving process may have died while this one started
+    exit_with_parent(parent)  # also while warming up or planning, when the loop below cannot look
     if warmup is not None:
         _warm_up(*warmup)
     results.put(READY)
