@@ -31,6 +31,8 @@ def as_load(load, num_experts: int | None = None, num_layers: int | None = None,
         raise LoadError(f"{field} must hold numbers, got dtype {arr.dtype}")
     if arr.ndim not in (2, 3):
         raise LoadError(f"{field} must be [layers, experts] or [steps, layers, experts], got shape {arr.shape}")
+    if 0 in arr.shape[-2:]:
+        raise LoadError(f"{field} must have at least one layer and one expert, got shape {arr.shape}")
     if num_experts is not None and arr.shape[-1] != num_experts:
         raise LoadError(f"{field} has {arr.shape[-1]} experts per layer, expected {num_experts}")
     if num_layers is not None and arr.shape[-2] != num_layers:

@@ -16,7 +16,7 @@ from eplb.load import as_load, quiet_layers, window_sum
 from eplb.metrics import par, rank_loads
 from eplb.placement import Placement, live_mask, shared_rank_experts
 from eplb.policies.resilience import Resilience, live_topology, make_resilient, reload_lost
-from eplb.topology import Topology
+from eplb.topology import Topology, check_topology
 
 __all__ = ["Plan", "Policy", "as_placement"]
 
@@ -102,7 +102,10 @@ class Policy:
         """
         load = as_load(load)
         num_layers, num_experts = load.shape[-2:]
-        topology.check_experts(num_experts)
+        check_topology(topology).check_experts(num_experts)
+        if resilience is not None and not isinstance(resilience, Resilience):
+            raise PolicyError(f"resilience must be an eplb.policies.resilience.Resilience or None, got "
+                              f"{type(resilience).__name__} {resilience!r:.60}")
         current = as_placement(current, num_experts, topology, num_layers)
         live = None if live_ranks is None else live_mask(live_ranks, topology.num_ranks)
         if live is not None and live.all():
