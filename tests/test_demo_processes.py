@@ -112,12 +112,17 @@ def _wait_gone(tree: dict[int, int]) -> list[int]:
     return _alive(tree)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_no_process_outlives_a_killed_demo(sig):
+@pytest.mark.parametrize("sig, whole_group", [(signal.SIGKILL, False), (signal.SIGTERM, False),
+                                               (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGKILL", "SIGTERM", "SIGINT", "Ctrl-C"])  # Ctrl-C: SIGINT to every process
+def test_no_process_outlives_a_killed_demo(sig, whole_group):
     process, tree, _, reader, lines = _start_demo()
     try:
         tree.update(_descendants(process.pid))
-        os.kill(process.pid, sig)
+        if whole_group:
+            os.killpg(process.pid, sig)  # the demo leads its own session
+        else:
+            os.kill(process.pid, sig)
         process.wait(timeout=30)
         survivors = _wait_gone(tree)
         assert not survivors, f"still running {GONE_WITHIN_S} s after {sig.name} to the demo: {survivors}"

@@ -4,6 +4,9 @@ eplb starts processes of its own (the demo's ranks, each rank's planner worker).
 SIGTERM, the OOM killer, an exception), its children must go with it, or they keep running with nobody to stop them.
 On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` kills the child the moment its parent exits.
 Elsewhere a daemon thread polls the parent's pid and ends the process within :data:`_POLL_S`.
+
+Ctrl-C in a terminal sends SIGINT to every process of the foreground group, children included. The parent alone
+handles it (and stops its children); a child ignores it, so it neither prints a traceback nor quits on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ _POLL_S = 0.5
 
 
 def exit_with_parent(parent_pid: int | None = None) -> None:
-    """Call first thing in a child process: it is killed when its parent exits.
+    """Call first thing in a child process: it is killed when its parent exits, and it ignores Ctrl-C (SIGINT).
 
     ``parent_pid`` is the parent's pid as the parent knew it (default: the process that started this one through
     :mod:`multiprocessing`). If the parent is already gone when this runs (it died while this child was still
@@ -38,6 +41,7 @@ def exit_with_parent(parent_pid: int | None = None) -> None:
         if parent is None:
             raise RuntimeError("exit_with_parent() without a pid works only in a multiprocessing child")
         parent_pid = parent.pid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not (sys.platform.startswith("linux") and _set_parent_death_signal()):
         threading.Thread(target=_watch_parent, args=(parent_pid,), name="eplb-parent-watch", daemon=True).start()
     if os.getppid() != parent_pid:
