@@ -46,7 +46,9 @@ def register(subparsers) -> None:
                     "the window before and after, moved slots, transfer time, tokens per second. At the end: the "
                     "busiest rank's rows per step and the step time before and after the first cycle (medians), "
                     "and whether a fixed batch gives the same outputs as the model without balancing. Timings "
-                    "are wall clock on this machine; on a shared CPU they are noisy.",
+                    "are wall clock on this machine; on a shared CPU they are noisy. A run whose ranks would not "
+                    f"fit the available memory (about {_RANK_FIXED_BYTES // 2**20} MiB per rank with the default "
+                    f"model) or the cores ({_RANKS_PER_CORE} ranks per core) is refused before it starts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--ranks", type=int, default=4, metavar="W", help="ranks (processes) of the EP group")
