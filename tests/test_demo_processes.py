@@ -186,3 +186,15 @@ def test_the_memory_estimate_grows_with_the_model_and_is_refused_past_the_availa
     assert free is not None and free > 0
     with pytest.raises(demo.EplbError, match=r"--ranks 2 needs about .* GiB \(2 ranks x"):
         demo.check_machine_fits(2, free)
+
+
+def test_a_container_memory_limit_lowers_the_available_memory(tmp_path, monkeypatch):
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
+    limit.write_text(f"{2 * 2**30}\n")
+    usage.write_text(f"{1536 * 2**20}\n")
+    stat.write_text(f"anon 1000\ninactive_file {512 * 2**20}\nactive_file 7\n")
+    monkeypatch.setattr(demo, "_CGROUP_MEMORY", ((str(limit), str(usage), str(stat), "inactive_file"),))
+    assert demo._cgroup_free_bytes() == 1 * 2**30  # 2 GiB limit - 1.5 GiB used + 0.5 GiB of reclaimable cache
+    assert demo.available_memory_bytes() == 1 * 2**30
+    limit.write_text("max\n")
+    assert demo._cgroup_free_bytes() is None

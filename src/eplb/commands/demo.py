@@ -162,18 +162,43 @@ def usable_cores() -> int:
 
 
 def available_memory_bytes() -> int | None:
-    """Memory the system can give new processes without swapping (``MemAvailable``), or None where unknown."""
+    """Memory new processes can get without swapping or meeting the OOM killer, or None where unknown: the system's
+    ``MemAvailable``, or less when this process's cgroup (a container) has a lower memory limit."""
+    free = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            pass
+    limited = _cgroup_free_bytes()
+    if limited is not None:
+        free = limited if free is None else min(free, limited)
+    return free
+
+
+# (limit, usage, statistics, reclaimable page cache key) of cgroup v2 and v1
+_CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                   "inactive_file"),
+                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                   "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
+def _cgroup_free_bytes() -> int | None:
+    """The cgroup memory limit less what the group uses (its reclaimable page cache not counted); None without one."""
+    for limit_path, usage_path, stat_path, cache_key in _CGROUP_MEMORY:
+        try:
+            limit_text = Path(limit_path).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
+                return None
+            usage = int(Path(usage_path).read_text())
+            stats = dict(line.split() for line in Path(stat_path).read_text().splitlines() if line.count(" ") == 1)
+            return max(0, int(limit_text) - usage + int(stats.get(cache_key, 0)))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def rank_memory_bytes(model, slots_per_rank: int, tokens_per_rank: int) -> int:
