@@ -3,7 +3,9 @@
 eplb starts processes of its own (the demo's ranks, each rank's planner worker). Whatever ends the parent (SIGKILL,
 SIGTERM, the OOM killer, an exception), its children must go with it, or they keep running with nobody to stop them.
 On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` kills the child the moment its parent exits.
-Elsewhere a daemon thread polls the parent's pid and ends the process within :data:`_POLL_S`.
+Elsewhere a daemon thread polls the parent's pid and ends the process within :data:`_POLL_S`. The kernel sends the
+signal when the *thread* that started the child ends, so children are started from a thread that lives as long as
+its process (the launcher's main thread, the runtime's serving thread).
 
 Ctrl-C in a terminal sends SIGINT to every process of the foreground group, children included. The parent alone
 handles it (and stops its children); a child ignores it, so it neither prints a traceback nor quits on its own.
