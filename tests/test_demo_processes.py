@@ -112,9 +112,8 @@ def _wait_gone(tree: dict[int, int]) -> list[int]:
     return _alive(tree)
 
 
-@pytest.mark.parametrize("sig, whole_group", [(signal.SIGKILL, False), (signal.SIGTERM, False),
-                                               (signal.SIGINT, False), (signal.SIGINT, True)],
-                         ids=["SIGKILL", "SIGTERM", "SIGINT", "Ctrl-C"])  # Ctrl-C: SIGINT to every process
+@pytest.mark.parametrize("sig, whole_group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGKILL", "SIGTERM", "Ctrl-C"])  # Ctrl-C: SIGINT to every process of the demo
 def test_no_process_outlives_a_killed_demo(sig, whole_group):
     process, tree, _, reader, lines = _start_demo()
     try:
