@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import eplb
+import eplb.policies
 from eplb import LoadError, Placement, PlacementError, PolicyError, Topology, TopologyError, get_policy
 from eplb import metrics
 from eplb.policies.resilience import Resilience
@@ -90,6 +91,15 @@ LIBRARY_CASES = [
     ("policy-option-swift-flag", lambda: get_policy("swift", intra_node=1), PolicyError,
      ["intra_node", "true or false", "1"]),
     ("policy-option-number-text", lambda: get_policy("swift", threshold="x"), PolicyError, ["threshold", "'x'"]),
+    ("policy-options-unknown", lambda: eplb.policies.policy_options("swfit"), PolicyError,
+     ["unknown policy 'swfit'", "did you mean 'swift'"]),
+    ("policy-option-random-seed", lambda: get_policy("random", seed="x"), PolicyError, ["seed", "integer", "'x'"]),
+    ("policy-option-random-moves", lambda: get_policy("random", num_moves=-1), PolicyError,
+     ["num_moves", ">= 0", "-1"]),
+    ("policy-option-flashlb-balance", lambda: get_policy("flashlb", last_balance="x"), PolicyError,
+     ["last_balance", "numbers"]),
+    ("policy-option-auto-dispatch", lambda: get_policy("auto", dispatch=["even"]), PolicyError,
+     ["dispatch", "even", "['even']"]),
     ("resilience-min-replicas", lambda: Resilience(min_replicas=0), PolicyError, ["min_replicas", ">= 1", "0"]),
     # eplb.rebalance_experts (DeepSeek's drop-in)
     ("rebalance-experts-weight-none", lambda: eplb.rebalance_experts(None, 20, 1, 1, 4), LoadError,
