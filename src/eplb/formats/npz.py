@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from eplb.errors import FormatError
-from eplb.formats._common import atomic_path
+from eplb.formats._common import atomic_path, numpy_load
 
 __all__ = ["read_load", "write_load"]
 
@@ -25,18 +25,17 @@ def read_load(path: Path) -> np.ndarray:
     Raises:
         FormatError: unreadable file or no ``counts`` key.
     """
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise FormatError(f"{path}: a single array, not an .npz archive with key {KEY!r}")
-    with data:
+    with numpy_load(path, archive=True) as data:
         if KEY not in data.files:
-            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'})")
-        return data[KEY]
+            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'}); an expert "
+                              f"load .npz holds {KEY!r} [steps, layers, experts] or [layers, experts]")
+        try:
+            return data[KEY]
+        except ValueError as exc:
+            raise FormatError(f"{path}: {KEY!r} " + ("holds Python objects rather than numbers" if "pickle" in str(exc)
+                                                     else f"is not readable: {exc}")) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise FormatError(f"{path}: {KEY!r} is not readable (truncated or damaged): {exc}") from None
 
 
 def write_load(load: np.ndarray, path: Path) -> None:

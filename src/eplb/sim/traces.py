@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from eplb._files import atomic_path
 from eplb.errors import EplbError, FormatError, LoadError
 from eplb.load import as_load
 
@@ -202,10 +202,11 @@ def real_regimes(path) -> Regimes:
             top_k = int(data["top_k"]) if "top_k" in data.files else TOP_K
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
         if isinstance(exc, EplbError):
             raise
-        raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
+        raise FormatError(f"{path}: not a readable workload-statistics .npz (numpy.savez with 'counts' and "
+                          "'workloads')") from None
     if counts.ndim != 3 or len(names) != counts.shape[0]:
         raise FormatError(f"{path}: 'counts' must be [workloads, layers, experts] with one name per workload, got "
                           f"shape {counts.shape} and {len(names)} names")
@@ -245,7 +246,7 @@ def is_workload_statistics(path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as data:
             return _is_workload_statistics(data)
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile):  # not an .npz: the reader says why
         return False
 
 
@@ -315,20 +316,16 @@ class Trace:
             raise LoadError(f"{field}: prefill must be bool [{counts.shape[0]}], got shape {prefill.shape}")
         return cls(counts.astype(np.int32, copy=False), prefill, int(top_k), name, source)
 
-    def save(self, path) -> None:
-        """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically.
+    def save(self, path, flag: str | None = None) -> None:
+        """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically
+        (:func:`eplb._files.atomic_path`; ``flag`` names the option in its errors).
 
         The file is also a plain load file: :func:`eplb.formats.read_load` reads its ``counts``.
         """
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path, flag) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
                                     name=np.str_(self.name), source=np.str_(self.source))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path) -> "Trace":
@@ -349,7 +346,7 @@ class Trace:
                 source = str(data["source"]) if "source" in data.files else f"recorded load {path.name}"
         except FileNotFoundError:
             raise FormatError(f"{path}: no such file") from None
-        except (OSError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
+        except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
             if isinstance(exc, EplbError):
                 raise
             raise FormatError(f"{path}: not a readable .npz trace: {exc}") from None
@@ -652,6 +649,10 @@ def load_trace(source: str, steps: int | None = None, seed: int = 0, workloads=N
 
         counts, prefill, top_k, name, origin = read_load(path), None, TOP_K, path.name, f"recorded load {path.name}"
     if counts.ndim == 2:
+        if not (counts.sum(axis=-1) > 0).all():
+            layer = int(np.argmin(counts.sum(axis=-1) > 0))
+            raise LoadError(f"{path} holds one window [L, E] whose layer {layer} has no load; a scenario is drawn "
+                            "from each layer's expert popularity, so every layer needs some")
         logger.info("%s holds one window [L, E] (no time axis): generating builtin:default from it", path)
         profile = _cap_popularity(counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1e-300) * top_k)
         regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k,
