@@ -32,7 +32,9 @@ def as_load(load, num_experts: int | None = None, num_layers: int | None = None,
     if arr.ndim not in (2, 3):
         raise LoadError(f"{field} must be [layers, experts] or [steps, layers, experts], got shape {arr.shape}")
     if 0 in arr.shape[-2:]:
-        raise LoadError(f"{field} must have at least one layer and one expert, got shape {arr.shape}")
+        axes = ("steps", "layers", "experts")[3 - arr.ndim:]
+        raise LoadError(f"{field} is empty: shape {list(arr.shape)} ({', '.join(axes)}); it needs at least one layer "
+                        f"and one expert")
     if num_experts is not None and arr.shape[-1] != num_experts:
         raise LoadError(f"{field} has {arr.shape[-1]} experts per layer, expected {num_experts}")
     if num_layers is not None and arr.shape[-2] != num_layers:
