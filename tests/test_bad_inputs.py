@@ -216,7 +216,7 @@ def test_library_raises_eplb_errors(call, words, d):
 
 
 @pytest.mark.parametrize("config, words", [({"bogus": 1}, "unknown EPLB config key 'bogus'"),
-                                           ({"window_steps": 0}, "window_steps must be >= 1")])
+                                           ({"window_steps": 0}, "window_steps must be an integer >= 1")])
 def test_config_errors_name_the_key(config, words):
     from eplb.runtime import EplbConfig
 
