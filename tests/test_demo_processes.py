@@ -22,7 +22,7 @@ if not sys.platform.startswith("linux"):
     pytest.skip("reads the process tree from /proc", allow_module_level=True)
 
 from eplb.cli import main  # noqa: E402
-from eplb.commands import demo  # noqa: E402
+from eplb.commands import common, demo  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # long enough to be killed mid-run; small enough to start fast on two shared cores
@@ -151,12 +151,13 @@ def test_a_killed_rank_ends_the_demo_and_every_other_process():
 
 @pytest.mark.parametrize("argv, message", [
     (["--ranks", "200"], "--ranks 200 is too many for"),
-    (["--ranks", "4", "--experts", "65536", "--layers", "64"], "GiB of memory is available; lower --ranks"),
+    (["--ranks", "4", "--experts", "65536", "--layers", "64"], "is available; lower --ranks"),
     (["--slots-per-rank", "0"], "--slots-per-rank must be >= 1, got 0"),
     (["--slots-per-rank", "-2"], "--slots-per-rank must be >= 1, got -2"),
     (["--mode", "record", "--map", "/proc/x.json"], "--map /proc/x.json: cannot write in /proc"),
-    (["--mode", "record", "--map", "/"], "is a folder"),
+    (["--mode", "record", "--map", "/"], "--map /: is a folder"),
     (["--mode", "record", "--map", "/no/such/folder/map.json"], "folder /no/such/folder does not exist"),
+    (["--ranks", "0"], "--ranks must be >= 1, got 0"),
 ])
 def test_a_demo_the_machine_cannot_run_is_refused_before_any_process_starts(capsys, argv, message):
     before = _descendants(os.getpid())
@@ -181,9 +182,9 @@ def test_the_memory_estimate_grows_with_the_model_and_is_refused_past_the_availa
     large = demo.rank_memory_bytes(ModelConfig(num_layers=64, num_experts=4096, num_groups=1), 5, 128)
     assert 500 * 2**20 < small < 700 * 2**20  # the measured fixed part dominates the default model
     assert large > 40 * small
-    free = demo.available_memory_bytes()
-    assert free is not None and free > 0
-    with pytest.raises(demo.EplbError, match=r"--ranks 2 needs about .* GiB \(2 ranks x"):
+    free = common.available_memory()
+    assert 0 < free < 1 << 62
+    with pytest.raises(demo.EplbError, match=r"--ranks 2 \(2 ranks x .* MiB each, plus this process\) needs about"):
         demo.check_machine_fits(2, free)
 
 
@@ -192,8 +193,8 @@ def test_a_container_memory_limit_lowers_the_available_memory(tmp_path, monkeypa
     limit.write_text(f"{2 * 2**30}\n")
     usage.write_text(f"{1536 * 2**20}\n")
     stat.write_text(f"anon 1000\ninactive_file {512 * 2**20}\nactive_file 7\n")
-    monkeypatch.setattr(demo, "_CGROUP_MEMORY", ((str(limit), str(usage), str(stat), "inactive_file"),))
-    assert demo._cgroup_free_bytes() == 1 * 2**30  # 2 GiB limit - 1.5 GiB used + 0.5 GiB of reclaimable cache
-    assert demo.available_memory_bytes() == 1 * 2**30
+    monkeypatch.setattr(common, "_CGROUP_MEMORY", ((str(limit), str(usage), str(stat), "inactive_file"),))
+    assert common._cgroup_free_bytes() == 1 * 2**30  # 2 GiB limit - 1.5 GiB used + 0.5 GiB of reclaimable cache
+    assert common.available_memory() == 1 * 2**30
     limit.write_text("max\n")
-    assert demo._cgroup_free_bytes() is None
+    assert common._cgroup_free_bytes() is None

@@ -17,15 +17,14 @@ whichever process is killed (see :mod:`eplb.engine.launch`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from eplb.commands.common import HelpFormatter, at_least, check_memory, check_output
 from eplb.errors import EplbError
 
 _MODES = ("dynamic", "record", "static")
@@ -49,7 +48,7 @@ def register(subparsers) -> None:
                     "are wall clock on this machine; on a shared CPU they are noisy. A run whose ranks would not "
                     f"fit the available memory (about {_RANK_FIXED_BYTES // 2**20} MiB per rank with the default "
                     f"model) or the cores ({_RANKS_PER_CORE} ranks per core) is refused before it starts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--ranks", type=int, default=4, metavar="W", help="ranks (processes) of the EP group")
     parser.add_argument("--policy", default="auto", metavar="NAME", help="placement policy (name or vllm-ascend id)")
@@ -95,11 +94,9 @@ def _settings(args):
     from eplb.runtime import EplbConfig
     from eplb.topology import Topology
 
-    for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups"):
-        if getattr(args, name) < 1:
-            raise EplbError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.slots_per_rank is not None and args.slots_per_rank < 1:
-        raise EplbError(f"--slots-per-rank must be >= 1, got {args.slots_per_rank} (leave it out for E / W + 1)")
+    for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups",
+                 "slots_per_rank"):
+        at_least(f"--{name.replace('_', '-')}", getattr(args, name))
     if not args.timeout > 0:
         raise EplbError(f"--timeout must be > 0 seconds, got {args.timeout}")
     slots = args.slots_per_rank or math.ceil(args.experts / args.ranks) + 1
@@ -114,7 +111,7 @@ def _settings(args):
     record_path = None
     if args.mode == "record":
         record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())
-        _check_writable(record_path)
+        check_output(record_path, "--map")
         eplb["record_path"] = record_path
     elif args.map is not None:
         eplb["map_path"] = args.map
@@ -161,46 +158,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def available_memory_bytes() -> int | None:
-    """Memory new processes can get without swapping or meeting the OOM killer, or None where unknown: the system's
-    ``MemAvailable``, or less when this process's cgroup (a container) has a lower memory limit."""
-    free = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            pass
-    limited = _cgroup_free_bytes()
-    if limited is not None:
-        free = limited if free is None else min(free, limited)
-    return free
-
-
-# (limit, usage, statistics, reclaimable page cache key) of cgroup v2 and v1
-_CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
-                   "inactive_file"),
-                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-                   "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
-
-
-def _cgroup_free_bytes() -> int | None:
-    """The cgroup memory limit less what the group uses (its reclaimable page cache not counted); None without one."""
-    for limit_path, usage_path, stat_path, cache_key in _CGROUP_MEMORY:
-        try:
-            limit_text = Path(limit_path).read_text().strip()
-            if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
-                return None
-            usage = int(Path(usage_path).read_text())
-            stats = dict(line.split() for line in Path(stat_path).read_text().splitlines() if line.count(" ") == 1)
-            return max(0, int(limit_text) - usage + int(stats.get(cache_key, 0)))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def rank_memory_bytes(model, slots_per_rank: int, tokens_per_rank: int) -> int:
     """Estimated resident memory of one rank of the demo: the process itself, its planner worker, and the model.
 
@@ -226,26 +183,9 @@ def check_machine_fits(ranks: int, per_rank_bytes: int) -> None:
         raise EplbError(f"--ranks {ranks} is too many for {cores} usable CPU core(s): the demo runs one process per "
                         f"rank and allows at most {cap} here ({_RANKS_PER_CORE} per core, {_MIN_RANK_CAP} at least); "
                         f"lower --ranks")
-    free = available_memory_bytes()
-    need = ranks * per_rank_bytes + _RANK_FIXED_BYTES  # the ranks and this process
-    if free is not None and need > free:
-        raise EplbError(f"--ranks {ranks} needs about {need / 2**30:.1f} GiB ({ranks} ranks x "
-                        f"{per_rank_bytes / 2**20:,.0f} MiB each, plus this process), but {free / 2**30:.1f} GiB of "
-                        f"memory is available; lower --ranks (or --experts, --layers, --tokens)")
-
-
-def _check_writable(path: str) -> None:
-    """Refuse a record-mode map path the demo could not write, before any rank starts."""
-    target = Path(path)
-    if target.is_dir():
-        raise EplbError(f"--map {path} is a folder; expected a file path for the expert map")
-    if not target.parent.is_dir():
-        raise EplbError(f"--map {path}: folder {target.parent} does not exist")
-    try:  # os.access says yes to root everywhere, /proc included: only a real file tells
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".eplb-probe-"):
-            pass
-    except OSError as exc:
-        raise EplbError(f"--map {path}: cannot write in {target.parent}: {exc.strerror or exc}") from None
+    check_memory(ranks * per_rank_bytes + _RANK_FIXED_BYTES,  # the ranks and this process
+                 f"--ranks {ranks} ({ranks} ranks x {per_rank_bytes / 2**20:,.0f} MiB each, plus this process)",
+                 "lower --ranks (or --experts, --layers, --tokens)")
 
 
 class _Collector:
