@@ -1,7 +1,9 @@
-"""``eplb demo`` leaves no process behind, whichever process is killed, and refuses a run the machine cannot hold.
+"""``eplb demo`` and ``eplb simulate`` leave no process behind, whichever process is killed, and ``demo`` refuses a
+run the machine cannot hold.
 
-Real processes, real signals: a demo runs in a subprocess, the test records every process it started (ranks, their
-planner workers, helpers) by pid and start time, kills one process, and checks by pid that none survives.
+Real processes, real signals: the command runs in a subprocess, the test records every process it started (ranks,
+their planner workers, simulation workers, helpers) by pid and start time, kills one process, and checks by pid that
+none survives.
 """
 
 from __future__ import annotations
@@ -145,6 +147,26 @@ def test_a_killed_rank_ends_the_demo_and_every_other_process():
         err = "".join(lines)
         assert process.returncode == 1
         assert "eplb demo: error: rank 0 died (killed by SIGKILL)" in err and "Traceback" not in err, err
+    finally:
+        _kill_all(process, tree)
+
+
+def test_no_simulation_worker_outlives_a_killed_simulate():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen([sys.executable, "-m", "eplb.cli", "simulate", "--jobs", "2", "--no-files", "--json"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tree = {}
+    try:
+        deadline = time.monotonic() + 120
+        while len(_descendants(process.pid)) < 3 and time.monotonic() < deadline:  # two workers and the tracker
+            time.sleep(0.2)
+        time.sleep(2)  # past their start-up: simulating
+        tree = _descendants(process.pid)
+        assert len(tree) >= 3 and process.poll() is None
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        survivors = _wait_gone(tree)
+        assert not survivors, f"still running {GONE_WITHIN_S} s after SIGKILL to simulate: {survivors}"
     finally:
         _kill_all(process, tree)
 
