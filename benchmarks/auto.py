@@ -68,7 +68,7 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool, mi
     from eplb.sim.simulator import SimConfig
 
     topology = Topology(num_ranks=ranks, slots_per_rank=slots, num_nodes=nodes, num_groups=8)
-    cycle = CycleConfig(interval=600, planner_steps=0, layers_per_step=1)
+    cycle = CycleConfig(cycle_steps=600, planner_steps=0, layers_per_step=1)
     even = SimConfig(topology, cycle)
     balanced = SimConfig(topology, cycle, dispatch="balanced")
     out = {name: _run(trace, name, even) for name in BASELINES}
@@ -98,7 +98,7 @@ def dispatch_timing(repeat: int = 200) -> dict:
     """Median ms of one balanced split of one DeepSeek-V3 layer step (256 experts, 64 ranks x 5 slots, a flashlb
     placement of the real-data drift trace), and its gap to the exact LP optimum (HiGHS) on 20 steps."""
     from eplb import Topology, get_policy
-    from eplb.sim.dispatch import balanced_rank_load, optimal_peak, replica_ranks
+    from eplb.dispatch import balanced_rank_load, optimal_peak, replica_ranks
 
     trace = _trace("bursty", 640, 1, 0)
     topology = Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)

@@ -51,7 +51,7 @@ def run_case(trace, ranks: int, policy_name: str, option, steps: int) -> dict:
     slots, nodes = TOPOLOGIES[ranks]
     topology = eplb.Topology(ranks, slots, nodes, 8)
     resilience = None if option is None else Resilience(**option)
-    cycle = CycleConfig(interval=100, planner_steps=10)
+    cycle = CycleConfig(cycle_steps=100, planner_steps=10)
     policy = None if policy_name == "static" else eplb.get_policy(policy_name)
     failures = (Failure("rank", 5, int(steps * 0.4), int(steps * 0.6)), Failure("node", 2, int(steps * 0.73)))
     started = time.perf_counter()
@@ -59,7 +59,7 @@ def run_case(trace, ranks: int, policy_name: str, option, steps: int) -> dict:
     failed = simulate(trace, policy, SimConfig(topology, cycle, failures=failures, resilience=resilience))
     out = {"balance": {k: clean.summary()[k] for k in ("step_par_mean", "step_par_p99", "window_par_mean")}}
     if policy is not None:
-        window = trace.counts[:cycle.interval]
+        window = trace.counts[:cycle.cycle_steps]
         out["balance"]["plan_par"] = float(policy.rebalance(window, topology, resilience=resilience).par_after.mean())
     out["exposure"] = exposure(clean.final)
     summary = failed.summary()["failures"]

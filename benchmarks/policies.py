@@ -19,7 +19,16 @@ the figure comparable with DeepSeek's reference (343-2600 ms) and vLLM's port (5
 The 12 SGLang workloads are load profiles, not time steps: per-step windows are Poisson draws of ``--tokens`` routed
 tokens per step and layer around each profile (seeded, identical for every policy).
 
+``--replay`` instead replays FlashLB through the simulator the way vllm-ascend runs it: a ``drift`` (and a
+``bursty``) trace drawn from the real workloads, cut to the first 16 layers, one re-plan every 600 steps applied at
+once, at 32 ranks x 9 slots and 64 ranks x 5 slots; ``flashlb`` carries its state (the balance of each layer's last
+plan, which cherry-picking compares with) from one cycle to the next through the planning function, and
+``flashlb[stateless]`` forgets it, as every cycle did before. Per run: step PAR (token-weighted mean after the warm-up)
+and slots moved per re-plan, next to the reference figures measured when the issue was filed (vllm-ascend's FlashLB
+replayed side by side on the same kind of trace; not re-run here, its code is not part of this project).
+
     python benchmarks/policies.py [--policies default,swift] [--repeats 7] [--steps 600] [--cold]
+    python benchmarks/policies.py --replay [--replay-steps 6000]
 """
 
 from __future__ import annotations
@@ -139,6 +148,48 @@ def bench(name: str, options: dict, topology_name: str, counts: np.ndarray, wind
     return result
 
 
+#: figures of the drift replay at 32 ranks x 9 slots when the issue was filed (issue 16): vllm-ascend's FlashLB, and
+#: ours before it kept its state across cycles
+REPLAY_REFERENCE = {"vllm-ascend flashlb": {"moved_slots_per_cycle": 1815, "step_par_mean": 1.186},
+                    "eplb flashlb without state": {"moved_slots_per_cycle": 3275, "step_par_mean": 1.190}}
+REPLAY_LAYERS, REPLAY_INTERVAL = 16, 600
+
+
+class _Stateless:
+    """A policy that forgets its state between cycles (what every cycle did before the planning function kept it)."""
+
+    def __init__(self, policy):
+        self.policy, self.name, self.wants_steps = policy, policy.name + "[stateless]", policy.wants_steps
+
+    def rebalance(self, *args, **kwargs):
+        return self.policy.rebalance(*args, **kwargs)
+
+    def next_state(self, state, plan, layers, load):
+        return None
+
+
+def replay(args) -> list[dict]:
+    from eplb.cycle import CycleConfig
+    from eplb.sim.simulator import SimConfig, simulate
+    from eplb.sim.traces import Regimes, builtin_trace, real_regimes
+
+    regimes = real_regimes(DATA)
+    regimes = Regimes(regimes.profiles[:, :REPLAY_LAYERS], regimes.names, regimes.prefill, regimes.top_k,
+                      regimes.source)
+    out = []
+    for scenario in ("drift", "bursty"):
+        trace = builtin_trace(scenario, args.replay_steps, seed=0, regimes=regimes)
+        for topology_name, topology in TOPOLOGIES.items():
+            config = SimConfig(topology, CycleConfig(cycle_steps=REPLAY_INTERVAL, layers_per_step=0))
+            for policy in (eplb.get_policy("flashlb"), _Stateless(eplb.get_policy("flashlb"))):
+                summary = simulate(trace, policy, config, name=policy.name).summary()
+                out.append({"trace": scenario, "topology": topology_name, "policy": policy.name,
+                            "step_par_mean": summary["step_par_mean"],
+                            "moved_slots_per_cycle": summary["moved_slots_per_cycle"],
+                            "cycles": summary["cycles"], "cycles_applied": summary["cycles_applied"]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", help="comma-separated policy names (default: all available)")
@@ -150,7 +201,15 @@ def main() -> None:
                         help="routed tokens per step and layer (tokens x top-k; 32 ranks x 1024 tokens x 8)")
     parser.add_argument("--cold", action="store_true", help="also time the first call with an empty numba cache")
     parser.add_argument("--first-call", help=argparse.SUPPRESS)
+    parser.add_argument("--replay", action="store_true",
+                        help="replay flashlb with and without its state across cycles (see the docstring)")
+    parser.add_argument("--replay-steps", type=int, default=6000, help="steps of each replayed trace")
     args = parser.parse_args()
+    if args.replay:
+        print(json.dumps({"benchmark": "policies --replay", "layers": REPLAY_LAYERS, "interval": REPLAY_INTERVAL,
+                          "steps": args.replay_steps, "reference_ep32_drift": REPLAY_REFERENCE,
+                          "results": replay(args)}, indent=1))
+        return
 
     with np.load(DATA) as f:
         counts = f["counts"]

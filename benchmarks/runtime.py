@@ -43,7 +43,7 @@ from eplb import Placement, Topology, get_policy
 from eplb.runtime import EplbConfig, EplbController
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
-from eplb.runtime.transfer import layer_transfer
+from eplb.transfers import layer_transfer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 58, 256, 8
@@ -105,7 +105,7 @@ def main() -> None:
             ctl.after_forward()
 
         hooks = {"collect": median_us(plain_step, args.repeats, 10)}
-        out["submit_us"] = median_us(lambda: ctl._gather_load(), args.repeats)
+        out["submit_us"] = median_us(lambda: ctl.gather_load(), args.repeats)
         ctl.planner.submit(_request(ctl, load))
         hooks["poll"] = median_us(lambda: ctl.planner.poll(), args.repeats, 10)
         out["step_hooks_us"] = hooks
@@ -222,7 +222,7 @@ def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
 def _request(ctl, load):
     from eplb.runtime.planner import PlanRequest
 
-    return PlanRequest(0, load, ctl._phy2log.copy(), ctl.topology, "default", {})
+    return PlanRequest(0, load, ctl.live.phy2log.copy(), ctl.topology, "default", {})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def deepseek_v3(steps: int) -> dict:
     trace = builtin_trace("default", steps=steps, seed=0)
     generated = time.perf_counter()
     topology = eplb.Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)
-    config = SimConfig(topology, CycleConfig(interval=100, planner_steps=10))
+    config = SimConfig(topology, CycleConfig(cycle_steps=100, planner_steps=10))
     result = simulate(trace, eplb.get_policy("default"), config)
     done = time.perf_counter()
     summary = result.summary()

@@ -48,6 +48,6 @@ def compiled_auto():
     """Compile the default policy's numba kernels once, in this process, before a test spawns planner workers:
     they then load the cache instead of all compiling at once on a cold checkout (about 30 s each). The same warm-up
     a planner worker runs, live-ranks path included."""
-    from eplb.runtime.planner import _warm_up
+    from eplb.runtime.planner import warm_up
 
-    _warm_up("auto", {})
+    warm_up("auto", {})

@@ -8,14 +8,16 @@ from __future__ import annotations
 import os
 import time
 
-from eplb.runtime.planner import READY, PlanResult, _run_request, _warm_up
+import dataclasses
+
+from eplb.runtime.planner import READY, run_request, warm_up
 
 
 def faulty_worker(requests, results, warmup, marker: str):
     """The real worker loop, except for a request that finds the file ``marker``: it is removed and the request
     fails as the file says: ``hang`` (sleeps), ``crash`` (exits) or ``invalid`` (answers an invalid plan)."""
     if warmup is not None:
-        _warm_up(*warmup)
+        warm_up(*warmup)
     results.put(READY)
     while True:
         request = requests.get()
@@ -30,10 +32,9 @@ def faulty_worker(requests, results, warmup, marker: str):
             time.sleep(3600)
         if fault == "crash":
             os._exit(3)
-        result = _run_request(request)
+        result = run_request(request)
         if fault == "invalid":
-            bad = result.phy2log.copy()
+            bad = result.plan.phy2log.copy()
             bad[0, :] = 0  # every slot of layer 0 holds expert 0: the other experts vanish
-            result = PlanResult(result.cycle, bad, result.transfers, result.par_before, result.par_after,
-                                result.seconds)
+            result = dataclasses.replace(result, plan=dataclasses.replace(result.plan, phy2log=bad))
         results.put(result)

@@ -1,20 +1,40 @@
 """The rebalancing cycle state machine shared by the simulator and the runtime."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eplb import Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
+from eplb.planning import PlanState, plan_cycle, schedule_layers
+from eplb.policies.base import Plan, Policy
+
+TOPOLOGY = Topology(2, 2)
+CURRENT_ROW, NEW_ROW = [0, 1, 2, 0], [0, 2, 1, 0]  # 2 transfers: expert 2 to rank 0, expert 1 to rank 1
 
 
-def make_plan(before, after, moved=None):
+class Figures(Policy):
+    """A policy that returns the given predicted figures (changed layers move to ``NEW_ROW``)."""
+
+    def __init__(self, before, after, moved):
+        self.before, self.after, self.moved = before, after, moved
+
+    def rebalance(self, load, topology, current=None, live_ranks=None, resilience=None, state=None):
+        changed = self.moved > 0
+        rows = np.where(changed[:, None], NEW_ROW, CURRENT_ROW)
+        return Plan(placement=Placement(rows, 3, TOPOLOGY), reference=current, changed=changed,
+                    par_before=self.before, par_after=self.after, moved_slots=self.moved)
+
+
+def make_plan(cycle, before, after, moved=None, load=None, expert_bytes=0):
+    """The planning function's plan for these figures, on ``cycle``'s options and state."""
     before = np.asarray(before, dtype=float)
     after = np.asarray(after, dtype=float)
     moved = np.asarray(moved if moved is not None else (before != after) * 3, dtype=np.int64)
-    return SimpleNamespace(changed=moved > 0, par_before=before, par_after=after, moved_slots=moved)
+    current = Placement(np.tile(CURRENT_ROW, (before.size, 1)), 3, TOPOLOGY)
+    load = np.ones((before.size, 3)) if load is None else load
+    return plan_cycle(Figures(before, after, moved), load, current, cycle.config, expert_bytes, state=cycle.state)
 
 
 def run(cycle, steps, on_submit=None, start=0):
@@ -28,9 +48,9 @@ def run(cycle, steps, on_submit=None, start=0):
 
 
 def test_collect_plan_apply_one_layer_per_step_largest_gain_first():
-    cycle = Cycle(CycleConfig(interval=10, planner_steps=3), num_layers=4)
-    plan = make_plan([1.5, 1.2, 1.0, 2.0], [1.1, 1.2, 1.0, 1.1])
-    actions = run(cycle, 25, lambda c, s: c.plan_ready(s, plan))
+    cycle = Cycle(CycleConfig(cycle_steps=10, planner_steps=3), num_layers=4)
+    figures = ([1.5, 1.2, 1.0, 2.0], [1.1, 1.2, 1.0, 1.1])
+    actions = run(cycle, 25, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert [a.step for a in actions if a.submit] == [10, 20]
     assert actions[10].window_start == 0 and actions[20].window_start == 10
     assert all(a.phase is Phase.COLLECT and not a.apply_layers for a in actions[:10])
@@ -44,34 +64,34 @@ def test_collect_plan_apply_one_layer_per_step_largest_gain_first():
 
 
 def test_plan_is_applied_no_earlier_than_the_step_after_submission():
-    cycle = Cycle(CycleConfig(interval=2, planner_steps=0), num_layers=1)
-    actions = run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan([2.0], [1.0])))
+    cycle = Cycle(CycleConfig(cycle_steps=2, planner_steps=0), num_layers=1)
+    actions = run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan(c, [2.0], [1.0])))
     assert actions[2].submit and not actions[2].apply_layers
     assert actions[3].apply_layers == (0,)
 
 
 def test_runtime_polls_until_the_plan_arrives():
-    cycle = Cycle(CycleConfig(interval=5), num_layers=2)
+    cycle = Cycle(CycleConfig(cycle_steps=5), num_layers=2)
     actions = run(cycle, 8)
     assert actions[5].submit and all(a.poll for a in actions[5:8])
-    assert cycle.plan_ready(7, make_plan([1.3, 1.4], [1.0, 1.0])) == (1, 0)
+    assert cycle.plan_ready(7, make_plan(cycle, [1.3, 1.4], [1.0, 1.0])) == (1, 0)
     action = cycle.on_step(8)
     assert action.apply_layers == (1,) and not action.poll
 
 
 def test_late_planner_skips_the_cycle_and_keeps_collecting():
-    cycle = Cycle(CycleConfig(interval=4, deadline_steps=3), num_layers=2)
+    cycle = Cycle(CycleConfig(cycle_steps=4, deadline_steps=3), num_layers=2)
     actions = run(cycle, 12)
     assert actions[4].submit
     assert actions[7].skipped == "late" and actions[7].phase is Phase.COLLECT
     assert actions[8].submit and actions[8].window_start == 4  # the next window started at the submission
     assert cycle.records[0].skipped == "late" and cycle.records[0].layers == []
     with pytest.raises(CycleError, match="no plan is awaited"):
-        cycle.plan_ready(11, make_plan([1.3, 1.4], [1.0, 1.0]))  # the late plan of cycle 0 is refused
+        cycle.plan_ready(11, make_plan(cycle, [1.3, 1.4], [1.0, 1.0]))  # the late plan of cycle 0 is refused
 
 
 def test_failed_planner_skips_the_cycle():
-    cycle = Cycle(CycleConfig(interval=3), num_layers=1)
+    cycle = Cycle(CycleConfig(cycle_steps=3), num_layers=1)
     run(cycle, 4, lambda c, s: c.plan_failed(s, "worker died"))
     action = cycle.on_step(4)
     assert action.skipped == "failed: worker died" and not action.apply_layers
@@ -79,68 +99,71 @@ def test_failed_planner_skips_the_cycle():
 
 
 def test_plan_without_gain_is_skipped():
-    cycle = Cycle(CycleConfig(interval=3, min_gain=0.05), num_layers=3)
-    run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan([1.3, 1.2, 1.1], [1.28, 1.25, 1.1], [2, 2, 0])))
+    cycle = Cycle(CycleConfig(cycle_steps=3, min_gain=0.05), num_layers=3)
+    run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan(c, [1.3, 1.2, 1.1], [1.28, 1.25, 1.1], [2, 2, 0])))
     assert cycle.on_step(4).skipped == "no gain"
 
 
 def test_thresholds_and_cherry_picking():
-    plan = make_plan([1.02, 1.5, 1.4, 1.8, 1.3], [1.0, 1.1, 1.39, 1.0, 1.0])
-    cycle = Cycle(CycleConfig(interval=1, min_par=1.05, min_gain=0.02, max_layers=2), num_layers=5)
+    cycle = Cycle(CycleConfig(cycle_steps=1, min_par=1.05, min_gain=0.02, max_layers=2), num_layers=5)
+    plan = make_plan(cycle, [1.02, 1.5, 1.4, 1.8, 1.3], [1.0, 1.1, 1.39, 1.0, 1.0])
     cycle.on_step(0)
     cycle.on_step(1)
     assert cycle.plan_ready(1, plan) == (3, 1)  # layer 0 below min_par, 2 below min_gain, 4 cut by max_layers
 
 
 def test_byte_budget_and_all_at_once():
-    plan = make_plan([2.0, 1.9, 1.8, 1.7], [1.0, 1.0, 1.0, 1.0], [1, 1, 4, 1])
-    cycle = Cycle(CycleConfig(interval=1, bytes_per_step=2.0, expert_bytes=1.0), num_layers=4)
+    figures = ([2.0, 1.9, 1.8, 1.7], [1.0, 1.0, 1.0, 1.0])
+    cycle = Cycle(CycleConfig(cycle_steps=1, bytes_per_step=4.0), num_layers=4)
+    plan = make_plan(cycle, *figures, expert_bytes=[1, 1, 4, 1])
+    assert plan.layer_bytes.tolist() == [2, 2, 8, 2]  # 2 transfers per layer x the layer's expert bytes
     actions = run(cycle, 6, lambda c, s: c.plan_ready(s, plan) if not c.records[:-1] else c.plan_failed(s, "x"))
     assert [a.apply_layers for a in actions[2:5]] == [(0, 1), (2,), (3,)]  # layer 2 exceeds the budget: alone
-    cycle = Cycle(CycleConfig(interval=1, layers_per_step=0), num_layers=4)
-    actions = run(cycle, 3, lambda c, s: c.plan_ready(s, plan))
+    assert cycle.records[0].schedule == [(0, 1), (2,), (3,)] and cycle.records[0].bytes_moved == 14
+    cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0), num_layers=4)
+    actions = run(cycle, 3, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert actions[2].apply_layers == (0, 1, 2, 3)
+    assert schedule_layers([2, 0, 1], np.zeros(3), CycleConfig(cycle_steps=1, layers_per_step=2)) == ((2, 0), (1,))
 
 
 def test_similarity_threshold_applies_only_layers_whose_load_drifted():
-    cycle = Cycle(CycleConfig(interval=1, layers_per_step=0, similarity_threshold=0.99), num_layers=2)
-    plan = make_plan([1.5, 1.5], [1.0, 1.0])
-    first = np.array([[10.0, 1.0], [10.0, 1.0]])
-    second = np.array([[10.0, 1.0], [1.0, 10.0]])  # layer 1 flipped
+    cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0, similarity_threshold=0.99), num_layers=2)
+    first = np.array([[10.0, 1.0, 1.0], [10.0, 1.0, 1.0]])
+    second = np.array([[10.0, 1.0, 1.0], [1.0, 10.0, 1.0]])  # layer 1 flipped
     cycle.on_step(0)
     cycle.on_step(1)
-    assert cycle.plan_ready(1, plan, load=first) == (0, 1)  # never applied: both go
-    cycle.on_step(2)
+    assert cycle.plan_ready(1, make_plan(cycle, [1.5, 1.5], [1.0, 1.0], load=first)) == (0, 1)  # never applied
+    cycle.on_step(2)  # the plan starts applying: its state (the loads applied on) is the cycle's now
+    assert isinstance(cycle.state, PlanState) and np.array_equal(cycle.state.applied_load, first)
     cycle.on_step(3)
-    assert cycle.plan_ready(3, plan, load=second) == (1,)
+    assert cycle.plan_ready(3, make_plan(cycle, [1.5, 1.5], [1.0, 1.0], load=second)) == (1,)
 
 
 def test_long_apply_submits_as_soon_as_it_ends():
-    cycle = Cycle(CycleConfig(interval=3, planner_steps=2), num_layers=5)
-    plan = make_plan([2.0] * 5, [1.0] * 5)
-    actions = run(cycle, 14, lambda c, s: c.plan_ready(s, plan))
+    cycle = Cycle(CycleConfig(cycle_steps=3, planner_steps=2), num_layers=5)
+    actions = run(cycle, 14, lambda c, s: c.plan_ready(s, make_plan(c, [2.0] * 5, [1.0] * 5)))
     assert actions[3].submit
     assert [a.step for a in actions[:12] if a.apply_layers] == [5, 6, 7, 8, 9]
     assert actions[10].submit and actions[10].window_start == 3
 
 
 def test_misuse_is_reported_clearly():
-    with pytest.raises(CycleError, match="interval must be an integer >= 1, got 0"):
-        CycleConfig(interval=0)
+    with pytest.raises(CycleError, match="cycle_steps must be an integer >= 1, got 0"):
+        CycleConfig(cycle_steps=0)
     with pytest.raises(CycleError, match="deadline_steps"):
-        CycleConfig(interval=5, planner_steps=4, deadline_steps=2)
+        CycleConfig(cycle_steps=5, planner_steps=4, deadline_steps=2)
     with pytest.raises(CycleError, match="similarity_threshold"):
-        CycleConfig(interval=5, similarity_threshold=1.5)
-    cycle = Cycle(CycleConfig(interval=2), num_layers=3)
+        CycleConfig(cycle_steps=5, similarity_threshold=1.5)
+    cycle = Cycle(CycleConfig(cycle_steps=2), num_layers=3)
     cycle.on_step(0)
     with pytest.raises(CycleError, match="consecutive"):
         cycle.on_step(2)
     cycle.on_step(1)
     cycle.on_step(2)
-    with pytest.raises(CycleError, match=r"shape \[3\]"):
-        cycle.plan_ready(2, make_plan([1.5, 1.2], [1.0, 1.0]))
+    with pytest.raises(CycleError, match="covers .2,. layers, the cycle 3"):
+        cycle.plan_ready(2, make_plan(cycle, [1.5, 1.2], [1.0, 1.0]))
     with pytest.raises(CycleError, match="plan reported for step 5"):
-        cycle.plan_ready(5, make_plan([1.5, 1.2, 1.0], [1.0, 1.0, 1.0]))
+        cycle.plan_ready(5, make_plan(cycle, [1.5, 1.2, 1.0], [1.0, 1.0, 1.0]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,7 +175,7 @@ def test_misuse_is_reported_clearly():
 def test_any_sequence_keeps_windows_contiguous_and_applies_each_changed_layer_once(
         interval, planner_steps, layers_per_step, num_layers, events, seed):
     rng = np.random.default_rng(seed)
-    cycle = Cycle(CycleConfig(interval=interval, planner_steps=planner_steps, layers_per_step=layers_per_step,
+    cycle = Cycle(CycleConfig(cycle_steps=interval, planner_steps=planner_steps, layers_per_step=layers_per_step,
                               deadline_steps=planner_steps + 3), num_layers=num_layers)
     applied_per_cycle = []
     plans = []
@@ -163,7 +186,7 @@ def test_any_sequence_keeps_windows_contiguous_and_applies_each_changed_layer_on
         if action.poll and event in ("plan", "empty"):
             before = 1 + rng.random(num_layers)
             after = before if event == "empty" else before - rng.random(num_layers) * (before - 1)
-            plans.append(make_plan(before, after))
+            plans.append(make_plan(cycle, before, after))
             cycle.plan_ready(step, plans[-1])
         elif action.poll and event == "fail":
             cycle.plan_failed(step, "boom")

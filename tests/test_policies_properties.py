@@ -100,7 +100,7 @@ def test_policy_properties(name, problem):
         plan = policy.rebalance(load, topology, current)
     except PolicyError:
         # the one refusal allowed: a policy that never shares a rank, asked for more slots per rank than experts
-        if policy.allows_shared_rank or topology.slots_per_rank <= num_experts:
+        if policy.allow_shared_rank or topology.slots_per_rank <= num_experts:
             raise
         return
     new = plan.placement.phy2log
@@ -111,7 +111,7 @@ def test_policy_properties(name, problem):
     for layer in range(num_layers):
         assert set(new[layer].tolist()) == set(range(num_experts))
     reference = current if current is not None else Placement.initial(num_experts, topology, num_layers).phy2log
-    if not policy.allows_shared_rank and topology.slots_per_rank <= num_experts:
+    if not policy.allow_shared_rank and topology.slots_per_rank <= num_experts:
         # no new shared ranks: a layer the policy found clean stays clean
         for before, after in zip(_rank_rows(reference, topology), _rank_rows(new, topology)):
             if all(len(set(row)) == len(row) for row in before):
@@ -121,7 +121,7 @@ def test_policy_properties(name, problem):
     window = load.sum(axis=0) if load.ndim == 3 else load
     for layer in np.flatnonzero((window.sum(axis=1) == 0) | (window.sum(axis=1) < topology.num_ranks)):
         rows = _rank_rows(reference[layer:layer + 1], topology)[0]
-        if policy.allows_shared_rank or all(len(set(row)) == len(row) for row in rows):
+        if policy.allow_shared_rank or all(len(set(row)) == len(row) for row in rows):
             assert new[layer].tolist() == reference[layer].tolist(), f"quiet layer {layer} moved"
 
     # moved slots and predicted PAR, recomputed

@@ -9,7 +9,7 @@ import eplb
 from eplb import Placement, PolicyError, Topology
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.auto import forecast
-from eplb.sim.dispatch import balanced_rank_load, optimal_peak, replica_ranks
+from eplb.dispatch import balanced_rank_load, optimal_peak, replica_ranks
 from eplb.sim.traces import builtin_trace
 
 TOPOLOGY = Topology(16, 5, num_nodes=2, num_groups=4)

@@ -1,23 +1,28 @@
 """FlashLB (policy ``flashlb``, vllm-ascend type 3): vectors, validity, gain rule, cherry-picking, determinism."""
 
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import EplbError
+from eplb.cycle import CycleConfig
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
+from eplb.planning import PlanState, plan_cycle
 from eplb.policies import get_policy
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.flashlb import episode_load
+from eplb.policies.kernels import allot_replicas
 from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
 
 def _counts(weight, extra, max_count):
     weight = np.asarray(weight, dtype=np.float64)
-    order = kernels.greedy_order(weight, np.ones(weight.size, dtype=np.bool_), extra, max_count)
+    order = allot_replicas(weight, np.ones(weight.size, dtype=np.bool_), extra, max_count)
     return 1 + np.bincount(order, minlength=weight.size)
 
 
@@ -49,9 +54,9 @@ def test_min_max_replica_vectors(ascend_vectors):
         assert _counts(weight, case["extra"], case["extra"] + 1).tolist() == case["replicas"]
 
 
-def test_greedy_order_respects_the_cap_and_subset():
+def test_allotment_respects_the_cap_and_subset():
     weight = np.array([100.0, 1.0, 50.0, 1.0])
-    order = kernels.greedy_order(weight, np.array([True, True, False, True]), 4, 3)
+    order = allot_replicas(weight, np.array([True, True, False, True]), 4, 3)
     assert order.tolist() == [0, 0, 1, 3]  # expert 0 stops at 3 replicas, expert 2 is not eligible
 
 
@@ -170,7 +175,7 @@ def test_cherry_picking_with_last_balance():
     load = _zipf_steps(rng, 64, 2, 16)
     topology = Topology(4, 5)
     current = Placement.initial(16, topology, 2)
-    balance = 1.0 / get_policy("flashlb").rebalance(load, topology, current).par_before
+    balance = 1.0 / _scores(load, current)  # average-to-peak over the episodes
     # layer 0 is as balanced as at its last plan, layer 1 got much worse
     last = np.array([balance[0], min(1.0, balance[1] / 0.8)])
     plan = get_policy("flashlb", replan_floor=0.1, last_balance=last).rebalance(load, topology, current)
@@ -218,3 +223,22 @@ def test_lpt_makes_room_when_every_free_rank_holds_the_expert():
     kernels.lpt(mean, np.zeros(5), np.zeros((5, 5)), count, 0.6745, np.arange(5), members, *scratch)
     assert sorted(members.ravel().tolist()) == [0, 1, 2, 3, 4, 4]
     assert all(len(set(row)) == slots for row in members.tolist())
+
+
+def test_the_planning_function_carries_the_balance_of_the_last_plan_to_the_next_cycle():
+    rng = np.random.default_rng(3)
+    topology = Topology(4, 5)
+    cycle = CycleConfig(cycle_steps=64, layers_per_step=0)
+    policy = get_policy("flashlb", replan_floor=0.1)
+    load = _zipf_steps(rng, 64, 2, 16)
+    initial = Placement.initial(16, topology, 2)
+    first = plan_cycle(policy, load, initial, cycle)
+    assert first.layers == (0, 1)  # nothing was planned before: every layer is a candidate
+    np.testing.assert_allclose(first.state.policy, 1.0 / _scores(load, Placement(first.phy2log, 16, topology)))
+    # a layer whose balance did not fall below 0.95 of its last one is no candidate
+    assert plan_cycle(policy, load, initial, cycle, state=PlanState(policy=np.array([0.01, np.nan]))).layers == (1,)
+    # the state is what the next call plans from, also after a trip through a pickle (to the planner worker)
+    current = Placement(first.phy2log, 16, topology)
+    carried = plan_cycle(policy, load, current, cycle, state=first.state)
+    revived = plan_cycle(policy, load, current, cycle, state=pickle.loads(pickle.dumps(first.state)))
+    assert carried.layers == () and revived.checksum == carried.checksum

@@ -9,7 +9,8 @@ import pytest
 
 from eplb import Placement, Topology
 from eplb.runtime.config import ConfigError, EplbConfig
-from eplb.runtime.planner import PlannerWorker, PlanRequest, plan_checksum
+from eplb.planning import plan_checksum
+from eplb.runtime.planner import PlannerWorker, PlanRequest
 
 
 def test_vllm_ascend_keys_with_env_guards(tmp_path):
@@ -145,7 +146,7 @@ def test_vllm_step_interval_plans_on_the_last_window(tmp_path):
     config = EplbConfig.from_dict({"window_size": 3, "step_interval": 8, "record_path": str(tmp_path / "m.json")})
     ctl = EplbController(config, 2, 5, Topology(2, 3), rank=0)
     try:
-        assert ctl.cycle.config.interval == 8 and ctl.recorder.ring_steps == 3
+        assert ctl.cycle.config.cycle_steps == 8 and ctl.recorder.ring_steps == 3
         for _ in range(8):
             ctl.before_forward()
             ctl.route(0, torch.tensor([[1, 2]]))

@@ -87,7 +87,7 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
     old_weights_ok = True
     for count in range(max_steps):
         step = ctl.step
-        before = ctl._phy2log.copy()
+        before = ctl.live.phy2log.copy()
         ctl.before_forward()
         if on_step is not None:
             on_step(ctl)
@@ -97,7 +97,7 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
             if check_weights and ctl.mover is not None:  # the forward must see the placement in force
                 old_weights_ok &= equal_to_fresh(ctl.mover.layer_tensors[layer], layer, before[layer], rank)
         ctl.after_forward()
-        for layer in np.flatnonzero((ctl._phy2log != before).any(axis=1)).tolist():
+        for layer in np.flatnonzero((ctl.live.phy2log != before).any(axis=1)).tolist():
             switch_step.setdefault(layer, []).append(step)
         time.sleep(sleep_s)
         if count % 5 == 4 and agree_all(until(ctl)):
@@ -107,7 +107,7 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
 
 def make_controller(rank: int, tmp, planner_target=None, **cfg):
     from eplb.runtime import EplbConfig, EplbController
-    from eplb.runtime.planner import _worker_main
+    from eplb.runtime.planner import worker_main
 
     base = {"mode": "dynamic", "window_steps": 4, "planner_check_steps": 2, "policy": "default",
             "planner_deadline_s": 30.0}
@@ -116,12 +116,12 @@ def make_controller(rank: int, tmp, planner_target=None, **cfg):
     placement = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     tensors = [fresh_tensors(l, local_row(placement.phy2log[l], rank)) for l in range(NUM_LAYERS)]
     return EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPO, rank, layer_tensors=tensors, placement=placement,
-                          planner_target=planner_target or _worker_main)
+                          planner_target=planner_target or worker_main)
 
 
 # -- scenarios ----------------------------------------------------------------------------------------------------
 def scenario_heat_layout(rank, tmp):
-    from eplb.runtime.recorder import LoadRecorder, gather_heat, gather_heat_steps
+    from eplb.runtime.recorder import LoadRecorder, gather_slot_counts, gather_slot_count_steps
 
     out = {}
     g3 = dist.new_group([0, 1, 2])
@@ -131,16 +131,16 @@ def scenario_heat_layout(rank, tmp):
         rec.begin_step()
         if rank == 1:
             rec.record_counts(0, torch.tensor([3, 5]))
-        out["world3"] = rec.gather_slots(g3).reshape(-1).tolist()
+        out["world3"] = gather_slot_counts(rec.window, 3, g3).reshape(-1).tolist()
     if rank < 2:
         rec = LoadRecorder(1, 4, 2, 2, rank, source="counts")
         rec.begin_step()
         if rank == 0:
             rec.record_counts(0, torch.tensor([2, 7]), cumulative=True)
-        out["world2_cumulative"] = rec.gather_slots(g2).reshape(-1).tolist()
+        out["world2_cumulative"] = gather_slot_counts(rec.window, 2, g2).reshape(-1).tolist()
     local = (torch.arange(58 * 100 * 8).reshape(58, 100, 8) + rank * 10**6)
-    normal = gather_heat(local, WORLD)
-    staged = gather_heat_steps(local, WORLD)
+    normal = gather_slot_counts(local, WORLD)
+    staged = gather_slot_count_steps(local, WORLD)
     out["normal_shape"], out["staged_shape"] = list(normal.shape), list(staged.shape)
     out["normal_ok"] = all(torch.equal(normal[:, w], local - (rank - w) * 10**6) for w in range(WORLD))
     out["staged_ok"] = all(torch.equal(staged[:, :, w], (local - (rank - w) * 10**6).transpose(0, 1))
@@ -186,7 +186,7 @@ def scenario_recorder(rank, tmp):
 
 def scenario_mover(rank, tmp):
     from eplb.runtime.mover import ExpertMover
-    from eplb.runtime.transfer import transfer_plan
+    from eplb.transfers import transfer_plan
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     rows = [np.roll(old.phy2log[0], 4), np.roll(old.phy2log[1], -5),
@@ -246,13 +246,13 @@ def scenario_lifecycle(rank, tmp):
 
     try:
         log = serve(ctl, rank, until=until, on_step=inject)
-        final_ok = all(equal_to_fresh(ctl.mover.layer_tensors[l], l, ctl._phy2log[l], rank)
+        final_ok = all(equal_to_fresh(ctl.mover.layer_tensors[l], l, ctl.live.phy2log[l], rank)
                        for l in range(NUM_LAYERS))
         cycles = [{"skipped": m.skipped, "applied": m.applied_layers, "submit_step": m.submit_step,
                    "planned": m.par_before is not None,
                    "par_before": None if m.par_before is None else m.par_before.tolist(),
                    "par_after": None if m.par_after is None else m.par_after.tolist()} for m in ctl.metrics]
-        return {**log, "final_ok": final_ok, "phy2log": ctl._phy2log.tolist(), "cycles": cycles,
+        return {**log, "final_ok": final_ok, "phy2log": ctl.live.phy2log.tolist(), "cycles": cycles,
                 "restarts": ctl.planner.restarts, "killed": bool(killed),
                 "router_table": ctl.router.rank_table.tolist(),
                 "router_expected": ctl.placement.log2phy_for_rank(rank).tolist()}
@@ -263,7 +263,7 @@ def scenario_lifecycle(rank, tmp):
 def scenario_record(rank, tmp):
     path = os.path.join(tmp, "record", "expert_map.json")
     ctl = make_controller(rank, tmp, mode="record", record_path=path)
-    initial = ctl._phy2log.copy()
+    initial = ctl.live.phy2log.copy()
     maps = {}
 
     def capture(c):  # rank 0 writes the map in the step its plan is accepted, before the forward
@@ -278,7 +278,7 @@ def scenario_record(rank, tmp):
         submits = [m.submit_step for m in ctl.metrics]
         windows = list(zip([0] + submits[:-1], submits))
         return {"maps": [maps.get(i) for i in range(3)], "windows": windows[:3],
-                "placement_unchanged": bool(np.array_equal(initial, ctl._phy2log))}
+                "placement_unchanged": bool(np.array_equal(initial, ctl.live.phy2log))}
     finally:
         ctl.close()
 

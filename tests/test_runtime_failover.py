@@ -12,13 +12,14 @@ from hypothesis import strategies as st
 from eplb import EplbError, Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
 from eplb.policies.resilience import Resilience
-from eplb.runtime.transfer import layer_transfer
+from eplb.planning import CyclePlan
+from eplb.transfers import layer_transfer
 
 torch = pytest.importorskip("torch")
 
 from eplb.runtime import EplbConfig, EplbController  # noqa: E402
 from eplb.runtime.config import ConfigError  # noqa: E402
-from eplb.runtime.recorder import LoadRecorder  # noqa: E402
+from eplb.runtime.recorder import LoadRecorder, gather_slot_counts  # noqa: E402
 
 
 # -- transfers ------------------------------------------------------------------------------------------------------
@@ -52,17 +53,14 @@ def test_transfer_errors_after_a_failure():
 
 # -- cycle ----------------------------------------------------------------------------------------------------------
 def test_cycle_restart_gives_up_the_move_and_resyncs_the_step():
-    cycle = Cycle(CycleConfig(interval=4, planner_steps=1), num_layers=3)
+    cycle = Cycle(CycleConfig(cycle_steps=4, planner_steps=1), num_layers=3)
     for step in range(5):
         cycle.on_step(step)
 
-    class Plan:
-        changed = np.array([True, True, True])
-        par_before = np.array([2.0, 2.0, 2.0])
-        par_after = np.array([1.0, 1.1, 1.2])
-        moved_slots = np.array([1, 1, 1])
-
-    cycle.plan_ready(4, Plan())
+    plan = CyclePlan(phy2log=np.zeros((3, 2)), changed=np.ones(3, dtype=bool), par_before=np.full(3, 2.0),
+                     par_after=np.array([1.0, 1.1, 1.2]), moved_slots=np.ones(3, dtype=np.int64), layers=(0, 1, 2),
+                     transfers=(), layer_bytes=np.zeros(3, dtype=np.int64), schedule=((0,), (1,), (2,)))
+    cycle.plan_ready(4, plan)
     assert cycle.on_step(5).apply_layers == (0,)
     assert cycle.phase is Phase.APPLY
     cycle.restart(8, "ranks [2] failed")  # another survivor got as far as step 7
@@ -81,7 +79,7 @@ def test_recorder_gathers_kernel_counts_into_the_live_ranks_rows():
     recorder.begin_step()
     recorder.record_counts(0, torch.tensor([5, 7]))
     recorder.live = np.array([False, True, False])  # this rank is the only survivor: a group of one
-    gathered = recorder.gather_slots()
+    gathered = gather_slot_counts(recorder.window, 3, live=recorder.live)
     assert gathered.shape == (1, 3, 2)
     assert gathered[0].tolist() == [[0, 0], [5, 7], [0, 0]]
 

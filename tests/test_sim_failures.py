@@ -15,7 +15,7 @@ from eplb.sim.simulator import Failure, SimConfig, simulate
 from eplb.sim.traces import TraceSpec, generate_trace, parametric_regimes
 
 TOPOLOGY = Topology(num_ranks=8, slots_per_rank=5, num_nodes=2, num_groups=4)  # 40 slots, 8 redundant
-CYCLE = CycleConfig(interval=40, planner_steps=4)
+CYCLE = CycleConfig(cycle_steps=40, planner_steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -102,8 +102,9 @@ def test_error_in_a_run_is_one_clear_error(capsys, jobs):
 
 
 def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
-    from eplb.sim.runs import _policy
+    from eplb.planning import cycle_policy
 
-    assert _policy("auto", "balanced").dispatch == "balanced"
-    assert _policy("auto", "even").dispatch == "even"
-    assert _policy("default", "balanced") is not None  # no such option: built as usual
+    assert cycle_policy("auto", dispatch="balanced").dispatch == "balanced"
+    assert cycle_policy("auto", dispatch="even").dispatch == "even"
+    assert cycle_policy("auto", {"dispatch": "even"}, dispatch="balanced").dispatch == "even"  # the user's option
+    assert cycle_policy("default", dispatch="balanced") is not None  # no such option: built as usual

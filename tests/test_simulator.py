@@ -12,7 +12,7 @@ from eplb.cycle import CycleConfig
 from eplb.errors import EplbError
 from eplb.policies.base import Policy
 from eplb.sim.cost import CostModel, expert_bytes_of
-from eplb.sim.dispatch import (
+from eplb.dispatch import (
     STATIC_MODES,
     balanced_rank_load,
     balanced_replica_load,
@@ -20,8 +20,9 @@ from eplb.sim.dispatch import (
     replica_ranks,
     round_split,
 )
-from eplb.sim.simulator import SimConfig, _received_experts, simulate, warmup_steps
+from eplb.sim.simulator import SimConfig, simulate, warmup_steps
 from eplb.sim.traces import Trace, TraceSpec, generate_trace, parametric_profile, parametric_regimes
+from eplb.transfers import layer_transfer, transfer_plan
 
 TOPOLOGY = Topology(num_ranks=8, slots_per_rank=5, num_nodes=2, num_groups=4)  # 40 slots, 8 redundant
 
@@ -101,11 +102,11 @@ def test_balanced_split_conserves_tokens_beats_even_and_nears_the_lp_optimum(pla
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(0, 50), min_size=6, max_size=6), st.integers(0, 3))
-def test_balanced_split_of_one_shared_expert_levels_its_ranks(loads, sweeps):
+@given(st.lists(st.integers(0, 50), min_size=6, max_size=6))
+def test_balanced_split_of_one_shared_expert_levels_its_ranks(loads):
     # expert 0 on ranks 0..2; experts 1..5 pinned to ranks 0, 1, 2, 0, 1
     ranks = np.array([[[0, 1, 2], [0, -1, -1], [1, -1, -1], [2, -1, -1], [0, -1, -1], [1, -1, -1]]])
-    replica, rank_load = balanced_replica_load(np.array([loads]), ranks, 3, sweeps=max(sweeps, 1))
+    replica, rank_load = balanced_replica_load(np.array([loads]), ranks, 3, passes=200)
     assert replica[0, 0].sum() == pytest.approx(loads[0])
     fixed = np.array([loads[1] + loads[4], loads[2] + loads[5], loads[3]], dtype=float)
     assert rank_load.max() == pytest.approx(max(fixed.max(), (fixed.sum() + loads[0]) / 3))  # the optimum
@@ -129,11 +130,11 @@ def test_round_split_gives_whole_tokens_that_sum_to_the_expert_load(weights, tot
     assert tokens.sum() == total and (np.abs(tokens - split) < 1 + 1e-9).all()
 
 
-def test_received_experts_counts_each_new_expert_once_per_rank():
+def test_a_rank_receives_each_new_expert_once():
     topology = Topology(2, 3)
-    old = np.array([[0, 1, 2, 3, 4, 5]])
-    new = np.array([[0, 5, 5, 3, 4, 1]])  # rank 0 gets 5 twice (one transfer), rank 1 gets 1, keeps 3, 4
-    np.testing.assert_array_equal(_received_experts(old, new, topology), [1, 1])
+    old = np.array([0, 1, 2, 3, 4, 5])
+    new = np.array([0, 5, 5, 3, 4, 1])  # rank 0 gets 5 twice (one transfer), rank 1 gets 1, keeps 3, 4
+    np.testing.assert_array_equal(layer_transfer(0, old, new, topology).transfers[:, 2], [0, 1])
 
 
 # -- cost model -----------------------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_cost_model_layer_waits_for_the_busiest_rank_and_transfers_hide_behind_c
 # -- simulation -----------------------------------------------------------------------------------------------------
 
 def config(**cycle):
-    return SimConfig(TOPOLOGY, CycleConfig(**{"interval": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
+    return SimConfig(TOPOLOGY, CycleConfig(**{"cycle_steps": 50, "planner_steps": 5, **cycle}), expert_bytes=1e6)
 
 
 def test_static_run_matches_the_metrics_module(trace):
@@ -177,7 +178,7 @@ class FixedPolicy(Policy):
 
 
 def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
-    result = simulate(trace, FixedPolicy(placement.phy2log), config(interval=60, planner_steps=7))
+    result = simulate(trace, FixedPolicy(placement.phy2log), config(cycle_steps=60, planner_steps=7))
     record = result.cycles[0]
     assert (record.window_start, record.window_end, record.ready_step) == (0, 60, 60)
     assert record.apply_start == 67 and record.apply_end == 67 + len(record.layers) - 1
@@ -189,7 +190,9 @@ def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
         np.testing.assert_allclose(result.step_par[:switch, layer], old[:switch, layer])
         np.testing.assert_allclose(result.step_par[switch:, layer], new[switch:, layer])
     moved = Placement.initial(32, TOPOLOGY, 4).moves_to(placement).sum(axis=1)
-    assert record.moved_slots == moved[record.layers].sum() and record.bytes_moved == record.moved_slots * 1e6
+    transfers = transfer_plan(Placement.initial(32, TOPOLOGY, 4), placement)
+    assert record.moved_slots == moved[record.layers].sum()
+    assert record.bytes_moved == sum(t.num_transfers for t in transfers) * 10**6  # what crosses the network
     assert (result.transfer_us > 0).sum() == len(record.layers)
 
 
@@ -197,6 +200,8 @@ def test_byte_budget_applies_several_layers_per_step(trace, placement):
     result = simulate(trace, FixedPolicy(placement.phy2log), config(bytes_per_step=200e6))
     record = result.cycles[0]
     assert record.apply_end - record.apply_start + 1 < len(record.layers)
+    assert len(record.schedule) == record.apply_end - record.apply_start + 1
+    assert [layer for step in record.schedule for layer in step] == record.layers
 
 
 def test_policies_beat_static_and_the_clairvoyant_floor_is_lowest(trace):
@@ -238,4 +243,4 @@ def test_trace_that_does_not_fit_the_topology_is_refused():
     with pytest.raises(EplbError, match="64 logical experts do not fit in 40 physical slots"):
         simulate(trace, None, config())
     with pytest.raises(EplbError, match="dispatch mode"):
-        SimConfig(TOPOLOGY, CycleConfig(interval=5), dispatch="fastest")
+        SimConfig(TOPOLOGY, CycleConfig(cycle_steps=5), dispatch="fastest")

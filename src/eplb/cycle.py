@@ -12,7 +12,8 @@ Phases, per cycle::
 
 Driving it (once per step, before the step's forward; steps are consecutive integers)::
 
-    cycle = Cycle(CycleConfig(interval=H, planner_steps=A, deadline_steps=D), num_layers=L)
+    cycle = Cycle(CycleConfig(cycle_steps=H, planner_steps=A, deadline_steps=D), num_layers=L)
+    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.config, ..., state=cycle.state))
     for step in itertools.count():
         action = cycle.on_step(step)
         if action.submit:
@@ -20,7 +21,7 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             # and start recording the next window (recording never stops).
             ...
         if action.poll:
-            # runtime: ask the planner (never block). When a plan arrived: cycle.plan_ready(step, plan, ...);
+            # runtime: ask the planner (never block). When a plan arrived: cycle.plan_ready(step, plan);
             # when it failed or came back invalid: cycle.plan_failed(step, reason). The simulator plans at once
             # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
             ...
@@ -30,13 +31,10 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             ...
         forward(step)
 
-Which layers of a plan are applied (:meth:`Cycle.plan_ready`): layers the plan changed, whose predicted PAR before
-is at least ``min_par``, whose predicted gain ``par_before - par_after`` exceeds ``min_gain``, and (when
-``similarity_threshold`` is set and the window load is given) whose load vector drifted since the layer was last
-applied (cosine similarity of max-normalised loads below the threshold, as xLLM does). ``max_layers`` keeps only
-the layers with the largest gain (cherry-picking). They are applied largest gain first (ties: lower layer first),
-``layers_per_step`` per step, or as many as fit ``bytes_per_step`` (at least one per step); ``layers_per_step=0``
-applies them all in one step. A layer without change is never scheduled.
+Which layers of a plan are applied, and in which steps, is decided by the planning function
+(:func:`eplb.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule out
+step by step and keeps the :class:`~eplb.planning.PlanState` of the last plan that started applying, for the next
+call. A layer without change is never scheduled.
 
 Every decision depends only on the calls made, so ranks that make the same calls in the same steps stay in
 lock-step. :attr:`Cycle.records` keeps one :class:`CycleRecord` per submitted window.
@@ -69,7 +67,8 @@ class CycleConfig:
     """How a rebalancing cycle runs.
 
     Attributes:
-        interval: H, steps of expert load in each planning window (>= 1).
+        cycle_steps: H, steps of expert load in each planning window (>= 1); a cycle starts every H steps at most
+            (the runtime's ``EplbConfig.cycle_steps``, ``eplb simulate --interval``).
         planner_steps: A, steps between submitting a window and applying its plan (the simulator's planner latency;
             the runtime leaves it 0 and polls). A plan is applied one step after submission at the earliest.
         deadline_steps: steps after submission after which a missing plan is given up (the cycle is skipped and
@@ -77,7 +76,6 @@ class CycleConfig:
         layers_per_step: layers applied per step; 0 applies every selected layer in one step.
         bytes_per_step: byte budget per step (overrides ``layers_per_step``); a layer larger than the budget is
             applied alone in its step.
-        expert_bytes: bytes of one expert's weights, to turn moved slots into bytes.
         min_par: layers whose predicted PAR before is below this are left alone (already balanced).
         min_gain: apply a layer only if ``par_before - par_after > min_gain``.
         max_layers: apply at most this many layers per cycle, the largest gains first (None: no limit).
@@ -85,12 +83,11 @@ class CycleConfig:
             and its load when last applied (both max-normalised) is below it.
     """
 
-    interval: int
+    cycle_steps: int
     planner_steps: int = 0
     deadline_steps: int | None = None
     layers_per_step: int = 1
     bytes_per_step: float | None = None
-    expert_bytes: float = 0.0
     min_par: float = 1.0
     min_gain: float = 0.0
     max_layers: int | None = None
@@ -101,7 +98,7 @@ class CycleConfig:
             if not ok:
                 raise CycleError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
-        need(_is_int(self.interval) and self.interval >= 1, "interval", "an integer >= 1")
+        need(_is_int(self.cycle_steps) and self.cycle_steps >= 1, "cycle_steps", "an integer >= 1")
         need(_is_int(self.planner_steps) and self.planner_steps >= 0, "planner_steps", "an integer >= 0")
         need(self.deadline_steps is None or (_is_int(self.deadline_steps) and self.deadline_steps >= 1),
              "deadline_steps", "None or an integer >= 1")
@@ -109,7 +106,6 @@ class CycleConfig:
              f">= planner_steps={self.planner_steps}")
         need(_is_int(self.layers_per_step) and self.layers_per_step >= 0, "layers_per_step", "an integer >= 0")
         need(self.bytes_per_step is None or self.bytes_per_step > 0, "bytes_per_step", "None or > 0")
-        need(self.expert_bytes >= 0, "expert_bytes", ">= 0")
         need(self.min_par >= 0, "min_par", ">= 0")
         need(self.min_gain >= 0, "min_gain", ">= 0")
         need(self.max_layers is None or (_is_int(self.max_layers) and self.max_layers >= 1), "max_layers",
@@ -156,10 +152,13 @@ class CycleRecord:
         ready_step: step in which the plan was reported (None when it never came).
         apply_start, apply_end: first and last step in which layers were applied (None when none).
         layers: layers applied, in order.
+        schedule: the layers applied in each apply step, from ``apply_start`` on.
         moved_slots: slots moved over the applied layers.
-        bytes_moved: bytes moved over the applied layers.
+        bytes_moved: bytes moved over the network for the applied layers (their transfers x expert bytes).
         par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
         skipped: why nothing was applied, or None.
+        checksum: :attr:`eplb.planning.CyclePlan.checksum` of the plan (placement, transfers, schedule), 0 when no
+            plan came.
     """
 
     window_start: int
@@ -168,11 +167,13 @@ class CycleRecord:
     apply_start: int | None = None
     apply_end: int | None = None
     layers: list[int] = field(default_factory=list)
+    schedule: list[tuple[int, ...]] = field(default_factory=list)
     moved_slots: int = 0
-    bytes_moved: float = 0.0
+    bytes_moved: int = 0
     par_before: float = float("nan")
     par_after: float = float("nan")
     skipped: str | None = None
+    checksum: int = 0
 
 
 class Cycle:
@@ -197,16 +198,15 @@ class Cycle:
         self._submitted: int | None = None
         self._plan_ready = False
         self._failed: str | None = None
-        self._queue: list[int] = []
-        self._layer_bytes = np.zeros(self.num_layers)
-        self._window_load: np.ndarray | None = None
-        self._applied_load: np.ndarray | None = None  # [L, E] load each layer was last applied on
-        self._ever_applied = np.zeros(self.num_layers, dtype=bool)
+        self._queue: list[tuple[int, ...]] = []  # apply steps still to come
+        self._plan = None
+        #: the :class:`~eplb.planning.PlanState` of the last plan that started applying (None before the first)
+        self.state = None
 
     @property
     def pending_layers(self) -> tuple[int, ...]:
         """Layers of the current plan still to apply, in order."""
-        return tuple(self._queue)
+        return tuple(layer for step in self._queue for layer in step)
 
     def on_step(self, step: int) -> Action:
         """Advance to ``step`` (call once per step, before its forward) and say what to do in it."""
@@ -225,55 +225,35 @@ class Cycle:
                 return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
         if self.phase is Phase.APPLY:
             return self._apply(step)
-        if step - self._window_start >= self.config.interval:
+        if step - self._window_start >= self.config.cycle_steps:
             start, self._window_start = self._window_start, step
             self.records.append(CycleRecord(window_start=start, window_end=step))
             self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None
-            self._window_load = None
             return Action(step, Phase.PLAN, submit=True, window_start=start, poll=True, skipped=skipped)
         return Action(step, Phase.COLLECT, window_start=self._window_start, skipped=skipped)
 
-    def plan_ready(self, step: int, plan, layer_bytes=None, load=None) -> tuple[int, ...]:
+    def plan_ready(self, step: int, plan) -> tuple[int, ...]:
         """Report the plan of the submitted window; returns the layers that will be applied, in order.
 
         Args:
             step: the current step (the submit step or a later one).
-            plan: an :class:`eplb.Plan` or anything with ``changed`` bool ``[L]``, ``par_before`` / ``par_after``
-                float ``[L]`` and ``moved_slots`` int ``[L]``.
-            layer_bytes: float ``[L]`` bytes to move per layer; default ``moved_slots * expert_bytes``.
-            load: float ``[L, E]`` the window's load, needed only for ``similarity_threshold``.
+            plan: the :class:`~eplb.planning.CyclePlan` of :func:`eplb.planning.plan_cycle`.
         """
         self._expect_plan(step)
-        changed = self._layer_array(plan.changed, "plan.changed").astype(bool)
-        before = self._layer_array(plan.par_before, "plan.par_before").astype(np.float64)
-        after = self._layer_array(plan.par_after, "plan.par_after").astype(np.float64)
-        moved = self._layer_array(plan.moved_slots, "plan.moved_slots").astype(np.int64)
-        if layer_bytes is None:
-            layer_bytes = moved * float(self.config.expert_bytes)
-        layer_bytes = self._layer_array(layer_bytes, "layer_bytes").astype(np.float64)
-        gain = before - after
-        selected = changed & (moved > 0) & (before >= self.config.min_par) & (gain > self.config.min_gain)
-        if self.config.similarity_threshold is not None and load is not None:
-            load = np.asarray(load, dtype=np.float64)
-            if load.shape[0] != self.num_layers or load.ndim != 2:
-                raise CycleError(f"load must be [L={self.num_layers}, E], got shape {load.shape}")
-            self._window_load = load
-            if self._applied_load is not None:
-                drifted = _cosine_similarity(load, self._applied_load) < self.config.similarity_threshold
-                selected &= drifted | ~self._ever_applied
-        order = [int(layer) for layer in np.lexsort((np.arange(self.num_layers), -gain)) if selected[layer]]
-        if self.config.max_layers is not None:
-            order = order[: self.config.max_layers]
+        if np.shape(plan.par_before) != (self.num_layers,):
+            raise CycleError(f"the plan covers {np.shape(plan.par_before)} layers, the cycle {self.num_layers}")
+        order = list(plan.layers)
         record = self.records[-1]
         record.ready_step = int(step)
+        record.checksum = plan.checksum
         if order:
-            record.layers = list(order)
-            record.moved_slots = int(moved[order].sum())
-            record.bytes_moved = float(layer_bytes[order].sum())
-            record.par_before = float(before[order].mean())
-            record.par_after = float(after[order].mean())
-        self._queue = list(order)
-        self._layer_bytes = layer_bytes
+            record.layers = order
+            record.moved_slots = int(plan.moved_slots[order].sum())
+            record.bytes_moved = int(plan.layer_bytes[order].sum())
+            record.par_before = float(plan.par_before[order].mean())
+            record.par_after = float(plan.par_after[order].mean())
+        self._queue = list(plan.schedule)
+        self._plan = plan
         self._plan_ready = True
         return tuple(order)
 
@@ -294,7 +274,7 @@ class Cycle:
             if self.phase is Phase.APPLY:
                 record.apply_end = int(next_step) - 1
         self.phase = Phase.COLLECT
-        self._queue, self._plan_ready, self._failed = [], False, None
+        self._queue, self._plan, self._plan_ready, self._failed = [], None, False, None
         self._last_step = int(next_step) - 1
         self._window_start = int(next_step)
 
@@ -304,12 +284,6 @@ class Cycle:
             raise CycleError(f"step {step}: no plan is awaited (phase {self.phase.value})")
         if self._last_step is None or step != self._last_step:
             raise CycleError(f"plan reported for step {step} during step {self._last_step}")
-
-    def _layer_array(self, value, name: str) -> np.ndarray:
-        arr = np.asarray(value)
-        if arr.shape != (self.num_layers,):
-            raise CycleError(f"{name} must have shape [{self.num_layers}] (one value per layer), got {arr.shape}")
-        return arr
 
     def _check_plan(self, step: int) -> str | None:
         """Move out of PLAN when the plan can be applied, failed or is late; returns the skip reason."""
@@ -323,8 +297,7 @@ class Cycle:
             if self._queue:
                 self.phase = Phase.APPLY
                 self.records[-1].apply_start = step
-                if self._window_load is not None:
-                    self._remember_applied()
+                self.state = self._plan.state
                 return None
             reason = "no gain"
         elif self.config.deadline_steps is not None and waited >= self.config.deadline_steps:
@@ -335,37 +308,10 @@ class Cycle:
         self.phase = Phase.COLLECT
         return reason
 
-    def _remember_applied(self) -> None:
-        if self._applied_load is None or self._applied_load.shape != self._window_load.shape:
-            self._applied_load = np.zeros_like(self._window_load)
-        self._applied_load[self._queue] = self._window_load[self._queue]
-        self._ever_applied[self._queue] = True
-        self._window_load = None
-
     def _apply(self, step: int) -> Action:
-        config = self.config
-        if config.bytes_per_step is not None:
-            count, used = 0, 0.0
-            for layer in self._queue:
-                if count and used + self._layer_bytes[layer] > config.bytes_per_step:
-                    break
-                used += self._layer_bytes[layer]
-                count += 1
-        elif config.layers_per_step == 0:
-            count = len(self._queue)
-        else:
-            count = config.layers_per_step
-        layers, self._queue = tuple(self._queue[:count]), self._queue[count:]
+        layers = self._queue.pop(0)
+        self.records[-1].schedule.append(layers)
         if not self._queue:
             self.phase = Phase.COLLECT
             self.records[-1].apply_end = step
         return Action(step, Phase.APPLY, window_start=self._window_start, apply_layers=layers)
-
-
-def _cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 ``[L]``: cosine similarity of the max-normalised rows of two ``[L, E]`` loads (1 for empty rows)."""
-    a = a / np.maximum(a.max(axis=1, keepdims=True), 1e-300)
-    b = b / np.maximum(b.max(axis=1, keepdims=True), 1e-300)
-    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dot = (a * b).sum(axis=1)
-    return np.where(norm > 0, dot / np.where(norm > 0, norm, 1.0), 1.0)

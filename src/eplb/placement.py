@@ -308,7 +308,7 @@ class Placement:
 
     def expert_map(self, rank: int) -> np.ndarray:
         """int64 ``[L, E]``: local slot of each logical expert on ``rank``, or -1 when it is not there."""
-        return self.expert_maps[:, self._check_rank(rank)]
+        return self.expert_maps[:, check_rank(rank, self._topology)]
 
     def log2phy_for_rank(self, rank: int, tp_size: int = 1) -> np.ndarray:
         """int64 ``[L, E]``: the physical slot ``rank`` sends each expert's tokens to (vllm-ascend rule).
@@ -316,15 +316,8 @@ class Placement:
         The replicas of expert ``e`` are taken in ascending slot (= rank) order; rank ``r`` picks replica
         ``r % count`` when ``tp_size == 1``, else ``(r % tp_size + r // tp_size + e) % count``.
         """
-        rank = self._check_rank(rank)
         tp_size = to_int(tp_size, "tp_size", PlacementError, minimum=1)
-        count = self.replica_count
-        if tp_size == 1:
-            index = rank % count
-        else:
-            experts = np.arange(self._num_experts)[None, :]
-            index = (rank % tp_size + rank // tp_size + experts) % count
-        return np.take_along_axis(self.log2phy, index[:, :, None], axis=2)[:, :, 0]
+        return _replica_for_rank(self.log2phy, self.replica_count, check_rank(rank, self._topology), tp_size)
 
     def without_ranks(self, ranks) -> "Failover":
         """Immediate failover: the routing that serves every expert from its surviving replicas when ``ranks`` fail.
@@ -335,8 +328,8 @@ class Placement:
         Args:
             ranks: the failed ranks (an iterable of ints), or a bool mask ``[W]`` of failed ranks.
         """
-        dead = _rank_mask(ranks, self._topology.num_ranks, "failed ranks")
-        return Failover(self, dead)
+        failed = _rank_mask(ranks, self._topology.num_ranks, "failed ranks")
+        return Failover(self, failed)
 
     def moves_to(self, other: "Placement") -> np.ndarray:
         """bool ``[L, P]``: slots whose logical expert differs in ``other``. ``.sum(1)`` counts moves per layer."""
@@ -355,12 +348,6 @@ class Placement:
         return self
 
     # -- helpers ------------------------------------------------------------------------------------------------
-    def _check_rank(self, rank: int) -> int:
-        rank = to_int(rank, "rank", PlacementError)
-        if not 0 <= rank < self._topology.num_ranks:
-            raise PlacementError(f"rank must be in [0, {self._topology.num_ranks}), got {rank}")
-        return rank
-
     def _check_compatible(self, other: "Placement") -> None:
         if not isinstance(other, Placement):
             raise PlacementError(f"the other placement must be an eplb.Placement, got {type(other).__name__}")
@@ -391,14 +378,14 @@ class Failover:
 
     Attributes:
         placement: the placement in force when the ranks failed.
-        dead: bool ``[W]``, failed ranks.
+        failed: bool ``[W]``, failed ranks.
     """
 
-    def __init__(self, placement: Placement, dead: np.ndarray):
+    def __init__(self, placement: Placement, failed: np.ndarray):
         self.placement = placement
-        self.dead = np.array(dead, dtype=bool)
-        self.dead.flags.writeable = False
-        masked = np.where(self.dead[placement.rank_of_slot][None, :], -1, placement.phy2log)
+        self.failed = np.array(failed, dtype=bool)
+        self.failed.flags.writeable = False
+        masked = np.where(self.failed[placement.rank_of_slot][None, :], -1, placement.phy2log)
         log2phy, count = compute_log2phy(masked, placement.num_experts)
         log2phy.flags.writeable = False
         count.flags.writeable = False
@@ -423,7 +410,7 @@ class Failover:
     @property
     def live(self) -> np.ndarray:
         """bool ``[W]``: ranks still serving."""
-        return ~self.dead
+        return ~self.failed
 
     @property
     def log2phy(self) -> np.ndarray:
@@ -453,15 +440,9 @@ class Failover:
 
         The rule of :meth:`Placement.log2phy_for_rank` applied to the surviving replicas.
         """
-        rank = self.placement._check_rank(rank)
+        rank = check_rank(rank, self.placement.topology)
         tp_size = to_int(tp_size, "tp_size", PlacementError, minimum=1)
-        count = np.maximum(self._count, 1)
-        if tp_size == 1:
-            index = rank % count
-        else:
-            experts = np.arange(self.num_experts)[None, :]
-            index = (rank % tp_size + rank // tp_size + experts) % count
-        return np.take_along_axis(self._log2phy, index[:, :, None], axis=2)[:, :, 0]
+        return _replica_for_rank(self._log2phy, np.maximum(self._count, 1), rank, tp_size)
 
     def rank_share(self) -> np.ndarray:
         """float64 ``[L, E, W]``: share of expert ``e``'s tokens each rank serves when they are split evenly over
@@ -469,7 +450,7 @@ class Failover:
         placement = self.placement
         num_layers, num_ranks = placement.num_layers, placement.topology.num_ranks
         share = np.zeros((num_layers, placement.num_experts, num_ranks))
-        alive = ~self.dead[placement.rank_of_slot]
+        alive = ~self.failed[placement.rank_of_slot]
         count = np.take_along_axis(self._count, placement.phy2log, axis=1)  # [L, P]
         weight = np.where(alive[None, :], 1.0 / np.maximum(count, 1), 0.0)
         layer_idx = np.broadcast_to(np.arange(num_layers)[:, None], placement.phy2log.shape)
@@ -487,5 +468,26 @@ class Failover:
         return (np.asarray(window, dtype=np.float64) * self.lost_mask).sum(axis=-1)
 
     def __repr__(self) -> str:
-        return (f"Failover(dead ranks={np.flatnonzero(self.dead).tolist()}, lost={len(self.lost)}, "
+        return (f"Failover(failed ranks={np.flatnonzero(self.failed).tolist()}, lost={len(self.lost)}, "
                 f"{self.placement!r})")
+
+
+def check_rank(rank: int, topology: Topology) -> int:
+    """``rank`` as an int when it is a rank of ``topology``, else a :class:`PlacementError`."""
+    rank = to_int(rank, "rank", PlacementError)
+    if not 0 <= rank < topology.num_ranks:
+        raise PlacementError(f"rank must be in [0, {topology.num_ranks}), got {rank}")
+    return int(rank)
+
+
+def _replica_for_rank(log2phy: np.ndarray, count: np.ndarray, rank: int, tp_size: int) -> np.ndarray:
+    """int64 ``[L, E]``: the replica (in ``log2phy`` ``[L, E, M]``, ascending slots) ``rank`` picks for each expert:
+    ``rank % count``, or with ``tp_size > 1`` vllm-ascend's ``(rank % tp + rank // tp + e) % count``."""
+    if tp_size < 1:
+        raise PlacementError(f"tp_size must be >= 1, got {tp_size}")
+    if tp_size == 1:
+        index = rank % count
+    else:
+        experts = np.arange(log2phy.shape[1])[None, :]
+        index = (rank % tp_size + rank // tp_size + experts) % count
+    return np.take_along_axis(log2phy, index[:, :, None], axis=2)[:, :, 0]

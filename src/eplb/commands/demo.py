@@ -70,7 +70,8 @@ def register(subparsers) -> None:
                        help="expert groups of DeepSeek-style grouped top-k (1: plain top-k)")
     model.add_argument("--topk-groups", type=int, default=2, metavar="g", help="groups each token may pick from")
     model.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens per rank per step")
-    model.add_argument("--router", default="rank", metavar="MODE", help="replica router: rank, token or local")
+    model.add_argument("--dispatch", "--router", dest="dispatch", default="rank", metavar="MODE",
+                       help="replica choice of the router: rank, token or local (--router: the old spelling)")
     model.add_argument("--seed", type=int, default=0, help="weights and workload seed")
     model.add_argument("--trace", metavar="LOAD",
                        help="recorded expert load [T, L, E] or [L, E] (.npz counts, SGLang logical_count, TensorRT-LLM "
@@ -107,7 +108,7 @@ def _settings(args):
                         num_groups=args.groups, topk_groups=args.topk_groups, seed=args.seed)
     check_machine_fits(args.ranks, rank_memory_bytes(model, slots, args.tokens))
     eplb = {"mode": args.mode, "window_steps": args.window, "planner_check_steps": 4, "policy": args.policy,
-            "router_mode": args.router}
+            "dispatch": args.dispatch}
     record_path = None
     if args.mode == "record":
         record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())

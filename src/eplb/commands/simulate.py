@@ -22,7 +22,7 @@ _SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
 
 
 def register(subparsers) -> None:
-    from eplb.sim.dispatch import DISPATCH_MODES
+    from eplb.dispatch import DISPATCH_MODES
     from eplb.sim.cost import MODEL_EXPERT_BYTES
     from eplb.sim.traces import SCENARIOS
 
@@ -265,7 +265,7 @@ def run(args) -> int:
     from eplb.sim.cost import CostModel, expert_bytes_of
     from eplb.policies.resilience import Resilience
     from eplb.sim.runs import RunSpec, simulate_runs
-    from eplb.sim.simulator import Failure, SimConfig, dead_ranks, warmup_steps
+    from eplb.sim.simulator import Failure, SimConfig, failed_ranks, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace
 
     from eplb.commands import common
@@ -296,8 +296,8 @@ def run(args) -> int:
         topology = common.topology(args, trace.num_experts, default_slots=_SLOTS)
         _check_memory(args, trace.num_steps, trace.num_layers, trace.num_experts, num_runs)
         cycle = CycleConfig(
-            interval=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
-            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None, expert_bytes=expert_bytes,
+            cycle_steps=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
+            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
         warmup = warmup_steps(cycle, trace.num_layers, trace.num_steps)
         if -(-warmup // args.interval) * args.interval >= trace.num_steps:  # no window starts after the warm-up
@@ -308,7 +308,7 @@ def run(args) -> int:
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
         try:  # a rank or node out of range fails before any run
-            dead_ranks(failures, topology, trace.num_steps)
+            failed_ranks(failures, topology, trace.num_steps)
         except EplbError as exc:
             raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]

@@ -106,7 +106,7 @@ def cycle_figures(metrics) -> dict:
     return {"cycle": metrics.cycle, "submit_step": metrics.submit_step, "window_par": mean(metrics.window_par),
             "next_window_par": mean(metrics.next_window_par), "predicted_par_before": mean(metrics.par_before),
             "predicted_par_after": mean(metrics.par_after), "applied_layers": list(metrics.applied_layers),
-            "moved_slots": int(metrics.moved_slots), "moved_bytes_rank": int(metrics.moved_bytes_rank),
+            "moved_slots": int(metrics.moved_slots), "bytes_received": int(metrics.bytes_received),
             "planner_s": float(metrics.planner_s), "transfer_s": float(metrics.transfer_s),
             "skipped": metrics.skipped}
 

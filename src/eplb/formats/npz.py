@@ -14,9 +14,36 @@ import numpy as np
 from eplb.errors import FormatError
 from eplb.formats._common import atomic_path, numpy_load
 
-__all__ = ["read_load", "write_load"]
+__all__ = ["read_load", "write_load", "read_arrays", "write_arrays"]
 
 KEY = "counts"
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive that holds ``counts`` (the trace files of :mod:`eplb.sim.traces` too).
+
+    Raises:
+        FormatError: unreadable file, not an archive, or no ``counts`` key.
+    """
+    with numpy_load(path, archive=True) as data:
+        if KEY not in data.files:
+            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'}); an expert "
+                              f"load .npz holds {KEY!r} [steps, layers, experts] or [layers, experts]")
+        try:
+            return {name: data[name] for name in data.files}
+        except ValueError as exc:
+            raise FormatError(f"{path}: an array " + ("holds Python objects rather than numbers" if "pickle" in str(exc)
+                                                      else f"is not readable: {exc}")) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise FormatError(f"{path}: an array is not readable (truncated or damaged): {exc}") from None
+
+
+def write_arrays(path: Path, flag: str | None = None, **arrays) -> None:
+    """Write ``arrays`` (``counts`` among them) as a compressed ``.npz``, atomically (``flag`` names the option in
+    errors)."""
+    with atomic_path(path, flag) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
 
 def read_load(path: Path) -> np.ndarray:
@@ -25,21 +52,9 @@ def read_load(path: Path) -> np.ndarray:
     Raises:
         FormatError: unreadable file or no ``counts`` key.
     """
-    with numpy_load(path, archive=True) as data:
-        if KEY not in data.files:
-            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'}); an expert "
-                              f"load .npz holds {KEY!r} [steps, layers, experts] or [layers, experts]")
-        try:
-            return data[KEY]
-        except ValueError as exc:
-            raise FormatError(f"{path}: {KEY!r} " + ("holds Python objects rather than numbers" if "pickle" in str(exc)
-                                                     else f"is not readable: {exc}")) from None
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise FormatError(f"{path}: {KEY!r} is not readable (truncated or damaged): {exc}") from None
+    return read_arrays(path)[KEY]
 
 
 def write_load(load: np.ndarray, path: Path) -> None:
     """Write ``load`` as ``counts`` in a compressed ``.npz``, atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **{KEY: load})
+    write_arrays(path, **{KEY: load})

@@ -33,7 +33,7 @@ def ascend_policy(name: str | int, **options) -> Policy:
     """``get_policy(name, **options)``, but a policy that can keep replicas off shared ranks is asked to, unless
     ``options`` say otherwise: vllm-ascend does not allow an expert twice on one rank."""
     policy = get_policy(name, **options)
-    if policy.allows_shared_rank and "allow_shared_rank" not in options and \
+    if policy.allow_shared_rank and "allow_shared_rank" not in options and \
             "allow_shared_rank" in inspect.signature(type(policy)).parameters:
         policy = get_policy(name, allow_shared_rank=False, **options)
     return policy

@@ -13,7 +13,7 @@ import inspect
 from eplb.errors import PolicyError
 from eplb.policies.base import Plan, Policy
 
-__all__ = ["get_policy", "available_policies", "policy_options", "Plan", "Policy", "POLICY_IDS"]
+__all__ = ["get_policy", "available_policies", "policy_options", "Plan", "Policy", "POLICY_IDS", "POLICY_NAMES"]
 
 _MODULES = {
     "random": "eplb.policies.random_policy",
@@ -22,6 +22,9 @@ _MODULES = {
     "flashlb": "eplb.policies.flashlb",
     "auto": "eplb.policies.auto",
 }
+
+#: every registered policy name (whether its module imports here or not: see :func:`available_policies`)
+POLICY_NAMES = tuple(_MODULES)
 
 #: vllm-ascend ``eplb_policy_type`` ids
 POLICY_IDS = {0: "random", 1: "default", 2: "swift", 3: "flashlb"}

@@ -138,6 +138,11 @@ def _reassign_terms(holders, counts, a_old, a_new, rank, aff, alpha, beta, liqui
 def local_search(x, weight, table, original, counts, move_cost, budget, max_steps, liquid):
     """Improve ``table`` ``[W, K]`` in place (and ``counts`` ``[E]``) on the episode objective.
 
+    Each step looks at the busiest ranks in turn (by the weight of the episodes they are the busiest in): screens
+    every swap and reassignment that would lower that rank's mean load there (:func:`_candidates`), scores the
+    most promising exactly on every episode (:func:`_best_candidate`) and applies the best one whose gain beats its
+    move cost; the search stops when no busy rank has such a move.
+
     Args:
         x: float64 ``[S, E]`` episode loads; weight: float64 ``[S]``.
         table: int64 ``[W, K]``, the starting placement (no expert twice on a rank).
@@ -159,26 +164,19 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
         for k in range(slots):
             if table[r, k] != original[r, k]:
                 moved += 1
-    total_weight = weight.sum()
-    mean_x = np.zeros(num_experts)
-    for s in range(num_episodes):
-        for e in range(num_experts):
-            mean_x[e] += weight[s] * x[s, e] / total_weight
     loads = rank_loads(x, table, counts, liquid)
     top = np.empty((num_episodes, 3))
     arg = np.empty((num_episodes, 3), dtype=np.int64)
     _top3(loads, top, arg)
     mean_load = np.zeros(num_ranks)
+    mean_x = np.zeros(num_experts)
     hot = np.zeros(num_ranks)
     aff = np.empty(2 * num_ranks + 2, dtype=np.int64)
     alpha = np.empty(2 * num_ranks + 2)
     beta = np.empty(2 * num_ranks + 2)
     cap = 2 * slots * slots * num_ranks + slots * num_experts + 8
-    cand_kind = np.empty(cap, dtype=np.int64)  # 0 swap, 1 reassign
-    cand_r1 = np.empty(cap, dtype=np.int64)
-    cand_k1 = np.empty(cap, dtype=np.int64)
-    cand_r2 = np.empty(cap, dtype=np.int64)
-    cand_k2 = np.empty(cap, dtype=np.int64)  # swap: slot on r2; reassign: the new expert
+    # candidate moves: kind (0 swap, 1 reassign), r1, k1, r2, k2 (swap: slot on r2; reassign: the new expert)
+    cand = np.empty((cap, 5), dtype=np.int64)
     cand_score = np.empty(cap)
     up_first = np.empty(num_experts)
     up_second = np.empty(num_experts)
@@ -196,117 +194,22 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
             hot_rank = order[attempt]
             if hot[hot_rank] <= 0:
                 break
-            # screen on the mean over the episodes in which this rank is the busiest
-            total_weight = 0.0
-            mean_load[:] = 0.0
-            mean_x[:] = 0.0
-            for s in range(num_episodes):
-                if arg[s, 0] == hot_rank:
-                    total_weight += weight[s]
-                    for r in range(num_ranks):
-                        mean_load[r] += weight[s] * loads[s, r]
-                    for e in range(num_experts):
-                        mean_x[e] += weight[s] * x[s, e]
-            mean_load /= total_weight
-            mean_x /= total_weight
-            level = mean_load[hot_rank]
-            # screening terms: an expert losing a replica lifts its other holders (busiest two kept, so the
-            # holder giving up the slot can be left out); one of the hot rank's experts gaining one lowers its
-            for e in range(num_experts):
-                up_first[e], up_second[e], up_rank[e] = -np.inf, -np.inf, -1
-                if counts[e] < 2:
-                    continue
-                lift = mean_x[e] * (share(counts[e] - 1, liquid) - share(counts[e], liquid))
-                for i in range(counts[e]):
-                    v = mean_load[holders[e, i]] + lift
-                    if v > up_first[e]:
-                        up_second[e] = up_first[e]
-                        up_first[e], up_rank[e] = v, holders[e, i]
-                    elif v > up_second[e]:
-                        up_second[e] = v
-            for k1 in range(slots):
-                a = table[hot_rank, k1]
-                grow_peak[k1] = -np.inf
-                drop = mean_x[a] * (share(counts[a] + 1, liquid) - share(counts[a], liquid))
-                for i in range(counts[a]):
-                    grow_peak[k1] = max(grow_peak[k1], mean_load[holders[a, i]] + drop)
-            m = 0
-            for k1 in range(slots):
-                a = table[hot_rank, k1]
-                for r2 in range(num_ranks):
-                    if r2 == hot_rank:
-                        continue
-                    if not has[r2, a]:
-                        # swap a (hot rank) with b (rank r2)
-                        for k2 in range(slots):
-                            b = table[r2, k2]
-                            if has[hot_rank, b]:
-                                continue
-                            d = mean_x[b] * share(counts[b], liquid) - mean_x[a] * share(counts[a], liquid)
-                            peak = max(level + d, mean_load[r2] - d)
-                            if peak < level:
-                                cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 0, hot_rank, k1, r2, k2
-                                cand_score[m] = level - peak
-                                m += 1
-                        # one more replica of a, in a slot of r2 whose expert has replicas to spare
-                        for k2 in range(slots):
-                            old = table[r2, k2]
-                            if counts[old] < 2 or old == a:
-                                continue
-                            peak = max(grow_peak[k1], up_first[old] if up_rank[old] != r2 else up_second[old],
-                                       mean_load[r2] - mean_x[old] * share(counts[old], liquid)
-                                       + mean_x[a] * share(counts[a] + 1, liquid))
-                            if peak < level:
-                                cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, r2, k2, -1, a
-                                cand_score[m] = level - peak
-                                m += 1
-                # a replica of the hot rank that can be spared takes another expert
-                if counts[a] >= 2:
-                    for b in range(num_experts):
-                        if has[hot_rank, b]:
-                            continue
-                        # b's other holders only get lighter
-                        peak = max(up_first[a] if up_rank[a] != hot_rank else up_second[a],
-                                   level - mean_x[a] * share(counts[a], liquid)
-                                   + mean_x[b] * share(counts[b] + 1, liquid))
-                        if peak < level:
-                            cand_kind[m], cand_r1[m], cand_k1[m], cand_r2[m], cand_k2[m] = 1, hot_rank, k1, -1, b
-                            cand_score[m] = level - peak
-                            m += 1
+            level = _busiest_means(x, weight, loads, arg, hot_rank, mean_load, mean_x)
+            _screening_terms(table, holders, counts, mean_load, mean_x, hot_rank, liquid, up_first, up_second,
+                             up_rank, grow_peak)
+            m = _candidates(table, has, counts, mean_load, mean_x, hot_rank, level, liquid, up_first, up_second,
+                            up_rank, grow_peak, cand, cand_score)
             if m == 0:
                 continue
-            cut = -np.inf if m <= _EXACT else np.partition(-cand_score[:m], _EXACT - 1)[_EXACT - 1]
-            best, best_net, best_moved = -1, 0.0, 0
-            for c in range(m):
-                if -cand_score[c] > cut:
-                    continue
-                r1, k1 = cand_r1[c], cand_k1[c]
-                if cand_kind[c] == 0:
-                    r2, k2 = cand_r2[c], cand_k2[c]
-                    a, b = table[r1, k1], table[r2, k2]
-                    aff[0], aff[1] = r1, r2
-                    alpha[0], beta[0] = -share(counts[a], liquid), share(counts[b], liquid)
-                    alpha[1], beta[1] = share(counts[a], liquid), -share(counts[b], liquid)
-                    n = 2
-                    delta = (int(b != original[r1, k1]) - int(a != original[r1, k1])
-                             + int(a != original[r2, k2]) - int(b != original[r2, k2]))
-                else:
-                    a, b = table[r1, k1], cand_k2[c]
-                    n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
-                    delta = int(b != original[r1, k1]) - int(a != original[r1, k1])
-                if moved + delta > budget:
-                    continue
-                net = _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n) - move_cost * delta
-                if net > best_net:
-                    best, best_net, best_moved = c, net, delta
+            best, best_moved = _best_candidate(x, weight, loads, top, arg, table, original, holders, counts, cand,
+                                               cand_score, m, moved, budget, move_cost, liquid, aff, alpha, beta)
             if best < 0:
                 continue
-            if cand_kind[best] == 0:
-                _apply_swap(x, loads, table, has, holders, counts, cand_r1[best], cand_k1[best], cand_r2[best],
-                            cand_k2[best], liquid)
+            kind, r1, k1, r2, k2 = cand[best]
+            if kind == 0:
+                _apply_swap(x, loads, table, has, holders, counts, r1, k1, r2, k2, liquid)
             else:
-                _apply_reassign(x, loads, table, has, holders, counts, cand_r1[best], cand_k1[best], cand_k2[best],
-                                liquid, aff, alpha, beta)
+                _apply_reassign(x, loads, table, has, holders, counts, r1, k1, k2, liquid, aff, alpha, beta)
             moved += best_moved
             _top3(loads, top, arg)
             applied = True
@@ -317,6 +220,143 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
     for s in range(num_episodes):
         total += weight[s] * top[s, 0]
     return total, moved, steps
+
+
+@njit(cache=True)
+def _busiest_means(x, weight, loads, arg, hot_rank, mean_load, mean_x):
+    """Fill ``mean_load`` ``[W]`` and ``mean_x`` ``[E]`` with the weighted means over the episodes in which
+    ``hot_rank`` is the busiest rank (what the screening works on); returns ``hot_rank``'s mean load there."""
+    num_episodes, num_experts = x.shape
+    num_ranks = loads.shape[1]
+    total_weight = 0.0
+    mean_load[:] = 0.0
+    mean_x[:] = 0.0
+    for s in range(num_episodes):
+        if arg[s, 0] == hot_rank:
+            total_weight += weight[s]
+            for r in range(num_ranks):
+                mean_load[r] += weight[s] * loads[s, r]
+            for e in range(num_experts):
+                mean_x[e] += weight[s] * x[s, e]
+    mean_load /= total_weight
+    mean_x /= total_weight
+    return mean_load[hot_rank]
+
+
+@njit(cache=True)
+def _screening_terms(table, holders, counts, mean_load, mean_x, hot_rank, liquid, up_first, up_second, up_rank,
+                     grow_peak):
+    """The terms the screening of :func:`_candidates` needs: an expert losing a replica lifts its other holders
+    (``up_first`` / ``up_second``: the busiest two after the lift, ``up_rank`` the busiest one's rank, so the holder
+    giving up the slot can be left out); one of the hot rank's experts gaining a replica lowers its holders
+    (``grow_peak[k]``: their busiest after the drop, for the expert in the hot rank's slot ``k``)."""
+    num_experts = mean_x.shape[0]
+    slots = table.shape[1]
+    for e in range(num_experts):
+        up_first[e], up_second[e], up_rank[e] = -np.inf, -np.inf, -1
+        if counts[e] < 2:
+            continue
+        lift = mean_x[e] * (share(counts[e] - 1, liquid) - share(counts[e], liquid))
+        for i in range(counts[e]):
+            v = mean_load[holders[e, i]] + lift
+            if v > up_first[e]:
+                up_second[e] = up_first[e]
+                up_first[e], up_rank[e] = v, holders[e, i]
+            elif v > up_second[e]:
+                up_second[e] = v
+    for k1 in range(slots):
+        a = table[hot_rank, k1]
+        grow_peak[k1] = -np.inf
+        drop = mean_x[a] * (share(counts[a] + 1, liquid) - share(counts[a], liquid))
+        for i in range(counts[a]):
+            grow_peak[k1] = max(grow_peak[k1], mean_load[holders[a, i]] + drop)
+
+
+@njit(cache=True)
+def _candidates(table, has, counts, mean_load, mean_x, hot_rank, level, liquid, up_first, up_second, up_rank,
+                grow_peak, cand, cand_score):
+    """Screen every move that lowers the hot rank below ``level`` on the means: a swap of one of its experts with
+    another rank's, one more replica of one of its experts in a slot whose expert has replicas to spare, or one of
+    its spare replicas taking another expert. Fills ``cand`` ``[m, 5]`` and ``cand_score`` ``[m]`` (how far below
+    ``level`` the screened peak is); returns ``m``."""
+    num_experts = mean_x.shape[0]
+    num_ranks, slots = table.shape
+    m = 0
+    for k1 in range(slots):
+        a = table[hot_rank, k1]
+        for r2 in range(num_ranks):
+            if r2 == hot_rank:
+                continue
+            if not has[r2, a]:
+                # swap a (hot rank) with b (rank r2)
+                for k2 in range(slots):
+                    b = table[r2, k2]
+                    if has[hot_rank, b]:
+                        continue
+                    d = mean_x[b] * share(counts[b], liquid) - mean_x[a] * share(counts[a], liquid)
+                    peak = max(level + d, mean_load[r2] - d)
+                    if peak < level:
+                        cand[m, 0], cand[m, 1], cand[m, 2], cand[m, 3], cand[m, 4] = 0, hot_rank, k1, r2, k2
+                        cand_score[m] = level - peak
+                        m += 1
+                # one more replica of a, in a slot of r2 whose expert has replicas to spare
+                for k2 in range(slots):
+                    old = table[r2, k2]
+                    if counts[old] < 2 or old == a:
+                        continue
+                    peak = max(grow_peak[k1], up_first[old] if up_rank[old] != r2 else up_second[old],
+                               mean_load[r2] - mean_x[old] * share(counts[old], liquid)
+                               + mean_x[a] * share(counts[a] + 1, liquid))
+                    if peak < level:
+                        cand[m, 0], cand[m, 1], cand[m, 2], cand[m, 3], cand[m, 4] = 1, r2, k2, -1, a
+                        cand_score[m] = level - peak
+                        m += 1
+        # a replica of the hot rank that can be spared takes another expert
+        if counts[a] >= 2:
+            for b in range(num_experts):
+                if has[hot_rank, b]:
+                    continue
+                # b's other holders only get lighter
+                peak = max(up_first[a] if up_rank[a] != hot_rank else up_second[a],
+                           level - mean_x[a] * share(counts[a], liquid)
+                           + mean_x[b] * share(counts[b] + 1, liquid))
+                if peak < level:
+                    cand[m, 0], cand[m, 1], cand[m, 2], cand[m, 3], cand[m, 4] = 1, hot_rank, k1, -1, b
+                    cand_score[m] = level - peak
+                    m += 1
+    return m
+
+
+@njit(cache=True)
+def _best_candidate(x, weight, loads, top, arg, table, original, holders, counts, cand, cand_score, m, moved,
+                    budget, move_cost, liquid, aff, alpha, beta):
+    """Score the ``_EXACT`` best-screened candidates exactly on every episode; returns ``(index, slots it moves)``
+    of the one with the largest gain net of its move cost within the move ``budget`` (index -1: none gains)."""
+    cut = -np.inf if m <= _EXACT else np.partition(-cand_score[:m], _EXACT - 1)[_EXACT - 1]
+    best, best_net, best_moved = -1, 0.0, 0
+    for c in range(m):
+        if -cand_score[c] > cut:
+            continue
+        r1, k1 = cand[c, 1], cand[c, 2]
+        if cand[c, 0] == 0:
+            r2, k2 = cand[c, 3], cand[c, 4]
+            a, b = table[r1, k1], table[r2, k2]
+            aff[0], aff[1] = r1, r2
+            alpha[0], beta[0] = -share(counts[a], liquid), share(counts[b], liquid)
+            alpha[1], beta[1] = share(counts[a], liquid), -share(counts[b], liquid)
+            n = 2
+            delta = (int(b != original[r1, k1]) - int(a != original[r1, k1])
+                     + int(a != original[r2, k2]) - int(b != original[r2, k2]))
+        else:
+            a, b = table[r1, k1], cand[c, 4]
+            n = _reassign_terms(holders, counts, a, b, r1, aff, alpha, beta, liquid)
+            delta = int(b != original[r1, k1]) - int(a != original[r1, k1])
+        if moved + delta > budget:
+            continue
+        net = _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n) - move_cost * delta
+        if net > best_net:
+            best, best_net, best_moved = c, net, delta
+    return best, best_moved
 
 
 @njit(cache=True)
@@ -386,59 +426,4 @@ def search_layers(x, weight, tables, originals, move_cost, budget, max_steps, li
         value, _, _ = local_search(x[layer], weight, tables[layer], originals[layer], counts, move_cost[layer],
                                    budget, max_steps, liquid)
         out[layer] = value
-    return out
-
-
-@njit(cache=True)
-def greedy_tables(mean_x, num_ranks, slots):
-    """int64 ``[L, W, K]``: a fresh placement per layer from ``mean_x`` ``[L, E]``.
-
-    Replicas go one by one to the expert with the largest load per replica (at most one per rank, ties to the lower
-    id); then replicas, heaviest per-replica load first, fill the lightest rank with a free slot that does not hold
-    the expert yet (ties to the lower rank). When no such rank is left the lightest rank with a free slot takes it
-    (a duplicate that :func:`eplb.policies.kernels.spread_duplicates` then swaps away).
-    """
-    num_layers, num_experts = mean_x.shape
-    out = np.empty((num_layers, num_ranks, slots), dtype=np.int64)
-    for layer in range(num_layers):
-        counts = np.ones(num_experts, dtype=np.int64)
-        for _ in range(num_ranks * slots - num_experts):
-            best, best_value = -1, -1.0
-            for e in range(num_experts):
-                if counts[e] < num_ranks and mean_x[layer, e] / counts[e] > best_value:
-                    best, best_value = e, mean_x[layer, e] / counts[e]
-            if best < 0:  # every expert on every rank already: duplicates are unavoidable
-                best = 0
-                for e in range(1, num_experts):
-                    if mean_x[layer, e] / counts[e] > mean_x[layer, best] / counts[best]:
-                        best = e
-            counts[best] += 1
-        items = np.empty(num_ranks * slots, dtype=np.int64)
-        per_replica = np.empty(num_ranks * slots)
-        i = 0
-        for e in range(num_experts):
-            for _ in range(counts[e]):
-                items[i] = e
-                per_replica[i] = mean_x[layer, e] / counts[e]
-                i += 1
-        order = np.argsort(-per_replica, kind="mergesort")
-        rank_load = np.zeros(num_ranks)
-        used = np.zeros(num_ranks, dtype=np.int64)
-        has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
-        for j in order:
-            e = items[j]
-            target, fallback = -1, -1
-            for r in range(num_ranks):
-                if used[r] == slots:
-                    continue
-                if fallback < 0 or rank_load[r] < rank_load[fallback]:
-                    fallback = r
-                if not has[r, e] and (target < 0 or rank_load[r] < rank_load[target]):
-                    target = r
-            if target < 0:
-                target = fallback
-            out[layer, target, used[target]] = e
-            used[target] += 1
-            has[target, e] = True
-            rank_load[target] += per_replica[j]
     return out

@@ -15,40 +15,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from eplb.policies.kernels import allot_replicas
+
 # Keeps the per-episode ratio finite for an episode without load (part of the score's definition).
 _SCORE_EPS = 0.01
-
-
-@njit(cache=True)
-def greedy_order(weight, eligible, extra, max_count):
-    """Which expert gets each of ``extra`` extra replicas, handing them out one by one to the eligible expert with the
-    largest ``weight / replicas`` (ties: lowest expert id); eligible experts start with one replica and stop at
-    ``max_count``. A prefix of the result is the allotment of fewer extras.
-
-    Args:
-        weight: float64 ``[E]``.
-        eligible: bool ``[E]``, the experts taking part.
-        extra: number of extra replicas; must fit (``extra <= eligible.sum() * (max_count - 1)``).
-        max_count: the most replicas one expert may get.
-
-    Returns:
-        int64 ``[extra]`` expert ids.
-    """
-    num_experts = weight.shape[0]
-    count = np.ones(num_experts, dtype=np.int64)
-    order = np.empty(extra, dtype=np.int64)
-    for i in range(extra):
-        best = -1
-        best_value = -np.inf
-        for e in range(num_experts):
-            if eligible[e] and count[e] < max_count:
-                value = weight[e] / count[e]
-                if value > best_value:
-                    best_value = value
-                    best = e
-        order[i] = best
-        count[best] += 1
-    return order
 
 
 @njit(cache=True)
@@ -298,15 +268,15 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
         group_size = in_group.sum()
         if group_size == 0:
             continue
-        guess_order = greedy_order(weight, group_of >= g, remaining, num_ranks)
+        guess_order = allot_replicas(weight, group_of >= g, remaining, num_ranks)
         guess = 0
         for e in guess_order:
             if in_group[e]:
                 guess += 1
         low = max(0, guess - width, remaining - in_rest.sum() * spare)
         high = min(remaining, guess + width, group_size * spare)
-        group_order = greedy_order(weight, in_group, high, num_ranks)
-        rest_order = greedy_order(weight, in_rest, remaining - low, num_ranks)
+        group_order = allot_replicas(weight, in_group, high, num_ranks)
+        rest_order = allot_replicas(weight, in_rest, remaining - low, num_ranks)
         group_best = np.inf
         group_share = guess
         for i in range(high - low + 2):
@@ -340,7 +310,7 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
             count[group_order[j]] += 1
         remaining -= group_share
     if best_score == np.inf:  # depth 1: the plain greedy allotment
-        for e in greedy_order(weight, group_of >= 0, remaining, num_ranks):
+        for e in allot_replicas(weight, group_of >= 0, remaining, num_ranks):
             count[e] += 1
         lpt(mean, var, cov, count, z, experts, best_members, dev_size, dev_mean, dev_var, dev_cov, stamp)
         best_score = episode_score(xt, total, best_members, 1.0 / count, acc, peak)

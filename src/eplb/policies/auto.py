@@ -33,7 +33,7 @@ from eplb.load import episodes
 from eplb.placement import Placement
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.base import Policy
-from eplb.policies.kernels import spread_duplicates
+from eplb.policies.kernels import greedy_tables, spread_duplicates
 from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
@@ -78,14 +78,15 @@ class Auto(Policy):
             ``min_gain`` it traces the balance-vs-moves curve.
         max_moves: at most this many accepted swaps/reassignments per layer (None: 4 x slots).
         dispatch: the replica choice the placement is made for: ``even`` (each replica serves the same share)
-            or ``balanced`` (per-batch min-max split, :mod:`eplb.sim.dispatch`): replicated experts then count as
+            or ``balanced`` (per-batch min-max split, :mod:`eplb.dispatch`): replicated experts then count as
             movable load, so the search flattens the load of single-replica experts and spreads replicas.
         reset: a layer whose placement in force scores more than this fraction above the fresh greedy placement
             on the window is re-planned from the fresh start, moves not counted against ``min_gain`` (None: never).
     """
 
     name = "auto"
-    allows_shared_rank = False
+    wants_steps = True
+    allow_shared_rank = False
 
     def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,
                  move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even",
@@ -118,7 +119,7 @@ class Auto(Policy):
         x, weight = forecast(load, self.num_episodes, self.half_life)
         liquid = _LIQUID[self.dispatch]
         mean_x = np.einsum("lse,s->le", x, weight / weight.sum())
-        fresh = kernels.greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
+        fresh = greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
         fresh = spread_duplicates(fresh, mean_x[np.arange(num_layers)[:, None], fresh], num_ranks)
         # objective units of one moved slot: min_gain PAR points on the weighted mean rank load
         scale = np.einsum("lse,s->l", x, weight) / num_ranks

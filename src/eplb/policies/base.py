@@ -76,10 +76,13 @@ class Policy:
 
     name: str = ""
     #: whether two replicas of one expert may share a rank in this policy's output
-    allows_shared_rank: bool = True
+    allow_shared_rank: bool = True
+    #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
+    #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
+    wants_steps: bool = False
 
     def rebalance(self, load, topology: Topology, current=None, live_ranks=None,
-                  resilience: Resilience | None = None) -> Plan:
+                  resilience: Resilience | None = None, state=None) -> Plan:
         """Plan a placement for ``load``.
 
         Args:
@@ -89,6 +92,8 @@ class Policy:
             live_ranks: the ranks to place on (iterable of ids or bool mask ``[W]``); None: all. The policy plans
                 on the live ranks' sub-topology (see :mod:`eplb.policies.resilience`), so every policy honours it.
             resilience: spread replicas over ranks and nodes, and a minimum replica count for the hottest experts.
+            state: what :meth:`next_state` returned after the previous cycle (None: none, or a stateless policy);
+                handed to :meth:`place` as the keyword ``state`` when not None.
 
         Layers too quiet to plan on (no load, or fewer tokens than live ranks: :func:`eplb.load.quiet_layers`) keep
         the placement in force (``current``, or the initial layout), whatever the policy; only a policy that never
@@ -113,12 +118,13 @@ class Policy:
         window = window_sum(load)
         reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
         quiet = quiet_layers(window, topology.num_ranks if live is None else int(live.sum()))
+        extra = {} if state is None else {"state": state}
         if live is None:
             keep = self._keeps(quiet, reference.phy2log, topology)
             if keep.all():
                 phy2log = reference.phy2log
             else:
-                phy2log = np.asarray(self.place(load, topology, current, window), dtype=np.int64)
+                phy2log = np.asarray(self.place(load, topology, current, window, **extra), dtype=np.int64)
                 phy2log = phy2log.reshape(num_layers, topology.num_physical)
                 if resilience is not None:
                     phy2log = make_resilient(phy2log, window, topology, resilience)
@@ -126,7 +132,7 @@ class Policy:
             new = Placement(phy2log, num_experts, topology)
             par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
         else:
-            new = self._place_live(load, window, topology, current, reference, live, resilience, quiet)
+            new = self._place_live(load, window, topology, current, reference, live, resilience, quiet, extra)
             par_before = _live_par(reference, window, live, count_waiting=True)
             par_after = _live_par(new, window, live, count_waiting=False)
         moved = reference.moves_to(new).sum(axis=1).astype(np.int64)
@@ -140,7 +146,8 @@ class Policy:
             live_ranks=live,
         )
 
-    def _place_live(self, load, window, topology, current, reference, live, resilience, quiet) -> Placement:
+    def _place_live(self, load, window, topology, current, reference, live, resilience, quiet, extra
+                    ) -> Placement:
         """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots, and
         quiet layers only get their lost experts back."""
         num_layers, num_experts = window.shape
@@ -153,7 +160,7 @@ class Policy:
         sub_current = None
         if current is not None:
             sub_current = Placement(start[:, live_slots], num_experts, sub_topology)
-        sub = np.asarray(self.place(load, sub_topology, sub_current, window), dtype=np.int64)
+        sub = np.asarray(self.place(load, sub_topology, sub_current, window, **extra), dtype=np.int64)
         sub = sub.reshape(num_layers, sub_topology.num_physical)
         if resilience is not None:
             sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
@@ -164,7 +171,7 @@ class Policy:
     def _keeps(self, quiet: np.ndarray, phy2log: np.ndarray, topology: Topology) -> np.ndarray:
         """bool ``[L]``: the quiet layers that keep ``phy2log``, the placement in force. A policy that never puts an
         expert twice on one rank still repairs a quiet layer that does (vllm-ascend rejects such a layer)."""
-        if self.allows_shared_rank or not quiet.any():
+        if self.allow_shared_rank or not quiet.any():
             return quiet
         return quiet & ~np.isin(np.arange(len(quiet)), shared_rank_experts(phy2log, topology)[:, 0])
 
@@ -175,6 +182,12 @@ class Policy:
         ``window`` is float64 ``[L, E]``, ``load`` summed over steps, computed once by :meth:`rebalance`
         (read-only: copy it before writing)."""
         raise NotImplementedError
+
+    def next_state(self, state, plan: Plan, layers, load):
+        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices), planned on
+        ``load`` (as given to :meth:`rebalance`), are applied. Stateless policies keep None; the state must be
+        deterministic and picklable (it travels to the planner worker and back)."""
+        return state
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -193,7 +193,7 @@ class DefaultPolicy(Policy):
             raise PolicyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
         self.retain_slots = to_bool(retain_slots, "retain_slots", PolicyError)
-        self.allows_shared_rank = to_bool(allow_shared_rank, "allow_shared_rank", PolicyError)
+        self.allow_shared_rank = to_bool(allow_shared_rank, "allow_shared_rank", PolicyError)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:
@@ -201,7 +201,7 @@ class DefaultPolicy(Policy):
         hierarchical = self.mode != "global" and t.num_groups % t.num_nodes == 0
         phy2log, _, replica_count = deepseek_placement(window, t.num_physical, t.num_groups, t.num_nodes,
                                                        t.num_ranks, "hierarchical" if hierarchical else self.mode)
-        if not self.allows_shared_rank:
+        if not self.allow_shared_rank:
             per_replica = np.take_along_axis(window / replica_count, phy2log, axis=1)
             phy2log = spread_duplicates(phy2log, per_replica, t.num_ranks,
                                         t.ranks_per_node if hierarchical else t.num_ranks)
@@ -214,7 +214,7 @@ class DefaultPolicy(Policy):
 
     def __repr__(self) -> str:
         return (f"DefaultPolicy(mode={self.mode!r}, retain_slots={self.retain_slots}, "
-                f"allow_shared_rank={self.allows_shared_rank})")
+                f"allow_shared_rank={self.allow_shared_rank})")
 
 
 POLICY = DefaultPolicy

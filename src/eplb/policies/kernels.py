@@ -85,6 +85,43 @@ def _replicate(weight, slots_per_row, width):
     return slot_item, replica_rank, counts
 
 
+@njit(cache=True)
+def allot_replicas(weight, eligible, extra, max_count):
+    """Which expert gets each of ``extra`` extra replicas, handing them out one by one to the eligible expert with the
+    largest ``weight / replicas`` (ties: lowest expert id); eligible experts start with one replica and stop at
+    ``max_count`` (when every one is there, the cap is lifted: duplicates on a rank become unavoidable). A prefix of
+    the result is the allotment of fewer extras. The replica allotment of ``auto`` and ``flashlb``.
+
+    Args:
+        weight: float64 ``[E]``.
+        eligible: bool ``[E]``, the experts taking part.
+        extra: number of extra replicas.
+        max_count: the most replicas one expert may get.
+
+    Returns:
+        int64 ``[extra]`` expert ids.
+    """
+    num_experts = weight.shape[0]
+    count = np.ones(num_experts, dtype=np.int64)
+    order = np.empty(extra, dtype=np.int64)
+    for i in range(extra):
+        best = -1
+        best_value = -np.inf
+        for e in range(num_experts):
+            if eligible[e] and count[e] < max_count:
+                value = weight[e] / count[e]
+                if value > best_value:
+                    best_value = value
+                    best = e
+        if best < 0:
+            for e in range(num_experts):
+                if eligible[e] and (best < 0 or weight[e] / count[e] > weight[best] / count[best]):
+                    best = e
+        order[i] = best
+        count[best] += 1
+    return order
+
+
 def descending_order(weight: np.ndarray) -> np.ndarray:
     """int64 ``[X, n]``: item indices of each row by weight, heaviest first; equal weights keep index order."""
     return np.argsort(-np.asarray(weight), axis=1, kind="stable")
@@ -206,3 +243,50 @@ def _spread(table, loads, block):
                 table[layer, rank, slot], table[layer, best_rank, best_slot] = table[layer, best_rank, best_slot], expert
                 loads[layer, rank, slot], loads[layer, best_rank, best_slot] = (loads[layer, best_rank, best_slot],
                                                                                   loads[layer, rank, slot])
+
+
+@njit(cache=True)
+def greedy_tables(mean_x, num_ranks, slots):
+    """int64 ``[L, W, K]``: a fresh placement per layer from ``mean_x`` ``[L, E]``.
+
+    Replicas go one by one to the expert with the largest load per replica (at most one per rank, ties to the lower
+    id: :func:`allot_replicas`); then replicas, heaviest per-replica load first, fill the lightest rank with a free slot that does not hold
+    the expert yet (ties to the lower rank). When no such rank is left the lightest rank with a free slot takes it
+    (a duplicate that :func:`spread_duplicates` then swaps away). ``auto``'s fresh start.
+    """
+    num_layers, num_experts = mean_x.shape
+    out = np.empty((num_layers, num_ranks, slots), dtype=np.int64)
+    everyone = np.ones(num_experts, dtype=np.bool_)
+    for layer in range(num_layers):
+        counts = np.ones(num_experts, dtype=np.int64)
+        for e in allot_replicas(mean_x[layer], everyone, num_ranks * slots - num_experts, num_ranks):
+            counts[e] += 1
+        items = np.empty(num_ranks * slots, dtype=np.int64)
+        per_replica = np.empty(num_ranks * slots)
+        i = 0
+        for e in range(num_experts):
+            for _ in range(counts[e]):
+                items[i] = e
+                per_replica[i] = mean_x[layer, e] / counts[e]
+                i += 1
+        order = np.argsort(-per_replica, kind="mergesort")
+        rank_load = np.zeros(num_ranks)
+        used = np.zeros(num_ranks, dtype=np.int64)
+        has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+        for j in order:
+            e = items[j]
+            target, fallback = -1, -1
+            for r in range(num_ranks):
+                if used[r] == slots:
+                    continue
+                if fallback < 0 or rank_load[r] < rank_load[fallback]:
+                    fallback = r
+                if not has[r, e] and (target < 0 or rank_load[r] < rank_load[target]):
+                    target = r
+            if target < 0:
+                target = fallback
+            out[layer, target, used[target]] = e
+            used[target] += 1
+            has[target, e] = True
+            rank_load[target] += per_replica[j]
+    return out

@@ -75,10 +75,10 @@ def check_capacity(window: np.ndarray, topology: Topology, live: np.ndarray) -> 
         names = ", ".join(str(e) for e in np.sort(coldest)[:_NAMED]) + (" ..." if short > _NAMED else "")
         lines.append(f"layer {layer}: experts {names}")
     more = f"\n  ... and {num_layers - _NAMED} more layers" if num_layers > _NAMED else ""
-    dead = np.flatnonzero(~live).tolist()
+    failed = np.flatnonzero(~live).tolist()
     raise PolicyError(
         f"cannot place {num_experts} experts on {int(live.sum())} live ranks x {topology.slots_per_rank} slots = "
-        f"{slots} slots (failed ranks {dead}): {short} experts per layer would have no slot; the coldest, which "
+        f"{slots} slots (failed ranks {failed}): {short} experts per layer would have no slot; the coldest, which "
         f"cannot be placed:\n  " + "\n  ".join(lines) + more)
 
 

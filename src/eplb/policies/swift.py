@@ -94,7 +94,7 @@ class SwiftPolicy(Policy):
     """
 
     name = "swift"
-    allows_shared_rank = False
+    allow_shared_rank = False
 
     def __init__(self, threshold: float = 1.01, intra_node: bool = False, spread: bool = True,
                  swap_rounds: int = 100, swap_gain: float = 0.01, pin: str = "expert"):

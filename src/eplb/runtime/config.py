@@ -47,8 +47,8 @@ key                                    meaning
                                        the load it was last planned on is below this
 ``planner_deadline_s``                 seconds the planner may take before the cycle is skipped (default 30)
 ``layers_per_step`` / ``bytes_per_step`` how much weight moves per step (default 1 layer)
-``router_mode`` / ``dispatch``         ``rank`` | ``token`` | ``local`` | ``balanced``
-``ring_steps``                         keep per-step rows for per-step policies (default: the window for flashlb)
+``dispatch`` (old: ``router_mode``)   replica choice: ``rank`` | ``token`` | ``local`` | ``balanced``
+``ring_steps``                         keep per-step rows (default: the window, for policies that plan on steps)
 ``prometheus_port``                    serve metrics on this port (1-65535) when prometheus_client is installed
 =====================================  =========================================================================
 """
@@ -60,6 +60,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from eplb.dispatch import RUNTIME_MODES
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
 from eplb.policies.resilience import Resilience
@@ -72,7 +73,6 @@ MODES = ("off", "dynamic", "record", "static")
 COMMUNICATORS = ("torch_gloo", "torch_nccl", "pynccl", "nixl", "torch_xccl")
 _NCCL = ("torch_nccl", "pynccl")
 _STAGES = ("all", "prefill", "decode")
-_ROUTER_MODES = ("rank", "token", "local", "balanced")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _RESILIENCE_KEYS = ("spread_nodes", "min_replicas", "hot_experts")
@@ -112,8 +112,8 @@ _ALIASES = {
     "planner_deadline_s": "planner_deadline_s",
     "layers_per_step": "layers_per_step",
     "bytes_per_step": "bytes_per_step",
-    "router_mode": "router_mode",
-    "dispatch": "router_mode",
+    "dispatch": "dispatch",
+    "router_mode": "dispatch",
     "ring_steps": "ring_steps",
     "prometheus_port": "prometheus_port",
 }
@@ -291,7 +291,7 @@ _CHECKS = {
     "planner_deadline_s": lambda k, v: _float(k, v, 0.0),
     "layers_per_step": lambda k, v: _int(k, v, 1),
     "bytes_per_step": lambda k, v: _int(k, v, 1),
-    "router_mode": lambda k, v: _choice(k, v, _ROUTER_MODES),
+    "dispatch": lambda k, v: _choice(k, v, RUNTIME_MODES),
     "ring_steps": lambda k, v: _int(k, v, 0),
     "prometheus_port": lambda k, v: _int(k, v, 1, 65535),
 }
@@ -328,7 +328,7 @@ class EplbConfig:
     planner_deadline_s: float = 30.0
     layers_per_step: int = 1
     bytes_per_step: int | None = None
-    router_mode: str = "rank"
+    dispatch: str = "rank"
     ring_steps: int | None = None
     prometheus_port: int | None = None
 

@@ -17,7 +17,7 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
 What it costs (``benchmarks/runtime.py``, DeepSeek-V3 sizes, CPU, one thread): ``route`` is a gather plus an
 ``index_add_`` on the device per layer, never a host sync (about 17 us per layer on CPU, so about 1 ms per step
 for 58 layers; on a GPU these are two small kernel launches). The hooks take about 3 us in an ordinary step. Extra
-work happens only in these steps: at the end of each heat window one all-reduce (or all-gather) of the counts
+work happens only in these steps: at the end of each load window one all-reduce (or all-gather) of the counts
 (``[L, P]`` int64) and a queue put (about 60 us besides the collective); every ``planner_check_steps`` steps while a
 plan is awaited one all-reduce of 3 integers (the agreement); while a plan is applied, one layer per step: its
 ``batch_isend_irecv`` is posted in ``before_forward`` and waited for in ``after_forward`` (only ranks that send or
@@ -38,7 +38,7 @@ arrived, on all ranks in the same step (``after_forward`` waits for the layer's 
 is a dead rank, which the process group's own timeout reports.
 
 Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
-cycle, moves nothing and keeps attributing heat through the placement actually in force; ``static`` loads
+cycle, moves nothing and keeps attributing load through the placement actually in force; ``static`` loads
 ``map_path`` at start and only records; ``off`` only routes.
 """
 
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,11 +55,16 @@ from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.errors import EplbError
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
+from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
+from eplb.runtime.agreement import agree_on_plan, all_reduce
 from eplb.runtime.config import EplbConfig
+from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
+from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
+from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
-from eplb.runtime.planner import PlannerWorker, PlanRequest, PlanResult, _worker_main, plan_checksum
+from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
 from eplb.topology import Topology
@@ -69,67 +73,7 @@ __all__ = ["EplbController", "CycleMetrics", "FailoverReport"]
 
 log = logging.getLogger(__name__)
 
-_PER_STEP_POLICIES = ("flashlb",)
-_DEFAULT_RING_STEPS = 256
 _WAITING_FOR_INTERVAL = "eplb_update_interval has not elapsed since the last cycle"
-
-
-@dataclass
-class CycleMetrics:
-    """Figures of one cycle (also logged, and exported to Prometheus when enabled).
-
-    Attributes:
-        cycle: cycle number (0-based).
-        submit_step: step at which the window was handed to the planner.
-        window_par: float64 ``[L]`` measured PAR of the window, with the placement in force.
-        par_before, par_after: float64 ``[L]`` PAR the plan predicts on the window (None when no plan came).
-        applied_layers: layers switched to the new placement, in order.
-        skipped_layers: layers the plan changed but the cycle did not apply (no gain, similarity, ...).
-        moved_slots, moved_bytes: over the applied layers (bytes received by this rank in ``moved_bytes_rank``).
-        planner_s: seconds the policy took in the worker.
-        transfer_s: seconds this rank spent posting and waiting for transfers.
-        switch_s: seconds of host work switching layers besides the transfers (in-place copies, table updates).
-        skipped: why the whole cycle was skipped, or None.
-        next_window_par: float64 ``[L]`` measured PAR of the following window (filled one cycle later).
-    """
-
-    cycle: int
-    submit_step: int
-    window_par: np.ndarray
-    par_before: np.ndarray | None = None
-    par_after: np.ndarray | None = None
-    applied_layers: list[int] = field(default_factory=list)
-    skipped_layers: list[int] = field(default_factory=list)
-    moved_slots: int = 0
-    moved_bytes: int = 0
-    moved_bytes_rank: int = 0
-    planner_s: float = float("nan")
-    transfer_s: float = 0.0
-    switch_s: float = 0.0
-    skipped: str | None = None
-    next_window_par: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class FailoverReport:
-    """What :meth:`EplbController.fail_ranks` did on this rank.
-
-    Attributes:
-        step: the step serving resumes at (agreed by the survivors).
-        failed_ranks: every failed rank so far, ascending.
-        lost: int64 ``[n, 2]`` ``(layer, expert)`` pairs that had no replica left on a live rank.
-        reloaded: int64 ``[m, 3]`` ``(layer, local slot, expert)`` this rank loaded with the expert loader.
-        completed_layers: layers of the interrupted cycle that another survivor had already switched, completed here
-            from the expert loader.
-        seconds: wall time of the call (agreement, reloads, table rewrites).
-    """
-
-    step: int
-    failed_ranks: list[int]
-    lost: np.ndarray
-    reloaded: np.ndarray
-    completed_layers: list[int]
-    seconds: float
 
 
 def _policy_options(config: EplbConfig) -> dict:
@@ -166,7 +110,7 @@ class EplbController:
 
     def __init__(self, config: EplbConfig, num_layers: int, num_experts: int, topology: Topology, rank: int,
                  layer_tensors=None, group=None, device="cpu", placement: Placement | None = None,
-                 recorder_source: str = "ids", tp_size: int = 1, planner_target=_worker_main, expert_loader=None):
+                 recorder_source: str = "ids", tp_size: int = 1, planner_target=worker_main, expert_loader=None):
         if not isinstance(config, EplbConfig):
             raise EplbError(f"config must be an EplbConfig (use EplbConfig.from_dict), got {type(config).__name__}")
         if dist.is_initialized() and dist.get_world_size(group) != topology.num_ranks:
@@ -181,52 +125,56 @@ class EplbController:
         if placement.num_layers != num_layers or placement.num_experts != num_experts:
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"model {num_layers} x {num_experts}")
-        self._placement = Placement(placement.phy2log, num_experts, topology)
+        placement = Placement(placement.phy2log, num_experts, topology)
         self.num_experts = num_experts
-        self._phy2log = np.array(placement.phy2log)
-        self.router = ReplicaRouter(self.placement, rank, config.router_mode, tp_size, device)
+        self.router = ReplicaRouter(placement, rank, config.dispatch, tp_size, device)
+        self._policy_options = _policy_options(config)
+        planning = config.mode in ("dynamic", "record")
         ring = config.ring_steps
         if ring is None:
-            if config.cycle_steps > config.window_steps:  # vLLM: plan every step_interval on the last window_size
+            if planning and config.cycle_steps > config.window_steps:  # vLLM: every step_interval, last window_size
                 ring = config.window_steps
-            elif config.policy in _PER_STEP_POLICIES:  # per-step policies (FlashLB cuts the rows into episodes)
-                ring = min(config.window_steps, _DEFAULT_RING_STEPS)
+            elif planning and cycle_policy(config.policy, self._policy_options, config.dispatch).wants_steps:
+                ring = config.window_steps  # the policy plans on the window's per-step rows, as in the simulator
             else:
                 ring = 0
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
                                      recorder_source, ring, config.stage, device)
+        #: the placement in force: the one owner, which the router and the recorder follow
+        self.live = LivePlacement(placement, rank, self.router, self.recorder)
         self.mover = None
         self._layer_tensors = None if layer_tensors is None else [list(ts) for ts in layer_tensors]
         self.expert_loader = expert_loader
         #: bool [W]: ranks that failed (:meth:`fail_ranks`); all False while every rank serves
         self.failed = np.zeros(topology.num_ranks, dtype=bool)
         self.failovers: list[FailoverReport] = []
-        expert_bytes = 0
+        self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
                 raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group)
-            expert_bytes = self.mover.expert_bytes(0)
+            self._expert_bytes = np.array([self.mover.expert_bytes(layer) for layer in range(num_layers)],
+                                          dtype=np.int64)
         self.planner = None
-        self._policy_options = _policy_options(config)
-        if config.mode in ("dynamic", "record"):
+        if planning:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(interval=config.cycle_steps, layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step, expert_bytes=expert_bytes,
+        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
+                                       bytes_per_step=config.bytes_per_step,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
         self._window_load: np.ndarray | None = None
-        self._result: PlanResult | None = None
+        self._result: PlannerReply | None = None
         self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
         self._submitted_step = 0
-        self._transfers: dict = {}
+        #: the transfers of the cycle being applied, by layer
+        self.transfers: dict = {}
         self._pending = None
         self._last_interval_start = time.monotonic()
-        self._prometheus = _Prometheus(config.prometheus_port) if config.prometheus_port and rank == 0 else None
+        self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,7 +203,7 @@ class EplbController:
         if action.poll:
             self._poll()
         if action.apply_layers and self.mover is not None:
-            transfers = [self._transfers[layer] for layer in action.apply_layers]
+            transfers = [self.transfers[layer] for layer in action.apply_layers]
             self._pending = (transfers, self.mover.post(transfers))
 
     def after_forward(self) -> None:
@@ -268,11 +216,11 @@ class EplbController:
             self._pending = None
             self.mover.commit(pending)
             for transfer in transfers:
-                self._switch_layer(transfer.layer, transfer.new_row.reshape(-1))
+                self.live.switch(transfer.layer, transfer.new_row.reshape(-1))
             current = self.metrics[-1]
             current.transfer_s += pending.post_s + pending.wait_s
             current.switch_s += time.perf_counter() - start - pending.wait_s
-            current.moved_bytes_rank += pending.bytes_received
+            current.bytes_received += pending.bytes_received
             current.applied_layers += [t.layer for t in transfers]
         record = self.cycle.records[-1] if self.cycle.records else None
         if record is not None and record.apply_end == self.step and self.metrics:
@@ -318,7 +266,7 @@ class EplbController:
                 or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
         """
         start = time.perf_counter()
-        failed = self.failed | self.placement.without_ranks(ranks).dead
+        failed = self.failed | self.placement.without_ranks(ranks).failed
         if failed[self.rank]:
             raise EplbError(f"rank {self.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
                             "fail_ranks on the survivors only")
@@ -342,7 +290,11 @@ class EplbController:
                 self._pending = None
         self.recorder.live = live
 
-        resume, completed = self._agree_after_failure()
+        resume, complete = agree_after_failure(self.live, self.step + int(self._in_step), self.transfers, self.group,
+                                               self.device)
+        for layer, row in complete.items():
+            load_layer(self.live, layer, row, self._layer_tensors, self.expert_loader)
+        completed = sorted(complete)
         reason = f"ranks {np.flatnonzero(failed).tolist()} failed"
         if self.cycle.phase is not Phase.COLLECT:
             if len(self.metrics) < len(self.cycle.records):  # the failure hit while the window was gathered
@@ -350,17 +302,17 @@ class EplbController:
                                                  window_par=np.full(self.placement.num_layers, np.nan)))
             self.metrics[-1].skipped = reason
         self.cycle.restart(resume, reason)
-        self._result, self._local, self._transfers = None, (0, ""), {}
+        self._result, self._local, self.transfers = None, (0, ""), {}
         if self.planner is not None and self.planner.busy:
             self.planner.restart()
         self.recorder.reset()
         self.step, self._in_step = resume, False
 
-        repaired = reload_lost(self._phy2log, load, self.topology, live)
+        repaired = reload_lost(self.live.phy2log, load, self.topology, live)
         reloaded = []
-        for layer in np.flatnonzero((repaired != self._phy2log).any(axis=1)).tolist():
-            reloaded += self._load_layer(layer, repaired[layer])
-        self.router.set_failed_ranks(self.placement, failed)
+        for layer in np.flatnonzero((repaired != self.live.phy2log).any(axis=1)).tolist():
+            reloaded += load_layer(self.live, layer, repaired[layer], self._layer_tensors, self.expert_loader)
+        self.live.fail_over(failed)
         report = FailoverReport(step=resume, failed_ranks=np.flatnonzero(failed).tolist(), lost=lost,
                                 reloaded=np.asarray(reloaded, dtype=np.int64).reshape(-1, 3),
                                 completed_layers=completed, seconds=time.perf_counter() - start)
@@ -370,66 +322,21 @@ class EplbController:
                     len(lost), len(report.reloaded), len(completed), report.seconds)
         return report
 
-    def _agree_after_failure(self) -> tuple[int, list[int]]:
-        """The resume step (the latest any survivor reached) and the layers of the interrupted cycle this rank
-        completes because another survivor had switched them. One all-reduce over the survivors."""
-        num_layers = self.placement.num_layers
-        checksums = [plan_checksum(row[None]) for row in self._phy2log]
-        mine = torch.tensor([-(self.step + int(self._in_step)), *checksums, *(-c for c in checksums)],
-                            dtype=torch.int64)
-        agreed = self._all_reduce(mine, dist.ReduceOp.MIN)
-        low, high = agreed[1:1 + num_layers].numpy(), -agreed[1 + num_layers:].numpy()
-        completed = []
-        for layer in np.flatnonzero(low != high).tolist():
-            transfer = self._transfers.get(layer)
-            if transfer is None:
-                raise EplbError(f"layer {layer}: the survivors hold different placements and this rank has no plan "
-                                "for it")
-            target = transfer.new_row.reshape(-1)
-            if not np.array_equal(self._phy2log[layer], target):
-                self._load_layer(layer, target)
-                completed.append(layer)
-        return -int(agreed[0]), completed
-
-    def _load_layer(self, layer: int, new_row: np.ndarray) -> list[tuple[int, int, int]]:
-        """Switch ``layer`` to ``new_row`` ``[P]``, loading this rank's changed slots with the expert loader.
-        Returns the ``(layer, local slot, expert)`` loaded."""
-        k = self.topology.slots_per_rank
-        local = slice(self.rank * k, (self.rank + 1) * k)
-        slots = np.flatnonzero(self._phy2log[layer, local] != new_row[local])
-        if slots.size and (self.expert_loader is None or self._layer_tensors is None):
-            raise EplbError(f"layer {layer}: experts {new_row[local][slots].tolist()} must be loaded on rank "
-                            f"{self.rank} after the failure, but the controller has no expert_loader and "
-                            "layer_tensors")
-        loaded = []
-        for slot in slots.tolist():
-            expert = int(new_row[local][slot])
-            tensors = self.expert_loader(layer, expert)
-            if len(tensors) != len(self._layer_tensors[layer]):
-                raise EplbError(f"expert_loader({layer}, {expert}) returned {len(tensors)} tensors, the layer has "
-                                f"{len(self._layer_tensors[layer])}")
-            for live, value in zip(self._layer_tensors[layer], tensors):
-                live[slot].copy_(value)
-            loaded.append((layer, slot, expert))
-        self._switch_layer(layer, np.array(new_row))
-        return loaded
-
     # -- cycle steps --------------------------------------------------------------------------------------------
     @property
     def placement(self) -> Placement:
         """The placement in force on this rank now (switched layer by layer as plans are applied)."""
-        if self._placement is None:
-            self._placement = Placement(self._phy2log, self.num_experts, self.topology)
-        return self._placement
+        return self.live.placement
 
-    def _gather_load(self) -> np.ndarray:
-        load = self.recorder.logical_load(self._phy2log, self.group)
+    def gather_load(self) -> np.ndarray:
+        """The window's logical load over the group (collective), and a new window starts."""
+        load = self.recorder.logical_load(self.live.phy2log, self.group)
         self.recorder.reset()
         return load
 
     def _static_window(self) -> None:
         if self.step and self.step % self.config.window_steps == 0:
-            load = self._gather_load()
+            load = self.gather_load()
             window = load.sum(axis=0) if load.ndim == 3 else load
             self._log_window(window)
 
@@ -445,7 +352,7 @@ class EplbController:
         return window_par
 
     def _submit(self, window_start: int) -> None:
-        load = self._gather_load()
+        load = self.gather_load()
         window = load.sum(axis=0) if load.ndim == 3 else load
         window_par = self._log_window(window)
         if self.metrics and self.metrics[-1].next_window_par is None:
@@ -459,16 +366,19 @@ class EplbController:
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
         live = ~self.failed if self.failed.any() else None
-        self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self._phy2log.copy(), self.topology,
-                                        self.config.policy, self._policy_options, live_ranks=live,
-                                        resilience=self.config.resilience))
+        if load.size and load.max() <= np.iinfo(np.int32).max:
+            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
+        self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self.live.phy2log.copy(), self.topology,
+                                        self.config.policy, self._policy_options, dispatch=self.config.dispatch,
+                                        cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
+                                        live_ranks=live, resilience=self.config.resilience, state=self.cycle.state))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
         if self.config.update_interval_s is None:
             return True
         elapsed = float(time.monotonic() - self._last_interval_start >= self.config.update_interval_s)
-        flag = self._all_reduce(torch.tensor([elapsed]), dist.ReduceOp.MAX)
+        flag = all_reduce(torch.tensor([elapsed]), dist.ReduceOp.MAX, self.group, self.device)
         if flag[0] > 0:
             self._last_interval_start = time.monotonic()
             return True
@@ -484,36 +394,30 @@ class EplbController:
         if (self.step - self._submitted_step) % self.config.planner_check_steps:
             return
         flag, reason = self._local
-        checksum = plan_checksum(self._result.phy2log) if flag == 1 else 0
-        agreed = self._all_reduce(torch.tensor([flag, checksum, -checksum], dtype=torch.int64), dist.ReduceOp.MIN)
-        low_flag, low, high = int(agreed[0]), int(agreed[1]), -int(agreed[2])
+        low_flag, same = agree_on_plan(flag, self._result.plan.checksum if flag == 1 else 0, self.group,
+                                       self.device)
         if low_flag == 0:
             return
         if low_flag < 0:
             self.cycle.plan_failed(self.step, reason or "the planner of another rank failed")
             return
-        if low != high:
+        if not same:
             self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
             return
         self._accept(self._result)
 
-    def _accept(self, result: PlanResult) -> None:
-        changed = (result.phy2log != self._phy2log).any(axis=1)
-        moved = (result.phy2log != self._phy2log).sum(axis=1)
+    def _accept(self, reply: PlannerReply) -> None:
+        plan = reply.plan
         current = self.metrics[-1]
-        current.par_before, current.par_after, current.planner_s = result.par_before, result.par_after, result.seconds
-        plan = _PlanFigures(changed, result.par_before, result.par_after, moved)
-        layer_bytes = np.zeros(len(changed))
-        for t in result.transfers:  # what crosses the network: experts a rank did not hold, once per rank
-            layer_bytes[t.layer] = t.num_transfers * (self.mover.expert_bytes(t.layer) if self.mover else 0)
-        layers = self.cycle.plan_ready(self.step, plan, layer_bytes, load=self._window_load)
-        current.skipped_layers = sorted(set(np.flatnonzero(changed).tolist()) - set(layers))
-        current.moved_slots = int(moved[list(layers)].sum()) if layers else 0
-        current.moved_bytes = int(layer_bytes[list(layers)].sum()) if layers else 0
+        current.par_before, current.par_after, current.planner_s = plan.par_before, plan.par_after, reply.seconds
+        layers = list(self.cycle.plan_ready(self.step, plan))
+        current.skipped_layers = plan.skipped_layers
+        current.moved_slots = int(plan.moved_slots[layers].sum())
+        current.bytes_moved = int(plan.layer_bytes[layers].sum())
         if self.config.mode == "record":
-            self._write_record(result.phy2log)
+            self._write_record(plan.phy2log)
             return
-        self._transfers = {t.layer: t for t in result.transfers}
+        self.transfers = {t.layer: t for t in plan.transfers}
 
     def _write_record(self, phy2log: np.ndarray) -> None:
         if self.rank != 0:
@@ -528,17 +432,6 @@ class EplbController:
             return
         log.info("eplb record mode: cycle %d map written to %s", self.metrics[-1].cycle, self.config.record_path)
 
-    def _switch_layer(self, layer: int, new_row: np.ndarray) -> None:
-        if self.recorder.source == "ids":
-            old = self._phy2log[layer]
-        else:
-            k = self.topology.slots_per_rank
-            old = self._phy2log[layer, self.rank * k:(self.rank + 1) * k]
-        self.recorder.fold_layer(layer, torch.as_tensor(old, device=self.device))
-        self._phy2log[layer] = new_row
-        self._placement = None  # rebuilt from _phy2log when next asked for
-        self.router.update_layer(layer, new_row)
-
     def _skip(self, reason: str) -> None:
         current = self.metrics[-1]
         current.skipped = reason
@@ -552,76 +445,9 @@ class EplbController:
 
     def _finish_cycle(self) -> None:
         current = self.metrics[-1]
-        if self.config.mode == "record":
-            log.info("eplb cycle %d (record mode): plan for %d layers written, predicted mean PAR %.3f -> %.3f, "
-                     "nothing moved", current.cycle, len(self.cycle.records[-1].layers),
-                     float(np.mean(current.par_before)), float(np.mean(current.par_after)))
-            self._export(current)
-            return
-        log.info("eplb cycle %d: %d layers switched (%s), %d slots moved, %d bytes received here, predicted mean "
-                 "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s and switching %.3f s on this rank", current.cycle,
-                 len(current.applied_layers), current.applied_layers, current.moved_slots, current.moved_bytes_rank,
-                 float(np.mean(current.par_before[current.applied_layers])),
-                 float(np.mean(current.par_after[current.applied_layers])), current.planner_s, current.transfer_s,
-                 current.switch_s)
+        log_cycle(current, self.config.mode == "record", len(self.cycle.records[-1].layers))
         self._export(current)
 
     def _export(self, current: CycleMetrics) -> None:
         if self._prometheus is not None:
             self._prometheus.update(current)
-
-    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
-            return tensor
-        tensor = tensor.to(self.device)
-        dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor.cpu()
-
-
-@dataclass(frozen=True)
-class _PlanFigures:
-    """What :meth:`eplb.cycle.Cycle.plan_ready` reads from a plan."""
-
-    changed: np.ndarray
-    par_before: np.ndarray
-    par_after: np.ndarray
-    moved_slots: np.ndarray
-
-
-class _Prometheus:
-    """Cycle metrics as Prometheus gauges on ``port`` (rank 0), when prometheus_client is installed."""
-
-    def __init__(self, port: int):
-        try:
-            import prometheus_client as prom
-        except ImportError:
-            log.warning("prometheus_port is set but prometheus_client is not installed; metrics go to the log only")
-            self.gauges = None
-            return
-        prom.start_http_server(port)
-        names = {
-            "par_before": "predicted mean PAR before the last plan",
-            "par_after": "predicted mean PAR after the last plan",
-            "window_par": "measured mean PAR of the last window",
-            "moved_slots": "slots moved by the last cycle",
-            "planner_seconds": "seconds the last plan took",
-            "transfer_seconds": "seconds rank 0 spent on the last cycle's transfers",
-            "skipped_cycles": "cycles skipped since start",
-        }
-        self.gauges = {k: prom.Gauge(f"eplb_{k}", v) for k, v in names.items()}
-        self.skipped = 0
-
-    def update(self, m: CycleMetrics) -> None:
-        if self.gauges is None:
-            return
-        g = self.gauges
-        g["window_par"].set(float(np.mean(m.window_par)))
-        if m.par_before is not None:
-            g["par_before"].set(float(np.mean(m.par_before)))
-            g["par_after"].set(float(np.mean(m.par_after)))
-            g["planner_seconds"].set(m.planner_s)
-        g["moved_slots"].set(m.moved_slots)
-        g["transfer_seconds"].set(m.transfer_s)
-        if m.skipped:
-            self.skipped += 1
-        g["skipped_cycles"].set(self.skipped)

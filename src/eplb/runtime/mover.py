@@ -1,4 +1,4 @@
-"""Weight mover: executes a layer's :class:`~eplb.runtime.transfer.LayerTransfer` with point-to-point transfers.
+"""Weight mover: executes a layer's :class:`~eplb.transfers.LayerTransfer` with point-to-point transfers.
 
 Protocol, per step (driven by the controller):
 
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
-from eplb.runtime.transfer import LayerTransfer
+from eplb.transfers import LayerTransfer
 
 __all__ = ["ExpertMover", "PendingMove"]
 

@@ -1,4 +1,5 @@
-"""Planner worker: runs the policy in a separate (spawned) process so that serving never waits for it.
+"""Planner worker: runs the planning function (:func:`eplb.planning.plan_cycle`, the one the simulator calls) in a
+separate (spawned) process so that serving never waits for it.
 
 The serving process hands a request to :meth:`PlannerWorker.submit` and calls :meth:`PlannerWorker.poll` once per
 step; ``poll`` never blocks. It reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason):
@@ -10,41 +11,34 @@ This module and everything the worker imports are torch-free: the worker starts 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing as mp
 import os
 import queue
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb.cycle import CycleConfig
 from eplb._process import exit_with_parent
 from eplb.errors import EplbError
-from eplb.placement import Placement, find_problems
+from eplb.placement import Placement
+from eplb.planning import CyclePlan, PlanState, check_cycle_plan, cycle_policy, plan_cycle
 from eplb.policies.resilience import Resilience
-from eplb.runtime.transfer import LayerTransfer, transfer_plan
 from eplb.topology import Topology
 
-__all__ = ["PlanRequest", "PlanResult", "PlannerWorker", "plan_checksum"]
+__all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request", "worker_main", "warm_up"]
 
 log = logging.getLogger(__name__)
 
-_CHECKSUM_MASK = (1 << 62) - 1
 _PARENT_CHECK_S = 1.0
-
-
-def plan_checksum(phy2log: np.ndarray) -> int:
-    """A 62-bit checksum of a placement (int64 ``[L, P]``), equal on every rank for the same plan."""
-    data = np.ascontiguousarray(phy2log, dtype=np.int64).tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _CHECKSUM_MASK
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """One planning job.
+    """One planning job: the arguments of :func:`eplb.planning.plan_cycle`.
 
     Attributes:
         cycle: the controller's cycle number (results of older cycles are dropped).
@@ -53,10 +47,14 @@ class PlanRequest:
         topology: the cluster.
         policy: registry name or vllm-ascend id.
         options: policy keyword options.
-        layers: optional bool ``[L]``: only these layers may change (the others keep ``current``).
+        dispatch: the replica choice of the router (a policy that plans for ``balanced`` is told so).
+        cycle_config: thresholds and pace of the cycle (:class:`~eplb.cycle.CycleConfig`).
+        expert_bytes: bytes of one expert's weights, an integer or int ``[L]``.
         live_ranks: optional bool ``[W]``: the ranks still serving; the plan places experts on them only and no
             transfer involves a failed rank.
         resilience: optional :class:`~eplb.policies.resilience.Resilience` of the plan.
+        state: the :class:`~eplb.planning.PlanState` the previous cycle handed on (kept by the serving process, so
+            a restarted worker plans from it too).
     """
 
     cycle: int
@@ -65,47 +63,39 @@ class PlanRequest:
     topology: Topology
     policy: str | int
     options: dict
-    layers: np.ndarray | None = None
+    dispatch: str = "even"
+    cycle_config: CycleConfig = field(default_factory=lambda: CycleConfig(cycle_steps=1))
+    expert_bytes: object = 0
     live_ranks: np.ndarray | None = None
     resilience: Resilience | None = None
+    state: PlanState | None = None
 
 
 @dataclass(frozen=True)
-class PlanResult:
-    """What the worker returns: the new ``phy2log`` ``[L, P]``, the transfers of every changed layer (ascending
-    layer order) and the plan's figures (float64 ``[L]`` PAR on the window load, seconds spent)."""
+class PlannerReply:
+    """What the worker returns for a request: its cycle number, the :class:`~eplb.planning.CyclePlan` and the
+    seconds the planning function took."""
 
     cycle: int
-    phy2log: np.ndarray
-    transfers: list[LayerTransfer]
-    par_before: np.ndarray
-    par_after: np.ndarray
+    plan: CyclePlan
     seconds: float
 
 
-def _run_request(request: PlanRequest) -> PlanResult:
-    from eplb.policies import get_policy
-
+def run_request(request: PlanRequest) -> PlannerReply:
+    """Run the planning function on ``request`` (what the worker does with each request)."""
     start = time.perf_counter()
-    plan = get_policy(request.policy, **request.options).rebalance(request.load, request.topology, request.current,
-                                                                   live_ranks=request.live_ranks,
-                                                                   resilience=request.resilience)
-    phy2log = np.array(plan.placement.phy2log)
-    par_after = plan.par_after
-    if request.layers is not None:
-        keep = ~np.asarray(request.layers, dtype=bool)
-        phy2log[keep] = request.current[keep]
-        par_after = np.where(keep, plan.par_before, par_after)
+    policy = cycle_policy(request.policy, request.options, request.dispatch)
     num_experts = request.load.shape[-1]
-    transfers = transfer_plan(Placement(request.current, num_experts, request.topology),
-                              Placement(phy2log, num_experts, request.topology), request.live_ranks)
-    return PlanResult(request.cycle, phy2log, transfers, plan.par_before, par_after, time.perf_counter() - start)
+    plan = plan_cycle(policy, request.load, Placement(request.current, num_experts, request.topology),
+                      request.cycle_config, request.expert_bytes, request.live_ranks, request.resilience,
+                      request.state)
+    return PlannerReply(request.cycle, plan, time.perf_counter() - start)
 
 
 READY = "ready"
 
 
-def _warm_up(policy, options: dict) -> None:
+def warm_up(policy, options: dict) -> None:
     """Import and run ``policy`` once on a tiny problem, and once more over live ranks only, so that imports and
     compiled kernels (numba cache loads, or compiles on a fresh machine) are not charged to a cycle's deadline, nor to
     the first cycle after a rank failure."""
@@ -122,13 +112,13 @@ def _warm_up(policy, options: dict) -> None:
         log.debug("planner warm-up failed", exc_info=True)
 
 
-def _worker_main(requests, results, warmup=None) -> None:
+def worker_main(requests, results, warmup=None) -> None:
     """Worker process loop: warm up ``(policy, options)``, put :data:`READY`, then one result (or an error string)
     per request; ``None`` stops it, and so does the death of the serving process."""
     parent = mp.parent_process().pid  # not os.getppid(): the serving process may have died while this one started
     exit_with_parent(parent)  # also while warming up or planning, when the loop below cannot look
     if warmup is not None:
-        _warm_up(*warmup)
+        warm_up(*warmup)
     results.put(READY)
     while True:
         try:
@@ -140,7 +130,7 @@ def _worker_main(requests, results, warmup=None) -> None:
         if request is None:
             return
         try:
-            results.put(_run_request(request))
+            results.put(run_request(request))
         except Exception:  # noqa: BLE001 - every failure goes back to the serving process, which decides
             results.put((request.cycle, traceback.format_exc(limit=4)))
 
@@ -157,7 +147,7 @@ class PlannerWorker:
         warmup: ``(policy, options)`` the worker runs once on a tiny problem before reporting :data:`READY`.
     """
 
-    def __init__(self, deadline_s: float = 30.0, target=_worker_main, startup_s: float = 120.0, warmup=None):
+    def __init__(self, deadline_s: float = 30.0, target=worker_main, startup_s: float = 120.0, warmup=None):
         if not deadline_s > 0:
             raise EplbError(f"planner deadline must be > 0 seconds, got {deadline_s}")
         self.deadline_s, self.startup_s, self.warmup = deadline_s, startup_s, warmup
@@ -169,6 +159,7 @@ class PlannerWorker:
         self._requests = self._results = None
         self._request: PlanRequest | None = None
         self._submitted = 0.0
+        self._arrived = None  # a reply :meth:`wait` took off the queue, for the next poll
         self.restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -195,6 +186,7 @@ class PlannerWorker:
                 q.close()
         self._process = None
         self._request = None
+        self._arrived = None
 
     def close(self) -> None:
         """Stop the worker; waits at most a second for it to exit."""
@@ -223,30 +215,49 @@ class PlannerWorker:
                 self.restarts += 1
             self._kill()
             self.start()
-        self._request = request
+        self._request, self._arrived = request, None
         self._submitted = time.monotonic()
         self._requests.put(request)  # pickled by the queue's feeder thread, not here
 
-    def poll(self) -> tuple[str, PlanResult | str | None]:
-        """The state of the current request: ``("idle", None)``, ``("pending", None)``, ``("ready", PlanResult)`` or
+    def wait(self, timeout_s: float) -> None:
+        """Block until the current request's reply arrived, the worker died or ``timeout_s`` passed; the next
+        :meth:`poll` reports it. Serving never calls this (it would wait on the planner); a replay that must accept
+        each plan in a known step does (the parity test of the simulator and the runtime)."""
+        deadline = time.monotonic() + timeout_s
+        while self._request is not None and self._arrived is None and time.monotonic() < deadline:
+            try:
+                item = self._results.get(timeout=0.05)
+            except queue.Empty:
+                if not self._process.is_alive():
+                    return
+                continue
+            if item == READY:
+                self._ready_at = time.monotonic()
+            else:
+                self._arrived = item
+
+    def poll(self) -> tuple[str, PlannerReply | str | None]:
+        """The state of the current request: ``("idle", None)``, ``("pending", None)``, ``("ready", PlannerReply)`` or
         ``("failed", reason)``. Never blocks. On failure the worker is restarted."""
         request = self._request
         if request is None:
             return "idle", None
         while True:
-            try:
-                item = self._results.get_nowait()
-            except queue.Empty:
-                break
+            item, self._arrived = self._arrived, None
+            if item is None:
+                try:
+                    item = self._results.get_nowait()
+                except queue.Empty:
+                    break
             if item == READY:
                 self._ready_at = time.monotonic()
                 continue
-            cycle = item.cycle if isinstance(item, PlanResult) else item[0]
+            cycle = item.cycle if isinstance(item, PlannerReply) else item[0]
             if cycle != request.cycle:
                 continue  # a result of an abandoned cycle
             self._request = None
-            if isinstance(item, PlanResult):
-                problem = _check_result(item, request)
+            if isinstance(item, PlannerReply):
+                problem = check_cycle_plan(item.plan, request.current, request.load.shape[-1], request.topology)
                 if problem is None:
                     return "ready", item
                 return self._fail(f"planner returned an invalid plan: {problem}", restart=False)
@@ -266,22 +277,3 @@ class PlannerWorker:
         if restart:
             self.restart()
         return "failed", reason
-
-
-def _check_result(result: PlanResult, request: PlanRequest) -> str | None:
-    phy2log = np.asarray(result.phy2log)
-    if phy2log.shape != request.current.shape:
-        return f"phy2log has shape {phy2log.shape}, expected {request.current.shape}"
-    num_experts = request.load.shape[-1]
-    problems = find_problems(phy2log, num_experts, request.topology)
-    if problems:
-        return "; ".join(problems[:3])
-    changed = np.flatnonzero((phy2log != request.current).any(axis=1)).tolist()
-    if [t.layer for t in result.transfers] != changed:
-        return f"transfers cover layers {[t.layer for t in result.transfers]}, the plan changes layers {changed}"
-    shape = (request.topology.num_ranks, request.topology.slots_per_rank)
-    for t in result.transfers:
-        if not (np.array_equal(t.old_row, request.current[t.layer].reshape(shape))
-                and np.array_equal(t.new_row, phy2log[t.layer].reshape(shape))):
-            return f"the transfers of layer {t.layer} do not lead from the current placement to the plan"
-    return None

@@ -1,6 +1,10 @@
 """Replica router: maps the logical expert ids a gate picked to the physical slots their tokens go to.
 
-Modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route` except in ``balanced``):
+The torch twin of :func:`eplb.dispatch.route` (the numpy reference the simulator is built on; tested equal): the
+tables come from :mod:`eplb.dispatch`, and only the per-token work runs here, on the device.
+
+Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route` except in
+``balanced``):
 
 - ``rank``: rank ``r`` sends every token of expert ``e`` to replica ``r % count_e`` (replicas in slot order);
   with ``tp_size > 1`` to replica ``(r % tp_size + r // tp_size + e) % count_e`` (vllm-ascend's rule).
@@ -8,11 +12,10 @@ Modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter
   (vllm-ascend's per-token table, computed instead of stored).
 - ``local``: a replica on this rank if there is one, else one on this node (rotated by rank), else the ``rank`` rule.
 - ``balanced``: this step's tokens per expert over the whole group are split over the ranks holding the expert so
-  that the busiest rank gets as few tokens as possible (water-filling, the rule of
-  :func:`eplb.sim.dispatch.balanced_replica_load` rounded by :func:`eplb.sim.dispatch.round_split`); rank ``r``'s
+  that the busiest rank gets as few tokens as possible (:func:`eplb.dispatch.balanced_split`); rank ``r``'s
   tokens of expert ``e`` take the global positions after those of ranks ``0..r-1`` and fill the replicas in order.
   Needs every rank's counts ``[W, E]`` (e.g. an all-gather of each rank's ``bincount``, one small collective per
-  layer), so every rank computes the same split. The split runs on the host (the simulator's own numpy code), so
+  layer), so every rank computes the same split. The split runs on the host (the core's numpy code), so
   this mode costs one host sync per layer and, on CPU, about 10 ms per layer for DeepSeek-V3 EP32 (its
   water-filling loops over the replicated experts; see ``benchmarks/runtime.py``).
 
@@ -30,48 +33,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.dispatch import RUNTIME_MODES, TOKEN_TABLE_ROWS, balanced_split, check_dispatch, rank_choice, replica_slots
 from eplb.errors import EplbError
 from eplb.placement import Failover, Placement
 
 __all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
-ROUTER_MODES = ("rank", "token", "local", "balanced")
-TOKEN_TABLE_ROWS = 1024
-
-
-def _rank_choice(placement: Placement, layers: np.ndarray, rank: int, tp_size: int, mode: str) -> np.ndarray:
-    """int64 ``[len(layers), E]``: the physical slot ``rank`` sends each expert's tokens to (``rank``/``local``)."""
-    rank_rule = placement.log2phy_for_rank(rank, tp_size)[layers]
-    if mode != "local":
-        return rank_rule
-    topology = placement.topology
-    log2phy = placement.log2phy[layers]  # [l, E, M]
-    valid = log2phy >= 0
-    slot_rank = np.where(valid, topology.rank_of_slot[np.maximum(log2phy, 0)], -1)
-    on_rank = valid & (slot_rank == rank)
-    on_node = valid & (topology.node_of_rank[np.maximum(slot_rank, 0)] == topology.node_of_rank[rank])
-    # replicas are in ascending slot order, so the first one on this rank is its lowest local slot
-    first_local = np.take_along_axis(log2phy, np.argmax(on_rank, axis=2)[..., None], axis=2)[..., 0]
-    node_count = on_node.sum(axis=2)
-    pick = rank % np.maximum(node_count, 1)  # the pick-th replica on this node
-    node_index = np.argmax(np.cumsum(on_node, axis=2) > pick[..., None], axis=2)
-    node_choice = np.take_along_axis(log2phy, node_index[..., None], axis=2)[..., 0]
-    return np.where(on_rank.any(axis=2), first_local, np.where(node_count > 0, node_choice, rank_rule))
-
-
-def _replica_ranks_and_slots(placement: Placement, layers: np.ndarray, width: int):
-    """``(ranks, slots)`` int64 ``[len(layers), E, width]``: :func:`eplb.sim.dispatch.replica_ranks` and the lowest
-    slot of the expert on each of those ranks (0 where padded)."""
-    from eplb.sim.dispatch import replica_ranks
-
-    ranks_all = replica_ranks(placement)[layers]
-    ranks = np.full((layers.size, placement.num_experts, width), -1, dtype=np.int64)
-    ranks[:, :, :ranks_all.shape[2]] = ranks_all
-    log2phy = placement.log2phy[layers]  # ascending slots, so the first match on a rank is its lowest slot
-    slot_rank = np.where(log2phy >= 0, placement.rank_of_slot[np.maximum(log2phy, 0)], -2)
-    match = slot_rank[:, :, None, :] == ranks[:, :, :, None]  # [l, E, width, M]
-    slots = np.take_along_axis(log2phy, np.argmax(match, axis=3), axis=2)
-    return ranks, np.where(ranks >= 0, slots, 0)
+#: the dispatch modes a router runs (:data:`eplb.dispatch.RUNTIME_MODES`; the old name)
+ROUTER_MODES = RUNTIME_MODES
 
 
 class ReplicaRouter:
@@ -80,21 +49,20 @@ class ReplicaRouter:
     Args:
         placement: the placement in force at start.
         rank: this rank in the EP group.
-        mode: one of :data:`ROUTER_MODES`.
+        dispatch: one of :data:`eplb.dispatch.RUNTIME_MODES` (``mode`` is the old name of this argument).
         tp_size: tensor-parallel size for the ``rank`` rule (vllm-ascend); 1 otherwise.
         device: device of the tables (that of the MoE layers).
         max_replicas: the most replicas any expert may ever get (sizes the fixed tables); default ``P - E + 1``.
     """
 
-    def __init__(self, placement: Placement, rank: int, mode: str = "rank", tp_size: int = 1, device="cpu",
-                 max_replicas: int | None = None):
-        if mode not in ROUTER_MODES:
-            raise EplbError(f"router mode must be one of {', '.join(ROUTER_MODES)}, got {mode!r}")
+    def __init__(self, placement: Placement, rank: int, dispatch: str = "rank", tp_size: int = 1, device="cpu",
+                 max_replicas: int | None = None, mode: str | None = None):
+        dispatch = check_dispatch(mode if mode is not None else dispatch, RUNTIME_MODES)
         if not 0 <= rank < placement.topology.num_ranks:
             raise EplbError(f"rank must be in [0, {placement.topology.num_ranks}), got {rank}")
         if tp_size < 1:
             raise EplbError(f"tp_size must be >= 1, got {tp_size}")
-        self.mode, self.rank, self.tp_size = mode, rank, tp_size
+        self.dispatch, self.rank, self.tp_size = dispatch, rank, tp_size
         self.num_layers, self.num_experts = placement.num_layers, placement.num_experts
         self.topology = placement.topology
         self.max_replicas = max_replicas or placement.num_physical - placement.num_experts + 1
@@ -137,10 +105,10 @@ class ReplicaRouter:
         padded[:, :, :width] = placement.log2phy[rows]
         self.log2phy.index_copy_(0, index, torch.as_tensor(padded, device=self.device))
         self.replica_count.index_copy_(0, index, torch.as_tensor(placement.replica_count[rows], device=self.device))
-        choice = _rank_choice(placement, rows, self.rank, self.tp_size, "local" if self.mode == "local" else "rank")
+        choice = rank_choice(placement, self.rank, "local" if self.dispatch == "local" else "rank", self.tp_size, rows)
         self.rank_table.index_copy_(0, index, torch.as_tensor(choice, device=self.device))
-        if self.mode == "balanced":
-            ranks, slots = _replica_ranks_and_slots(placement, rows, self.max_replicas)
+        if self.dispatch == "balanced":
+            ranks, slots = replica_slots(placement, rows, self.max_replicas)
             self._replica_rank_host[layers] = ranks
             self.replica_slot.index_copy_(0, index, torch.as_tensor(slots, device=self.device))
         if isinstance(placement, Failover):
@@ -160,7 +128,7 @@ class ReplicaRouter:
             The :class:`~eplb.placement.Failover`; its ``lost`` experts route to -1 until a re-plan places them.
         """
         failover = placement.without_ranks(ranks)
-        self.failed = np.array(failover.dead)
+        self.failed = np.array(failover.failed)
         self.update_layers(np.arange(self.num_layers), placement)
         return failover
 
@@ -173,7 +141,7 @@ class ReplicaRouter:
         l_idx, e_idx = torch.as_tensor(layer, device=self.device), torch.as_tensor(expert, device=self.device)
         self.replica_count[l_idx, e_idx] = 1  # the token rotation then picks replica 0, which is -1
         self.rank_table[l_idx, e_idx] = -1
-        if self.mode == "balanced":
+        if self.dispatch == "balanced":
             # the split needs a rank per expert: the first live rank stands in, and its slot is -1
             self._replica_rank_host[layer, expert, 0] = int(np.flatnonzero(~self.failed)[0])
             self.replica_slot[l_idx, e_idx] = -1
@@ -196,9 +164,9 @@ class ReplicaRouter:
             :meth:`set_failed_ranks`.
         """
         ids = expert_ids.to(torch.int64)
-        if self.mode in ("rank", "local"):
+        if self.dispatch in ("rank", "local"):
             return torch.take(self._rank_rows[layer], ids)
-        if self.mode == "token":
+        if self.dispatch == "token":
             row = torch.arange(ids.shape[0], device=ids.device) % TOKEN_TABLE_ROWS
             choice = (row.view(-1, *([1] * (ids.dim() - 1))) + self.rank + ids) % self.replica_count[layer][ids]
             return self.log2phy[layer][ids, choice]
@@ -208,22 +176,11 @@ class ReplicaRouter:
 
     # -- balanced ------------------------------------------------------------------------------------------------
     def replica_split(self, layer: int, expert_load) -> np.ndarray:
-        """int64 ``[E, M]``: whole tokens each distinct replica rank of each expert (ordered as
-        :func:`eplb.sim.dispatch.replica_ranks`) receives this step, for the group's per-expert tokens ``expert_load`` ``[E]``.
-
-        Computed on the host by :func:`eplb.sim.dispatch.balanced_replica_load` and
-        :func:`eplb.sim.dispatch.round_split` themselves (one implementation for the simulator and the runtime,
-        bit-identical on every rank)."""
-        from eplb.sim.dispatch import balanced_replica_load, round_split
-
-        total = np.asarray(expert_load.cpu() if isinstance(expert_load, torch.Tensor) else expert_load,
-                           dtype=np.int64)
-        ranks = self._replica_rank_host[layer]
-        width = max(1, int((ranks >= 0).sum(axis=1).max()))
-        replica_load, _ = balanced_replica_load(total[None], ranks[None, :, :width], self.topology.num_ranks)
-        split = np.zeros(ranks.shape, dtype=np.int64)
-        split[:, :width] = round_split(replica_load[0], total)
-        return split
+        """int64 ``[E, M]``: :func:`eplb.dispatch.balanced_split` of the group's per-expert tokens ``expert_load``
+        ``[E]`` this step, on the host (bit-identical on every rank)."""
+        total = expert_load.cpu() if isinstance(expert_load, torch.Tensor) else expert_load
+        return balanced_split(np.asarray(total, dtype=np.int64), self._replica_rank_host[layer],
+                              self.topology.num_ranks)
 
     def _route_balanced(self, layer: int, ids: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
         if tuple(group_counts.shape) != (self.topology.num_ranks, self.num_experts):

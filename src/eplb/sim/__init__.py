@@ -1,5 +1,5 @@
 """Trace generators and the trace-driven simulator of dynamic expert rebalancing.
 
 Nothing heavy is imported here: import the submodule you need (``eplb.sim.traces``, ``eplb.sim.simulator``,
-``eplb.sim.dispatch``, ``eplb.sim.cost``).
+``eplb.dispatch``, ``eplb.sim.cost``).
 """

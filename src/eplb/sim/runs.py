@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
+from eplb.planning import cycle_policy
 from eplb.sim.simulator import RunResult, SimConfig, simulate
 from eplb.sim.traces import Trace
 
@@ -86,18 +87,8 @@ def simulate_runs(trace: Trace, config: SimConfig, specs: list[RunSpec], jobs: i
 
 
 def _simulate(trace: Trace, config: SimConfig, spec: RunSpec, progress: Callable[[float], None]) -> RunResult:
-    policy = None if spec.policy is None else _policy(spec.policy, config.dispatch)
+    policy = None if spec.policy is None else cycle_policy(spec.policy, dispatch=config.dispatch)
     return simulate(trace, policy, config, name=spec.name, clairvoyant=spec.clairvoyant, progress=progress)
-
-
-def _policy(name: str, dispatch: str):
-    """The policy ``name``; one that can plan for the per-batch balanced split (a ``dispatch`` option) is told so
-    when the run uses it, since its placement differs from the one for an even split."""
-    from eplb.policies import get_policy, policy_options
-
-    if dispatch == "balanced" and "dispatch" in policy_options(name):
-        return get_policy(name, dispatch="balanced")
-    return get_policy(name)
 
 
 def _start_worker(trace: Trace, config: SimConfig, messages, level: int) -> None:

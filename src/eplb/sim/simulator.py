@@ -6,7 +6,7 @@ and its layers are applied one per step (or per byte budget); a layer's new plac
 after it was applied, exactly as the runtime commits it after that step's forward. Every step is then scored with
 the placement that was in force in it:
 
-- per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.sim.dispatch`), their PAR
+- per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.dispatch`), their PAR
   (busiest rank / mean rank) and the routings behind it;
 - per window of ``H`` steps: the PAR of the summed rank loads (what a policy that only sees sums is judged on);
 - per cycle: applied layers, moved slots and bytes, planner wall time, predicted PAR before / after;
@@ -39,79 +39,20 @@ import numpy as np
 from eplb.cycle import Cycle, CycleConfig, CycleRecord
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
+from eplb.planning import CyclePlan, plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.sim.dispatch import DISPATCH_MODES, balanced_rank_load, dispatch_share, replica_ranks
+from eplb.dispatch import DISPATCH_MODES
+from eplb.sim.failures import Failure, failed_ranks, failure_events
+from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
 from eplb.topology import Topology
 
-__all__ = ["SimConfig", "RunResult", "Failure", "simulate", "clairvoyant_cycle", "warmup_steps", "dead_ranks"]
+__all__ = ["SimConfig", "RunResult", "Failure", "simulate", "clairvoyant_cycle", "warmup_steps", "failed_ranks"]
 
 logger = logging.getLogger(__name__)
-
-_BALANCED_ROWS = 8192  # rows per call of the balanced split, to bound its temporary arrays
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A rank (``kind="rank"``) or a whole node (``kind="node"``) that stops serving at ``step`` and, when ``back`` is
-    given, serves again from step ``back``."""
-
-    kind: str
-    index: int
-    step: int
-    back: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in ("rank", "node"):
-            raise EplbError(f"failure kind must be 'rank' or 'node', got {self.kind!r}")
-        if self.index < 0 or self.step < 0:
-            raise EplbError(f"failure of {self.kind} {self.index} at step {self.step}: rank/node and step must be >= 0")
-        if self.back is not None and self.back <= self.step:
-            raise EplbError(f"failure of {self.kind} {self.index} at step {self.step}: it must come back after it "
-                            f"fails, got back at step {self.back}")
-
-    @classmethod
-    def parse(cls, kind: str, text: str) -> "Failure":
-        """From ``INDEX@STEP`` or ``INDEX@STEP:BACK`` (the CLI's ``--fail-rank`` / ``--fail-node``)."""
-        try:
-            index, _, when = text.partition("@")
-            step, _, back = when.partition(":")
-            return cls(kind, int(index), int(step), int(back) if back else None)
-        except ValueError:
-            raise EplbError(f"--fail-{kind} must be {kind.upper()}@STEP or {kind.upper()}@STEP:BACK (integers), "
-                            f"got {text!r}") from None
-
-    def ranks(self, topology: Topology) -> np.ndarray:
-        """int64: the ranks that fail."""
-        limit = topology.num_ranks if self.kind == "rank" else topology.num_nodes
-        if self.index >= limit:
-            raise EplbError(f"failure of {self.kind} {self.index}: the cluster has {limit} {self.kind}s "
-                            f"({topology.describe()})")
-        if self.kind == "rank":
-            return np.array([self.index], dtype=np.int64)
-        return np.flatnonzero(topology.node_of_rank == self.index)
-
-    def describe(self) -> str:
-        back = f", back at step {self.back}" if self.back is not None else ""
-        return f"{self.kind} {self.index} fails at step {self.step}{back}"
-
-    def spec(self) -> str:
-        """The CLI form: ``rank R@STEP[:BACK]`` or ``node N@STEP[:BACK]``."""
-        back = f":{self.back}" if self.back is not None else ""
-        return f"{self.kind} {self.index}@{self.step}{back}"
-
-
-def dead_ranks(failures, topology: Topology, num_steps: int) -> np.ndarray:
-    """bool ``[T, W]``: ranks that do not serve in each step."""
-    dead = np.zeros((num_steps, topology.num_ranks), dtype=bool)
-    for failure in failures:
-        stop = num_steps if failure.back is None else min(failure.back, num_steps)
-        dead[failure.step:stop, failure.ranks(topology)] = True
-    return dead
-
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -120,13 +61,13 @@ class SimConfig:
     Attributes:
         topology: ranks, slots per rank, nodes, groups.
         cycle: the rebalancing cycle (window ``H``, planner latency ``A``, application pace, thresholds).
-        dispatch: replica choice, one of :data:`~eplb.sim.dispatch.DISPATCH_MODES`.
+        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_MODES`.
         tp_size: tensor-parallel size for the ``rank`` mode's rotation.
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_sweeps: ``balanced`` mode: 0 keeps the even split, any positive value refines it to the min-max
-            split (see :func:`eplb.sim.dispatch.balanced_rank_load`).
+        balanced_passes: ``balanced`` mode: the most water-filling passes towards the min-max split (0 keeps the even
+            split; 200, the default, converges on DeepSeek-V3 loads; see :func:`eplb.dispatch.balanced_rank_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -140,7 +81,7 @@ class SimConfig:
     expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
-    balanced_sweeps: int = 3
+    balanced_passes: int = 200
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
@@ -277,12 +218,12 @@ class RunResult:
 
 def warmup_steps(cycle: CycleConfig, num_layers: int, num_steps: int) -> int:
     """Steps left out of the summaries: ``H + A + L``, at most half of the ``num_steps``."""
-    return min(cycle.interval + cycle.planner_steps + num_layers, num_steps // 2)
+    return min(cycle.cycle_steps + cycle.planner_steps + num_layers, num_steps // 2)
 
 
 def clairvoyant_cycle(cycle: CycleConfig) -> CycleConfig:
     """The cycle of a clairvoyant run: same window length, no planner delay, every layer applied at once."""
-    return CycleConfig(interval=cycle.interval, planner_steps=0, layers_per_step=0)
+    return CycleConfig(cycle_steps=cycle.cycle_steps, planner_steps=0, layers_per_step=0)
 
 
 def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str | None = None,
@@ -312,33 +253,33 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         flat = np.ones((num_layers, num_experts))  # no load seen yet: spread replicas only
         initial = Placement(make_resilient(initial.phy2log, flat, topology, config.resilience), num_experts, topology)
     report = progress or (lambda fraction: None)
-    timeline = _Timeline(initial.phy2log, num_steps)
+    timeline = Timeline(initial.phy2log, num_steps)
     cycles: list[CycleRecord] = []
     planner_ms: list[float] = []
     received = np.zeros(num_steps)
-    dead = dead_ranks(config.failures, topology, num_steps)
+    failed = failed_ranks(config.failures, topology, num_steps)
     cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
-    failing = (dead & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), dead[:-1]])).any(axis=1)
+    failing = (failed & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), failed[:-1]])).any(axis=1)
     if policy is None:
         for step in np.flatnonzero(failing).tolist():
             if config.reload_lost:
-                _reload_lost(timeline, trace, topology, ~dead[step], step, None)
+                _reload_lost(timeline, trace, topology, ~failed[step], step, None)
     else:
         cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
         cycle = Cycle(cycle_config, num_layers)
         plan = None
         for step in range(num_steps):
             if failing[step]:
-                cycle.restart(step, f"ranks {np.flatnonzero(dead[step]).tolist()} failed")
+                cycle.restart(step, f"ranks {np.flatnonzero(failed[step]).tolist()} failed")
                 if config.reload_lost:
                     last = cycle.records[-1] if cycle.records else None
-                    _reload_lost(timeline, trace, topology, ~dead[step], step, last)
+                    _reload_lost(timeline, trace, topology, ~failed[step], step, last)
             action = cycle.on_step(step)
             if action.submit:
-                live = ~dead[step]
+                live = ~failed[step]
                 cycle_live.append(live)
                 try:
-                    plan = _plan(trace, policy, config, timeline, action.window_start, step, clairvoyant,
+                    plan = _plan(trace, policy, config, cycle, timeline, action.window_start, step, clairvoyant,
                                  planner_ms, live)
                     reason = "end of trace"
                 except PolicyError as exc:  # too few live slots: keep serving on failover
@@ -347,31 +288,28 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 if plan is None:
                     cycle.plan_failed(step, reason)
                 else:
-                    load = trace.counts[action.window_start:step].sum(axis=0, dtype=np.float64) \
-                        if cycle_config.similarity_threshold is not None else None
-                    cycle.plan_ready(step, plan, layer_bytes=plan.moved_slots * config.expert_bytes, load=load)
-            if action.apply_layers and not np.array_equal(cycle_live[-1], ~dead[step]):
+                    cycle.plan_ready(step, plan)
+            if action.apply_layers and not np.array_equal(cycle_live[-1], ~failed[step]):
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
             elif action.apply_layers:
-                new_rows = plan.placement.phy2log[list(action.apply_layers)]
+                layers = list(action.apply_layers)
                 if not clairvoyant:  # the floor moves weights for free
-                    per_rank = _received_experts(timeline.current[list(action.apply_layers)], new_rows, topology)
-                    received[step] = per_rank.max() * config.expert_bytes
-                timeline.apply(step + 1, action.apply_layers, new_rows)
+                    received[step] = _received_experts(plan, layers, topology.num_ranks).max() * config.expert_bytes
+                timeline.apply(step + 1, layers, plan.phy2log[layers])
             if step % 256 == 0:
                 report(0.5 * step / num_steps)
         cycles = cycle.records
     warmup = warmup_steps(config.cycle, num_layers, num_steps)
-    result = _score(trace, topology, config, timeline, warmup, report, dead if dead.any() else None)
+    result = score(trace, topology, config, timeline, warmup, report, failed if failed.any() else None)
     transfer_us = config.cost.transfer_us(received)
     moe_us = config.cost.moe_us(result["peak"])
-    live_count = (~dead).sum(axis=1)
+    live_count = (~failed).sum(axis=1)
     return RunResult(
         name=name,
         step_par=result["step_par"],
         tokens=result["tokens"],
-        window_start=np.arange(0, num_steps, config.cycle.interval),
+        window_start=np.arange(0, num_steps, config.cycle.cycle_steps),
         window_par=result["window_par"],
         window_tokens=result["window_tokens"],
         moe_us=moe_us,
@@ -386,68 +324,14 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         waiting=result["waiting"],
         unavailable=result["unavailable"],
         live_count=live_count,
-        failures=_failure_events(config, result, dead, cycles, cycle_live),
+        failures=failure_events(config, result, failed, cycles, cycle_live),
     )
 
 
-def _failure_events(config: SimConfig, result: dict, dead: np.ndarray, cycles: list[CycleRecord],
-                    cycle_live: list[np.ndarray]) -> list[dict]:
-    """Per injected failure, over the steps from it to the next change of the live ranks (``until``):
-
-    - ``lost_experts``: expert-layer pairs with no live replica in the failure step (served by nobody);
-      ``lost_replicated_experts``: those of them that had two or more replicas on the ranks serving just before
-      (what the resilience option prevents for one failure);
-    - ``steps_with_unavailable_experts``, ``tokens_waiting``: over those steps;
-    - ``par_before``: token-weighted mean step PAR over the ``H`` steps before the failure;
-    - ``par_after_failover``: the same from the failure until the first re-plan over the new live ranks is fully
-      applied (or ``until``); ``replan_step``: the first step on that re-plan (None: none completed);
-      ``par_after_replan``: from ``replan_step`` to ``until``.
-    """
-    num_steps = dead.shape[0]
-    changes = sorted({f.step for f in config.failures} | {f.back for f in config.failures if f.back is not None})
-    events = []
-
-    def mean_par(start, stop):
-        if stop <= start:
-            return None
-        steps = result["step_par"][start:stop]
-        tokens = result["tokens"][start:stop]
-        return float(summarize_par(steps, tokens)["par_mean"]) if tokens.sum() > 0 else None
-
-    for failure in config.failures:
-        start = failure.step
-        if start >= num_steps:
-            events.append({"failure": failure.describe(), "step": start, "in_trace": False})
-            continue
-        until = min([c for c in changes if c > start] + [num_steps])
-        replan = None
-        for record, live in zip(cycles, cycle_live):
-            if (record.window_end >= start and record.apply_end is not None and record.apply_end + 1 < until
-                    and np.array_equal(live, ~dead[start])):
-                replan = record.apply_end + 1
-                break
-        unavailable = result["unavailable"][start:until].sum(axis=1)
-        events.append({
-            "failure": failure.describe(),
-            "spec": failure.spec(),
-            "step": start,
-            "until": until,
-            "failed_ranks": np.flatnonzero(dead[start]).tolist(),
-            "lost_experts": int(result["unavailable"][start].sum()),
-            "lost_replicated_experts": int(result["unavailable_replicated"][start].sum()),
-            "steps_with_unavailable_experts": int((unavailable > 0).sum()),
-            "tokens_waiting": float(result["waiting"][start:until].sum()),
-            "par_before": mean_par(max(0, start - config.cycle.interval), start),
-            "par_after_failover": mean_par(start, replan if replan is not None else until),
-            "replan_step": replan,
-            "par_after_replan": mean_par(replan, until) if replan is not None else None,
-        })
-    return events
-
-
-def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, planner_ms, live):
-    """Run the policy on the window (or, clairvoyant, on the steps the plan will be in force) over the ``live``
-    ranks; None at the end."""
+def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyant, planner_ms, live):
+    """The planning function on the window over the ``live`` ranks, from the state the cycle keeps; clairvoyant: on
+    the steps the plan will be in force, fresh every cycle (a floor, not held back by what was planned before).
+    None at the end."""
     topology = config.topology
     if clairvoyant:
         start = step + 2  # applied in step + 1, in force from step + 2
@@ -458,13 +342,15 @@ def _plan(trace, policy, config, timeline, window_start, step, clairvoyant, plan
         return None
     current = Placement(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
-    plan = policy.rebalance(window, topology, current=current, live_ranks=None if live.all() else live,
-                            resilience=config.resilience)
+    plan = plan_cycle(policy, window, current, cycle.config, expert_bytes=int(round(config.expert_bytes)),
+                      live_ranks=None if live.all() else live, resilience=config.resilience,
+                      state=None if clairvoyant else cycle.state,
+                      from_checkpoint=not config.reload_lost)
     planner_ms.append((time.perf_counter() - started) * 1e3)
     return plan
 
 
-def _reload_lost(timeline: _Timeline, trace: Trace, topology: Topology, live: np.ndarray, step: int,
+def _reload_lost(timeline: Timeline, trace: Trace, topology: Topology, live: np.ndarray, step: int,
                  last: CycleRecord | None) -> None:
     """Put every expert with no replica on the ``live`` ranks into the slot of a spare replica, in force from
     ``step + 1`` (the runtime's reload, on the load of the ``last`` submitted window)."""
@@ -481,146 +367,8 @@ def _reload_lost(timeline: _Timeline, trace: Trace, topology: Topology, live: np
     timeline.apply(step + 1, layers, repaired[layers])
 
 
-def _received_experts(old_rows: np.ndarray, new_rows: np.ndarray, topology: Topology) -> np.ndarray:
-    """int64 ``[W]``: experts each rank receives when layers go from ``old_rows`` to ``new_rows`` ``[n, P]``.
-
-    A rank receives an expert it did not hold before once, however many of its slots take it.
-    """
-    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
-    old = old_rows.reshape(-1, num_ranks, slots)
-    new = np.sort(new_rows.reshape(-1, num_ranks, slots), axis=2)
-    first = np.ones(new.shape, dtype=bool)
-    first[..., 1:] = new[..., 1:] != new[..., :-1]
-    held = (new[..., :, None] == old[..., None, :]).any(axis=-1)
-    return (first & ~held).sum(axis=(0, 2))
-
-
-class _Timeline:
-    """Which placement row each layer uses in each step: versions of rows, and the version in force per step."""
-
-    def __init__(self, initial: np.ndarray, num_steps: int):
-        num_layers = initial.shape[0]
-        self.current = np.array(initial, dtype=np.int64)
-        self.rows: list[list[np.ndarray]] = [[initial[layer].copy()] for layer in range(num_layers)]
-        self.changes: list[list[int]] = [[0] for _ in range(num_layers)]  # first step of each version
-        self.num_steps = num_steps
-
-    def apply(self, effective: int, layers, new_rows: np.ndarray) -> None:
-        for layer, row in zip(layers, new_rows):
-            self.current[layer] = row
-            if effective >= self.num_steps:
-                continue
-            if self.changes[layer][-1] == effective:
-                self.rows[layer][-1] = row.copy()
-            else:
-                self.rows[layer].append(row.copy())
-                self.changes[layer].append(effective)
-
-    def versions(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows int64 ``[V, P]``, version of each step int64 ``[T]``) of one layer."""
-        starts = np.asarray(self.changes[layer])
-        version = np.zeros(self.num_steps, dtype=np.int64)
-        version[starts[1:]] = 1
-        return np.stack(self.rows[layer]), np.cumsum(version)
-
-
-def _score(trace: Trace, topology: Topology, config: SimConfig, timeline: _Timeline, warmup: int, report,
-           dead: np.ndarray | None = None) -> dict:
-    """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums.
-
-    ``dead`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
-    dispatch mode (:func:`_score_failover`).
-    """
-    num_steps, num_layers, num_experts = trace.counts.shape
-    num_ranks = topology.num_ranks
-    interval = config.cycle.interval
-    window_starts = np.arange(0, num_steps, interval)
-    out = {
-        "step_par": np.empty((num_steps, num_layers)),
-        "tokens": np.empty((num_steps, num_layers)),
-        "peak": np.empty((num_steps, num_layers)),
-        "window_par": np.empty((window_starts.size, num_layers)),
-        "window_tokens": np.empty((window_starts.size, num_layers)),
-        "rank_load": np.empty((num_layers, num_ranks)),
-        "waiting": np.zeros((num_steps, num_layers)),
-        "unavailable": np.zeros((num_steps, num_layers), dtype=np.int64),
-        "unavailable_replicated": np.zeros((num_steps, num_layers), dtype=np.int64),
-    }
-    live_count = np.full(num_steps, float(num_ranks))
-    window_live = np.full(window_starts.size, float(num_ranks))
-    if dead is not None:
-        live_count = (~dead).sum(axis=1).astype(np.float64)
-        window_live = np.logical_or.reduceat(~dead, window_starts, axis=0).sum(axis=1).astype(np.float64)
-    for layer in range(num_layers):
-        rows, version = timeline.versions(layer)
-        placement = Placement(rows, num_experts, topology)
-        load = trace.counts[:, layer, :].astype(np.float64)
-        if config.dispatch == "balanced":
-            table = replica_ranks(placement)
-            loads = np.concatenate([
-                balanced_rank_load(load[start:start + _BALANCED_ROWS], table, num_ranks,
-                                   version[start:start + _BALANCED_ROWS], config.balanced_sweeps)
-                for start in range(0, num_steps, _BALANCED_ROWS)])
-        else:
-            share = dispatch_share(placement, config.dispatch, config.tp_size)  # [V, E, W]
-            loads = np.zeros((num_steps, num_ranks))
-            bounds = np.flatnonzero(np.diff(version)) + 1
-            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, num_steps]):
-                _add_shared(loads[start:stop], load[start:stop], share[version[start]])
-        if dead is not None:
-            _score_failover(loads, load, rows, version, dead, num_experts, topology, out["waiting"][:, layer],
-                            out["unavailable"][:, layer], out["unavailable_replicated"][:, layer])
-        peak = loads.max(axis=1)
-        total = loads.sum(axis=1)
-        out["peak"][:, layer] = peak
-        out["tokens"][:, layer] = total
-        out["step_par"][:, layer] = _ratio(peak, total / live_count)
-        windows = np.add.reduceat(loads, window_starts, axis=0)
-        out["window_tokens"][:, layer] = windows.sum(axis=1)
-        window_mean = windows.mean(axis=1) if dead is None else windows.sum(axis=1) / window_live
-        out["window_par"][:, layer] = _ratio(windows.max(axis=1), window_mean)
-        out["rank_load"][layer] = loads[warmup:].sum(axis=0)
-        report(0.5 + 0.5 * (layer + 1) / num_layers)
-    return out
-
-
-def _score_failover(loads, load, rows, version, dead, num_experts, topology, waiting, unavailable,
-                    unavailable_replicated) -> None:
-    """Overwrite, in place, the rank loads ``[T, W]`` of one layer in the steps with failed ranks by the failover
-    routing (even split over the surviving replicas), and fill that layer's ``waiting`` tokens ``[T]``,
-    ``unavailable`` expert counts ``[T]`` and, in the steps where ranks fail, ``unavailable_replicated`` ``[T]``: the
-    experts that become unavailable although they had two or more replicas on the ranks serving the step before.
-
-    ``load`` float ``[T, E]``; ``rows`` int ``[V, P]`` and ``version`` int ``[T]`` from :meth:`_Timeline.versions`.
-    """
-    num_steps = load.shape[0]
-    _, live_id = np.unique(dead, axis=0, return_inverse=True)
-    live_id = live_id.reshape(-1)
-    change = np.flatnonzero((np.diff(version) != 0) | (np.diff(live_id) != 0)) + 1
-    for start, stop in zip(np.r_[0, change], np.r_[change, num_steps]):
-        if not dead[start].any():
-            continue
-        placement = Placement(rows[version[start]][None], num_experts, topology)
-        failover = placement.without_ranks(dead[start])
-        share = failover.rank_share()[0]  # [E, W]
-        loads[start:stop] = 0.0
-        if share.any():
-            _add_shared(loads[start:stop], load[start:stop], share)
-        lost = failover.lost_mask[0]
-        waiting[start:stop] = load[start:stop][:, lost].sum(axis=1)
-        unavailable[start:stop] = int(lost.sum())
-        before = placement.without_ranks(dead[start - 1] if start > 0 else np.zeros_like(dead[start]))
-        unavailable_replicated[start] = int((lost & (before.replica_count[0] >= 2)).sum())
-
-
-def _add_shared(out: np.ndarray, load: np.ndarray, share: np.ndarray) -> None:
-    """``out += load @ share`` for a sparse ``share`` ``[E, W]`` (a few ranks per expert), without BLAS: a dense
-    matmul is no faster at these sizes and multi-threaded BLAS stalls on a busy machine."""
-    rank, expert = np.nonzero(share.T)  # ordered by rank, then expert
-    present, first = np.unique(rank, return_index=True)
-    contribution = load[:, expert] * share[expert, rank]
-    out[:, present] += np.add.reduceat(contribution, first, axis=1)
-
-
-def _ratio(peak: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    return np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0)
+def _received_experts(plan: CyclePlan, layers: list[int], num_ranks: int) -> np.ndarray:
+    """int64 ``[W]``: experts each rank receives over the network when ``plan`` applies ``layers`` (its transfers)."""
+    transfers = {t.layer: t.transfers for t in plan.transfers}
+    targets = np.concatenate([transfers[layer][:, 2] for layer in layers])
+    return np.bincount(targets, minlength=num_ranks)

@@ -1,6 +1,12 @@
-"""Replica choice: which replica of an expert each token goes to, and so how much load each rank serves.
+"""Replica choice (``dispatch``): which replica of an expert each token goes to, and so how much load each rank serves.
 
-Modes (ALGORITHMS.md section 7). Tokens of an expert are assumed to come evenly from every source rank (each rank
+One module for the simulator and the runtime. The numpy functions here are the reference: :func:`route` gives the
+slot of every token exactly as the runtime's router (:class:`eplb.runtime.router.ReplicaRouter`, their torch twin,
+tested equal) does, :func:`rank_choice` and :func:`replica_slots` build the router's tables, :func:`balanced_split` is
+the split its ``balanced`` mode uses, and :func:`dispatch_share` / :func:`balanced_rank_load` give the rank loads the
+simulator scores.
+
+Modes (the rules of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly from every source rank (each rank
 serves its own share of the batch), which makes the static modes a fixed share matrix per placement:
 
 - ``even``: an expert with ``c`` replicas sends ``1/c`` of its tokens to each (the metrics' convention).
@@ -8,8 +14,8 @@ serves its own share of the batch), which makes the static modes a fixed share m
   slot order; with ``tp_size > 1`` the vllm-ascend rotation ``(r % tp + r // tp + e) % c``).
 - ``token``: a per-token rotation (replica ``(row + rank + e) % c``, row = token index mod 1024); over a batch
   every replica gets the same share, so in expectation it equals ``even``.
-- ``local``: a replica on the source rank, else one on the source rank's node (rotated by rank), else replica
-  ``r % c``.
+- ``local``: a replica on the source rank, else one on the source rank's node (rotated by rank), else the ``rank``
+  rule.
 - ``balanced``: per batch, the tokens of each replicated expert are split over its replicas so that the busiest
   rank is as light as possible: :func:`balanced_rank_load` (water-filling passes until converged: the exact
   min-max split). A compiled loop per row: ~0.05 ms for a DeepSeek-V3 layer (256 experts, 64 ranks x 5 slots) on
@@ -28,6 +34,13 @@ from eplb.placement import Placement
 __all__ = [
     "DISPATCH_MODES",
     "STATIC_MODES",
+    "RUNTIME_MODES",
+    "TOKEN_TABLE_ROWS",
+    "check_dispatch",
+    "rank_choice",
+    "replica_slots",
+    "balanced_split",
+    "route",
     "dispatch_share",
     "replica_ranks",
     "balanced_rank_load",
@@ -38,6 +51,106 @@ __all__ = [
 
 DISPATCH_MODES = ("even", "rank", "token", "local", "balanced")
 STATIC_MODES = ("even", "rank", "token", "local")
+#: the modes a router can run (``even`` is the simulator's expectation of ``token``, not a rule a router follows)
+RUNTIME_MODES = ("rank", "token", "local", "balanced")
+#: rows of the per-token rotation (vllm-ascend's table size)
+TOKEN_TABLE_ROWS = 1024
+
+
+def check_dispatch(mode, allowed=DISPATCH_MODES, name: str = "dispatch") -> str:
+    """``mode`` when it is one of ``allowed``, else an :class:`~eplb.errors.EplbError` naming ``name``."""
+    if mode not in allowed:
+        raise EplbError(f"{name} must be one of {', '.join(allowed)}, got {mode!r}")
+    return mode
+
+
+def rank_choice(placement, rank: int, mode: str = "rank", tp_size: int = 1, layers=None) -> np.ndarray:
+    """int64 ``[len(layers), E]``: the slot ``rank`` sends each expert's tokens to under ``rank`` or ``local``.
+
+    ``placement`` is a :class:`~eplb.placement.Placement` or its :class:`~eplb.placement.Failover` (-1 for an expert
+    with no surviving replica); ``layers`` the layer indices (None: all).
+    """
+    layers = np.arange(placement.num_layers) if layers is None else np.asarray(layers, dtype=np.int64)
+    rank_rule = placement.log2phy_for_rank(rank, tp_size)[layers]
+    if mode != "local":
+        return rank_rule
+    topology = placement.topology
+    log2phy = placement.log2phy[layers]  # [l, E, M]
+    valid = log2phy >= 0
+    slot_rank = np.where(valid, topology.rank_of_slot[np.maximum(log2phy, 0)], -1)
+    on_rank = valid & (slot_rank == rank)
+    on_node = valid & (topology.node_of_rank[np.maximum(slot_rank, 0)] == topology.node_of_rank[rank])
+    # replicas are in ascending slot order, so the first one on this rank is its lowest local slot
+    first_local = np.take_along_axis(log2phy, np.argmax(on_rank, axis=2)[..., None], axis=2)[..., 0]
+    node_count = on_node.sum(axis=2)
+    pick = rank % np.maximum(node_count, 1)  # the pick-th replica on this node
+    node_index = np.argmax(np.cumsum(on_node, axis=2) > pick[..., None], axis=2)
+    node_choice = np.take_along_axis(log2phy, node_index[..., None], axis=2)[..., 0]
+    return np.where(on_rank.any(axis=2), first_local, np.where(node_count > 0, node_choice, rank_rule))
+
+
+def replica_slots(placement, layers, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ranks, slots)`` int64 ``[len(layers), E, width]``: :func:`replica_ranks` of ``layers`` padded to ``width``
+    with -1, and the lowest slot of the expert on each of those ranks (0 where padded): the tables of the
+    ``balanced`` mode."""
+    layers = np.asarray(layers, dtype=np.int64)
+    ranks_all = replica_ranks(placement)[layers]
+    ranks = np.full((layers.size, placement.num_experts, width), -1, dtype=np.int64)
+    ranks[:, :, :ranks_all.shape[2]] = ranks_all
+    log2phy = placement.log2phy[layers]  # ascending slots, so the first match on a rank is its lowest slot
+    slot_rank = np.where(log2phy >= 0, placement.rank_of_slot[np.maximum(log2phy, 0)], -2)
+    match = slot_rank[:, :, None, :] == ranks[:, :, :, None]  # [l, E, width, M]
+    slots = np.take_along_axis(log2phy, np.argmax(match, axis=3), axis=2)
+    return ranks, np.where(ranks >= 0, slots, 0)
+
+
+def balanced_split(expert_load, replica_rank: np.ndarray, num_ranks: int) -> np.ndarray:
+    """int64 ``[E, M]``: whole tokens each distinct replica rank of each expert (ordered as ``replica_rank``
+    ``[E, M]``, -1 padded) receives in one step of one layer, for the group's per-expert tokens ``expert_load``
+    ``[E]``: :func:`balanced_replica_load` rounded by :func:`round_split` (bit-identical on every rank)."""
+    total = np.asarray(expert_load, dtype=np.int64)
+    width = max(1, int((replica_rank >= 0).sum(axis=1).max()))
+    replica_load, _ = balanced_replica_load(total[None], replica_rank[None, :, :width], num_ranks)
+    split = np.zeros(replica_rank.shape, dtype=np.int64)
+    split[:, :width] = round_split(replica_load[0], total)
+    return split
+
+
+def route(placement, layer: int, rank: int, expert_ids, mode: str, tp_size: int = 1, group_counts=None
+          ) -> np.ndarray:
+    """int64, shaped like ``expert_ids`` ``[N, k]``: the slot each of ``rank``'s tokens goes to in ``layer`` (-1
+    for an expert with no surviving replica when ``placement`` is a :class:`~eplb.placement.Failover`).
+
+    The reference of the runtime's router: ``rank`` / ``local`` use :func:`rank_choice`; ``token`` sends token
+    ``i`` to replica ``(i mod 1024 + rank + e) % count_e``; ``balanced`` needs ``group_counts`` int ``[W, E]`` (every
+    rank's tokens per expert this step): the split of :func:`balanced_split`, where ``rank``'s tokens of expert ``e``
+    take the group-wide positions after those of ranks ``0..rank-1`` and fill the replicas in order.
+    """
+    check_dispatch(mode, RUNTIME_MODES)
+    ids = np.asarray(expert_ids, dtype=np.int64)
+    if mode in ("rank", "local"):
+        return rank_choice(placement, rank, mode, tp_size, [layer])[0][ids]
+    log2phy = placement.log2phy[layer]
+    if mode == "token":
+        count = np.maximum(placement.replica_count[layer], 1)
+        row = np.arange(ids.shape[0]) % TOKEN_TABLE_ROWS
+        choice = (row.reshape(-1, *([1] * (ids.ndim - 1))) + rank + ids) % count[ids]
+        return log2phy[ids, choice]
+    if group_counts is None:
+        raise EplbError("balanced dispatch needs group_counts [W, E]: this step's tokens per expert of every rank")
+    counts = np.asarray(group_counts, dtype=np.int64)
+    ranks, slots = replica_slots(placement, [layer], log2phy.shape[1])
+    split = balanced_split(counts.sum(axis=0), ranks[0], placement.topology.num_ranks)
+    bounds = np.cumsum(split, axis=1)
+    flat = ids.reshape(-1)
+    occurrence = np.zeros(flat.size, dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, expert in enumerate(flat.tolist()):
+        occurrence[i] = seen.get(expert, 0)
+        seen[expert] = occurrence[i] + 1
+    position = counts[:rank].sum(axis=0)[flat] + occurrence
+    replica = np.minimum((position[:, None] >= bounds[flat]).sum(axis=1), bounds.shape[1] - 1)
+    return slots[0][flat, replica].reshape(ids.shape)
 
 
 def dispatch_share(placement: Placement, mode: str = "even", tp_size: int = 1) -> np.ndarray:
@@ -54,26 +167,8 @@ def dispatch_share(placement: Placement, mode: str = "even", tp_size: int = 1) -
         return rank_share(placement)
     num_ranks = placement.topology.num_ranks
     share = np.zeros((placement.num_layers, placement.num_experts, num_ranks))
-    rank_of_slot = placement.rank_of_slot
-    if mode == "rank":
-        for rank in range(num_ranks):
-            slot = placement.log2phy_for_rank(rank, tp_size)
-            _add_rank(share, rank_of_slot[slot], 1.0 / num_ranks)
-        return share
-    replica_rank = np.where(placement.log2phy >= 0, rank_of_slot[np.maximum(placement.log2phy, 0)], -1)  # [L,E,M]
-    node_of_rank = placement.topology.node_of_rank
-    replica_node = np.where(replica_rank >= 0, node_of_rank[np.maximum(replica_rank, 0)], -1)
-    count = placement.replica_count
     for rank in range(num_ranks):
-        on_rank = replica_rank == rank
-        on_node = replica_node == node_of_rank[rank]
-        node_count = on_node.sum(axis=2)
-        # the (rank % node_count)-th replica on this node, counted in slot order
-        node_pick = on_node & (np.cumsum(on_node, axis=2) - 1 == (rank % np.maximum(node_count, 1))[..., None])
-        any_pick = np.arange(replica_rank.shape[2]) == (rank % count)[..., None]
-        pick = np.where(on_rank.any(axis=2)[..., None], on_rank & (np.cumsum(on_rank, axis=2) == 1),
-                        np.where((node_count > 0)[..., None], node_pick, any_pick))
-        _add_rank(share, np.where(pick, replica_rank, -1).max(axis=2), 1.0 / num_ranks)
+        _add_rank(share, placement.rank_of_slot[rank_choice(placement, rank, mode, tp_size)], 1.0 / num_ranks)
     return share
 
 
@@ -99,7 +194,7 @@ def replica_ranks(placement: Placement) -> np.ndarray:
     return np.where(ranks == np.iinfo(np.int64).max, -1, ranks)
 
 
-def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, sweeps: int = 3):
+def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = 200):
     """Split each row's expert load over the experts' replicas so that the busiest rank is as light as possible.
 
     Experts with one replica are fixed. The replicated ones start from an even split over their ranks; then each of
@@ -108,7 +203,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     repeating passes converges to the split of least squared rank loads, which on this transportation polytope is
     also the most balanced one (it minimises the busiest rank, then the next, ...): the exact min-max split, not a
     heuristic. Passes stop when no rank load changes by more than 1e-5 of the mean rank load (a few tens of passes
-    on DeepSeek-V3 loads; at most ``max(sweeps, 200)``). Deterministic (stable orders, ties split evenly). Each pass
+    on DeepSeek-V3 loads; at most ``passes``). Deterministic (stable orders, ties split evenly). Each pass
     only lowers or keeps the busiest rank, so the result is never worse than the even split.
 
     Args:
@@ -117,7 +212,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
             ``V`` placements (e.g. one per layer).
         num_ranks: W.
         table: int ``[B]``: which of the ``V`` placements each row uses; None when ``V == 1`` or ``V == B``.
-        sweeps: 0 keeps the even split; any positive value refines to convergence as above.
+        passes: the most water-filling passes (0 keeps the even split).
 
     Returns:
         ``(replica_load float64 [B, E, M], rank_load float64 [B, W])``: tokens each replica (ordered as
@@ -125,7 +220,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     """
     expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
     replica_load = np.zeros((expert_load.shape[0], *replica_rank.shape[1:]))
-    rank_load = _balance(expert_load, replica_rank, table, num_ranks, _passes(sweeps), replica_load, True)
+    rank_load = _balance(expert_load, replica_rank, table, num_ranks, _passes(passes), replica_load, True)
     return replica_load, rank_load
 
 
@@ -153,23 +248,22 @@ def optimal_peak(expert_load, replica_rank, num_ranks: int) -> float:
     return float(linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=expert_load).fun)
 
 
-def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, sweeps: int = 3) -> np.ndarray:
+def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = 200) -> np.ndarray:
     """float64 ``[B, W]``: the rank loads of :func:`balanced_replica_load` (without building the per-replica
     array)."""
     expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
     scratch = np.zeros((1, *replica_rank.shape[1:]))
-    return _balance(expert_load, replica_rank, table, num_ranks, _passes(sweeps), scratch, False)
+    return _balance(expert_load, replica_rank, table, num_ranks, _passes(passes), scratch, False)
 
 
-def _passes(sweeps: int) -> int:
-    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 0:
-        raise EplbError(f"sweeps must be an integer >= 0, got {sweeps!r}")
-    return 0 if sweeps == 0 else max(int(sweeps), _MAX_PASSES)
+def _passes(passes: int) -> int:
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 0:
+        raise EplbError(f"passes must be an integer >= 0, got {passes!r}")
+    return int(passes)
 
 
 # Passes of the balanced split stop when rank loads move less than this fraction of the mean rank load.
 _TOLERANCE = 1e-5
-_MAX_PASSES = 200
 
 
 @njit(cache=True)

@@ -8,7 +8,8 @@ Rules, per layer, from the old and the new ``phy2log`` rows:
 - the source of a needed expert is one of the ranks holding it in the old row, chosen greedily in
   (destination rank, expert) order by: same node first, then the holder that has sent the fewest experts so far
   in this layer, then a holder that drops the expert (its slot is being freed), then the lowest rank;
-- after a failure (``live`` given), only live ranks send, and a failed rank's row may not change.
+- after a failure (``live`` given), only live ranks send, and a failed rank's row may not change; an expert no live
+  rank holds is an error, or, with ``from_checkpoint``, read from a checkpoint (source rank and slot -1).
 
 This module is imported by the planner worker process, which must not pay for importing torch.
 """
@@ -33,7 +34,8 @@ class LayerTransfer:
     Attributes:
         layer: MoE layer index.
         transfers: int64 ``[n, 4]`` rows ``(src_rank, src_slot, dst_rank, expert)``; ``src_slot`` is the local slot
-            on ``src_rank`` in the old placement. Sorted by ``(dst_rank, expert)``; ``(dst_rank, expert)`` is unique.
+            on ``src_rank`` in the old placement (both -1: read from a checkpoint, see :func:`layer_transfer`). Sorted
+            by ``(dst_rank, expert)``; ``(dst_rank, expert)`` is unique.
         old_row: int64 ``[W, K]`` old logical expert per local slot.
         new_row: int64 ``[W, K]`` new logical expert per local slot.
     """
@@ -77,10 +79,11 @@ class LayerTransfer:
 
 
 def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology,
-                   live: np.ndarray | None = None) -> LayerTransfer:
+                   live: np.ndarray | None = None, from_checkpoint: bool = False) -> LayerTransfer:
     """The transfers that turn ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module rules).
 
-    ``live``: bool ``[W]``, the ranks still serving (None: all).
+    ``live``: bool ``[W]``, the ranks still serving (None: all). ``from_checkpoint``: an expert no live rank holds
+    comes from a checkpoint (a row with source rank and slot -1) instead of raising.
 
     Raises:
         EplbError: a failed rank's experts change, or a needed expert has no live holder.
@@ -108,6 +111,9 @@ def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray,
     rows = []
     for dst in range(num_ranks):
         for expert in sorted(new_sets[dst] - old_sets[dst]):
+            if expert not in holders and from_checkpoint:
+                rows.append((-1, -1, dst, expert))
+                continue
             if expert not in holders:
                 raise EplbError(f"layer {layer}: rank {dst} needs expert {expert}, which no live rank holds (load it "
                                 "from a checkpoint first)")

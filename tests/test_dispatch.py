@@ -1,0 +1,69 @@
+"""Replica choice: the numpy reference (eplb.dispatch.route) and the router, its torch twin, give the same slots."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb import Placement, Topology
+from eplb.dispatch import RUNTIME_MODES, dispatch_share, rank_choice, route
+
+torch = pytest.importorskip("torch")
+from eplb.runtime.router import ReplicaRouter  # noqa: E402 - needs torch
+
+
+def _placement(rng, num_ranks, slots, num_experts, num_nodes, num_layers=2):
+    topology = Topology(num_ranks, slots, num_nodes=num_nodes)
+    extra = topology.num_physical - num_experts
+    rows = [rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, extra)]))
+            for _ in range(num_layers)]
+    return Placement(np.stack(rows), num_experts, topology)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3)]),
+       tp_size=st.sampled_from([1, 2]), failed=st.booleans())
+def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
+    rng = np.random.default_rng(seed)
+    num_ranks, slots, num_experts, num_nodes = shape
+    placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
+    failed_ranks = np.zeros(num_ranks, dtype=bool)
+    if failed:
+        failed_ranks[rng.integers(num_ranks)] = True
+    reference = placement.without_ranks(failed_ranks) if failed else placement
+    ids = rng.integers(0, num_experts, (int(rng.integers(1, 40)), 3))
+    counts = rng.integers(0, 6, (num_ranks, num_experts))
+    for mode in RUNTIME_MODES:
+        for rank in np.flatnonzero(~failed_ranks).tolist():
+            router = ReplicaRouter(placement, rank, dispatch=mode, tp_size=tp_size)
+            if failed:
+                router.set_failed_ranks(placement, failed_ranks)
+            group = counts.copy()
+            group[rank] = np.bincount(ids.ravel(), minlength=num_experts)  # this rank's tokens are in the counts
+            for layer in range(placement.num_layers):
+                got = router.route(layer, torch.as_tensor(ids), torch.as_tensor(group)).numpy()
+                if failed and mode == "balanced":
+                    continue  # the router parks lost experts on a stand-in rank: compared below on live experts
+                expected = route(reference, layer, rank, ids, mode, tp_size, group)
+                np.testing.assert_array_equal(got, expected, err_msg=f"{mode} rank {rank} layer {layer}")
+
+
+def test_the_simulator_share_is_the_routers_choice_averaged_over_source_ranks():
+    rng = np.random.default_rng(0)
+    placement = _placement(rng, 4, 3, 9, 2)
+    for mode in ("rank", "local"):
+        share = dispatch_share(placement, mode, tp_size=2)
+        expected = np.zeros_like(share)
+        for rank in range(4):
+            slot = rank_choice(placement, rank, mode, 2)
+            np.add.at(expected, (np.arange(2)[:, None], np.arange(9)[None, :], placement.rank_of_slot[slot]), 0.25)
+            router = ReplicaRouter(placement, rank, dispatch=mode, tp_size=2)
+            assert router.rank_table.numpy().tolist() == slot.tolist()
+        np.testing.assert_allclose(share, expected)
+
+
+def test_old_spelling_of_the_dispatch_argument_still_works():
+    placement = Placement.initial(4, Topology(2, 3), 1)
+    assert ReplicaRouter(placement, 0, mode="token").dispatch == "token"
+    with pytest.raises(Exception, match="dispatch must be one of"):
+        ReplicaRouter(placement, 0, dispatch="fastest")

@@ -1,0 +1,170 @@
+"""Simulator = runtime: one per-step trace replayed through ``eplb.sim.simulate`` and through the real
+``EplbController`` (Gloo ranks in real processes, the planner in its worker process, the recorder fed the trace's
+counts through the router) gives the same cycle records: each cycle's window, plan checksum (placement, transfers,
+schedule), layers moved in each step, moved slots, bytes and skipped cycles, and the same final placement.
+
+Two ranks run every registered policy, ``auto`` with its per-step window (episodes) and also with balanced dispatch,
+``flashlb`` with its state carried from cycle to cycle (one rank restarts its planner between cycles: the state lives
+in the serving process); four ranks run ``auto``. The runtime accepts each plan in the step after submission
+(:meth:`PlannerWorker.wait` makes that step deterministic); the simulator with ``planner_steps=2`` applies from the
+same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import traceback
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as tmp_mp  # noqa: E402
+
+from eplb import Topology  # noqa: E402
+from eplb.cycle import CycleConfig  # noqa: E402
+from eplb.planning import cycle_policy  # noqa: E402
+from eplb.policies import available_policies  # noqa: E402
+from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
+from eplb.sim.traces import Trace  # noqa: E402
+
+STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
+EXPERT_BYTES = 16  # one float32 [4] tensor per slot
+RUNS = {2: [(name, "rank") for name in available_policies()] + [("auto", "balanced")],
+        4: [("auto", "rank")]}  # the default policy with its per-step window, on 4 ranks too
+WORLDS = (2, 4)  # ranks x 40 and x 20 slots
+COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "moved_slots",
+            "bytes_moved", "par_before", "par_after", "skipped", "checksum")
+
+
+def comparable(record: dict) -> dict:
+    """The compared fields of a cycle record (NaN, the PAR of a cycle that applied nothing, as None)."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items() if k in COMPARED}
+
+
+def parity_counts() -> np.ndarray:
+    """int64 ``[T, L, E]``: popularity drifting between two skewed profiles per layer, Poisson tokens per step."""
+    rng = np.random.default_rng(16)
+    first, second = rng.dirichlet(np.full(EXPERTS, 0.3), size=(2, LAYERS))
+    mix = 0.5 + 0.5 * np.sin(np.arange(STEPS) / 170.0)
+    popularity = mix[:, None, None] * first + (1 - mix)[:, None, None] * second
+    return rng.poisson(popularity * TOKENS).astype(np.int64)
+
+
+def rank_ids(counts_row: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """The logical ids of ``rank``'s tokens of one step and layer (every ``world``-th token of the step)."""
+    return np.repeat(np.arange(EXPERTS), counts_row)[rank::world]
+
+
+def _serve(rank: int, world: int, policy: str, dispatch: str, tokens: list) -> dict:
+    from eplb.runtime import EplbConfig, EplbController
+
+    topology = Topology(world, SLOTS // world)
+    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": INTERVAL, "planner_check_steps": 1,
+                                   "policy": policy, "dispatch": dispatch, "planner_deadline_s": 300.0})
+    tensors = [[torch.zeros(topology.slots_per_rank, 4)] for _ in range(LAYERS)]
+    ctl = EplbController(config, LAYERS, EXPERTS, topology, rank, layer_tensors=tensors)
+    ring = ctl.recorder.ring_steps
+    try:
+        for step in range(STEPS):
+            if ctl.planner.busy:  # submitted in the previous step: its reply is accepted in this one
+                ctl.planner.wait(300.0)
+            ctl.before_forward()
+            for layer in range(LAYERS):
+                ids, group = tokens[step][layer]
+                ctl.route(layer, ids, group)
+            ctl.after_forward()
+            if rank == world - 1 and policy == "flashlb" and ctl.cycle.records and step == ctl.cycle.records[0].apply_end:
+                ctl.planner.restart()  # the next cycle plans from the state the serving process kept
+        return {"records": [dataclasses.asdict(r) for r in ctl.cycle.records], "final": ctl.placement.phy2log,
+                "ring": ring, "restarts": ctl.planner.restarts}
+    finally:
+        ctl.close()
+
+
+def _tokens(counts: np.ndarray, rank: int, world: int) -> list:
+    """Per step and layer: ``rank``'s ids ``[n, 1]`` and every rank's tokens per expert ``[W, E]``."""
+    out = []
+    for step_counts in counts:
+        row = []
+        for layer_counts in step_counts:
+            ids = [rank_ids(layer_counts, r, world) for r in range(world)]
+            group = np.stack([np.bincount(i, minlength=EXPERTS) for i in ids])
+            row.append((torch.as_tensor(ids[rank]).reshape(-1, 1), torch.as_tensor(group)))
+        out.append(row)
+    return out
+
+
+def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    out = {}
+    try:
+        tokens = _tokens(parity_counts(), rank, world)
+        for policy, dispatch in RUNS[world]:
+            out[(policy, dispatch)] = _serve(rank, world, policy, dispatch, tokens)
+    except Exception:  # noqa: BLE001 - reported by the parent
+        out["error"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def simulated():
+    trace = Trace.from_counts(parity_counts())
+    out = {}
+    for world in WORLDS:
+        topology = Topology(world, SLOTS // world)
+        for policy, dispatch in RUNS[world]:
+            config = SimConfig(topology, CycleConfig(cycle_steps=INTERVAL, planner_steps=2), dispatch=dispatch,
+                               expert_bytes=EXPERT_BYTES)
+            result = simulate(trace, cycle_policy(policy, dispatch=dispatch), config)
+            out[world, policy, dispatch] = result
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
+    ctx = tmp_mp.get_context("spawn")
+    port = _free_port()
+    processes = [ctx.Process(target=_rank_main, args=(rank, world, port, str(tmp_path))) for rank in range(world)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=600)
+        assert p.exitcode == 0, "a rank did not finish"
+    ranks = []
+    for rank in range(world):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            ranks.append(pickle.load(f))
+        assert "error" not in ranks[-1], ranks[-1].get("error")
+    moved_somewhere = False
+    for policy, dispatch in RUNS[world]:
+        sim = simulated[world, policy, dispatch]
+        expected = [comparable(dataclasses.asdict(r)) for r in sim.cycles]
+        for rank, out in enumerate(ranks):
+            run = out[policy, dispatch]
+            got = [comparable(r) for r in run["records"]]
+            assert got == expected, (policy, dispatch, rank)
+            np.testing.assert_array_equal(run["final"], sim.final.phy2log)
+            wants_steps = cycle_policy(policy).wants_steps
+            assert run["ring"] == (INTERVAL if wants_steps else 0), policy  # per-step rows only when the policy asks
+        moved_somewhere |= any(r.layers for r in sim.cycles)
+        if policy == "flashlb" and world > 1:
+            assert ranks[-1][policy, dispatch]["restarts"] == 1
+    assert moved_somewhere
