@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplb._arrays import to_bool, to_int
 from eplb.errors import PolicyError
 from eplb.placement import Placement
 from eplb.policies.base import Policy
@@ -30,11 +31,9 @@ class RandomPolicy(Policy):
     name = "random"
 
     def __init__(self, seed: int = 0, num_moves: int = 1, allow_shared_rank: bool = True):
-        if int(num_moves) < 0:
-            raise PolicyError(f"num_moves must be >= 0, got {num_moves}")
-        self.seed = int(seed)
-        self.num_moves = int(num_moves)
-        self.allows_shared_rank = bool(allow_shared_rank)
+        self.seed = to_int(seed, "seed", PolicyError, minimum=0)
+        self.num_moves = to_int(num_moves, "num_moves", PolicyError, minimum=0)
+        self.allow_shared_rank = to_bool(allow_shared_rank, "allow_shared_rank", PolicyError)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:
@@ -53,7 +52,7 @@ class RandomPolicy(Policy):
             shift = rng.integers(1, topology.num_ranks, size=num_layers)
             second = ((first // slots + shift) % topology.num_ranks) * slots + rng.integers(0, slots, size=num_layers)
             swap = layers
-            if not self.allows_shared_rank:
+            if not self.allow_shared_rank:
                 swap = layers[~(_on_rank(phy2log, phy2log[layers, first], second // slots, slots)
                                 | _on_rank(phy2log, phy2log[layers, second], first // slots, slots))]
                 first, second = first[swap], second[swap]
@@ -62,7 +61,7 @@ class RandomPolicy(Policy):
 
     def __repr__(self) -> str:
         return (f"RandomPolicy(seed={self.seed}, num_moves={self.num_moves}, "
-                f"allow_shared_rank={self.allows_shared_rank})")
+                f"allow_shared_rank={self.allow_shared_rank})")
 
 
 def _on_rank(phy2log: np.ndarray, experts: np.ndarray, ranks: np.ndarray, slots: int) -> np.ndarray:
