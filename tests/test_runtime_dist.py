@@ -201,6 +201,10 @@ def scenario_mover(rank, tmp):
     mover = ExpertMover(tensors, rank, TOPO.slots_per_rank)
     plan = transfer_plan(old, new)
     out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True}
+    # staging holds the slots that change on this rank in one post (each tensor's rows 256-byte aligned), never a
+    # copy of the layer
+    out["staging_expected"] = max(sum(-(-len(t.rank_fills(rank)[0]) * x[0].numel() * x.element_size() // 256) * 256
+                                      for x in tensors[t.layer]) for t in plan)
     for transfer in plan:
         pending = mover.post([transfer])
         dist.barrier()  # give the transfers time to land: the live tensors must still hold the old experts
@@ -210,6 +214,15 @@ def scenario_mover(rank, tmp):
         out["bitwise_after_commit"] &= equal_to_fresh(tensors[transfer.layer], transfer.layer,
                                                       new.phy2log[transfer.layer], rank)
     out["addresses_kept"] = addresses == [[t.data_ptr() for t in ts] for ts in tensors]
+    out["staging_bytes"] = mover.staging_bytes
+    # migration batching: one peer each way at a time, same result
+    from eplb.runtime.transport import SideChannel
+
+    tensors3 = [fresh_tensors(l, local_row(old.phy2log[l], rank)) for l in range(NUM_LAYERS)]
+    mover3 = ExpertMover(tensors3, rank, TOPO.slots_per_rank, channel=SideChannel(batching=True))
+    for transfer in plan:
+        mover3.commit(mover3.post([transfer]))
+    out["batched_ok"] = all(equal_to_fresh(tensors3[l], l, new.phy2log[l], rank) for l in range(NUM_LAYERS))
     # the whole plan posted at once (byte-budget style)
     tensors2 = [fresh_tensors(l, local_row(old.phy2log[l], rank)) for l in range(NUM_LAYERS)]
     mover2 = ExpertMover(tensors2, rank, TOPO.slots_per_rank)
@@ -368,6 +381,8 @@ def test_mover_bitwise_and_old_weights_until_commit(runs):
         assert res["bitwise_after_commit"]
         assert res["addresses_kept"]
         assert res["all_layers_at_once"]
+        assert res["batched_ok"]
+        assert res["staging_bytes"] == res["staging_expected"]
 
 
 def test_lifecycle_layers_switch_together_and_match_fresh_layout(runs):

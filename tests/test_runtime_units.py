@@ -210,3 +210,34 @@ def test_recorder_stage_filter():
         rec.begin_step(is_prefill=is_prefill)
         rec.record_ids(0, torch.tensor([0, 1]))
     assert rec.window[0].tolist() == [1, 1, 0] and rec.steps == 1
+
+
+def test_migration_batching_rounds_pair_every_sender_with_its_receiver():
+    from eplb.runtime.transport import _rounds
+
+    for world in (2, 3, 8):
+        rounds = [_rounds(rank, world, batching=True) for rank in range(world)]
+        assert all(len(r) == world - 1 for r in rounds)
+        for d in range(world - 1):
+            sends = {rank: rounds[rank][d][0] for rank in range(world)}
+            receives = {rank: rounds[rank][d][1] for rank in range(world)}
+            assert sorted(sends.values()) == list(range(world))  # one peer each way per round
+            assert all(receives[dst] == src for src, dst in sends.items())  # the peer posts the matching receive
+            assert all(dst != src for src, dst in sends.items())
+        # over the rounds, every rank reaches every other rank once
+        assert all(sorted(r[0] for r in rounds[rank]) == sorted(set(range(world)) - {rank}) for rank in range(world))
+    assert _rounds(0, 4, batching=False) == [(None, None)]
+
+
+def test_staging_budget_below_one_expert_is_refused_before_anything_starts(tmp_path):
+    import threading
+
+    from eplb.runtime import ConfigError, EplbConfig, EplbController
+
+    topology = Topology(1, 4)
+    tensors = [[torch.zeros(4, 8), torch.zeros(4, 2, dtype=torch.int8)] for _ in range(2)]  # 34 bytes per expert
+    config = EplbConfig.from_dict({"mode": "dynamic", "bytes_per_step": 33})
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match=r"bytes_per_step=33 .*34 bytes"):
+        EplbController(config, 2, 4, topology, 0, layer_tensors=tensors)
+    assert threading.active_count() == threads  # no side thread, no planner started
