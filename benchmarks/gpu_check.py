@@ -30,7 +30,6 @@ import torch
 LAYERS, EXPERTS, WORLD, SLOTS, TOP_K, TOKENS = 58, 256, 2, 160, 8, 256
 EXPERT_FLOATS = 512 * 1024  # 2 MiB per expert in float32
 MODES = ("rank", "token", "local")
-KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
 DEADLINE_S = 240.0
 
 
@@ -39,6 +38,7 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
 
     from eplb import Topology
     from eplb.runtime import EplbConfig, EplbController
+    from eplb.runtime.controller import STEP_KINDS as KINDS
 
     topology = Topology(WORLD, SLOTS)
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 16, "planner_check_steps": 2,
@@ -60,22 +60,12 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
     torch.cuda.set_sync_debug_mode("error")
     try:
         while time.monotonic() < deadline:
-            switching = ctl._pending is not None
-            agreement, submitted = ctl._agreement, len(ctl.metrics)
             start = time.perf_counter()
             ctl.before_forward()
             for layer in range(LAYERS):
                 ctl.route(layer, ids[layer])
             host = time.perf_counter() - start
-            step_kinds = {"switch"} if switching else set()
-            if ctl._pending is not None:
-                step_kinds.add("move")
-            if len(ctl.metrics) > submitted:
-                step_kinds.add("submit")
-            if ctl._agreement is not None and ctl._agreement is not agreement:
-                step_kinds.add("check")
-            if ctl.cycle.phase.value == "plan":
-                step_kinds.add("poll")
+            step_kinds = set(ctl.step_kinds)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             x = hidden
@@ -85,7 +75,6 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
             start = time.perf_counter()
             ctl.after_forward()
             host += time.perf_counter() - start
-            step_kinds = step_kinds or {"ordinary"}
             forwards.append((begin, end, step_kinds))
             for kind in step_kinds:
                 kinds[kind] += 1

@@ -41,6 +41,7 @@ import torch
 
 from eplb import Placement, Topology, get_policy
 from eplb.runtime import EplbConfig, EplbController
+from eplb.runtime.controller import STEP_KINDS
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
 from eplb.transfers import layer_transfer
@@ -177,9 +178,6 @@ def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
         return json.loads(Path(tmp, "rank0.json").read_text())
 
 
-STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
-
-
 def _forward(hidden: torch.Tensor, weight: torch.Tensor) -> float:
     """A stand-in forward (one matmul per layer); its seconds."""
     start = time.perf_counter()
@@ -194,28 +192,18 @@ def _serve_steps(ctl, ids, steps: int, hidden, weight, until=None):
 
     rows = []
     for _ in range(steps):
-        switching = ctl._pending is not None
-        agreement, submitted = ctl._agreement, len(ctl.metrics)
         dist.barrier()  # start every step together, so hook times do not include another rank's lag
         start = time.perf_counter()
         ctl.before_forward()
         for layer in range(NUM_LAYERS):
             ctl.route(layer, ids[layer])
         hooks = time.perf_counter() - start
-        kinds = {"switch"} if switching else set()
-        if ctl._pending is not None:
-            kinds.add("move")
-        if len(ctl.metrics) > submitted:
-            kinds.add("submit")
-        if ctl._agreement is not None and ctl._agreement is not agreement:
-            kinds.add("check")
-        if ctl.cycle.phase.value == "plan":
-            kinds.add("poll")
+        kinds = set(ctl.step_kinds)
         forward = _forward(hidden, weight)
         start = time.perf_counter()
         ctl.after_forward()
         hooks += time.perf_counter() - start
-        rows.append((hooks, forward, kinds or {"ordinary"}))
+        rows.append((hooks, forward, kinds))
         if until is not None:
             done = torch.tensor([int(until(ctl))])
             dist.all_reduce(done, op=dist.ReduceOp.MIN)

@@ -28,9 +28,10 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as tmp_mp  # noqa: E402
 
+from eplb.runtime.controller import STEP_KINDS as KINDS  # noqa: E402
+
 LAYERS, EXPERTS, WORLD, SLOTS = 58, 256, 2, 144
 MODES = ("rank", "token", "local")
-KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier",
                 "reduce_scatter_tensor", "all_to_all_single", "isend", "irecv", "send", "recv", "batch_isend_irecv")
 
@@ -110,20 +111,10 @@ def _run_mode(rank: int, dispatch: str) -> dict:
             # the first cycle warms up (planner processes start, imports); measured from the second window on
             measured = len(ctl.metrics) >= 2
             start = len(_Guard.hits)
-            switching = ctl._pending is not None
-            agreement, metrics = ctl._agreement, len(ctl.metrics)
             _Guard.active = True
             ctl.before_forward()
             _Guard.active = False
-            step_kinds = {"switch"} if switching else set()
-            if ctl._pending is not None:
-                step_kinds.add("move")
-            if len(ctl.metrics) > metrics:
-                step_kinds.add("submit")
-            if ctl._agreement is not None and ctl._agreement is not agreement:
-                step_kinds.add("check")
-            if ctl.cycle.phase.value == "plan":
-                step_kinds.add("poll")
+            step_kinds = ctl.step_kinds
             ids = profiles[len(ctl.metrics) % len(profiles)]
             _Guard.active = True
             for layer in range(LAYERS):
@@ -133,7 +124,7 @@ def _run_mode(rank: int, dispatch: str) -> dict:
             _Guard.active = True
             ctl.after_forward()
             _Guard.active = False
-            for kind in (step_kinds or {"ordinary"}) if measured else ():
+            for kind in step_kinds if measured else ():
                 kinds[kind] += 1
                 if len(_Guard.hits) > start:
                     hits_by_kind.setdefault(kind, []).extend(f"step {step}: {hit}" for hit in _Guard.hits[start:])

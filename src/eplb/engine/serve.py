@@ -170,6 +170,7 @@ class _FaultInjector:
     def after_submit(self, ctl) -> None:
         fault = self.faults.kill_planner
         if fault is not None and self.stopped_for == fault[1] and len(ctl.metrics) == fault[1] + 1:
+            ctl.channel.drain()  # the side thread hands the window over: the worker must die holding it
             _signal_planner(ctl, signal.SIGKILL)
             self.stopped_for = -1
 

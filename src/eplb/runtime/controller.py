@@ -75,7 +75,11 @@ from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
 from eplb.topology import Topology
 
-__all__ = ["EplbController", "CycleMetrics", "FailoverReport"]
+__all__ = ["EplbController", "CycleMetrics", "FailoverReport", "STEP_KINDS"]
+
+#: the kinds of step the serving thread sees: nothing to do, a planner poll, a poll that starts an agreement, a window
+#: end, a layer's transfers posted, a layer switched (a step can be several)
+STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +197,9 @@ class EplbController:
         self._agreement = None
         #: Future of the window gather and planner request running on the side thread
         self._gathering = None
+        #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` ("check" is a poll that started an
+        #: agreement; benchmarks and tests classify steps with it)
+        self.step_kinds: list[str] = ["ordinary"]
         self._last_interval_start = time.monotonic()
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
@@ -214,8 +221,10 @@ class EplbController:
             self._static_window()
             self.recorder.begin_step(is_prefill)
             return
+        kinds = []
         if self._pending is not None:  # the layers posted in the last step are in force from this one on
             self._switch()
+            kinds.append("switch")
         if self._gathering is not None and self._gathering.done():
             self._gathered()
         action = self.cycle.on_step(self.step)
@@ -224,14 +233,19 @@ class EplbController:
             self._skip(action.skipped)
         if action.submit:  # the window is the steps before this one: gather it before this step records
             self._submit(action.window_start)
+            kinds.append("submit")
         self.recorder.begin_step(is_prefill)
         if action.poll:
+            agreement = self._agreement
             self._poll()
+            kinds.append("check" if self._agreement is not None and self._agreement is not agreement else "poll")
         if action.apply_layers and self.mover is not None:
             transfers = [self.transfers[layer] for layer in action.apply_layers]
             pending = self.mover.post(transfers)
             tables = self.channel.submit(self._prepare_switch, transfers)
             self._pending = (self.step, transfers, pending, tables)
+            kinds.append("move")
+        self.step_kinds = kinds or ["ordinary"]
 
     def after_forward(self) -> None:
         """Call after every forward step."""
