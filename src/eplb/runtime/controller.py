@@ -361,7 +361,7 @@ class EplbController:
         if self.cycle.phase is not Phase.COLLECT or moving:
             if len(self.metrics) < len(self.cycle.records):  # the failure hit while the window was gathered
                 self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
-                                                 window_par=np.full(self.placement.num_layers, np.nan)))
+                                                 window_par=np.full(self.live.phy2log.shape[0], np.nan)))
             self.metrics[-1].skipped = reason
         self.cycle.restart(resume, reason)
         self._result, self._local, self.transfers = None, (0, ""), {}
@@ -431,7 +431,7 @@ class EplbController:
         if self._gathering is not None:  # the last window's gather is still running (a very short window)
             self._gathered(late=True)
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
-                                         window_par=np.full(self.placement.num_layers, np.nan)))
+                                         window_par=np.full(self.live.phy2log.shape[0], np.nan)))
         self._result, self._local, self._submitted_step = None, (0, ""), self.step
         request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
