@@ -52,7 +52,7 @@ def test_vllm_and_xllm_keys():
     ({"window_size": 10, "expert_heat_collection_interval": 20}, "set the same thing differently"),
     ({"mode": "static"}, "static mode needs expert_map_path"),
     ({"expert_map_path": "/nonexistent/map.json"}, "no such file"),
-    ({"router_mode": "fastest"}, "router_mode must be one of"),
+    ({"dispatch": "fastest"}, "dispatch must be one of"),
     ({"log_balancedness": "maybe"}, "log_balancedness must be true or false"),
 ])
 def test_bad_config_is_a_clear_error(cfg, message):
@@ -199,7 +199,7 @@ def test_record_mode_asks_the_policy_for_maps_vllm_ascend_can_hold(tmp_path):
     ({"policy_options": ["seed"]}, "policy_options must be a dict"),
     ({"window_steps": "ten"}, "window_steps must be an integer, got 'ten'"),
     ({"update_threshold": 2}, r"update_threshold must be in \[0.0, 1.0\]"),
-    ({"router_mode": "fastest"}, "router_mode must be one of"),
+    ({"dispatch": "fastest"}, "dispatch must be one of"),
     ({"mode": "static"}, "static mode needs expert_map_path"),
     ({"mode": "record"}, "record mode needs expert_map_record_path or record_path"),
     ({"communicator": "carrier-pigeon"}, "communicator must be one of torch_gloo"),
@@ -297,6 +297,6 @@ def test_vllm_ascend_semantics(tmp_path):
 
 
 def test_dispatch_is_router_mode():
-    assert EplbConfig.from_dict({"dispatch": "token"}).router_mode == "token"
+    assert EplbConfig.from_dict({"dispatch": "token"}).dispatch == "token"
     with pytest.raises(ConfigError, match="set the same thing differently"):
         EplbConfig.from_dict({"dispatch": "token", "router_mode": "rank"})
