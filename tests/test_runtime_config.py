@@ -52,7 +52,7 @@ def test_vllm_and_xllm_keys():
     ({"window_size": 10, "expert_heat_collection_interval": 20}, "set the same thing differently"),
     ({"mode": "static"}, "static mode needs expert_map_path"),
     ({"expert_map_path": "/nonexistent/map.json"}, "no such file"),
-    ({"router_mode": "fastest"}, "router_mode must be one of"),
+    ({"dispatch": "fastest"}, "dispatch must be one of"),
     ({"log_balancedness": "maybe"}, "log_balancedness must be true or false"),
 ])
 def test_bad_config_is_a_clear_error(cfg, message):
