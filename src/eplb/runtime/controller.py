@@ -522,13 +522,14 @@ class EplbController:
         if (self.step - self._submitted_step) % self.config.planner_check_steps:
             return
         flag = self._local[0]
-        self._agreement = self.channel.submit(self._agree, flag, self._result.plan.checksum if flag == 1 else 0)
+        self._agreement = self.channel.submit(self._agree, flag, self._result.plan if flag == 1 else None)
 
-    def _agree(self, flag: int, checksum: int) -> tuple[int, bool]:
-        """Side thread: every rank's planner flag and plan checksum, agreed on the side group."""
+    def _agree(self, flag: int, plan) -> tuple[int, bool]:
+        """Side thread: every rank's planner flag and plan checksum (hashed here, not in the step), agreed on the
+        side group."""
         if self.channel.world == 1:
             return flag, True
-        return agree_on_plan(flag, checksum, self.channel.cpu_group)
+        return agree_on_plan(flag, plan.checksum if plan is not None else 0, self.channel.cpu_group)
 
     def _accept(self, reply: PlannerReply) -> None:
         plan = reply.plan
