@@ -90,11 +90,23 @@ def test_ascend_vector(tmp_path, ascend_vectors):
     assert json.loads((tmp_path / "out.json").read_text()) == example
 
 
-def test_ascend_devices_ordered_by_device_id(tmp_path):
-    doc = {"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
+def test_ascend_devices_read_by_position_like_vllm_ascend(tmp_path, caplog):
+    doc = {"moe_layer_count": 1, "layer_list": [{"layer_id": 5, "device_count": 2, "device_list": [
         {"device_id": 1, "device_expert": [2, 3]}, {"device_id": 0, "device_expert": [0, 1]}]}]}
     (tmp_path / "m.json").write_text(json.dumps(doc))
-    np.testing.assert_array_equal(read_map(tmp_path / "m.json").phy2log, [[0, 1, 2, 3]])
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(read_map(tmp_path / "m.json").phy2log, [[2, 3, 0, 1]])
+    assert "device_id is 1; devices are read by their position" in caplog.text
+
+
+def test_ascend_mix_placement_is_named(tmp_path):
+    # vllm-ascend's mix placement: 4 routed experts, shared expert 4 in the last slot of both devices
+    doc = {"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
+        {"device_id": 0, "device_expert": [0, 1, 4]}, {"device_id": 1, "device_expert": [2, 3, 4]}]}]}
+    (tmp_path / "m.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=r"shared-expert ids \[4\].*mix-placement map"):
+        read_map(tmp_path / "m.json")
+    assert any("mix_placement" in line for line in map_problems(tmp_path / "m.json")[0])
 
 
 def test_dsv3_statistics_read_as_steps(data_dir):

@@ -109,3 +109,56 @@ def test_vllm_adapter_errors():
         vllm_policy("default", nope=1)
     seeded = vllm_policy("random", seed=3)
     assert seeded.policy_options == {"seed": 3}
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_vllm_adapter_empty_slots_and_elastic_ranks(name):
+    """vLLM passes -1 for empty slots and, after an elastic scale-down, a map wider than num_replicas; the plan is a
+    valid placement and every expert that stays on a rank keeps its slot."""
+    cls = vllm_policy(name)
+    rng = np.random.default_rng(2)
+    weight = rng.zipf(1.5, size=(3, 16)).astype(np.int64)
+    old = np.tile(np.arange(24) % 16, (3, 1))  # 4 ranks x 6 slots
+    for replicas, ranks, given in [(24, 4, np.where(np.arange(24) >= 18, -1, old)),  # rank 3 newly added
+                                   (18, 3, old),  # rank 3 removed: its experts 2..7 must be re-placed
+                                   (30, 5, old)]:  # a fifth rank added, the map is narrower than num_replicas
+        new = cls.rebalance_experts(weight, replicas, 1, 1, ranks, old_global_expert_indices=given)
+        eplb.Placement(new, 16, eplb.Topology(ranks, replicas // ranks)).validate()
+        fitted = np.full((3, replicas), -1)
+        width = min(replicas, given.shape[1])
+        fitted[:, :width] = given[:, :width]
+        slots = replicas // ranks
+        for layer in range(3):
+            for rank in range(ranks):
+                was, now = fitted[layer, rank * slots:(rank + 1) * slots], new[layer, rank * slots:(rank + 1) * slots]
+                stay = sum(min((was == e).sum(), (now == e).sum()) for e in np.unique(now))
+                assert (was == now).sum() == stay, (replicas, layer, rank)
+
+
+def test_vllm_adapter_bad_engine_input_names_the_argument():
+    cls = vllm_policy("default")
+    weight = np.ones((2, 16))
+    with pytest.raises(PolicyError, match="num_replicas=30 must be a multiple of num_ranks=4"):
+        cls.rebalance_experts(weight, 30, 1, 1, 4)
+    with pytest.raises(PolicyError, match="num_ranks=4 must be a multiple of num_nodes=3"):
+        cls.rebalance_experts(weight, 32, 1, 3, 4)
+    with pytest.raises(PolicyError, match="num_replicas=12 cannot hold the 16 experts"):
+        cls.rebalance_experts(weight, 12, 1, 1, 4)
+    with pytest.raises(PolicyError, match=r"old_global_expert_indices must be \[layers=2"):
+        cls.rebalance_experts(weight, 32, 1, 1, 4, np.zeros((3, 32), dtype=np.int64))
+    with pytest.raises(PolicyError, match=r"old_global_expert_indices\[0, 0\] = 16: expected an expert id"):
+        cls.rebalance_experts(weight, 32, 1, 1, 4, np.full((2, 32), 16))
+
+
+def test_vllm_plugin_hook_without_vllm(monkeypatch):
+    from eplb.integrations.vllm import register
+
+    monkeypatch.delenv("EPLB_VLLM_POLICY", raising=False)
+    register()  # unset: nothing to do, vllm is not even imported
+    monkeypatch.setenv("EPLB_VLLM_POLICY", "defualt")
+    with pytest.raises(PolicyError, match="EPLB_VLLM_POLICY='defualt': unknown policy.*did you mean 'default'"):
+        register()
+    monkeypatch.setenv("EPLB_VLLM_POLICY", "random")
+    monkeypatch.setenv("EPLB_VLLM_POLICY_OPTIONS", "[1]")
+    with pytest.raises(PolicyError, match="must be a JSON object"):
+        register()

@@ -217,12 +217,13 @@ def test_plan_command_errors(data_dir, tmp_path, capsys):
     npz = data_dir / "sglang_dsv3_ep_statistics.npz"
     base = [npz, "--ranks", 32, "--slots-per-rank", 9]
     cases = [
-        ([*base, "-o", tmp_path / "x.json"], "pass --format"),
+        ([*base, "-o", tmp_path / "x.txt"], "pass --format"),
         ([*base, "--select", 12, "-o", tmp_path / "x.npy"], "--select 12 is out of range"),
         ([*base, "--select", "first", "-o", tmp_path / "x.npy"], "index or 'sum'"),
         ([*base, "--option", "mode", "-o", tmp_path / "x.npy"], "KEY=VALUE"),
         ([*base, "--option", "mood=global", "-o", tmp_path / "x.npy"], "did you mean 'mode'"),
-        ([npz, "--ranks", 32, "--redundant", 30, "--select", 0, "-o", tmp_path / "x.npy"], "must be 0"),
+        ([npz, "--ranks", 32, "--redundant", 30, "--select", 0, "-o", tmp_path / "x.npy"],
+         "do not split evenly over --ranks 32"),
     ]
     for argv, message in cases:
         code, _, err = _plan(capsys, *argv)

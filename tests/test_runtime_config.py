@@ -24,7 +24,10 @@ def test_vllm_ascend_keys_with_env_guards(tmp_path):
     record = {"expert_map_record_path": str(tmp_path / "out" / "map.json")}
     with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):
         EplbConfig.from_dict(record, env={})
-    config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
+    with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):  # vllm-ascend compares it to "true" exactly
+        EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
+    assert not (tmp_path / "out").exists()
+    config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "true"})
     assert config.mode == "record" and (tmp_path / "out").is_dir()
 
 
@@ -39,8 +42,8 @@ def test_vllm_and_xllm_keys():
 
 @pytest.mark.parametrize("cfg, message", [
     ({"window_sise": 10}, "did you mean 'window_size'"),
-    ({"expert_heat_collection_interval": 0}, "must be >= 1, got 0"),
-    ({"step_interval": -5}, "must be >= 1, got -5"),
+    ({"expert_heat_collection_interval": 0}, "must be an integer >= 1, got 0"),
+    ({"step_interval": -5}, "must be an integer >= 1, got -5"),
     ({"eplb_policy_type": 7}, r"policy id in \[0, 1, 2, 3\], got 7"),
     ({"policy": "defualt"}, "did you mean 'default'"),
     ({"eplb_heat_collection_stage": "decoding"}, "did you mean 'decode'"),
@@ -49,7 +52,7 @@ def test_vllm_and_xllm_keys():
     ({"window_size": 10, "expert_heat_collection_interval": 20}, "set the same thing differently"),
     ({"mode": "static"}, "static mode needs expert_map_path"),
     ({"expert_map_path": "/nonexistent/map.json"}, "no such file"),
-    ({"router_mode": "fastest"}, "router_mode must be one of"),
+    ({"dispatch": "fastest"}, "dispatch must be one of"),
     ({"log_balancedness": "maybe"}, "log_balancedness must be true or false"),
 ])
 def test_bad_config_is_a_clear_error(cfg, message):
@@ -179,7 +182,121 @@ def test_record_mode_asks_the_policy_for_maps_vllm_ascend_can_hold(tmp_path):
         return _policy_options(EplbConfig.from_dict({"record_path": str(tmp_path / "m.json"), **values}))
 
     assert options(mode="record", policy="default") == {"allow_shared_rank": False}
-    assert options(mode="record", policy="random") == {}  # no such option: nothing to ask
+    assert options(mode="record", policy="random") == {"allow_shared_rank": False}
+    assert options(mode="record", policy="swift") == {}  # no such option: nothing to ask
     assert options(mode="record", policy="default", policy_options={"allow_shared_rank": True}) == {
         "allow_shared_rank": True}
-    assert options(mode="dynamic", policy="default") == {}
+    assert _policy_options(EplbConfig.from_dict({"mode": "dynamic", "policy": "default"})) == {}
+
+
+# -- the whole config checked, in from_dict and in the constructor ---------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prometheus_port": 99999}, "prometheus_port must be an integer in 1-65535, got 99999"),
+    ({"prometheus_port": 0}, "prometheus_port must be an integer in 1-65535, got 0"),
+    ({"policy": "default", "policy_options": {"mdoe": "global"}},
+     "policy_options: policy 'default' has no option 'mdoe'.*did you mean 'mode'"),
+    ({"policy": "default", "policy_options": {"mode": "sideways"}}, "policy_options: mode must be one of"),
+    ({"policy_options": ["seed"]}, "policy_options must be a dict"),
+    ({"window_steps": "ten"}, "window_steps must be an integer, got 'ten'"),
+    ({"update_threshold": 2}, r"update_threshold must be in \[0.0, 1.0\]"),
+    ({"dispatch": "fastest"}, "dispatch must be one of"),
+    ({"mode": "static"}, "static mode needs expert_map_path"),
+    ({"mode": "record"}, "record mode needs expert_map_record_path or record_path"),
+    ({"communicator": "carrier-pigeon"}, "communicator must be one of torch_gloo"),
+    ({"log_balancedness_interval": 0}, "log_balancedness_interval must be an integer >= 1"),
+])
+def test_constructor_checks_like_from_dict(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EplbConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message):
+        EplbConfig.from_dict(kwargs, env={})
+
+
+def test_messages_use_the_users_key():
+    with pytest.raises(ConfigError, match="expert_heat_collection_interval must be an integer >= 1"):
+        EplbConfig.from_dict({"expert_heat_collection_interval": -1})
+    with pytest.raises(ConfigError, match="eplb_policy_type must be a vllm-ascend policy id"):
+        EplbConfig.from_dict({"eplb_policy_type": 9})
+
+
+def test_same_value_in_two_spellings_agrees():
+    config = EplbConfig.from_dict({"window_size": 100, "expert_heat_collection_interval": "100",
+                                   "eplb_policy_type": 1, "policy": "default"})
+    assert (config.window_steps, config.policy) == (100, "default")
+    assert EplbConfig(window_steps="100", planner_deadline_s="2.5").window_steps == 100
+    with pytest.raises(ConfigError, match="set the same thing differently"):
+        EplbConfig.from_dict({"window_size": 100, "window_steps": "101"})
+
+
+def test_nothing_created_for_a_rejected_config(tmp_path):
+    record = tmp_path / "new" / "deeper" / "map.json"
+    with pytest.raises(ConfigError, match="window_size"):
+        EplbConfig.from_dict({"record_path": str(record), "window_size": 0})
+    with pytest.raises(ConfigError, match="policy_options"):
+        EplbConfig(mode="record", record_path=str(record), policy_options={"nope": 1})
+    assert not (tmp_path / "new").exists()
+    assert EplbConfig(mode="record", record_path=str(record)).record_path == str(record)
+    assert record.parent.is_dir()
+
+
+def test_vllm_032_keys():
+    config = EplbConfig.from_dict({"window_size": 10, "step_interval": 30, "num_redundant_experts": 32,
+                                   "log_balancedness": True, "log_balancedness_interval": 5, "use_async": True,
+                                   "policy": "default", "communicator": "torch_gloo",
+                                   "enable_migration_batching": True, "mode": "dynamic"})
+    assert (config.log_balancedness_interval, config.communicator, config.enable_migration_batching,
+            config.transfer_backend) == (5, "torch_gloo", True, "gloo")
+    unset = EplbConfig.from_dict({"communicator": None, "expert_map_path": None, "expert_map_record_path": None})
+    assert (unset.mode, unset.communicator, unset.transfer_backend) == ("off", None, "gloo")
+    assert not hasattr(EplbConfig, "as_dict")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("gloo", "did you mean 'torch_gloo'"),
+    ("nixl", "'nixl' is not available in eplb; use torch_gloo"),
+    ("torch_xccl", "not available in eplb"),
+])
+def test_communicator_values(value, message):
+    with pytest.raises(ConfigError, match=message):
+        EplbConfig.from_dict({"communicator": value})
+
+
+def test_nccl_needs_cuda():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        assert EplbConfig(communicator="torch_nccl").transfer_backend == "nccl"
+    else:
+        for value in ("torch_nccl", "pynccl"):
+            with pytest.raises(ConfigError, match=f"communicator='{value}' needs CUDA and NCCL"):
+                EplbConfig.from_dict({"communicator": value})
+
+
+def test_vllm_ascend_semantics(tmp_path):
+    record = str(tmp_path / "rec" / "map.json")
+    # either variable opens the guard for either key; EXPERT_MAP_RECORD must be exactly "true"
+    assert EplbConfig.from_dict({"dynamic_eplb": True}, env={"EXPERT_MAP_RECORD": "true"}).mode == "dynamic"
+    assert EplbConfig.from_dict({"dynamic_eplb": True}, env={"DYNAMIC_EPLB": "1"}).mode == "dynamic"
+    with pytest.raises(ConfigError, match="DYNAMIC_EPLB=true"):
+        EplbConfig.from_dict({"dynamic_eplb": True}, env={"EXPERT_MAP_RECORD": "True"})
+    config = EplbConfig.from_dict({"expert_map_record_path": record}, env={"DYNAMIC_EPLB": "TRUE"})
+    assert config.mode == "record" and config.record_path == record
+    # a record path records, also with dynamic_eplb (vllm-ascend then writes maps and moves no weights)
+    config = EplbConfig.from_dict({"dynamic_eplb": True, "expert_map_record_path": record},
+                                  env={"DYNAMIC_EPLB": "true"})
+    assert config.mode == "record"
+    with pytest.raises(ConfigError, match="ask for different modes"):
+        EplbConfig.from_dict({"mode": "static", "record_path": record})
+    for key in ("expert_map_record_path", "expert_map_path"):
+        with pytest.raises(ConfigError, match=f"{key}='m.yaml' must end in .json"):
+            EplbConfig.from_dict({key: "m.yaml"}, env={"DYNAMIC_EPLB": "true"})
+    assert EplbConfig.from_dict({"load_collection_phase": "prefill"}).stage == "prefill"
+    with pytest.raises(ConfigError, match="load_collection_phase must be one of all, prefill, decode"):
+        EplbConfig.from_dict({"load_collection_phase": "both"})
+    with pytest.raises(ConfigError, match="set the same thing differently"):
+        EplbConfig.from_dict({"load_collection_phase": "prefill", "eplb_heat_collection_stage": "decode"})
+
+
+def test_dispatch_is_router_mode():
+    assert EplbConfig.from_dict({"dispatch": "token"}).dispatch == "token"
+    with pytest.raises(ConfigError, match="set the same thing differently"):
+        EplbConfig.from_dict({"dispatch": "token", "router_mode": "rank"})

@@ -61,11 +61,12 @@ def test_table_output(capsys, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--policies", "defualt"], "did you mean 'default'"),
-    (["--interval", "0"], "--interval must be >= 1"),
+    (["--interval", "0"], "--window/--interval must be >= 1"),
     (["--trace", "builtin:nope"], "unknown built-in trace"),
     (["--trace", "/nonexistent/load.npz"], "/nonexistent/load.npz"),
-    (["--ranks", "7"], "not divisible"),
-    (["--redundant", "3"], "(num_experts + num_redundant) % num_ranks"),
+    (["--ranks", "7"], "--ranks 7 x --slots-per-rank 9 = 63 slots cannot hold the 256 experts"),
+    (["--ranks", "6", "--slots-per-rank", "50", "--nodes", "4"], "--nodes 4 does not divide --ranks 6"),
+    (["--redundant", "3"], "do not split evenly over --ranks 32"),
     (["--clairvoyant", "oracle"], "unknown policy 'oracle'"),
 ])
 def test_bad_input_is_one_clear_error(capsys, args, message):

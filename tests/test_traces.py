@@ -164,7 +164,7 @@ def test_bad_trace_inputs_are_named(tmp_path):
     with pytest.raises(FormatError, match="no such file"):
         Trace.load(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(FormatError, match="not a readable"):
+    with pytest.raises(FormatError, match="junk.npz: not a .npz archive"):
         Trace.load(tmp_path / "junk.npz")
     with pytest.raises(LoadError, match=r"\[steps, layers, experts\]"):
         Trace.from_counts(np.ones((4, 8)))

@@ -30,7 +30,8 @@ def to_int_array(value, field: str, error: type[EplbError] = EplbError) -> np.nd
     if arr.dtype.kind == "f":
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
             bad = np.argwhere(~np.isfinite(arr) | (arr != np.round(arr)))[0]
-            raise error(f"{field} must hold integers, got {arr[tuple(bad)]!r} at index {tuple(int(i) for i in bad)}")
+            raise error(f"{field} must hold integers, got {arr[tuple(bad)].item()!r} at index "
+                        f"{tuple(int(i) for i in bad)}")
         return arr.astype(np.int64)
     raise error(f"{field} must hold integers, got dtype {arr.dtype}")
 

@@ -53,6 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eplb {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"eplb {args.command}: error: out of memory; make the run smaller (fewer steps, ranks or slots)",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file the checks did not foresee (disk full, a file removed meanwhile)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"eplb {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line for the user, the traceback with -vv
+        logging.getLogger("eplb").debug("internal error", exc_info=True)
+        print(f"eplb {args.command}: internal error: {type(exc).__name__}: {exc}; please report it (eplb -vv "
+              f"{args.command} ... shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

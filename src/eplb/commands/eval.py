@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-
+from eplb.commands.common import HelpFormatter
 from eplb.formats import LOAD_FORMATS, MAP_FORMATS
 
 # The built-in example: DeepSeek-V3 (58 MoE layers, 256 experts, 8 groups) under vLLM's default placement on
@@ -19,7 +18,7 @@ def register(subparsers) -> None:
                     "replicas; a layer's PAR is its busiest rank's load over the mean rank load (1.0 is perfect). "
                     "With a per-step load [steps, layers, experts], PAR is taken per step and layer and averaged "
                     "weighted by tokens. Balancedness is vLLM's: sum of mean rank loads / sum of max rank loads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("map", metavar="MAP", nargs="?", help="expert map file")
     parser.add_argument("load", metavar="LOAD", nargs="?",
@@ -47,8 +46,8 @@ def _example():
     topology = Topology(num_ranks=32, slots_per_rank=9, num_nodes=4, num_groups=8)
     placement = Placement.initial(num_experts=256, topology=topology, num_layers=58, layout="vllm")
     load = parametric_profile(58, 256, seed=0) * _EXAMPLE_TOKENS
-    return placement, load, "example: vLLM default placement", \
-        f"example: DeepSeek-V3-like load, {_EXAMPLE_TOKENS:,} tokens"
+    return placement, load, "vLLM's default placement (example)", \
+        f"a DeepSeek-V3-like load of {_EXAMPLE_TOKENS:,} tokens (example)"
 
 
 def _inputs(args):
@@ -108,10 +107,16 @@ def run(args) -> int:
 
     from eplb.report import par_table, summary_table
 
-    if args.top < 0:
-        from eplb.errors import EplbError
+    from eplb.commands.common import at_least, check_output
 
-        raise EplbError(f"--top must be >= 0 (0 shows every layer), got {args.top}")
+    at_least("--top", args.top, 0)
+    at_least("--experts", args.experts)
+    at_least("--ranks", args.ranks)
+    if args.plot:
+        from eplb.report.heatmap import check_png
+
+        check_png(args.plot, "--plot")
+        check_output(args.plot, "--plot")
     placement, load, map_name, load_name = _inputs(args)
     result = evaluate(placement, load)
     t = placement.topology
@@ -120,7 +125,7 @@ def run(args) -> int:
         from eplb.report.heatmap import plot_rank_heatmap
 
         plot_rank_heatmap(result["rank_loads"], args.plot,
-                          title=f"{map_name}: rank load / layer mean, mean PAR {result['par_mean']:.3f}")
+                          title=f"{map_name} under {load_name}, load summed over {steps} step(s)", flag="--plot")
     if args.json:
         out = {
             "map": map_name,
@@ -143,8 +148,8 @@ def run(args) -> int:
         return 0
     console = Console(highlight=False)
     console.print(f"map  {map_name}: {placement.num_layers} layers, {placement.num_experts} experts, "
-                  f"{t.num_ranks} ranks x {t.slots_per_rank} slots")
-    console.print(f"load {load_name}: {steps} step(s), total {result['load_per_layer'].sum():,.0f}")
+                  f"{t.num_ranks} ranks x {t.slots_per_rank} slots", markup=False)
+    console.print(f"load {load_name}: {steps} step(s), total {result['load_per_layer'].sum():,.0f}", markup=False)
     console.print(par_table(result["par_per_layer"], result["busiest_rank"], result["load_per_layer"],
                             top=args.top or None))
     per_step = " (per step and layer, token-weighted)" if steps > 1 else " (token-weighted over layers)"
@@ -155,5 +160,5 @@ def run(args) -> int:
         "balancedness (vLLM)": f"{result['balancedness']:.3f}",
     }))
     if args.plot:
-        console.print(f"heatmap written to {args.plot}")
+        console.print(f"heatmap written to {args.plot}", markup=False)
     return 0

@@ -7,15 +7,18 @@ report.json, plots and report.md to ``./eplb-report/``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
+from pathlib import Path
+
+from eplb.commands.common import GROUPS_HELP, NODES_HELP, HelpFormatter
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_TRACE = "builtin:default"
 _MAIN_POLICIES = ("auto", "default", "swift", "flashlb")  # always compared; any other registered policy joins them
 _DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the floor: best window balance, cheap
+_SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
 
 
 def register(subparsers) -> None:
@@ -33,7 +36,7 @@ def register(subparsers) -> None:
                     "bytes, planner time, and an estimated MoE step time against no balancing. The clairvoyant run "
                     "plans on the steps it is scored on: the floor. The same seed gives the same figures (planner ms "
                     "is measured wall time). Built-in traces: " + scenarios + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     trace = parser.add_argument_group("trace")
     trace.add_argument("--trace", default=_DEFAULT_TRACE, metavar="FILE|builtin:NAME",
@@ -48,10 +51,10 @@ def register(subparsers) -> None:
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--ranks", type=int, default=32, metavar="W", help="ranks (EP size)")
     slots = cluster.add_mutually_exclusive_group()
-    slots.add_argument("--slots-per-rank", type=int, metavar="K", help="expert slots per rank (default 9)")
+    slots.add_argument("--slots-per-rank", type=int, metavar="K", help=f"expert slots per rank (default: {_SLOTS})")
     slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
-    cluster.add_argument("--nodes", type=int, default=4, metavar="N", help="nodes the ranks are spread over")
-    cluster.add_argument("--groups", type=int, default=8, metavar="G", help="expert groups (DeepSeek-V3: 8)")
+    cluster.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
+    cluster.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
     cluster.add_argument("--layout", default="vllm", choices=("vllm", "ascend", "spread"),
                          help="initial placement (what static keeps)")
     policies = parser.add_argument_group("policies and cycle")
@@ -60,7 +63,8 @@ def register(subparsers) -> None:
     policies.add_argument("--clairvoyant", metavar="POLICY|none",
                           help=f"policy of the clairvoyant floor (default: the first available of "
                                f"{', '.join(_DEFAULT_CLAIRVOYANT)})")
-    policies.add_argument("--interval", type=int, default=100, metavar="H", help="steps in each planning window")
+    policies.add_argument("--window", "--interval", dest="interval", type=int, default=100, metavar="H",
+                          help="steps in each planning window (one cycle each)")
     policies.add_argument("--planner-steps", type=int, default=10, metavar="A",
                           help="steps from the end of a window until its plan can be applied")
     policies.add_argument("--layers-per-step", type=int, default=1, metavar="N",
@@ -109,11 +113,110 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _positive(name: str, value, minimum=1):
+def _check_flags(args) -> None:
+    """Every number flag in its range, named as typed, before anything is read or run."""
+    from eplb.commands.common import at_least, within
     from eplb.errors import EplbError
 
-    if value is not None and value < minimum:
-        raise EplbError(f"{name} must be >= {minimum}, got {value}")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--window/--interval", args.interval, 1),
+                                 ("--planner-steps", args.planner_steps, 0), ("--layers-per-step",
+                                 args.layers_per_step, 0), ("--max-layers", args.max_layers, 1),
+                                 ("--jobs", args.jobs, 1), ("--seed", args.seed, 0), ("--min-gain", args.min_gain, 0),
+                                 ("--min-replicas", args.min_replicas, 1), ("--hot-experts", args.hot_experts, 0),
+                                 ("--layer-fixed-us", args.layer_fixed_us, 0), ("--token-us", args.token_us, 0),
+                                 ("--expert-bytes", args.expert_bytes, 0)):
+        at_least(flag, value, minimum)
+    for flag, value in (("--gb-per-step", args.gb_per_step), ("--bandwidth", args.bandwidth)):
+        if value is not None and not value > 0:
+            raise EplbError(f"{flag} must be > 0, got {value:g}")
+    within("--overlap", args.overlap, 0.0, 1.0)
+    within("--similarity", args.similarity, 0.0, 1.0)
+    if args.policies is not None and not [n for n in args.policies.split(",") if n.strip()]:
+        raise EplbError(f"--policies {args.policies!r} names no policy; give names such as auto,default (static "
+                        "always runs) or leave the flag out to run every policy")
+
+
+def _check_outputs(args) -> None:
+    """Raise now, not after the runs, when --out or --save-trace cannot be written."""
+    from eplb._files import check_writable
+    from eplb.commands.common import check_output
+    from eplb.errors import EplbError
+
+    if args.save_trace:
+        check_output(args.save_trace, "--save-trace")
+    if args.no_files:
+        return
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EplbError(f"--out {out}: is a file; the report is a folder (report.json, report.md, plots): give a "
+                        "folder name or --no-files")
+    check_writable(out, "--out", folder=True)
+
+
+def _estimate_bytes(steps: int, layers: int, experts: int, ranks: int, runs: int, jobs: int) -> int:
+    """Memory a simulation needs, roughly: the trace (int32) and the interpreter in this process and in each worker,
+    per run a few float64 copies of one layer's load, its per-step series and the dispatch table [L, E, W]."""
+    trace = 4 * steps * layers * experts
+    per_run = 8 * (3 * steps * experts + layers * experts * ranks + 12 * steps * layers)
+    workers = min(jobs, runs) if jobs > 1 else 0
+    interpreter = 256 * 2**20  # Python, numpy, numba: per process
+    return ((trace + interpreter) * (1 + workers) + per_run * max(1, min(jobs, runs))
+            + 8 * 12 * steps * layers * runs)
+
+
+def _check_memory(args, steps: int, layers: int, experts: int, runs: int) -> None:
+    from eplb.commands.common import check_memory
+
+    jobs = args.jobs or min(os.cpu_count() or 1, runs)
+    check_memory(_estimate_bytes(steps, layers, experts, args.ranks, runs, jobs),
+                 f"simulating {steps:,} steps x {layers} layers x {experts:,} experts, {runs} runs on {jobs} "
+                 f"worker(s)", "lower --steps (or --jobs, --policies)")
+
+
+def _drawn_shape(args) -> tuple[int, int, int] | None:
+    """(steps, layers, experts) of a trace eplb draws (a built-in scenario, from --workloads, from a statistics or a
+    window-load ``.npz``) before drawing it; None when that cannot be told cheaply (a recorded trace is read as is)."""
+    from eplb.sim.traces import BUILTIN_PREFIX, SCENARIOS
+
+    if args.trace.startswith(BUILTIN_PREFIX):
+        key, source = args.trace.removeprefix(BUILTIN_PREFIX), args.workloads
+    else:
+        key, source = "default", args.trace
+    if key not in SCENARIOS:
+        return None
+    steps = args.steps or SCENARIOS[key][1].steps
+    if source is None:
+        return steps, 58, 256  # the parametric DeepSeek-V3-like workloads
+    shape = _counts_shape(source)
+    if shape is None or (source == args.trace and len(shape) == 3 and not _has_workloads(source)):
+        return None  # a per-step trace: replayed, not drawn
+    return steps, shape[-2], shape[-1]
+
+
+def _counts_shape(path) -> tuple[int, ...] | None:
+    """The shape of ``counts`` in an ``.npz``, from its header (no data read); None when it is not such a file."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("counts.npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            return header(f)[0]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def _has_workloads(path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "workloads.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _policy_names(args) -> list[str]:
@@ -127,7 +230,7 @@ def _policy_names(args) -> list[str]:
                 logger.warning("policy %r is not available in this installation: skipped", name)
         return [name for name in dict.fromkeys((*_MAIN_POLICIES, *available)) if name in available]
     names = []
-    for name in (n.strip() for n in args.policies.split(",")):
+    for name in (n.strip() for n in args.policies.split(",")):  # static always runs
         if not name or name == "static":
             continue
         get_policy(name)  # raises a PolicyError with a suggestion when unknown
@@ -151,14 +254,6 @@ def _clairvoyant_name(args) -> str | None:
     return None
 
 
-def _topology(args, num_experts: int):
-    from eplb.topology import Topology
-
-    if args.redundant is not None:
-        return Topology.from_redundant(args.ranks, num_experts, args.redundant, args.nodes, args.groups)
-    return Topology(args.ranks, args.slots_per_rank or 9, args.nodes, args.groups)
-
-
 def run(args) -> int:
     import json
 
@@ -173,47 +268,66 @@ def run(args) -> int:
     from eplb.sim.simulator import Failure, SimConfig, failed_ranks, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace
 
-    _positive("--steps", args.steps)
-    _positive("--interval", args.interval)
-    _positive("--planner-steps", args.planner_steps, 0)
-    _positive("--layers-per-step", args.layers_per_step, 0)
-    _positive("--max-layers", args.max_layers)
-    _positive("--jobs", args.jobs)
+    from eplb.commands import common
+    from eplb.errors import EplbError
+
+    _check_flags(args)
+    _check_outputs(args)
     failures = tuple([Failure.parse("rank", text) for text in args.fail_rank]
                      + [Failure.parse("node", text) for text in args.fail_node])
     resilience = Resilience(min_replicas=args.min_replicas, hot_experts=args.hot_experts) if args.resilient else None
     names = _policy_names(args)
     clairvoyant_name = _clairvoyant_name(args)
+    num_runs = 1 + len(names) + (clairvoyant_name is not None)
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
-    _positive("--expert-bytes", expert_bytes, 0)
-    console = Console(stderr=True, highlight=False)
+    shape = _drawn_shape(args)
+    if shape is not None:  # a trace eplb draws: refuse before drawing it
+        common.topology(args, shape[2], default_slots=_SLOTS)
+        _check_memory(args, *shape, num_runs)
+    console = common.stderr_console()
+    quiet = args.json or not console.is_terminal
     progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                        TimeElapsedColumn(), console=console, transient=True, disable=args.json)
+                        TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=True,
+                        disable=quiet)
     with progress:
-        task = progress.add_task(f"trace {args.trace}", total=None)
+        task = progress.add_task(f"trace {args.trace}", total=None, note="")
         trace = load_trace(args.trace, args.steps, args.seed, args.workloads)
         progress.update(task, total=1, completed=1)
-        topology = _topology(args, trace.num_experts)
+        topology = common.topology(args, trace.num_experts, default_slots=_SLOTS)
+        _check_memory(args, trace.num_steps, trace.num_layers, trace.num_experts, num_runs)
         cycle = CycleConfig(
             cycle_steps=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
             bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
             min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
+        warmup = warmup_steps(cycle, trace.num_layers, trace.num_steps)
+        if -(-warmup // args.interval) * args.interval >= trace.num_steps:  # no window starts after the warm-up
+            raise EplbError(f"the trace has {trace.num_steps} steps: no planning window of --window {args.interval} "
+                            f"starts after the {warmup}-step warm-up, so nothing would be scored; simulate more "
+                            f"steps (--steps, a longer trace) or give a smaller --window")
         config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
                            cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
                            failures=failures, resilience=resilience)
-        failed_ranks(failures, topology, trace.num_steps)  # a rank or node out of range fails before any run
+        try:  # a rank or node out of range fails before any run
+            failed_ranks(failures, topology, trace.num_steps)
+        except EplbError as exc:
+            raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
         if clairvoyant_name is not None:
             specs.append(RunSpec(f"clairvoyant:{clairvoyant_name}", clairvoyant_name, clairvoyant=True))
-        tasks = [progress.add_task(spec.name if not spec.clairvoyant else f"clairvoyant ({spec.policy})", total=1.0)
+        # A run's bar stays at 0 while its policy's numba kernels compile (first use on this machine, up to ~30 s).
+        tasks = [progress.add_task(spec.name if not spec.clairvoyant else f"clairvoyant ({spec.policy})", total=1.0,
+                                   note="starting (the first run compiles kernels)" if spec.policy else "")
                  for spec in specs]
+
+        def advance(index: int, fraction: float) -> None:
+            progress.update(tasks[index], completed=fraction, note="")
+
         jobs = args.jobs or min(os.cpu_count() or 1, len(specs))
-        results = simulate_runs(trace, config, specs, jobs,
-                                progress=lambda index, fraction: progress.update(tasks[index], completed=fraction))
+        results = simulate_runs(trace, config, specs, jobs, progress=advance)
     runs = {spec.name: result for spec, result in zip(specs, results) if not spec.clairvoyant}
     clairvoyant = results[-1] if clairvoyant_name is not None else None
     if args.save_trace:
-        trace.save(args.save_trace)
+        trace.save(args.save_trace, flag="--save-trace")
     key = trace.name.removeprefix("builtin:")
     meta = {
         "trace": {"name": trace.name, "steps": trace.num_steps, "layers": trace.num_layers,

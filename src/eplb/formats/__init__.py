@@ -182,7 +182,9 @@ def _check(raw: RawMap, num_experts: int | None, num_ranks: int | None):
     if phy2log is None:
         return problems, warnings, None, None
     num_layers, num_slots = phy2log.shape
-    if num_slots == 0 or (num_layers == 0 and not problems):
+    if num_layers == 0 and problems:  # no layer was well-formed: the problems say why
+        return problems, warnings, None, None
+    if num_slots == 0 or num_layers == 0:
         return problems + [f"the map is empty: {num_layers} layers x {num_slots} slots"], warnings, None, None
     ranks = raw.num_ranks
     if num_ranks is not None and ranks is not None and num_ranks != ranks:
@@ -291,8 +293,12 @@ def read_load(path, format: str | None = None) -> np.ndarray:
     if format not in LOAD_FORMATS:
         raise FormatError(f"{path}: a {format} expert map, not an expert load (expert-load files: .npz counts, "
                           "SGLang logical_count, TensorRT-LLM statistics folder)")
-    load = _module(format).read_load(Path(path))
-    return as_load(load, field=str(path))
+    load = as_load(_module(format).read_load(Path(path)), field=str(path))
+    if 0 in load.shape:
+        axes = ("steps", "layers", "experts")[3 - load.ndim:]
+        raise FormatError(f"{path}: the expert load is empty: shape {list(load.shape)} ({', '.join(axes)}); it needs "
+                          "at least one of each")
+    return load
 
 
 def write_load(load, path, format: str = "npz") -> None:

@@ -1,19 +1,18 @@
-"""Helpers shared by the format modules: atomic writes, JSON and torch loading, and the parsed form of a map file."""
+"""Helpers shared by the format modules: JSON, numpy and torch loading with clear errors, and the parsed form of a map
+file. Files are written with :func:`eplb._files.atomic_path` (re-exported here for the format modules)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from eplb._files import atomic_path
 from eplb.errors import FormatError
 
-__all__ = ["RawMap", "atomic_path", "load_json", "import_torch", "torch_load", "to_plain"]
+__all__ = ["RawMap", "atomic_path", "load_json", "numpy_load", "read_bytes", "import_torch", "torch_load", "to_plain"]
 
 
 @dataclass
@@ -38,37 +37,65 @@ class RawMap:
     allow_shared_rank: bool = True
 
 
-@contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path`` (same suffix); on success it replaces ``path``, on error it is removed.
-
-    Readers never see a half-written file.
-    """
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FormatError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent or ".")
-    os.close(fd)
-    tmp = Path(tmp)
+def read_bytes(path: Path, size: int = -1) -> bytes:
+    """The first ``size`` bytes of ``path`` (all with -1), or a :class:`FormatError` saying why not."""
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        with open(path, "rb") as f:
+            return f.read(size)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path}: is a folder, expected a file") from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def load_json(path):
-    """The parsed JSON of ``path``; :class:`FormatError` naming the file, line and column when it is not JSON."""
+    """The parsed JSON of ``path`` (UTF-8, UTF-16 or UTF-32, with or without a byte-order mark, as JSON allows);
+    :class:`FormatError` naming the file, line and column when it is not JSON."""
     path = Path(path)
+    data = read_bytes(path)
+    if not data.strip():
+        raise FormatError(f"{path}: the file is empty, expected a JSON object")
+    if data.startswith(b"\xef\xbb\xbf"):  # json.loads rejects a UTF-8 byte-order mark that editors on Windows add
+        data = data[3:]
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return json.loads(text)
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not JSON text: byte {exc.start} is not valid {exc.encoding.upper()}; "
+                          "save it as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
+
+
+_NPY_MAGIC, _ZIP_MAGIC = b"\x93NUMPY", b"PK"  # a zip (.npz) starts with PK, even an empty one
+
+
+def numpy_load(path, archive: bool):
+    """What ``np.load`` reads from ``path``: an ``NpzFile`` (``archive``, a ``.npz``) or an array (a ``.npy``).
+
+    Never unpickles; :class:`FormatError` saying what the file is instead (empty, another kind, Python objects).
+    """
+    import zipfile
+
+    path = Path(path)
+    kind, magic = (".npz archive (numpy.savez)", _ZIP_MAGIC) if archive else (".npy array (numpy.save)", _NPY_MAGIC)
+    head = read_bytes(path, len(magic))
+    if not head:
+        raise FormatError(f"{path}: the file is empty, expected a {kind}")
+    if head != magic:
+        raise FormatError(f"{path}: not a {kind}: it does not start like one")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise FormatError(f"{path}: holds Python objects rather than numbers; eplb reads only numeric arrays "
+                              "(it never unpickles)") from None
+        raise FormatError(f"{path}: not a readable {kind}: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise FormatError(f"{path}: not a readable {kind} (truncated or damaged): {exc}") from None
 
 
 def import_torch(path):
@@ -83,13 +110,18 @@ def import_torch(path):
 
 def torch_load(path):
     """The object saved in the ``.pt`` file ``path`` (tensors on CPU; no arbitrary pickles)."""
+    path = Path(path)
+    if not read_bytes(path, 1):
+        raise FormatError(f"{path}: the file is empty, expected a torch .pt file")
     torch = import_torch(path)
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (pickle, zip, runtime) for a file that is not its own
-        raise FormatError(f"{path}: not a readable torch .pt file: {exc}") from None
+        if "weights_only" in str(exc):
+            raise FormatError(f"{path}: holds Python objects other than tensors, lists and dicts; eplb reads .pt "
+                              "files without running code, so save plain tensors (torch.save(tensor or dict))") \
+                from None
+        raise FormatError(f"{path}: not a readable torch .pt file (one written by torch.save)") from None
 
 
 def to_plain(value):

@@ -6,9 +6,14 @@ Layout::
      "layer_list": [{"layer_id": l, "device_count": W,
                      "device_list": [{"device_id": r, "device_expert": [e0, e1, ...]}, ...]}, ...]}
 
-``device_expert`` lists the logical expert in each local slot of device (rank) ``r``; physical slot ``p = r * K + k``.
-Every device holds the same number of slots ``K``; devices are ordered by ``device_id``, layers as listed. vllm-ascend
-forbids one device holding an expert twice, so that is an error here (a warning in the other formats).
+``device_expert`` lists the logical expert in each local slot of a device (rank); physical slot ``p = r * K + k``.
+Every device holds the same number of slots ``K``. As vllm-ascend does, layers and devices are read by their position
+in ``layer_list`` and ``device_list``; ``layer_id`` and ``device_id`` are written (equal to the position) but not
+relied on when reading (a ``device_id`` that differs from its position is reported as a warning). vllm-ascend forbids
+one device holding an expert twice, so that is an error here (a warning in the other formats).
+
+vllm-ascend's mix placement puts the shared experts in the map too, as ids ``E..E+S-1`` in the last slot of every
+device; eplb does not balance shared experts, and such a map is reported as a problem naming mix placement.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _layer_rows(index: int, layer, problems: list[str]) -> list[list[int]] | None:
-    """The device_expert lists of one layer ordered by device_id, or None (with problems added) when unusable."""
+def _layer_rows(index: int, layer, problems: list[str], warnings: list[str]) -> list[list[int]] | None:
+    """The device_expert lists of one layer in device_list order, or None (with problems added) when unusable."""
     if not isinstance(layer, dict) or not isinstance(layer.get("device_list"), list):
         problems.append(f"layer {index}: missing key 'device_list' (a list of devices)")
         return None
@@ -41,28 +46,37 @@ def _layer_rows(index: int, layer, problems: list[str]) -> list[list[int]] | Non
     count = layer.get("device_count")
     if count is not None and count != len(devices):
         problems.append(f"layer {index}: device_count is {count!r} but device_list has {len(devices)} devices")
-    rows: dict[int, list[int]] = {}
-    ok = True
+    rows: list[list[int]] = []
     for position, device in enumerate(devices):
         if not isinstance(device, dict) or not isinstance(device.get("device_expert"), list):
             problems.append(f"layer {index}, device {position}: missing key 'device_expert' (a list of expert ids)")
-            ok = False
             continue
         device_id = device.get("device_id", position)
-        if not _is_int(device_id) or not 0 <= device_id < len(devices) or device_id in rows:
-            problems.append(f"layer {index}, device {position}: device_id {device_id!r} is not a new id in "
-                            f"[0, {len(devices)})")
-            ok = False
-            continue
+        if device_id != position:
+            warnings.append(f"layer {index}, device {position}: device_id is {device_id!r}; devices are read by "
+                            "their position in device_list (as vllm-ascend reads them)")
         experts = device["device_expert"]
         bad = [e for e in experts if not _is_int(e) or abs(e) > 2**62]
         if bad:
-            problems.append(f"layer {index}, device {device_id}: device_expert holds {bad[0]!r}, expected integer "
+            problems.append(f"layer {index}, device {position}: device_expert holds {bad[0]!r}, expected integer "
                             "expert ids")
-            ok = False
             continue
-        rows[device_id] = experts
-    return [rows[d] for d in range(len(devices))] if ok else None
+        rows.append(experts)
+    return rows if len(rows) == len(devices) else None
+
+
+def _mix_placement(phy2log: np.ndarray, num_devices: int) -> str | None:
+    """A problem line when ``phy2log`` looks like vllm-ascend's mix placement: in every layer the last slot of every
+    device holds an id above every other slot's (the shared experts), else None."""
+    if num_devices < 2 or not phy2log.size:
+        return None
+    table = phy2log.reshape(phy2log.shape[0], num_devices, -1)
+    if table.shape[2] < 2 or not np.all(table[:, :, -1].min(axis=1) > table[:, :, :-1].max(axis=(1, 2))):
+        return None
+    shared = np.unique(table[:, :, -1])
+    return (f"the last slot of every device holds shared-expert ids {shared.tolist()} (above every routed expert): "
+            "a vllm-ascend mix-placement map (mix_placement=true); eplb balances routed experts only, so plan and "
+            "serve with mix placement off")
 
 
 def parse_map(path: Path) -> RawMap:
@@ -81,10 +95,11 @@ def parse_map(path: Path) -> RawMap:
         problems.append("missing key 'moe_layer_count'")
     elif count != len(layers):
         problems.append(f"moe_layer_count is {count!r} but layer_list has {len(layers)} layers")
-    tables = [_layer_rows(i, layer, problems) for i, layer in enumerate(layers)]
+    warnings: list[str] = []
+    tables = [_layer_rows(i, layer, problems, warnings) for i, layer in enumerate(layers)]
     usable = [(i, t) for i, t in enumerate(tables) if t is not None]
     if not usable:
-        return RawMap(None, problems=problems or ["layer_list is empty"], allow_shared_rank=False)
+        return RawMap(None, problems=problems or ["layer_list is empty"], warnings=warnings, allow_shared_rank=False)
     first, table0 = usable[0]
     num_devices, num_slots = len(table0), len(table0[0])
     good = []
@@ -99,8 +114,12 @@ def parse_map(path: Path) -> RawMap:
         if not ragged:
             good.append((index, [e for row in table for e in row]))
     phy2log = np.array([row for _, row in good], dtype=np.int64).reshape(len(good), num_devices * num_slots)
+    mix = _mix_placement(phy2log, num_devices) if len(good) == len(layers) else None
+    if mix:
+        problems.append(mix)
     return RawMap(phy2log, layer_ids=np.array([i for i, _ in good]), num_ranks=num_devices, problems=problems,
-                  allow_shared_rank=False)
+                  warnings=warnings[:8] + ([f"... and {len(warnings) - 8} more device_id warnings"]
+                                           if len(warnings) > 8 else []), allow_shared_rank=False)
 
 
 def write_map(placement: Placement, path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from eplb.errors import FormatError
-from eplb.formats._common import atomic_path
+from eplb.formats._common import atomic_path, numpy_load
 
 __all__ = ["read_load", "write_load", "read_arrays", "write_arrays"]
 
@@ -25,26 +25,23 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     Raises:
         FormatError: unreadable file, not an archive, or no ``counts`` key.
     """
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise FormatError(f"{path}: a single array, not an .npz archive with key {KEY!r}")
-    with data:
+    with numpy_load(path, archive=True) as data:
         if KEY not in data.files:
-            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'})")
+            raise FormatError(f"{path}: missing key {KEY!r} (found {', '.join(data.files) or 'none'}); an expert "
+                              f"load .npz holds {KEY!r} [steps, layers, experts] or [layers, experts]")
         try:
             return {name: data[name] for name in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise FormatError(f"{path}: not a readable .npz file: {exc}") from None
+        except ValueError as exc:
+            raise FormatError(f"{path}: an array " + ("holds Python objects rather than numbers" if "pickle" in str(exc)
+                                                      else f"is not readable: {exc}")) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise FormatError(f"{path}: an array is not readable (truncated or damaged): {exc}") from None
 
 
-def write_arrays(path: Path, **arrays) -> None:
-    """Write ``arrays`` (``counts`` among them) as a compressed ``.npz``, atomically."""
-    with atomic_path(path) as tmp:
+def write_arrays(path: Path, flag: str | None = None, **arrays) -> None:
+    """Write ``arrays`` (``counts`` among them) as a compressed ``.npz``, atomically (``flag`` names the option in
+    errors)."""
+    with atomic_path(path, flag) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 

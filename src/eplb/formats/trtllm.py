@@ -11,7 +11,8 @@ Expert map, YAML (``MoeLoadBalancerConfig``)::
 Global slot ``s`` lives on rank ``s // (num_slots / ep_size)``. TensorRT-LLM takes ``ep_size`` from the engine, not
 from this file, so ranks come from ``num_ranks`` (``--ranks``); an ``ep_size`` key in the file is also honoured (the
 two must agree). Layers are taken in ascending key order; written files use keys ``0..L-1`` and carry no ``ep_size``
-key (TensorRT-LLM rejects unknown keys) but say it in a comment.
+key (TensorRT-LLM rejects unknown keys) but the comment line ``# eplb: ep_size=W``, which eplb reads back, so a file
+eplb wrote needs no ``--ranks``.
 
 Expert statistics, a folder (what TensorRT-LLM's expert-statistic recorder dumps)::
 
@@ -28,6 +29,7 @@ iterations ``0..T-1`` (an ``[L, E]`` load is iteration 0).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -36,14 +38,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from eplb._files import new_file_mode
 from eplb.errors import FormatError
-from eplb.formats._common import RawMap, atomic_path, load_json
+from eplb.formats._common import RawMap, atomic_path, load_json, read_bytes
 from eplb.placement import Placement
 
 __all__ = ["parse_map", "write_map", "read_load", "write_load"]
 
 _RANK_FILE = re.compile(r"rank(\d+)\.safetensors")
 _KEY = re.compile(r"(\d+)_(\d+)")
+_EP_SIZE_COMMENT = re.compile(rb"^# eplb: ep_size=(\d+)\s*$", re.MULTILINE)
 
 
 def _is_int(value) -> bool:
@@ -57,13 +61,14 @@ def parse_map(path: Path) -> RawMap:
         FormatError: not YAML, not a mapping, no ``initial_global_assignments``.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        text = read_bytes(Path(path))
+        data = yaml.safe_load(text)  # bytes: YAML tells UTF-8 from UTF-16 itself
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise FormatError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise FormatError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("initial_global_assignments"), dict):
         raise FormatError(f"{path}: missing key 'initial_global_assignments' (layer -> list of experts per slot); "
                           "not a TensorRT-LLM load-balancer config")
@@ -74,6 +79,9 @@ def parse_map(path: Path) -> RawMap:
         problems.append(f"num_slots is {num_slots!r}, expected a positive integer")
         num_slots = None
     ep_size = data.get("ep_size")
+    if ep_size is None:  # a file eplb wrote says it in a comment, since TensorRT-LLM rejects unknown keys
+        stated = _EP_SIZE_COMMENT.search(text)
+        ep_size = int(stated.group(1)) if stated else None
     if ep_size is not None and (not _is_int(ep_size) or ep_size < 1):
         problems.append(f"ep_size is {ep_size!r}, expected a positive integer")
         ep_size = None
@@ -103,7 +111,7 @@ def write_map(placement: Placement, path: Path) -> None:
     t = placement.topology
     header = (f"# TensorRT-LLM MoE load balancer config written by eplb: {placement.num_layers} MoE layers, "
               f"{placement.num_experts} experts,\n# {t.num_ranks} ranks x {t.slots_per_rank} slots "
-              f"(global slot s lives on rank s // {t.slots_per_rank}); read it back with --ranks {t.num_ranks}.\n")
+              f"(global slot s lives on rank s // {t.slots_per_rank}).\n# eplb: ep_size={t.num_ranks}\n")
     data = {
         "num_slots": int(placement.num_physical),
         "layer_updates_per_iter": 0,
@@ -185,13 +193,20 @@ def write_load(load: np.ndarray, path: Path) -> None:
     dtype = np.float64 if steps.dtype.kind == "f" else np.int64
     tensors = {f"{t}_{l}": np.ascontiguousarray(steps[t, l], dtype=dtype)
                for t in range(steps.shape[0]) for l in range(steps.shape[1])}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.chmod(tmp, new_file_mode(folder=True))  # mkdtemp makes it 0700
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot create the statistics folder in {path.parent}: "
+                          f"{exc.strerror or exc}") from None
     try:
         save_file(tensors, tmp / "rank0.safetensors")
         (tmp / "meta_info.json").write_text(json.dumps({"num_experts": int(steps.shape[2])}) + "\n")
         if path.exists():
             path.rmdir()
         tmp.rename(path)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot write the statistics folder: {exc.strerror or exc}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

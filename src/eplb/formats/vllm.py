@@ -13,7 +13,7 @@ import numpy as np
 
 from eplb._arrays import to_int_array
 from eplb.errors import FormatError
-from eplb.formats._common import RawMap, atomic_path, import_torch, torch_load
+from eplb.formats._common import RawMap, atomic_path, import_torch, numpy_load, torch_load
 from eplb.placement import Placement
 
 __all__ = ["parse_map", "write_map"]
@@ -32,12 +32,7 @@ def parse_map(path: Path) -> RawMap:
     if _is_torch(path):
         data = torch_load(path)
     else:
-        try:
-            data = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such file") from None
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"{path}: not a readable .npy array: {exc}") from None
+        data = numpy_load(path, archive=False)
     if not hasattr(data, "shape"):
         raise FormatError(f"{path}: holds a {type(data).__name__}, expected a phy2log array [layers, slots]")
     phy2log = to_int_array(data, f"{path}: phy2log", FormatError)

@@ -6,7 +6,7 @@
 No engine is imported here; tensors are recognised by duck typing and returned as tensors.
 """
 
-from eplb.integrations.vllm import VllmPolicy, vllm_policy
+from eplb.integrations.vllm import VllmPolicy, register, vllm_policy
 from eplb.integrations.vllm_ascend import AscendPolicy, rebalance_experts
 
-__all__ = ["VllmPolicy", "vllm_policy", "AscendPolicy", "rebalance_experts"]
+__all__ = ["VllmPolicy", "vllm_policy", "register", "AscendPolicy", "rebalance_experts"]

@@ -1,7 +1,11 @@
 """vllm-ascend adapter: ``rebalance_experts(current_expert_table, expert_workload) -> (changed, priority, table)``.
 
 vllm-ascend's EPLB worker builds a policy object from its factory and calls this method with the per-rank table and
-the load recorded per physical slot. :class:`AscendPolicy` gives any eplb policy that interface::
+the load recorded per physical slot. It then checks the new table layer by layer and silently keeps the old one for
+a layer where an expert is missing, an NPU holds an expert twice, or an expert that stays on an NPU changes its
+local slot. :class:`AscendPolicy` gives any eplb policy that interface and returns tables that pass the check: the
+policy is asked not to share a rank (:func:`ascend_policy`), and experts that stay on a rank are put back in their
+slot (a reorder within each rank, so the plan's balance is unchanged)::
 
     from eplb.integrations import AscendPolicy
     policy = AscendPolicy("flashlb")            # or AscendPolicy(3), vllm-ascend's policy type
@@ -19,6 +23,7 @@ from eplb.errors import LoadError, PlacementError
 from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies import Policy, get_policy
+from eplb.policies.retention import preserve_slots
 from eplb.topology import Topology
 
 __all__ = ["AscendPolicy", "rebalance_experts", "logical_load", "ascend_policy"]
@@ -95,15 +100,21 @@ class AscendPolicy:
             raise LoadError(f"expert_workload must be {list(table.shape)} or [steps, {', '.join(map(str, table.shape))}]"
                             f" like current_expert_table, got shape {list(workload.shape)}")
         as_load(workload.reshape(-1, table.shape[0], table.shape[1] * table.shape[2]), field="expert_workload")
+        if table.size and table.min() < 0:
+            layer, rank, slot = np.argwhere(table < 0)[0]
+            raise PlacementError(f"current_expert_table[{layer}, {rank}, {slot}] = {table[layer, rank, slot]}: "
+                                 "expected a logical expert id >= 0 in every slot")
         num_layers, num_ranks, slots = table.shape
         num_experts = int(table.max()) + 1
-        current = Placement(table.reshape(num_layers, -1), num_experts,
-                            Topology(num_ranks, slots, self.num_nodes, self.num_groups))
+        old = table.reshape(num_layers, -1)
+        current = Placement(old, num_experts, Topology(num_ranks, slots, self.num_nodes, self.num_groups))
         plan = self.policy.rebalance(logical_load(table, workload, num_experts), current.topology, current)
-        gain = np.where(plan.changed, plan.par_before - plan.par_after, -np.inf)
+        new = preserve_slots(plan.placement.phy2log, old, num_ranks)
+        changed = (new != old).any(axis=1)
+        gain = np.where(changed, plan.par_before - plan.par_after, -np.inf)
         priority = np.argsort(-gain, kind="stable").astype(np.int64)
-        new_table = plan.placement.rank_table.copy()
-        return int(plan.changed.any()), priority, like_input(new_table, current_expert_table)
+        new_table = new.reshape(table.shape)
+        return int(changed.any()), priority, like_input(new_table, current_expert_table)
 
 
 def rebalance_experts(current_expert_table, expert_workload, policy: str | int = "default", **options):

@@ -141,6 +141,34 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     return tuple(like_input(a, weight) for a in (phy2log, log2phy, replica_count))
 
 
+def _replace_shared_copies(phy2log: np.ndarray, window: np.ndarray, num_ranks: int) -> np.ndarray:
+    """``phy2log`` with every copy of an expert that its rank already holds given to the expert with the most load
+    per replica that the rank does not hold (rare: only experts with more replicas than ranks are left shared)."""
+    num_layers, num_slots = phy2log.shape
+    slots = num_slots // num_ranks
+    table = phy2log.reshape(num_layers, num_ranks, slots)
+    ordered = np.sort(table, axis=2)
+    layers = np.flatnonzero((ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2)))
+    if not layers.size:
+        return phy2log
+    table = table.copy()
+    for layer in layers:
+        count = np.bincount(table[layer].ravel(), minlength=window.shape[1])
+        for rank in range(num_ranks):
+            row = table[layer, rank]
+            for slot in range(1, slots):
+                if row[slot] in row[:slot]:
+                    per_replica = window[layer] / count
+                    per_replica[row] = -np.inf
+                    expert = int(np.argmax(per_replica))
+                    if per_replica[expert] == -np.inf:  # the rank holds every expert: more slots than experts
+                        continue
+                    count[row[slot]] -= 1
+                    count[expert] += 1
+                    row[slot] = expert
+    return table.reshape(num_layers, num_slots)
+
+
 class DefaultPolicy(Policy):
     """DeepSeek's EPLB (vllm-ascend id 1).
 
@@ -152,7 +180,9 @@ class DefaultPolicy(Policy):
             vLLM's ``preserve_intragpu_slots``, see :mod:`eplb.policies.retention`); rank loads are unchanged.
         allow_shared_rank: DeepSeek may put two replicas of an expert on one rank. ``False`` (vllm-ascend's rule)
             swaps the extra copies with slots of other ranks (of the same node in hierarchical mode), picking the
-            swap that raises the pair's peak least; output then differs from the reference.
+            swap that raises the pair's peak least; a copy no swap can place (an expert with more replicas than
+            there are ranks) becomes a replica of the expert with the most load per replica that the rank lacks.
+            Output then differs from the reference.
     """
 
     name = "default"
@@ -174,6 +204,7 @@ class DefaultPolicy(Policy):
             per_replica = np.take_along_axis(window / replica_count, phy2log, axis=1)
             phy2log = spread_duplicates(phy2log, per_replica, t.num_ranks,
                                         t.ranks_per_node if hierarchical else t.num_ranks)
+            phy2log = _replace_shared_copies(phy2log, window, t.num_ranks)
         if current is None or not self.retain_slots:
             return phy2log
         if hierarchical:

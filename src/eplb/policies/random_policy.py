@@ -23,15 +23,18 @@ class RandomPolicy(Policy):
     Args:
         seed: seed of the random generator; the same seed and input give the same plan.
         num_moves: swaps per layer (each moves two slots, fewer when they hold the same expert).
+        allow_shared_rank: ``False`` (vllm-ascend's rule) skips a swap that would put an expert on a rank that
+            already holds it, so no rank ends up with an expert twice unless ``current`` had that.
     """
 
     name = "random"
 
-    def __init__(self, seed: int = 0, num_moves: int = 1):
+    def __init__(self, seed: int = 0, num_moves: int = 1, allow_shared_rank: bool = True):
         if int(num_moves) < 0:
             raise PolicyError(f"num_moves must be >= 0, got {num_moves}")
         self.seed = int(seed)
         self.num_moves = int(num_moves)
+        self.allow_shared_rank = bool(allow_shared_rank)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:
@@ -49,11 +52,23 @@ class RandomPolicy(Policy):
             # the second slot is on another rank: shift the first one's rank by 1..W-1
             shift = rng.integers(1, topology.num_ranks, size=num_layers)
             second = ((first // slots + shift) % topology.num_ranks) * slots + rng.integers(0, slots, size=num_layers)
-            phy2log[layers, first], phy2log[layers, second] = phy2log[layers, second], phy2log[layers, first]
+            swap = layers
+            if not self.allow_shared_rank:
+                swap = layers[~(_on_rank(phy2log, phy2log[layers, first], second // slots, slots)
+                                | _on_rank(phy2log, phy2log[layers, second], first // slots, slots))]
+                first, second = first[swap], second[swap]
+            phy2log[swap, first], phy2log[swap, second] = phy2log[swap, second], phy2log[swap, first]
         return phy2log
 
     def __repr__(self) -> str:
-        return f"RandomPolicy(seed={self.seed}, num_moves={self.num_moves})"
+        return (f"RandomPolicy(seed={self.seed}, num_moves={self.num_moves}, "
+                f"allow_shared_rank={self.allow_shared_rank})")
+
+
+def _on_rank(phy2log: np.ndarray, experts: np.ndarray, ranks: np.ndarray, slots: int) -> np.ndarray:
+    """bool ``[L]``: whether rank ``ranks[l]`` of layer ``l`` holds ``experts[l]``."""
+    rows = phy2log.reshape(phy2log.shape[0], -1, slots)[np.arange(phy2log.shape[0]), ranks]  # [L, K]
+    return (rows == experts[:, None]).any(axis=1)
 
 
 POLICY = RandomPolicy

@@ -4,19 +4,20 @@ Files written to the output folder (each atomically):
 
 - ``report.json``: the scenario, the settings and every run's figures (:func:`build_report`);
 - ``par_over_time.png``: per-step PAR (token-weighted over layers, smoothed) and estimated step time per run;
-- ``heatmap_before.png`` / ``heatmap_after.png``: rank x layer load of the whole run without balancing and with
-  the best online policy (drawn by :func:`eplb.report.heatmap.plot_rank_heatmap`);
+- ``heatmap_before.png`` / ``heatmap_after.png``: rank x layer load summed over the scored steps (after the
+  warm-up), without balancing and with the best online policy, on the one colour scale of
+  :func:`eplb.report.heatmap.plot_rank_heatmap` (white = balanced, red = busier than the layer's mean);
 - ``report.md``: the table and the plots, with how to read them.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from eplb._files import atomic_path
 from eplb.errors import EplbError
 
 __all__ = ["build_report", "summary_rows", "policy_table", "write_report", "plot_par_over_time", "COLUMNS"]
@@ -113,10 +114,12 @@ def _cell(figures: dict, key: str, fmt: str) -> str:
 def policy_table(report: dict):
     """A rich table, one row per run."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     trace, topology = report["trace"], report["topology"]
-    table = Table(title=f"{trace['name']} ({trace['source']}): {trace['steps']:,} steps x {trace['layers']} "
+    table = Table(title=f"{escape(trace['name'])} ({escape(trace['source'])}): {trace['steps']:,} steps x "
+                        f"{trace['layers']} "
                         f"layers, {topology['num_ranks']} ranks x {topology['slots_per_rank']} slots",
                   caption=f"per-step PAR (busiest / mean rank), token-weighted, after step {report['warmup_steps']}; "
                           "speed-up: estimated MoE time vs static; ideal: PAR = 1",
@@ -165,14 +168,22 @@ def plot_par_over_time(runs: dict, clairvoyant, path, title: str, warmup: int) -
     FigureCanvasAgg(figure)
     par_axes, time_axes = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     colours = iter(["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"])
+    # Distinct dashes and markers, so that a policy whose line coincides with another (random or a policy that
+    # moves nothing lies on static) still shows: static is a wide grey band underneath, the others thin on top.
+    dashes = iter([(0, ()), (0, (6, 2)), (0, (2, 2)), (0, (6, 2, 2, 2)), (0, (10, 3)), (0, (1, 3)),
+                   (0, (4, 1, 1, 1, 1, 1)), (0, (8, 2, 2, 2, 2, 2))])
+    markers = iter("osD^vP*X")
     x = np.arange(steps)
-    for label, run in every:
-        if label == "static":  # drawn on top: a policy that moves nothing would hide it
-            style = {"color": "#7f7f7f", "linewidth": 2.2, "zorder": 4}
+    marks = max(1, steps // 12)
+    for index, (label, run) in enumerate(every):
+        if label == "static":
+            style = {"color": "#9a9a9a", "linewidth": 4.0, "alpha": 0.55, "zorder": 2}
         elif label.startswith("clairvoyant"):
-            style = {"color": "black", "linewidth": 1.4, "linestyle": "--", "zorder": 5}
+            style = {"color": "black", "linewidth": 1.4, "linestyle": (0, (3, 2)), "zorder": 5}
         else:
-            style = {"color": next(colours), "linewidth": 1.3, "zorder": 3}
+            style = {"color": next(colours, "#333333"), "linewidth": 1.3, "linestyle": next(dashes, (0, ())),
+                     "marker": next(markers, "o"), "markersize": 4, "markevery": (index * marks // 7, marks),
+                     "zorder": 3}
         par_axes.plot(x, _smooth(run.step_par_series(), width), label=label, **style)
         time_axes.plot(x, _smooth(run.step_us / 1e3, width), **style)
     for axes in (par_axes, time_axes):
@@ -191,21 +202,13 @@ def plot_par_over_time(runs: dict, clairvoyant, path, title: str, warmup: int) -
 
 
 def _save(figure, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, "--out") as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path, "--out") as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(report: dict, runs: dict, static, clairvoyant, out_dir) -> dict[str, Path]:
@@ -228,21 +231,18 @@ def write_report(report: dict, runs: dict, static, clairvoyant, out_dir) -> dict
                                            "heatmap_after.png", "report.md")}
     online = {name: run for name, run in runs.items() if name != "static"}
     best = min(online, key=lambda name: report["policies"][name]["step_par_mean"]) if online else None
-    relative = [run.rank_load / np.maximum(run.rank_load.mean(axis=1, keepdims=True), 1e-300)
-                for run in (static, runs.get(best, static))]
-    vmax = max(2.0, *(float(r.max()) for r in relative))  # one colour scale for before and after
+    summed = f"load summed over steps {report['warmup_steps']}-{report['trace']['steps'] - 1}"
     try:
         _write_text(files["report.json"], json.dumps(report, indent=1) + "\n")
         plot_par_over_time(runs, clairvoyant, files["par_over_time.png"],
-                           f"{report['trace']['name']} on {report['topology']['description']}",
+                           f"per-step PAR and MoE time of each policy: {report['trace']['name']} on "
+                           f"{report['topology']['description']}",
                            report["warmup_steps"])
         plot_rank_heatmap(static.rank_load, files["heatmap_before.png"],
-                          title=f"no balancing (static): step PAR mean "
-                                f"{report['policies']['static']['step_par_mean']:.3f}", vmax=vmax)
+                          title=f"no balancing (static), {summed}", flag="--out")
         if best is not None:
             plot_rank_heatmap(runs[best].rank_load, files["heatmap_after.png"],
-                              title=f"{best}: step PAR mean {report['policies'][best]['step_par_mean']:.3f}",
-                              vmax=vmax)
+                              title=f"{best} (lowest per-step PAR), {summed}", flag="--out")
         else:
             del files["heatmap_after.png"]
         _write_text(files["report.md"], _markdown(report, best))
@@ -277,8 +277,8 @@ def _markdown(report: dict, best: str | None) -> str:
         "",
         "![per-step PAR over time](par_over_time.png)",
         "",
-        "Rank x layer load after the warm-up (rank load / layer mean), without balancing and with "
-        f"{best or 'no policy'}:",
+        "Rank x layer load summed over the steps after the warm-up, as rank load / layer mean (white: balanced, "
+        f"red: busier, blue: idler; one scale for both), without balancing and with {best or 'no policy'}:",
         "",
         "![rank x layer load without balancing](heatmap_before.png)",
     ]

@@ -197,7 +197,7 @@ def is_workload_statistics(path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as data:
             return "counts" in data.files and "workloads" in data.files
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile):  # not an .npz: the reader says why
         return False
 
 

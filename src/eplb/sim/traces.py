@@ -52,7 +52,7 @@ def _is_per_step_npz(path: Path) -> bool:
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
             return len(read_header(f)[0]) == 3
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
         return False
 
 
@@ -108,12 +108,13 @@ class Trace:
             raise LoadError(f"{field}: prefill must be bool [{counts.shape[0]}], got shape {prefill.shape}")
         return cls(counts.astype(np.int32, copy=False), prefill, int(top_k), name, source)
 
-    def save(self, path) -> None:
-        """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically.
+    def save(self, path, flag: str | None = None) -> None:
+        """Write ``counts`` (plus ``prefill``, ``top_k``, ``name``) as a compressed ``.npz``, atomically
+        (:func:`eplb._files.atomic_path`; ``flag`` names the option in its errors).
 
         The file is also a plain load file: :func:`eplb.formats.read_load` reads its ``counts``.
         """
-        write_arrays(Path(path), counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
+        write_arrays(Path(path), flag, counts=self.counts, prefill=self.prefill, top_k=np.int64(self.top_k),
                      name=np.str_(self.name), source=np.str_(self.source))
 
     @classmethod
@@ -428,6 +429,10 @@ def load_trace(source: str, steps: int | None = None, seed: int = 0, workloads=N
 
         counts, prefill, top_k, name, origin = read_load(path), None, TOP_K, path.name, f"recorded load {path.name}"
     if counts.ndim == 2:
+        if not (counts.sum(axis=-1) > 0).all():
+            layer = int(np.argmin(counts.sum(axis=-1) > 0))
+            raise LoadError(f"{path} holds one window [L, E] whose layer {layer} has no load; a scenario is drawn "
+                            "from each layer's expert popularity, so every layer needs some")
         logger.info("%s holds one window [L, E] (no time axis): generating builtin:default from it", path)
         profile = cap_popularity(counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1e-300) * top_k)
         regimes = Regimes(profile[None], (path.stem,), np.zeros(1, dtype=bool), top_k,
