@@ -44,6 +44,7 @@ cycle, moves nothing and keeps attributing heat through the placement actually i
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 
@@ -58,6 +59,7 @@ from eplb.placement import Placement
 from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
+from eplb.pricing import MovePrice, measured_price
 from eplb.runtime.agreement import agree_on_plan, all_reduce
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
@@ -174,6 +176,10 @@ class EplbController:
         self.transfers: dict = {}
         self._pending = None
         self._last_interval_start = time.monotonic()
+        # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
+        self._step_started: float | None = None
+        self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
+        self._move_s, self._moved_experts = 0.0, 0
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
@@ -190,6 +196,10 @@ class EplbController:
         if self.config.mode == "off":
             return
         self._in_step = True
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self._step_s.append(now - self._step_started)
+        self._step_started = now
         if self.config.mode == "static":
             self._static_window()
             self.recorder.begin_step(is_prefill)
@@ -221,6 +231,8 @@ class EplbController:
             current.transfer_s += pending.post_s + pending.wait_s
             current.switch_s += time.perf_counter() - start - pending.wait_s
             current.bytes_received += pending.bytes_received
+            self._move_s += pending.post_s + pending.wait_s
+            self._moved_experts += pending.bytes_received // max(int(self._expert_bytes[transfers[0].layer]), 1)
             current.applied_layers += [t.layer for t in transfers]
         record = self.cycle.records[-1] if self.cycle.records else None
         if record is not None and record.apply_end == self.step and self.metrics:
@@ -369,7 +381,21 @@ class EplbController:
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self.live.phy2log.copy(), self.topology,
                                         self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                                         cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
-                                        live_ranks=live, resilience=self.config.resilience, state=self.cycle.state))
+                                        live_ranks=live, resilience=self.config.resilience, state=self.cycle.state,
+                                        price=self._measured_price(load)))
+
+    def _measured_price(self, load) -> MovePrice | None:
+        """The price of a move from the transfer time per received expert and the median step time measured on
+        this rank, the largest of every rank's (one all-reduce, so every rank plans on the same figures); None
+        while either is unmeasured or with ``measured_price`` off (the model's defaults then apply)."""
+        if not self.config.measured_price or self.mover is None:
+            return None
+        move_s = self._move_s / self._moved_experts if self._moved_experts else 0.0
+        step_s = float(np.median(self._step_s)) if self._step_s else 0.0
+        agreed = all_reduce(torch.tensor([move_s, step_s], dtype=torch.float64), dist.ReduceOp.MAX, self.group,
+                            self.device)
+        return measured_price(float(agreed[0]), float(agreed[1]), load, self.live.phy2log,
+                              self.topology.num_ranks, float(self.cycle.config.cycle_steps))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
