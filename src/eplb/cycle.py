@@ -299,6 +299,7 @@ class Cycle:
                 self.records[-1].apply_start = step
                 self.state = self._plan.state
                 return None
+            self.state = self._plan.state  # a plan that applies nothing still hands on (e.g. an unspent budget)
             reason = "no gain"
         elif self.config.deadline_steps is not None and waited >= self.config.deadline_steps:
             reason = "late"

@@ -17,8 +17,9 @@ first), ``layers_per_step`` per step, or as many as fit ``bytes_per_step`` (at l
 
 State across cycles (:class:`PlanState`): a policy may keep state from one cycle to the next (FlashLB compares each
 layer's balance with the one it last planned for), and the similarity rule needs each layer's load when last
-applied. The caller keeps the state of the last plan that started applying and hands it to the next call; the
-runtime keeps it in the serving process, so a planner restart loses nothing.
+applied; ``auto`` its unspent move budget. The caller keeps the state of the last plan that came back (one that
+applies nothing too, so an unspent budget keeps growing) and hands it to the next call; the runtime keeps it in the
+serving process, so a planner restart loses nothing.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     state = state or PlanState()
     window = planning_window(policy, window)
     live = None if live_ranks is None else np.asarray(live_ranks, dtype=bool)
+    priced = {"price": _with_life(price, cycle, expert_bytes)} if getattr(policy, "prices_moves", False) else {}
     plan = policy.rebalance(window, current.topology, current=current,
                             live_ranks=None if live is None or live.all() else live, resilience=resilience,
-                            state=state.policy, price=_with_life(price, cycle, expert_bytes))
+                            state=state.policy, **priced)
     num_layers = current.num_layers
     summed = window if window.ndim == 2 else window.sum(axis=0, dtype=np.float64)
     before, after = plan.par_before.astype(np.float64), plan.par_after.astype(np.float64)
@@ -184,7 +186,7 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     if order and cycle.similarity_threshold is not None:
         applied_load = applied_load.copy()
         applied_load[order] = summed[order]
-    next_state = PlanState(policy=policy.next_state(state.policy, plan, order) if order else state.policy,
+    next_state = PlanState(policy=policy.next_state(state.policy, plan, order),
                            applied_load=applied_load if cycle.similarity_threshold is not None else None)
     return CyclePlan(phy2log=phy2log, changed=np.asarray(plan.changed, dtype=bool), par_before=before,
                      par_after=after, moved_slots=moved, layers=tuple(order), transfers=transfers,
