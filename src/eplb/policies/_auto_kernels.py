@@ -20,6 +20,8 @@ until nothing pays. Layers are independent and run in parallel (:func:`search_la
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 from numba import njit, prange
 
@@ -459,20 +461,29 @@ def greedy_tables(mean_x, num_ranks, slots):
         rank_load = np.zeros(num_ranks)
         used = np.zeros(num_ranks, dtype=np.int64)
         has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+        # ranks with a free slot by (load, id): the lightest is on top, ties to the lower id, as a linear scan
+        free = [(0.0, r) for r in range(num_ranks)]
+        skipped = [(0.0, 0) for _ in range(0)]
         for j in order:
             e = items[j]
-            target, fallback = -1, -1
-            for r in range(num_ranks):
-                if used[r] == slots:
-                    continue
-                if fallback < 0 or rank_load[r] < rank_load[fallback]:
-                    fallback = r
-                if not has[r, e] and (target < 0 or rank_load[r] < rank_load[target]):
-                    target = r
-            if target < 0:
-                target = fallback
+            target = -1
+            while free:
+                entry = heapq.heappop(free)
+                if not has[entry[1], e]:
+                    target = entry[1]
+                    break
+                skipped.append(entry)
+            first = 0
+            if target < 0:  # every free rank holds e: the lightest takes it
+                target = skipped[0][1]
+                first = 1
+            for i in range(first, len(skipped)):
+                heapq.heappush(free, skipped[i])
+            skipped.clear()
             out[layer, target, used[target]] = e
             used[target] += 1
             has[target, e] = True
             rank_load[target] += per_replica[j]
+            if used[target] < slots:
+                heapq.heappush(free, (rank_load[target], target))
     return out
