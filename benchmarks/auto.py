@@ -59,6 +59,9 @@ def _run(trace, policy_name, config, options=None, clairvoyant=False) -> dict:
     return {"step_par_mean": round(summary["step_par_mean"], 4),
             "step_par_p99": round(summary["step_par_p99"], 4),
             "moved_slots_per_replan": float(np.mean(replans)) if replans else 0.0,
+            "first_plan_moved_slots": result.cycles[0].moved_slots if result.cycles else 0,
+            "step_ms": round(summary["step_ms"], 4),
+            "exposed_transfer_ms_per_step": round(summary["exposed_transfer_ms_per_step"], 5),
             "planner_ms": round(summary["planner_ms"], 1)}
 
 
