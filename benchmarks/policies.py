@@ -164,7 +164,7 @@ class _Stateless:
     def rebalance(self, *args, **kwargs):
         return self.policy.rebalance(*args, **kwargs)
 
-    def next_state(self, state, plan, layers):
+    def next_state(self, state, plan, layers, load):
         return None
 
 

@@ -3,10 +3,11 @@
 counts through the router) gives the same cycle records: each cycle's window, plan checksum (placement, transfers,
 schedule), layers moved in each step, moved slots, bytes and skipped cycles, and the same final placement.
 
-Every registered policy runs, ``auto`` with its per-step window (episodes) and also with balanced dispatch, ``flashlb``
-with its state carried from cycle to cycle (one rank restarts its planner between cycles: the state lives in the
-serving process). The runtime accepts each plan in the step after submission (:meth:`PlannerWorker.wait` makes that
-step deterministic); the simulator with ``planner_steps=2`` applies from the same step.
+Two ranks run every registered policy, ``auto`` with its per-step window (episodes) and also with balanced dispatch,
+``flashlb`` with its state carried from cycle to cycle (one rank restarts its planner between cycles: the state lives
+in the serving process); four ranks run ``auto``. The runtime accepts each plan in the step after submission
+(:meth:`PlannerWorker.wait` makes that step deterministic); the simulator with ``planner_steps=2`` applies from the
+same step.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from eplb.sim.traces import Trace  # noqa: E402
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
 RUNS = {2: [(name, "rank") for name in available_policies()] + [("auto", "balanced")],
-        4: [("auto", "rank"), ("flashlb", "rank")]}  # the per-step window and the policy state, on 4 ranks too
+        4: [("auto", "rank")]}  # the default policy with its per-step window, on 4 ranks too
 WORLDS = (2, 4)  # ranks x 40 and x 20 slots
 COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "moved_slots",
             "bytes_moved", "par_before", "par_after", "skipped", "checksum")

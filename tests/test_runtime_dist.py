@@ -121,7 +121,7 @@ def make_controller(rank: int, tmp, planner_target=None, **cfg):
 
 # -- scenarios ----------------------------------------------------------------------------------------------------
 def scenario_heat_layout(rank, tmp):
-    from eplb.runtime.recorder import LoadRecorder, gather_heat, gather_heat_steps
+    from eplb.runtime.recorder import LoadRecorder, gather_slot_counts, gather_slot_count_steps
 
     out = {}
     g3 = dist.new_group([0, 1, 2])
@@ -131,16 +131,16 @@ def scenario_heat_layout(rank, tmp):
         rec.begin_step()
         if rank == 1:
             rec.record_counts(0, torch.tensor([3, 5]))
-        out["world3"] = rec.gather_slots(g3).reshape(-1).tolist()
+        out["world3"] = gather_slot_counts(rec.window, 3, g3).reshape(-1).tolist()
     if rank < 2:
         rec = LoadRecorder(1, 4, 2, 2, rank, source="counts")
         rec.begin_step()
         if rank == 0:
             rec.record_counts(0, torch.tensor([2, 7]), cumulative=True)
-        out["world2_cumulative"] = rec.gather_slots(g2).reshape(-1).tolist()
+        out["world2_cumulative"] = gather_slot_counts(rec.window, 2, g2).reshape(-1).tolist()
     local = (torch.arange(58 * 100 * 8).reshape(58, 100, 8) + rank * 10**6)
-    normal = gather_heat(local, WORLD)
-    staged = gather_heat_steps(local, WORLD)
+    normal = gather_slot_counts(local, WORLD)
+    staged = gather_slot_count_steps(local, WORLD)
     out["normal_shape"], out["staged_shape"] = list(normal.shape), list(staged.shape)
     out["normal_ok"] = all(torch.equal(normal[:, w], local - (rank - w) * 10**6) for w in range(WORLD))
     out["staged_ok"] = all(torch.equal(staged[:, :, w], (local - (rank - w) * 10**6).transpose(0, 1))

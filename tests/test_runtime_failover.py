@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from eplb.runtime import EplbConfig, EplbController  # noqa: E402
 from eplb.runtime.config import ConfigError  # noqa: E402
-from eplb.runtime.recorder import LoadRecorder  # noqa: E402
+from eplb.runtime.recorder import LoadRecorder, gather_slot_counts  # noqa: E402
 
 
 # -- transfers ------------------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_recorder_gathers_kernel_counts_into_the_live_ranks_rows():
     recorder.begin_step()
     recorder.record_counts(0, torch.tensor([5, 7]))
     recorder.live = np.array([False, True, False])  # this rank is the only survivor: a group of one
-    gathered = recorder.gather_slots()
+    gathered = gather_slot_counts(recorder.window, 3, live=recorder.live)
     assert gathered.shape == (1, 3, 2)
     assert gathered[0].tolist() == [[0, 0], [5, 7], [0, 0]]
 

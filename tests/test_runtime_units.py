@@ -12,7 +12,7 @@ from eplb.transfers import layer_transfer, transfer_plan
 
 torch = pytest.importorskip("torch")
 
-from eplb.runtime.recorder import LoadRecorder  # noqa: E402
+from eplb.runtime.recorder import LoadRecorder, gather_slot_counts  # noqa: E402
 from eplb.runtime.router import ReplicaRouter  # noqa: E402
 
 
@@ -201,7 +201,7 @@ def test_recorder_kernel_counts_plain_and_cumulative():
     rec.record_counts(0, torch.tensor([3, 5]))
     rec.record_counts(0, torch.tensor([2, 7]), cumulative=True)
     assert rec.window[0].tolist() == [5, 10]
-    assert rec.gather_slots().reshape(-1).tolist() == [5, 10]
+    assert gather_slot_counts(rec.window, 2).reshape(-1).tolist() == [5, 10]
 
 
 def test_recorder_stage_filter():

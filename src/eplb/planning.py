@@ -186,7 +186,7 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     if order and cycle.similarity_threshold is not None:
         applied_load = applied_load.copy()
         applied_load[order] = summed[order]
-    next_state = PlanState(policy=policy.next_state(state.policy, plan, order),
+    next_state = PlanState(policy=policy.next_state(state.policy, plan, order, window),
                            applied_load=applied_load if cycle.similarity_threshold is not None else None)
     return CyclePlan(phy2log=phy2log, changed=np.asarray(plan.changed, dtype=bool), par_before=before,
                      par_after=after, moved_slots=moved, layers=tuple(order), transfers=transfers,

@@ -35,7 +35,7 @@ from eplb.load import episodes
 from eplb.placement import Placement
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.base import Policy
-from eplb.policies.kernels import spread_duplicates
+from eplb.policies.kernels import greedy_tables, spread_duplicates
 from eplb.policies.retention import match_ranks
 from eplb.pricing import DEFAULT_PRICE, MovePrice
 from eplb.topology import Topology
@@ -148,7 +148,7 @@ class Auto(Policy):
         carried = np.zeros(num_layers) if state is None else np.asarray(state, dtype=np.float64)
         return np.minimum(np.floor(self.move_budget * num_slots + carried), num_slots).astype(np.int64)
 
-    def next_state(self, state, plan, layers):
+    def next_state(self, state, plan, layers, load):
         """Unspent move budget per layer ``[L]`` (float64) once ``layers`` of ``plan`` are applied, at most one
         layer's slots; None without ``move_budget``."""
         if self.move_budget is None:
@@ -170,7 +170,7 @@ class Auto(Policy):
         x, weight = forecast(load, self.num_episodes, self.half_life)
         liquid = _LIQUID[self.dispatch]
         mean_x = np.einsum("lse,s->le", x, weight / weight.sum())
-        fresh = kernels.greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
+        fresh = greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
         fresh = spread_duplicates(fresh, mean_x[np.arange(num_layers)[:, None], fresh], num_ranks)
         move_cost = self._move_cost(load, x, weight, num_ranks, price)
         budget = self.budgets(num_layers, num_slots, state)

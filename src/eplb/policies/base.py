@@ -164,10 +164,10 @@ class Policy:
         (read-only: copy it before writing)."""
         raise NotImplementedError
 
-    def next_state(self, state, plan: Plan, layers):
-        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices) are applied.
-        Stateless policies keep None; the state must be deterministic and picklable (it travels to the planner
-        worker and back)."""
+    def next_state(self, state, plan: Plan, layers, load):
+        """The state to hand to the next cycle once ``plan``'s ``layers`` (a list of layer indices), planned on
+        ``load`` (as given to :meth:`rebalance`), are applied. Stateless policies keep None; the state must be
+        deterministic and picklable (it travels to the planner worker and back)."""
         return state
 
     def __repr__(self) -> str:

@@ -29,7 +29,6 @@ import numpy as np
 
 from eplb.errors import PolicyError
 from eplb.load import episodes
-from eplb.metrics import par, rank_loads
 from eplb.placement import Placement
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.base import Policy
@@ -58,6 +57,13 @@ def episode_load(load: np.ndarray, num_episodes: int) -> np.ndarray:
     return episodes(load, num_episodes).transpose(1, 0, 2) + float(steps_per_episode)
 
 
+def _episode_arrays(load: np.ndarray, num_episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(xt [L, E, S], total [L, S])`` of :func:`episode_load`, C-ordered and writable in every call: numba
+    compiles each array layout and read-only flag separately."""
+    x = episode_load(load, num_episodes)
+    return np.ascontiguousarray(x.transpose(0, 2, 1)), np.ascontiguousarray(x.sum(axis=2))
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PolicyError(f"flashlb option {name} must be an integer >= 1, got {value!r}")
@@ -84,9 +90,9 @@ class FlashLB(Policy):
             value at the last plan. Default 0.9, or 0.95 for fewer than 32 ranks.
         replan_floor: with ``last_balance``, re-plan a layer whose average-to-peak is below this. Default 0.85, or
             0.9 for fewer than 32 ranks.
-        last_balance: float ``[L]`` in (0, 1], each layer's average-to-peak (``1 / PAR`` on the window sum) when it
-            was last planned, e.g. ``1 / plan.par_after`` of the previous plan for the layers it changed. When None
-            (the default) every layer is a candidate.
+        last_balance: float ``[L]`` in (0, 1], each layer's average-to-peak when it was last planned: ``1 /`` the
+            mean over the episodes of their PAR (FlashLB's score), as :meth:`next_state` keeps it. When None (the
+            default) every layer is a candidate.
 
     A layer changes only when the new placement scores strictly better than ``current`` on the same episodes.
     ``slots_per_rank`` must not exceed the number of experts, since no rank holds an expert twice.
@@ -124,17 +130,16 @@ class FlashLB(Policy):
         if slots > num_experts:
             raise PolicyError(f"flashlb never puts an expert twice on a rank, so slots_per_rank ({slots}) must be "
                               f"<= the number of experts ({num_experts})")
-        x = episode_load(load, self.num_episodes)
-        # C-ordered, writable arrays in every call: numba compiles each array layout and read-only flag separately
-        xt = np.ascontiguousarray(x.transpose(0, 2, 1))
-        total = np.ascontiguousarray(x.sum(axis=2))
-        selected = self._candidates(window, current, num_layers, self.last_balance if state is None else state)
+        xt, total = _episode_arrays(load, self.num_episodes)
+        old_score = None
+        if current is not None:
+            old_rows = np.array(current.phy2log, dtype=np.int64, order="C")
+            old_score = kernels.score_layers(xt, total, old_rows, num_ranks)
+        selected = self._candidates(old_score, num_ranks, num_layers, self.last_balance if state is None else state)
         new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
                                              self.width)
         if current is None:
             return new
-        old_rows = np.array(current.phy2log, dtype=np.int64, order="C")
-        old_score = kernels.score_layers(xt, total, old_rows, num_ranks)
         gain = np.where(selected, old_score - new_score, 0.0)
         apply = gain > _GAIN_TOLERANCE * old_score
         log.debug("flashlb: %d layers re-planned, %d with a positive gain", selected.sum(), apply.sum())
@@ -143,27 +148,32 @@ class FlashLB(Policy):
             out[apply] = match_ranks(new[apply], out[apply], num_ranks, across_nodes=True)
         return out
 
-    def _candidates(self, window: np.ndarray, current: Placement | None, num_layers: int, last) -> np.ndarray:
-        """bool ``[L]``: the layers worth re-planning (cherry-picking against ``last``, the balance of each layer
-        when last applied, NaN for a layer never applied)."""
-        if current is None or last is None:
+    def _candidates(self, old_score, num_ranks: int, num_layers: int, last) -> np.ndarray:
+        """bool ``[L]``: the layers worth re-planning (cherry-picking): each layer's average-to-peak now
+        (``1 / old_score``, the mean over the episodes of their PAR) against ``last``, its value when the layer was
+        last applied (NaN: never applied)."""
+        if old_score is None or last is None:
             return np.ones(num_layers, dtype=bool)
         last = np.asarray(last, dtype=np.float64)
         if last.shape != (num_layers,):
             raise PolicyError(f"flashlb option last_balance has {last.shape[0]} layers, the load has {num_layers}")
-        small = current.topology.num_ranks < _SMALL_GROUP
+        small = num_ranks < _SMALL_GROUP
         ratio = self.replan_ratio if self.replan_ratio is not None else (0.95 if small else 0.9)
         floor = self.replan_floor if self.replan_floor is not None else (0.9 if small else 0.85)
-        balance = 1.0 / par(rank_loads(current, window))
+        balance = 1.0 / old_score
         return np.isnan(last) | (balance < floor) | (balance < ratio * last)
 
-    def next_state(self, state, plan, layers):
-        """float64 ``[L]``: each layer's average-to-peak (``1 / par_after``) when it was last applied, NaN for a
-        layer never applied (what cherry-picking compares against)."""
+    def next_state(self, state, plan, layers, load):
+        """float64 ``[L]``: each layer's average-to-peak over the episodes of the window it was last applied on
+        (``1 /`` its score), NaN for a layer never applied: what cherry-picking compares against."""
         if state is None:
             state = np.full(plan.par_after.shape, np.nan) if self.last_balance is None else self.last_balance
         balance = np.array(state, dtype=np.float64)
-        balance[list(layers)] = 1.0 / plan.par_after[list(layers)]
+        layers = list(layers)
+        if layers:
+            xt, total = _episode_arrays(np.asarray(load)[..., layers, :], self.num_episodes)
+            rows = np.array(plan.placement.phy2log[layers], dtype=np.int64, order="C")
+            balance[layers] = 1.0 / kernels.score_layers(xt, total, rows, plan.placement.topology.num_ranks)
         return balance
 
     def __repr__(self) -> str:

@@ -243,3 +243,59 @@ def _spread(table, loads, block):
                 table[layer, rank, slot], table[layer, best_rank, best_slot] = table[layer, best_rank, best_slot], expert
                 loads[layer, rank, slot], loads[layer, best_rank, best_slot] = (loads[layer, best_rank, best_slot],
                                                                                   loads[layer, rank, slot])
+
+
+@njit(cache=True)
+def greedy_tables(mean_x, num_ranks, slots):
+    """int64 ``[L, W, K]``: a fresh placement per layer from ``mean_x`` ``[L, E]``.
+
+    Replicas go one by one to the expert with the largest load per replica (at most one per rank, ties to the lower
+    id: :func:`allot_replicas`); then replicas, heaviest per-replica load first, fill the lightest rank with a free slot that does not hold
+    the expert yet (ties to the lower rank). When no such rank is left the lightest rank with a free slot takes it
+    (a duplicate that :func:`spread_duplicates` then swaps away). ``auto``'s fresh start.
+    """
+    num_layers, num_experts = mean_x.shape
+    out = np.empty((num_layers, num_ranks, slots), dtype=np.int64)
+    everyone = np.ones(num_experts, dtype=np.bool_)
+    for layer in range(num_layers):
+        counts = np.ones(num_experts, dtype=np.int64)
+        for e in allot_replicas(mean_x[layer], everyone, num_ranks * slots - num_experts, num_ranks):
+            counts[e] += 1
+        items = np.empty(num_ranks * slots, dtype=np.int64)
+        per_replica = np.empty(num_ranks * slots)
+        i = 0
+        for e in range(num_experts):
+            for _ in range(counts[e]):
+                items[i] = e
+                per_replica[i] = mean_x[layer, e] / counts[e]
+                i += 1
+        order = np.argsort(-per_replica, kind="mergesort")
+        rank_load = np.zeros(num_ranks)
+        used = np.zeros(num_ranks, dtype=np.int64)
+        has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+        # ranks with a free slot by (load, id): the lightest is on top, ties to the lower id, as a linear scan
+        free = [(0.0, r) for r in range(num_ranks)]
+        skipped = [(0.0, 0) for _ in range(0)]
+        for j in order:
+            e = items[j]
+            target = -1
+            while free:
+                entry = heapq.heappop(free)
+                if not has[entry[1], e]:
+                    target = entry[1]
+                    break
+                skipped.append(entry)
+            first = 0
+            if target < 0:  # every free rank holds e: the lightest takes it
+                target = skipped[0][1]
+                first = 1
+            for i in range(first, len(skipped)):
+                heapq.heappush(free, skipped[i])
+            skipped.clear()
+            out[layer, target, used[target]] = e
+            used[target] += 1
+            has[target, e] = True
+            rank_load[target] += per_replica[j]
+            if used[target] < slots:
+                heapq.heappush(free, (rank_load[target], target))
+    return out

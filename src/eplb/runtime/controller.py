@@ -17,7 +17,7 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
 What it costs (``benchmarks/runtime.py``, DeepSeek-V3 sizes, CPU, one thread): ``route`` is a gather plus an
 ``index_add_`` on the device per layer, never a host sync (about 17 us per layer on CPU, so about 1 ms per step
 for 58 layers; on a GPU these are two small kernel launches). The hooks take about 3 us in an ordinary step. Extra
-work happens only in these steps: at the end of each heat window one all-reduce (or all-gather) of the counts
+work happens only in these steps: at the end of each load window one all-reduce (or all-gather) of the counts
 (``[L, P]`` int64) and a queue put (about 60 us besides the collective); every ``planner_check_steps`` steps while a
 plan is awaited one all-reduce of 3 integers (the agreement); while a plan is applied, one layer per step: its
 ``batch_isend_irecv`` is posted in ``before_forward`` and waited for in ``after_forward`` (only ranks that send or
@@ -38,7 +38,7 @@ arrived, on all ranks in the same step (``after_forward`` waits for the layer's 
 is a dead rank, which the process group's own timeout reports.
 
 Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
-cycle, moves nothing and keeps attributing heat through the placement actually in force; ``static`` loads
+cycle, moves nothing and keeps attributing load through the placement actually in force; ``static`` loads
 ``map_path`` at start and only records; ``off`` only routes.
 """
 
@@ -378,6 +378,8 @@ class EplbController:
         if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
             self.planner.restart()
         live = ~self.failed if self.failed.any() else None
+        if load.size and load.max() <= np.iinfo(np.int32).max:
+            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
         self.planner.submit(PlanRequest(self.metrics[-1].cycle, load, self.live.phy2log.copy(), self.topology,
                                         self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                                         cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,

@@ -15,7 +15,7 @@ counts) and the optional per-step ring is ``[L, T, S]``; all-gathered over ``W``
 as ``[L, W, S]``, and ``[W, L, T, S]``, read as ``[T, L, W, S]``.
 
 When a layer switches placement inside a window, :meth:`LoadRecorder.fold_layer` first converts that layer's slot
-counts into logical counts with the placement that was in force while they were taken, so heat is never attributed to
+counts into logical counts with the placement that was in force while they were taken, so load is never attributed to
 the expert that moved into a slot afterwards.
 """
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from eplb.errors import EplbError
 
-__all__ = ["LoadRecorder", "STAGES", "gather_heat", "gather_heat_steps"]
+__all__ = ["LoadRecorder", "STAGES", "gather_slot_counts", "gather_slot_count_steps"]
 
 # torch >= 2.13 renamed all_gather_into_tensor (the old name warns); both take the concatenated [W * n, ...] output
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -60,7 +60,7 @@ class LoadRecorder:
         if source not in ("ids", "counts"):
             raise EplbError(f"recorder source must be 'ids' or 'counts', got {source!r}")
         if stage not in STAGES:
-            raise EplbError(f"heat collection stage must be one of {', '.join(STAGES)}, got {stage!r}")
+            raise EplbError(f"recording stage must be one of {', '.join(STAGES)}, got {stage!r}")
         if ring_steps < 0:
             raise EplbError(f"ring_steps must be >= 0, got {ring_steps}")
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -153,16 +153,6 @@ class LoadRecorder:
         self._steps = 0
 
     # -- gathering ----------------------------------------------------------------------------------------------
-    def gather_slots(self, group=None) -> torch.Tensor:
-        """int64 ``[L, W, S]``: every rank's window buffer (vllm-ascend layout). Collective: all ranks call it."""
-        return gather_heat(self.window, self.num_ranks, group, self.live)
-
-    def gather_ring(self, group=None) -> torch.Tensor:
-        """int64 ``[T, L, W, S]``: every rank's per-step ring (vllm-ascend multi-stage layout). Collective."""
-        if self.ring is None:
-            raise EplbError("the recorder keeps no per-step ring (ring_steps=0)")
-        return gather_heat_steps(self.ring, self.num_ranks, group, self.live)
-
     def logical_load(self, phy2log: np.ndarray, group=None) -> np.ndarray:
         """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
 
@@ -195,13 +185,13 @@ class LoadRecorder:
         return gathered.permute(1, 2, 0, 3).reshape(num_layers, steps, -1)
 
 
-def gather_heat(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
+def gather_slot_counts(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
     """``[L, W, ...]``: the layer-major buffers ``[L, ...]`` of all ``W`` ranks (vllm-ascend's gathered layout).
     ``live``: bool ``[W]``, the members of ``group`` after a failure (failed ranks' rows are zero)."""
     return _gather(local, num_ranks, group, live).transpose(0, 1)
 
 
-def gather_heat_steps(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
+def gather_slot_count_steps(local: torch.Tensor, num_ranks: int, group=None, live: np.ndarray | None = None) -> torch.Tensor:
     """``[T, L, W, S]``: the per-step buffers ``[L, T, S]`` of all ``W`` ranks (vllm-ascend's multi-stage layout)."""
     return _gather(local, num_ranks, group, live).permute(2, 1, 0, 3)
 
