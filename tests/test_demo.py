@@ -67,6 +67,23 @@ def test_static_demo_serves_a_balanced_map_from_the_start(tmp_path, capsys):
     assert summary["after"] is None and summary["before"]["step_par"] < 1.3  # the initial layout is at ~1.5
 
 
+def test_record_demo_writes_the_map_it_planned(tmp_path, capsys):
+    from eplb.formats import read_map
+
+    path = tmp_path / "recorded.json"
+    code, summary = _demo_json(capsys, "--mode", "record", "--map", str(path), "--ranks", "2", "--steps", "60",
+                               "--window", "20", "--tokens", "64", "--layers", "2", "--timeout", "240")
+    assert code == 0 and summary["map_written"] == str(path)
+    assert read_map(path).num_layers == 2 and summary["cycles"][0]["moved_slots"] > 0
+
+
+def test_record_demo_that_writes_no_map_exits_1(tmp_path, capsys):
+    path = tmp_path / "never.json"  # 5 steps: no window ends, so no plan is made
+    code, summary = _demo_json(capsys, "--mode", "record", "--map", str(path), "--ranks", "2", "--steps", "5",
+                               "--tokens", "32", "--layers", "2", "--timeout", "240")
+    assert code == 1 and summary["map_written"] is None and not path.exists()
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"moe_layer_count": 2', "not valid JSON"),
     (None, "is for 4 layers"),

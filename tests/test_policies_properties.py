@@ -1,8 +1,9 @@
 """Properties every registered policy must have, on random problems (hypothesis).
 
 For each policy in ``eplb.available_policies()``: the placement is valid, the plan's ``moved_slots`` and
-``par_after`` agree with a plain recomputation (loops, not :mod:`eplb.metrics`), the same input gives the same output,
-and torch tensors give the same plan as numpy arrays.
+``par_after`` agree with a plain recomputation (loops, not :mod:`eplb.metrics`), a layer with no load or fewer tokens
+than ranks keeps the placement in force, the same input gives the same output, and torch tensors give the same plan
+as numpy arrays.
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ import eplb
 from eplb import Placement, PolicyError, Topology
 
 POLICIES = eplb.available_policies()
-LOAD_KINDS = ("zero", "uniform", "zipf", "one-hot")
+LOAD_KINDS = ("zero", "near-zero", "uniform", "zipf", "one-hot")
 
 
 def _divisors(n: int) -> list[int]:
@@ -37,6 +38,8 @@ def problems(draw):
     shape = (num_layers, num_experts) if steps == 0 else (steps, num_layers, num_experts)
     if kind == "zero":
         load = np.zeros(shape, dtype=np.int64)
+    elif kind == "near-zero":  # fewer tokens than ranks in some layers of the window
+        load = (rng.random(shape) < 0.3 / num_experts).astype(np.int64)
     elif kind == "uniform":
         load = np.full(shape, 100, dtype=np.int64)
     elif kind == "zipf":
@@ -114,10 +117,16 @@ def test_policy_properties(name, problem):
             if all(len(set(row)) == len(row) for row in before):
                 assert all(len(set(row)) == len(row) for row in after), after
 
+    # a quiet layer keeps the placement in force (a policy that never shares a rank may repair one that does)
+    window = load.sum(axis=0) if load.ndim == 3 else load
+    for layer in np.flatnonzero((window.sum(axis=1) == 0) | (window.sum(axis=1) < topology.num_ranks)):
+        rows = _rank_rows(reference[layer:layer + 1], topology)[0]
+        if policy.allow_shared_rank or all(len(set(row)) == len(row) for row in rows):
+            assert new[layer].tolist() == reference[layer].tolist(), f"quiet layer {layer} moved"
+
     # moved slots and predicted PAR, recomputed
     assert plan.moved_slots.tolist() == _expected_moves(new, reference).tolist()
     assert plan.changed.tolist() == (plan.moved_slots > 0).tolist()
-    window = load.sum(axis=0) if load.ndim == 3 else load
     np.testing.assert_allclose(plan.par_after, _expected_par(new, window.astype(float), topology.num_ranks),
                                rtol=1e-9)
     np.testing.assert_allclose(plan.par_before, _expected_par(reference, window.astype(float),

@@ -1,6 +1,8 @@
-"""Turning user input (lists, numpy arrays, torch tensors) into numpy arrays with clear errors."""
+"""Turning user input (lists, numpy arrays, torch tensors, numbers, flags) into checked values with clear errors."""
 
 from __future__ import annotations
+
+import operator
 
 import numpy as np
 
@@ -34,6 +36,26 @@ def to_int_array(value, field: str, error: type[EplbError] = EplbError) -> np.nd
                         f"{tuple(int(i) for i in bad)}")
         return arr.astype(np.int64)
     raise error(f"{field} must hold integers, got dtype {arr.dtype}")
+
+
+def to_int(value, field: str, error: type[EplbError] = EplbError, minimum: int | None = None) -> int:
+    """``value`` as a Python int (numpy integers accepted; floats, strings and booleans refused), at least ``minimum``."""
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise error(f"{field} must be an integer, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise error(f"{field} must be >= {minimum}, got {number}")
+    return number
+
+
+def to_bool(value, field: str, error: type[EplbError] = EplbError) -> bool:
+    """``value`` as a bool; only ``True`` / ``False`` (numpy's too) are accepted, not ``"false"`` or ``1``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise error(f"{field} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def like_input(result: np.ndarray, original):

@@ -11,7 +11,7 @@ import numpy as np
 from eplb._arrays import to_numpy
 from eplb.errors import LoadError
 
-__all__ = ["as_load", "window_sum", "episodes"]
+__all__ = ["as_load", "window_sum", "episodes", "quiet_layers"]
 
 
 def as_load(load, num_experts: int | None = None, num_layers: int | None = None, field: str = "load") -> np.ndarray:
@@ -31,6 +31,10 @@ def as_load(load, num_experts: int | None = None, num_layers: int | None = None,
         raise LoadError(f"{field} must hold numbers, got dtype {arr.dtype}")
     if arr.ndim not in (2, 3):
         raise LoadError(f"{field} must be [layers, experts] or [steps, layers, experts], got shape {arr.shape}")
+    if 0 in arr.shape[-2:]:
+        axes = ("steps", "layers", "experts")[3 - arr.ndim:]
+        raise LoadError(f"{field} is empty: shape {list(arr.shape)} ({', '.join(axes)}); it needs at least one layer "
+                        f"and one expert")
     if num_experts is not None and arr.shape[-1] != num_experts:
         raise LoadError(f"{field} has {arr.shape[-1]} experts per layer, expected {num_experts}")
     if num_layers is not None and arr.shape[-2] != num_layers:
@@ -58,6 +62,21 @@ def window_sum(load: np.ndarray) -> np.ndarray:
     if load.ndim == 3:
         return load.sum(axis=0, dtype=np.float64)
     return load.astype(np.float64, copy=False)
+
+
+def quiet_layers(window: np.ndarray, num_ranks: int) -> np.ndarray:
+    """bool ``[L]``: layers of a window load ``[L, E]`` that carry too little load to plan on.
+
+    A layer is quiet when it carries no load at all, or when its load is token counts (whole numbers) and it holds
+    fewer tokens than there are ranks: some rank then serves nothing whatever the placement, so no placement can
+    balance the layer and moving weights cannot pay off. A load in other units (fractions, a decayed average) is
+    quiet only when it is zero, since its token count is unknown. Every policy keeps the placement in force for quiet
+    layers (:meth:`eplb.policies.Policy.rebalance`).
+    """
+    window = np.asarray(window, dtype=np.float64)
+    total = window.sum(axis=-1)
+    counts = (window == np.floor(window)).all(axis=-1)
+    return (total <= 0) | (counts & (total < num_ranks))
 
 
 def episodes(load: np.ndarray, num_episodes: int) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from eplb._arrays import to_numpy
+from eplb.errors import LoadError, PlacementError
 from eplb.load import as_load
 from eplb.placement import Placement
 
@@ -26,6 +28,7 @@ __all__ = [
 
 def rank_share(placement: Placement) -> np.ndarray:
     """float64 ``[L, E, W]``: the share of expert ``e``'s tokens that rank ``w`` serves under an even split."""
+    _check_placement(placement)
     num_layers, num_ranks = placement.num_layers, placement.topology.num_ranks
     num_experts = placement.num_experts
     share = np.zeros((num_layers, num_experts, num_ranks))
@@ -47,6 +50,7 @@ def rank_loads(placement: Placement, load, share: np.ndarray | None = None) -> n
     Returns:
         float64 ``[L, W]`` or ``[T, L, W]``.
     """
+    _check_placement(placement)
     load = as_load(load, placement.num_experts, placement.num_layers)
     if load.ndim == 2 and share is not None:
         return np.matmul(load.astype(np.float64)[:, None, :], share)[:, 0, :]
@@ -82,7 +86,7 @@ def par(loads: np.ndarray) -> np.ndarray:
     Returns:
         float64 ``[...]``, each >= 1.
     """
-    loads = np.asarray(loads, dtype=np.float64)
+    loads = _rank_load_array(loads, "loads")
     mean = loads.mean(axis=-1)
     peak = loads.max(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -92,7 +96,8 @@ def par(loads: np.ndarray) -> np.ndarray:
 def balancedness(loads: np.ndarray) -> float:
     """vLLM's balancedness of per-rank loads ``[L, W]`` (or ``[T, L, W]``, all rows pooled):
     ``sum over layers of mean rank load / sum over layers of max rank load`` (0 when nothing was served)."""
-    loads = np.asarray(loads, dtype=np.float64).reshape(-1, np.shape(loads)[-1])
+    loads = _rank_load_array(loads, "loads")
+    loads = loads.reshape(-1, loads.shape[-1])
     peak = loads.max(axis=-1).sum()
     return float(loads.mean(axis=-1).sum() / peak) if peak > 0 else 0.0
 
@@ -106,6 +111,7 @@ def step_par(placement: Placement, load) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(par [T, L], tokens [T, L])`` float64.
     """
+    _check_placement(placement)
     load = as_load(load, placement.num_experts, placement.num_layers)
     if load.ndim == 2:
         load = load[None]
@@ -114,9 +120,14 @@ def step_par(placement: Placement, load) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
-    """The ``q`` quantile (0..1) of ``values`` where each value counts ``weights`` times (inverted CDF)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    weights = np.asarray(weights, dtype=np.float64).ravel()
+    """The ``q`` quantile (0..1) of ``values`` where each value counts ``weights`` times (inverted CDF); NaN when
+    there is no value or no weight."""
+    values, weights = _same_shape(values, "values", weights, "weights")
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, (int, float, np.number)) or not 0 <= q <= 1:
+        raise LoadError(f"q must be a number in [0, 1], got {q!r}")
+    if (weights < 0).any():
+        raise LoadError(f"weights must be >= 0, got {weights[weights < 0][0]}")
+    values, weights = values.ravel(), weights.ravel()
     if values.size == 0 or weights.sum() <= 0:
         return float("nan")
     order = np.argsort(values, kind="stable")
@@ -129,10 +140,12 @@ def summarize_par(par_values: np.ndarray, tokens: np.ndarray) -> dict[str, float
     """Token-weighted summary of PAR values (any shape, ``tokens`` the same shape).
 
     Returns:
-        ``par_mean`` (token-weighted mean), ``par_p99`` (token-weighted 99th percentile), ``par_max``.
+        ``par_mean`` (token-weighted mean), ``par_p99`` (token-weighted 99th percentile), ``par_max``; NaN when
+        there is no value.
     """
-    par_values = np.asarray(par_values, dtype=np.float64)
-    tokens = np.asarray(tokens, dtype=np.float64)
+    par_values, tokens = _same_shape(par_values, "par_values", tokens, "tokens")
+    if par_values.size == 0:
+        return {"par_mean": float("nan"), "par_p99": float("nan"), "par_max": float("nan")}
     total = tokens.sum()
     mean = float((par_values * tokens).sum() / total) if total > 0 else float(par_values.mean())
     weights = tokens if total > 0 else np.ones_like(par_values)
@@ -145,4 +158,37 @@ def summarize_par(par_values: np.ndarray, tokens: np.ndarray) -> dict[str, float
 
 def moved_slots(old: Placement, new: Placement) -> np.ndarray:
     """int64 ``[L]``: slots per layer whose logical expert changes from ``old`` to ``new``."""
-    return old.moves_to(new).sum(axis=1).astype(np.int64)
+    return _check_placement(old, "old").moves_to(new).sum(axis=1).astype(np.int64)
+
+
+def _check_placement(placement, field: str = "placement") -> Placement:
+    if not isinstance(placement, Placement):
+        raise PlacementError(f"{field} must be an eplb.Placement, got {type(placement).__name__} {placement!r:.60}")
+    return placement
+
+
+def _rank_load_array(loads, field: str) -> np.ndarray:
+    """``loads`` ``[..., W]`` as float64, checked: numbers, at least one rank, finite, >= 0."""
+    arr = to_numpy(loads, field, LoadError)
+    if arr.dtype.kind not in "iuf":
+        raise LoadError(f"{field} must hold numbers, got dtype {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[-1] == 0:
+        raise LoadError(f"{field} must be per-rank loads [..., ranks] with at least one rank, got shape {arr.shape}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr) | (arr < 0))[0])
+        raise LoadError(f"{field} holds {arr[bad]} at index {bad}; rank loads must be finite and >= 0")
+    return arr
+
+
+def _same_shape(a, a_field: str, b, b_field: str) -> tuple[np.ndarray, np.ndarray]:
+    arrays = []
+    for value, field in ((a, a_field), (b, b_field)):
+        arr = to_numpy(value, field, LoadError)
+        if arr.dtype.kind not in "iuf":
+            raise LoadError(f"{field} must hold numbers, got dtype {arr.dtype}")
+        arrays.append(arr.astype(np.float64, copy=False))
+    if arrays[0].shape != arrays[1].shape:
+        raise LoadError(f"{a_field} and {b_field} must have the same shape, got {arrays[0].shape} and "
+                        f"{arrays[1].shape}")
+    return arrays[0], arrays[1]

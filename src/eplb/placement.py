@@ -10,9 +10,9 @@ from functools import cached_property
 
 import numpy as np
 
-from eplb._arrays import to_int_array
+from eplb._arrays import to_int, to_int_array
 from eplb.errors import PlacementError
-from eplb.topology import Topology
+from eplb.topology import Topology, check_topology
 
 __all__ = [
     "Placement",
@@ -119,9 +119,9 @@ def initial_phy2log(num_experts: int, topology: Topology, layout: str = "vllm") 
     - ``spread``: redundant slots spread evenly, the last slot(s) of each rank; each holds a copy of an expert
       whose primary lives half the group away, so no rank holds an expert twice when ``W > 1``.
     """
-    if layout not in LAYOUTS:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
         raise PlacementError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    topology.check_experts(num_experts)
+    check_topology(topology).check_experts(num_experts)
     num_physical = topology.num_physical
     if layout in ("vllm", "ascend"):
         return np.arange(num_physical, dtype=np.int64) % num_experts
@@ -145,6 +145,9 @@ def initial_phy2log(num_experts: int, topology: Topology, layout: str = "vllm") 
 
 def _rank_mask(ranks, num_ranks: int, what: str) -> np.ndarray:
     """bool ``[W]`` from a bool mask ``[W]`` or an iterable of rank ids, checked."""
+    if isinstance(ranks, (str, bytes)) or not (hasattr(ranks, "shape") or hasattr(ranks, "__iter__")):
+        raise PlacementError(f"{what} must be rank ids (e.g. [0, 3]) or a bool mask of {num_ranks} ranks, "
+                             f"got {ranks!r:.60}")
     arr = np.asarray(list(ranks) if not isinstance(ranks, np.ndarray) and not hasattr(ranks, "shape") else ranks)
     if arr.dtype == bool:
         if arr.shape != (num_ranks,):
@@ -189,7 +192,7 @@ class Placement:
         arr = to_int_array(phy2log, "phy2log", PlacementError)
         if arr.ndim == 1:
             arr = arr[None, :]
-        topology.check_experts(num_experts)
+        check_topology(topology).check_experts(num_experts)
         problems = find_problems(arr, num_experts, topology)
         if problems:
             raise PlacementError("invalid placement:\n  " + "\n  ".join(problems))
@@ -203,6 +206,7 @@ class Placement:
     @classmethod
     def initial(cls, num_experts: int, topology: Topology, num_layers: int = 1, layout: str = "vllm") -> "Placement":
         """The engines' initial layout (see :func:`initial_phy2log`) repeated over ``num_layers`` layers."""
+        num_layers = to_int(num_layers, "num_layers", PlacementError, minimum=1)
         row = initial_phy2log(num_experts, topology, layout)
         return cls(np.tile(row, (num_layers, 1)), num_experts, topology)
 
@@ -228,7 +232,11 @@ class Placement:
         """A copy with the given layers (bool mask ``[L]`` or indices) taken from ``other``."""
         self._check_compatible(other)
         phy2log = self._phy2log.copy()
-        phy2log[layers] = other.phy2log[layers]
+        try:
+            phy2log[layers] = other.phy2log[layers]
+        except (IndexError, TypeError, ValueError):
+            raise PlacementError(f"layers must be layer indices in [0, {self.num_layers}) or a bool mask of "
+                                 f"{self.num_layers} layers, got {layers!r:.60}") from None
         return Placement(phy2log, self._num_experts, self._topology)
 
     # -- canonical data -----------------------------------------------------------------------------------------
@@ -308,6 +316,7 @@ class Placement:
         The replicas of expert ``e`` are taken in ascending slot (= rank) order; rank ``r`` picks replica
         ``r % count`` when ``tp_size == 1``, else ``(r % tp_size + r // tp_size + e) % count``.
         """
+        tp_size = to_int(tp_size, "tp_size", PlacementError, minimum=1)
         return _replica_for_rank(self.log2phy, self.replica_count, check_rank(rank, self._topology), tp_size)
 
     def without_ranks(self, ranks) -> "Failover":
@@ -341,7 +350,7 @@ class Placement:
     # -- helpers ------------------------------------------------------------------------------------------------
     def _check_compatible(self, other: "Placement") -> None:
         if not isinstance(other, Placement):
-            raise PlacementError(f"expected a Placement, got {type(other).__name__}")
+            raise PlacementError(f"the other placement must be an eplb.Placement, got {type(other).__name__}")
         if other.phy2log.shape != self._phy2log.shape or other.num_experts != self._num_experts:
             raise PlacementError(
                 f"placements differ in shape: {self._phy2log.shape} with {self._num_experts} experts vs "
@@ -432,6 +441,7 @@ class Failover:
         The rule of :meth:`Placement.log2phy_for_rank` applied to the surviving replicas.
         """
         rank = check_rank(rank, self.placement.topology)
+        tp_size = to_int(tp_size, "tp_size", PlacementError, minimum=1)
         return _replica_for_rank(self._log2phy, np.maximum(self._count, 1), rank, tp_size)
 
     def rank_share(self) -> np.ndarray:
@@ -464,6 +474,7 @@ class Failover:
 
 def check_rank(rank: int, topology: Topology) -> int:
     """``rank`` as an int when it is a rank of ``topology``, else a :class:`PlacementError`."""
+    rank = to_int(rank, "rank", PlacementError)
     if not 0 <= rank < topology.num_ranks:
         raise PlacementError(f"rank must be in [0, {topology.num_ranks}), got {rank}")
     return int(rank)

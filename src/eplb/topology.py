@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
+from eplb._arrays import to_int
 from eplb.errors import TopologyError
 
-__all__ = ["Topology"]
+__all__ = ["Topology", "check_topology"]
 
 
 def _positive_int(name: str, value) -> int:
-    try:
-        ivalue = operator.index(value)
-    except TypeError:
-        raise TopologyError(f"{name} must be an integer, got {value!r}") from None
-    if ivalue < 1:
-        raise TopologyError(f"{name} must be >= 1, got {ivalue}")
-    return ivalue
+    return to_int(value, name, TopologyError, minimum=1)
+
+
+def check_topology(value, field: str = "topology") -> "Topology":
+    """``value`` when it is a :class:`Topology`, else :class:`TopologyError` naming ``field``."""
+    if not isinstance(value, Topology):
+        raise TopologyError(f"{field} must be an eplb.Topology (e.g. Topology(num_ranks=32, slots_per_rank=9)), "
+                            f"got {type(value).__name__} {value!r:.60}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,7 @@ class Topology:
         """
         num_ranks = _positive_int("num_ranks", num_ranks)
         num_experts = _positive_int("num_experts", num_experts)
-        try:
-            num_redundant = operator.index(num_redundant)
-        except TypeError:
-            raise TopologyError(f"num_redundant must be an integer, got {num_redundant!r}") from None
-        if num_redundant < 0:
-            raise TopologyError(f"num_redundant must be >= 0, got {num_redundant}")
+        num_redundant = to_int(num_redundant, "num_redundant", TopologyError, minimum=0)
         total = num_experts + num_redundant
         if total % num_ranks:
             raise TopologyError(

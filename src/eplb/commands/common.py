@@ -65,7 +65,14 @@ def format_from_suffix(path, flag: str, table: dict[str, str], format_flag: str,
 
 
 def available_memory() -> int:
-    """Bytes this process can allocate without swapping: MemAvailable, else physical memory."""
+    """Bytes this process can allocate without swapping or meeting the OOM killer: MemAvailable, else physical
+    memory; less when this process's cgroup (a container) has a lower memory limit."""
+    free = _system_free_bytes()
+    limited = _cgroup_free_bytes()
+    return free if limited is None else min(free, limited)
+
+
+def _system_free_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -77,6 +84,28 @@ def available_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62  # unknown: do not refuse
+
+
+# (limit, usage, statistics, reclaimable page cache key) of cgroup v2 and v1
+_CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                   "inactive_file"),
+                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                   "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
+def _cgroup_free_bytes() -> int | None:
+    """The cgroup memory limit less what the group uses (its reclaimable page cache not counted); None without one."""
+    for limit_path, usage_path, stat_path, cache_key in _CGROUP_MEMORY:
+        try:
+            limit_text = Path(limit_path).read_text().strip()
+            if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
+                return None
+            usage = int(Path(usage_path).read_text())
+            stats = dict(line.split() for line in Path(stat_path).read_text().splitlines() if line.count(" ") == 1)
+            return max(0, int(limit_text) - usage + int(stats.get(cache_key, 0)))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def check_memory(needed_bytes: float, what: str, change: str) -> None:

@@ -4,7 +4,12 @@ Spawns ``--ranks`` processes joined in a Gloo group over loopback; each serves a
 through :mod:`eplb.engine` with the runtime's controller (dynamic, record or static mode). Prints per cycle the
 measured PAR of the window before and after, moved slots, transfer time and tokens per second; then the busiest
 rank's rows per step and the step time before and after the first cycle (medians), and checks that a fixed batch
-gives the same outputs as the same model without balancing (exit code 1 when it does not).
+gives the same outputs as the same model without balancing (exit code 1 when it does not, and in record mode when
+no map was written).
+
+Before any process starts, the demo checks that the machine can run it: the ranks' estimated memory against the
+available memory, and the ranks against the usable cores (:func:`check_machine_fits`). No rank outlives the demo,
+whichever process is killed (see :mod:`eplb.engine.launch`).
 
 ``--fail-rank R`` makes rank R's process exit in the middle of the first weight move: the others fail over
 (:meth:`eplb.runtime.EplbController.fail_ranks`), reload the experts that only lived there and serve on.
@@ -12,18 +17,22 @@ gives the same outputs as the same model without balancing (exit code 1 when it 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
+from eplb.commands.common import HelpFormatter, at_least, check_memory, check_output
 from eplb.errors import EplbError
 
 _MODES = ("dynamic", "record", "static")
 _WARMUP_STEPS = 3  # first steps pay for lazy initialisation; left out of the medians
 _DEFAULT_RECORD_PATH = "eplb-demo-map.json"
+_RANK_FIXED_BYTES = 550 * 2**20  # a rank and its planner worker on the default model (see rank_memory_bytes)
+_RANKS_PER_CORE = 4
+_MIN_RANK_CAP = 8
 
 
 def register(subparsers) -> None:
@@ -36,8 +45,10 @@ def register(subparsers) -> None:
                     "the window before and after, moved slots, transfer time, tokens per second. At the end: the "
                     "busiest rank's rows per step and the step time before and after the first cycle (medians), "
                     "and whether a fixed batch gives the same outputs as the model without balancing. Timings "
-                    "are wall clock on this machine; on a shared CPU they are noisy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "are wall clock on this machine; on a shared CPU they are noisy. A run whose ranks would not "
+                    f"fit the available memory (about {_RANK_FIXED_BYTES // 2**20} MiB per rank with the default "
+                    f"model) or the cores ({_RANKS_PER_CORE} ranks per core) is refused before it starts.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--ranks", type=int, default=4, metavar="W", help="ranks (processes) of the EP group")
     parser.add_argument("--policy", default="auto", metavar="NAME", help="placement policy (name or vllm-ascend id)")
@@ -84,9 +95,9 @@ def _settings(args):
     from eplb.runtime import EplbConfig
     from eplb.topology import Topology
 
-    for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups"):
-        if getattr(args, name) < 1:
-            raise EplbError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups",
+                 "slots_per_rank"):
+        at_least(f"--{name.replace('_', '-')}", getattr(args, name))
     if not args.timeout > 0:
         raise EplbError(f"--timeout must be > 0 seconds, got {args.timeout}")
     slots = args.slots_per_rank or math.ceil(args.experts / args.ranks) + 1
@@ -95,11 +106,13 @@ def _settings(args):
                         f"{args.experts} experts")
     model = ModelConfig(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
                         num_groups=args.groups, topk_groups=args.topk_groups, seed=args.seed)
+    check_machine_fits(args.ranks, rank_memory_bytes(model, slots, args.tokens))
     eplb = {"mode": args.mode, "window_steps": args.window, "planner_check_steps": 4, "policy": args.policy,
             "dispatch": args.dispatch}
     record_path = None
     if args.mode == "record":
         record_path = str(Path(args.map or _DEFAULT_RECORD_PATH).resolve())
+        check_output(record_path, "--map")
         eplb["record_path"] = record_path
     elif args.map is not None:
         eplb["map_path"] = args.map
@@ -136,6 +149,44 @@ def _settings(args):
     settings = ServeSettings(model=model, slots_per_rank=slots, tokens_per_rank=args.tokens, steps=args.steps,
                              eplb=eplb, trace=trace, device=args.device, faults=faults)
     return settings, record_path
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def rank_memory_bytes(model, slots_per_rank: int, tokens_per_rank: int) -> int:
+    """Estimated resident memory of one rank of the demo: the process itself, its planner worker, and the model.
+
+    The fixed part is measured on the default model (4 ranks, Linux, torch 2 on CPU): a rank holds about 320 MB
+    resident and its planner worker grows to about 200 MB. On top come, in float32, the whole model (every rank keeps
+    the unbalanced reference to check outputs against), its own slots twice (serving and receiving a move) and the
+    activations of a step.
+    """
+    expert = 3 * model.hidden * model.ffn  # gate, up and down projections
+    whole_model = model.num_layers * (model.num_experts + 1) * expert + model.vocab * model.hidden
+    own_slots = 2 * model.num_layers * slots_per_rank * expert
+    activations = 8 * tokens_per_rank * model.top_k * max(model.hidden, model.ffn)
+    return _RANK_FIXED_BYTES + 4 * (whole_model + own_slots + activations)
+
+
+def check_machine_fits(ranks: int, per_rank_bytes: int) -> None:
+    """Refuse a demo this machine cannot run: more memory than is available, or more ranks than
+    :data:`_RANKS_PER_CORE` per usable core (at least :data:`_MIN_RANK_CAP`): with more, the ranks' collectives
+    time out while they wait for a core."""
+    cores = usable_cores()
+    cap = max(_MIN_RANK_CAP, _RANKS_PER_CORE * cores)
+    if ranks > cap:
+        raise EplbError(f"--ranks {ranks} is too many for {cores} usable CPU core(s): the demo runs one process per "
+                        f"rank and allows at most {cap} here ({_RANKS_PER_CORE} per core, {_MIN_RANK_CAP} at least); "
+                        f"lower --ranks")
+    check_memory(ranks * per_rank_bytes + _RANK_FIXED_BYTES,  # the ranks and this process
+                 f"--ranks {ranks} ({ranks} ranks x {per_rank_bytes / 2**20:,.0f} MiB each, plus this process)",
+                 "lower --ranks (or --experts, --layers, --tokens)")
 
 
 class _Collector:
@@ -332,6 +383,8 @@ def run(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(Console(highlight=False), summary)
+    if record_path is not None and summary["map_written"] is None:
+        return 1  # asked for a map and got none (the summary says so)
     return 0 if summary["outputs_equal"] else 1
 
 

@@ -10,7 +10,9 @@ the group's key-value store (so the store outlives any rank, rank 0 included), a
 publishes the failed ranks in the store (ranks dying within half a second, such as a whole node, form one event).
 A surviving rank reads the ``n``-th event with :func:`failure_notice`.
 
-Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker).
+Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker). No rank
+outlives the launch: the launcher kills the ranks still running when it returns or raises, and each rank is killed by
+the kernel when the parent process dies, however it dies (:func:`eplb._process.exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
 from datetime import timedelta
 
+from eplb._process import exit_with_parent
 from eplb.errors import EplbError
 
 __all__ = ["launch", "LaunchError", "failure_notice"]
+
+log = logging.getLogger(__name__)
 
 _FAILURE_KEY = "eplb/failure/{}"
 _FAILURE_GRACE_S = 0.5
@@ -63,6 +69,7 @@ def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float, threads: int,
                log_level: int, messages, target, args) -> None:
+    exit_with_parent()
     import torch
     import torch.distributed as dist
 
@@ -78,11 +85,22 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
         dist.init_process_group(backend, store=_store, rank=rank, world_size=world_size, timeout=timeout)
         result = target(rank, world_size, lambda payload: messages.put(("event", rank, payload)), *args)
         messages.put(("result", rank, result))
-    except BaseException:  # noqa: BLE001 - every failure goes to the parent, which ends the launch
-        messages.put(("error", rank, traceback.format_exc(limit=8)))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which ends the launch
+        summary = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        messages.put(("error", rank, (summary, traceback.format_exc(limit=8))))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _death(rank: int, process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"rank {rank} died (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"rank {rank} died (exit code {code})"
 
 
 def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, on_event=None,
@@ -105,7 +123,7 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
             :func:`failure_notice`) instead of ending the launch.
 
     Raises:
-        LaunchError: a rank raised (its traceback is in the message), died (without ``rank_failures``), or the
+        LaunchError: a rank raised (its exception is in the message, its traceback in the debug log), died (without ``rank_failures``), or the
             launch ran past ``timeout_s``.
     """
     import torch.distributed as dist
@@ -139,13 +157,17 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
             elif kind == "result":
                 results[rank] = payload
             elif kind == "error":
-                raise LaunchError(f"rank {rank} failed:\n{payload}")
+                summary, trace = payload
+                log.debug("rank %d failed:\n%s", rank, trace)
+                dead = [r for r, p in enumerate(processes) if r != rank and p.exitcode not in (None, 0)]
+                cause = "".join(f"{_death(r, processes[r])}; " for r in dead)  # the usual reason of a peer's error
+                raise LaunchError(f"{cause}rank {rank} failed: {summary} (-vv shows its traceback)")
             if time.monotonic() > deadline:
                 raise LaunchError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish within "
                                   f"{timeout_s:g} s")
             dead = [r for r, p in enumerate(processes) if r not in results and p.exitcode not in (None, 0)]
             if dead and not rank_failures:
-                raise LaunchError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode})")
+                raise LaunchError(_death(dead[0], processes[dead[0]]))
             if dead:
                 first_death = first_death or time.monotonic()
                 if time.monotonic() - first_death >= _FAILURE_GRACE_S:

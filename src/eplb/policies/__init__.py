@@ -49,8 +49,21 @@ def available_policies() -> list[str]:
 
 
 def policy_options(name: str) -> list[str]:
-    """Names of the options (keyword arguments) the registered policy ``name`` takes."""
-    return [p for p in inspect.signature(_policy_class(name).__init__).parameters if p != "self"]
+    """Names of the options (keyword arguments) the registered policy ``name`` takes.
+
+    Raises:
+        PolicyError: unknown name (with a suggestion).
+    """
+    return [p for p in inspect.signature(_policy_class(_registered(name)).__init__).parameters if p != "self"]
+
+
+def _registered(name: str) -> str:
+    names = available_policies()
+    if name not in names:
+        hint = difflib.get_close_matches(str(name), names, n=1)
+        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
+    return name
 
 
 def get_policy(name_or_id: str | int, **options) -> Policy:
@@ -67,12 +80,7 @@ def get_policy(name_or_id: str | int, **options) -> Policy:
         name = str(name_or_id)
         if name.isdigit() and int(name) in POLICY_IDS:
             name = POLICY_IDS[int(name)]
-    names = available_policies()
-    if name not in names:
-        hint = difflib.get_close_matches(name, names, n=1)
-        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
-    cls = _policy_class(name)
+    cls = _policy_class(_registered(name))
     accepted = policy_options(name)
     for key in options:
         if key not in accepted:

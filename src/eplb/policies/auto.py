@@ -122,7 +122,7 @@ class Auto(Policy):
                                       or max_moves < 0):
             raise PolicyError(f"auto option max_moves must be None or an integer >= 0, got {max_moves!r}")
         self.max_moves = None if max_moves is None else int(max_moves)
-        if dispatch not in _LIQUID:
+        if not isinstance(dispatch, str) or dispatch not in _LIQUID:
             raise PolicyError(f"auto option dispatch must be one of {', '.join(_LIQUID)}, got {dispatch!r}")
         self.dispatch = dispatch
         self.reset = _number("reset", reset, allow_none=True)

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb.errors import PolicyError
-from eplb.load import as_load, window_sum
+from eplb.load import as_load, quiet_layers, window_sum
 from eplb.metrics import par, rank_loads
-from eplb.placement import Placement, live_mask
+from eplb.placement import Placement, live_mask, shared_rank_experts
 from eplb.policies.resilience import Resilience, live_topology, make_resilient, reload_lost
-from eplb.topology import Topology
+from eplb.topology import Topology, check_topology
 
 __all__ = ["Plan", "Policy", "as_placement"]
 
@@ -99,6 +99,10 @@ class Policy:
             price: the :class:`~eplb.pricing.MovePrice` of a move (cost model or measured figures), handed to
                 :meth:`place` as the keyword ``price`` when the policy ``prices_moves`` and it is not None.
 
+        Layers too quiet to plan on (no load, or fewer tokens than live ranks: :func:`eplb.load.quiet_layers`) keep
+        the placement in force (``current``, or the initial layout), whatever the policy; only a policy that never
+        puts an expert twice on one rank still repairs a quiet layer that does.
+
         Returns:
             A :class:`Plan`.
 
@@ -107,7 +111,10 @@ class Policy:
         """
         load = as_load(load)
         num_layers, num_experts = load.shape[-2:]
-        topology.check_experts(num_experts)
+        check_topology(topology).check_experts(num_experts)
+        if resilience is not None and not isinstance(resilience, Resilience):
+            raise PolicyError(f"resilience must be an eplb.policies.resilience.Resilience or None, got "
+                              f"{type(resilience).__name__} {resilience!r:.60}")
         current = as_placement(current, num_experts, topology, num_layers)
         live = None if live_ranks is None else live_mask(live_ranks, topology.num_ranks)
         if live is not None and live.all():
@@ -117,15 +124,22 @@ class Policy:
         extra = {} if state is None else {"state": state}
         if price is not None and self.prices_moves:
             extra["price"] = price
+        quiet = quiet_layers(window, topology.num_ranks if live is None else int(live.sum()))
         if live is None:
-            phy2log = np.asarray(self.place(load, topology, current, window, **extra), dtype=np.int64)
-            phy2log = phy2log.reshape(num_layers, topology.num_physical)
-            if resilience is not None:
-                phy2log = make_resilient(phy2log, window, topology, resilience)
+            keep = self._keeps(quiet, reference.phy2log, topology)
+            if keep.all():
+                phy2log = reference.phy2log
+            else:
+                phy2log = np.asarray(self.place(load, topology, current, window, **extra), dtype=np.int64)
+                phy2log = phy2log.reshape(num_layers, topology.num_physical)
+                if resilience is not None:
+                    phy2log = make_resilient(phy2log, window, topology, resilience)
+                phy2log = np.where(keep[:, None], reference.phy2log, phy2log)
             new = Placement(phy2log, num_experts, topology)
             par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
         else:
-            new = self._place_live(load, window, topology, current, reference, live, resilience, extra)
+            new = self._place_live(load, window, topology, current, reference, live, resilience, quiet,
+                                   extra)
             par_before = _live_par(reference, window, live, count_waiting=True)
             par_after = _live_par(new, window, live, count_waiting=False)
         moved = reference.moves_to(new).sum(axis=1).astype(np.int64)
@@ -139,10 +153,15 @@ class Policy:
             live_ranks=live,
         )
 
-    def _place_live(self, load, window, topology, current, reference, live, resilience, extra) -> Placement:
-        """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots."""
+    def _place_live(self, load, window, topology, current, reference, live, resilience, quiet,
+                    extra) -> Placement:
+        """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots, and
+        quiet layers only get their lost experts back."""
         num_layers, num_experts = window.shape
         start = reload_lost(reference.phy2log, window, topology, live)  # also checks the live slots suffice
+        keep = self._keeps(quiet, start, topology)
+        if keep.all():
+            return Placement(start, num_experts, topology)
         sub_topology = live_topology(topology, live)
         live_slots = live[topology.rank_of_slot]
         sub_current = None
@@ -153,8 +172,15 @@ class Policy:
         if resilience is not None:
             sub = make_resilient(sub, window, sub_topology, resilience, topology.node_of_rank[live])
         sub = Placement(sub, num_experts, sub_topology).phy2log  # the policy's output is checked on its own terms
-        start[:, live_slots] = sub
+        start[:, live_slots] = np.where(keep[:, None], start[:, live_slots], sub)
         return Placement(start, num_experts, topology)
+
+    def _keeps(self, quiet: np.ndarray, phy2log: np.ndarray, topology: Topology) -> np.ndarray:
+        """bool ``[L]``: the quiet layers that keep ``phy2log``, the placement in force. A policy that never puts an
+        expert twice on one rank still repairs a quiet layer that does (vllm-ascend rejects such a layer)."""
+        if self.allow_shared_rank or not quiet.any():
+            return quiet
+        return quiet & ~np.isin(np.arange(len(quiet)), shared_rank_experts(phy2log, topology)[:, 0])
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eplb._arrays import like_input
+from eplb._arrays import like_input, to_bool, to_int
 from eplb.errors import PolicyError
 from eplb.load import as_load
 from eplb.placement import Placement
@@ -132,8 +132,9 @@ def rebalance_experts(weight, num_replicas: int, num_groups: int, num_nodes: int
     load = as_load(weight, field="weight")
     if load.ndim != 2:
         raise PolicyError(f"weight must be [layers, experts], got shape {load.shape}")
-    phy2log, replica_rank, replica_count = deepseek_placement(load, int(num_replicas), int(num_groups),
-                                                              int(num_nodes), int(num_gpus))
+    sizes = [to_int(value, name, PolicyError, minimum=1) for name, value in (
+        ("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes), ("num_gpus", num_gpus))]
+    phy2log, replica_rank, replica_count = deepseek_placement(load, *sizes)
     num_layers, num_slots = phy2log.shape
     log2phy = np.full((num_layers, load.shape[1], int(replica_count.max())), -1, dtype=np.int64)
     layer = np.broadcast_to(np.arange(num_layers)[:, None], phy2log.shape)
@@ -191,8 +192,8 @@ class DefaultPolicy(Policy):
         if mode not in MODES:
             raise PolicyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.mode = mode
-        self.retain_slots = bool(retain_slots)
-        self.allow_shared_rank = bool(allow_shared_rank)
+        self.retain_slots = to_bool(retain_slots, "retain_slots", PolicyError)
+        self.allow_shared_rank = to_bool(allow_shared_rank, "allow_shared_rank", PolicyError)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:

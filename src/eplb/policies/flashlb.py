@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from eplb._arrays import to_numpy
 from eplb.errors import PolicyError
 from eplb.load import episodes
 from eplb.placement import Placement
@@ -116,7 +117,10 @@ class FlashLB(Policy):
         self.replan_floor = _fraction("replan_floor", replan_floor)
         self.last_balance = None
         if last_balance is not None:
-            balance = np.asarray(last_balance, dtype=np.float64)
+            balance = to_numpy(last_balance, "flashlb option last_balance", PolicyError)
+            if balance.dtype.kind not in "iuf":
+                raise PolicyError(f"flashlb option last_balance must hold numbers, got dtype {balance.dtype}")
+            balance = balance.astype(np.float64)
             if balance.ndim != 1 or not np.all((balance > 0) & (balance <= 1)):
                 raise PolicyError(f"flashlb option last_balance must be a 1-D array of values in (0, 1], got "
                                   f"shape {balance.shape} with values in [{balance.min(initial=np.nan)}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from eplb._arrays import to_bool, to_int
 from eplb.errors import PolicyError
 from eplb.placement import Placement
 from eplb.policies.base import Policy
@@ -30,11 +31,9 @@ class RandomPolicy(Policy):
     name = "random"
 
     def __init__(self, seed: int = 0, num_moves: int = 1, allow_shared_rank: bool = True):
-        if int(num_moves) < 0:
-            raise PolicyError(f"num_moves must be >= 0, got {num_moves}")
-        self.seed = int(seed)
-        self.num_moves = int(num_moves)
-        self.allow_shared_rank = bool(allow_shared_rank)
+        self.seed = to_int(seed, "seed", PolicyError, minimum=0)
+        self.num_moves = to_int(num_moves, "num_moves", PolicyError, minimum=0)
+        self.allow_shared_rank = to_bool(allow_shared_rank, "allow_shared_rank", PolicyError)
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
               ) -> np.ndarray:

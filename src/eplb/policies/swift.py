@@ -49,6 +49,7 @@ import logging
 
 import numpy as np
 
+from eplb._arrays import to_bool
 from eplb.errors import PolicyError
 from eplb.placement import Placement
 from eplb.policies._swift_kernels import plan_layers, prepare_layers
@@ -108,8 +109,8 @@ class SwiftPolicy(Policy):
         if pin not in PINS:
             raise PolicyError(f"pin must be one of {', '.join(PINS)}, got {pin!r}")
         self.threshold = threshold
-        self.intra_node = bool(intra_node)
-        self.spread = bool(spread)
+        self.intra_node = to_bool(intra_node, "intra_node", PolicyError)
+        self.spread = to_bool(spread, "spread", PolicyError)
         self.swap_rounds = swap_rounds
         self.swap_gain = swap_gain
         self.pin = pin

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eplb.cycle import CycleConfig
+from eplb._process import exit_with_parent
 from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.planning import CyclePlan, PlanState, check_cycle_plan, cycle_policy, plan_cycle
@@ -116,7 +117,8 @@ def warm_up(policy, options: dict) -> None:
 def worker_main(requests, results, warmup=None) -> None:
     """Worker process loop: warm up ``(policy, options)``, put :data:`READY`, then one result (or an error string)
     per request; ``None`` stops it, and so does the death of the serving process."""
-    parent = os.getppid()
+    parent = mp.parent_process().pid  # not os.getppid(): the serving process may have died while this one started
+    exit_with_parent(parent)  # also while warming up or planning, when the loop below cannot look
     if warmup is not None:
         warm_up(*warmup)
     results.put(READY)

@@ -92,9 +92,9 @@ def _simulate(trace: Trace, config: SimConfig, spec: RunSpec, progress: Callable
 
 
 def _start_worker(trace: Trace, config: SimConfig, messages, level: int) -> None:
-    import signal
+    from eplb._process import exit_with_parent
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    exit_with_parent()  # dies with the parent however it ends; Ctrl-C is left to the parent, which decides
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(messages)]
     root.setLevel(level)
