@@ -179,7 +179,7 @@ def _check_memory(args, steps: int, layers: int, experts: int, runs: int) -> Non
 def _drawn_shape(args) -> tuple[int, int, int] | None:
     """(steps, layers, experts) of a trace eplb draws (a built-in scenario, from --workloads, from a statistics or a
     window-load ``.npz``) before drawing it; None when that cannot be told cheaply (a recorded trace is read as is)."""
-    from eplb.sim.traces import BUILTIN_PREFIX, SCENARIOS
+    from eplb.sim.traces import BUILTIN_PREFIX, MODEL_SIZES, SCENARIOS
 
     if args.trace.startswith(BUILTIN_PREFIX):
         key, source = args.trace.removeprefix(BUILTIN_PREFIX), args.workloads
@@ -189,7 +189,7 @@ def _drawn_shape(args) -> tuple[int, int, int] | None:
         return None
     steps = args.steps or SCENARIOS[key][1].steps
     if source is None:
-        return steps, 58, 256  # the parametric DeepSeek-V3-like workloads
+        return steps, *MODEL_SIZES.get(key, (58, 256))  # the parametric workloads of the scenario's model
     shape = _counts_shape(source)
     if shape is None or (source == args.trace and len(shape) == 3 and not _has_workloads(source)):
         return None  # a per-step trace: replayed, not drawn
