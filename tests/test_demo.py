@@ -71,7 +71,7 @@ def test_record_demo_writes_the_map_it_planned(tmp_path, capsys):
     from eplb.formats import read_map
 
     path = tmp_path / "recorded.json"
-    code, summary = _demo_json(capsys, "--mode", "record", "--map", str(path), "--ranks", "2", "--steps", "60",
+    code, summary = _demo_json(capsys, "--mode", "record", "--map", str(path), "--ranks", "2", "--steps", "300",
                                "--window", "20", "--tokens", "64", "--layers", "2", "--timeout", "240")
     assert code == 0 and summary["map_written"] == str(path)
     assert read_map(path).num_layers == 2 and summary["cycles"][0]["moved_slots"] > 0

@@ -257,3 +257,17 @@ def test_router_fails_over_in_place_and_keeps_routing_around_the_failed_rank():
         assert not (slots[:, :9] // 3 == 3).any() and (slots[:, 2] == -1).all(), mode
         router.set_failed_ranks(Placement(moved, 10, topology), [])
         assert (router.route(0, ids, counts if mode == "balanced" else None) >= 0).all()
+
+
+def test_spread_lets_an_expert_with_more_replicas_than_ranks_share_one():
+    # live ranks 0, 1 (node 0) and 2 (node 1): expert 1 has 4 replicas on 3 ranks, so it shares a rank anyway; expert
+    # 0 must still get a replica off node 0 (found by hypothesis: the swap that does it was refused before)
+    topology = Topology(num_ranks=4, slots_per_rank=2, num_nodes=2, num_groups=1)
+    current = Placement(np.array([[0, 1, 1, 0, 0, 1, 1, 0]]), 2, topology)
+    live = np.array([True, True, True, False])
+    plan = eplb.get_policy("default").rebalance(np.array([[68, 130]]), topology, current, live_ranks=live,
+                                                resilience=Resilience())
+    row = plan.placement.phy2log[0]
+    assert _lost_replicated(row, topology, {0, 1}, {3}) == []
+    for rank in range(3):
+        assert _lost_replicated(row, topology, {rank}, {3}) == []

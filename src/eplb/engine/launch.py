@@ -23,7 +23,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -42,12 +41,6 @@ _store = None  # this rank's client of the group's store
 
 class LaunchError(EplbError):
     """A rank failed, died or did not finish in time."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:

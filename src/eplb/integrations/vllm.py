@@ -30,6 +30,7 @@ from eplb.errors import PolicyError
 from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies import get_policy
+from eplb.policies.default import check_sizes
 from eplb.policies.resilience import repair_current
 from eplb.policies.retention import preserve_slots
 from eplb.topology import Topology
@@ -80,16 +81,7 @@ class VllmPolicy:
         if load.ndim != 2:
             raise PolicyError(f"weight must be [layers, experts], got shape {list(load.shape)}")
         num_layers, num_experts = load.shape
-        for name, value in (("num_replicas", num_replicas), ("num_groups", num_groups), ("num_nodes", num_nodes),
-                            ("num_ranks", num_ranks)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise PolicyError(f"{name} must be a positive integer, got {value!r}")
-        if num_replicas % num_ranks:
-            raise PolicyError(f"num_replicas={num_replicas} must be a multiple of num_ranks={num_ranks}")
-        if num_ranks % num_nodes:
-            raise PolicyError(f"num_ranks={num_ranks} must be a multiple of num_nodes={num_nodes}")
-        if num_replicas < num_experts:
-            raise PolicyError(f"num_replicas={num_replicas} cannot hold the {num_experts} experts of weight")
+        check_sizes(num_experts, num_replicas, num_groups, num_nodes, num_ranks, ranks_name="num_ranks")
         if num_experts % num_groups and num_groups % num_nodes:
             num_groups = 1
         topology = Topology(int(num_ranks), int(num_replicas // num_ranks), int(num_nodes), int(num_groups))

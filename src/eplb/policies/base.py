@@ -121,10 +121,10 @@ class Policy:
             live = None
         window = window_sum(load)
         reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
+        quiet = quiet_layers(window, topology.num_ranks if live is None else int(live.sum()))
         extra = {} if state is None else {"state": state}
         if price is not None and self.prices_moves:
             extra["price"] = price
-        quiet = quiet_layers(window, topology.num_ranks if live is None else int(live.sum()))
         if live is None:
             keep = self._keeps(quiet, reference.phy2log, topology)
             if keep.all():
@@ -138,8 +138,7 @@ class Policy:
             new = Placement(phy2log, num_experts, topology)
             par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
         else:
-            new = self._place_live(load, window, topology, current, reference, live, resilience, quiet,
-                                   extra)
+            new = self._place_live(load, window, topology, current, reference, live, resilience, quiet, extra)
             par_before = _live_par(reference, window, live, count_waiting=True)
             par_after = _live_par(new, window, live, count_waiting=False)
         moved = reference.moves_to(new).sum(axis=1).astype(np.int64)
@@ -153,8 +152,8 @@ class Policy:
             live_ranks=live,
         )
 
-    def _place_live(self, load, window, topology, current, reference, live, resilience, quiet,
-                    extra) -> Placement:
+    def _place_live(self, load, window, topology, current, reference, live, resilience, quiet, extra
+                    ) -> Placement:
         """Plan on the live ranks' sub-topology and embed the result; failed ranks keep ``reference``'s slots, and
         quiet layers only get their lost experts back."""
         num_layers, num_experts = window.shape

@@ -22,7 +22,7 @@ from eplb.policies.kernels import balanced_packing, replicate, spread_duplicates
 from eplb.policies.retention import match_ranks
 from eplb.topology import Topology
 
-__all__ = ["DefaultPolicy", "POLICY", "rebalance_experts", "deepseek_placement", "MODES"]
+__all__ = ["DefaultPolicy", "POLICY", "rebalance_experts", "deepseek_placement", "check_sizes", "MODES"]
 
 MODES = ("auto", "hierarchical", "global")
 
@@ -65,17 +65,20 @@ def _hierarchical(weight: np.ndarray, num_slots: int, num_groups: int, num_nodes
     return phy2log, replica_rank, replica_count
 
 
-def _check_sizes(num_experts: int, num_slots: int, num_groups: int, num_nodes: int, num_ranks: int) -> None:
+def check_sizes(num_experts: int, num_slots: int, num_groups: int, num_nodes: int, num_ranks: int,
+                ranks_name: str = "num_gpus") -> None:
+    """Raise :class:`PolicyError` when DeepSeek's sizes do not fit together, in the engine's argument names
+    (``num_replicas``, ``num_groups``, ``num_nodes`` and ``ranks_name``: DeepSeek says ``num_gpus``, vLLM
+    ``num_ranks``)."""
     for name, value in (("num_replicas", num_slots), ("num_groups", num_groups), ("num_nodes", num_nodes),
-                        ("num_gpus", num_ranks)):
-        if int(value) < 1:
-            raise PolicyError(f"{name} must be >= 1, got {value}")
+                        (ranks_name, num_ranks)):
+        to_int(value, name, PolicyError, minimum=1)
     if num_ranks % num_nodes:
-        raise PolicyError(f"num_nodes={num_nodes} must divide num_gpus={num_ranks}")
+        raise PolicyError(f"{ranks_name}={num_ranks} must be a multiple of num_nodes={num_nodes}")
     if num_slots % num_ranks:
-        raise PolicyError(f"num_replicas={num_slots} must be a multiple of num_gpus={num_ranks}")
+        raise PolicyError(f"num_replicas={num_slots} must be a multiple of {ranks_name}={num_ranks}")
     if num_slots < num_experts:
-        raise PolicyError(f"num_replicas={num_slots} must be >= the {num_experts} logical experts")
+        raise PolicyError(f"num_replicas={num_slots} cannot hold the {num_experts} experts of weight")
 
 
 def deepseek_placement(weight, num_slots: int, num_groups: int, num_nodes: int, num_ranks: int,
@@ -99,7 +102,7 @@ def deepseek_placement(weight, num_slots: int, num_groups: int, num_nodes: int, 
     """
     weight = np.asarray(weight).astype(np.float32)
     num_experts = weight.shape[1]
-    _check_sizes(num_experts, num_slots, num_groups, num_nodes, num_ranks)
+    check_sizes(num_experts, num_slots, num_groups, num_nodes, num_ranks)
     if mode not in MODES:
         raise PolicyError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     hierarchical = num_groups % num_nodes == 0

@@ -209,10 +209,13 @@ def _swap_target(row, source, expert, rank, node, count, weight, other_node: boo
     ok = ~holds[rank] & (row != expert)
     if other_node:
         ok &= node != node[source]
-    # the other expert f = row[q] moves to source's rank: f must not be there already
+    # the other expert f = row[q] moves to source's rank: f must not be there already, unless f has more replicas
+    # than there are ranks (it shares a rank whatever we do) and still holds two ranks after the swap
     f_on_rank = np.zeros((count.size, num_ranks), dtype=np.int64)
     np.add.at(f_on_rank, (row, rank), 1)
-    ok &= f_on_rank[row, rank[source]] == 0
+    joins = f_on_rank[row, rank[source]] == 0
+    ranks_after = (f_on_rank[row] > 0).sum(axis=1) - (f_on_rank[row, rank] == 1) + joins
+    ok &= joins | ((count[row] > num_ranks) & (ranks_after >= 2))
     # and f with >= 2 replicas keeps one off source's node when it had one (only checked when nodes matter)
     if num_nodes > 1:
         f_on_node = np.zeros((count.size, num_nodes), dtype=np.int64)
