@@ -180,6 +180,8 @@ class EplbController:
         self._step_started: float | None = None
         self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
         self._move_s, self._moved_experts = 0.0, 0
+        self._prices_moves = planning and cycle_policy(config.policy, self._policy_options,
+                                                       config.dispatch).prices_moves
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
@@ -389,8 +391,9 @@ class EplbController:
     def _measured_price(self, load) -> MovePrice | None:
         """The price of a move from the transfer time per received expert and the median step time measured on
         this rank, the largest of every rank's (one all-reduce, so every rank plans on the same figures); None
-        while either is unmeasured or with ``measured_price`` off (the model's defaults then apply)."""
-        if not self.config.measured_price or self.mover is None:
+        while either is unmeasured, with ``measured_price`` off or for a policy that does not price its moves (the
+        model's defaults then apply)."""
+        if not (self.config.measured_price and self._prices_moves) or self.mover is None:
             return None
         move_s = self._move_s / self._moved_experts if self._moved_experts else 0.0
         step_s = float(np.median(self._step_s)) if self._step_s else 0.0
