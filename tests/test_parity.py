@@ -66,7 +66,8 @@ def _serve(rank: int, world: int, policy: str, dispatch: str, tokens: list) -> d
 
     topology = Topology(world, SLOTS // world)
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": INTERVAL, "planner_check_steps": 1,
-                                   "policy": policy, "dispatch": dispatch, "planner_deadline_s": 300.0})
+                                   "policy": policy, "dispatch": dispatch, "planner_deadline_s": 300.0,
+                                   "measured_price": False})  # the simulator's model prices the moves, not timings
     tensors = [[torch.zeros(topology.slots_per_rank, 4)] for _ in range(LAYERS)]
     ctl = EplbController(config, LAYERS, EXPERTS, topology, rank, layer_tensors=tensors)
     ring = ctl.recorder.ring_steps

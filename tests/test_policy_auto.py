@@ -104,9 +104,80 @@ def test_reset_leaves_a_poor_placement_whatever_it_moves(trace):
                                                             ).total_moved_slots == 0
 
 
+def test_moves_are_taken_only_where_the_time_they_save_pays_for_their_transfers():
+    trace = builtin_trace("drift", steps=800, seed=5, num_layers=3, num_experts=64).counts
+    first = eplb.get_policy("auto").rebalance(trace[:400], TOPOLOGY).placement
+    window = trace[400:800]
+    moved = {move_ms: eplb.get_policy("auto", move_ms=move_ms, life_steps=400).rebalance(
+        window, TOPOLOGY, current=first).total_moved_slots for move_ms in (0.0, 0.1, 1.0, 1e4)}
+    # dearer transfers, fewer moves; free ones take every improving move; priceless ones none
+    assert moved[0.0] >= moved[0.1] >= moved[1.0] >= moved[1e4] == 0
+    assert moved[0.0] > moved[1.0]
+    # the same price from bytes and bandwidth as from the measured time: 44 MB at 44 GB/s is 1 ms
+    by_size = eplb.get_policy("auto", expert_bytes=44e6, bandwidth_gbs=44.0, life_steps=400)
+    assert by_size.rebalance(window, TOPOLOGY, current=first).total_moved_slots == moved[1.0]
+    # a longer life earns more of the step time a move saves: at least as many moves pay
+    longer = eplb.get_policy("auto", move_ms=1.0, life_steps=4000).rebalance(window, TOPOLOGY, current=first)
+    assert longer.total_moved_slots >= moved[1.0]
+
+
+def test_the_price_a_caller_hands_on_is_used_unless_an_option_sets_it():
+    from eplb.pricing import MovePrice
+
+    trace = builtin_trace("drift", steps=800, seed=5, num_layers=3, num_experts=64).counts
+    first = eplb.get_policy("auto").rebalance(trace[:400], TOPOLOGY).placement
+    policy = eplb.get_policy("auto")
+    free = policy.rebalance(trace[400:], TOPOLOGY, current=first, price=MovePrice(0.0, 0.2, 400.0))
+    dear = policy.rebalance(trace[400:], TOPOLOGY, current=first, price=MovePrice(1e7, 0.2, 400.0))
+    assert free.total_moved_slots > 0 and dear.total_moved_slots == 0
+    assert eplb.get_policy("auto", move_ms=0.0).price(MovePrice(1e7, 0.2, 400.0)).move_us == 0.0
+
+
+def test_unspent_move_budget_carries_to_later_plans(trace):
+    from eplb.cycle import CycleConfig
+    from eplb.planning import plan_cycle
+
+    start = Placement.initial(64, TOPOLOGY, 3, layout="vllm")
+    policy = eplb.get_policy("auto", move_budget=0.05, min_gain=0.0)
+    per_plan = int(0.05 * TOPOLOGY.num_physical)
+    cycle = CycleConfig(cycle_steps=100, layers_per_step=0)
+    # a plan that moves nothing (a load that fits the layout) leaves its budget for the next
+    idle = plan_cycle(policy, np.zeros((100, 3, 64), dtype=np.int64), start, cycle)
+    assert idle.layers == ()
+    np.testing.assert_allclose(idle.state.policy, 0.05 * TOPOLOGY.num_physical)
+    first = plan_cycle(policy, trace[:100], start, cycle)
+    assert 0 < first.moved_slots.max() <= per_plan
+    np.testing.assert_allclose(first.state.policy, 0.05 * TOPOLOGY.num_physical - first.moved_slots)
+    # after two idle plans the budget of three is there: the plan moves more than one plan's worth
+    again = plan_cycle(policy, np.zeros((100, 3, 64), dtype=np.int64), start, cycle, state=idle.state)
+    saved = plan_cycle(policy, trace[:100], start, cycle, state=again.state)
+    assert saved.moved_slots.max() > per_plan
+    assert (saved.moved_slots <= int(3 * 0.05 * TOPOLOGY.num_physical)).all()
+    # carried budget is capped at one layer's slots
+    many = eplb.get_policy("auto", move_budget=0.6, min_gain=0.0)
+    state = idle.state
+    for _ in range(3):
+        state = plan_cycle(many, np.zeros((100, 3, 64), dtype=np.int64), start, cycle, state=state).state
+    assert (np.asarray(state.policy) <= TOPOLOGY.num_physical).all()
+
+
+def test_measured_price_attributes_the_step_to_the_busiest_ranks_routings():
+    from eplb.pricing import measured_price
+
+    topology = Topology(2, 2)
+    phy2log = np.array([[0, 1, 2, 3]])
+    load = np.array([[[10.0, 10.0, 5.0, 5.0]]] * 4)  # rank 0 serves 20 routings per step, rank 1 10
+    price = measured_price(0.002, 0.001, load, phy2log, topology.num_ranks, 600.0)
+    assert price.move_us == pytest.approx(2000.0) and price.token_us == pytest.approx(1000.0 / 20)
+    assert price.life_steps == 600.0
+    assert measured_price(0.0, 0.001, load, phy2log, 2, 600.0) is None
+
+
 @pytest.mark.parametrize("option, value", [("num_episodes", 0), ("half_life", 0), ("min_gain", -1.0),
                                            ("move_budget", 1.5), ("max_moves", -1), ("min_gain", float("nan")),
-                                           ("dispatch", "token"), ("reset", -0.1)])
+                                           ("dispatch", "token"), ("reset", -0.1), ("move_ms", -1.0),
+                                           ("expert_bytes", 0), ("bandwidth_gbs", float("inf")), ("token_us", 0.0),
+                                           ("life_steps", -5)])
 def test_bad_options_are_refused(option, value):
     with pytest.raises(PolicyError, match=option):
         eplb.get_policy("auto", **{option: value})

@@ -108,3 +108,16 @@ def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
     assert cycle_policy("auto", dispatch="even").dispatch == "even"
     assert cycle_policy("auto", {"dispatch": "even"}, dispatch="balanced").dispatch == "even"  # the user's option
     assert cycle_policy("default", dispatch="balanced") is not None  # no such option: built as usual
+
+
+def test_clairvoyant_floor_is_the_best_of_its_candidates_and_each_run_reports_its_distance(capsys, tmp_path):
+    out = run_json(capsys, "--steps", "150", "--clairvoyant", "default,random", "--out", str(tmp_path))
+    candidates = out["clairvoyant_candidates"]
+    assert set(candidates) == {"default", "random"}
+    best = min(candidates, key=candidates.get)
+    assert out["clairvoyant"]["policy"] == best == "default"  # random moves one slot: far from a floor
+    floor = out["clairvoyant"]["step_par_mean"]
+    for figures in out["policies"].values():
+        assert figures["par_vs_floor"] == pytest.approx(figures["step_par_mean"] / floor)
+        assert figures["par_vs_floor"] >= 1.0
+    assert "PAR vs floor" in (tmp_path / "report.md").read_text()

@@ -121,6 +121,28 @@ def test_requests_make_per_step_variance_exceed_sampling_noise(small_regimes):
     assert excess_variance(bursty) > 3.0
 
 
+def test_continuous_batching_serves_a_batch_that_follows_the_live_requests(small_regimes):
+    from eplb.sim.traces import _live_requests
+
+    # (birth, death, share): alive in [birth, death)
+    requests = np.array([[0, 3, 0.1], [1, 2, 0.1], [2, 9, 0.1], [4, 5, 0.1]])
+    np.testing.assert_array_equal(_live_requests(requests, 6), [1, 2, 2, 1, 2, 1])
+    spec = TraceSpec(steps=400, segment=None, requests=16, request_steps=40, request_share=0.85, tokens_per_request=8)
+    tokens = generate_trace(small_regimes, spec, 5).counts[:, 0].sum(axis=-1) // small_regimes.top_k
+    assert (tokens % 8 == 0).all()  # whole requests
+    assert tokens.std() > 0.1 * tokens.mean()  # arrivals and departures move the batch
+    assert 0.5 * 16 * 8 < tokens.mean() < 1.5 * 16 * 8  # about `requests` live at a time
+    with pytest.raises(LoadError, match="tokens_per_request"):
+        TraceSpec(tokens_per_request=-1)
+
+
+def test_olmoe_scenario_is_another_model_family():
+    trace = builtin_trace("olmoe", steps=50)
+    assert trace.counts.shape == (50, 16, 64) and trace.top_k == 8
+    assert (trace.counts.sum(axis=-1) == trace.counts[:, :1].sum(axis=-1)).all()  # every layer routes every token
+    assert builtin_trace("olmoe", steps=20, num_experts=128).counts.shape == (20, 16, 128)
+
+
 def test_drift_moves_the_load_between_regimes(small_regimes):
     steady = generate_trace(small_regimes, TraceSpec(steps=600, segment=None), 2)
     drift = generate_trace(small_regimes, TraceSpec(steps=600, segment=(100, 150), blend=0.5), 2)

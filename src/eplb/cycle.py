@@ -33,8 +33,8 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
 
 Which layers of a plan are applied, and in which steps, is decided by the planning function
 (:func:`eplb.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule out
-step by step and keeps the :class:`~eplb.planning.PlanState` of the last plan that started applying, for the next
-call. A layer without change is never scheduled.
+step by step and keeps the :class:`~eplb.planning.PlanState` of the last plan that came back (applied or "no
+gain"), for the next call. A layer without change is never scheduled.
 
 Every decision depends only on the calls made, so ranks that make the same calls in the same steps stay in
 lock-step. :attr:`Cycle.records` keeps one :class:`CycleRecord` per submitted window.
@@ -200,7 +200,8 @@ class Cycle:
         self._failed: str | None = None
         self._queue: list[tuple[int, ...]] = []  # apply steps still to come
         self._plan = None
-        #: the :class:`~eplb.planning.PlanState` of the last plan that started applying (None before the first)
+        #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
+        #: first)
         self.state = None
 
     @property
@@ -299,6 +300,7 @@ class Cycle:
                 self.records[-1].apply_start = step
                 self.state = self._plan.state
                 return None
+            self.state = self._plan.state  # a plan that applies nothing still hands on (e.g. an unspent budget)
             reason = "no gain"
         elif self.config.deadline_steps is not None and waited >= self.config.deadline_steps:
             reason = "late"

@@ -52,10 +52,13 @@ def rank_loads(placement: Placement, load, share: np.ndarray | None = None) -> n
     """
     _check_placement(placement)
     load = as_load(load, placement.num_experts, placement.num_layers)
-    if load.ndim == 2:
-        if share is None:
-            share = rank_share(placement)
+    if load.ndim == 2 and share is not None:
         return np.matmul(load.astype(np.float64)[:, None, :], share)[:, 0, :]
+    if load.ndim == 2:
+        # each slot's share of its expert's load, summed per rank: O(L*P), where the dense share is O(L*E*W)
+        slot_load = np.take_along_axis(load.astype(np.float64), placement.phy2log, axis=1) \
+            / np.take_along_axis(placement.replica_count, placement.phy2log, axis=1)
+        return slot_load.reshape(placement.num_layers, placement.topology.num_ranks, -1).sum(axis=2)
     # Per step, add each slot's share of its expert's load to its rank (O(T*L*P)) instead of a dense [E, W] product
     # (O(T*L*E*W)): each expert sits on a handful of ranks, so this is ~E*W/P times less work.
     slot_weight = 1.0 / np.take_along_axis(placement.replica_count, placement.phy2log, axis=1)

@@ -17,18 +17,21 @@ first), ``layers_per_step`` per step, or as many as fit ``bytes_per_step`` (at l
 
 State across cycles (:class:`PlanState`): a policy may keep state from one cycle to the next (FlashLB compares each
 layer's balance with the one it last planned for), and the similarity rule needs each layer's load when last
-applied. The caller keeps the state of the last plan that started applying and hands it to the next call; the
-runtime keeps it in the serving process, so a planner restart loses nothing.
+applied; ``auto`` its unspent move budget. The caller keeps the state of the last plan that came back (one that
+applies nothing too, so an unspent budget keeps growing) and hands it to the next call; the runtime keeps it in the
+serving process, so a planner restart loses nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from eplb.placement import Placement
+from eplb.pricing import price_of
 from eplb.transfers import LayerTransfer, layer_transfer
 
 __all__ = ["PlanState", "CyclePlan", "plan_cycle", "planning_window", "cycle_policy", "schedule_layers",
@@ -125,7 +128,7 @@ def planning_window(policy, rows: np.ndarray) -> np.ndarray:
 
 
 def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_ranks=None, resilience=None,
-               state: PlanState | None = None, from_checkpoint: bool = False) -> CyclePlan:
+               state: PlanState | None = None, from_checkpoint: bool = False, price=None) -> CyclePlan:
     """Plan one cycle.
 
     Args:
@@ -139,6 +142,9 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
         state: what the previous cycle handed on (None: the first cycle).
         from_checkpoint: an expert no live rank holds is read from a checkpoint (a transfer from rank -1) instead of
             raising; the simulator's model of lost experts that wait for a re-plan.
+        price: the :class:`~eplb.pricing.MovePrice` a policy that prices its moves weighs them with (the simulator:
+            its cost model; the runtime: the figures it measured; None: the cost model's defaults for
+            ``expert_bytes``); its ``life_steps`` defaults to the cycle's ``cycle_steps``.
 
     Returns:
         A :class:`CyclePlan`.
@@ -149,9 +155,10 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     state = state or PlanState()
     window = planning_window(policy, window)
     live = None if live_ranks is None else np.asarray(live_ranks, dtype=bool)
+    priced = {"price": _with_life(price, cycle, expert_bytes)} if getattr(policy, "prices_moves", False) else {}
     plan = policy.rebalance(window, current.topology, current=current,
                             live_ranks=None if live is None or live.all() else live, resilience=resilience,
-                            state=state.policy)
+                            state=state.policy, **priced)
     num_layers = current.num_layers
     summed = window if window.ndim == 2 else window.sum(axis=0, dtype=np.float64)
     before, after = plan.par_before.astype(np.float64), plan.par_after.astype(np.float64)
@@ -179,11 +186,20 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     if order and cycle.similarity_threshold is not None:
         applied_load = applied_load.copy()
         applied_load[order] = summed[order]
-    next_state = PlanState(policy=policy.next_state(state.policy, plan, order, window) if order else state.policy,
+    next_state = PlanState(policy=policy.next_state(state.policy, plan, order, window),
                            applied_load=applied_load if cycle.similarity_threshold is not None else None)
     return CyclePlan(phy2log=phy2log, changed=np.asarray(plan.changed, dtype=bool), par_before=before,
                      par_after=after, moved_slots=moved, layers=tuple(order), transfers=transfers,
                      layer_bytes=layer_bytes, schedule=schedule_layers(order, layer_bytes, cycle), state=next_state)
+
+
+def _with_life(price, cycle, expert_bytes):
+    """``price`` (None: the step-time model's defaults for ``expert_bytes``) with the plan's life set to the
+    re-plan interval where the caller left it open."""
+    price = price_of(expert_bytes) if price is None else price
+    if price.life_steps is not None:
+        return price
+    return dataclasses.replace(price, life_steps=float(cycle.cycle_steps))
 
 
 def schedule_layers(layers, layer_bytes: np.ndarray, cycle) -> tuple[tuple[int, ...], ...]:

@@ -1,8 +1,9 @@
 """``eplb simulate``: replay expert load over time and compare rebalancing policies.
 
 With no arguments it runs the built-in DeepSeek-V3-like scenario (no data file needed) with ``static`` (no
-balancing) and every available policy, plus the clairvoyant floor, prints one table row per policy and writes
-report.json, plots and report.md to ``./eplb-report/``.
+balancing) and every available policy, plus the clairvoyant floor (the better of clairvoyant ``auto`` and
+``flashlb``), prints one table row per policy and writes report.json, plots and report.md (with each run's step PAR
+over the floor's) to ``./eplb-report/``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT_TRACE = "builtin:default"
 _MAIN_POLICIES = ("auto", "default", "swift", "flashlb")  # always compared; any other registered policy joins them
-_DEFAULT_CLAIRVOYANT = ("swift", "default")  # the first available plans the floor: best window balance, cheap
+# the floor is the better of these, each planned on the steps it is scored on (every available one runs)
+_DEFAULT_CLAIRVOYANT = ("auto", "flashlb")
 _SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
 
 
@@ -33,8 +35,8 @@ def register(subparsers) -> None:
         description="Replay per-step expert load through the same rebalancing cycle the runtime uses (a plan every "
                     "H steps on the last window, ready A steps later, applied one layer per step) and score every "
                     "step: PAR = busiest rank / mean rank, token-weighted mean and p99, window PAR, moved slots and "
-                    "bytes, planner time, and an estimated MoE step time against no balancing. The clairvoyant run "
-                    "plans on the steps it is scored on: the floor. The same seed gives the same figures (planner ms "
+                    "bytes, planner time, and an estimated MoE step time against no balancing. The clairvoyant runs "
+                    "plan on the steps they are scored on; the best of them is the floor. The same seed gives the same figures (planner ms "
                     "is measured wall time). Built-in traces: " + scenarios + ".",
         formatter_class=HelpFormatter,
     )
@@ -60,9 +62,10 @@ def register(subparsers) -> None:
     policies = parser.add_argument_group("policies and cycle")
     policies.add_argument("--policies", metavar="A,B,...",
                           help="policies to run besides static (default: every available one)")
-    policies.add_argument("--clairvoyant", metavar="POLICY|none",
-                          help=f"policy of the clairvoyant floor (default: the first available of "
-                               f"{', '.join(_DEFAULT_CLAIRVOYANT)})")
+    policies.add_argument("--clairvoyant", metavar="A,B,...|none",
+                          help=f"policies of the clairvoyant floor, each planning on the steps it is scored on; "
+                               f"the floor is the one with the lowest step PAR (default: those of "
+                               f"{', '.join(_DEFAULT_CLAIRVOYANT)} available)")
     policies.add_argument("--window", "--interval", dest="interval", type=int, default=100, metavar="H",
                           help="steps in each planning window (one cycle each)")
     policies.add_argument("--planner-steps", type=int, default=10, metavar="A",
@@ -176,7 +179,7 @@ def _check_memory(args, steps: int, layers: int, experts: int, runs: int) -> Non
 def _drawn_shape(args) -> tuple[int, int, int] | None:
     """(steps, layers, experts) of a trace eplb draws (a built-in scenario, from --workloads, from a statistics or a
     window-load ``.npz``) before drawing it; None when that cannot be told cheaply (a recorded trace is read as is)."""
-    from eplb.sim.traces import BUILTIN_PREFIX, SCENARIOS
+    from eplb.sim.traces import BUILTIN_PREFIX, MODEL_SIZES, SCENARIOS
 
     if args.trace.startswith(BUILTIN_PREFIX):
         key, source = args.trace.removeprefix(BUILTIN_PREFIX), args.workloads
@@ -186,7 +189,7 @@ def _drawn_shape(args) -> tuple[int, int, int] | None:
         return None
     steps = args.steps or SCENARIOS[key][1].steps
     if source is None:
-        return steps, 58, 256  # the parametric DeepSeek-V3-like workloads
+        return steps, *MODEL_SIZES.get(key, (58, 256))  # the parametric workloads of the scenario's model
     shape = _counts_shape(source)
     if shape is None or (source == args.trace and len(shape) == 3 and not _has_workloads(source)):
         return None  # a per-step trace: replayed, not drawn
@@ -238,20 +241,21 @@ def _policy_names(args) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _clairvoyant_name(args) -> str | None:
+def _clairvoyant_names(args) -> list[str]:
     from eplb import available_policies, get_policy
 
     if args.clairvoyant is not None:
         if args.clairvoyant == "none":
-            return None
-        get_policy(args.clairvoyant)
-        return args.clairvoyant
+            return []
+        names = [name.strip() for name in args.clairvoyant.split(",") if name.strip()]
+        for name in names:
+            get_policy(name)  # raises a PolicyError with a suggestion when unknown
+        return list(dict.fromkeys(names))
     available = available_policies()
-    for name in _DEFAULT_CLAIRVOYANT:
-        if name in available:
-            return name
-    logger.warning("no clairvoyant run: none of %s is available", ", ".join(_DEFAULT_CLAIRVOYANT))
-    return None
+    names = [name for name in _DEFAULT_CLAIRVOYANT if name in available]
+    if not names:
+        logger.warning("no clairvoyant run: none of %s is available", ", ".join(_DEFAULT_CLAIRVOYANT))
+    return names
 
 
 def run(args) -> int:
@@ -277,8 +281,8 @@ def run(args) -> int:
                      + [Failure.parse("node", text) for text in args.fail_node])
     resilience = Resilience(min_replicas=args.min_replicas, hot_experts=args.hot_experts) if args.resilient else None
     names = _policy_names(args)
-    clairvoyant_name = _clairvoyant_name(args)
-    num_runs = 1 + len(names) + (clairvoyant_name is not None)
+    clairvoyant_names = _clairvoyant_names(args)
+    num_runs = 1 + len(names) + len(clairvoyant_names)
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
     shape = _drawn_shape(args)
     if shape is not None:  # a trace eplb draws: refuse before drawing it
@@ -312,8 +316,7 @@ def run(args) -> int:
         except EplbError as exc:
             raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
-        if clairvoyant_name is not None:
-            specs.append(RunSpec(f"clairvoyant:{clairvoyant_name}", clairvoyant_name, clairvoyant=True))
+        specs += [RunSpec(f"clairvoyant:{name}", name, clairvoyant=True) for name in clairvoyant_names]
         # A run's bar stays at 0 while its policy's numba kernels compile (first use on this machine, up to ~30 s).
         tasks = [progress.add_task(spec.name if not spec.clairvoyant else f"clairvoyant ({spec.policy})", total=1.0,
                                    note="starting (the first run compiles kernels)" if spec.policy else "")
@@ -325,7 +328,9 @@ def run(args) -> int:
         jobs = args.jobs or min(os.cpu_count() or 1, len(specs))
         results = simulate_runs(trace, config, specs, jobs, progress=advance)
     runs = {spec.name: result for spec, result in zip(specs, results) if not spec.clairvoyant}
-    clairvoyant = results[-1] if clairvoyant_name is not None else None
+    # the floor: the clairvoyant run with the lowest step PAR (ties: the first named)
+    candidates = [result for spec, result in zip(specs, results) if spec.clairvoyant]
+    clairvoyant = min(candidates, key=lambda run: run.summary()["step_par_mean"]) if candidates else None
     if args.save_trace:
         trace.save(args.save_trace, flag="--save-trace")
     key = trace.name.removeprefix("builtin:")
@@ -353,12 +358,13 @@ def run(args) -> int:
                       "hot_experts": resilience.hot_experts}},
         "seed": args.seed,
         "warmup_steps": warmup_steps(cycle, trace.num_layers, trace.num_steps),
+        "clairvoyant_candidates": {run.name.split(":", 1)[-1]: run.summary()["step_par_mean"] for run in candidates},
     }
     report = build_report(runs, runs["static"], clairvoyant, meta)
     files = {} if args.no_files else write_report(report, runs, runs["static"], clairvoyant, args.out)
     if args.json:
         print(json.dumps({key: report[key] for key in ("trace", "topology", "settings", "seed", "warmup_steps",
-                                                         "policies", "clairvoyant")}))
+                                                         "policies", "clairvoyant", "clairvoyant_candidates")}))
         return 0
     out = Console(highlight=False)
     out.print(policy_table(report))

@@ -413,7 +413,7 @@ def _apply_reassign(x, loads, table, has, holders, counts, r1, k1, b, liquid, af
 @njit(cache=True, parallel=True)
 def search_layers(x, weight, tables, originals, move_cost, budget, max_steps, liquid, active):
     """:func:`local_search` on every ``active`` layer (in parallel): ``x`` ``[L, S, E]``, ``tables`` and
-    ``originals`` ``[L, W, K]``, ``move_cost`` ``[L]``. Improves ``tables`` in place; returns the objectives
+    ``originals`` ``[L, W, K]``, ``move_cost`` and ``budget`` ``[L]``. Improves ``tables`` in place; returns the objectives
     ``[L]`` (inf for inactive layers)."""
     num_layers, _, num_experts = x.shape
     out = np.full(num_layers, np.inf)
@@ -424,6 +424,6 @@ def search_layers(x, weight, tables, originals, move_cost, budget, max_steps, li
         for e in tables[layer].ravel():
             counts[e] += 1
         value, _, _ = local_search(x[layer], weight, tables[layer], originals[layer], counts, move_cost[layer],
-                                   budget, max_steps, liquid)
+                                   budget[layer], max_steps, liquid)
         out[layer] = value
     return out

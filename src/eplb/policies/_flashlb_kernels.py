@@ -50,6 +50,18 @@ def _sort_ranks(ranks, dev_mean):
 
 
 @njit(cache=True)
+def _first_loaded(open_ranks, start, stop, dev_mean):
+    """The first position in ``open_ranks[start:stop]`` (sorted by ``dev_mean`` ascending) whose rank has a load."""
+    while start < stop:
+        middle = (start + stop) // 2
+        if dev_mean[open_ranks[middle]] > 0.0:
+            stop = middle
+        else:
+            start = middle + 1
+    return start
+
+
+@njit(cache=True)
 def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var, dev_cov, stamp):
     """Covariance-aware LPT: deploy ``count[e]`` replicas of every expert onto the ranks, filling ``members``.
 
@@ -90,9 +102,11 @@ def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var,
             best = -1
             best_pos = -1
             best_score = np.inf
-            for pos in range(num_open):
+            pos = 0
+            while pos < num_open:
                 d = open_ranks[pos]
                 if stamp[d] == e:
+                    pos += 1
                     continue
                 score = dev_mean[d] + add_mean
                 if score > best_score:
@@ -104,6 +118,9 @@ def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var,
                     best_score = score
                     best = d
                     best_pos = pos
+                # ranks without load (empty, or only experts that never got a token) lead the order and score alike
+                # for an expert they do not hold: the first stands for the rest, passed in O(log W)
+                pos = _first_loaded(open_ranks, pos + 1, num_open, dev_mean) if dev_mean[d] == 0.0 else pos + 1
             if best < 0:
                 best, freed = _make_room(e, add_mean, mean, inv_count, members, dev_size, dev_mean, stamp)
                 for d in (best, freed):

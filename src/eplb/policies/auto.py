@@ -9,8 +9,10 @@ Method (docs/auto.md):
    token-weighted per-step PAR the simulator scores, on episode sums instead of single noisy steps.
 3. Local search from the placement in force (:mod:`eplb.policies._auto_kernels`): swaps of two slots and
    reassignments of a spare replica (which change replica counts), aimed at the busiest ranks, each accepted only
-   when its exact gain on the objective exceeds ``min_gain`` (in PAR units) per moved slot, within ``move_budget``.
-   Experts stay where they are unless moving them pays, so no rank relabelling is needed afterwards.
+   when the step time its exact gain on the objective saves over the plan's life exceeds the step time its
+   transfers cost (:mod:`eplb.pricing`: the cost model ``eplb simulate`` scores with, or the runtime's measured
+   figures), within ``move_budget``; ``min_gain`` (PAR per moved slot) overrides the price. Experts stay where they
+   are unless moving them pays, so no rank relabelling is needed afterwards.
 4. Fresh start. A greedy placement (replica counts by load per replica, heaviest replica to the lightest rank) is
    also built. Its ranks are matched to the current ones (:func:`eplb.policies.retention.match_ranks`) and the local
    search continues from it where it beats the local-search result by more than the cost of moving half the slots,
@@ -35,6 +37,7 @@ from eplb.policies import _auto_kernels as kernels
 from eplb.policies.base import Policy
 from eplb.policies.kernels import greedy_tables, spread_duplicates
 from eplb.policies.retention import match_ranks
+from eplb.pricing import DEFAULT_PRICE, MovePrice
 from eplb.topology import Topology
 
 __all__ = ["Auto", "POLICY", "forecast"]
@@ -72,10 +75,18 @@ class Auto(Policy):
     Args:
         num_episodes: episodes the window is cut into (each about ``T / S`` steps).
         half_life: steps after which an episode's weight halves (None: all episodes alike).
-        min_gain: predicted PAR improvement (on the weighted episodes) each moved slot must bring; larger values
-            move less. 0 accepts every improving move.
-        move_budget: at most this fraction of each layer's slots moves per plan (None: no limit); with
-            ``min_gain`` it traces the balance-vs-moves curve.
+        min_gain: override of the price: predicted PAR improvement (on the weighted episodes) each moved slot must
+            bring; 0 accepts every improving move. None (default): moves are priced in step time.
+        expert_bytes, bandwidth_gbs: bytes of one expert's weights and the transfer bandwidth per receiving rank
+            (GB/s); a moved expert costs their quotient. Either one given: the other defaults to DeepSeek-V3's
+            44 MB / 50 GB/s. None: the figure the caller hands on (:func:`eplb.planning.plan_cycle`), else that.
+        move_ms: measured milliseconds to move one expert to a rank (overrides ``expert_bytes`` / ``bandwidth_gbs``).
+        token_us: microseconds per routing on a layer's busiest rank (the step-time model's per-token cost).
+        life_steps: steps a plan stays in force (the re-plan interval); None: what the caller hands on, else the
+            window's length.
+        move_budget: this fraction of each layer's slots may move per plan (None: no limit); budget a plan does not
+            spend carries over to later plans (up to one layer's slots), so a small budget still leaves a poor
+            layout over a few cycles. With the price it traces the balance-vs-moves curve.
         max_moves: at most this many accepted swaps/reassignments per layer (None: 4 x slots).
         dispatch: the replica choice the placement is made for: ``even`` (each replica serves the same share)
             or ``balanced`` (per-batch min-max split, :mod:`eplb.dispatch`): replicated experts then count as
@@ -88,14 +99,22 @@ class Auto(Policy):
     wants_steps = True
     allow_shared_rank = False
 
-    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float = 5e-4,
+    prices_moves = True
+
+    def __init__(self, num_episodes: int = 32, half_life: float | None = 300.0, min_gain: float | None = None,
                  move_budget: float | None = None, max_moves: int | None = None, dispatch: str = "even",
-                 reset: float | None = 0.3):
+                 reset: float | None = 0.3, expert_bytes: float | None = None, bandwidth_gbs: float | None = None,
+                 move_ms: float | None = None, token_us: float | None = None, life_steps: float | None = None):
         if isinstance(num_episodes, bool) or not isinstance(num_episodes, (int, np.integer)) or num_episodes < 1:
             raise PolicyError(f"auto option num_episodes must be an integer >= 1, got {num_episodes!r}")
         self.num_episodes = int(num_episodes)
         self.half_life = _number("half_life", half_life, allow_none=True, positive=True)
-        self.min_gain = _number("min_gain", min_gain)
+        self.min_gain = _number("min_gain", min_gain, allow_none=True)
+        self.expert_bytes = _number("expert_bytes", expert_bytes, allow_none=True, positive=True)
+        self.bandwidth_gbs = _number("bandwidth_gbs", bandwidth_gbs, allow_none=True, positive=True)
+        self.move_ms = _number("move_ms", move_ms, allow_none=True)
+        self.token_us = _number("token_us", token_us, allow_none=True, positive=True)
+        self.life_steps = _number("life_steps", life_steps, allow_none=True, positive=True)
         self.move_budget = _number("move_budget", move_budget, allow_none=True)
         if self.move_budget is not None and self.move_budget > 1:
             raise PolicyError(f"auto option move_budget must be a fraction in [0, 1], got {move_budget!r}")
@@ -108,8 +127,40 @@ class Auto(Policy):
         self.dispatch = dispatch
         self.reset = _number("reset", reset, allow_none=True)
 
-    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray
-              ) -> np.ndarray:
+    def price(self, handed: MovePrice | None = None) -> MovePrice:
+        """The price moves are weighed with: the options where set, else what the caller ``handed`` on, else
+        DeepSeek-V3's (:data:`eplb.pricing.DEFAULT_PRICE`)."""
+        base = handed or DEFAULT_PRICE
+        move_us = base.move_us
+        if self.move_ms is not None:
+            move_us = self.move_ms * 1e3
+        elif self.expert_bytes is not None or self.bandwidth_gbs is not None:
+            expert_bytes = DEFAULT_PRICE.move_us * 50e3 if self.expert_bytes is None else self.expert_bytes
+            move_us = expert_bytes / ((50.0 if self.bandwidth_gbs is None else self.bandwidth_gbs) * 1e3)
+        return MovePrice(move_us=move_us, token_us=base.token_us if self.token_us is None else self.token_us,
+                         life_steps=base.life_steps if self.life_steps is None else self.life_steps)
+
+    def budgets(self, num_layers: int, num_slots: int, state=None) -> np.ndarray:
+        """int64 ``[L]``: slots each layer may move in this plan: the per-plan budget plus what earlier plans left
+        unspent (``state``, see :meth:`next_state`), or every slot without ``move_budget``."""
+        if self.move_budget is None:
+            return np.full(num_layers, num_slots, dtype=np.int64)
+        carried = np.zeros(num_layers) if state is None else np.asarray(state, dtype=np.float64)
+        return np.minimum(np.floor(self.move_budget * num_slots + carried), num_slots).astype(np.int64)
+
+    def next_state(self, state, plan, layers, load):
+        """Unspent move budget per layer ``[L]`` (float64) once ``layers`` of ``plan`` are applied, at most one
+        layer's slots; None without ``move_budget``."""
+        if self.move_budget is None:
+            return None
+        num_layers, num_slots = plan.placement.phy2log.shape
+        carried = np.zeros(num_layers) if state is None else np.asarray(state, dtype=np.float64)
+        spent = np.zeros(num_layers)
+        spent[list(layers)] = plan.moved_slots[list(layers)]
+        return np.clip(carried + self.move_budget * num_slots - spent, 0.0, num_slots)
+
+    def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray,
+              state=None, price: MovePrice | None = None) -> np.ndarray:
         num_layers, num_experts = load.shape[-2:]
         num_ranks, slots = topology.num_ranks, topology.slots_per_rank
         num_slots = topology.num_physical
@@ -121,16 +172,14 @@ class Auto(Policy):
         mean_x = np.einsum("lse,s->le", x, weight / weight.sum())
         fresh = greedy_tables(mean_x, num_ranks, slots).reshape(num_layers, num_slots)
         fresh = spread_duplicates(fresh, mean_x[np.arange(num_layers)[:, None], fresh], num_ranks)
-        # objective units of one moved slot: min_gain PAR points on the weighted mean rank load
-        scale = np.einsum("lse,s->l", x, weight) / num_ranks
-        move_cost = self.min_gain * scale
-        budget = num_slots if self.move_budget is None else int(math.floor(self.move_budget * num_slots))
+        move_cost = self._move_cost(load, x, weight, num_ranks, price)
+        budget = self.budgets(num_layers, num_slots, state)
         max_steps = 4 * num_slots if self.max_moves is None else self.max_moves
         if current is None:
             out = fresh.copy()
             # moves away from the greedy start must pay too: a gain threshold that keeps the search short
-            self._search(x, weight, out, out.copy(), num_ranks, move_cost, num_slots, max_steps, liquid,
-                         ~_has_duplicates(out, num_ranks))
+            self._search(x, weight, out, out.copy(), num_ranks, move_cost, np.full(num_layers, num_slots),
+                         max_steps, liquid, ~_has_duplicates(out, num_ranks))
             return out
         base = np.ascontiguousarray(current.phy2log)
         out = base.copy()
@@ -161,6 +210,21 @@ class Auto(Policy):
         log.debug("auto: %d layers changed, %d restarted", int((out != base).any(axis=1).sum()), int(restart.sum()))
         return out
 
+    def _move_cost(self, load, x, weight, num_ranks, price) -> np.ndarray:
+        """float64 ``[L]``: one moved slot's cost in objective units (weighted episode sums of the busiest rank's
+        load). With ``min_gain``: that many PAR points on the weighted mean rank load. Else priced: a routing less
+        on the busiest rank in every step lowers the objective by the weighted number of steps the episodes hold,
+        and saves ``token_us`` per step of the plan's life; a moved slot costs ``move_us / W``."""
+        if self.min_gain is not None:
+            return self.min_gain * np.einsum("lse,s->l", x, weight) / num_ranks
+        price = self.price(price)
+        steps = load.shape[0] if load.ndim == 3 else None
+        life = price.life_steps or steps or 1.0
+        # per-step objective weight: each episode holds steps // S steps (a window sum: one episode of `life`)
+        per_episode = life if steps is None else steps // x.shape[1]
+        weighted_steps = np.full(x.shape[0], float(weight.sum() * per_episode))
+        return price.slot_cost(num_ranks, weighted_steps, life)
+
     @staticmethod
     def _search(x, weight, rows, original, num_ranks, move_cost, budget, max_steps, liquid, active=None):
         """Local search on every ``active`` layer; ``rows`` ``[L, P]`` are improved in place. Returns the
@@ -171,13 +235,15 @@ class Auto(Policy):
         # a writable copy: numba compiles a kernel once per array type, and read-only arrays are another type
         original = np.array(original, dtype=np.int64)
         return kernels.search_layers(x, weight, tables, original.reshape(num_layers, num_ranks, -1),
-                                     np.ascontiguousarray(move_cost, dtype=np.float64), int(budget), int(max_steps),
+                                     np.ascontiguousarray(move_cost, dtype=np.float64),
+                                     np.ascontiguousarray(budget, dtype=np.int64), int(max_steps),
                                      float(liquid), active)
 
     def __repr__(self) -> str:
         return (f"Auto(num_episodes={self.num_episodes}, half_life={self.half_life}, min_gain={self.min_gain}, "
                 f"move_budget={self.move_budget}, max_moves={self.max_moves}, dispatch={self.dispatch!r}, "
-                f"reset={self.reset})")
+                f"reset={self.reset}, expert_bytes={self.expert_bytes}, bandwidth_gbs={self.bandwidth_gbs}, "
+                f"move_ms={self.move_ms}, token_us={self.token_us}, life_steps={self.life_steps})")
 
 
 def _objectives(x, weight, rows, num_ranks, num_experts, liquid) -> np.ndarray:

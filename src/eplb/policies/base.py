@@ -80,9 +80,11 @@ class Policy:
     #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
     #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
     wants_steps: bool = False
+    #: whether :meth:`place` weighs its moves with a :class:`~eplb.pricing.MovePrice` (keyword ``price``)
+    prices_moves: bool = False
 
     def rebalance(self, load, topology: Topology, current=None, live_ranks=None,
-                  resilience: Resilience | None = None, state=None) -> Plan:
+                  resilience: Resilience | None = None, state=None, price=None) -> Plan:
         """Plan a placement for ``load``.
 
         Args:
@@ -94,6 +96,8 @@ class Policy:
             resilience: spread replicas over ranks and nodes, and a minimum replica count for the hottest experts.
             state: what :meth:`next_state` returned after the previous cycle (None: none, or a stateless policy);
                 handed to :meth:`place` as the keyword ``state`` when not None.
+            price: the :class:`~eplb.pricing.MovePrice` of a move (cost model or measured figures), handed to
+                :meth:`place` as the keyword ``price`` when the policy ``prices_moves`` and it is not None.
 
         Layers too quiet to plan on (no load, or fewer tokens than live ranks: :func:`eplb.load.quiet_layers`) keep
         the placement in force (``current``, or the initial layout), whatever the policy; only a policy that never
@@ -119,6 +123,8 @@ class Policy:
         reference = current if current is not None else Placement.initial(num_experts, topology, num_layers)
         quiet = quiet_layers(window, topology.num_ranks if live is None else int(live.sum()))
         extra = {} if state is None else {"state": state}
+        if price is not None and self.prices_moves:
+            extra["price"] = price
         if live is None:
             keep = self._keeps(quiet, reference.phy2log, topology)
             if keep.all():

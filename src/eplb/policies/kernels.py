@@ -7,6 +7,8 @@ float32, and ties depend on it).
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 from numba import njit
 
@@ -72,16 +74,17 @@ def _replicate(weight, slots_per_row, width):
         for item in range(num_items):
             slot_item[row, item] = item
             per_replica[item] = weight[row, item]
+        # items by largest weight / replicas, ties to the lowest index: O(log n) per replica
+        heap = [(-per_replica[item], item) for item in range(num_items)]
+        heapq.heapify(heap)
         for slot in range(num_items, slots_per_row[row]):
-            best = 0
-            for item in range(1, num_items):  # strict > keeps the lowest index among equal ratios
-                if per_replica[item] > per_replica[best]:
-                    best = item
+            best = heapq.heappop(heap)[1]
             slot_item[row, slot] = best
             replica_rank[row, slot] = counts[row, best]
             counts[row, best] += 1
             # rounded to the weight's dtype, as the reference divides in float32
             per_replica[best] = weight[row, best] / counts[row, best]
+            heapq.heappush(heap, (-per_replica[best], best))
     return slot_item, replica_rank, counts
 
 
@@ -104,21 +107,20 @@ def allot_replicas(weight, eligible, extra, max_count):
     num_experts = weight.shape[0]
     count = np.ones(num_experts, dtype=np.int64)
     order = np.empty(extra, dtype=np.int64)
+    # eligible experts under the cap by largest weight / replicas, ties to the lowest id: O(log E) per replica
+    heap = [(-weight[e], e) for e in range(num_experts) if eligible[e] and max_count > 1]
+    heapq.heapify(heap)
+    capped = False
     for i in range(extra):
-        best = -1
-        best_value = -np.inf
-        for e in range(num_experts):
-            if eligible[e] and count[e] < max_count:
-                value = weight[e] / count[e]
-                if value > best_value:
-                    best_value = value
-                    best = e
-        if best < 0:
-            for e in range(num_experts):
-                if eligible[e] and (best < 0 or weight[e] / count[e] > weight[best] / count[best]):
-                    best = e
+        if not heap and not capped:  # every eligible expert is at the cap: lift it
+            capped = True
+            heap = [(-(weight[e] / count[e]), e) for e in range(num_experts) if eligible[e]]
+            heapq.heapify(heap)
+        best = heapq.heappop(heap)[1]
         order[i] = best
         count[best] += 1
+        if capped or count[best] < max_count:
+            heapq.heappush(heap, (-(weight[best] / count[best]), best))
     return order
 
 
@@ -159,23 +161,21 @@ def _pack_greedy(weight, order, num_packs, per_pack):
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
     pack_weight = np.zeros(num_packs, dtype=weight.dtype)
-    open_weight = np.zeros(num_packs, dtype=weight.dtype)  # the pack's weight, or +inf once it is full
     pack_items = np.zeros(num_packs, dtype=np.int64)
     for row in range(num_rows):
         pack_weight[:] = 0
-        open_weight[:] = 0
         pack_items[:] = 0
+        # packs that are not full by (weight, index): the lightest on top, ties to the lowest index
+        heap = [(pack_weight[p], p) for p in range(num_packs)]
         for position in range(num_items):
             item = order[row, position]
-            target = 0
-            for candidate in range(1, num_packs):  # strict < keeps the lowest index among equally light packs
-                if open_weight[candidate] < open_weight[target]:
-                    target = candidate
+            target = heapq.heappop(heap)[1]
             pack[row, item] = target
             rank_in_pack[row, item] = pack_items[target]
             pack_weight[target] += weight[row, item]
             pack_items[target] += 1
-            open_weight[target] = pack_weight[target] if pack_items[target] < per_pack else np.inf
+            if pack_items[target] < per_pack:
+                heapq.heappush(heap, (pack_weight[target], target))
     return pack, rank_in_pack
 
 
@@ -273,20 +273,29 @@ def greedy_tables(mean_x, num_ranks, slots):
         rank_load = np.zeros(num_ranks)
         used = np.zeros(num_ranks, dtype=np.int64)
         has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
+        # ranks with a free slot by (load, id): the lightest is on top, ties to the lower id, as a linear scan
+        free = [(0.0, r) for r in range(num_ranks)]
+        skipped = [(0.0, 0) for _ in range(0)]
         for j in order:
             e = items[j]
-            target, fallback = -1, -1
-            for r in range(num_ranks):
-                if used[r] == slots:
-                    continue
-                if fallback < 0 or rank_load[r] < rank_load[fallback]:
-                    fallback = r
-                if not has[r, e] and (target < 0 or rank_load[r] < rank_load[target]):
-                    target = r
-            if target < 0:
-                target = fallback
+            target = -1
+            while free:
+                entry = heapq.heappop(free)
+                if not has[entry[1], e]:
+                    target = entry[1]
+                    break
+                skipped.append(entry)
+            first = 0
+            if target < 0:  # every free rank holds e: the lightest takes it
+                target = skipped[0][1]
+                first = 1
+            for i in range(first, len(skipped)):
+                heapq.heappush(free, skipped[i])
+            skipped.clear()
             out[layer, target, used[target]] = e
             used[target] += 1
             has[target, e] = True
             rank_load[target] += per_replica[j]
+            if used[target] < slots:
+                heapq.heappush(free, (rank_load[target], target))
     return out

@@ -11,6 +11,7 @@ Two passes, both leaving every rank's load unchanged:
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from scipy.optimize import linear_sum_assignment
 
 from eplb.errors import PolicyError
@@ -83,21 +84,47 @@ def rank_overlap(new_phy2log, old_phy2log, num_ranks: int, num_experts: int | No
     """int64 ``[L, W, W]``: ``[l, i, j]`` = experts (with multiplicity) that new rank ``i`` and old rank ``j`` share,
     i.e. the slots kept in place if new rank ``i`` became rank ``j``."""
     new, old = _check(new_phy2log, old_phy2log, num_ranks)
-    num_layers, num_slots = new.shape
     if num_experts is None:
         num_experts = int(max(new.max(initial=0), old.max(initial=0))) + 1
+    return np.stack([_layer_overlap(new[layer], old[layer], num_ranks, num_experts)
+                     for layer in range(new.shape[0])]) if new.shape[0] else np.zeros((0, num_ranks, num_ranks),
+                                                                                         dtype=np.int64)
 
-    slots = num_slots // num_ranks
-    row = np.arange(num_layers * num_slots) // slots  # (layer, rank) of every slot
-    old_counts = np.bincount(row * num_experts + old.ravel(), minlength=num_layers * num_ranks * num_experts)
-    # [L, E, W], narrow: the gather below is the bulk of the work
-    old_counts = old_counts.reshape(num_layers, num_ranks, num_experts).transpose(0, 2, 1).astype(np.int16)
-    # The j-th copy (j from 0) of expert e on new rank i is kept on old rank r when r held more than j copies.
-    occurrence, _ = _occurrence(row * num_experts + new.ravel())
-    layer = np.arange(num_layers)[:, None]
-    held = old_counts[layer, new]  # [L, P, W]: copies of each new slot's expert on every old rank
-    kept = held > occurrence.reshape(num_layers, num_slots, 1)
-    return kept.reshape(num_layers, num_ranks, slots, num_ranks).sum(axis=2, dtype=np.int64)
+
+@njit(cache=True)
+def _layer_overlap(new, old, num_ranks, num_experts):
+    """:func:`rank_overlap` of one layer, from each expert's old holders: O(P x replicas), not O(P x W)."""
+    slots = new.shape[0] // num_ranks
+    # old holders of each expert, with the copies each holds: CSR over experts
+    start = np.zeros(num_experts + 1, dtype=np.int64)
+    for e in old:
+        start[e + 1] += 1
+    for e in range(num_experts):
+        start[e + 1] += start[e]
+    holder = np.empty(old.shape[0], dtype=np.int64)
+    fill = start[:-1].copy()
+    for p in range(old.shape[0]):
+        holder[fill[old[p]]] = p // slots
+        fill[old[p]] += 1
+    out = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+    for rank in range(num_ranks):
+        for k in range(slots):
+            e = new[rank * slots + k]
+            copy = 0  # earlier copies of e on this new rank: this one is kept where the old rank held more
+            for j in range(k):
+                if new[rank * slots + j] == e:
+                    copy += 1
+            # holders are in slot order, so an old rank's copies are consecutive
+            i = start[e]
+            while i < start[e + 1]:
+                r = holder[i]
+                held = 0
+                while i < start[e + 1] and holder[i] == r:
+                    held += 1
+                    i += 1
+                if held > copy:
+                    out[rank, r] += 1
+    return out
 
 
 def match_ranks(new_phy2log, old_phy2log, num_ranks: int, num_nodes: int = 1, across_nodes: bool = False
@@ -137,14 +164,14 @@ def _permute_blocks(new: np.ndarray, old: np.ndarray, num_units: int, block: int
     """Permute the ``num_units`` equal parts of every row of ``new`` within consecutive blocks of ``block`` parts,
     maximising the experts each part shares with the same part of ``old`` (ties: the most parts left unmoved)."""
     num_layers, num_slots = new.shape
-    overlap = rank_overlap(new, old, num_units)
-    # Among maximal assignments prefer fixed points: overlap counts (block + 1) times, staying put counts once.
-    score = overlap * (block + 1) + np.eye(num_units, dtype=np.int64)
+    num_experts = int(max(new.max(initial=0), old.max(initial=0))) + 1
     table = new.reshape(num_layers, num_units, num_slots // num_units)
     out = np.empty_like(table)
-    for start in range(0, num_units, block):
-        part = score[:, start:start + block, start:start + block]
-        for layer in range(num_layers):
-            new_unit, old_unit = linear_sum_assignment(part[layer], maximize=True)
+    stay = np.eye(num_units, dtype=np.int64)
+    for layer in range(num_layers):  # one [W, W] at a time: a dense [L, W, W] is gigabytes at 1,024 ranks
+        # Among maximal assignments prefer fixed points: overlap counts (block + 1) times, staying put counts once.
+        score = _layer_overlap(new[layer], old[layer], num_units, num_experts) * (block + 1) + stay
+        for start in range(0, num_units, block):
+            new_unit, old_unit = linear_sum_assignment(score[start:start + block, start:start + block], maximize=True)
             out[layer, start + old_unit] = table[layer, start + new_unit]
     return out.reshape(num_layers, num_slots)

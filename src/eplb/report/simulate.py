@@ -33,6 +33,8 @@ COLUMNS = (
     ("speedup_vs_static", "speed\n-up", "{:.2f}x"),
     ("speedup_vs_perfect", "of\nideal", "{:.0%}"),
 )
+#: the report file's table adds each run's distance to the clairvoyant floor (the console table has no room)
+FILE_COLUMNS = (*COLUMNS, ("par_vs_floor", "PAR vs floor", "{:.3f}x"))
 
 
 def build_report(runs: dict, static, clairvoyant, meta: dict) -> dict:
@@ -41,14 +43,14 @@ def build_report(runs: dict, static, clairvoyant, meta: dict) -> dict:
     Args:
         runs: name -> :class:`~eplb.sim.simulator.RunResult` of every policy run (``static`` included).
         static: the static run (the reference of ``speedup_vs_static``).
-        clairvoyant: the clairvoyant run, or None.
+        clairvoyant: the clairvoyant run of the floor (the best of those run), or None.
         meta: scenario and settings, copied under their own keys (``trace``, ``topology``, ``settings``, ...).
 
     Returns:
         ``{**meta, "policies": {name: figures}, "clairvoyant": figures or None, "per_layer": {...},
         "cycles": {name: [...]}}``; figures hold at least ``step_par_mean``, ``step_par_p99``,
         ``window_par_mean``, ``moved_slots_per_cycle``, ``bytes_moved_per_cycle``, ``planner_ms``,
-        ``speedup_vs_static``.
+        ``speedup_vs_static``, and with a floor ``par_vs_floor`` (step PAR over the floor's).
     """
     def figures(run):
         out = run.summary(static)
@@ -60,6 +62,10 @@ def build_report(runs: dict, static, clairvoyant, meta: dict) -> dict:
     report["clairvoyant"] = None
     if clairvoyant is not None:
         report["clairvoyant"] = {"policy": clairvoyant.name.split(":", 1)[-1], **figures(clairvoyant)}
+        # each run's distance to the floor: its step PAR over the floor's
+        floor = report["clairvoyant"]["step_par_mean"]
+        for entry in [*report["policies"].values(), report["clairvoyant"]]:
+            entry["par_vs_floor"] = entry["step_par_mean"] / floor if floor > 0 else None
     every = {**runs, **({clairvoyant.name: clairvoyant} if clairvoyant is not None else {})}
     report["per_layer"] = {name: run.per_layer() for name, run in every.items()}
     report["cycles"] = {name: _cycles_json(run) for name, run in every.items() if run.cycles}
@@ -139,10 +145,10 @@ def _one_line(header: str) -> str:
 
 
 def _markdown_table(report: dict) -> str:
-    lines = ["| policy | " + " | ".join(_one_line(header) for _, header, _ in COLUMNS) + " |",
-             "| --- |" + " ---: |" * len(COLUMNS)]
+    lines = ["| policy | " + " | ".join(_one_line(header) for _, header, _ in FILE_COLUMNS) + " |",
+             "| --- |" + " ---: |" * len(FILE_COLUMNS)]
     for label, figures in summary_rows(report):
-        lines.append(f"| {label} | " + " | ".join(_cell(figures, key, fmt) for key, _, fmt in COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(figures, key, fmt) for key, _, fmt in FILE_COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -50,6 +50,9 @@ key                                    meaning
 ``dispatch`` (old: ``router_mode``)   replica choice: ``rank`` | ``token`` | ``local`` | ``balanced``
 ``ring_steps``                         keep per-step rows (default: the window, for policies that plan on steps)
 ``prometheus_port``                    serve metrics on this port (1-65535) when prometheus_client is installed
+``measured_price``                     price a plan's moves with the transfer time per expert and the step time
+                                       measured here (agreed by all ranks; default true); false: the step-time
+                                       model's defaults for the experts' bytes, as ``eplb simulate``
 =====================================  =========================================================================
 """
 
@@ -116,6 +119,7 @@ _ALIASES = {
     "router_mode": "dispatch",
     "ring_steps": "ring_steps",
     "prometheus_port": "prometheus_port",
+    "measured_price": "measured_price",
 }
 #: vllm-ascend keys whose files must end in .json (vllm-ascend refuses others)
 _JSON_KEYS = ("expert_map_path", "expert_map_record_path")
@@ -294,6 +298,7 @@ _CHECKS = {
     "dispatch": lambda k, v: _choice(k, v, RUNTIME_MODES),
     "ring_steps": lambda k, v: _int(k, v, 0),
     "prometheus_port": lambda k, v: _int(k, v, 1, 65535),
+    "measured_price": _bool,
 }
 
 
@@ -331,6 +336,7 @@ class EplbConfig:
     dispatch: str = "rank"
     ring_steps: int | None = None
     prometheus_port: int | None = None
+    measured_price: bool = True
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}

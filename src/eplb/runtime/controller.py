@@ -48,6 +48,7 @@ cycle, moves nothing and keeps attributing load through the placement actually i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -63,6 +64,7 @@ from eplb.placement import Placement
 from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
+from eplb.pricing import MovePrice, measured_price
 from eplb.runtime.agreement import agree_on_plan, all_reduce
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
@@ -201,6 +203,12 @@ class EplbController:
         #: agreement; benchmarks and tests classify steps with it)
         self.step_kinds: list[str] = ["ordinary"]
         self._last_interval_start = time.monotonic()
+        # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
+        self._step_started: float | None = None
+        self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
+        self._move_s, self._moved_experts = 0.0, 0
+        self._prices_moves = planning and cycle_policy(config.policy, self._policy_options,
+                                                       config.dispatch).prices_moves
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
@@ -217,6 +225,10 @@ class EplbController:
         if self.config.mode == "off":
             return
         self._in_step = True
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self._step_s.append(now - self._step_started)
+        self._step_started = now
         if self.config.mode == "static":
             self._static_window()
             self.recorder.begin_step(is_prefill)
@@ -279,6 +291,8 @@ class EplbController:
         current.transfer_s += pending.post_s + pending.wait_s
         current.switch_s += time.perf_counter() - start - pending.wait_s
         current.bytes_received += pending.bytes_received
+        self._move_s += pending.side_s
+        self._moved_experts += pending.bytes_received // max(int(self._expert_bytes[transfers[0].layer]), 1)
         current.applied_layers += [t.layer for t in transfers]
         current.staging_bytes = max(current.staging_bytes, self.mover.staging_bytes)
         current.late_steps += int(late)
@@ -438,11 +452,17 @@ class EplbController:
                               cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
                               live_ranks=~self.failed if self.failed.any() else None,
                               resilience=self.config.resilience, state=self.cycle.state)
+        # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
+        measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0,
+                    float(np.median(self._step_s)) if self._step_s else 0.0)
         self._gathering = self.channel.submit(self._gather_and_plan, self.recorder.snapshot(),
-                                              self.channel.record_event(), request, self.failed.copy(), self.step)
+                                              self.channel.record_event(), request, self.failed.copy(), self.step,
+                                              measured)
 
-    def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int) -> tuple:
-        """Side thread: the window's load over the side group, its PAR, and the planner request."""
+    def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int,
+                         measured: tuple) -> tuple:
+        """Side thread: the window's load over the side group, its PAR, and the planner request (priced with
+        ``measured``: this rank's seconds per moved expert and per step)."""
         if event is not None:
             self.channel.stream.wait_event(event)
         group = self.channel.cpu_group
@@ -456,7 +476,8 @@ class EplbController:
             self.planner.restart()
         if load.size and load.max() <= np.iinfo(np.int32).max:
             load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
-        self.planner.submit(dataclasses.replace(request, load=load))
+        self.planner.submit(dataclasses.replace(request, load=load,
+                                                   price=self._measured_price(load, request.current, *measured)))
         return window, window_par, None
 
     def _gathered(self, late: bool = False) -> None:
@@ -471,6 +492,19 @@ class EplbController:
         self._window_load = window
         if waiting and self._local[0] == 0:
             self._local = (-1, waiting)
+
+    def _measured_price(self, load, current: np.ndarray, move_s: float, step_s: float) -> MovePrice | None:
+        """The price of a move from the transfer time per received expert and the median step time measured on
+        this rank, the largest of every rank's (one all-reduce, so every rank plans on the same figures); None
+        while either is unmeasured, with ``measured_price`` off or for a policy that does not price its moves (the
+        model's defaults then apply)."""
+        if not (self.config.measured_price and self._prices_moves) or self.mover is None:
+            return None
+        agreed = torch.tensor([move_s, step_s], dtype=torch.float64)
+        if self.channel.world > 1:  # on the side thread, over the side group
+            agreed = all_reduce(agreed, dist.ReduceOp.MAX, self.channel.cpu_group)
+        return measured_price(float(agreed[0]), float(agreed[1]), load, current,
+                              self.topology.num_ranks, float(self.cycle.config.cycle_steps))
 
     def _interval_elapsed(self) -> bool:
         """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""

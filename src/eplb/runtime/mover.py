@@ -51,6 +51,8 @@ class PendingMove:
     copy_s: float = 0.0
     #: the side thread had not finished when the commit came
     late: bool = False
+    #: seconds the side thread spent on these transfers (packing, sending, receiving, agreeing)
+    side_s: float = 0.0
 
 
 @dataclass
@@ -70,6 +72,7 @@ class _Moved:
     fills: list = field(default_factory=list)
     event: object = None
     ok: bool = True
+    seconds: float = 0.0
 
 
 class ExpertMover:
@@ -141,7 +144,7 @@ class ExpertMover:
         pending.late = not pending.future.done()
         moved = pending.future.result()  # a wait only when late
         waited = time.perf_counter()
-        pending.wait_s = waited - start
+        pending.wait_s, pending.side_s = waited - start, moved.seconds
         if not moved.ok:
             raise EplbError(f"transfers of layers {pending.layers} failed on some rank; nothing was switched")
         hand_over(moved.event, [t for fill in moved.fills for t in (*fill.staging, fill.dst, fill.row, fill.local_rows,
@@ -159,6 +162,7 @@ class ExpertMover:
 
     # -- side thread ----------------------------------------------------------------------------------------------
     def _move(self, transfers: list[LayerTransfer], posted) -> _Moved:
+        start = time.perf_counter()
         stream = self.channel.stream
         if posted is not None:
             stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
@@ -214,6 +218,7 @@ class ExpertMover:
         moved.event = side_event(stream)
         # one small all-reduce: a layer switches only when every rank's transfers completed
         moved.ok = bool(self.channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
+        moved.seconds = time.perf_counter() - start
         return moved
 
 

@@ -55,6 +55,7 @@ class PlanRequest:
         resilience: optional :class:`~eplb.policies.resilience.Resilience` of the plan.
         state: the :class:`~eplb.planning.PlanState` the previous cycle handed on (kept by the serving process, so
             a restarted worker plans from it too).
+        price: the :class:`~eplb.pricing.MovePrice` measured by the runtime (None: the cost model's defaults).
     """
 
     cycle: int
@@ -69,6 +70,7 @@ class PlanRequest:
     live_ranks: np.ndarray | None = None
     resilience: Resilience | None = None
     state: PlanState | None = None
+    price: object = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def run_request(request: PlanRequest) -> PlannerReply:
     num_experts = request.load.shape[-1]
     plan = plan_cycle(policy, request.load, Placement(request.current, num_experts, request.topology),
                       request.cycle_config, request.expert_bytes, request.live_ranks, request.resilience,
-                      request.state)
+                      request.state, price=request.price)
     return PlannerReply(request.cycle, plan, time.perf_counter() - start)
 
 

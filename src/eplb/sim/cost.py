@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from eplb.errors import EplbError
+from eplb.pricing import DEEPSEEK_V3_EXPERT_BYTES, DEFAULT_BANDWIDTH_GBS, DEFAULT_TOKEN_US, MovePrice, price_of
 
 __all__ = ["CostModel", "MODEL_EXPERT_BYTES", "expert_bytes_of"]
 
 #: bytes of one routed expert's weights (with quantisation scales) per model preset
 MODEL_EXPERT_BYTES = {
     # 3 x 7168 x 2048 FP8 weights + 128 x 128-block FP32 scales
-    "deepseek-v3": 3 * 7168 * 2048 + 3 * 56 * 16 * 4,
+    "deepseek-v3": DEEPSEEK_V3_EXPERT_BYTES,
     # 3 x 4096 x 1536 BF16 weights (Qwen3-235B-A22B)
     "qwen3-235b-a22b": 3 * 4096 * 1536 * 2,
 }
@@ -61,8 +62,8 @@ class CostModel:
     """
 
     layer_fixed_us: float = 80.0
-    token_us: float = 0.2
-    bandwidth_gbs: float = 50.0
+    token_us: float = DEFAULT_TOKEN_US
+    bandwidth_gbs: float = DEFAULT_BANDWIDTH_GBS
     overlap: float = 0.5
 
     def __post_init__(self):
@@ -71,6 +72,11 @@ class CostModel:
                 raise EplbError(f"cost model {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.bandwidth_gbs > 0:
             raise EplbError(f"cost model bandwidth_gbs must be > 0, got {self.bandwidth_gbs!r}")
+
+    def move_price(self, expert_bytes, life_steps: float | None = None) -> MovePrice:
+        """What a moved expert of ``expert_bytes`` and a routing on a busiest rank cost in this model
+        (:mod:`eplb.pricing`): the price ``auto`` weighs its moves with in the simulator."""
+        return price_of(expert_bytes, self.bandwidth_gbs, self.token_us, life_steps)
 
     def moe_us(self, peak_tokens) -> np.ndarray:
         """float64 ``[T]``: MoE time of each step from the busiest rank's routings ``[T, L]`` in each layer."""

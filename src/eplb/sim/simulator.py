@@ -345,7 +345,7 @@ def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyan
     plan = plan_cycle(policy, window, current, cycle.config, expert_bytes=int(round(config.expert_bytes)),
                       live_ranks=None if live.all() else live, resilience=config.resilience,
                       state=None if clairvoyant else cycle.state,
-                      from_checkpoint=not config.reload_lost)
+                      from_checkpoint=not config.reload_lost, price=config.cost.move_price(config.expert_bytes))
     planner_ms.append((time.perf_counter() - started) * 1e3)
     return plan
 

@@ -36,6 +36,7 @@ __all__ = [
     "is_workload_statistics",
     "generate_trace",
     "SCENARIOS",
+    "MODEL_SIZES",
     "builtin_trace",
     "load_trace",
 ]
@@ -150,6 +151,9 @@ class TraceSpec:
         request_steps: mean lifetime of a request in steps.
         request_share: mean share of a step's tokens all live requests together route.
         request_sigma: log-std of a request's preference around the phase's mean popularity.
+        tokens_per_request: continuous batching: when > 0, a decode step serves this many tokens per live request
+            (at least one token), so the batch grows and shrinks with arrivals and departures, instead of
+            ``decode_tokens``.
     """
 
     steps: int = 1000
@@ -164,6 +168,7 @@ class TraceSpec:
     request_steps: float = 30.0
     request_share: float = 0.4
     request_sigma: float = 1.0
+    tokens_per_request: int = 0
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -180,6 +185,7 @@ class TraceSpec:
         need(self.requests >= 0 and self.request_steps >= 1, "requests", ">= 0 (and request_steps >= 1)")
         need(0 <= self.request_share < 1, "request_share", "within [0, 1)")
         need(self.request_sigma >= 0, "request_sigma", ">= 0")
+        need(self.tokens_per_request >= 0, "tokens_per_request", ">= 0")
 
 
 def generate_trace(regimes: Regimes, spec: TraceSpec, seed: int = 0, name: str = "") -> Trace:
@@ -217,6 +223,9 @@ def generate_trace(regimes: Regimes, spec: TraceSpec, seed: int = 0, name: str =
                       np.maximum(1, np.round(spec.decode_tokens * rng.uniform(0.9, 1.1, steps)))).astype(np.int64)
     weights = {phase: _drift(steps, regimes.of_phase(phase).size, spec, rng) for phase in (False, True)}
     requests = _requests(spec, rng)
+    if spec.tokens_per_request > 0:  # continuous batching: the decode batch is the live requests
+        live = _live_requests(requests, steps)
+        tokens = np.where(prefill, tokens, np.maximum(1, spec.tokens_per_request * live)).astype(np.int64)
     mean_profile = {phase: regimes.profiles[regimes.of_phase(phase)].mean(axis=0) for phase in (False, True)}
     counts = np.empty((steps, regimes.num_layers, regimes.num_experts), dtype=np.int32)
     preferences: dict[tuple[int, bool], np.ndarray] = {}
@@ -287,6 +296,13 @@ def _requests(spec: TraceSpec, rng: np.random.Generator) -> np.ndarray:
     life = rng.geometric(1.0 / spec.request_steps, birth.size)
     share = rng.gamma(2.0, spec.request_share / spec.requests / 2.0, birth.size)
     return np.stack([birth, birth + life, share], axis=1).astype(np.float64)
+
+
+def _live_requests(requests: np.ndarray, steps: int) -> np.ndarray:
+    """int64 ``[T]``: requests alive in each step (born at or before it, not yet dead)."""
+    births = np.bincount(np.minimum(requests[:, 0].astype(np.int64), steps), minlength=steps + 1)[:steps]
+    deaths = np.bincount(np.minimum(requests[:, 1].astype(np.int64), steps), minlength=steps + 1)[:steps]
+    return np.cumsum(births - deaths)
 
 
 def _add_requests(popularity, start, requests, preferences, mean_profile, prefill, spec, seed, top_k):
@@ -367,21 +383,33 @@ SCENARIOS: dict[str, tuple[str, TraceSpec]] = {
     "phases": ("runs of prefill steps (16k tokens) between runs of decode steps (2k tokens)",
                TraceSpec(steps=1500, segment=None, prefill_run=4, decode_run=30)),
     "steady": ("one workload mix, sampling noise only", TraceSpec(steps=1000, segment=None)),
+    "batching": ("continuous batching: requests arrive and leave, the decode batch is 64 tokens per live request, "
+                 "85% of the tokens follow their own request's expert preference",
+                 TraceSpec(steps=1500, segment=None, requests=32, request_steps=80, request_share=0.85,
+                           request_sigma=1.5, tokens_per_request=64, prefill_run=2, decode_run=50)),
+    "olmoe": ("OLMoE-like model (16 layers, 64 experts, top-8) switching text domains: one workload dominates for "
+              "300-800 steps, then the next takes over",
+              TraceSpec(steps=1500, segment=(300, 800), blend=0.1, concentration=0.1)),
 }
+
+#: model size (layers, experts) of the built-in scenarios that are not DeepSeek-V3's 58 x 256
+MODEL_SIZES: dict[str, tuple[int, int]] = {"olmoe": (16, 64)}
 
 BUILTIN_PREFIX = "builtin:"
 
 
 def builtin_trace(name: str, steps: int | None = None, seed: int = 0, regimes: Regimes | None = None,
-                  num_layers: int = 58, num_experts: int = 256) -> Trace:
-    """A built-in scenario (``default``, ``drift``, ``bursty``, ``phases``, ``steady``; see :data:`SCENARIOS`).
+                  num_layers: int | None = None, num_experts: int | None = None) -> Trace:
+    """A built-in scenario (``default``, ``drift``, ``bursty``, ``phases``, ``steady``, ``batching``, ``olmoe``; see
+    :data:`SCENARIOS`).
 
     Args:
         name: scenario name, with or without the ``builtin:`` prefix.
         steps: override the scenario's number of steps.
         seed: the same seed gives the same trace.
         regimes: workloads to draw from (e.g. :func:`real_regimes` of the real DeepSeek-V3 data); default
-            :func:`parametric_regimes` with ``num_layers`` x ``num_experts`` and the same seed.
+            :func:`parametric_regimes` with ``num_layers`` x ``num_experts`` (default: the scenario's model,
+            :data:`MODEL_SIZES`, else DeepSeek-V3's 58 x 256) and the same seed.
 
     Raises:
         LoadError: unknown scenario or bad steps.
@@ -396,7 +424,8 @@ def builtin_trace(name: str, steps: int | None = None, seed: int = 0, regimes: R
     if steps is not None:
         spec = replace(spec, steps=steps)
     if regimes is None:
-        regimes = parametric_regimes(num_layers, num_experts, seed)
+        layers, experts = MODEL_SIZES.get(key, (58, 256))
+        regimes = parametric_regimes(num_layers or layers, num_experts or experts, seed)
     return generate_trace(regimes, spec, seed, name=BUILTIN_PREFIX + key)
 
 
