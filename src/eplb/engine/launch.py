@@ -8,7 +8,9 @@ an :class:`eplb.EplbError`, and every rank still running is killed.
 With ``rank_failures=True`` the parent is the control plane of a cluster that keeps serving when ranks die: it hosts
 the group's key-value store (so the store outlives any rank, rank 0 included), and when rank processes die it
 publishes the failed ranks in the store (ranks dying within half a second, such as a whole node, form one event).
-A surviving rank reads the ``n``-th event with :func:`failure_notice`.
+A surviving rank reads the ``n``-th event with :func:`failure_notice`. It also fences: a rank that EPLB's heartbeat
+declared failed (:func:`eplb.runtime.heartbeat.published_failures`) is killed, so a hung process cannot come back
+and talk to survivors that went on without it.
 
 Ranks are not daemonic processes because they start processes of their own (the runtime's planner worker). No rank
 outlives the launch: the launcher kills the ranks still running when it returns or raises, and each rank is killed by
@@ -30,13 +32,14 @@ from datetime import timedelta
 from eplb._process import exit_with_parent
 from eplb.errors import EplbError
 
-__all__ = ["launch", "LaunchError", "failure_notice"]
+__all__ = ["launch", "LaunchError", "failure_notice", "last_words"]
 
 log = logging.getLogger(__name__)
 
 _FAILURE_KEY = "eplb/failure/{}"
 _FAILURE_GRACE_S = 0.5
 _store = None  # this rank's client of the group's store
+_messages = None  # this rank's queue to the parent
 
 
 class LaunchError(EplbError):
@@ -60,13 +63,24 @@ def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
     return json.loads(_store.get(key).decode())
 
 
+def last_words(payload) -> None:
+    """In a rank about to die on purpose (tests): send ``payload`` as an event and wait until it left the process
+    (an ``emit`` still in the queue's buffer is lost with the process). No event can be sent after it."""
+    import torch.distributed as dist
+
+    _messages.put(("event", dist.get_rank(), payload))
+    _messages.close()
+    _messages.join_thread()
+
+
 def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_timeout_s: float, threads: int,
                log_level: int, messages, target, args) -> None:
     exit_with_parent()
     import torch
     import torch.distributed as dist
 
-    global _store
+    global _store, _messages
+    _messages = messages
     logging.basicConfig(level=log_level, format=f"%(levelname)s rank {rank} %(name)s: %(message)s")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
@@ -121,6 +135,8 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
     """
     import torch.distributed as dist
 
+    from eplb.runtime.heartbeat import published_failures
+
     if world_size < 1:
         raise EplbError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
@@ -130,6 +146,7 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
     failed: list[int] = []  # ranks published as failed
     first_death = None  # when the first death not yet published was seen
     events = 0
+    fenced = 0  # heartbeat failure events acted on
     processes = [ctx.Process(target=_rank_main, name=f"eplb-rank{rank}",
                              args=(rank, world_size, port, backend, collective_timeout_s, threads, log_level, messages,
                                    target, args))
@@ -158,6 +175,13 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
             if time.monotonic() > deadline:
                 raise LaunchError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish within "
                                   f"{timeout_s:g} s")
+            if rank_failures:
+                for declared in published_failures(store, fenced):
+                    fenced += 1
+                    for r in declared:
+                        if processes[r].is_alive():
+                            log.warning("rank %d was declared failed by the heartbeat: killed", r)
+                            processes[r].kill()
             dead = [r for r, p in enumerate(processes) if r not in results and p.exitcode not in (None, 0)]
             if dead and not rank_failures:
                 raise LaunchError(_death(dead[0], processes[dead[0]]))

@@ -293,25 +293,44 @@ class MoEModel:
         if self._members is not None:  # no route names a failed rank: their counts are 0
             send_counts = send_counts[self._members]
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        self._all_to_all(recv_counts, send_counts)
         send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
         received = sum(recv_sizes)
         send_rows = x.repeat_interleave(top_k, dim=0)[order]
         recv_rows = x.new_empty(received, d)
-        dist.all_to_all_single(recv_rows, send_rows, recv_sizes, send_sizes, group=self.group)
+        self._all_to_all(recv_rows, send_rows, recv_sizes, send_sizes)
         recv_slots = slots.new_empty(received)
-        dist.all_to_all_single(recv_slots, (slots % k_slots)[order], recv_sizes, send_sizes, group=self.group)
+        self._all_to_all(recv_slots, (slots % k_slots)[order], recv_sizes, send_sizes)
         start = time.thread_time()
         out_rows = self._local_experts(layer, recv_rows, recv_slots)
         self.last_expert_cpu_s += time.thread_time() - start
         back = x.new_empty(n * top_k, d)
-        dist.all_to_all_single(back, out_rows, send_sizes, recv_sizes, group=self.group)
+        self._all_to_all(back, out_rows, send_sizes, recv_sizes)
         per_choice = torch.empty_like(back)
         per_choice[order] = back
         self.last_received[layer] = received
         out = (per_choice.view(n, top_k, d) * weights.unsqueeze(-1)).sum(1)
         shared = self._shared(layer, x)
         return out if shared is None else out + shared
+
+    def _all_to_all(self, output, input, output_sizes=None, input_sizes=None) -> None:
+        work = dist.all_to_all_single(output, input, output_sizes, input_sizes, group=self.group, async_op=True)
+        self.wait(work)
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """``tensor`` reduced in place over the serving group (waited like the forward's collectives)."""
+        self.wait(dist.all_reduce(tensor, op=op, group=self.group, async_op=True))
+        return tensor
+
+    def wait(self, work) -> None:
+        """Wait for a collective of the serving group: through the controller's heartbeat when it has one, so a
+        collective with a hung rank raises :class:`eplb.runtime.heartbeat.RankFailure` once the rank is declared
+        failed instead of hanging until the group's timeout."""
+        heartbeat = self.ctl.heartbeat
+        if heartbeat is not None:
+            heartbeat.wait(work)
+        else:
+            work.wait()
 
     def _local_experts(self, layer: int, rows: torch.Tensor, local_slots: torch.Tensor) -> torch.Tensor:
         """FFN of each local slot on the rows sent to it (rows grouped by slot, outputs in the input order)."""

@@ -8,15 +8,19 @@ placement changed in this step; ``expert_cpu_s``: CPU seconds in its experts) an
 At the end it runs a fixed batch through the balanced model and through the same model without balancing (initial
 placement, EPLB off) and compares the outputs.
 
-Rank failures (``Faults.kill_ranks``, in a launch with ``rank_failures=True``): the chosen ranks' processes exit at the
-start of a step. The survivors find out when a collective with a failed rank raises; they read which ranks failed from
-the launcher (:func:`eplb.engine.launch.failure_notice`), build the survivors' process group, fail over
+Rank failures (``Faults.kill_ranks``, in a launch with ``rank_failures=True``): the chosen ranks' processes exit (or
+are killed, or hang: ``Faults.kill_signal``) at the start of a step. The survivors find out when a collective with a
+failed rank raises, or, with EPLB's heartbeat on (``heartbeat_interval_s``), when the heartbeat declares the rank
+failed (a hung rank never makes a collective raise: the serving group's collectives are waited through the heartbeat,
+:meth:`eplb.engine.model.MoEModel.wait`). They take the failed ranks from the heartbeat (agreed by all survivors) or
+else from the launcher (:func:`eplb.engine.launch.failure_notice`), build the survivors' process group, fail over
 (:meth:`eplb.runtime.EplbController.fail_ranks`) and serve the interrupted step's batch again. Each survivor emits
-``("failover", figures)``.
+``("failover", figures)``; a rank about to fail emits ``("dying", time.time())``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -39,6 +43,7 @@ _CALIBRATION_SEED = 123456789
 _CALIBRATION_TOKENS = 4096
 #: outputs "equal": |balanced - unbalanced| <= 1e-6 x max(1, |unbalanced|) element-wise (float32 rounding)
 OUTPUT_TOLERANCE = 1e-6
+_KILL_SIGNALS = ("exit", "SIGKILL", "SIGSTOP")
 
 
 @dataclass(frozen=True)
@@ -55,14 +60,20 @@ class Faults:
         kill_ranks: ``((rank, ...), cycle)``: those rank processes exit at the start of the step after the first
             layer of that cycle switched (so, mid-move when the plan moves several layers), or after the cycle was
             skipped; a node failure when they are a node's ranks. Needs a launch with ``rank_failures=True``.
+        kill_signal: how they fail: ``exit`` (``os._exit``), ``SIGKILL`` or ``SIGSTOP`` (the process hangs, alive,
+            its sockets open: no collective ever raises; the launcher kills it once the heartbeat declared it
+            failed).
     """
 
     kill_planner: tuple[int, int] | None = None
     hang_planner: tuple[int, int] | None = None
     late_rank: tuple[int, float] | None = None
     kill_ranks: tuple[tuple[int, ...], int] | None = None
+    kill_signal: str = "exit"
 
     def __post_init__(self):
+        if self.kill_signal not in _KILL_SIGNALS:
+            raise EplbError(f"kill_signal must be one of {', '.join(_KILL_SIGNALS)}, got {self.kill_signal!r}")
         ranks = [f[0] for f in (self.kill_planner, self.hang_planner) if f is not None]
         if len(ranks) != len(set(ranks)):
             raise EplbError("kill_planner and hang_planner must hit different ranks")
@@ -175,16 +186,35 @@ class _FaultInjector:
             self.stopped_for = -1
 
 
-def _fail_over(model: MoEModel, events: int, interrupted: Exception):
-    """After a collective raised: the launcher's ``events``-th failure notice, the survivors' group, failover."""
-    from eplb.engine.launch import failure_notice
+def _die(how: str) -> None:
+    from eplb.engine.launch import last_words
 
-    failed = failure_notice(events)
-    if model.rank in failed:
+    last_words(("dying", time.time()))
+    if how == "exit":
+        os._exit(17)  # the process is gone: no cleanup, no goodbye to the group
+    os.kill(os.getpid(), getattr(signal, how))
+
+
+def _fail_over(model: MoEModel, events: int, interrupted: Exception):
+    """After a collective raised: the failed ranks (agreed through the heartbeat when it runs, else the launcher's
+    ``events``-th failure notice), the survivors' group, failover."""
+    from eplb.engine.launch import failure_notice
+    from eplb.runtime.heartbeat import survivors_group
+
+    heartbeat = model.ctl.heartbeat
+    if heartbeat is not None:
+        try:  # a dead peer's socket error comes before its beat times out
+            heartbeat.wait_for_failure(heartbeat.timeout_s + 2 * heartbeat.interval_s)
+        except EplbError:
+            raise interrupted from None
+        failed = heartbeat.failed_peers()
+    else:
+        failed = failure_notice(events)
+    if model.rank in failed or (heartbeat is not None and heartbeat.declared_failed):
         raise interrupted
     live = np.ones(model.num_ranks, dtype=bool)
     live[failed] = False
-    group = dist.new_group(np.flatnonzero(live).tolist(), use_local_synchronization=True)
+    group = survivors_group(list(range(model.num_ranks)), failed)
     report = model.ctl.fail_ranks(failed, group)
     model.use_group(group, live)
     return report
@@ -214,7 +244,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     try:
         while step < settings.steps:
             if faults.doomed(ctl):
-                os._exit(17)  # the process is gone: no cleanup, no goodbye to the group
+                _die(settings.faults.kill_signal)
             batch = tokens.batch(step, rank).to(device)
             faults.before_step(ctl)
             start = time.perf_counter()
@@ -245,7 +275,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
             if settings.stop_after_cycles is not None and step % 10 == 9:
                 decided = sum(m.par_after is not None or m.skipped is not None for m in ctl.metrics)
                 done = torch.tensor([decided >= settings.stop_after_cycles], dtype=torch.int64, device=device)
-                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=model.group)
+                model.all_reduce(done, op=dist.ReduceOp.MIN)
                 if done.item():
                     break
             step += 1
@@ -253,6 +283,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
         check = _check_outputs(model, settings, rank, world, device)
         return {"rank": rank, "cycles": [cycle_figures(m) for m in ctl.metrics], "digests": digests, "steps": steps,
                 "failovers": failovers, "restarts": ctl.planner.restarts if ctl.planner is not None else 0,
+                "heartbeat_events": [dataclasses.asdict(e) for e in ctl.heartbeat.events] if ctl.heartbeat else [],
                 "placement": ctl.placement.phy2log.tolist(), **check}
     finally:
         ctl.close()

@@ -53,6 +53,12 @@ key                                    meaning
 ``measured_price``                     price a plan's moves with the transfer time per expert and the step time
                                        measured here (agreed by all ranks; default true); false: the step-time
                                        model's defaults for the experts' bytes, as ``eplb simulate``
+``heartbeat_interval_s``               seconds between two beats of EPLB's failure detector (default: off); see
+                                       :mod:`eplb.runtime.heartbeat` and docs/fault-tolerance.md
+``heartbeat_timeout_s``                a rank whose beat has not changed for this long is declared failed
+                                       (> ``heartbeat_interval_s``; default 10 x the interval)
+``heartbeat_abort_serving``            on a declared failure, also abort the serving group's NCCL
+                                       communicators, so a forward blocked on the dead rank raises (default false)
 =====================================  =========================================================================
 """
 
@@ -76,6 +82,8 @@ MODES = ("off", "dynamic", "record", "static")
 COMMUNICATORS = ("torch_gloo", "torch_nccl", "pynccl", "nixl", "torch_xccl")
 _NCCL = ("torch_nccl", "pynccl")
 _STAGES = ("all", "prefill", "decode")
+#: the heartbeat's default timeout, in intervals: a rank must miss this many beats in a row to be declared failed
+_HEARTBEAT_TIMEOUTS = 10
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _RESILIENCE_KEYS = ("spread_nodes", "min_replicas", "hot_experts")
@@ -120,6 +128,9 @@ _ALIASES = {
     "ring_steps": "ring_steps",
     "prometheus_port": "prometheus_port",
     "measured_price": "measured_price",
+    "heartbeat_interval_s": "heartbeat_interval_s",
+    "heartbeat_timeout_s": "heartbeat_timeout_s",
+    "heartbeat_abort_serving": "heartbeat_abort_serving",
 }
 #: vllm-ascend keys whose files must end in .json (vllm-ascend refuses others)
 _JSON_KEYS = ("expert_map_path", "expert_map_record_path")
@@ -299,6 +310,9 @@ _CHECKS = {
     "ring_steps": lambda k, v: _int(k, v, 0),
     "prometheus_port": lambda k, v: _int(k, v, 1, 65535),
     "measured_price": _bool,
+    "heartbeat_interval_s": lambda k, v: _float(k, v, 0.0),
+    "heartbeat_timeout_s": lambda k, v: _float(k, v, 0.0),
+    "heartbeat_abort_serving": _bool,
 }
 
 
@@ -337,6 +351,9 @@ class EplbConfig:
     ring_steps: int | None = None
     prometheus_port: int | None = None
     measured_price: bool = True
+    heartbeat_interval_s: float | None = None
+    heartbeat_timeout_s: float | None = None
+    heartbeat_abort_serving: bool = False
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -476,6 +493,16 @@ def _checked(values: dict, names: dict) -> dict:
         raise ConfigError("static mode needs expert_map_path (the map to load at start)")
     if mode == "record" and out.get("record_path") is None:
         raise ConfigError("record mode needs expert_map_record_path or record_path (where the map is written)")
+    interval, timeout = out.get("heartbeat_interval_s"), out.get("heartbeat_timeout_s")
+    if interval is None and (timeout is not None or out.get("heartbeat_abort_serving")):
+        name = key("heartbeat_timeout_s") if timeout is not None else key("heartbeat_abort_serving")
+        raise ConfigError(f"{name} needs heartbeat_interval_s (the heartbeat is off without it)")
+    if interval is not None:
+        if timeout is None:
+            out["heartbeat_timeout_s"] = timeout = _HEARTBEAT_TIMEOUTS * interval
+        if timeout <= interval:
+            raise ConfigError(f"{key('heartbeat_timeout_s')}={timeout!r} must be greater than "
+                              f"{key('heartbeat_interval_s')}={interval!r} (a live rank beats once per interval)")
     if out.get("record_path") is not None:
         problem = _folder_problem(key("record_path"), out["record_path"])
         if problem:

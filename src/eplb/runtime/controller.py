@@ -69,6 +69,7 @@ from eplb.runtime.agreement import agree_on_plan, all_reduce
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
 from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
+from eplb.runtime.heartbeat import watch
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.transport import SideChannel, hand_over, side_event
@@ -210,6 +211,8 @@ class EplbController:
         self._prices_moves = planning and cycle_policy(config.policy, self._policy_options,
                                                        config.dispatch).prices_moves
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
+        #: EPLB's failure detector (:mod:`eplb.runtime.heartbeat`; None unless ``heartbeat_interval_s`` is set)
+        self.heartbeat = watch(self)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,8 +302,15 @@ class EplbController:
         if self.cycle.records[-1].apply_end == posted:
             self._finish_cycle()
 
+    def failed_peers(self) -> list[int]:
+        """The EP ranks the heartbeat declared failed so far, agreed by every survivor (never blocks; empty without
+        a heartbeat). Fail over with :meth:`fail_ranks` when it lists ranks not yet in :attr:`failed`."""
+        return self.heartbeat.failed_peers() if self.heartbeat is not None else []
+
     def close(self) -> None:
         """Stop the planner worker. Call once when serving ends."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         if self._pending is not None:  # transfers posted in the last step: in force from now on
             self._switch()
         if self.planner is not None:
@@ -358,6 +368,8 @@ class EplbController:
                             f"{' ...' if len(lost) > 8 else ''}) and the controller has no expert_loader and "
                             "layer_tensors to load them again")
         self.failed, self.group = failed, group
+        if self.heartbeat is not None:
+            self.heartbeat.acknowledge(failed)
         moving = self._pending is not None  # the cycle's last layer may be posted and not yet switched
         if self.channel is not None:  # EPLB's groups are rebuilt over the survivors; the old ones are dropped
             self.channel = self.channel.rebuilt(group)

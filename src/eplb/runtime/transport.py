@@ -271,6 +271,9 @@ class SideChannel:
         # a deque the side thread polls, not a queue that wakes it: waking it hands it the GIL at once, which cost the
         # serving thread ~0.8 ms per submit (measured); a poll every millisecond costs it nothing it waits for
         self._jobs: collections.deque = collections.deque()
+        self._lock = threading.Lock()  # between the side thread taking a job and :meth:`abort`
+        self._running: Future | None = None
+        self._aborted: BaseException | None = None
         # a daemon thread: a job stuck on a dead peer must not keep the process from exiting
         self._thread = threading.Thread(target=self._loop, name="eplb-side", daemon=True)
         self._thread.start()
@@ -278,7 +281,10 @@ class SideChannel:
     def submit(self, fn, *args, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on the side thread after every job submitted before it."""
         future: Future = Future()
-        self._jobs.append((future, fn, args, kwargs))
+        if self._aborted is not None:
+            future.set_exception(self._aborted)
+        else:
+            self._jobs.append((future, fn, args, kwargs))
         return future
 
     def _loop(self) -> None:
@@ -289,17 +295,29 @@ class SideChannel:
             if not self._jobs:
                 time.sleep(_POLL_S)
                 continue
-            job = self._jobs.popleft()
-            if job is None:
-                return
-            future, fn, args, kwargs = job
-            if not future.set_running_or_notify_cancel():
-                continue
+            with self._lock:
+                job = self._jobs.popleft()
+                if job is None or self._aborted is not None:
+                    return
+                future, fn, args, kwargs = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._running = future
             try:
-                future.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
                 log.warning("eplb side thread: %s failed: %s", getattr(fn, "__name__", fn), exc)
-                future.set_exception(exc)
+                result, error = None, exc
+            else:
+                error = None
+            with self._lock:
+                self._running = None
+                if self._aborted is not None:  # its future already failed; the result is of no use
+                    return
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
 
     def drain(self) -> None:
         """Wait until every job submitted so far ran (tests and shutdown; never in a serving step)."""
@@ -318,6 +336,24 @@ class SideChannel:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+    def abort(self, exc: BaseException) -> None:
+        """Any thread (the heartbeat's, when a peer failed): fail the running job and every queued one with ``exc``,
+        at once, so a serving thread waiting on one gets ``exc`` instead of hanging, and run no more jobs. A job
+        blocked on the dead peer stays blocked until its group's timeout (a Gloo operation in progress cannot be
+        cancelled) and its result is dropped; abort an NCCL group to end it sooner
+        (:func:`eplb.runtime.heartbeat.abort_nccl`)."""
+        with self._lock:
+            if self._aborted is not None:
+                return
+            self._aborted = exc
+            jobs = [job for job in self._jobs if job is not None]
+            self._jobs.clear()
+            self._jobs.append(None)
+            futures = [job[0] for job in jobs] + ([self._running] if self._running is not None else [])
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
 
     def rebuilt(self, group) -> "SideChannel":
         """A new channel over ``group`` (the survivors of a failure; collective over it), same settings and EP ids.
