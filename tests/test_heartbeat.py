@@ -40,7 +40,7 @@ EPLB = {"mode": "dynamic", "window_steps": 12, "planner_check_steps": 2, "planne
 
 def _serve(how: str):
     dying = {}
-    settings = ServeSettings(model=MODEL, slots_per_rank=4, tokens_per_rank=64, steps=600, stop_after_cycles=3,
+    settings = ServeSettings(model=MODEL, slots_per_rank=4, tokens_per_rank=64, steps=600, stop_after_cycles=2,
                              faults=Faults(kill_ranks=((2,), 0), kill_signal=how), eplb=EPLB)
 
     def on_event(rank, payload):
@@ -129,3 +129,62 @@ def test_a_dead_store_is_a_logged_error_not_a_failure_or_a_hang(caplog):
     finally:
         if host.is_alive():
             host.kill()
+
+
+@pytest.fixture
+def store():
+    return dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+
+
+def _until(predicate, timeout_s: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, "timed out"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def test_a_silent_rank_is_declared_once_and_every_watcher_adopts_the_same_event(store):
+    # ranks 0-2 beat, rank 3 never does (as if it died at start); groups ranks are EP ids: global ranks 10-13
+    members = [10, 11, 12, 13]
+    watchers = [Heartbeat(members, 0.05, 0.4, store=store, rank=r) for r in members[:3]]
+    seen = []
+    for w in watchers:
+        w.add_callback(seen.append)
+        w.start()
+    try:
+        took = _until(lambda: all(w.failed_peers() == [3] for w in watchers), 5)
+        assert 0.4 - 0.05 <= took
+        assert all(w.events[0].index == watchers[0].events[0].index for w in watchers)
+        assert sum(w.events[0].proposed_here for w in watchers) >= 1
+        assert seen == [[3], [3], [3]]
+        assert all(w.unhandled() == [3] for w in watchers)
+        watchers[0].acknowledge([3])
+        assert watchers[0].unhandled() == [] and watchers[0].failed_peers() == [3]
+        assert [10, 11, 12, 13] == members  # untouched
+    finally:
+        for w in watchers:
+            w.close()
+
+
+def test_a_rank_that_closes_is_not_failed(store):
+    watcher = Heartbeat([0, 1], 0.05, 0.3, store=store, rank=0)
+    peer = Heartbeat([0, 1], 0.05, 0.3, store=store, rank=1)
+    watcher.start()
+    peer.start()
+    time.sleep(0.2)
+    peer.close()
+    time.sleep(1.0)
+    try:
+        assert watcher.failed_peers() == [] and watcher.events == []
+    finally:
+        watcher.close()
+
+
+def test_bad_heartbeat_arguments(store):
+    from eplb import EplbError
+
+    with pytest.raises(EplbError, match="0 < interval_s < timeout_s, got interval_s=1, timeout_s=1"):
+        Heartbeat([0, 1], 1, 1, store=store, rank=0)
+    with pytest.raises(EplbError, match="global rank 5 is not in the heartbeat's group"):
+        Heartbeat([0, 1], 0.1, 1, store=store, rank=5)

@@ -300,3 +300,33 @@ def test_dispatch_is_router_mode():
     assert EplbConfig.from_dict({"dispatch": "token"}).dispatch == "token"
     with pytest.raises(ConfigError, match="set the same thing differently"):
         EplbConfig.from_dict({"dispatch": "token", "router_mode": "rank"})
+
+
+def test_heartbeat_keys():
+    assert EplbConfig().heartbeat_interval_s is None  # off unless asked for
+    config = EplbConfig.from_dict({"heartbeat_interval_s": 0.5})
+    assert (config.heartbeat_interval_s, config.heartbeat_timeout_s, config.heartbeat_abort_serving) == (0.5, 5.0,
+                                                                                                         False)
+    config = EplbConfig.from_dict({"heartbeat_interval_s": "1", "heartbeat_timeout_s": 3,
+                                   "heartbeat_abort_serving": "true"})
+    assert (config.heartbeat_interval_s, config.heartbeat_timeout_s, config.heartbeat_abort_serving) == (1.0, 3.0,
+                                                                                                         True)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"heartbeat_interval_s": 1, "heartbeat_timeout_s": 1},
+     "heartbeat_timeout_s=1.0 must be greater than heartbeat_interval_s=1.0"),
+    ({"heartbeat_interval_s": 2, "heartbeat_timeout_s": 0.5},
+     "heartbeat_timeout_s=0.5 must be greater than heartbeat_interval_s=2.0"),
+    ({"heartbeat_timeout_s": 5}, "heartbeat_timeout_s needs heartbeat_interval_s"),
+    ({"heartbeat_abort_serving": True}, "heartbeat_abort_serving needs heartbeat_interval_s"),
+    ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be > 0.0, got 0"),
+    ({"heartbeat_interval_s": "often"}, "heartbeat_interval_s must be a number, got 'often'"),
+    ({"heartbeat_interval_s": 1, "heartbeat_abort_serving": "maybe"},
+     "heartbeat_abort_serving must be true or false, got 'maybe'"),
+])
+def test_bad_heartbeat_config_is_a_clear_error(cfg, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EplbConfig.from_dict(cfg)
+    with pytest.raises(ConfigError):  # the constructor checks alike
+        EplbConfig(**cfg)
