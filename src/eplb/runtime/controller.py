@@ -28,8 +28,9 @@ thread waits only when the side thread has not finished by then (counted in :att
 ``route`` is a gather plus an ``index_add_`` on the device per layer. ``benchmarks/runtime.py --json`` measures the
 host time EPLB adds per step kind; ``tests/test_sync_free.py`` holds the contract.
 
-What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, or its
-health check says so), builds the process group of the survivors and calls :meth:`EplbController.fail_ranks` on every
+What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, its
+health check says so, or EPLB's heartbeat declares it: :meth:`EplbController.failed_peers`, see
+:mod:`eplb.runtime.heartbeat`), builds the process group of the survivors and calls :meth:`EplbController.fail_ranks` on every
 survivor between two steps. From the next step on no token goes to a failed rank, and every expert that lost its last
 replica is back, loaded from ``expert_loader`` into a slot of a spare replica; later windows are planned over the live
 ranks only. See :meth:`EplbController.fail_ranks`.
