@@ -2,8 +2,8 @@
 
 For each ``interval/timeout`` setting and each way of failing (``SIGKILL``: the process is gone; ``SIGSTOP``: it
 hangs, alive, sockets open), ``--ranks`` processes serve a loop of small all-reduces on the default group, each
-waited through the heartbeat (:meth:`eplb.runtime.heartbeat.Heartbeat.wait`); after ``--warmup-s`` the last rank
-fails. Per survivor: ``detect_s``, from the failure (the dying rank's ``time.time()`` just before the signal) to the
+waited through the heartbeat (:meth:`eplb.runtime.heartbeat.Heartbeat.wait`); after ``--warmup-s`` (the beating
+processes start meanwhile) the last rank fails. Per survivor: ``detect_s``, from the failure (the dying rank's ``time.time()`` just before the signal) to the
 heartbeat adopting the failure event; ``woken_s``, to the serving thread leaving its blocked collective (it raises
 :class:`~eplb.runtime.heartbeat.RankFailure`, or, after a SIGKILL, Gloo's own error, whichever comes first). The
 survivors then build their group with :func:`~eplb.runtime.heartbeat.survivors_group` and run one all-reduce on it
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--settings", default="0.1/1,0.5/2.5,1/5", help="interval_s/timeout_s pairs")
-    parser.add_argument("--warmup-s", type=float, default=1.0, help="serving time before the last rank fails")
+    parser.add_argument("--warmup-s", type=float, default=5.0,
+                        help="serving time before the last rank fails (the beating processes start meanwhile)")
     args = parser.parse_args()
     out = {"ranks": args.ranks, "repeats": args.repeats, "cases": []}
     for setting in args.settings.split(","):

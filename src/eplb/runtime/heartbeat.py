@@ -5,12 +5,17 @@ Why: on NCCL a collective with a dead or hung peer does not raise promptly (it h
 process), and a Gloo collective with a hung peer (SIGSTOP, a stuck driver) raises only at the group's timeout. The
 store is a separate TCP service that stays up when a rank dies, so it can tell who stopped.
 
-How (:class:`Heartbeat`, one daemon thread per rank):
+How (:class:`Heartbeat`: one daemon thread and, on Linux with a TCP store, one small process per rank):
 
-- every ``interval_s`` the thread writes its beat (a counter, not a timestamp: clocks differ across hosts) and reads
-  every watched peer's beat plus the failure-event count in one ``multi_get``: two store requests per rank and
-  interval, whatever the group's size. Store calls release the GIL and the thread needs nothing of the serving
-  thread, so it runs while serving is blocked inside a collective;
+- every ``interval_s`` the rank's beat is written to the store: a counter, not a timestamp (clocks differ across
+  hosts). The beating process (:mod:`eplb.runtime.beat`) writes it while the rank process runs and stops while it
+  is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
+  seconds inside a C++ call (measured: 0.6 s in a Gloo group's construction on a loaded 2-core machine), which
+  would starve a beating thread and get a live rank declared failed. The heartbeat thread beats too: it covers the
+  process's start-up (one to three seconds: a spawn and torch's import) and stores that are not TCP stores, and in
+  those cases a serving thread holding the lock for longer than the timeout gets its rank declared failed;
+- the thread reads every watched peer's beat plus the failure-event count in one ``multi_get`` per interval (store
+  calls release the GIL), so it runs while serving is blocked inside a collective;
 - a peer whose beat has not changed for ``timeout_s`` of this rank's monotonic clock is failed. A hung process
   stops beating exactly like a dead one;
 - agreement: the first survivor to see it publishes failure event ``n`` (every failed rank so far) with the store's
@@ -30,6 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
+from eplb.runtime.beat import beat_main
 
 __all__ = ["Heartbeat", "RankFailure", "FailureEvent", "watch", "survivors_group", "abort_nccl",
            "published_failures"]
@@ -128,10 +137,12 @@ class Heartbeat:
         #: this rank was itself declared failed (it stopped beating for too long): it must stop serving
         self.declared_failed = False
         self._thread = threading.Thread(target=self._run, name="eplb-heartbeat", daemon=True)
+        self._beating = None  # the beating process
 
     # -- serving thread -----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start beating and watching (the first beat is written before this returns)."""
+        """Start beating and watching (the first beat is written before this returns). Call it from a thread that
+        lives as long as the process (the serving thread): the beating process dies with that thread."""
         self._connect()
         self._seen = int(self._store.add(_EVENTS, 0))  # events of an earlier group of this job are not ours
         self._store.set(_BEAT.format(self.me), "0")
@@ -142,6 +153,12 @@ class Heartbeat:
         now = time.monotonic()
         self._changed = {m: now for m in self._watched}
         self._thread.start()
+        if sys.platform.startswith("linux") and isinstance(self._source, dist.TCPStore):
+            args = (self._source.host, self._source.port, _BEAT.format(self.me), self.interval_s, self.timeout_s,
+                    os.getpid())
+            self._beating = mp.get_context("spawn").Process(target=beat_main, args=args, name="eplb-beat",
+                                                            daemon=True)
+            self._beating.start()
 
     def add_callback(self, fn) -> None:
         """Call ``fn(ranks)`` on the heartbeat thread at each new failure event (``ranks``: every failed group rank
@@ -205,8 +222,11 @@ class Heartbeat:
     def close(self) -> None:
         """Stop beating; the others stop watching this rank (it left on purpose, it did not fail)."""
         self._stop.set()
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # the beating process beats meanwhile: no silence before the goodbye
             self._thread.join(timeout=self.timeout_s + self.interval_s)
+        if self._beating is not None:
+            self._beating.kill()
+            self._beating.join(timeout=self.timeout_s)
         try:
             if self._store is not None:
                 self._store.set(_BEAT.format(self.me), _CLOSED)
@@ -250,7 +270,7 @@ class Heartbeat:
 
     def _tick(self) -> None:
         self._beats += 1
-        self._store.set(_BEAT.format(self.me), str(self._beats))
+        self._store.set(_BEAT.format(self.me), f"t{self._beats}")  # the beating process writes p<n>
         watched = list(self._watched)
         values = self._store.multi_get([_BEAT.format(m) for m in watched] + [_EVENTS])
         now = time.monotonic()
