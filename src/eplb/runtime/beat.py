@@ -3,19 +3,20 @@
 Why a process: a thread of the rank needs the interpreter lock to beat, and the serving thread can hold it for a
 second or more inside a C++ call (a Gloo group's construction, a ``Work.wait``, or a CPU shared by many processes);
 the others would then declare a live rank failed. This process shares nothing with the rank but its pid: it beats
-while the rank is running, stops beating while the rank is stopped (SIGSTOP, state ``T`` in ``/proc``), and dies
-with it (``PR_SET_PDEATHSIG``). Linux only (it reads ``/proc``); elsewhere the heartbeat thread beats alone.
+while the rank is running, stops beating while the rank is stopped (SIGSTOP: state ``T`` in ``/proc``), and exits
+once the rank is gone. Linux only (it reads ``/proc``); elsewhere the heartbeat thread beats alone.
 
-Kept free of eplb's heavier imports: it is spawned, and its start-up is the time until its first beat.
+It runs as a script (``python beat.py HOST PORT KEY INTERVAL_S TIMEOUT_S PID``), not through the ``eplb`` package,
+so that its start-up is only the interpreter and torch's import.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 import time
 from datetime import timedelta
 
-__all__ = ["beat_main", "running"]
+__all__ = ["running", "main"]
 
 
 def running(pid: int) -> bool | None:
@@ -31,11 +32,8 @@ def running(pid: int) -> bool | None:
     return state not in (b"T", b"t")
 
 
-def beat_main(host: str, port: int, key: str, interval_s: float, timeout_s: float, rank_pid: int) -> None:
+def main(host: str, port: int, key: str, interval_s: float, timeout_s: float, rank_pid: int) -> None:
     """Write ``p<n>`` to ``key`` every ``interval_s`` while process ``rank_pid`` runs; return when it is gone."""
-    from eplb._process import exit_with_parent
-
-    exit_with_parent(rank_pid)
     import torch.distributed as dist
 
     store = None
@@ -54,3 +52,8 @@ def beat_main(host: str, port: int, key: str, interval_s: float, timeout_s: floa
             except Exception:  # noqa: BLE001 - the rank's heartbeat thread reports a store that does not answer
                 store = None
         time.sleep(interval_s)
+
+
+if __name__ == "__main__":
+    host, port, key, interval_s, timeout_s, pid = sys.argv[1:]
+    main(host, int(port), key, float(interval_s), float(timeout_s), int(pid))

@@ -12,7 +12,7 @@ How (:class:`Heartbeat`: one daemon thread and, on Linux with a TCP store, one s
   is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
   seconds inside a C++ call (measured: 0.6 s in a Gloo group's construction on a loaded 2-core machine), which
   would starve a beating thread and get a live rank declared failed. The heartbeat thread beats too: it covers the
-  process's start-up (one to three seconds: a spawn and torch's import) and stores that are not TCP stores, and in
+  process's start-up (an interpreter and torch's import: one to four seconds here) and stores that are not TCP stores, and in
   those cases a serving thread holding the lock for longer than the timeout gets its rank declared failed;
 - the thread reads every watched peer's beat plus the failure-event count in one ``multi_get`` per interval (store
   calls release the GIL), so it runs while serving is blocked inside a collective;
@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
-from eplb.runtime.beat import beat_main
+from eplb.runtime import beat
 
 __all__ = ["Heartbeat", "RankFailure", "FailureEvent", "watch", "survivors_group", "abort_nccl",
            "published_failures"]
@@ -141,8 +141,7 @@ class Heartbeat:
 
     # -- serving thread -----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start beating and watching (the first beat is written before this returns). Call it from a thread that
-        lives as long as the process (the serving thread): the beating process dies with that thread."""
+        """Start beating and watching (the first beat is written before this returns)."""
         self._connect()
         self._seen = int(self._store.add(_EVENTS, 0))  # events of an earlier group of this job are not ours
         self._store.set(_BEAT.format(self.me), "0")
@@ -154,11 +153,11 @@ class Heartbeat:
         self._changed = {m: now for m in self._watched}
         self._thread.start()
         if sys.platform.startswith("linux") and isinstance(self._source, dist.TCPStore):
+            # its own session: Ctrl-C in a terminal is for the rank, which stops it (it exits when the rank is gone)
             args = (self._source.host, self._source.port, _BEAT.format(self.me), self.interval_s, self.timeout_s,
                     os.getpid())
-            self._beating = mp.get_context("spawn").Process(target=beat_main, args=args, name="eplb-beat",
-                                                            daemon=True)
-            self._beating.start()
+            self._beating = subprocess.Popen([sys.executable, beat.__file__, *map(str, args)],
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def add_callback(self, fn) -> None:
         """Call ``fn(ranks)`` on the heartbeat thread at each new failure event (``ranks``: every failed group rank
@@ -226,7 +225,7 @@ class Heartbeat:
             self._thread.join(timeout=self.timeout_s + self.interval_s)
         if self._beating is not None:
             self._beating.kill()
-            self._beating.join(timeout=self.timeout_s)
+            self._beating.wait(timeout=self.timeout_s)
         try:
             if self._store is not None:
                 self._store.set(_BEAT.format(self.me), _CLOSED)
