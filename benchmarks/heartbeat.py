@@ -3,8 +3,8 @@
 For each ``interval/timeout`` setting and each way of failing (``SIGKILL``: the process is gone; ``SIGSTOP``: it
 hangs, alive, sockets open), ``--ranks`` processes serve a loop of small all-reduces on the default group, each
 waited through the heartbeat (:meth:`eplb.runtime.heartbeat.Heartbeat.wait`); after ``--warmup-s`` (the beating
-processes start meanwhile) the last rank fails. Per survivor: ``detect_s``, from the failure (the dying rank's ``time.time()`` just before the signal) to the
-heartbeat adopting the failure event; ``woken_s``, to the serving thread leaving its blocked collective (it raises
+processes start meanwhile) the last rank fails. Per survivor: ``detect_s``, from the failure (the dying rank's
+``time.time()`` just before the signal) to the heartbeat adopting the failure event; ``woken_s``, to the serving thread leaving its blocked collective (it raises
 :class:`~eplb.runtime.heartbeat.RankFailure`, or, after a SIGKILL, Gloo's own error, whichever comes first). The
 survivors then build their group with :func:`~eplb.runtime.heartbeat.survivors_group` and run one all-reduce on it
 (``rebuild_s``). Figures are min / median / max over survivors and ``--repeats`` runs.

@@ -12,8 +12,8 @@ How (:class:`Heartbeat`: one daemon thread and, on Linux with a TCP store, one s
   is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
   seconds inside a C++ call (measured: 0.6 s in a Gloo group's construction on a loaded 2-core machine), which
   would starve a beating thread and get a live rank declared failed. The heartbeat thread beats too: it covers the
-  process's start-up (an interpreter and torch's import: one to four seconds here) and stores that are not TCP stores, and in
-  those cases a serving thread holding the lock for longer than the timeout gets its rank declared failed;
+  process's start-up (an interpreter and torch's import: one to four seconds here) and stores that are not TCP
+  stores; there, a serving thread holding the lock for longer than the timeout gets its rank declared failed;
 - the thread reads every watched peer's beat plus the failure-event count in one ``multi_get`` per interval (store
   calls release the GIL), so it runs while serving is blocked inside a collective;
 - a peer whose beat has not changed for ``timeout_s`` of this rank's monotonic clock is failed. A hung process
