@@ -141,14 +141,21 @@ class Heartbeat:
 
     # -- serving thread -----------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start beating and watching (the first beat is written before this returns)."""
-        self._connect()
-        self._seen = int(self._store.add(_EVENTS, 0))  # events of an earlier group of this job are not ours
-        self._store.set(_BEAT.format(self.me), "0")
-        keys = [_BEAT.format(m) for m in self._watched]
-        if not self._store.check(keys):  # a peer not started yet: its key must exist, a read would wait for it
-            for key in keys:
-                self._store.compare_set(key, "", "0")
+        """Start beating and watching (the first beat is written before this returns).
+
+        Raises:
+            EplbError: the store does not answer within ``timeout_s``.
+        """
+        try:
+            self._connect()
+            self._seen = int(self._store.add(_EVENTS, 0))  # events of an earlier group of this job are not ours
+            self._store.set(_BEAT.format(self.me), "0")
+            keys = [_BEAT.format(m) for m in self._watched]
+            if not self._store.check(keys):  # a peer not started yet: its key must exist, a read would wait for it
+                for key in keys:
+                    self._store.compare_set(key, "", "0")
+        except Exception as exc:  # noqa: BLE001 - torch raises bare RuntimeErrors / DistStoreErrors
+            raise EplbError(f"the heartbeat cannot use the store: {exc}") from None
         now = time.monotonic()
         self._changed = {m: now for m in self._watched}
         self._thread.start()
