@@ -190,3 +190,40 @@ def test_bad_heartbeat_arguments(store):
         Heartbeat([0, 1], 1, 1, store=store, rank=0)
     with pytest.raises(EplbError, match="global rank 5 is not in the heartbeat's group"):
         Heartbeat([0, 1], 0.1, 1, store=store, rank=5)
+
+
+def test_an_aborted_side_channel_fails_its_jobs_at_once():
+    import threading
+
+    from eplb.runtime.heartbeat import RankFailure
+    from eplb.runtime.transport import SideChannel
+
+    channel = SideChannel()
+    stuck = threading.Event()
+    running = channel.submit(stuck.wait)  # a job blocked as on a dead peer
+    queued = channel.submit(lambda: "never")
+    _until(lambda: running.running(), 5)
+    failure = RankFailure([2])
+    channel.abort(failure)
+    for future in (running, queued, channel.submit(lambda: "after")):
+        with pytest.raises(RankFailure, match=r"ranks \[2\] stopped beating"):
+            future.result(timeout=1)
+    crashes = []
+    hook, threading.excepthook = threading.excepthook, crashes.append
+    try:
+        stuck.set()  # the blocked job ends later: its result is dropped and the side thread ends, quietly
+        _until(lambda: not any(t.name == "eplb-side" and t.is_alive() for t in threading.enumerate()), 5)
+    finally:
+        threading.excepthook = hook
+    assert crashes == []
+
+
+def test_no_heartbeat_without_a_process_group_or_the_key():
+    from eplb import Topology
+    from eplb.runtime import EplbConfig, EplbController
+
+    ctl = EplbController(EplbConfig.from_dict({"heartbeat_interval_s": 0.1}), 1, 4, Topology(1, 4), rank=0)
+    try:
+        assert ctl.heartbeat is None and ctl.failed_peers() == []
+    finally:
+        ctl.close()
