@@ -198,7 +198,9 @@ def test_an_aborted_side_channel_fails_its_jobs_at_once():
     from eplb.runtime.heartbeat import RankFailure
     from eplb.runtime.transport import SideChannel
 
+    before = set(threading.enumerate())
     channel = SideChannel()
+    (side,) = [t for t in threading.enumerate() if t not in before and t.name == "eplb-side"]
     stuck = threading.Event()
     running = channel.submit(stuck.wait)  # a job blocked as on a dead peer
     queued = channel.submit(lambda: "never")
@@ -212,10 +214,10 @@ def test_an_aborted_side_channel_fails_its_jobs_at_once():
     hook, threading.excepthook = threading.excepthook, crashes.append
     try:
         stuck.set()  # the blocked job ends later: its result is dropped and the side thread ends, quietly
-        _until(lambda: not any(t.name == "eplb-side" and t.is_alive() for t in threading.enumerate()), 5)
+        side.join(timeout=5)
     finally:
         threading.excepthook = hook
-    assert crashes == []
+    assert crashes == [] and not side.is_alive()
 
 
 def test_no_heartbeat_without_a_process_group_or_the_key():
