@@ -197,17 +197,22 @@ class Heartbeat:
             RankFailure: the heartbeat declared ranks failed before ``work`` completed.
         """
         if not work.is_completed():
-            done = threading.Event()
+            wake, completed = threading.Event(), threading.Event()  # the heartbeat sets ``wake`` on a failure
+
+            def finished(_):
+                completed.set()
+                wake.set()
+
             with self._lock:
-                self._waiters.add(done)
+                self._waiters.add(wake)
             try:
-                work.get_future().add_done_callback(lambda _: done.set())
-                while not done.wait(self.interval_s) and not self.unhandled():
+                work.get_future().add_done_callback(finished)
+                while not wake.wait(self.interval_s) and not self.unhandled():
                     pass
             finally:
                 with self._lock:
-                    self._waiters.discard(done)
-            if not done.is_set():
+                    self._waiters.discard(wake)
+            if not completed.is_set():
                 raise RankFailure(self.unhandled())
         work.wait()
 
