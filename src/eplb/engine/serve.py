@@ -210,7 +210,7 @@ def _fail_over(model: MoEModel, events: int, interrupted: Exception):
         failed = heartbeat.failed_peers()
     else:
         failed = failure_notice(events)
-    if model.rank in failed or (heartbeat is not None and heartbeat.declared_failed):
+    if model.rank in failed:  # this rank stopped too long and the others went on without it
         raise interrupted
     live = np.ones(model.num_ranks, dtype=bool)
     live[failed] = False
