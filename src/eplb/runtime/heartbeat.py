@@ -117,7 +117,7 @@ class Heartbeat:
             raise EplbError(f"global rank {self.me} is not in the heartbeat's group {self.members}")
         self.interval_s, self.timeout_s = float(interval_s), float(timeout_s)
         self._source = _raw_store(store if store is not None else dist.group.WORLD.get_group_store())
-        self._store = None  # this thread's own connection (made on the thread: connecting may block)
+        self._store = None  # the heartbeat's own connection (:meth:`_connect`)
         self._lock = threading.Lock()
         self._watched = [m for m in self.members if m != self.me]
         self._last: dict[int, bytes] = {}
