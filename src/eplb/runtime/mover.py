@@ -119,7 +119,8 @@ class ExpertMover:
         pending = PendingMove(layers=[t.layer for t in transfers])
         pending.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
                                      for t in transfers)
-        pending.future = self.channel.submit(self._move, transfers, self.channel.record_event())
+        channel = self.channel  # the job keeps it: after a failure the mover moves on to the survivors' channel
+        pending.future = channel.submit(self._move, transfers, channel.record_event(), channel)
         pending.post_s = time.perf_counter() - start
         return pending
 
@@ -161,9 +162,9 @@ class ExpertMover:
         pending.copy_s = time.perf_counter() - waited
 
     # -- side thread ----------------------------------------------------------------------------------------------
-    def _move(self, transfers: list[LayerTransfer], posted) -> _Moved:
+    def _move(self, transfers: list[LayerTransfer], posted, channel: SideChannel) -> _Moved:
         start = time.perf_counter()
-        stream = self.channel.stream
+        stream = channel.stream
         if posted is not None:
             stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
         device = self.layer_tensors[0][0].device
@@ -212,12 +213,12 @@ class ExpertMover:
             fill.row = upload(row, device)
             moved.fills.append(fill)
         try:
-            self.channel.backend.exchange(sends, recvs, stream)
+            channel.backend.exchange(sends, recvs, stream)
         except Exception:  # noqa: BLE001 - this rank's failure is agreed below, then raised by every rank's commit
             moved.ok = False
         moved.event = side_event(stream)
         # one small all-reduce: a layer switches only when every rank's transfers completed
-        moved.ok = bool(self.channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
+        moved.ok = bool(channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
         moved.seconds = time.perf_counter() - start
         return moved
 
