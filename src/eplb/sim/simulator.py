@@ -39,7 +39,7 @@ import numpy as np
 from eplb.cycle import Cycle, CycleConfig, CycleRecord
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
-from eplb.planning import CyclePlan, plan_cycle
+from eplb.planning import plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
@@ -293,10 +293,10 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
             elif action.apply_layers:
-                layers = list(action.apply_layers)
+                parts = [plan.transfers[index] for index in action.apply_parts]
                 if not clairvoyant:  # the floor moves weights for free
-                    received[step] = _received_experts(plan, layers, topology.num_ranks).max() * config.expert_bytes
-                timeline.apply(step + 1, layers, plan.phy2log[layers])
+                    received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
+                timeline.apply(step + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
             if step % 256 == 0:
                 report(0.5 * step / num_steps)
         cycles = cycle.records
@@ -367,8 +367,7 @@ def _reload_lost(timeline: Timeline, trace: Trace, topology: Topology, live: np.
     timeline.apply(step + 1, layers, repaired[layers])
 
 
-def _received_experts(plan: CyclePlan, layers: list[int], num_ranks: int) -> np.ndarray:
-    """int64 ``[W]``: experts each rank receives over the network when ``plan`` applies ``layers`` (its transfers)."""
-    transfers = {t.layer: t.transfers for t in plan.transfers}
-    targets = np.concatenate([transfers[layer][:, 2] for layer in layers])
+def _received_experts(parts: list, num_ranks: int) -> np.ndarray:
+    """int64 ``[W]``: experts each rank receives over the network for ``parts`` (their transfers)."""
+    targets = np.concatenate([part.transfers[:, 2] for part in parts])
     return np.bincount(targets, minlength=num_ranks)
