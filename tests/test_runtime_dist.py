@@ -201,10 +201,11 @@ def scenario_mover(rank, tmp):
     mover = ExpertMover(tensors, rank, TOPO.slots_per_rank)
     plan = transfer_plan(old, new)
     out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True}
-    # staging holds the slots that change on this rank in one post (each tensor's rows 256-byte aligned), never a
-    # copy of the layer
-    out["staging_expected"] = max(sum(-(-len(t.rank_fills(rank)[0]) * x[0].numel() * x.element_size() // 256) * 256
-                                      for x in tensors[t.layer]) for t in plan)
+    # staging holds exactly the rows this rank receives and those changing slot on it in one post (what the schedule
+    # counts), never a copy of the layer
+    from eplb.staging import staged_experts
+
+    out["staging_expected"] = max(int(staged_experts(t)[0, rank]) * mover.expert_bytes(t.layer) for t in plan)
     for transfer in plan:
         pending = mover.post([transfer])
         dist.barrier()  # give the transfers time to land: the live tensors must still hold the old experts

@@ -161,16 +161,19 @@ class EplbController:
         self.failed = np.zeros(topology.num_ranks, dtype=bool)
         self.failovers: list[FailoverReport] = []
         self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
+        # the gloo backend on an accelerator stages in pinned host memory too: each arena within half the budget
+        host_staging = config.transfer_backend == "gloo" and self.device.type != "cpu"
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
                 raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
             self._expert_bytes = np.array([sum(t[0].numel() * t.element_size() for t in ts) if len(ts) else 0
                                            for ts in layer_tensors], dtype=np.int64)
-            largest = int(self._expert_bytes.max())
+            largest = int(self._expert_bytes.max()) * (2 if host_staging else 1)
             if config.bytes_per_step is not None and config.bytes_per_step < largest:  # before anything starts
                 raise ConfigError(f"bytes_per_step={config.bytes_per_step} is smaller than one expert of layer "
-                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors); expected "
-                                  f">= {largest} so that a step can move at least one expert")
+                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors"
+                                  f"{', staged on the device and in host memory' if host_staging else ''}); "
+                                  f"expected >= {largest} so that a step can move at least one expert")
         #: EPLB's side thread, groups and stream (transfers, agreements); None in ``off`` and ``static`` modes
         self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching)
                         if planning else None)
@@ -182,7 +185,7 @@ class EplbController:
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
         self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step,
+                                       bytes_per_step=config.bytes_per_step, host_staging=host_staging,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
@@ -191,7 +194,7 @@ class EplbController:
         self._result: PlannerReply | None = None
         self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
         self._submitted_step = 0
-        #: the transfers of the cycle being applied, by layer
+        #: the transfers of the cycle being applied, by part (the plan's ``transfers`` index, ``Action.apply_parts``)
         self.transfers: dict = {}
         #: (post step, transfers, PendingMove) in flight on the side thread, switched before the next forward
         self._pending = None
@@ -252,7 +255,7 @@ class EplbController:
             self._poll()
             kinds.append("check" if self._agreement is not None and self._agreement is not agreement else "poll")
         if action.apply_layers and self.mover is not None:
-            transfers = [self.transfers[layer] for layer in action.apply_layers]
+            transfers = [self.transfers[part] for part in action.apply_parts]
             pending = self.mover.post(transfers)
             tables = self.channel.submit(self._prepare_switch, transfers)
             self._pending = (self.step, transfers, pending, tables)
@@ -577,7 +580,7 @@ class EplbController:
             if self.rank == 0:  # written by the side thread, never inside a step
                 self.channel.submit(self._write_record, plan.phy2log, current.cycle)
             return
-        self.transfers = {t.layer: t for t in plan.transfers}
+        self.transfers = dict(enumerate(plan.transfers))
 
     def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
         from eplb.formats import write_map

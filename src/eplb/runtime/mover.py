@@ -14,9 +14,11 @@ Protocol, driven by the controller:
    the live tensors in place (addresses do not change). Device ops only; it waits on the host only when the side
    thread has not finished (counted in :attr:`PendingMove.late`).
 
-Staging holds the rows this rank receives and the rows that change slot locally in one step (at most that step's
-share of ``bytes_per_step`` when no single layer exceeds it), never a copy of a whole layer; :attr:`ExpertMover.
-staging_bytes` reports it (device arena plus the backend's pinned host arena).
+Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
+for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
+the live tensors in place. Never a copy of a whole layer: the schedule keeps each step within ``bytes_per_step`` on
+every rank (:mod:`eplb.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
+arenas (device plus host), which are sized exactly to the rows.
 
 Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
 every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
@@ -167,7 +169,9 @@ class ExpertMover:
         if posted is not None:
             stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
         device = self.layer_tensors[0][0].device
-        moved, sends, recvs, specs, plans = _Moved(), [], [], [], []
+        moved, sends, recvs, specs, plans, tags = _Moved(), [], [], [], [], [0]
+        for transfer in transfers:  # the first tag of each layer's messages: one per (tensor, row from a peer)
+            tags.append(tags[-1] + len(self.layer_tensors[transfer.layer]) * self.slots_per_rank)
         for position, transfer in enumerate(transfers):
             tensors = self.layer_tensors[transfer.layer]
             rows = transfer.transfers
@@ -187,18 +191,22 @@ class ExpertMover:
             tensors = self.layer_tensors[transfer.layer]
             staging = arena[cursor:cursor + len(tensors)]
             cursor += len(tensors)
+            # one message per tensor and row, the j-th row between two ranks tagged j: rows are sent from the live
+            # tensors in place (a contiguous row each), so a sender stages nothing on the device
             counts = np.bincount(mine[:, 0], minlength=1)
             offset = 0
             for src in np.flatnonzero(counts).tolist():
-                count = int(counts[src])
                 for i in range(len(tensors)):
-                    recvs.append(Message(src, position * len(tensors) + i, staging[i][offset:offset + count]))
-                offset += count
+                    for j in range(int(counts[src])):
+                        recvs.append(Message(src, tags[position] + i * self.slots_per_rank + j,
+                                             staging[i][offset + j:offset + j + 1]))
+                offset += int(counts[src])
             outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
             for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                slots = upload(outgoing[outgoing[:, 2] == dst, 1], device)
+                slots = outgoing[outgoing[:, 2] == dst, 1].tolist()
                 for i, live in enumerate(tensors):
-                    sends.append(Message(dst, position * len(tensors) + i, live.index_select(0, slots)))
+                    for j, slot in enumerate(slots):
+                        sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j, live[slot:slot + 1]))
             if dst_slot.size == 0:
                 continue
             row = source.copy()
