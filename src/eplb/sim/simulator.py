@@ -93,6 +93,9 @@ class SimConfig:
             raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.expert_bytes < 0:
             raise EplbError(f"expert_bytes must be >= 0, got {self.expert_bytes}")
+        if self.cycle.bytes_per_step is not None and self.cycle.bytes_per_step < self.expert_bytes:
+            raise EplbError(f"cycle.bytes_per_step={self.cycle.bytes_per_step:g} is smaller than one expert "
+                            f"(expert_bytes={self.expert_bytes:g}); expected >= {self.expert_bytes:g}")
         if self.tp_size < 1:
             raise EplbError(f"tp_size must be >= 1, got {self.tp_size}")
 
