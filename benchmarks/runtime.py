@@ -18,6 +18,12 @@ Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
   or two ranks of the ``default`` plan fail (a whole node of 8 would leave 216 slots for 256 experts): milliseconds
   (median), experts lost, slots this rank reloads from host memory (4 KiB experts, so the time is the host work,
   not a checkpoint read);
+- ``staging_schedule``: the move schedule of the ``default`` policy's plan for DeepSeek-V3 (58 layers, 256
+  experts, 64 ranks x 5 slots, 44 MB per expert) from the initial placement, with ``bytes_per_step`` 2 GB and
+  0.5 GB, device staging only and with the pinned host arena (``gloo`` on an accelerator): apply steps of the cycle
+  and the staging peak per rank (bytes) ``before`` (the earlier rule: layers packed by the bytes they move over the
+  whole group, at least one per step) and ``after`` (each rank's staging bounded, layers split into parts), and the
+  changes left out;
 - ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it): a real dynamic cycle over a Gloo group of ``W`` processes
   (58 layers x 256 experts on ``W`` ranks x ``288 / W`` slots, 4 KiB per expert, ``default`` policy in the planner
   process; the ranks pass a barrier before each step): time spent inside ``before_forward`` + ``after_forward``
@@ -137,6 +143,7 @@ def main() -> None:
     checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
     out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
     out["failover"] = failover(plan, args.repeats)
+    out["staging_schedule"] = staging_schedule(load)
     if args.ranks:
         cycle = gloo_cycle(args.ranks, load)
         for key in ("added_host_us", "forward_ratio_during_transfer", "staging_bytes"):
@@ -164,6 +171,41 @@ def failover(plan: Placement, repeats: int) -> dict:
             ctl.close()
         out[name] = {"ms": statistics.median(times) * 1e3, "lost_experts": int(len(report.lost)),
                      "reloaded_here": int(len(report.reloaded))}
+    return out
+
+
+def staging_schedule(load: np.ndarray) -> dict:
+    """Apply steps and staging peak per rank of one DeepSeek-V3 cycle, before and after bounding each rank's
+    staging (see the module docstring)."""
+    from eplb.cycle import CycleConfig
+    from eplb.planning import plan_cycle
+    from eplb.sim.cost import DEEPSEEK_V3_EXPERT_BYTES
+    from eplb.staging import staged_experts
+
+    initial = Placement.initial(NUM_EXPERTS, TOPOLOGY_64, NUM_LAYERS, layout="spread")
+    out = {"expert_bytes": int(DEEPSEEK_V3_EXPERT_BYTES), "topology": TOPOLOGY_64.describe()}
+    whole = plan_cycle(get_policy("default"), load, initial, CycleConfig(cycle_steps=1), DEEPSEEK_V3_EXPERT_BYTES)
+    for budget in (2e9, 0.5e9):
+        for host in (False, True):
+            cycle = CycleConfig(cycle_steps=1, bytes_per_step=budget, host_staging=host)
+            start = time.perf_counter()
+            plan = plan_cycle(get_policy("default"), load, initial, cycle, DEEPSEEK_V3_EXPERT_BYTES)
+            seconds = time.perf_counter() - start
+            steps, used = [], budget  # the earlier rule: whole layers, by the bytes they move over the group
+            for transfer in whole.transfers:
+                size = int(whole.layer_bytes[transfer.layer])
+                if not steps or used + size > budget:
+                    steps.append([])
+                    used = 0
+                steps[-1].append(transfer)
+                used += size
+            before = max(sum(staged_experts(t, host).sum(axis=0) for t in step).max() for step in steps)
+            out[f"{budget / 1e9:g}GB{'_host' if host else ''}"] = {
+                "layers": len(plan.layers),
+                "before": {"steps": len(steps), "staging_peak_bytes": int(before) * int(DEEPSEEK_V3_EXPERT_BYTES)},
+                "after": {"steps": len(plan.schedule), "staging_peak_bytes": int(plan.staged_bytes.max()),
+                          "parts": len(plan.transfers), "left_out_slots": int(len(plan.left_out))},
+                "plan_s": seconds}
     return out
 
 
