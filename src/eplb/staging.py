@@ -114,6 +114,8 @@ class _Part:
         self.before = [set(start[r * slots:(r + 1) * slots].tolist()) for r in range(topology.num_ranks)]
         self.received = [set() for _ in range(topology.num_ranks)]
         self.staged = np.zeros((2, topology.num_ranks), dtype=np.int64)
+        self.sent = np.zeros(topology.num_ranks, dtype=np.int64)
+        self.node = topology.node_of_rank
         self.groups: list[list[int]] = []
 
     @property
@@ -130,16 +132,18 @@ class _Part:
             elif expert not in self.received[rank] and (rank, expert) not in arriving:
                 arriving.add((rank, expert))
                 cost[:, rank] += (1, int(self.host_staging))
-                sender = self._sender(expert) if self.host_staging else None
+                sender = self._sender(expert, rank) if self.host_staging else None
                 if sender is not None:
                     cost[1, sender] += 1
         return cost
 
-    def _sender(self, expert) -> int | None:
-        """The rank the expert is likely sent by (the least loaded live holder: the transfers' rule, estimated);
-        None when no live rank holds it (read from a checkpoint)."""
+    def _sender(self, expert, rank) -> int | None:
+        """The rank ``expert`` is likely sent to ``rank`` by (:func:`~eplb.transfers.layer_transfer`'s rule, in
+        the order changes join the part rather than its own); None when no live rank holds it (a checkpoint)."""
         holders = (np.flatnonzero((self.start == expert) & self.live_slot) // self.slots).tolist()
-        return min(holders, key=lambda h: (self.staged[1, h], h)) if holders else None
+        row = self.row.reshape(-1, self.slots)
+        return min(holders, key=lambda h: (self.node[h] != self.node[rank], self.sent[h], expert in row[h], h),
+                   default=None)
 
     def fits(self, group, target) -> bool:
         return bool((self.staged + self._cost(group, target) <= self.capacity).all())
@@ -148,8 +152,11 @@ class _Part:
         self.staged += self._cost(group, target)
         for slot in group:
             rank, expert = slot // self.slots, int(target[slot])
-            if expert not in self.before[rank]:
+            if expert not in self.before[rank] and expert not in self.received[rank]:
                 self.received[rank].add(expert)
+                sender = self._sender(expert, rank) if self.host_staging else None
+                if sender is not None:
+                    self.sent[sender] += 1
             self.row[slot] = expert
         self.groups.append(list(group))
 
