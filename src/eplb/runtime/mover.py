@@ -170,7 +170,7 @@ class ExpertMover:
             stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
         device = self.layer_tensors[0][0].device
         moved, sends, recvs, specs, plans, tags = _Moved(), [], [], [], [], [0]
-        for transfer in transfers:  # the first tag of each layer's messages: one per (tensor, row from a peer)
+        for transfer in transfers:  # the first tag of each layer's messages: one per tensor and run from a peer
             tags.append(tags[-1] + len(self.layer_tensors[transfer.layer]) * self.slots_per_rank)
         for position, transfer in enumerate(transfers):
             tensors = self.layer_tensors[transfer.layer]
@@ -191,22 +191,22 @@ class ExpertMover:
             tensors = self.layer_tensors[transfer.layer]
             staging = arena[cursor:cursor + len(tensors)]
             cursor += len(tensors)
-            # one message per tensor and row, the j-th row between two ranks tagged j: rows are sent from the live
-            # tensors in place (a contiguous row each), so a sender stages nothing on the device
-            counts = np.bincount(mine[:, 0], minlength=1)
+            # rows are sent from the live tensors in place, one message per tensor and run of consecutive source
+            # slots (a contiguous block; the j-th run between two ranks tagged j), so a sender stages nothing on the
+            # device; both sides split the rows between them, in transfer order, into the same runs
             offset = 0
-            for src in np.flatnonzero(counts).tolist():
-                for i in range(len(tensors)):
-                    for j in range(int(counts[src])):
+            for src in np.flatnonzero(np.bincount(mine[:, 0], minlength=1)).tolist():
+                for j, (_, count) in enumerate(_runs(mine[mine[:, 0] == src, 1])):
+                    for i in range(len(tensors)):
                         recvs.append(Message(src, tags[position] + i * self.slots_per_rank + j,
-                                             staging[i][offset + j:offset + j + 1]))
-                offset += int(counts[src])
+                                             staging[i][offset:offset + count]))
+                    offset += count
             outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
             for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                slots = outgoing[outgoing[:, 2] == dst, 1].tolist()
-                for i, live in enumerate(tensors):
-                    for j, slot in enumerate(slots):
-                        sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j, live[slot:slot + 1]))
+                for j, (start, count) in enumerate(_runs(outgoing[outgoing[:, 2] == dst, 1])):
+                    for i, live in enumerate(tensors):
+                        sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j,
+                                             live[start:start + count]))
             if dst_slot.size == 0:
                 continue
             row = source.copy()
@@ -231,3 +231,9 @@ class ExpertMover:
 
 
 _MIN = torch.distributed.ReduceOp.MIN
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """``(first slot, count)`` of each run of consecutive slots in ``slots`` (in its order)."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    return [(int(run[0]), len(run)) for run in np.split(slots, breaks) if len(run)]
