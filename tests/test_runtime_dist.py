@@ -302,7 +302,26 @@ def scenario_record(rank, tmp):
         ctl.close()
 
 
+def scenario_failover_parts(rank, tmp):
+    """Survivors one step apart in a layer moving in parts: the one behind completes the one part it missed."""
+    from types import SimpleNamespace
+
+    from eplb.runtime.failover import agree_after_failure
+    from eplb.staging import split_layer
+
+    old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS).phy2log
+    target = np.roll(old[1], 5)
+    parts, _ = split_layer(1, old[1], target, TOPO, capacity=1)
+    ahead = rank < 2  # ranks 0 and 1 switched parts 0 and 1 before the failure, ranks 2 and 3 only part 0
+    phy2log = old.copy()
+    phy2log[1] = parts[1 if ahead else 0].new_row.reshape(-1)
+    step, complete = agree_after_failure(SimpleNamespace(phy2log=phy2log), 10 + int(ahead), dict(enumerate(parts)))
+    return {"parts": len(parts), "step": step, "complete": {k: v.tolist() for k, v in complete.items()},
+            "expected": {} if ahead else {1: parts[1].new_row.reshape(-1).tolist()}}
+
+
 SCENARIOS = {
+    "failover_parts": scenario_failover_parts,
     "heat_layout": scenario_heat_layout,
     "recorder": scenario_recorder,
     "mover": scenario_mover,
@@ -433,3 +452,9 @@ def test_record_mode_writes_consistent_maps(runs):
         expected = get_policy("default").rebalance(window_load(start, end), TOPO, initial).placement
         table = np.array([[d["device_expert"] for d in layer["device_list"]] for layer in written["layer_list"]])
         assert np.array_equal(table.reshape(NUM_LAYERS, -1), expected.phy2log)
+
+
+def test_survivors_one_part_apart_complete_the_missing_part(runs):
+    for res in _scenario(runs, "failover_parts"):
+        assert res["parts"] >= 3 and res["step"] == 11
+        assert res["complete"] == res["expected"]
