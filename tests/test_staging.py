@@ -1,6 +1,8 @@
 """Bounded staging memory: layers split into parts that fit ``bytes_per_step`` on every rank (eplb.staging,
 eplb.planning.plan_cycle)."""
 
+import dataclasses
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,3 +104,16 @@ def test_a_layer_over_the_budget_goes_in_parts_over_consecutive_steps():
     np.testing.assert_array_equal(plan.phy2log, new)
     assert plan_cycle(Target(new), np.ones((1, 8)), Placement(old, 8, topology),
                       CycleConfig(cycle_steps=1, bytes_per_step=20), expert_bytes=10).schedule == ((0,),)
+
+
+def test_a_plan_whose_parts_do_not_chain_is_refused():
+    topology = Topology(2, 4)
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[0, 1, 4, 5, 2, 3, 6, 7]])
+    plan = plan_cycle(Target(new), np.ones((1, 8)), Placement(old, 8, topology),
+                      CycleConfig(cycle_steps=1, bytes_per_step=10), expert_bytes=10)
+    swapped = dataclasses.replace(plan, transfers=plan.transfers[::-1])
+    assert "does not start from" in check_cycle_plan(swapped, old, 8, topology)
+    together = dataclasses.replace(plan, schedule=((0, 0),))
+    assert "two parts of one layer in one step" in check_cycle_plan(together, old, 8, topology)
+    assert swapped.checksum != plan.checksum

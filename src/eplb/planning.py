@@ -240,7 +240,7 @@ def schedule_parts(parts, expert_bytes: np.ndarray, cycle) -> tuple[tuple[tuple[
     step, or, with ``bytes_per_step``, as many as keep every rank's staging arenas within the budget (each within
     half with ``host_staging``); two parts of one layer never share a step. Steps are named by layer."""
     num_ranks = parts[0].old_row.shape[0] if parts else 0
-    host = cycle.bytes_per_step is not None and cycle.host_staging
+    host = cycle.host_staging
     costs = [staged_experts(part, host) * int(expert_bytes[part.layer]) for part in parts]
     steps, staged = [], []
     if cycle.bytes_per_step is not None:

@@ -27,7 +27,7 @@ import numpy as np
 from eplb.topology import Topology
 from eplb.transfers import LayerTransfer, layer_transfer
 
-__all__ = ["staged_experts", "split_layer"]
+__all__ = ["staged_experts", "budget_experts", "split_layer"]
 
 
 def staged_experts(transfer: LayerTransfer, host_staging: bool = False) -> np.ndarray:
