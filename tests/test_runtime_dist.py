@@ -200,7 +200,8 @@ def scenario_mover(rank, tmp):
     addresses = [[t.data_ptr() for t in ts] for ts in tensors]
     mover = ExpertMover(tensors, rank, TOPO.slots_per_rank)
     plan = transfer_plan(old, new)
-    out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True}
+    out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True,
+           "side_seconds": []}
     # staging holds exactly the rows this rank receives and those changing slot on it in one post (what the schedule
     # counts), never a copy of the layer
     from eplb.staging import staged_experts
@@ -212,6 +213,7 @@ def scenario_mover(rank, tmp):
         out["old_during_forward"] &= equal_to_fresh(tensors[transfer.layer], transfer.layer,
                                                     old.phy2log[transfer.layer], rank)
         mover.commit(pending)
+        out["side_seconds"].append(pending.side_s)  # the measured move price is made of it
         out["bitwise_after_commit"] &= equal_to_fresh(tensors[transfer.layer], transfer.layer,
                                                       new.phy2log[transfer.layer], rank)
     out["addresses_kept"] = addresses == [[t.data_ptr() for t in ts] for ts in tensors]
@@ -403,6 +405,7 @@ def test_mover_bitwise_and_old_weights_until_commit(runs):
         assert res["all_layers_at_once"]
         assert res["batched_ok"]
         assert res["staging_bytes"] == res["staging_expected"]
+        assert all(0 < seconds < 60 for seconds in res["side_seconds"]), res["side_seconds"]
 
 
 def test_lifecycle_layers_switch_together_and_match_fresh_layout(runs):

@@ -203,10 +203,10 @@ class ExpertMover:
                     offset += count
             outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
             for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                for j, (start, count) in enumerate(_runs(outgoing[outgoing[:, 2] == dst, 1])):
+                for j, (first, count) in enumerate(_runs(outgoing[outgoing[:, 2] == dst, 1])):
                     for i, live in enumerate(tensors):
                         sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j,
-                                             live[start:start + count]))
+                                             live[first:first + count]))
             if dst_slot.size == 0:
                 continue
             row = source.copy()
