@@ -204,6 +204,13 @@ def test_byte_budget_applies_several_layers_per_step(trace, placement):
     assert [layer for step in record.schedule for layer in step] == record.layers
 
 
+def test_a_budget_below_what_one_expert_stages_is_refused():
+    with pytest.raises(EplbError, match=r"bytes_per_step=500000 is smaller than one expert .*expected >= 1e\+06"):
+        config(bytes_per_step=5e5)
+    with pytest.raises(EplbError, match=r"host_staging=True.*expected >= 2e\+06"):
+        config(bytes_per_step=1.5e6, host_staging=True)
+
+
 def test_policies_beat_static_and_the_clairvoyant_floor_is_lowest(trace):
     cfg = config()
     static = simulate(trace, None, cfg)

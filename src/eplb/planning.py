@@ -82,7 +82,8 @@ class CyclePlan:
             layer's k-th appearance is its k-th part.
         state: the :class:`PlanState` to hand to the next cycle once this plan starts applying.
         left_out: int64 ``[n, 2]`` ``(layer, slot)`` changes of the policy's placement not applied because they do
-            not fit ``bytes_per_step`` even alone (``phy2log`` keeps their old expert).
+            not fit ``bytes_per_step`` even alone (``phy2log`` keeps their old expert; ``moved_slots`` and
+            ``par_after`` stay the policy's figures for its whole placement).
         staged_bytes: int64 ``[S, W]`` staging bytes each rank holds in each apply step (:mod:`eplb.staging`).
     """
 

@@ -93,9 +93,11 @@ class SimConfig:
             raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.expert_bytes < 0:
             raise EplbError(f"expert_bytes must be >= 0, got {self.expert_bytes}")
-        if self.cycle.bytes_per_step is not None and self.cycle.bytes_per_step < self.expert_bytes:
+        smallest = self.expert_bytes * (2 if self.cycle.host_staging else 1)  # what moving one expert stages
+        if self.cycle.bytes_per_step is not None and self.cycle.bytes_per_step < smallest:
             raise EplbError(f"cycle.bytes_per_step={self.cycle.bytes_per_step:g} is smaller than one expert "
-                            f"(expert_bytes={self.expert_bytes:g}); expected >= {self.expert_bytes:g}")
+                            f"(expert_bytes={self.expert_bytes:g}, host_staging={self.cycle.host_staging}); "
+                            f"expected >= {smallest:g}")
         if self.tp_size < 1:
             raise EplbError(f"tp_size must be >= 1, got {self.tp_size}")
 
