@@ -453,8 +453,7 @@ class EplbController:
                               live_ranks=~self.failed if self.failed.any() else None,
                               resilience=self.config.resilience, state=self.cycle.state)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
-        measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0,
-                    float(np.median(self._step_s)) if self._step_s else 0.0)
+        measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
         self._gathering = self.channel.submit(self._gather_and_plan, self.recorder.snapshot(),
                                               self.channel.record_event(), request, self.failed.copy(), self.step,
                                               measured)
@@ -462,7 +461,7 @@ class EplbController:
     def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int,
                          measured: tuple) -> tuple:
         """Side thread: the window's load over the side group, its PAR, and the planner request (priced with
-        ``measured``: this rank's seconds per moved expert and per step)."""
+        ``measured``: this rank's seconds per moved expert and its recent step times)."""
         if event is not None:
             self.channel.stream.wait_event(event)
         group = self.channel.cpu_group
@@ -476,8 +475,9 @@ class EplbController:
             self.planner.restart()
         if load.size and load.max() <= np.iinfo(np.int32).max:
             load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
-        self.planner.submit(dataclasses.replace(request, load=load,
-                                                   price=self._measured_price(load, request.current, *measured)))
+        move_s, step_s = measured
+        price = self._measured_price(load, request.current, move_s, float(np.median(step_s)) if step_s else 0.0)
+        self.planner.submit(dataclasses.replace(request, load=load, price=price))
         return window, window_par, None
 
     def _gathered(self, late: bool = False) -> None:
