@@ -230,7 +230,7 @@ def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
     base_us = statistics.median(h for h, _, _ in baseline) * 1e6
     tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
-                                   "policy": "default", "layers_per_step": 4})
+                                   "policy": "default"})
     ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
                          placement=placement)
     try:

@@ -199,6 +199,8 @@ class EplbController:
         self._agreement = None
         #: Future of the window gather and planner request running on the side thread
         self._gathering = None
+        #: Future of the switch tables of the accepted plan's layers (:meth:`_prepare_switches`)
+        self._tables = None
         #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` ("check" is a poll that started an
         #: agreement; benchmarks and tests classify steps with it)
         self.step_kinds: list[str] = ["ordinary"]
@@ -254,8 +256,7 @@ class EplbController:
         if action.apply_layers and self.mover is not None:
             transfers = [self.transfers[layer] for layer in action.apply_layers]
             pending = self.mover.post(transfers)
-            tables = self.channel.submit(self._prepare_switch, transfers)
-            self._pending = (self.step, transfers, pending, tables)
+            self._pending = (self.step, transfers, pending, self._tables)
             kinds.append("move")
         self.step_kinds = kinds or ["ordinary"]
 
@@ -269,10 +270,14 @@ class EplbController:
         self.step += 1
         self._in_step = False
 
-    def _prepare_switch(self, transfers: list) -> list[dict]:
-        """Side thread: the recorder fold and router tables of each layer's switch, uploaded to the device."""
-        prepared = [self.live.prepare(t.layer, t.new_row.reshape(-1), t.old_row.reshape(-1)) for t in transfers]
-        return prepared, side_event(self.channel.stream)
+    def _prepare_switches(self, transfers: tuple) -> tuple[dict, object]:
+        """Side thread, once a plan is accepted: the recorder fold and router tables of every layer's switch, by
+        layer, built in one vectorised pass and uploaded to the device (so a move step hands the side thread only its
+        transfers)."""
+        layers = [t.layer for t in transfers]
+        new_rows = np.stack([t.new_row.reshape(-1) for t in transfers]) if transfers else None
+        old_rows = np.stack([t.old_row.reshape(-1) for t in transfers]) if transfers else None
+        return self.live.prepare_many(layers, new_rows, old_rows), side_event(self.channel.stream)
 
     def _switch(self) -> None:
         """Switch the layers posted in the last step: every rank's transfers completed (the side thread agreed on
@@ -282,7 +287,8 @@ class EplbController:
         self._pending = None
         self.mover.commit(pending)
         late = pending.late or not tables.done()
-        prepared, event = tables.result()
+        by_layer, event = tables.result()
+        prepared = [by_layer[t.layer] for t in transfers]
         hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values())
                           if isinstance(t, torch.Tensor)])
         for transfer, tables_of_layer in zip(transfers, prepared):
@@ -363,7 +369,7 @@ class EplbController:
             self.channel = self.channel.rebuilt(group)
         if self.mover is not None:  # transfers posted in the abandoned step are never switched
             self.mover.abandon(self.channel)
-        self._pending = self._agreement = self._gathering = None
+        self._pending = self._agreement = self._gathering = self._tables = None
         self.recorder.live = live
 
         resume, complete = agree_after_failure(self.live, self.step + int(self._in_step), self.transfers, self.group,
@@ -578,6 +584,8 @@ class EplbController:
                 self.channel.submit(self._write_record, plan.phy2log, current.cycle)
             return
         self.transfers = {t.layer: t for t in plan.transfers}
+        if self.mover is not None:
+            self._tables = self.channel.submit(self._prepare_switches, plan.transfers)
 
     def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
         from eplb.formats import write_map
