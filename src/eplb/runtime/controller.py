@@ -49,7 +49,6 @@ cycle, moves nothing and keeps attributing load through the placement actually i
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 
@@ -59,19 +58,18 @@ import torch.distributed as dist
 
 from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.errors import EplbError
-from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
 from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
-from eplb.pricing import MovePrice, measured_price
-from eplb.runtime.agreement import agree_on_plan, all_reduce
+from eplb.runtime.agreement import agree_on_plan
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
 from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.transport import SideChannel, hand_over, side_event
+from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, window_par
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
@@ -84,8 +82,6 @@ __all__ = ["EplbController", "CycleMetrics", "FailoverReport", "STEP_KINDS"]
 STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
 
 log = logging.getLogger(__name__)
-
-_WAITING_FOR_INTERVAL = "eplb_update_interval has not elapsed since the last cycle"
 
 
 def _policy_options(config: EplbConfig) -> dict:
@@ -204,13 +200,16 @@ class EplbController:
         #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` ("check" is a poll that started an
         #: agreement; benchmarks and tests classify steps with it)
         self.step_kinds: list[str] = ["ordinary"]
-        self._last_interval_start = time.monotonic()
         # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
         self._step_started: float | None = None
         self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
         self._move_s, self._moved_experts = 0.0, 0
-        self._prices_moves = planning and cycle_policy(config.policy, self._policy_options,
-                                                       config.dispatch).prices_moves
+        #: the side thread's window-end job (gather, PAR, interval, price, planner request)
+        self._window_end = None
+        if planning:
+            prices_moves = (self.mover is not None
+                            and cycle_policy(config.policy, self._policy_options, config.dispatch).prices_moves)
+            self._window_end = WindowEnd(config, self.recorder, self.planner, prices_moves, config.cycle_steps)
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
@@ -432,18 +431,8 @@ class EplbController:
     def _static_window(self) -> None:
         if self.step and self.step % self.config.window_steps == 0:
             load = self.gather_load()
-            self._window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step)
-
-    def _window_par(self, window: np.ndarray, placement: Placement, failed: np.ndarray, step: int) -> np.ndarray:
-        if failed.any():
-            loads = placement.without_ranks(failed).rank_loads(window)[:, ~failed]
-        else:
-            loads = rank_loads(placement, window)
-        window_par = par(loads)
-        if self.config.log_balancedness:
-            log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", step, balancedness(loads),
-                     float(window_par.mean()))
-        return window_par
+            window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step,
+                       self.config.log_balancedness)
 
     def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
@@ -460,31 +449,9 @@ class EplbController:
                               resilience=self.config.resilience, state=self.cycle.state)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
         measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
-        self._gathering = self.channel.submit(self._gather_and_plan, self.recorder.snapshot(),
+        self._gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
                                               self.channel.record_event(), request, self.failed.copy(), self.step,
                                               measured)
-
-    def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int,
-                         measured: tuple) -> tuple:
-        """Side thread: the window's load over the side group, its PAR, and the planner request (priced with
-        ``measured``: this rank's seconds per moved expert and its recent step times)."""
-        if event is not None:
-            self.channel.stream.wait_event(event)
-        group = self.channel.cpu_group
-        load = self.recorder.logical_load(request.current, group, snapshot.to_host(self.channel.stream))
-        window = load.sum(axis=0) if load.ndim == 3 else load
-        window_par = self._window_par(window, Placement(request.current, self.num_experts, self.topology), failed,
-                                      step)
-        if not self._interval_elapsed():
-            return window, window_par, _WAITING_FOR_INTERVAL
-        if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
-            self.planner.restart()
-        if load.size and load.max() <= np.iinfo(np.int32).max:
-            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
-        move_s, step_s = measured
-        price = self._measured_price(load, request.current, move_s, float(np.median(step_s)) if step_s else 0.0)
-        self.planner.submit(dataclasses.replace(request, load=load, price=price))
-        return window, window_par, None
 
     def _gathered(self, late: bool = False) -> None:
         """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""
@@ -498,32 +465,6 @@ class EplbController:
         self._window_load = window
         if waiting and self._local[0] == 0:
             self._local = (-1, waiting)
-
-    def _measured_price(self, load, current: np.ndarray, move_s: float, step_s: float) -> MovePrice | None:
-        """The price of a move from the transfer time per received expert and the median step time measured on
-        this rank, the largest of every rank's (one all-reduce, so every rank plans on the same figures); None
-        while either is unmeasured, with ``measured_price`` off or for a policy that does not price its moves (the
-        model's defaults then apply)."""
-        if not (self.config.measured_price and self._prices_moves) or self.mover is None:
-            return None
-        agreed = torch.tensor([move_s, step_s], dtype=torch.float64)
-        if self.channel.world > 1:  # on the side thread, over the side group
-            agreed = all_reduce(agreed, dist.ReduceOp.MAX, self.channel.cpu_group)
-        return measured_price(float(agreed[0]), float(agreed[1]), load, current,
-                              self.topology.num_ranks, float(self.cycle.config.cycle_steps))
-
-    def _interval_elapsed(self) -> bool:
-        """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
-        if self.config.update_interval_s is None:
-            return True
-        elapsed = float(time.monotonic() - self._last_interval_start >= self.config.update_interval_s)
-        flag = torch.tensor([elapsed])
-        if self.channel.world > 1:  # rare (a cycle start), on the side group
-            flag = all_reduce(flag, dist.ReduceOp.MAX, self.channel.cpu_group)
-        if flag[0] > 0:
-            self._last_interval_start = time.monotonic()
-            return True
-        return False
 
     def _poll(self) -> None:
         check = (self.step - self._submitted_step) % self.config.planner_check_steps == 0
@@ -603,7 +544,7 @@ class EplbController:
         current.skipped = reason
         self._result = None
         self.channel.submit(self._restart_busy_planner)  # a restart takes milliseconds: not in a step
-        level = logging.INFO if reason == "no gain" or _WAITING_FOR_INTERVAL in reason else logging.WARNING
+        level = logging.INFO if reason == "no gain" or WAITING_FOR_INTERVAL in reason else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)

@@ -8,7 +8,6 @@ Everything else (the controller, the failover, the mover's transfers) reads the 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from eplb.placement import Placement
 from eplb.runtime.transport import upload
