@@ -6,7 +6,9 @@ slots, 2 MiB experts) with ``torch.cuda.set_sync_debug_mode("error")`` on for th
 poll, check, window-end (submit), move and switch steps, in the ``rank``, ``token`` and ``local`` dispatch modes:
 any host sync raises, and the error is reported. The forward (a matmul per layer, timed with CUDA events) of steps
 whose transfer is in flight is compared with that of ordinary steps: ``forward_ratio_during_transfer`` should be
-<= 1.05 (the transfer's copies run on the side stream and its sends on host threads).
+<= 1.05 (the transfer's copies run on the side stream and its sends on host threads). Before that, in one process,
+58 layers of routing and recording are captured in one CUDA graph and replayed over prefill and decode steps of a
+padded batch: the recorder must count exactly the real tokens of the recorded stage.
 
 Without CUDA it prints ``{"skipped": "no CUDA"}`` and exits 0.
 
@@ -128,6 +130,51 @@ def _rank_main(rank: int, tmp: str) -> None:
     os._exit(0)  # side threads and planner processes are closed; skip the group teardown
 
 
+def _graph_recording(device: torch.device) -> dict:
+    """Route and record 58 layers inside one captured CUDA graph, replayed over steps of both stages with a padded
+    batch: the recorder must count exactly the real tokens of the recorded stage (stage ``decode``, ring of 4)."""
+    from eplb import Placement, Topology
+    from eplb.runtime.recorder import LoadRecorder
+    from eplb.runtime.router import ReplicaRouter
+
+    topology = Topology(WORLD, SLOTS)
+    placement = Placement.initial(EXPERTS, topology, LAYERS)
+    router = ReplicaRouter(placement, 0, "rank", device=device)
+    recorder = LoadRecorder(LAYERS, EXPERTS, WORLD, SLOTS, 0, "ids", ring_steps=4, stage="decode", device=device)
+    rng = np.random.default_rng(7)
+    ids = torch.as_tensor(rng.integers(0, EXPERTS, (TOKENS, TOP_K))).to(device)
+    valid = torch.zeros(TOKENS, dtype=torch.bool, device=device)
+    real = TOKENS - 37  # the batch is padded to the graph's size
+    valid[:real] = True
+
+    def forward():
+        for layer in range(LAYERS):
+            recorder.record_ids(layer, router.route(layer, ids), valid)
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up outside the capture, as torch.cuda.graphs asks
+        recorder.begin_step(is_prefill=False)
+        forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    recorder.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    recorder.reset()
+    stages = (False, True, False, False, True, False)
+    for is_prefill in stages:
+        recorder.begin_step(is_prefill=is_prefill)
+        graph.replay()
+    torch.cuda.synchronize(device)
+    slots = router.route(0, ids)[:real].reshape(-1).cpu().numpy()
+    expected = np.bincount(slots, minlength=WORLD * SLOTS) * stages.count(False)
+    got = recorder.window[0].cpu().numpy()
+    ring_rows = recorder.ring[0].sum(dim=1).cpu().numpy()
+    return {"graph_recording_ok": bool(np.array_equal(got, expected)),
+            "ring_tokens_per_row": ring_rows.tolist(), "real_tokens_x_top_k": real * TOP_K}
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA"}))
@@ -136,6 +183,10 @@ def main() -> int:
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     started = time.monotonic()
+    try:
+        graph = _graph_recording(torch.device("cuda", 0))
+    except Exception:  # noqa: BLE001 - reported in the JSON
+        graph = {"graph_recording_ok": False, "error": traceback.format_exc(limit=6)}
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_rank_main, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn")
         while not ctx.join(timeout=1):
@@ -153,9 +204,9 @@ def main() -> int:
     ratios = [r[m].get("forward_ratio_during_transfer") for r in ranks for m in MODES if "error" not in r]
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": time.monotonic() - started,
            "sync_free": ok, "forward_ratio_during_transfer": max((x for x in ratios if x), default=None),
-           "ranks": ranks}
+           "cuda_graph_recording": graph, "ranks": ranks}
     print(json.dumps(out, indent=2))
-    return 0 if ok else 1
+    return 0 if ok and graph["graph_recording_ok"] else 1
 
 
 if __name__ == "__main__":

@@ -241,3 +241,26 @@ def test_staging_budget_below_one_expert_is_refused_before_anything_starts(tmp_p
     with pytest.raises(ConfigError, match=r"bytes_per_step=33 .*34 bytes"):
         EplbController(config, 2, 4, topology, 0, layer_tensors=tensors)
     assert threading.active_count() == threads  # no side thread, no planner started
+
+
+def test_recorder_leaves_padded_tokens_out_of_window_and_ring():
+    rec = LoadRecorder(2, 4, 1, 4, rank=0, source="ids", ring_steps=2)
+    ids = torch.tensor([[0, 1], [2, 3], [3, 3]])  # 3 tokens x top-2; the last token is padding
+    valid = torch.tensor([True, True, False])
+    for _ in range(3):  # the ring wraps: its rows are cleared as they are reused
+        rec.begin_step()
+        rec.record_ids(1, ids, valid)
+    assert rec.window[1].tolist() == [3, 3, 3, 3] and rec.window[0].tolist() == [0, 0, 0, 0]
+    assert rec.ring[1].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_recorder_stage_gate_is_read_on_the_device():
+    """What a record call counts is decided by device tensors begin_step sets, so replaying the same recorded ops (as
+    a captured CUDA graph does) counts only the steps of the recorded stage."""
+    rec = LoadRecorder(1, 3, 1, 3, rank=0, source="counts", stage="prefill", ring_steps=3)
+    for step, is_prefill in enumerate((True, False, True)):
+        rec.begin_step(is_prefill=is_prefill)
+        assert rec._gate.item() == int(is_prefill)
+        rec.record_counts(0, torch.tensor([1, 2, 3]))
+    assert rec.window[0].tolist() == [2, 4, 6] and rec.steps == 2
+    assert rec.ring[0].tolist() == [[1, 2, 3], [1, 2, 3], [0, 0, 0]]

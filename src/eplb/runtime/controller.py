@@ -213,12 +213,15 @@ class EplbController:
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
 
     # -- hooks --------------------------------------------------------------------------------------------------
-    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
         """Physical slots for the logical ``expert_ids`` ``[N, k]`` of ``layer`` (see :class:`ReplicaRouter`), and
-        record them when the recorder counts ids. Device ops only."""
+        record them when the recorder counts ids; ``valid`` bool ``[N]`` marks the real tokens of a padded batch
+        (padding is routed but not counted). Device ops only, nothing read on the host: safe to capture in a CUDA
+        graph."""
         slots = self.router.route(layer, expert_ids, group_counts)
         if self.recorder.source == "ids":
-            self.recorder.record_ids(layer, slots)
+            self.recorder.record_ids(layer, slots, valid)
         return slots
 
     def before_forward(self, is_prefill: bool = False) -> None:
