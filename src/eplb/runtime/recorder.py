@@ -102,9 +102,12 @@ class LoadRecorder:
         self.window = torch.zeros(num_layers, width, **kw)
         #: int64 [L, E]: counts already converted to logical experts (layers that switched placement mid-window)
         self.folded = torch.zeros(num_layers, num_experts, **kw)
-        #: int64 [L, T, S]: one row per step (ring), when ring_steps > 0
-        self.ring = torch.zeros(num_layers, ring_steps, width, **kw) if ring_steps else None
-        self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **kw) if ring_steps else None
+        # one step's count per slot fits 32 bits, which halves the ring (a 1,000-step ring is the largest table EPLB
+        # keeps: 58 x 1,000 x (320 + 256) x 4 bytes = 134 MB at DeepSeek-V3 size)
+        ring_kw = dict(dtype=torch.int32, device=self.device)
+        #: int32 [L, T, S]: one row per step (ring), when ring_steps > 0
+        self.ring = torch.zeros(num_layers, ring_steps, width, **ring_kw) if ring_steps else None
+        self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **ring_kw) if ring_steps else None
         # What a record call reads is on the device, set by begin_step outside the forward, so a forward captured in a
         # CUDA graph records correctly on replay: the gate (1: this step counts, 0: its stage is not recorded) and
         # the flat offset of the current ring row.
@@ -158,7 +161,7 @@ class LoadRecorder:
             weight = (valid.reshape(-1, 1).to(torch.int64) * self._gate).expand(-1, per_token).reshape(-1)
         self._window_rows[layer].index_add_(0, ids, weight)
         if self.ring is not None:
-            self._ring_rows[layer].index_add_(0, ids + self._ring_offset, weight)
+            self._ring_rows[layer].index_add_(0, ids + self._ring_offset, weight.to(torch.int32))
 
     def record_counts(self, layer: int, slot_counts: torch.Tensor, cumulative: bool = False) -> None:
         """Add the kernel's per-local-slot counts ``[K]`` of ``layer`` for this step; ``cumulative`` counts are
@@ -171,7 +174,7 @@ class LoadRecorder:
         counts = counts * self._gate
         self.window[layer].add_(counts)
         if self.ring is not None:
-            self.ring[layer].index_add_(0, self._ring_row, counts[None])
+            self.ring[layer].index_add_(0, self._ring_row, counts[None].to(torch.int32))
 
     # -- placement changes --------------------------------------------------------------------------------------
     def fold_layer(self, layer: int, slot_to_expert: torch.Tensor) -> None:
@@ -216,8 +219,8 @@ class LoadRecorder:
                 snapshot's device, e.g. the host for EPLB's Gloo side group).
 
         Returns:
-            int64 ``[L, E]``, or ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a ring
-            (``T' = min(T, steps)``).
+            int64 ``[L, E]``, or int32 ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a
+            ring (``T' = min(T, steps)``).
         """
         snap = snapshot or WindowSnapshot(self.window, self.folded, self.ring, self.ring_folded, self._steps)
         device = snap.window.device
