@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology
-from eplb.dispatch import RUNTIME_MODES, dispatch_share, rank_choice, route
+from eplb.dispatch import (
+    BALANCED_PASSES,
+    RUNTIME_MODES,
+    balanced_replica_load,
+    balanced_split,
+    dispatch_share,
+    rank_choice,
+    route,
+)
 
 torch = pytest.importorskip("torch")
 from eplb.runtime.router import ReplicaRouter  # noqa: E402 - needs torch
@@ -67,3 +75,46 @@ def test_old_spelling_of_the_dispatch_argument_still_works():
     assert ReplicaRouter(placement, 0, mode="token").dispatch == "token"
     with pytest.raises(Exception, match="dispatch must be one of"):
         ReplicaRouter(placement, 0, dispatch="fastest")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3),
+                                                          (8, 4, 12, 2)]),
+       tp_size=st.sampled_from([1, 2]), failed=st.booleans(), scale=st.sampled_from([5, 200, 5000]))
+def test_the_device_split_is_the_numpy_split_in_whole_tokens(seed, shape, tp_size, failed, scale):
+    rng = np.random.default_rng(seed)
+    num_ranks, slots, num_experts, num_nodes = shape
+    placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
+    failed_ranks = np.zeros(num_ranks, dtype=bool)
+    if failed:
+        failed_ranks[rng.integers(num_ranks)] = True
+    rank = int(np.flatnonzero(~failed_ranks)[0])
+    router = ReplicaRouter(placement, rank, dispatch="balanced", tp_size=tp_size)
+    if failed:
+        router.set_failed_ranks(placement, failed_ranks)
+    total = rng.integers(0, scale, num_experts) * (rng.random(num_experts) < 0.8)
+    for layer in range(placement.num_layers):
+        got = router.replica_split(layer, torch.as_tensor(total)).numpy()
+        ranks = router.split_rank[layer, :-1].numpy()
+        live = ranks[:, 0] < num_ranks
+        expected = balanced_split(total, np.where(ranks < num_ranks, ranks, -1), num_ranks)
+        np.testing.assert_array_equal(got, expected)  # within one token: here bit for bit
+        assert (got.sum(axis=1) == total).all() and (got >= 0).all() and not got[ranks >= num_ranks].any()
+        assert live.all()  # a lost expert has a stand-in rank, so every expert's tokens are split
+        # a pass never raises the busiest rank (each expert's water-filling minimises the peak of its ranks)
+        reference = np.where(ranks < num_ranks, ranks, -1)[None]
+        _, even = balanced_replica_load(total[None], reference, num_ranks, passes=0)
+        _, balanced = balanced_replica_load(total[None], reference, num_ranks)
+        assert balanced.max() <= even.max()
+
+
+def test_the_split_of_the_router_needs_no_host_and_no_new_shapes():
+    # the same code path on the device: every table is the router's, only the counts change
+    rng = np.random.default_rng(3)
+    placement = _placement(rng, 8, 4, 12, 2)
+    router = ReplicaRouter(placement, 0, dispatch="balanced")
+    assert router.split_schedule.shape == (2, BALANCED_PASSES, 4)
+    pointers = [t.data_ptr() for t in (router.split_rank, router.split_schedule, router.replica_slot)]
+    router.update_layer(1, placement.phy2log[0])
+    assert pointers == [t.data_ptr() for t in (router.split_rank, router.split_schedule, router.replica_slot)]
+    assert torch.equal(router.split_rank[0], router.split_rank[1])
