@@ -99,6 +99,7 @@ class ReplicaRouter:
         #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
         self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.split_width, **kw)
         self._split_column = torch.arange(self.split_width, **kw)
+        self._split_divisor = self._split_column + 1  # ranks filled when the water covers columns 0..j
         #: int64 [P]: rank of every physical slot
         self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
         #: bool [W]: failed ranks whose slots no route may name (all False while every rank serves)
@@ -250,7 +251,7 @@ class ReplicaRouter:
             old = share[experts]
             low, order = torch.sort(rank_load[ranks] - old, dim=1, stable=True)
             pour = tokens[experts]
-            level = torch.div(pour[:, None] + low.cumsum(1), column + 1, rounding_mode="floor").amin(1)
+            level = torch.div(low.cumsum(1).add_(pour[:, None]), self._split_divisor, rounding_mode="floor").amin(1)
             fill = (level[:, None] - low).clamp_(min=0)
             fill += column < (pour - fill.sum(1))[:, None]
             new = torch.empty_like(fill).scatter_(1, order, fill)
