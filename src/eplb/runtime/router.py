@@ -246,11 +246,12 @@ class ReplicaRouter:
         rank_load = torch.zeros(num_ranks + 1, dtype=torch.int64, device=bins.device)
         rank_load.scatter_add_(0, bins.reshape(-1), share.reshape(-1))  # integer adds: any order gives the same sum
         rank_load[num_ranks] = BALANCED_PAD_LOAD
-        for experts in self.split_schedule[layer].unbind(0):
-            ranks = bins[experts]  # [K, M]
+        schedule = self.split_schedule[layer]  # [passes, K]
+        # the ranks and tokens of every pass's experts in two gathers; each pass then reads its row
+        pass_bins, pass_tokens = bins[schedule], tokens[schedule]
+        for experts, ranks, pour in zip(schedule.unbind(0), pass_bins.unbind(0), pass_tokens.unbind(0)):
             old = share[experts]
             low, order = torch.sort(rank_load[ranks] - old, dim=1, stable=True)
-            pour = tokens[experts]
             level = torch.div(low.cumsum(1).add_(pour[:, None]), self._split_divisor, rounding_mode="floor").amin(1)
             fill = (level[:, None] - low).clamp_(min=0)
             fill += column < (pour - fill.sum(1))[:, None]
