@@ -112,7 +112,7 @@ def dispatch_timing(repeat: int = 200) -> dict:
     topology = Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8)
     ranks = replica_ranks(get_policy("flashlb").rebalance(trace.counts[:600], topology).placement)
     load = trace.counts[600:, 0].astype(np.float64)
-    balanced_rank_load(load[:1], ranks, 64)  # compile
+    balanced_rank_load(load[:1], ranks, 64)  # warm-up
     times = []
     for step in range(repeat):
         started = time.perf_counter()

@@ -6,8 +6,8 @@ trace drawn from the same real workloads:
 
 - ``route_us``: one balanced route of one layer (``--tokens`` tokens x top-8 on this rank) on CPU, one thread,
   median: ``device`` the router as it runs (the torch split, no host copy) and ``host`` the route with the split
-  computed by the numpy reference on the host (the old way: copy the counts to the host, split, upload);
-- ``split_us``: the split alone, torch (``device``) and numpy (``host``);
+  computed on the host by the compiled numpy reference (the old way: copy the counts to the host, split, upload);
+- ``split_us``: the split alone, torch (``device``) and the compiled reference (``host``);
 - ``ops_per_route``: torch ops one balanced route launches (a GPU launches a kernel for nearly each);
 - ``peak_excess``: the busiest rank's load over the exact min-max optimum (:func:`eplb.dispatch.optimal_peak`,
   HiGHS) minus 1, mean and max over ``--steps`` steps of every layer, for the split of
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from eplb import Topology, get_policy
-from eplb.dispatch import BALANCED_PASSES, balanced_rank_load, balanced_split, optimal_peak, replica_ranks
+from eplb.dispatch import BALANCED_PASSES, balanced_rank_load, balanced_replica_load, optimal_peak, replica_ranks
 from eplb.runtime.router import ReplicaRouter
 from eplb.sim.traces import builtin_trace, real_regimes
 
@@ -49,10 +49,16 @@ def median_us(fn, repeats: int) -> float:
     return round(statistics.median(times) * 1e6, 1)
 
 
+def host_split(router: ReplicaRouter, layer: int, total: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The split by the compiled numpy reference, with the router's prebuilt schedule."""
+    schedule = router.split_schedule[layer:layer + 1].numpy()
+    return balanced_replica_load(total[None], ranks[None], router.topology.num_ranks, schedule=schedule)[0][0]
+
+
 def host_route(router: ReplicaRouter, layer: int, ids: torch.Tensor, group_counts: torch.Tensor, ranks) -> None:
-    """The route with the split on the host: what the router did before the device split."""
+    """The route with the split on the host: what the router did before the device split (one host copy)."""
     counts = group_counts.cpu().numpy()
-    split = torch.as_tensor(balanced_split(counts.sum(0), ranks, router.topology.num_ranks))
+    split = torch.as_tensor(host_split(router, layer, counts.sum(0), ranks))
     bounds = split.cumsum(1)
     flat = ids.reshape(-1)
     offset = group_counts[:router.rank].sum(0)
@@ -87,7 +93,7 @@ def measure(name: str, topology: Topology, real: np.ndarray, trace, args) -> dic
         "route_us": {"device": median_us(lambda: router.route(layer, ids, group_counts), args.repeats),
                      "host": median_us(lambda: host_route(router, layer, ids, group_counts, ranks), args.repeats)},
         "split_us": {"device": median_us(lambda: router.replica_split(layer, total), args.repeats),
-                     "host": median_us(lambda: balanced_split(total.numpy(), ranks, num_ranks), args.repeats)},
+                     "host": median_us(lambda: host_split(router, layer, total.numpy(), ranks), args.repeats)},
         "ops_per_route": ops_per_route(router, ids, group_counts),
     }
     table = replica_ranks(plan)

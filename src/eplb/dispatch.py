@@ -19,13 +19,14 @@ serves its own share of the batch), which makes the static modes a fixed share m
 - ``balanced``: per batch, the whole tokens of each replicated expert are split over its replica ranks so that the
   busiest rank is nearly as light as possible: :func:`balanced_replica_load`, :data:`BALANCED_PASSES` (12)
   water-filling passes over sets of experts that share no rank (a Gauss-Seidel sweep), from the even split. On
-  the real DeepSeek-V3 loads the busiest rank ends on average 0.1% and at most 2.5% above the exact min-max
-  optimum (``python benchmarks/dispatch.py``). The router runs the same integer passes with torch on the device.
+  the real DeepSeek-V3 loads the busiest rank ends on average 0.3-0.5% and at most 4-6% above the exact min-max optimum
+  (``python benchmarks/dispatch.py``). The router runs the same integer passes with torch on the device.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from eplb.errors import EplbError
 from eplb.metrics import rank_share
@@ -49,7 +50,6 @@ __all__ = [
     "balanced_sets",
     "balanced_schedule",
     "BALANCED_PASSES",
-    "BALANCED_PAD_LOAD",
 ]
 
 DISPATCH_MODES = ("even", "rank", "token", "local", "balanced")
@@ -194,7 +194,8 @@ def replica_ranks(placement: Placement) -> np.ndarray:
     return np.where(ranks == np.iinfo(np.int64).max, -1, ranks)
 
 
-def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = BALANCED_PASSES):
+def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = BALANCED_PASSES,
+                          schedule=None):
     """Split each row's expert tokens over the experts' replica ranks so that the busiest rank is nearly as light as
     possible, by a fixed number of water-filling passes on whole tokens.
 
@@ -204,9 +205,12 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     water-filling: its lowest ranks are raised to a common whole-token level, and the tokens left over go one each
     to the lowest of them. Within a set this is exact block coordinate descent on the sum of squared rank loads
     (whose minimum is also the min-max split on this transportation polytope), so the passes are a Gauss-Seidel
-    sweep, not damped Jacobi: on the real DeepSeek-V3 loads, 12 passes leave the busiest rank on average 0.1% and
-    at most 2.5% above the exact optimum (:func:`optimal_peak`; ``python benchmarks/dispatch.py``). All integer
-    arithmetic with stable sorts: deterministic, and bit-identical to the router's torch twin on any device.
+    sweep, not damped Jacobi (which needs several times the passes). On per-step loads drawn from the real
+    DeepSeek-V3 workloads (a ``default`` plan, EP32 and EP64, ~64 tokens per expert per step), 12 passes leave the
+    busiest rank on average 0.3-0.5% and at most 4-6% above the exact optimum (:func:`optimal_peak`), against 10-11%
+    / 37-49% for the even split and 0.03-0.05% / 0.2-0.3% for 200 passes (``python benchmarks/dispatch.py``). All
+    integer arithmetic with stable sorts: deterministic, and bit-identical to the router's torch twin on any
+    device.
 
     Args:
         expert_load: int ``[B, E]``: tokens of each logical expert in each row (a step of one layer); floats must
@@ -216,20 +220,17 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
         num_ranks: W.
         table: int ``[B]``: which of the ``V`` placements each row uses; None when ``V == 1`` or ``V == B``.
         passes: water-filling passes (0 keeps the even split); the runtime runs :data:`BALANCED_PASSES`.
+        schedule: :func:`balanced_schedule` of ``replica_rank`` with ``passes`` when already built (a router's
+            table); None builds it.
 
     Returns:
         ``(replica_load int64 [B, E, M], rank_load int64 [B, W])``: tokens each replica rank (ordered as
         ``replica_rank``) and each rank receives.
     """
     expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
-    passes = _passes(passes)
-    schedule = balanced_schedule(replica_rank, num_ranks, passes)
+    schedule = _schedule(replica_rank, num_ranks, _passes(passes), schedule)
     replica_load = np.zeros((expert_load.shape[0], *replica_rank.shape[1:]), dtype=np.int64)
-    rank_load = np.zeros((expert_load.shape[0], num_ranks), dtype=np.int64)
-    for version in np.unique(table):
-        rows = np.flatnonzero(table == version)
-        replica_load[rows], rank_load[rows] = _water_fill(expert_load[rows], replica_rank[version],
-                                                          schedule[version], num_ranks)
+    rank_load = _water_fill(expert_load, replica_rank, table, schedule, num_ranks, replica_load, True)
     return replica_load, rank_load
 
 
@@ -286,46 +287,66 @@ def balanced_schedule(replica_rank, num_ranks: int, passes: int = BALANCED_PASSE
     return schedule
 
 
-#: the load of the balanced split's spare bin W, which padded replica columns point to: above any real rank load (so
-#: water never reaches it), small enough that a row of them sums without overflow
-BALANCED_PAD_LOAD = 1 << 40
-
-
-def _water_fill(expert_load, replica_rank, schedule, num_ranks):
-    """:func:`balanced_replica_load` of rows ``[B, E]`` that share one placement ``replica_rank`` ``[E, M]`` and its
-    ``schedule`` ``[passes, K]``: ``(replica_load [B, E, M], rank_load [B, W])``."""
+@njit(cache=True)
+def _water_fill(expert_load, replica_rank, table, schedule, num_ranks, replica_out, keep_replicas):
+    """The passes of :func:`balanced_replica_load` on every row (a compiled loop: the experts of a pass share no
+    rank, so taking them one after the other is the same as taking them at once, as the router does); fills
+    ``replica_out`` ``[B, E, M]`` when ``keep_replicas`` (else uses its row 0 as scratch) and returns the rank loads
+    ``[B, W]``."""
     num_rows, num_experts = expert_load.shape
-    width = replica_rank.shape[1]
-    column = np.arange(width)
-    # a stand-in expert E (no tokens, every column padded) fills the schedule's padding
-    tokens = np.concatenate([expert_load, np.zeros((num_rows, 1), dtype=np.int64)], axis=1)
-    bins = np.concatenate([np.where(replica_rank >= 0, replica_rank, num_ranks),
-                           np.full((1, width), num_ranks)])  # [E + 1, M]; bin W is the spare one
-    valid = bins < num_ranks
-    count = np.maximum(valid.sum(axis=1), 1)
-    share = np.where(valid, (tokens // count)[..., None] + (column < (tokens % count)[..., None]), 0)
-    flat = (np.arange(num_rows)[:, None, None] * (num_ranks + 1) + bins).ravel()
-    rank_load = np.bincount(flat, weights=share.ravel(), minlength=num_rows * (num_ranks + 1))
-    rank_load = np.rint(rank_load).astype(np.int64).reshape(num_rows, num_ranks + 1)  # exact: whole tokens < 2**53
-    rank_load[:, num_ranks] = BALANCED_PAD_LOAD
-    rows = np.arange(num_rows)[:, None, None]
-    for experts in schedule:
-        ranks = bins[experts]  # [K, M]
-        old = share[:, experts]
-        height = rank_load[rows, ranks] - old  # the ranks' loads without these experts
-        order = np.argsort(height, axis=2, kind="stable")
-        low = np.take_along_axis(height, order, axis=2)
-        pour = tokens[:, experts]
-        # the water level: filling the k lowest ranks gives (tokens + their heights) / k; the true level is the least
-        level = ((pour[..., None] + np.cumsum(low, axis=2)) // (column + 1)).min(axis=2)
-        fill = np.maximum(level[..., None] - low, 0)
-        fill += column < (pour - fill.sum(axis=2))[..., None]  # the leftover tokens, one each to the lowest ranks
-        new = np.empty_like(fill)
-        np.put_along_axis(new, order, fill, axis=2)
-        # the experts of a pass share no rank, so only the spare bin repeats here, and it gets 0
-        rank_load[rows, ranks] += new - old
-        share[:, experts] = new
-    return share[:, :num_experts], rank_load[:, :num_ranks]
+    width = replica_rank.shape[2]
+    rank_load = np.zeros((num_rows, num_ranks), dtype=np.int64)
+    heights = np.empty(width, dtype=np.int64)
+    columns = np.empty(width, dtype=np.int64)
+    fill = np.empty(width, dtype=np.int64)
+    for row in range(num_rows):
+        version = table[row]
+        ranks = replica_rank[version]
+        share = replica_out[row] if keep_replicas else replica_out[0]
+        load = rank_load[row]
+        for expert in range(num_experts):  # the even split: t // c each, one more on the first t % c
+            count = 0
+            while count < width and ranks[expert, count] >= 0:
+                count += 1
+            tokens = expert_load[row, expert]
+            for j in range(width):
+                share[expert, j] = 0
+                if j < count:
+                    share[expert, j] = tokens // count + (1 if j < tokens % count else 0)
+                    load[ranks[expert, j]] += share[expert, j]
+        for experts in schedule[version]:
+            for expert in experts:
+                if expert == num_experts:  # the stand-in that pads a set
+                    continue
+                count = 0
+                while count < width and ranks[expert, count] >= 0:
+                    count += 1
+                tokens = expert_load[row, expert]
+                for j in range(count):  # the ranks' loads without this expert, sorted (stable insertion sort)
+                    height = load[ranks[expert, j]] - share[expert, j]
+                    k = j
+                    while k > 0 and heights[k - 1] > height:
+                        heights[k] = heights[k - 1]
+                        columns[k] = columns[k - 1]
+                        k -= 1
+                    heights[k] = height
+                    columns[k] = j
+                # the water level: filling the k lowest ranks gives (tokens + their heights) // k; the least is it
+                level = np.iinfo(np.int64).max
+                prefix = 0
+                for k in range(count):
+                    prefix += heights[k]
+                    level = min(level, (tokens + prefix) // (k + 1))
+                left = tokens
+                for k in range(count):
+                    fill[k] = max(level - heights[k], 0)
+                    left -= fill[k]
+                for k in range(count):  # the leftover tokens, one each to the lowest ranks
+                    new = fill[k] + (1 if k < left else 0)
+                    j = columns[k]
+                    load[ranks[expert, j]] += new - share[expert, j]
+                    share[expert, j] = new
+    return rank_load
 
 
 def optimal_peak(expert_load, replica_rank, num_ranks: int) -> float:
@@ -352,16 +373,30 @@ def optimal_peak(expert_load, replica_rank, num_ranks: int) -> float:
     return float(linprog(cost, A_ub=a_ub, b_ub=np.zeros(num_ranks), A_eq=a_eq, b_eq=expert_load).fun)
 
 
-def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = BALANCED_PASSES
-                       ) -> np.ndarray:
-    """float64 ``[B, W]``: the rank loads of :func:`balanced_replica_load` (what the simulator scores)."""
-    return balanced_replica_load(expert_load, replica_rank, num_ranks, table, passes)[1].astype(np.float64)
+def balanced_rank_load(expert_load, replica_rank, num_ranks: int, table=None, passes: int = BALANCED_PASSES,
+                       schedule=None) -> np.ndarray:
+    """float64 ``[B, W]``: the rank loads of :func:`balanced_replica_load` (what the simulator scores), without
+    building the per-replica array."""
+    expert_load, replica_rank, table = _check(expert_load, replica_rank, num_ranks, table)
+    schedule = _schedule(replica_rank, num_ranks, _passes(passes), schedule)
+    scratch = np.zeros((1, *replica_rank.shape[1:]), dtype=np.int64)
+    return _water_fill(expert_load, replica_rank, table, schedule, num_ranks, scratch, False).astype(np.float64)
 
 
 def _passes(passes: int) -> int:
     if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 0:
         raise EplbError(f"passes must be an integer >= 0, got {passes!r}")
     return int(passes)
+
+
+def _schedule(replica_rank, num_ranks: int, passes: int, schedule) -> np.ndarray:
+    if schedule is None:
+        return balanced_schedule(replica_rank, num_ranks, passes)
+    schedule = np.asarray(schedule, dtype=np.int64)
+    if schedule.ndim != 3 or schedule.shape[:2] != (replica_rank.shape[0], passes):
+        raise EplbError(f"schedule must be [placements={replica_rank.shape[0]}, passes={passes}, experts per pass], "
+                        f"got shape {schedule.shape}")
+    return schedule
 
 
 def _check(expert_load, replica_rank, num_ranks, table):

@@ -17,8 +17,8 @@ Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`Repl
   same split. The split is the torch twin of :func:`eplb.dispatch.balanced_replica_load`, on the device: the even
   split, then :data:`~eplb.dispatch.BALANCED_PASSES` (12) water-filling passes, each over a set of replicated
   experts that share no rank (fixed shapes, integer tokens, stable sorts: no host sync, bit-identical to the numpy
-  reference and on every rank). On the real DeepSeek-V3 loads its busiest rank is on average 0.1% and at most
-  2.5% above the exact optimum; each pass is ~20 small kernels (``benchmarks/dispatch.py``). Its tables (ranks
+  reference and on every rank). On the real DeepSeek-V3 loads its busiest rank is on average 0.3-0.5% and at most
+  4-6% above the exact optimum; each pass is ~18 small kernels (``benchmarks/dispatch.py``). Its tables (ranks
   of each expert, the experts of each pass) are built with the others when a layer's placement changes.
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from eplb.dispatch import (
-    BALANCED_PAD_LOAD,
     BALANCED_PASSES,
     RUNTIME_MODES,
     TOKEN_TABLE_ROWS,
@@ -53,6 +52,9 @@ __all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
 #: the dispatch modes a router runs (:data:`eplb.dispatch.RUNTIME_MODES`; the old name)
 ROUTER_MODES = RUNTIME_MODES
+# ``balanced``: the load of the split's spare bin W, which padded replica columns point to: above any real rank load
+# (so water never reaches it), small enough that a row of them sums without overflow
+_SPARE_LOAD = 1 << 40
 
 
 class ReplicaRouter:
@@ -245,7 +247,7 @@ class ReplicaRouter:
         share = torch.where(valid, (tokens // count)[:, None] + (column < (tokens % count)[:, None]), 0)
         rank_load = torch.zeros(num_ranks + 1, dtype=torch.int64, device=bins.device)
         rank_load.scatter_add_(0, bins.reshape(-1), share.reshape(-1))  # integer adds: any order gives the same sum
-        rank_load[num_ranks] = BALANCED_PAD_LOAD
+        rank_load[num_ranks] = _SPARE_LOAD
         schedule = self.split_schedule[layer]  # [passes, K]
         # the ranks and tokens of every pass's experts in two gathers; each pass then reads its row
         pass_bins, pass_tokens = bins[schedule], tokens[schedule]
