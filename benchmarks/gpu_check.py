@@ -6,9 +6,10 @@ slots, 2 MiB experts) with ``torch.cuda.set_sync_debug_mode("error")`` on for th
 poll, check, window-end (submit), move and switch steps, in the ``rank``, ``token``, ``local`` and ``balanced``
 dispatch modes (``balanced`` with every rank's counts, gathered once before the loop): any host sync raises, and the
 error is reported. In ``balanced`` mode, ``split_equals_numpy`` says whether the device split of every layer equals
-the numpy reference's bit for bit (integer tokens, so atomics cannot change it). The forward (a matmul per layer, timed with CUDA events) of steps
-whose transfer is in flight is compared with that of ordinary steps: ``forward_ratio_during_transfer`` should be
-<= 1.05 (the transfer's copies run on the side stream and its sends on host threads).
+the numpy reference's bit for bit (integer tokens, so atomics cannot change it). The forward (a matmul per layer,
+timed with CUDA events) of steps whose transfer is in flight is compared with that of ordinary steps:
+``forward_ratio_during_transfer`` should be <= 1.05 (the transfer's copies run on the side stream and its sends on
+host threads).
 
 Without CUDA it prints ``{"skipped": "no CUDA"}`` and exits 0.
 

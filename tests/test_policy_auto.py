@@ -197,4 +197,5 @@ def test_balanced_split_converges_to_the_lp_optimum_in_whole_tokens(seed):
     assert (converged >= optimum - 1e-6).all() and (converged < optimum + 1).all()
     # the runtime's fixed passes never leave the busiest rank above the even split's
     peak = balanced_rank_load(load, ranks, num_ranks).max(axis=1)
-    assert (peak >= optimum - 1e-6).all() and (peak <= balanced_rank_load(load, ranks, num_ranks, passes=0).max(1)).all()
+    even = balanced_rank_load(load, ranks, num_ranks, passes=0).max(axis=1)
+    assert (peak >= optimum - 1e-6).all() and (peak <= even).all()
