@@ -19,8 +19,8 @@ serves its own share of the batch), which makes the static modes a fixed share m
 - ``balanced``: per batch, the whole tokens of each replicated expert are split over its replica ranks so that the
   busiest rank is nearly as light as possible: :func:`balanced_replica_load`, :data:`BALANCED_PASSES` (12)
   water-filling passes over sets of experts that share no rank (a Gauss-Seidel sweep), from the even split. On
-  the real DeepSeek-V3 loads the busiest rank ends on average 0.3-0.5% and at most 4-6% above the exact min-max optimum
-  (``python benchmarks/dispatch.py``). The router runs the same integer passes with torch on the device.
+  the real DeepSeek-V3 loads the busiest rank ends on average 0.3-1.4% and at most 4-6% above the exact min-max
+  optimum (``python benchmarks/dispatch.py``). The router runs the same integer passes with torch on the device.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     sweep, not damped Jacobi (which needs several times the passes). On per-step loads drawn from the real
     DeepSeek-V3 workloads (a ``default`` plan, EP32 and EP64, ~64 tokens per expert per step), 12 passes leave the
     busiest rank on average 0.3-0.5% and at most 4-6% above the exact optimum (:func:`optimal_peak`), against 10-11%
-    / 37-49% for the even split and 0.03-0.05% / 0.2-0.3% for 200 passes (``python benchmarks/dispatch.py``). All
+    / 37-49% for the even split and 0.03-0.05% / 0.2-0.3% for 200 passes (``python benchmarks/dispatch.py``); on
+    ``auto`` plans made for balanced dispatch, which replicate more experts, 1.2-1.4% on average. All
     integer arithmetic with stable sorts: deterministic, and bit-identical to the router's torch twin on any
     device.
 
