@@ -18,8 +18,9 @@ Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`Repl
   split, then :data:`~eplb.dispatch.BALANCED_PASSES` (12) water-filling passes, each over a set of replicated
   experts that share no rank (fixed shapes, integer tokens, stable sorts: no host sync, bit-identical to the numpy
   reference and on every rank). On the real DeepSeek-V3 loads its busiest rank is on average 0.3-1.4% and at most
-  4-6% above the exact optimum; each pass is ~18 small kernels (``benchmarks/dispatch.py``; docs/runtime.md). Its tables (ranks
-  of each expert, the experts of each pass) are built with the others when a layer's placement changes.
+  4-6% above the exact optimum; each pass is ~18 small kernels (``benchmarks/dispatch.py``; docs/runtime.md). Its
+  tables (ranks of each expert, the experts of each pass) are built with the others when a layer's placement
+  changes.
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
 change (CUDA graphs captured once keep working after a layer switches).
