@@ -28,16 +28,23 @@ def _placement(rng, num_ranks, slots, num_experts, num_nodes, num_layers=2):
     return Placement(np.stack(rows), num_experts, topology)
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3)]),
-       tp_size=st.sampled_from([1, 2]), failed=st.booleans())
-def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
-    rng = np.random.default_rng(seed)
+def _placement_and_failure(rng, shape, failed: bool):
+    """A random placement of ``shape`` (ranks, slots, experts, nodes) and a bool mask of one failed rank or none."""
     num_ranks, slots, num_experts, num_nodes = shape
     placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
     failed_ranks = np.zeros(num_ranks, dtype=bool)
     if failed:
         failed_ranks[rng.integers(num_ranks)] = True
+    return placement, failed_ranks
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3)]),
+       tp_size=st.sampled_from([1, 2]), failed=st.booleans())
+def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
+    rng = np.random.default_rng(seed)
+    num_ranks, _, num_experts, _ = shape
+    placement, failed_ranks = _placement_and_failure(rng, shape, failed)
     reference = placement.without_ranks(failed_ranks) if failed else placement
     ids = rng.integers(0, num_experts, (int(rng.integers(1, 40)), 3))
     counts = rng.integers(0, 6, (num_ranks, num_experts))
@@ -83,11 +90,8 @@ def test_old_spelling_of_the_dispatch_argument_still_works():
        tp_size=st.sampled_from([1, 2]), failed=st.booleans(), scale=st.sampled_from([5, 200, 5000]))
 def test_the_device_split_is_the_numpy_split_in_whole_tokens(seed, shape, tp_size, failed, scale):
     rng = np.random.default_rng(seed)
-    num_ranks, slots, num_experts, num_nodes = shape
-    placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
-    failed_ranks = np.zeros(num_ranks, dtype=bool)
-    if failed:
-        failed_ranks[rng.integers(num_ranks)] = True
+    num_ranks, _, num_experts, _ = shape
+    placement, failed_ranks = _placement_and_failure(rng, shape, failed)
     rank = int(np.flatnonzero(~failed_ranks)[0])
     router = ReplicaRouter(placement, rank, dispatch="balanced", tp_size=tp_size)
     if failed:
