@@ -10,9 +10,12 @@ from eplb.dispatch import (
     BALANCED_PASSES,
     RUNTIME_MODES,
     balanced_replica_load,
+    balanced_schedule,
+    balanced_sets,
     balanced_split,
     dispatch_share,
     rank_choice,
+    replica_ranks,
     route,
 )
 
@@ -122,3 +125,24 @@ def test_the_split_of_the_router_needs_no_host_and_no_new_shapes():
     router.update_layer(1, placement.phy2log[0])
     assert pointers == [t.data_ptr() for t in (router.split_rank, router.split_schedule, router.replica_slot)]
     assert torch.equal(router.split_rank[0], router.split_rank[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(4, 3, 9, 2), (8, 4, 12, 2), (16, 3, 20, 4)]))
+def test_each_pass_takes_experts_that_share_no_rank_and_every_replicated_expert_is_taken(seed, shape):
+    rng = np.random.default_rng(seed)
+    placement = _placement(rng, *shape, num_layers=1)
+    ranks = replica_ranks(placement)
+    schedule = balanced_schedule(ranks, shape[0])[0]
+    num_experts = shape[2]
+    taken = set()
+    for experts in schedule:
+        real = experts[experts < num_experts]
+        held = ranks[0][real]
+        held = held[held >= 0]
+        assert held.size == np.unique(held).size  # no rank twice in one pass
+        assert ((ranks[0][real] >= 0).sum(axis=1) > 1).all()  # only replicated experts
+        taken.update(real.tolist())
+    replicated = set(np.flatnonzero((ranks[0] >= 0).sum(axis=1) > 1).tolist())
+    if len(balanced_sets(ranks[0])) <= BALANCED_PASSES:
+        assert taken == replicated

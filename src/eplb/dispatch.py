@@ -99,7 +99,7 @@ def replica_slots(placement, layers, width: int) -> tuple[np.ndarray, np.ndarray
     with -1, and the lowest slot of the expert on each of those ranks (0 where padded): the tables of the
     ``balanced`` mode."""
     layers = np.asarray(layers, dtype=np.int64)
-    ranks_all = replica_ranks(placement)[layers]
+    ranks_all = _distinct_ranks(placement.log2phy[layers], placement.rank_of_slot)
     ranks = np.full((layers.size, placement.num_experts, width), -1, dtype=np.int64)
     ranks[:, :, :ranks_all.shape[2]] = ranks_all
     log2phy = placement.log2phy[layers]  # ascending slots, so the first match on a rank is its lowest slot
@@ -183,8 +183,12 @@ def replica_ranks(placement: Placement) -> np.ndarray:
 
     Two replicas of one expert on the same rank count once (they serve the same rank).
     """
-    log2phy = placement.log2phy
-    ranks = np.where(log2phy >= 0, placement.rank_of_slot[np.maximum(log2phy, 0)], np.iinfo(np.int64).max)
+    return _distinct_ranks(placement.log2phy, placement.rank_of_slot)
+
+
+def _distinct_ranks(log2phy: np.ndarray, rank_of_slot: np.ndarray) -> np.ndarray:
+    """:func:`replica_ranks` of the map ``log2phy`` ``[l, E, M]`` (some layers' rows)."""
+    ranks = np.where(log2phy >= 0, rank_of_slot[np.maximum(log2phy, 0)], np.iinfo(np.int64).max)
     ranks = np.sort(ranks, axis=2)
     repeat = np.zeros(ranks.shape, dtype=bool)
     repeat[..., 1:] = ranks[..., 1:] == ranks[..., :-1]
@@ -235,7 +239,7 @@ def balanced_replica_load(expert_load, replica_rank, num_ranks: int, table=None,
     return replica_load, rank_load
 
 
-def balanced_sets(replica_rank, num_ranks: int) -> list[np.ndarray]:
+def balanced_sets(replica_rank) -> list[np.ndarray]:
     """The sets of replicated experts (two or more ranks in ``replica_rank`` int ``[E, M]``) that one pass of the
     balanced split water-fills at once, each ascending: no two experts of a set share a rank.
 
@@ -244,25 +248,26 @@ def balanced_sets(replica_rank, num_ranks: int) -> list[np.ndarray]:
     """
     replica_rank = np.asarray(replica_rank)
     replicated = np.flatnonzero((replica_rank >= 0).sum(axis=1) > 1)
-    ranks_of = {int(e): replica_rank[e][replica_rank[e] >= 0] for e in replicated}
+    # plain Python sets: a few dozen experts of a few ranks each, where numpy's per-call cost would dominate
+    ranks_of = {int(e): set(replica_rank[e][replica_rank[e] >= 0].tolist()) for e in replicated}
     colours: list[list[int]] = []
-    used: list[np.ndarray] = []
+    used: list[set] = []
     for expert, ranks in ranks_of.items():
-        colour = next((c for c in range(len(colours)) if not used[c][ranks].any()), len(colours))
+        colour = next((c for c in range(len(colours)) if used[c].isdisjoint(ranks)), len(colours))
         if colour == len(colours):
             colours.append([])
-            used.append(np.zeros(num_ranks, dtype=bool))
+            used.append(set())
         colours[colour].append(expert)
-        used[colour][ranks] = True
+        used[colour] |= ranks
     sets = []
     for colour, members in enumerate(colours):
-        taken = used[colour].copy()
+        taken = set(used[colour])
         members = list(members)
         for other in colours[colour + 1:] + colours[:colour]:
             for expert in other:
-                if not taken[ranks_of[expert]].any():
+                if taken.isdisjoint(ranks_of[expert]):
                     members.append(expert)
-                    taken[ranks_of[expert]] = True
+                    taken |= ranks_of[expert]
         sets.append(np.array(sorted(members), dtype=np.int64))
     return sets
 
@@ -272,10 +277,11 @@ def balanced_schedule(replica_rank, num_ranks: int, passes: int = BALANCED_PASSE
     """int64 ``[V, passes, K]``: the experts each pass of the balanced split water-fills, for each of the ``V``
     placements of ``replica_rank`` int ``[V, E, M]``: pass ``i`` takes set ``i % C`` of :func:`balanced_sets`,
     padded with ``E`` (a stand-in expert with no tokens and no rank). ``width`` K: default the largest set (at least
-    1); a set never holds more than ``num_ranks // 2`` experts."""
+    1); a set never holds more than ``num_ranks // 2`` experts. With more sets than passes (none on DeepSeek-V3
+    plans: 3-5 sets), the experts only in the sets left out keep the even split."""
     replica_rank = np.asarray(replica_rank)
     num_layers, num_experts = replica_rank.shape[:2]
-    sets = [balanced_sets(replica_rank[v], num_ranks) for v in range(num_layers)]
+    sets = [balanced_sets(replica_rank[v]) for v in range(num_layers)]
     largest = max([1] + [s.size for layer in sets for s in layer])
     width = largest if width is None else width
     if largest > width:
