@@ -3,12 +3,16 @@
 Two processes share the device over the Gloo backend (EPLB's transfers go through pinned host staging on a side
 stream; NCCL cannot run two ranks on one device). Each rank serves a 58-layer, 256-expert model (2 ranks x 160
 slots, 2 MiB experts) with ``torch.cuda.set_sync_debug_mode("error")`` on for the whole loop, through ordinary,
-poll, check, window-end (submit), move and switch steps, in the ``rank``, ``token`` and ``local`` dispatch modes:
-any host sync raises, and the error is reported. The forward (a matmul per layer, timed with CUDA events) of steps
-whose transfer is in flight is compared with that of ordinary steps: ``forward_ratio_during_transfer`` should be
-<= 1.05 (the transfer's copies run on the side stream and its sends on host threads). Before that, in one process,
-58 layers of routing and recording are captured in one CUDA graph and replayed over prefill and decode steps of a
-padded batch: the recorder must count exactly the real tokens of the recorded stage.
+poll, check, window-end (submit), move and switch steps, in the ``rank``, ``token``, ``local`` and ``balanced``
+dispatch modes (``balanced`` with every rank's counts, gathered once before the loop): any host sync raises, and the
+error is reported. In ``balanced`` mode, ``split_equals_numpy`` says whether the device split of every layer equals
+the numpy reference's bit for bit (integer tokens, so atomics cannot change it). The forward (a matmul per layer,
+timed with CUDA events) of steps whose transfer is in flight is compared with that of ordinary steps:
+``forward_ratio_during_transfer`` should be <= 1.05 (the transfer's copies run on the side stream and its sends on
+host threads).
+Before that, in one process, 58 layers of routing and recording are captured in one CUDA graph and
+replayed over prefill and decode steps of a padded batch: the recorder must count exactly the real tokens of the
+recorded stage.
 
 Without CUDA it prints ``{"skipped": "no CUDA"}`` and exits 0.
 
@@ -31,7 +35,7 @@ import torch
 
 LAYERS, EXPERTS, WORLD, SLOTS, TOP_K, TOKENS = 58, 256, 2, 160, 8, 256
 EXPERT_FLOATS = 512 * 1024  # 2 MiB per expert in float32
-MODES = ("rank", "token", "local")
+MODES = ("rank", "token", "local", "balanced")
 DEADLINE_S = 240.0
 
 
@@ -52,6 +56,12 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
     popularity = rng.dirichlet(np.full(EXPERTS, 0.2), size=LAYERS)
     ids = [torch.as_tensor(rng.choice(EXPERTS, size=(TOKENS, TOP_K), p=popularity[layer])).to(device)
            for layer in range(LAYERS)]
+    group_counts = [None] * LAYERS
+    if dispatch == "balanced":  # every rank's tokens per expert, the engine's all-gather (once: the ids are fixed)
+        own = torch.stack([torch.bincount(x.cpu().reshape(-1), minlength=EXPERTS) for x in ids])
+        gathered = [torch.empty_like(own) for _ in range(WORLD)]
+        dist.all_gather(gathered, own)
+        group_counts = list(torch.stack(gathered, dim=1).to(device))  # [W, E] per layer
     hidden = torch.randn(TOKENS, 2048, device=device)
     weight = torch.randn(2048, 2048, device=device) / 45
     done_flag = torch.zeros(1, dtype=torch.int64)
@@ -65,7 +75,7 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
             start = time.perf_counter()
             ctl.before_forward()
             for layer in range(LAYERS):
-                ctl.route(layer, ids[layer])
+                ctl.route(layer, ids[layer], group_counts[layer])
             host = time.perf_counter() - start
             step_kinds = set(ctl.step_kinds)
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -92,9 +102,19 @@ def _serve(rank: int, dispatch: str, device: torch.device, deadline: float) -> d
                     break
         torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
+        split_equal = None
+        if dispatch == "balanced":
+            from eplb.dispatch import balanced_split
+
+            router = ctl.router
+            split_equal = all(
+                np.array_equal(router.replica_split(layer, group_counts[layer].sum(0)).cpu().numpy(),
+                               balanced_split(group_counts[layer].sum(0).cpu().numpy(),
+                                              np.where(ranks < WORLD, ranks, -1), WORLD))
+                for layer in range(LAYERS) for ranks in [router.split_rank[layer, :-1].cpu().numpy()])
         moving = [b.elapsed_time(e) for b, e, k in forwards if "move" in k]
         still = [b.elapsed_time(e) for b, e, k in forwards if k == {"ordinary"}]
-        return {"steps": steps, "kinds": kinds, "sync_error": None,
+        return {"steps": steps, "kinds": kinds, "sync_error": None, "split_equals_numpy": split_equal,
                 "applied_layers": sum(len(m.applied_layers) for m in ctl.metrics),
                 "late_steps": sum(m.late_steps for m in ctl.metrics),
                 "forward_ratio_during_transfer": (statistics.median(moving) / statistics.median(still)
@@ -200,7 +220,7 @@ def main() -> int:
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 ranks.append(json.load(f))
     ok = all("error" not in r and all(r[m]["sync_error"] is None and all(r[m]["kinds"].values())
-                                      for m in MODES) for r in ranks)
+                                      and r[m].get("split_equals_numpy") is not False for m in MODES) for r in ranks)
     ratios = [r[m].get("forward_ratio_during_transfer") for r in ranks for m in MODES if "error" not in r]
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": time.monotonic() - started,
            "sync_free": ok, "forward_ratio_during_transfer": max((x for x in ratios if x), default=None),
