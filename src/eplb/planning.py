@@ -33,6 +33,7 @@ serving process, so a planner restart loses nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -105,10 +106,10 @@ class CyclePlan:
         """Layers the policy changed that the cycle does not apply (no gain, similarity, max_layers, ...)."""
         return sorted(set(np.flatnonzero(self.changed).tolist()) - set(self.layers))
 
-    @property
+    @functools.cached_property
     def checksum(self) -> int:
         """62-bit checksum of the placement, the parts (transfers and rows) and the schedule: equal on ranks that
-        apply the same."""
+        apply the same (computed once; the runtime computes it on a reader thread, off the serving thread)."""
         digest = hashlib.blake2b(digest_size=8)
         digest.update(np.ascontiguousarray(self.phy2log, dtype=np.int64).tobytes())
         for transfer in self.transfers:

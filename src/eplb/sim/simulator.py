@@ -44,7 +44,7 @@ from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.dispatch import DISPATCH_MODES
+from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
 from eplb.sim.failures import Failure, failed_ranks, failure_events
 from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
@@ -66,8 +66,9 @@ class SimConfig:
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_passes: ``balanced`` mode: the most water-filling passes towards the min-max split (0 keeps the even
-            split; 200, the default, converges on DeepSeek-V3 loads; see :func:`eplb.dispatch.balanced_rank_load`).
+        balanced_passes: ``balanced`` mode: water-filling passes of the split (0 keeps the even split; the default
+            :data:`~eplb.dispatch.BALANCED_PASSES` is what the runtime's router runs; see
+            :func:`eplb.dispatch.balanced_replica_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -81,7 +82,7 @@ class SimConfig:
     expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
-    balanced_passes: int = 200
+    balanced_passes: int = BALANCED_PASSES
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
