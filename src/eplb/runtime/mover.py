@@ -75,6 +75,7 @@ class _Moved:
     event: object = None
     ok: bool = True
     seconds: float = 0.0
+    bytes_received: int = 0
 
 
 class ExpertMover:
@@ -119,8 +120,6 @@ class ExpertMover:
         """Hand the transfers of ``transfers`` (one per layer, distinct layers) to the side thread. Non-blocking."""
         start = time.perf_counter()
         pending = PendingMove(layers=[t.layer for t in transfers])
-        pending.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
-                                     for t in transfers)
         pending.future = self.channel.submit(self._move, transfers, self.channel.record_event())
         pending.post_s = time.perf_counter() - start
         return pending
@@ -146,7 +145,7 @@ class ExpertMover:
         pending.late = not pending.future.done()
         moved = pending.future.result()  # a wait only when late
         waited = time.perf_counter()
-        pending.wait_s, pending.side_s = waited - start, moved.seconds
+        pending.wait_s, pending.side_s, pending.bytes_received = waited - start, moved.seconds, moved.bytes_received
         if not moved.ok:
             raise EplbError(f"transfers of layers {pending.layers} failed on some rank; nothing was switched")
         hand_over(moved.event, [t for fill in moved.fills for t in (*fill.staging, fill.dst, fill.row, fill.local_rows,
@@ -226,6 +225,8 @@ class ExpertMover:
         moved.event = side_event(stream)
         # one small all-reduce: a layer switches only when every rank's transfers completed
         moved.ok = bool(self.channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
+        moved.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
+                                   for t in transfers)
         moved.seconds = time.perf_counter() - start
         return moved
 
