@@ -18,11 +18,20 @@ Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
   or two ranks of the ``default`` plan fail (a whole node of 8 would leave 216 slots for 256 experts): milliseconds
   (median), experts lost, slots this rank reloads from host memory (4 KiB experts, so the time is the host work,
   not a checkpoint read);
+- ``staging_schedule``: the move schedule of the ``default`` policy's plan for DeepSeek-V3 (58 layers, 256
+  experts, 64 ranks x 5 slots, 44 MB per expert) from the initial placement, with ``bytes_per_step`` 2 GB and
+  0.5 GB, device staging only and with the pinned host arena (``gloo`` on an accelerator): apply steps of the cycle
+  and the staging peak per rank (bytes) ``before`` (the earlier rule: layers packed by the bytes they move over the
+  whole group, at least one per step) and ``after`` (each rank's staging bounded, layers split into parts), and the
+  changes left out;
 - ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it): a real dynamic cycle over a Gloo group of ``W`` processes
   (58 layers x 256 experts on ``W`` ranks x ``288 / W`` slots, 4 KiB per expert, ``default`` policy in the planner
-  process; the ranks pass a barrier before each step): time spent inside ``before_forward`` + ``after_forward``
-  per step kind (median and max, us), the total per cycle (ms), and of it ``transfer_ms`` (posting
-  and waiting for the point-to-point transfers) and ``switch_ms`` (copies and table updates) over the cycle.
+  process, the default one layer per move step; the ranks pass a barrier before each step): per step kind, the host
+  time EPLB adds over a no-EPLB baseline run in the same process (``added_host_us``: wall time of the hooks and
+  the 58 routes, median and p99) and the part of it the serving thread itself spends on the CPU
+  (``added_serving_cpu_us``, ``time.thread_time``: EPLB's own work, without the waits for a core or the
+  interpreter lock that other threads and processes of a 2-core machine cause), ``forward_ratio_during_transfer``,
+  ``staging_bytes`` and the memory EPLB adds per rank.
 
     python benchmarks/runtime.py [--tokens 256] [--repeats 20] [--ranks 2]
 """
@@ -137,9 +146,10 @@ def main() -> None:
     checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
     out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
     out["failover"] = failover(plan, args.repeats)
+    out["staging_schedule"] = staging_schedule(load)
     if args.ranks:
         cycle = gloo_cycle(args.ranks, load)
-        for key in ("added_host_us", "forward_ratio_during_transfer", "staging_bytes"):
+        for key in ("added_host_us", "added_serving_cpu_us", "forward_ratio_during_transfer", "staging_bytes"):
             out[key] = cycle.pop(key)
         out["cycle_gloo"] = cycle
     out["note"] = ("CPU, 1 thread per process; medians; a shared 2-core machine under load by other jobs, so "
@@ -167,6 +177,41 @@ def failover(plan: Placement, repeats: int) -> dict:
     return out
 
 
+def staging_schedule(load: np.ndarray) -> dict:
+    """Apply steps and staging peak per rank of one DeepSeek-V3 cycle, before and after bounding each rank's
+    staging (see the module docstring)."""
+    from eplb.cycle import CycleConfig
+    from eplb.planning import plan_cycle
+    from eplb.sim.cost import DEEPSEEK_V3_EXPERT_BYTES
+    from eplb.staging import staged_experts
+
+    initial = Placement.initial(NUM_EXPERTS, TOPOLOGY_64, NUM_LAYERS, layout="spread")
+    out = {"expert_bytes": int(DEEPSEEK_V3_EXPERT_BYTES), "topology": TOPOLOGY_64.describe()}
+    whole = plan_cycle(get_policy("default"), load, initial, CycleConfig(cycle_steps=1), DEEPSEEK_V3_EXPERT_BYTES)
+    for budget in (2e9, 0.5e9):
+        for host in (False, True):
+            cycle = CycleConfig(cycle_steps=1, bytes_per_step=budget, host_staging=host)
+            start = time.perf_counter()
+            plan = plan_cycle(get_policy("default"), load, initial, cycle, DEEPSEEK_V3_EXPERT_BYTES)
+            seconds = time.perf_counter() - start
+            steps, used = [], budget  # the earlier rule: whole layers, by the bytes they move over the group
+            for transfer in whole.transfers:
+                size = int(whole.layer_bytes[transfer.layer])
+                if not steps or used + size > budget:
+                    steps.append([])
+                    used = 0
+                steps[-1].append(transfer)
+                used += size
+            before = max(sum(staged_experts(t, host).sum(axis=0) for t in step).max() for step in steps)
+            out[f"{budget / 1e9:g}GB{'_host' if host else ''}"] = {
+                "layers": len(plan.layers),
+                "before": {"steps": len(steps), "staging_peak_bytes": int(before) * int(DEEPSEEK_V3_EXPERT_BYTES)},
+                "after": {"steps": len(plan.schedule), "staging_peak_bytes": int(plan.staged_bytes.max()),
+                          "parts": len(plan.transfers), "left_out_slots": int(len(plan.left_out))},
+                "plan_s": seconds}
+    return out
+
+
 def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
     """Per step kind, the host time EPLB adds over a no-EPLB baseline, on a real Gloo group (rank 0's figures)."""
     import tempfile
@@ -187,23 +232,25 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor) -> float:
 
 
 def _serve_steps(ctl, ids, steps: int, hidden, weight, until=None):
-    """Serve ``steps`` steps (every rank together); per step: (hook seconds, forward seconds, kinds)."""
+    """Serve ``steps`` steps (every rank together); per step: (hook seconds, forward seconds, kinds, hook seconds of
+    the serving thread's own CPU time)."""
     import torch.distributed as dist
 
     rows = []
     for _ in range(steps):
         dist.barrier()  # start every step together, so hook times do not include another rank's lag
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         ctl.before_forward()
         for layer in range(NUM_LAYERS):
             ctl.route(layer, ids[layer])
-        hooks = time.perf_counter() - start
+        hooks, hooks_cpu = time.perf_counter() - start, time.thread_time() - cpu
         kinds = set(ctl.step_kinds)
         forward = _forward(hidden, weight)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         ctl.after_forward()
         hooks += time.perf_counter() - start
-        rows.append((hooks, forward, kinds))
+        hooks_cpu += time.thread_time() - cpu
+        rows.append((hooks, forward, kinds, hooks_cpu))
         if until is not None:
             done = torch.tensor([int(until(ctl))])
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
@@ -227,26 +274,29 @@ def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
     baseline_ctl = EplbController(EplbConfig.from_dict({"mode": "off"}), NUM_LAYERS, NUM_EXPERTS, topology, rank,
                                   placement=placement)
     baseline = _serve_steps(baseline_ctl, ids, 200, hidden, weight)
-    base_us = statistics.median(h for h, _, _ in baseline) * 1e6
+    base_us = statistics.median(row[0] for row in baseline) * 1e6
+    base_cpu_us = statistics.median(row[3] for row in baseline) * 1e6
     tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
-                                   "policy": "default", "layers_per_step": 4})
+                                   "policy": "default"})
     ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
                          placement=placement)
     try:
         rows = _serve_steps(ctl, ids, 3000, hidden, weight,
                             until=lambda c: sum(1 for m in c.metrics if m.applied_layers) >= 3
                             and c.cycle.phase.value == "collect" and c._pending is None)
-        added = {}
+        added, added_cpu = {}, {}
         for kind in STEP_KINDS:
-            values = [h * 1e6 - base_us for h, _, k in rows if kind in k]
+            values = [h * 1e6 - base_us for h, _, k, _ in rows if kind in k]
+            cpu = [c * 1e6 - base_cpu_us for _, _, k, c in rows if kind in k]
             if values:
                 added[kind] = {"median": float(np.median(values)), "p99": float(np.percentile(values, 99)),
                                "steps": len(values)}
-        moving = [f for _, f, k in rows if "move" in k]
-        still = [f for _, f, k in rows if k == {"ordinary"}]
+                added_cpu[kind] = {"median": float(np.median(cpu)), "p99": float(np.percentile(cpu, 99))}
+        moving = [f for _, f, k, _ in rows if "move" in k]
+        still = [f for _, f, k, _ in rows if k == {"ordinary"}]
         out = {"ranks": num_ranks, "topology": topology.describe(), "steps": len(rows),
-               "baseline_host_us": base_us, "added_host_us": added,
+               "baseline_host_us": base_us, "added_host_us": added, "added_serving_cpu_us": added_cpu,
                "forward_ratio_during_transfer": statistics.median(moving) / statistics.median(still),
                "staging_bytes": max(m.staging_bytes for m in ctl.metrics),
                "added_memory_bytes": ctl.added_memory(),

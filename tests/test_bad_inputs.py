@@ -160,6 +160,7 @@ CASES = [
     ("simulate --no-files --nodes 3", ["--nodes 3 does not divide --ranks 32"]),
     ("simulate --no-files --policies defualt", ["did you mean 'default'"]),
     ("simulate --no-files --gb-per-step 0", ["--gb-per-step must be > 0"]),
+    ("simulate --no-files --gb-per-step 0.01", ["--gb-per-step 0.01 is smaller than one expert"]),
     ("simulate --no-files --min-gain -1", ["--min-gain must be >= 0"]),
     ("simulate --no-files --trace builtin:nope", ["unknown built-in trace"]),
     ("simulate --no-files --fail-rank 99@10", ["--fail-rank", "rank 99", "32 ranks"]),

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from eplb import Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
-from eplb.planning import PlanState, plan_cycle, schedule_layers
+from eplb.planning import PlanState, plan_cycle, schedule_parts
 from eplb.policies.base import Plan, Policy
 
 TOPOLOGY = Topology(2, 2)
@@ -118,12 +118,17 @@ def test_byte_budget_and_all_at_once():
     plan = make_plan(cycle, *figures, expert_bytes=[1, 1, 4, 1])
     assert plan.layer_bytes.tolist() == [2, 2, 8, 2]  # 2 transfers per layer x the layer's expert bytes
     actions = run(cycle, 6, lambda c, s: c.plan_ready(s, plan) if not c.records[:-1] else c.plan_failed(s, "x"))
-    assert [a.apply_layers for a in actions[2:5]] == [(0, 1), (2,), (3,)]  # layer 2 exceeds the budget: alone
+    # every rank receives one expert per layer: 1 + 1 bytes fit, layer 2's 4 bytes only alone
+    assert [a.apply_layers for a in actions[2:5]] == [(0, 1), (2,), (3,)]
+    assert [a.apply_parts for a in actions[2:5]] == [(0, 1), (2,), (3,)]
+    assert plan.staged_bytes.tolist() == [[2, 2], [4, 4], [1, 1]]
     assert cycle.records[0].schedule == [(0, 1), (2,), (3,)] and cycle.records[0].bytes_moved == 14
     cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0), num_layers=4)
     actions = run(cycle, 3, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert actions[2].apply_layers == (0, 1, 2, 3)
-    assert schedule_layers([2, 0, 1], np.zeros(3), CycleConfig(cycle_steps=1, layers_per_step=2)) == ((2, 0), (1,))
+    parts = [plan.transfers[i] for i in (2, 0, 1)]
+    schedule, staged = schedule_parts(parts, np.ones(4, dtype=np.int64), CycleConfig(cycle_steps=1, layers_per_step=2))
+    assert schedule == ((2, 0), (1,)) and staged.tolist() == [[2, 2], [1, 1]]
 
 
 def test_similarity_threshold_applies_only_layers_whose_load_drifted():

@@ -6,7 +6,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology
-from eplb.dispatch import RUNTIME_MODES, dispatch_share, rank_choice, route
+from eplb.dispatch import (
+    BALANCED_PASSES,
+    RUNTIME_MODES,
+    balanced_replica_load,
+    balanced_schedule,
+    balanced_sets,
+    balanced_split,
+    dispatch_share,
+    rank_choice,
+    replica_ranks,
+    route,
+)
 
 torch = pytest.importorskip("torch")
 from eplb.runtime.router import ReplicaRouter  # noqa: E402 - needs torch
@@ -20,16 +31,23 @@ def _placement(rng, num_ranks, slots, num_experts, num_nodes, num_layers=2):
     return Placement(np.stack(rows), num_experts, topology)
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3)]),
-       tp_size=st.sampled_from([1, 2]), failed=st.booleans())
-def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
-    rng = np.random.default_rng(seed)
+def _placement_and_failure(rng, shape, failed: bool):
+    """A random placement of ``shape`` (ranks, slots, experts, nodes) and a bool mask of one failed rank or none."""
     num_ranks, slots, num_experts, num_nodes = shape
     placement = _placement(rng, num_ranks, slots, num_experts, num_nodes)
     failed_ranks = np.zeros(num_ranks, dtype=bool)
     if failed:
         failed_ranks[rng.integers(num_ranks)] = True
+    return placement, failed_ranks
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3)]),
+       tp_size=st.sampled_from([1, 2]), failed=st.booleans())
+def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
+    rng = np.random.default_rng(seed)
+    num_ranks, _, num_experts, _ = shape
+    placement, failed_ranks = _placement_and_failure(rng, shape, failed)
     reference = placement.without_ranks(failed_ranks) if failed else placement
     ids = rng.integers(0, num_experts, (int(rng.integers(1, 40)), 3))
     counts = rng.integers(0, 6, (num_ranks, num_experts))
@@ -67,3 +85,64 @@ def test_old_spelling_of_the_dispatch_argument_still_works():
     assert ReplicaRouter(placement, 0, mode="token").dispatch == "token"
     with pytest.raises(Exception, match="dispatch must be one of"):
         ReplicaRouter(placement, 0, dispatch="fastest")
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(2, 3, 4, 1), (4, 3, 9, 2), (4, 4, 10, 2), (6, 2, 7, 3),
+                                                          (8, 4, 12, 2)]),
+       tp_size=st.sampled_from([1, 2]), failed=st.booleans(), scale=st.sampled_from([5, 200, 5000]))
+def test_the_device_split_is_the_numpy_split_in_whole_tokens(seed, shape, tp_size, failed, scale):
+    rng = np.random.default_rng(seed)
+    num_ranks, _, num_experts, _ = shape
+    placement, failed_ranks = _placement_and_failure(rng, shape, failed)
+    rank = int(np.flatnonzero(~failed_ranks)[0])
+    router = ReplicaRouter(placement, rank, dispatch="balanced", tp_size=tp_size)
+    if failed:
+        router.set_failed_ranks(placement, failed_ranks)
+    total = rng.integers(0, scale, num_experts) * (rng.random(num_experts) < 0.8)
+    for layer in range(placement.num_layers):
+        got = router.replica_split(layer, torch.as_tensor(total)).numpy()
+        ranks = router.split_rank[layer, :-1].numpy()
+        live = ranks[:, 0] < num_ranks
+        expected = balanced_split(total, np.where(ranks < num_ranks, ranks, -1), num_ranks)
+        np.testing.assert_array_equal(got, expected)  # within one token: here bit for bit
+        assert (got.sum(axis=1) == total).all() and (got >= 0).all() and not got[ranks >= num_ranks].any()
+        assert live.all()  # a lost expert has a stand-in rank, so every expert's tokens are split
+        # a pass never raises the busiest rank (each expert's water-filling minimises the peak of its ranks)
+        reference = np.where(ranks < num_ranks, ranks, -1)[None]
+        _, even = balanced_replica_load(total[None], reference, num_ranks, passes=0)
+        _, balanced = balanced_replica_load(total[None], reference, num_ranks)
+        assert balanced.max() <= even.max()
+
+
+def test_the_split_of_the_router_needs_no_host_and_no_new_shapes():
+    # the same code path on the device: every table is the router's, only the counts change
+    rng = np.random.default_rng(3)
+    placement = _placement(rng, 8, 4, 12, 2)
+    router = ReplicaRouter(placement, 0, dispatch="balanced")
+    assert router.split_schedule.shape == (2, BALANCED_PASSES, 4)
+    pointers = [t.data_ptr() for t in (router.split_rank, router.split_schedule, router.replica_slot)]
+    router.update_layer(1, placement.phy2log[0])
+    assert pointers == [t.data_ptr() for t in (router.split_rank, router.split_schedule, router.replica_slot)]
+    assert torch.equal(router.split_rank[0], router.split_rank[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), shape=st.sampled_from([(4, 3, 9, 2), (8, 4, 12, 2), (16, 3, 20, 4)]))
+def test_each_pass_takes_experts_that_share_no_rank_and_every_replicated_expert_is_taken(seed, shape):
+    rng = np.random.default_rng(seed)
+    placement = _placement(rng, *shape, num_layers=1)
+    ranks = replica_ranks(placement)
+    schedule = balanced_schedule(ranks, shape[0])[0]
+    num_experts = shape[2]
+    taken = set()
+    for experts in schedule:
+        real = experts[experts < num_experts]
+        held = ranks[0][real]
+        held = held[held >= 0]
+        assert held.size == np.unique(held).size  # no rank twice in one pass
+        assert ((ranks[0][real] >= 0).sum(axis=1) > 1).all()  # only replicated experts
+        taken.update(real.tolist())
+    replicated = set(np.flatnonzero((ranks[0] >= 0).sum(axis=1) > 1).tolist())
+    if len(balanced_sets(ranks[0])) <= BALANCED_PASSES:
+        assert taken == replicated

@@ -5,7 +5,8 @@ schedule), layers moved in each step, moved slots, bytes and skipped cycles, and
 
 Two ranks run every registered policy, ``auto`` with its per-step window (episodes) and also with balanced dispatch,
 ``flashlb`` with its state carried from cycle to cycle (one rank restarts its planner between cycles: the state lives
-in the serving process); four ranks run ``auto``. The runtime hands each window to the planner on EPLB's side
+in the serving process); four ranks run ``auto``; ``auto`` also runs on both with a ``bytes_per_step`` of two experts,
+which splits layers into parts applied in consecutive steps. The runtime hands each window to the planner on EPLB's side
 thread and polls the reply in the step after submission (draining the side thread and :meth:`PlannerWorker.wait`
 make that step deterministic); the ranks' agreement on it, started in that check step, is read in the next one, so
 the plan applies from the third step after submission, as the simulator's with ``planner_steps=3``.
@@ -35,8 +36,10 @@ from eplb.sim.traces import Trace  # noqa: E402
 
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
-RUNS = {2: [(name, "rank") for name in available_policies()] + [("auto", "balanced")],
-        4: [("auto", "rank")]}  # the default policy with its per-step window, on 4 ranks too
+BUDGET = 2 * EXPERT_BYTES  # bytes_per_step of the split runs: two experts staged per rank and step, layers in parts
+RUNS = {2: [(name, "rank", None) for name in available_policies()] + [("auto", "balanced", None),
+                                                                       ("auto", "rank", BUDGET)],
+        4: [("auto", "rank", None), ("auto", "rank", BUDGET)]}  # the default policy on 4 ranks too
 WORLDS = (2, 4)  # ranks x 40 and x 20 slots
 COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "moved_slots",
             "bytes_moved", "par_before", "par_after", "skipped", "checksum")
@@ -61,13 +64,14 @@ def rank_ids(counts_row: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.repeat(np.arange(EXPERTS), counts_row)[rank::world]
 
 
-def _serve(rank: int, world: int, policy: str, dispatch: str, tokens: list) -> dict:
+def _serve(rank: int, world: int, policy: str, dispatch: str, budget: int | None, tokens: list) -> dict:
     from eplb.runtime import EplbConfig, EplbController
 
     topology = Topology(world, SLOTS // world)
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": INTERVAL, "planner_check_steps": 1,
                                    "policy": policy, "dispatch": dispatch, "planner_deadline_s": 300.0,
-                                   "measured_price": False})  # the simulator's model prices the moves, not timings
+                                   "measured_price": False,  # the simulator's model prices the moves, not timings
+                                   "bytes_per_step": budget})
     tensors = [[torch.zeros(topology.slots_per_rank, 4)] for _ in range(LAYERS)]
     ctl = EplbController(config, LAYERS, EXPERTS, topology, rank, layer_tensors=tensors)
     ring = ctl.recorder.ring_steps
@@ -109,8 +113,8 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     out = {}
     try:
         tokens = _tokens(parity_counts(), rank, world)
-        for policy, dispatch in RUNS[world]:
-            out[(policy, dispatch)] = _serve(rank, world, policy, dispatch, tokens)
+        for policy, dispatch, budget in RUNS[world]:
+            out[(policy, dispatch, budget)] = _serve(rank, world, policy, dispatch, budget, tokens)
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
@@ -133,11 +137,11 @@ def simulated():
     out = {}
     for world in WORLDS:
         topology = Topology(world, SLOTS // world)
-        for policy, dispatch in RUNS[world]:
-            config = SimConfig(topology, CycleConfig(cycle_steps=INTERVAL, planner_steps=3), dispatch=dispatch,
-                               expert_bytes=EXPERT_BYTES)
+        for policy, dispatch, budget in RUNS[world]:
+            config = SimConfig(topology, CycleConfig(cycle_steps=INTERVAL, planner_steps=3, bytes_per_step=budget),
+                               dispatch=dispatch, expert_bytes=EXPERT_BYTES)
             result = simulate(trace, cycle_policy(policy, dispatch=dispatch), config)
-            out[world, policy, dispatch] = result
+            out[world, policy, dispatch, budget] = result
     return out
 
 
@@ -156,18 +160,20 @@ def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             ranks.append(pickle.load(f))
         assert "error" not in ranks[-1], ranks[-1].get("error")
-    moved_somewhere = False
-    for policy, dispatch in RUNS[world]:
-        sim = simulated[world, policy, dispatch]
+    moved_somewhere = split_somewhere = False
+    for policy, dispatch, budget in RUNS[world]:
+        sim = simulated[world, policy, dispatch, budget]
         expected = [comparable(dataclasses.asdict(r)) for r in sim.cycles]
         for rank, out in enumerate(ranks):
-            run = out[policy, dispatch]
+            run = out[policy, dispatch, budget]
             got = [comparable(r) for r in run["records"]]
             assert got == expected, (policy, dispatch, rank)
             np.testing.assert_array_equal(run["final"], sim.final.phy2log)
             wants_steps = cycle_policy(policy).wants_steps
             assert run["ring"] == (INTERVAL if wants_steps else 0), policy  # per-step rows only when the policy asks
         moved_somewhere |= any(r.layers for r in sim.cycles)
+        if budget is not None:  # some layer went in several parts
+            split_somewhere |= any(sum(len(step) for step in r.schedule) > len(r.layers) for r in sim.cycles)
         if policy == "flashlb" and world > 1:
-            assert ranks[-1][policy, dispatch]["restarts"] == 1
-    assert moved_somewhere
+            assert ranks[-1][policy, dispatch, budget]["restarts"] == 1
+    assert moved_somewhere and split_somewhere

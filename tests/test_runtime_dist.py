@@ -200,17 +200,20 @@ def scenario_mover(rank, tmp):
     addresses = [[t.data_ptr() for t in ts] for ts in tensors]
     mover = ExpertMover(tensors, rank, TOPO.slots_per_rank)
     plan = transfer_plan(old, new)
-    out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True}
-    # staging holds the slots that change on this rank in one post (each tensor's rows 256-byte aligned), never a
-    # copy of the layer
-    out["staging_expected"] = max(sum(-(-len(t.rank_fills(rank)[0]) * x[0].numel() * x.element_size() // 256) * 256
-                                      for x in tensors[t.layer]) for t in plan)
+    out = {"layers": [t.layer for t in plan], "old_during_forward": True, "bitwise_after_commit": True,
+           "side_seconds": []}
+    # staging holds exactly the rows this rank receives and those changing slot on it in one post (what the schedule
+    # counts), never a copy of the layer
+    from eplb.staging import staged_experts
+
+    out["staging_expected"] = max(int(staged_experts(t)[0, rank]) * mover.expert_bytes(t.layer) for t in plan)
     for transfer in plan:
         pending = mover.post([transfer])
         dist.barrier()  # give the transfers time to land: the live tensors must still hold the old experts
         out["old_during_forward"] &= equal_to_fresh(tensors[transfer.layer], transfer.layer,
                                                     old.phy2log[transfer.layer], rank)
         mover.commit(pending)
+        out["side_seconds"].append(pending.side_s)  # the measured move price is made of it
         out["bitwise_after_commit"] &= equal_to_fresh(tensors[transfer.layer], transfer.layer,
                                                       new.phy2log[transfer.layer], rank)
     out["addresses_kept"] = addresses == [[t.data_ptr() for t in ts] for ts in tensors]
@@ -301,7 +304,26 @@ def scenario_record(rank, tmp):
         ctl.close()
 
 
+def scenario_failover_parts(rank, tmp):
+    """Survivors one step apart in a layer moving in parts: the one behind completes the one part it missed."""
+    from types import SimpleNamespace
+
+    from eplb.runtime.failover import agree_after_failure
+    from eplb.staging import split_layer
+
+    old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS).phy2log
+    target = np.roll(old[1], 5)
+    parts, _ = split_layer(1, old[1], target, TOPO, capacity=1)
+    ahead = rank < 2  # ranks 0 and 1 switched parts 0 and 1 before the failure, ranks 2 and 3 only part 0
+    phy2log = old.copy()
+    phy2log[1] = parts[1 if ahead else 0].new_row.reshape(-1)
+    step, complete = agree_after_failure(SimpleNamespace(phy2log=phy2log), 10 + int(ahead), dict(enumerate(parts)))
+    return {"parts": len(parts), "step": step, "complete": {k: v.tolist() for k, v in complete.items()},
+            "expected": {} if ahead else {1: parts[1].new_row.reshape(-1).tolist()}}
+
+
 SCENARIOS = {
+    "failover_parts": scenario_failover_parts,
     "heat_layout": scenario_heat_layout,
     "recorder": scenario_recorder,
     "mover": scenario_mover,
@@ -383,6 +405,7 @@ def test_mover_bitwise_and_old_weights_until_commit(runs):
         assert res["all_layers_at_once"]
         assert res["batched_ok"]
         assert res["staging_bytes"] == res["staging_expected"]
+        assert all(0 < seconds < 60 for seconds in res["side_seconds"]), res["side_seconds"]
 
 
 def test_lifecycle_layers_switch_together_and_match_fresh_layout(runs):
@@ -432,3 +455,9 @@ def test_record_mode_writes_consistent_maps(runs):
         expected = get_policy("default").rebalance(window_load(start, end), TOPO, initial).placement
         table = np.array([[d["device_expert"] for d in layer["device_list"]] for layer in written["layer_list"]])
         assert np.array_equal(table.reshape(NUM_LAYERS, -1), expected.phy2log)
+
+
+def test_survivors_one_part_apart_complete_the_missing_part(runs):
+    for res in _scenario(runs, "failover_parts"):
+        assert res["parts"] >= 3 and res["step"] == 11
+        assert res["complete"] == res["expected"]

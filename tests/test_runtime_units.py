@@ -149,7 +149,7 @@ def test_router_updates_tables_in_place():
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31), st.sampled_from([(2, 3, 4), (4, 3, 8), (4, 4, 10)]))
 def test_balanced_split_agrees_with_simulator_dispatch(seed, shape):
-    from eplb.dispatch import balanced_replica_load, replica_ranks, round_split
+    from eplb.dispatch import balanced_replica_load, replica_ranks
 
     num_ranks, slots, num_experts = shape
     rng = np.random.default_rng(seed)
@@ -160,9 +160,8 @@ def test_balanced_split_agrees_with_simulator_dispatch(seed, shape):
     counts = rng.integers(0, 50, (num_ranks, num_experts)) * (rng.random(num_experts) < 0.8)
     routers = [ReplicaRouter(placement, r, "balanced") for r in range(num_ranks)]
     total = counts.sum(0)
-    split = routers[0].replica_split(0, torch.as_tensor(total))
-    replica_load, _ = balanced_replica_load(total[None], replica_ranks(placement), num_ranks)
-    expected = round_split(replica_load[0], total)
+    split = routers[0].replica_split(0, torch.as_tensor(total)).numpy()
+    expected = balanced_replica_load(total[None], replica_ranks(placement), num_ranks)[0][0]
     assert np.array_equal(split[:, :expected.shape[1]], expected)
     assert not split[:, expected.shape[1]:].any()
     # every rank routes its own tokens; together they fill each replica rank exactly with its share
@@ -241,3 +240,26 @@ def test_staging_budget_below_one_expert_is_refused_before_anything_starts(tmp_p
     with pytest.raises(ConfigError, match=r"bytes_per_step=33 .*34 bytes"):
         EplbController(config, 2, 4, topology, 0, layer_tensors=tensors)
     assert threading.active_count() == threads  # no side thread, no planner started
+
+
+def test_recorder_leaves_padded_tokens_out_of_window_and_ring():
+    rec = LoadRecorder(2, 4, 1, 4, rank=0, source="ids", ring_steps=2)
+    ids = torch.tensor([[0, 1], [2, 3], [3, 3]])  # 3 tokens x top-2; the last token is padding
+    valid = torch.tensor([True, True, False])
+    for _ in range(3):  # the ring wraps: its rows are cleared as they are reused
+        rec.begin_step()
+        rec.record_ids(1, ids, valid)
+    assert rec.window[1].tolist() == [3, 3, 3, 3] and rec.window[0].tolist() == [0, 0, 0, 0]
+    assert rec.ring[1].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_recorder_stage_gate_is_read_on_the_device():
+    """What a record call counts is decided by device tensors begin_step sets, so replaying the same recorded ops (as
+    a captured CUDA graph does) counts only the steps of the recorded stage."""
+    rec = LoadRecorder(1, 3, 1, 3, rank=0, source="counts", stage="prefill", ring_steps=3)
+    for step, is_prefill in enumerate((True, False, True)):
+        rec.begin_step(is_prefill=is_prefill)
+        assert rec._gate.item() == int(is_prefill)
+        rec.record_counts(0, torch.tensor([1, 2, 3]))
+    assert rec.window[0].tolist() == [2, 4, 6] and rec.steps == 2
+    assert rec.ring[0].tolist() == [[1, 2, 3], [1, 2, 3], [0, 0, 0]]

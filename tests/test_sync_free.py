@@ -2,9 +2,9 @@
 
 Two real Gloo ranks run the controller on a 58-layer, 256-expert model (2 ranks x 144 slots, small expert tensors)
 through ordinary, poll, check, window-end (submit), move and switch steps of two cycles after a first one that warms
-up (planner processes start), in every runtime dispatch mode but
-``balanced`` (its split still runs on the host: see :mod:`eplb.runtime.router`). Inside the controller's hooks on
-the serving thread, these count as violations:
+up (planner processes start), in every runtime dispatch mode (``balanced`` with the group's counts, all-gathered
+by the test outside the hooks as an engine would). Inside the controller's hooks on the serving thread, these count
+as violations:
 
 - a host read of a tensor: ``Tensor.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``__bool__``;
 - a tensor built from host data (``torch.as_tensor``, ``torch.tensor``): on a device, a blocking upload;
@@ -31,7 +31,7 @@ import torch.multiprocessing as tmp_mp  # noqa: E402
 from eplb.runtime.controller import STEP_KINDS as KINDS  # noqa: E402
 
 LAYERS, EXPERTS, WORLD, SLOTS = 58, 256, 2, 144
-MODES = ("rank", "token", "local")
+MODES = ("rank", "token", "local", "balanced")
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier",
                 "reduce_scatter_tensor", "all_to_all_single", "isend", "irecv", "send", "recv", "batch_isend_irecv")
 
@@ -104,6 +104,12 @@ def _run_mode(rank: int, dispatch: str) -> dict:
         popularity = np.random.default_rng(seed).dirichlet(np.full(EXPERTS, 0.2), size=LAYERS)
         profiles.append([torch.as_tensor(rng.choice(EXPERTS, size=(64, 8), p=popularity[layer]))
                          for layer in range(LAYERS)])
+    # every rank's tokens per expert ([W, E] per layer), the engine's all-gather in the balanced mode
+    own = torch.stack([torch.stack([torch.bincount(ids.reshape(-1), minlength=EXPERTS) for ids in profile])
+                       for profile in profiles])
+    gathered = [torch.empty_like(own) for _ in range(WORLD)]
+    dist.all_gather(gathered, own, group=_SIDE)
+    group_counts = torch.stack(gathered, dim=2)  # [profile, L, W, E]
     kinds = dict.fromkeys(KINDS, 0)
     hits_by_kind: dict = {}
     try:
@@ -115,14 +121,16 @@ def _run_mode(rank: int, dispatch: str) -> dict:
             ctl.before_forward()
             _Guard.active = False
             step_kinds = ctl.step_kinds
-            ids = profiles[len(ctl.metrics) % len(profiles)]
+            profile = len(ctl.metrics) % len(profiles)
+            ids = profiles[profile]
             _Guard.active = True
             for layer in range(LAYERS):
-                ctl.route(layer, ids[layer])
+                ctl.route(layer, ids[layer], group_counts[profile, layer] if dispatch == "balanced" else None)
             _Guard.active = False
-            # the forward the side thread's work overlaps with: while a transfer is in flight (it must land within one
-            # forward), twice a DeepSeek-V3 forward's 50 ms, a margin for a loaded machine; 10 ms otherwise
-            time.sleep(0.1 if "move" in step_kinds else 0.01)
+            # the forward the side thread's work overlaps with, long enough for that work to finish: this test holds
+            # the serving thread's own syncs at zero; how fast the side thread is (late steps) is the benchmark's
+            time.sleep(0.01)
+            ctl.channel.drain()
             _Guard.active = True
             ctl.after_forward()
             _Guard.active = False

@@ -25,16 +25,17 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             # when it failed or came back invalid: cycle.plan_failed(step, reason). The simulator plans at once
             # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
             ...
-        for layer in action.apply_layers:
-            # post this layer's weight transfers before the forward, commit them after it: the layer's new
-            # placement is in force from step + 1 on.
+        for layer, part in zip(action.apply_layers, action.apply_parts):
+            # post this part's weight transfers (plan.transfers[part]) before the forward, commit them after it:
+            # the layer's placement after the part is in force from step + 1 on.
             ...
         forward(step)
 
 Which layers of a plan are applied, and in which steps, is decided by the planning function
 (:func:`eplb.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule out
-step by step and keeps the :class:`~eplb.planning.PlanState` of the last plan that came back (applied or "no
-gain"), for the next call. A layer without change is never scheduled.
+step by step (a layer split into parts to fit ``bytes_per_step`` is applied in consecutive steps, one part each)
+and keeps the :class:`~eplb.planning.PlanState` of the last plan that came back (applied or "no gain"), for the next
+call. A layer without change is never scheduled.
 
 Every decision depends only on the calls made, so ranks that make the same calls in the same steps stay in
 lock-step. :attr:`Cycle.records` keeps one :class:`CycleRecord` per submitted window.
@@ -74,8 +75,14 @@ class CycleConfig:
         deadline_steps: steps after submission after which a missing plan is given up (the cycle is skipped and
             serving goes on with the current placement); None waits forever.
         layers_per_step: layers applied per step; 0 applies every selected layer in one step.
-        bytes_per_step: byte budget per step (overrides ``layers_per_step``); a layer larger than the budget is
-            applied alone in its step.
+        bytes_per_step: the most staging memory EPLB takes on any rank in any step, in bytes (overrides
+            ``layers_per_step``): the received experts and the experts changing slot on the rank, and with
+            ``host_staging`` also its sent and received experts in pinned host memory, each arena then within half
+            (:mod:`eplb.staging`). A layer whose move does not fit is split into parts applied in consecutive steps,
+            each a valid placement; changes that must go together and do not fit even alone are left out. Must be
+            at least one expert's bytes (two with ``host_staging``). None: no bound.
+        host_staging: the transfer backend stages sent and received experts in host memory too (the runtime's
+            ``gloo`` backend on an accelerator).
         min_par: layers whose predicted PAR before is below this are left alone (already balanced).
         min_gain: apply a layer only if ``par_before - par_after > min_gain``.
         max_layers: apply at most this many layers per cycle, the largest gains first (None: no limit).
@@ -88,6 +95,7 @@ class CycleConfig:
     deadline_steps: int | None = None
     layers_per_step: int = 1
     bytes_per_step: float | None = None
+    host_staging: bool = False
     min_par: float = 1.0
     min_gain: float = 0.0
     max_layers: int | None = None
@@ -130,6 +138,7 @@ class Action:
         poll: a plan is awaited: check the planner (runtime) without blocking.
         apply_layers: layers whose new placement to transfer in this step (post before the forward, commit after);
             in force from ``step + 1``.
+        apply_parts: for each of ``apply_layers``, the index of its part in the plan's ``transfers``.
         skipped: why the cycle was abandoned in this step ("late", "failed: ...", "no gain"), else None.
     """
 
@@ -139,6 +148,7 @@ class Action:
     window_start: int = 0
     poll: bool = False
     apply_layers: tuple[int, ...] = ()
+    apply_parts: tuple[int, ...] = ()
     skipped: str | None = None
 
 
@@ -152,7 +162,8 @@ class CycleRecord:
         ready_step: step in which the plan was reported (None when it never came).
         apply_start, apply_end: first and last step in which layers were applied (None when none).
         layers: layers applied, in order.
-        schedule: the layers applied in each apply step, from ``apply_start`` on.
+        schedule: the layers applied in each apply step, from ``apply_start`` on (a layer split into parts appears
+            once per part).
         moved_slots: slots moved over the applied layers.
         bytes_moved: bytes moved over the network for the applied layers (their transfers x expert bytes).
         par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
@@ -198,7 +209,7 @@ class Cycle:
         self._submitted: int | None = None
         self._plan_ready = False
         self._failed: str | None = None
-        self._queue: list[tuple[int, ...]] = []  # apply steps still to come
+        self._queue: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # apply steps to come: (layers, parts)
         self._plan = None
         #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
         #: first)
@@ -206,8 +217,8 @@ class Cycle:
 
     @property
     def pending_layers(self) -> tuple[int, ...]:
-        """Layers of the current plan still to apply, in order."""
-        return tuple(layer for step in self._queue for layer in step)
+        """Layers of the current plan still to apply (a part or more), in order."""
+        return tuple(dict.fromkeys(layer for layers, _ in self._queue for layer in layers))
 
     def on_step(self, step: int) -> Action:
         """Advance to ``step`` (call once per step, before its forward) and say what to do in it."""
@@ -253,7 +264,10 @@ class Cycle:
             record.bytes_moved = int(plan.layer_bytes[order].sum())
             record.par_before = float(plan.par_before[order].mean())
             record.par_after = float(plan.par_after[order].mean())
-        self._queue = list(plan.schedule)
+        self._queue, first = [], 0
+        for layers in plan.schedule:  # the i-th layer named by the schedule applies the plan's i-th part
+            self._queue.append((tuple(layers), tuple(range(first, first + len(layers)))))
+            first += len(layers)
         self._plan = plan
         self._plan_ready = True
         return tuple(order)
@@ -311,9 +325,9 @@ class Cycle:
         return reason
 
     def _apply(self, step: int) -> Action:
-        layers = self._queue.pop(0)
+        layers, parts = self._queue.pop(0)
         self.records[-1].schedule.append(layers)
         if not self._queue:
             self.phase = Phase.COLLECT
             self.records[-1].apply_end = step
-        return Action(step, Phase.APPLY, window_start=self._window_start, apply_layers=layers)
+        return Action(step, Phase.APPLY, window_start=self._window_start, apply_layers=layers, apply_parts=parts)

@@ -274,10 +274,17 @@ class Placement:
         """int64 ``[L, E, max_replicas]``: physical slots of each expert, ascending, padded with -1."""
         return self._logical_maps[0]
 
-    @property
+    @cached_property
     def replica_count(self) -> np.ndarray:
         """int64 ``[L, E]``: number of physical replicas of each logical expert."""
-        return self._logical_maps[1]
+        if "_logical_maps" in self.__dict__:
+            return self._logical_maps[1]
+        # one bincount, without the sort log2phy needs (rank loads ask only for this)
+        num_layers, num_experts = self.num_layers, self._num_experts
+        flat = (self._phy2log + num_experts * np.arange(num_layers)[:, None]).ravel()
+        count = np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+        count.flags.writeable = False
+        return count
 
     @property
     def rank_of_slot(self) -> np.ndarray:

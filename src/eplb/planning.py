@@ -12,8 +12,16 @@ Which layers a plan applies: layers the policy changed, whose predicted PAR befo
 predicted gain ``par_before - par_after`` exceeds ``min_gain``, and (with ``similarity_threshold``) whose load drifted
 since the layer was last applied (cosine similarity of max-normalised window loads below the threshold, as xLLM
 does). ``max_layers`` keeps the largest gains (cherry-picking). They are applied largest gain first (ties: lower layer
-first), ``layers_per_step`` per step, or as many as fit ``bytes_per_step`` (at least one per step);
-``layers_per_step=0`` applies them all in one step.
+first), ``layers_per_step`` per step (``layers_per_step=0``: all in one step), or within ``bytes_per_step``.
+
+``bytes_per_step`` bounds the staging memory of every rank in every step (:mod:`eplb.staging` counts what a rank
+stages: received experts and experts changing slot locally on the device, and with ``host_staging`` sent and received
+experts in pinned host memory, each arena within half the budget). A layer whose move does not fit is split into
+parts (:func:`eplb.staging.split_layer`), each a valid placement of the layer, applied in consecutive steps; parts of
+different layers share a step while every rank's staging fits. The schedule names a layer once per part: its k-th
+appearance applies its k-th part (``CyclePlan.transfers[i]`` is the i-th appearance). A group of changes that must go
+together (a swap of single-replica experts) and does not fit even alone is left out: the layer stops at its last
+part, and :attr:`CyclePlan.left_out` names the slots.
 
 State across cycles (:class:`PlanState`): a policy may keep state from one cycle to the next (FlashLB compares each
 layer's balance with the one it last planned for), and the similarity rule needs each layer's load when last
@@ -25,6 +33,7 @@ serving process, so a planner restart loses nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -32,9 +41,10 @@ import numpy as np
 
 from eplb.placement import Placement
 from eplb.pricing import price_of
+from eplb.staging import budget_experts, split_layer, staged_experts
 from eplb.transfers import LayerTransfer, layer_transfer
 
-__all__ = ["PlanState", "CyclePlan", "plan_cycle", "planning_window", "cycle_policy", "schedule_layers",
+__all__ = ["PlanState", "CyclePlan", "plan_cycle", "planning_window", "cycle_policy", "schedule_parts",
            "check_cycle_plan", "plan_checksum"]
 
 _CHECKSUM_MASK = (1 << 62) - 1
@@ -63,11 +73,19 @@ class CyclePlan:
         changed: bool ``[L]`` layers the policy changed (applied or not).
         par_before, par_after: float64 ``[L]`` PAR the policy predicts on the window, before / after.
         moved_slots: int64 ``[L]`` slots whose expert changes, per layer the policy changed.
-        layers: layers applied, in order.
-        transfers: one :class:`~eplb.transfers.LayerTransfer` per applied layer, in the order of ``layers``.
-        layer_bytes: int64 ``[L]`` bytes each applied layer moves over the network (its transfers x expert bytes).
-        schedule: the applied layers grouped by step: ``schedule[i]`` is applied in the i-th apply step.
+        layers: layers applied, in order (of their first part).
+        transfers: one :class:`~eplb.transfers.LayerTransfer` per part, in the order the schedule applies them; a
+            part's ``old_row`` / ``new_row`` are its layer's rows before / after it (one part per layer unless
+            ``bytes_per_step`` split it).
+        layer_bytes: int64 ``[L]`` bytes each applied layer moves over the network (its parts' transfers x expert
+            bytes).
+        schedule: the parts grouped by step, named by layer: ``schedule[i]`` is applied in the i-th apply step; a
+            layer's k-th appearance is its k-th part.
         state: the :class:`PlanState` to hand to the next cycle once this plan starts applying.
+        left_out: int64 ``[n, 2]`` ``(layer, slot)`` changes of the policy's placement not applied because they do
+            not fit ``bytes_per_step`` even alone (``phy2log`` keeps their old expert; ``moved_slots`` and
+            ``par_after`` stay the policy's figures for its whole placement).
+        staged_bytes: int64 ``[S, W]`` staging bytes each rank holds in each apply step (:mod:`eplb.staging`).
     """
 
     phy2log: np.ndarray
@@ -80,20 +98,24 @@ class CyclePlan:
     layer_bytes: np.ndarray
     schedule: tuple[tuple[int, ...], ...]
     state: PlanState = field(default_factory=PlanState)
+    left_out: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    staged_bytes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
     @property
     def skipped_layers(self) -> list[int]:
         """Layers the policy changed that the cycle does not apply (no gain, similarity, max_layers, ...)."""
         return sorted(set(np.flatnonzero(self.changed).tolist()) - set(self.layers))
 
-    @property
+    @functools.cached_property
     def checksum(self) -> int:
-        """62-bit checksum of the placement, the transfers and the schedule: equal on ranks that apply the same."""
+        """62-bit checksum of the placement, the parts (transfers and rows) and the schedule: equal on ranks that
+        apply the same (computed once; the runtime computes it on a reader thread, off the serving thread)."""
         digest = hashlib.blake2b(digest_size=8)
         digest.update(np.ascontiguousarray(self.phy2log, dtype=np.int64).tobytes())
         for transfer in self.transfers:
             digest.update(np.int64(transfer.layer).tobytes())
             digest.update(np.ascontiguousarray(transfer.transfers, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(transfer.new_row, dtype=np.int64).tobytes())
         for step in self.schedule:
             digest.update(np.asarray([-1, *step], dtype=np.int64).tobytes())
         digest.update(np.ascontiguousarray(self.layer_bytes, dtype=np.int64).tobytes())
@@ -176,21 +198,33 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     if cycle.max_layers is not None:
         order = order[: cycle.max_layers]
     per_layer_bytes = np.broadcast_to(np.asarray(expert_bytes, dtype=np.int64), (num_layers,))
-    transfers = tuple(layer_transfer(layer, current.phy2log[layer], plan.placement.phy2log[layer], current.topology,
-                                     live, from_checkpoint) for layer in order)
+    transfers, left_out = [], []
+    for layer in order:
+        old, new = current.phy2log[layer], plan.placement.phy2log[layer]
+        if cycle.bytes_per_step is None:
+            transfers.append(layer_transfer(layer, old, new, current.topology, live, from_checkpoint))
+            continue
+        capacity = budget_experts(cycle.bytes_per_step, per_layer_bytes[layer], cycle.host_staging)
+        parts, slots = split_layer(layer, old, new, current.topology, capacity, cycle.host_staging, live,
+                                   from_checkpoint)
+        transfers += parts
+        left_out += [(layer, slot) for slot in slots.tolist()]
+    order = list(dict.fromkeys(t.layer for t in transfers))  # a layer none of whose changes fits drops out
     layer_bytes = np.zeros(num_layers, dtype=np.int64)
-    for transfer in transfers:
-        layer_bytes[transfer.layer] = transfer.num_transfers * per_layer_bytes[transfer.layer]
     phy2log = np.array(current.phy2log, dtype=np.int64)
-    phy2log[order] = plan.placement.phy2log[order]
+    for transfer in transfers:
+        layer_bytes[transfer.layer] += transfer.num_transfers * per_layer_bytes[transfer.layer]
+        phy2log[transfer.layer] = transfer.new_row.reshape(-1)
+    schedule, staged_bytes = schedule_parts(transfers, per_layer_bytes, cycle)
     if order and cycle.similarity_threshold is not None:
         applied_load = applied_load.copy()
         applied_load[order] = summed[order]
     next_state = PlanState(policy=policy.next_state(state.policy, plan, order, window),
                            applied_load=applied_load if cycle.similarity_threshold is not None else None)
     return CyclePlan(phy2log=phy2log, changed=np.asarray(plan.changed, dtype=bool), par_before=before,
-                     par_after=after, moved_slots=moved, layers=tuple(order), transfers=transfers,
-                     layer_bytes=layer_bytes, schedule=schedule_layers(order, layer_bytes, cycle), state=next_state)
+                     par_after=after, moved_slots=moved, layers=tuple(order), transfers=tuple(transfers),
+                     layer_bytes=layer_bytes, schedule=schedule, state=next_state,
+                     left_out=np.asarray(left_out, dtype=np.int64).reshape(-1, 2), staged_bytes=staged_bytes)
 
 
 def _with_life(price, cycle, expert_bytes):
@@ -202,28 +236,33 @@ def _with_life(price, cycle, expert_bytes):
     return dataclasses.replace(price, life_steps=float(cycle.cycle_steps))
 
 
-def schedule_layers(layers, layer_bytes: np.ndarray, cycle) -> tuple[tuple[int, ...], ...]:
-    """``layers`` (in order) grouped into apply steps: all in one step (``layers_per_step=0``), as many as fit
-    ``bytes_per_step`` (at least one per step), or ``layers_per_step`` per step."""
-    layers = [int(layer) for layer in layers]
-    if not layers:
-        return ()
-    if cycle.bytes_per_step is None and cycle.layers_per_step == 0:
-        return (tuple(layers),)
-    steps, index = [], 0
-    while index < len(layers):
-        if cycle.bytes_per_step is not None:
-            count, used = 0, 0
-            for layer in layers[index:]:
-                if count and used + int(layer_bytes[layer]) > cycle.bytes_per_step:
-                    break
-                used += int(layer_bytes[layer])
-                count += 1
-        else:
-            count = cycle.layers_per_step
-        steps.append(tuple(layers[index:index + count]))
-        index += count
-    return tuple(steps)
+def schedule_parts(parts, expert_bytes: np.ndarray, cycle) -> tuple[tuple[tuple[int, ...], ...], np.ndarray]:
+    """``parts`` (:class:`~eplb.transfers.LayerTransfer` s, in order) grouped into apply steps, and the staging bytes
+    of each rank in each step (int64 ``[S, W]``). All in one step (``layers_per_step=0``), ``layers_per_step`` per
+    step, or, with ``bytes_per_step``, as many as keep every rank's staging arenas within the budget (each within
+    half with ``host_staging``); two parts of one layer never share a step. Steps are named by layer."""
+    num_ranks = parts[0].old_row.shape[0] if parts else 0
+    host = cycle.host_staging
+    costs = [staged_experts(part, host) * int(expert_bytes[part.layer]) for part in parts]
+    steps, staged = [], []
+    if cycle.bytes_per_step is not None:
+        limit = np.array([[cycle.bytes_per_step / 2 if host else cycle.bytes_per_step],
+                          [cycle.bytes_per_step / 2 if host else np.inf]])
+        for part, cost in zip(parts, costs):
+            if not steps or part.layer in steps[-1] or (staged[-1] + cost > limit).any():
+                steps.append([])
+                staged.append(np.zeros((2, num_ranks), dtype=np.int64))
+            steps[-1].append(part.layer)
+            staged[-1] += cost
+    else:
+        size = cycle.layers_per_step or max(len(parts), 1)
+        for index in range(0, len(parts), size):
+            steps.append([part.layer for part in parts[index:index + size]])
+            staged.append(sum(costs[index:index + size]))
+    staged_bytes = np.zeros((len(staged), num_ranks), dtype=np.int64)
+    for index, cost in enumerate(staged):
+        staged_bytes[index] = cost.sum(axis=0)
+    return tuple(tuple(step) for step in steps), staged_bytes
 
 
 def check_cycle_plan(plan: CyclePlan, current: np.ndarray, num_experts: int, topology) -> str | None:
@@ -240,17 +279,27 @@ def check_cycle_plan(plan: CyclePlan, current: np.ndarray, num_experts: int, top
     changed = np.flatnonzero((phy2log != current).any(axis=1)).tolist()
     if sorted(plan.layers) != changed:
         return f"the plan applies layers {sorted(plan.layers)}, its placement changes layers {changed}"
-    if [t.layer for t in plan.transfers] != list(plan.layers):
-        return f"transfers cover layers {[t.layer for t in plan.transfers]}, the plan applies {list(plan.layers)}"
-    if [layer for step in plan.schedule for layer in step] != list(plan.layers):
-        return f"the schedule {plan.schedule} does not apply the layers {list(plan.layers)} in order"
+    parts = [t.layer for t in plan.transfers]
+    if list(dict.fromkeys(parts)) != list(plan.layers):
+        return f"transfers cover layers {parts}, the plan applies {list(plan.layers)}"
+    if [layer for step in plan.schedule for layer in step] != parts:
+        return f"the schedule {plan.schedule} does not apply the parts of layers {parts} in order"
+    if any(len(set(step)) != len(step) for step in plan.schedule):
+        return f"the schedule {plan.schedule} applies two parts of one layer in one step"
     shape = (topology.num_ranks, topology.slots_per_rank)
+    rows = {layer: current[layer].reshape(shape) for layer in plan.layers}
     for t in plan.transfers:
         if (t.transfers[:, 0] < 0).any():
             return f"layer {t.layer} reads experts from a checkpoint, which the runtime's transfers cannot do"
-        if not (np.array_equal(t.old_row, current[t.layer].reshape(shape))
-                and np.array_equal(t.new_row, phy2log[t.layer].reshape(shape))):
-            return f"the transfers of layer {t.layer} do not lead from the current placement to the plan"
+        if not np.array_equal(t.old_row, rows[t.layer]):
+            return f"a part of layer {t.layer} does not start from the placement the previous one leads to"
+        problems = find_problems(t.new_row.reshape(1, -1), num_experts, topology)
+        if problems:
+            return f"a part of layer {t.layer}: {problems[0]}"
+        rows[t.layer] = t.new_row
+    for layer, row in rows.items():
+        if not np.array_equal(row, phy2log[layer].reshape(shape)):
+            return f"the transfers of layer {layer} do not lead from the current placement to the plan"
     return None
 
 

@@ -73,7 +73,8 @@ def register(subparsers) -> None:
     policies.add_argument("--layers-per-step", type=int, default=1, metavar="N",
                           help="layers applied per step (0: all at once)")
     policies.add_argument("--gb-per-step", type=float, metavar="GB",
-                          help="apply layers within this many GB of weights per step instead")
+                          help="instead, stage at most this many GB of weights per rank and step (layers that do not "
+                               "fit are split into parts); at least one expert")
     policies.add_argument("--min-gain", type=float, default=0.0, metavar="X",
                           help="apply a layer only if its predicted PAR improves by more than this")
     policies.add_argument("--max-layers", type=int, metavar="N", help="apply at most N layers per cycle, best first")
@@ -284,6 +285,9 @@ def run(args) -> int:
     clairvoyant_names = _clairvoyant_names(args)
     num_runs = 1 + len(names) + len(clairvoyant_names)
     expert_bytes = args.expert_bytes if args.expert_bytes is not None else float(expert_bytes_of(args.model))
+    if args.gb_per_step is not None and args.gb_per_step * 1e9 < expert_bytes:
+        raise EplbError(f"--gb-per-step {args.gb_per_step:g} is smaller than one expert ({expert_bytes:g} bytes, "
+                        f"--expert-bytes / --model); expected >= {expert_bytes / 1e9:g} so that a step can move one")
     shape = _drawn_shape(args)
     if shape is not None:  # a trace eplb draws: refuse before drawing it
         common.topology(args, shape[2], default_slots=_SLOTS)

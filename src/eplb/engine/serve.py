@@ -119,7 +119,7 @@ def cycle_figures(metrics) -> dict:
             "predicted_par_after": mean(metrics.par_after), "applied_layers": list(metrics.applied_layers),
             "moved_slots": int(metrics.moved_slots), "bytes_received": int(metrics.bytes_received),
             "planner_s": float(metrics.planner_s), "transfer_s": float(metrics.transfer_s),
-            "skipped": metrics.skipped}
+            "staging_bytes": int(metrics.staging_bytes), "skipped": metrics.skipped}
 
 
 def _build(settings: ServeSettings, rank: int, world: int, eplb: dict, device, popularity=None, gate_bias=None,
@@ -284,7 +284,7 @@ def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
         return {"rank": rank, "cycles": [cycle_figures(m) for m in ctl.metrics], "digests": digests, "steps": steps,
                 "failovers": failovers, "restarts": ctl.planner.restarts if ctl.planner is not None else 0,
                 "heartbeat_events": [dataclasses.asdict(e) for e in ctl.heartbeat.events] if ctl.heartbeat else [],
-                "placement": ctl.placement.phy2log.tolist(), **check}
+                "placement": ctl.placement.phy2log.tolist(), "added_memory": ctl.added_memory(), **check}
     finally:
         ctl.close()
 

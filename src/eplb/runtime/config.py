@@ -46,7 +46,8 @@ key                                    meaning
 ``eplb_update_threshold`` (xLLM)       0..1: a layer is re-planned only when the cosine similarity of its load to
                                        the load it was last planned on is below this
 ``planner_deadline_s``                 seconds the planner may take before the cycle is skipped (default 30)
-``layers_per_step`` / ``bytes_per_step`` how much weight moves per step (default 1 layer)
+``layers_per_step`` / ``bytes_per_step`` how much weight moves per step (default 1 layer); ``bytes_per_step``: the
+                                       most staging memory per rank and step (layers split into parts to fit)
 ``dispatch`` (old: ``router_mode``)   replica choice: ``rank`` | ``token`` | ``local`` | ``balanced``
 ``ring_steps``                         keep per-step rows (default: the window, for policies that plan on steps)
 ``prometheus_port``                    serve metrics on this port (1-65535) when prometheus_client is installed

@@ -30,8 +30,8 @@ host time EPLB adds per step kind; ``tests/test_sync_free.py`` holds the contrac
 
 What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, its
 health check says so, or EPLB's heartbeat declares it: :meth:`EplbController.failed_peers`, see
-:mod:`eplb.runtime.heartbeat`), builds the process group of the survivors and calls :meth:`EplbController.fail_ranks` on every
-survivor between two steps. From the next step on no token goes to a failed rank, and every expert that lost its last
+:mod:`eplb.runtime.heartbeat`), builds the process group of the survivors and calls
+:meth:`EplbController.fail_ranks` on every survivor between two steps. From the next step on no token goes to a failed rank, and every expert that lost its last
 replica is back, loaded from ``expert_loader`` into a slot of a spare replica; later windows are planned over the live
 ranks only. See :meth:`EplbController.fail_ranks`.
 
@@ -50,7 +50,6 @@ cycle, moves nothing and keeps attributing load through the placement actually i
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 
@@ -60,13 +59,11 @@ import torch.distributed as dist
 
 from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.errors import EplbError
-from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
 from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.policies.resilience import check_capacity, reload_lost
-from eplb.pricing import MovePrice, measured_price
-from eplb.runtime.agreement import agree_on_plan, all_reduce
+from eplb.runtime.agreement import agree_on_plan
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
 from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
@@ -74,6 +71,7 @@ from eplb.runtime.heartbeat import watch
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.transport import SideChannel, hand_over, side_event
+from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, window_par
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
@@ -86,8 +84,6 @@ __all__ = ["EplbController", "CycleMetrics", "FailoverReport", "STEP_KINDS"]
 STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
 
 log = logging.getLogger(__name__)
-
-_WAITING_FOR_INTERVAL = "eplb_update_interval has not elapsed since the last cycle"
 
 
 def _policy_options(config: EplbConfig) -> dict:
@@ -163,16 +159,19 @@ class EplbController:
         self.failed = np.zeros(topology.num_ranks, dtype=bool)
         self.failovers: list[FailoverReport] = []
         self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
+        # the gloo backend on an accelerator stages in pinned host memory too: each arena within half the budget
+        host_staging = config.transfer_backend == "gloo" and self.device.type != "cpu"
         if config.mode == "dynamic":
             if layer_tensors is None or len(layer_tensors) != num_layers:
                 raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
             self._expert_bytes = np.array([sum(t[0].numel() * t.element_size() for t in ts) if len(ts) else 0
                                            for ts in layer_tensors], dtype=np.int64)
-            largest = int(self._expert_bytes.max())
+            largest = int(self._expert_bytes.max()) * (2 if host_staging else 1)
             if config.bytes_per_step is not None and config.bytes_per_step < largest:  # before anything starts
                 raise ConfigError(f"bytes_per_step={config.bytes_per_step} is smaller than one expert of layer "
-                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors); expected "
-                                  f">= {largest} so that a step can move at least one expert")
+                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors"
+                                  f"{', staged on the device and in host memory' if host_staging else ''}); "
+                                  f"expected >= {largest} so that a step can move at least one expert")
         #: EPLB's side thread, groups and stream (transfers, agreements); None in ``off`` and ``static`` modes
         self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching)
                         if planning else None)
@@ -184,7 +183,7 @@ class EplbController:
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
         self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step,
+                                       bytes_per_step=config.bytes_per_step, host_staging=host_staging,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
@@ -193,7 +192,7 @@ class EplbController:
         self._result: PlannerReply | None = None
         self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
         self._submitted_step = 0
-        #: the transfers of the cycle being applied, by layer
+        #: the transfers of the cycle being applied, by part (the plan's ``transfers`` index, ``Action.apply_parts``)
         self.transfers: dict = {}
         #: (post step, transfers, PendingMove) in flight on the side thread, switched before the next forward
         self._pending = None
@@ -201,27 +200,35 @@ class EplbController:
         self._agreement = None
         #: Future of the window gather and planner request running on the side thread
         self._gathering = None
+        #: Future of the switch tables of the accepted plan's layers (:meth:`_prepare_switches`)
+        self._tables = None
         #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` ("check" is a poll that started an
         #: agreement; benchmarks and tests classify steps with it)
         self.step_kinds: list[str] = ["ordinary"]
-        self._last_interval_start = time.monotonic()
         # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
         self._step_started: float | None = None
         self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
         self._move_s, self._moved_experts = 0.0, 0
-        self._prices_moves = planning and cycle_policy(config.policy, self._policy_options,
-                                                       config.dispatch).prices_moves
+        #: the side thread's window-end job (gather, PAR, interval, price, planner request)
+        self._window_end = None
+        if planning:
+            prices_moves = (self.mover is not None
+                            and cycle_policy(config.policy, self._policy_options, config.dispatch).prices_moves)
+            self._window_end = WindowEnd(config, self.recorder, self.planner, prices_moves, config.cycle_steps)
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
         #: EPLB's failure detector (:mod:`eplb.runtime.heartbeat`; None unless ``heartbeat_interval_s`` is set)
         self.heartbeat = watch(self)
 
     # -- hooks --------------------------------------------------------------------------------------------------
-    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
         """Physical slots for the logical ``expert_ids`` ``[N, k]`` of ``layer`` (see :class:`ReplicaRouter`), and
-        record them when the recorder counts ids. Device ops only."""
+        record them when the recorder counts ids; ``valid`` bool ``[N]`` marks the real tokens of a padded batch
+        (padding is routed but not counted). Device ops only, nothing read on the host: safe to capture in a CUDA
+        graph."""
         slots = self.router.route(layer, expert_ids, group_counts)
         if self.recorder.source == "ids":
-            self.recorder.record_ids(layer, slots)
+            self.recorder.record_ids(layer, slots, valid)
         return slots
 
     def before_forward(self, is_prefill: bool = False) -> None:
@@ -256,10 +263,8 @@ class EplbController:
             self._poll()
             kinds.append("check" if self._agreement is not None and self._agreement is not agreement else "poll")
         if action.apply_layers and self.mover is not None:
-            transfers = [self.transfers[layer] for layer in action.apply_layers]
-            pending = self.mover.post(transfers)
-            tables = self.channel.submit(self._prepare_switch, transfers)
-            self._pending = (self.step, transfers, pending, tables)
+            pending = self.mover.post([self.transfers[part] for part in action.apply_parts])
+            self._pending = (self.step, action.apply_parts, pending, self._tables)
             kinds.append("move")
         self.step_kinds = kinds or ["ordinary"]
 
@@ -273,20 +278,35 @@ class EplbController:
         self.step += 1
         self._in_step = False
 
-    def _prepare_switch(self, transfers: list) -> list[dict]:
-        """Side thread: the recorder fold and router tables of each layer's switch, uploaded to the device."""
-        prepared = [self.live.prepare(t.layer, t.new_row.reshape(-1), t.old_row.reshape(-1)) for t in transfers]
-        return prepared, side_event(self.channel.stream)
+    def _prepare_switches(self, transfers: tuple) -> tuple[dict, object]:
+        """Side thread, once a plan is accepted: the recorder fold and router tables of every part's switch, by part
+        (the plan's ``transfers`` index), built in one vectorised pass per round of parts (a layer's k-th parts in
+        round k; one round unless ``bytes_per_step`` split layers) and uploaded to the device (so a move step hands
+        the side thread only its transfers)."""
+        rounds, seen, by_part = [], {}, {}
+        for index, transfer in enumerate(transfers):
+            k = seen[transfer.layer] = seen.get(transfer.layer, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(index)
+        for parts in rounds:
+            round_of = [transfers[i] for i in parts]
+            built = self.live.prepare_many([t.layer for t in round_of],
+                                           np.stack([t.new_row.reshape(-1) for t in round_of]),
+                                           np.stack([t.old_row.reshape(-1) for t in round_of]))
+            by_part.update({i: built[t.layer] for i, t in zip(parts, round_of)})
+        return by_part, side_event(self.channel.stream)
 
     def _switch(self) -> None:
         """Switch the layers posted in the last step: every rank's transfers completed (the side thread agreed on
         it), so every rank switches them in this same step. Waits only when the side thread is late."""
         start = time.perf_counter()
-        posted, transfers, pending, tables = self._pending
+        posted, parts, pending, tables = self._pending
         self._pending = None
         self.mover.commit(pending)
         late = pending.late or not tables.done()
-        prepared, event = tables.result()
+        by_part, event = tables.result()
+        transfers, prepared = [self.transfers[part] for part in parts], [by_part[part] for part in parts]
         hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values())
                           if isinstance(t, torch.Tensor)])
         for transfer, tables_of_layer in zip(transfers, prepared):
@@ -376,7 +396,7 @@ class EplbController:
             self.channel = self.channel.rebuilt(group)
         if self.mover is not None:  # transfers posted in the abandoned step are never switched
             self.mover.abandon(self.channel)
-        self._pending = self._agreement = self._gathering = None
+        self._pending = self._agreement = self._gathering = self._tables = None
         self.recorder.live = live
 
         resume, complete = agree_after_failure(self.live, self.step + int(self._in_step), self.transfers, self.group,
@@ -439,18 +459,8 @@ class EplbController:
     def _static_window(self) -> None:
         if self.step and self.step % self.config.window_steps == 0:
             load = self.gather_load()
-            self._window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step)
-
-    def _window_par(self, window: np.ndarray, placement: Placement, failed: np.ndarray, step: int) -> np.ndarray:
-        if failed.any():
-            loads = placement.without_ranks(failed).rank_loads(window)[:, ~failed]
-        else:
-            loads = rank_loads(placement, window)
-        window_par = par(loads)
-        if self.config.log_balancedness:
-            log.info("eplb step %d: balancedness %.4f, mean PAR %.3f", step, balancedness(loads),
-                     float(window_par.mean()))
-        return window_par
+            window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step,
+                       self.config.log_balancedness)
 
     def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
@@ -466,32 +476,10 @@ class EplbController:
                               live_ranks=~self.failed if self.failed.any() else None,
                               resilience=self.config.resilience, state=self.cycle.state)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
-        measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0,
-                    float(np.median(self._step_s)) if self._step_s else 0.0)
-        self._gathering = self.channel.submit(self._gather_and_plan, self.recorder.snapshot(),
+        measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
+        self._gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
                                               self.channel.record_event(), request, self.failed.copy(), self.step,
                                               measured)
-
-    def _gather_and_plan(self, snapshot, event, request: PlanRequest, failed: np.ndarray, step: int,
-                         measured: tuple) -> tuple:
-        """Side thread: the window's load over the side group, its PAR, and the planner request (priced with
-        ``measured``: this rank's seconds per moved expert and per step)."""
-        if event is not None:
-            self.channel.stream.wait_event(event)
-        group = self.channel.cpu_group
-        load = self.recorder.logical_load(request.current, group, snapshot.to_host(self.channel.stream))
-        window = load.sum(axis=0) if load.ndim == 3 else load
-        window_par = self._window_par(window, Placement(request.current, self.num_experts, self.topology), failed,
-                                      step)
-        if not self._interval_elapsed():
-            return window, window_par, _WAITING_FOR_INTERVAL
-        if self.planner.busy:  # an abandoned request still runs: start afresh rather than queue behind it
-            self.planner.restart()
-        if load.size and load.max() <= np.iinfo(np.int32).max:
-            load = load.astype(np.int32)  # half the bytes to pickle to the worker (a per-step window is large)
-        self.planner.submit(dataclasses.replace(request, load=load,
-                                                   price=self._measured_price(load, request.current, *measured)))
-        return window, window_par, None
 
     def _gathered(self, late: bool = False) -> None:
         """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""
@@ -505,32 +493,6 @@ class EplbController:
         self._window_load = window
         if waiting and self._local[0] == 0:
             self._local = (-1, waiting)
-
-    def _measured_price(self, load, current: np.ndarray, move_s: float, step_s: float) -> MovePrice | None:
-        """The price of a move from the transfer time per received expert and the median step time measured on
-        this rank, the largest of every rank's (one all-reduce, so every rank plans on the same figures); None
-        while either is unmeasured, with ``measured_price`` off or for a policy that does not price its moves (the
-        model's defaults then apply)."""
-        if not (self.config.measured_price and self._prices_moves) or self.mover is None:
-            return None
-        agreed = torch.tensor([move_s, step_s], dtype=torch.float64)
-        if self.channel.world > 1:  # on the side thread, over the side group
-            agreed = all_reduce(agreed, dist.ReduceOp.MAX, self.channel.cpu_group)
-        return measured_price(float(agreed[0]), float(agreed[1]), load, current,
-                              self.topology.num_ranks, float(self.cycle.config.cycle_steps))
-
-    def _interval_elapsed(self) -> bool:
-        """xLLM's seconds-based interval, agreed by all ranks (any rank's clock past it starts the cycle)."""
-        if self.config.update_interval_s is None:
-            return True
-        elapsed = float(time.monotonic() - self._last_interval_start >= self.config.update_interval_s)
-        flag = torch.tensor([elapsed])
-        if self.channel.world > 1:  # rare (a cycle start), on the side group
-            flag = all_reduce(flag, dist.ReduceOp.MAX, self.channel.cpu_group)
-        if flag[0] > 0:
-            self._last_interval_start = time.monotonic()
-            return True
-        return False
 
     def _poll(self) -> None:
         check = (self.step - self._submitted_step) % self.config.planner_check_steps == 0
@@ -590,7 +552,9 @@ class EplbController:
             if self.rank == 0:  # written by the side thread, never inside a step
                 self.channel.submit(self._write_record, plan.phy2log, current.cycle)
             return
-        self.transfers = {t.layer: t for t in plan.transfers}
+        self.transfers = dict(enumerate(plan.transfers))
+        if self.mover is not None:
+            self._tables = self.channel.submit(self._prepare_switches, plan.transfers)
 
     def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
         from eplb.formats import write_map
@@ -608,7 +572,7 @@ class EplbController:
         current.skipped = reason
         self._result = None
         self.channel.submit(self._restart_busy_planner)  # a restart takes milliseconds: not in a step
-        level = logging.INFO if reason == "no gain" or _WAITING_FOR_INTERVAL in reason else logging.WARNING
+        level = logging.INFO if reason == "no gain" or WAITING_FOR_INTERVAL in reason else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)

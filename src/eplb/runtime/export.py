@@ -21,7 +21,8 @@ class CycleMetrics:
         submit_step: step at which the window was handed to the planner.
         window_par: float64 ``[L]`` measured PAR of the window, with the placement in force.
         par_before, par_after: float64 ``[L]`` PAR the plan predicts on the window (None when no plan came).
-        applied_layers: layers switched to the new placement, in order.
+        applied_layers: layers switched to the new placement, in order (a layer switched in parts, to fit
+            ``bytes_per_step``, once per part).
         skipped_layers: layers the plan changed but the cycle did not apply (no gain, similarity, ...).
         moved_slots, bytes_moved: over the applied layers (bytes received by this rank in ``bytes_received``).
         planner_s: seconds the policy took in the worker.
@@ -60,7 +61,7 @@ def log_cycle(current: CycleMetrics, record_mode: bool, planned_layers: int) -> 
                  "nothing moved", current.cycle, planned_layers, float(np.mean(current.par_before)),
                  float(np.mean(current.par_after)))
         return
-    applied = current.applied_layers
+    applied = list(dict.fromkeys(current.applied_layers))
     log.info("eplb cycle %d: %d layers switched (%s), %d slots moved, %d bytes received here, predicted mean "
              "PAR %.3f -> %.3f, planner %.3f s, transfers %.3f s and switching %.3f s on this rank", current.cycle,
              len(applied), applied, current.moved_slots, current.bytes_received,

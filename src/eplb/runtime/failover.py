@@ -40,8 +40,9 @@ class FailoverReport:
 
 def agree_after_failure(live, step: int, transfers: dict, group=None, device="cpu") -> tuple[int, dict]:
     """The resume step (the latest ``step`` any survivor reached) and ``{layer: row [P]}`` for the layers of the
-    interrupted cycle this rank must complete because another survivor had switched them (``transfers``: this rank's
-    :class:`~eplb.transfers.LayerTransfer` of that cycle, by layer). One all-reduce over the survivors."""
+    interrupted cycle this rank must complete because another survivor had switched one more of their parts
+    (``transfers``: this rank's :class:`~eplb.transfers.LayerTransfer` parts of that cycle, by part). Survivors are
+    at most one step apart, so they differ by at most one part of a layer. One all-reduce over the survivors."""
     phy2log = live.phy2log
     num_layers = phy2log.shape[0]
     checksums = [plan_checksum(row[None]) for row in phy2log]
@@ -50,13 +51,15 @@ def agree_after_failure(live, step: int, transfers: dict, group=None, device="cp
     low, high = agreed[1:1 + num_layers].numpy(), -agreed[1 + num_layers:].numpy()
     complete = {}
     for layer in np.flatnonzero(low != high).tolist():
-        transfer = transfers.get(layer)
-        if transfer is None:
+        parts = [t for t in transfers.values() if t.layer == layer]
+        if not parts:
             raise EplbError(f"layer {layer}: the survivors hold different placements and this rank has no plan "
                             "for it")
-        target = transfer.new_row.reshape(-1)
-        if not np.array_equal(phy2log[layer], target):
-            complete[layer] = target
+        other = high[layer] if checksums[layer] == low[layer] else low[layer]
+        for part in parts:  # the part another survivor switched and this rank did not (none: this rank is ahead)
+            if (np.array_equal(part.old_row.reshape(-1), phy2log[layer])
+                    and plan_checksum(part.new_row.reshape(1, -1)) == other):
+                complete[layer] = part.new_row.reshape(-1)
     return -int(agreed[0]), complete
 
 

@@ -8,7 +8,6 @@ Everything else (the controller, the failover, the mover's transfers) reads the 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from eplb.placement import Placement
 from eplb.runtime.transport import upload
@@ -72,6 +71,30 @@ class LivePlacement:
             old_row = old_row[self.rank * k:(self.rank + 1) * k]
         return {"fold": upload(old_row, self.recorder.device),
                 "router": self.router.layer_tables(layer, np.asarray(new_row).reshape(-1))}
+
+    def prepare_many(self, layers, new_rows: np.ndarray, old_rows: np.ndarray) -> dict:
+        """:meth:`prepare` of many switches at once (one vectorised build and one upload per table), by layer.
+
+        Args:
+            layers: the layers, each once.
+            new_rows, old_rows: int ``[n, P]``: each layer's row after and before its switch."""
+        layers = np.asarray(layers, dtype=np.int64).reshape(-1)
+        if layers.size == 0:
+            return {}
+        order = np.argsort(layers)  # ascending: the router reads a placement of all L layers by layer index
+        layers = layers[order]
+        new_rows = np.asarray(new_rows).reshape(layers.size, -1)[order]
+        old_rows = np.array(old_rows, dtype=np.int64).reshape(layers.size, -1)[order]
+        if self.recorder.source != "ids":
+            k = self.topology.slots_per_rank
+            old_rows = old_rows[:, self.rank * k:(self.rank + 1) * k]
+        fold = upload(old_rows, self.recorder.device)
+        router = self.router.build_tables(layers, Placement(new_rows, self.num_experts, self.topology))
+        out = {}
+        for i, layer in enumerate(layers.tolist()):  # views of the batched tables, one layer each
+            tables = {name: value[i:i + 1] if hasattr(value, "shape") else value for name, value in router.items()}
+            out[layer] = {"fold": fold[i], "router": tables}
+        return out
 
     def fail_over(self, failed: np.ndarray) -> None:
         """Route around the ``failed`` ranks (bool ``[W]``) from now on."""

@@ -14,9 +14,11 @@ Protocol, driven by the controller:
    the live tensors in place (addresses do not change). Device ops only; it waits on the host only when the side
    thread has not finished (counted in :attr:`PendingMove.late`).
 
-Staging holds the rows this rank receives and the rows that change slot locally in one step (at most that step's
-share of ``bytes_per_step`` when no single layer exceeds it), never a copy of a whole layer; :attr:`ExpertMover.
-staging_bytes` reports it (device arena plus the backend's pinned host arena).
+Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
+for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
+the live tensors in place. Never a copy of a whole layer: the schedule keeps each step within ``bytes_per_step`` on
+every rank (:mod:`eplb.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
+arenas (device plus host), which are sized exactly to the rows.
 
 Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
 every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
@@ -73,6 +75,7 @@ class _Moved:
     event: object = None
     ok: bool = True
     seconds: float = 0.0
+    bytes_received: int = 0
 
 
 class ExpertMover:
@@ -117,8 +120,6 @@ class ExpertMover:
         """Hand the transfers of ``transfers`` (one per layer, distinct layers) to the side thread. Non-blocking."""
         start = time.perf_counter()
         pending = PendingMove(layers=[t.layer for t in transfers])
-        pending.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
-                                     for t in transfers)
         channel = self.channel  # the job keeps it: after a failure the mover moves on to the survivors' channel
         pending.future = channel.submit(self._move, transfers, channel.record_event(), channel)
         pending.post_s = time.perf_counter() - start
@@ -145,7 +146,7 @@ class ExpertMover:
         pending.late = not pending.future.done()
         moved = pending.future.result()  # a wait only when late
         waited = time.perf_counter()
-        pending.wait_s, pending.side_s = waited - start, moved.seconds
+        pending.wait_s, pending.side_s, pending.bytes_received = waited - start, moved.seconds, moved.bytes_received
         if not moved.ok:
             raise EplbError(f"transfers of layers {pending.layers} failed on some rank; nothing was switched")
         hand_over(moved.event, [t for fill in moved.fills for t in (*fill.staging, fill.dst, fill.row, fill.local_rows,
@@ -168,7 +169,9 @@ class ExpertMover:
         if posted is not None:
             stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
         device = self.layer_tensors[0][0].device
-        moved, sends, recvs, specs, plans = _Moved(), [], [], [], []
+        moved, sends, recvs, specs, plans, tags = _Moved(), [], [], [], [], [0]
+        for transfer in transfers:  # the first tag of each layer's messages: one per tensor and run from a peer
+            tags.append(tags[-1] + len(self.layer_tensors[transfer.layer]) * self.slots_per_rank)
         for position, transfer in enumerate(transfers):
             tensors = self.layer_tensors[transfer.layer]
             rows = transfer.transfers
@@ -188,18 +191,22 @@ class ExpertMover:
             tensors = self.layer_tensors[transfer.layer]
             staging = arena[cursor:cursor + len(tensors)]
             cursor += len(tensors)
-            counts = np.bincount(mine[:, 0], minlength=1)
+            # rows are sent from the live tensors in place, one message per tensor and run of consecutive source
+            # slots (a contiguous block; the j-th run between two ranks tagged j), so a sender stages nothing on the
+            # device; both sides split the rows between them, in transfer order, into the same runs
             offset = 0
-            for src in np.flatnonzero(counts).tolist():
-                count = int(counts[src])
-                for i in range(len(tensors)):
-                    recvs.append(Message(src, position * len(tensors) + i, staging[i][offset:offset + count]))
-                offset += count
+            for src in np.flatnonzero(np.bincount(mine[:, 0], minlength=1)).tolist():
+                for j, (_, count) in enumerate(_runs(mine[mine[:, 0] == src, 1])):
+                    for i in range(len(tensors)):
+                        recvs.append(Message(src, tags[position] + i * self.slots_per_rank + j,
+                                             staging[i][offset:offset + count]))
+                    offset += count
             outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
             for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                slots = upload(outgoing[outgoing[:, 2] == dst, 1], device)
-                for i, live in enumerate(tensors):
-                    sends.append(Message(dst, position * len(tensors) + i, live.index_select(0, slots)))
+                for j, (first, count) in enumerate(_runs(outgoing[outgoing[:, 2] == dst, 1])):
+                    for i, live in enumerate(tensors):
+                        sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j,
+                                             live[first:first + count]))
             if dst_slot.size == 0:
                 continue
             row = source.copy()
@@ -219,8 +226,16 @@ class ExpertMover:
         moved.event = side_event(stream)
         # one small all-reduce: a layer switches only when every rank's transfers completed
         moved.ok = bool(channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
+        moved.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
+                                   for t in transfers)
         moved.seconds = time.perf_counter() - start
         return moved
 
 
 _MIN = torch.distributed.ReduceOp.MIN
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """``(first slot, count)`` of each run of consecutive slots in ``slots`` (in its order)."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    return [(int(run[0]), len(run)) for run in np.split(slots, breaks) if len(run)]

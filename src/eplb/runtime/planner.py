@@ -2,7 +2,8 @@
 separate (spawned) process so that serving never waits for it.
 
 The serving process hands a request to :meth:`PlannerWorker.submit` and calls :meth:`PlannerWorker.poll` once per
-step; ``poll`` never blocks. It reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason):
+step; ``poll`` never blocks and does no work: a reader thread takes the replies off the queue, checks them and
+watches the worker. It reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason):
 the worker crashed, missed its deadline (it is then killed, as it may be hung), or returned a plan that is not a valid
 placement for the model. After a failure the worker is restarted in the background, so the next cycle has one.
 
@@ -15,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ __all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request
 log = logging.getLogger(__name__)
 
 _PARENT_CHECK_S = 1.0
+_READ_S = 0.05  # how often the reader thread looks at a silent worker
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,11 @@ def worker_main(requests, results, warmup=None) -> None:
 
 
 class PlannerWorker:
-    """A policy process with a deadline.
+    """A policy process with a deadline, and a reader thread that takes its replies.
+
+    The reader thread unpickles each reply, checks it against the request (a valid placement, transfers that lead
+    from the current placement to it) and computes its checksum, notices a dead or hung worker and restarts it: the
+    serving thread's :meth:`poll` only reads what the reader left.
 
     Args:
         deadline_s: seconds a request may take before it counts as hung, counted from :meth:`submit` or from the
@@ -158,51 +165,63 @@ class PlannerWorker:
         self._target = target
         self._ctx = mp.get_context("spawn")
         self._process = None
-        self._requests = self._results = None
+        self._requests = None
         self._request: PlanRequest | None = None
         self._submitted = 0.0
-        self._arrived = None  # a reply :meth:`wait` took off the queue, for the next poll
+        #: ("ready", reply) or ("failed", reason) of the current request, left by the reader thread
+        self._outcome: tuple | None = None
+        self._generation = 0  # bumped by every start and kill: a reader of an older worker stops
+        self._lock = threading.RLock()  # the serving, side and reader threads all start, kill and submit
+        self._changed = threading.Condition(self._lock)
         self.restarts = 0
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker process (non-blocking: the child imports its modules on its own)."""
-        self._requests, self._results = self._ctx.Queue(), self._ctx.Queue()
-        self._started, self._ready_at = time.monotonic(), None
-        self._process = self._ctx.Process(target=self._target, args=(self._requests, self._results, self.warmup),
-                                          name="eplb-planner", daemon=True)
-        self._process.start()
+        """Start the worker process and its reader thread (non-blocking: the child imports its modules on its
+        own)."""
+        with self._lock:
+            self._requests, results = self._ctx.Queue(), self._ctx.Queue()
+            self._started, self._ready_at = time.monotonic(), None
+            self._process = self._ctx.Process(target=self._target, args=(self._requests, results, self.warmup),
+                                              name="eplb-planner", daemon=True)
+            self._process.start()
+            self._generation += 1
+            threading.Thread(target=self._read, args=(self._generation, results, self._process),
+                             name="eplb-planner-reply", daemon=True).start()
 
     def restart(self) -> None:
         """Kill the current worker (if any) without waiting for it and start a fresh one."""
-        self._kill()
-        self.restarts += 1
-        self.start()
+        with self._lock:
+            self._kill()
+            self.restarts += 1
+            self.start()
 
     def _kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-        for q in (self._requests, self._results):
-            if q is not None:
-                q.cancel_join_thread()  # never block the serving process on a dead peer's pipe
-                q.close()
-        self._process = None
-        self._request = None
-        self._arrived = None
+        with self._lock:
+            if self._process is not None and self._process.is_alive():
+                self._process.kill()
+            if self._requests is not None:
+                self._requests.cancel_join_thread()  # never block on a dead peer's pipe
+                self._requests.close()
+            self._generation += 1  # its reader closes the results queue and stops
+            self._process = self._requests = self._request = self._outcome = None
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop the worker; waits at most a second for it to exit."""
-        if self._process is not None and self._process.is_alive():
+        process = self._process
+        if process is not None and process.is_alive():
             try:
                 self._requests.put_nowait(None)
-            except (ValueError, OSError):
+            except (ValueError, OSError, AttributeError):
                 pass
-            self._process.join(timeout=1.0)
+            process.join(timeout=1.0)
         self._kill()
 
     @property
     def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
+        process = self._process
+        return None if process is None else process.pid
 
     @property
     def busy(self) -> bool:
@@ -211,71 +230,93 @@ class PlannerWorker:
     # -- requests -----------------------------------------------------------------------------------------------
     def submit(self, request: PlanRequest) -> None:
         """Hand a request to the worker; it starts (or restarts) the worker when needed. Non-blocking."""
-        if self._process is None or not self._process.is_alive():
-            if self._process is not None:
-                log.warning("eplb planner worker (pid %s) is gone; starting a new one", self._process.pid)
-                self.restarts += 1
-            self._kill()
-            self.start()
-        self._request, self._arrived = request, None
-        self._submitted = time.monotonic()
-        self._requests.put(request)  # pickled by the queue's feeder thread, not here
+        with self._lock:
+            if self._process is None or not self._process.is_alive():
+                if self._process is not None:
+                    log.warning("eplb planner worker (pid %s) is gone; starting a new one", self._process.pid)
+                    self.restarts += 1
+                self._kill()
+                self.start()
+            self._request, self._outcome = request, None
+            self._submitted = time.monotonic()
+            self._requests.put(request)  # pickled by the queue's feeder thread, not here
 
     def wait(self, timeout_s: float) -> None:
-        """Block until the current request's reply arrived, the worker died or ``timeout_s`` passed; the next
-        :meth:`poll` reports it. Serving never calls this (it would wait on the planner); a replay that must accept
-        each plan in a known step does (the parity test of the simulator and the runtime)."""
-        deadline = time.monotonic() + timeout_s
-        while self._request is not None and self._arrived is None and time.monotonic() < deadline:
-            try:
-                item = self._results.get(timeout=0.05)
-            except queue.Empty:
-                if not self._process.is_alive():
-                    return
-                continue
-            if item == READY:
-                self._ready_at = time.monotonic()
-            else:
-                self._arrived = item
+        """Block until the current request's outcome is known or ``timeout_s`` passed; the next :meth:`poll` reports
+        it. Serving never calls this (it would wait on the planner); a replay that must accept each plan in a known
+        step does (the parity test of the simulator and the runtime)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._request is None or self._outcome is not None, timeout_s)
 
     def poll(self) -> tuple[str, PlannerReply | str | None]:
         """The state of the current request: ``("idle", None)``, ``("pending", None)``, ``("ready", PlannerReply)`` or
-        ``("failed", reason)``. Never blocks. On failure the worker is restarted."""
+        ``("failed", reason)``. Never blocks, and does no work: the reader thread did it."""
+        with self._lock:
+            if self._request is None:
+                return "idle", None
+            if self._outcome is None:
+                return "pending", None
+            outcome, self._request, self._outcome = self._outcome, None, None
+            return outcome
+
+    # -- the reader thread --------------------------------------------------------------------------------------
+    def _read(self, generation: int, results, process) -> None:
+        """Take the worker's replies off ``results`` until the worker is killed or replaced."""
+        try:
+            while generation == self._generation:
+                try:
+                    item = results.get(timeout=_READ_S)
+                except queue.Empty:
+                    self._watch(generation, process)
+                    continue
+                if item == READY:
+                    self._ready_at = time.monotonic()
+                    continue
+                request = self._request
+                cycle = item.cycle if isinstance(item, PlannerReply) else item[0]
+                if request is None or cycle != request.cycle:
+                    continue  # a result of an abandoned cycle
+                if isinstance(item, PlannerReply):
+                    problem = check_cycle_plan(item.plan, request.current, request.load.shape[-1],
+                                               request.topology)
+                    outcome = (("ready", item) if problem is None
+                               else ("failed", f"planner returned an invalid plan: {problem}"))
+                    if problem is None:  # hashed here (and cached), never by a step; not taken from the worker
+                        item.plan.__dict__.pop("checksum", None)
+                        item.plan.checksum  # noqa: B018
+                else:
+                    outcome = ("failed", f"planner raised an error:\n{item[1]}")
+                self._publish(generation, request, outcome)
+        except (OSError, ValueError, EOFError):  # the queue was closed under us: this worker is gone
+            pass
+        finally:
+            results.cancel_join_thread()
+            results.close()
+
+    def _watch(self, generation: int, process) -> None:
+        """A dead or hung worker fails the current request and is replaced (here, not in a step)."""
         request = self._request
         if request is None:
-            return "idle", None
-        while True:
-            item, self._arrived = self._arrived, None
-            if item is None:
-                try:
-                    item = self._results.get_nowait()
-                except queue.Empty:
-                    break
-            if item == READY:
-                self._ready_at = time.monotonic()
-                continue
-            cycle = item.cycle if isinstance(item, PlannerReply) else item[0]
-            if cycle != request.cycle:
-                continue  # a result of an abandoned cycle
-            self._request = None
-            if isinstance(item, PlannerReply):
-                problem = check_cycle_plan(item.plan, request.current, request.load.shape[-1], request.topology)
-                if problem is None:
-                    return "ready", item
-                return self._fail(f"planner returned an invalid plan: {problem}", restart=False)
-            return self._fail(f"planner raised an error:\n{item[1]}", restart=False)
-        if not self._process.is_alive():
-            return self._fail(f"planner worker died (exit code {self._process.exitcode})")
-        now = time.monotonic()
-        if self._ready_at is None:
-            if now - self._started > self.startup_s:
-                return self._fail(f"planner worker did not start within {self.startup_s:g} s")
-        elif now - max(self._submitted, self._ready_at) > self.deadline_s:
-            return self._fail(f"planner missed its deadline of {self.deadline_s:g} s (killed as hung)")
-        return "pending", None
-
-    def _fail(self, reason: str, restart: bool = True) -> tuple[str, str]:
-        self._request = None
-        if restart:
+            return
+        if not process.is_alive():
+            reason = f"planner worker died (exit code {process.exitcode})"
+        else:
+            now, ready_at = time.monotonic(), self._ready_at
+            if ready_at is None and now - self._started > self.startup_s:
+                reason = f"planner worker did not start within {self.startup_s:g} s"
+            elif ready_at is not None and now - max(self._submitted, ready_at) > self.deadline_s:
+                reason = f"planner missed its deadline of {self.deadline_s:g} s (killed as hung)"
+            else:
+                return
+        with self._lock:
+            if generation != self._generation or self._request is not request:
+                return
             self.restart()
-        return "failed", reason
+            self._request = request  # the failure is this request's outcome
+            self._publish(self._generation, request, ("failed", reason))
+
+    def _publish(self, generation: int, request: PlanRequest, outcome: tuple) -> None:
+        with self._lock:
+            if generation == self._generation and self._request is request:
+                self._outcome = outcome
+                self._changed.notify_all()

@@ -102,11 +102,20 @@ class LoadRecorder:
         self.window = torch.zeros(num_layers, width, **kw)
         #: int64 [L, E]: counts already converted to logical experts (layers that switched placement mid-window)
         self.folded = torch.zeros(num_layers, num_experts, **kw)
-        #: int64 [L, T, S]: one row per step (ring), when ring_steps > 0
-        self.ring = torch.zeros(num_layers, ring_steps, width, **kw) if ring_steps else None
-        self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **kw) if ring_steps else None
-        self._ones = torch.ones(1, **kw)
+        # one step's count per slot fits 32 bits, which halves the ring (a 1,000-step ring is the largest table EPLB
+        # keeps: 58 x 1,000 x (320 + 256) x 4 bytes = 134 MB at DeepSeek-V3 size)
+        ring_kw = dict(dtype=torch.int32, device=self.device)
+        #: int32 [L, T, S]: one row per step (ring), when ring_steps > 0
+        self.ring = torch.zeros(num_layers, ring_steps, width, **ring_kw) if ring_steps else None
+        self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **ring_kw) if ring_steps else None
+        # What a record call reads is on the device, set by begin_step outside the forward, so a forward captured in a
+        # CUDA graph records correctly on replay: the gate (1: this step counts, 0: its stage is not recorded) and
+        # the flat offset of the current ring row.
+        self._gate = torch.full((1,), int(stage == "all"), **kw)
+        self._ring_row = torch.zeros(1, **kw)
+        self._ring_offset = torch.zeros(1, **kw)
         self._window_rows = list(self.window.unbind(0))  # per-layer views, bound once (cheaper per call)
+        self._ring_rows = [row.view(-1) for row in self.ring.unbind(0)] if ring_steps else None  # [T * S] each
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
@@ -118,12 +127,17 @@ class LoadRecorder:
     def begin_step(self, is_prefill: bool = False) -> None:
         """Start a step. ``is_prefill`` must be the same on every rank (decide it from the global batch, e.g. "any
         DP rank has a prefill request"), so that all ranks keep or drop the same steps."""
-        self._active = self.stage == "all" or (self.stage == "prefill") == bool(is_prefill)
-        if self._active and self.ring is not None:
+        active = self.stage == "all" or (self.stage == "prefill") == bool(is_prefill)
+        if active != self._active:
+            self._gate.fill_(int(active))
+            self._active = active
+        if active and self.ring is not None:
             self._row = self._steps % self.ring_steps
+            self._ring_row.fill_(self._row)
+            self._ring_offset.fill_(self._row * self.width)
             self.ring[:, self._row].zero_()
             self.ring_folded[:, self._row].zero_()
-        if self._active:
+        if active:
             self._steps += 1
 
     @property
@@ -131,30 +145,36 @@ class LoadRecorder:
         """Steps recorded since the last :meth:`reset`."""
         return self._steps
 
-    def record_ids(self, layer: int, physical_ids: torch.Tensor) -> None:
-        """Count the physical slot ids (int, any shape, values in ``[0, P)``) routed in ``layer`` this step."""
+    def record_ids(self, layer: int, physical_ids: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Count the physical slot ids ``[N, ...]`` (values in ``[0, P)``) routed in ``layer`` this step.
+
+        ``valid``: optional bool ``[N]`` on the device, False for padded tokens (a batch padded to a CUDA graph's
+        size), which are then not counted. Device ops only, nothing read on the host: safe inside a captured
+        graph."""
         if self.source != "ids":
             raise EplbError("this recorder counts kernel per-slot counts; use record_counts()")
-        if not self._active:
-            return
         ids = physical_ids.reshape(-1)
-        self._window_rows[layer].index_add_(0, ids, self._ones.expand(ids.numel()))
+        if valid is None:
+            weight = self._gate.expand(ids.numel())
+        else:
+            per_token = ids.numel() // max(valid.numel(), 1)
+            weight = (valid.reshape(-1, 1).to(torch.int64) * self._gate).expand(-1, per_token).reshape(-1)
+        self._window_rows[layer].index_add_(0, ids, weight)
         if self.ring is not None:
-            self.ring[layer, self._row].index_add_(0, ids, self._ones.expand(ids.numel()))
+            self._ring_rows[layer].index_add_(0, ids + self._ring_offset, weight.to(torch.int32))
 
     def record_counts(self, layer: int, slot_counts: torch.Tensor, cumulative: bool = False) -> None:
         """Add the kernel's per-local-slot counts ``[K]`` of ``layer`` for this step; ``cumulative`` counts are
-        prefix sums over the slots (``[2, 7]`` means 2 and 5 tokens)."""
+        prefix sums over the slots (``[2, 7]`` means 2 and 5 tokens). Device ops only (graph-safe)."""
         if self.source != "counts":
             raise EplbError("this recorder counts physical ids; use record_ids()")
-        if not self._active:
-            return
         counts = slot_counts.to(torch.int64)
         if cumulative:
             counts = torch.diff(counts, prepend=counts.new_zeros(1))
+        counts = counts * self._gate
         self.window[layer].add_(counts)
         if self.ring is not None:
-            self.ring[layer, self._row].add_(counts)
+            self.ring[layer].index_add_(0, self._ring_row, counts[None].to(torch.int32))
 
     # -- placement changes --------------------------------------------------------------------------------------
     def fold_layer(self, layer: int, slot_to_expert: torch.Tensor) -> None:
@@ -199,8 +219,8 @@ class LoadRecorder:
                 snapshot's device, e.g. the host for EPLB's Gloo side group).
 
         Returns:
-            int64 ``[L, E]``, or ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a ring
-            (``T' = min(T, steps)``).
+            int64 ``[L, E]``, or int32 ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a
+            ring (``T' = min(T, steps)``).
         """
         snap = snapshot or WindowSnapshot(self.window, self.folded, self.ring, self.ring_folded, self._steps)
         device = snap.window.device

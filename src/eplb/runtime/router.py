@@ -3,8 +3,7 @@
 The torch twin of :func:`eplb.dispatch.route` (the numpy reference the simulator is built on; tested equal): the
 tables come from :mod:`eplb.dispatch`, and only the per-token work runs here, on the device.
 
-Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route` except in
-``balanced``):
+Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route`):
 
 - ``rank``: rank ``r`` sends every token of expert ``e`` to replica ``r % count_e`` (replicas in slot order);
   with ``tp_size > 1`` to replica ``(r % tp_size + r // tp_size + e) % count_e`` (vllm-ascend's rule).
@@ -12,12 +11,16 @@ Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`Repl
   (vllm-ascend's per-token table, computed instead of stored).
 - ``local``: a replica on this rank if there is one, else one on this node (rotated by rank), else the ``rank`` rule.
 - ``balanced``: this step's tokens per expert over the whole group are split over the ranks holding the expert so
-  that the busiest rank gets as few tokens as possible (:func:`eplb.dispatch.balanced_split`); rank ``r``'s
-  tokens of expert ``e`` take the global positions after those of ranks ``0..r-1`` and fill the replicas in order.
-  Needs every rank's counts ``[W, E]`` (e.g. an all-gather of each rank's ``bincount``, one small collective per
-  layer), so every rank computes the same split. The split runs on the host (the core's numpy code), so
-  this mode costs one host sync per layer and, on CPU, about 10 ms per layer for DeepSeek-V3 EP32 (its
-  water-filling loops over the replicated experts; see ``benchmarks/runtime.py``).
+  that the busiest rank gets nearly as few tokens as possible; rank ``r``'s tokens of expert ``e`` take the global
+  positions after those of ranks ``0..r-1`` and fill the replicas in order. Needs every rank's counts ``[W, E]``
+  (e.g. an all-gather of each rank's ``bincount``, one small collective per layer), so every rank computes the
+  same split. The split is the torch twin of :func:`eplb.dispatch.balanced_replica_load`, on the device: the even
+  split, then :data:`~eplb.dispatch.BALANCED_PASSES` (12) water-filling passes, each over a set of replicated
+  experts that share no rank (fixed shapes, integer tokens, stable sorts: no host sync, bit-identical to the numpy
+  reference and on every rank). On the real DeepSeek-V3 loads its busiest rank is on average 0.3-1.4% and at most
+  4-6% above the exact optimum; each pass is ~18 small kernels (``benchmarks/dispatch.py``; docs/runtime.md). Its
+  tables (ranks of each expert, the experts of each pass) are built with the others when a layer's placement
+  changes.
 
 Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
 change (CUDA graphs captured once keep working after a layer switches).
@@ -33,7 +36,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.dispatch import RUNTIME_MODES, TOKEN_TABLE_ROWS, balanced_split, check_dispatch, rank_choice, replica_slots
+from eplb.dispatch import (
+    BALANCED_PASSES,
+    RUNTIME_MODES,
+    TOKEN_TABLE_ROWS,
+    balanced_schedule,
+    check_dispatch,
+    rank_choice,
+    replica_slots,
+)
 from eplb.errors import EplbError
 from eplb.placement import Failover, Placement
 from eplb.runtime.transport import upload
@@ -42,6 +53,9 @@ __all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
 #: the dispatch modes a router runs (:data:`eplb.dispatch.RUNTIME_MODES`; the old name)
 ROUTER_MODES = RUNTIME_MODES
+# ``balanced``: the load of the split's spare bin W, which padded replica columns point to: above any real rank load
+# (so water never reaches it), small enough that a row of them sums without overflow
+_SPARE_LOAD = 1 << 40
 
 
 class ReplicaRouter:
@@ -75,10 +89,20 @@ class ReplicaRouter:
         self.replica_count = torch.ones(self.num_layers, self.num_experts, **kw)
         #: int64 [L, E]: the slot this rank sends each expert to (``rank`` and ``local`` modes)
         self.rank_table = torch.zeros(self.num_layers, self.num_experts, **kw)
-        # int64 [L, E, M] on the host: distinct ranks holding each expert, ascending, -1 padded (``balanced`` mode)
-        self._replica_rank_host = np.full((self.num_layers, self.num_experts, self.max_replicas), -1, dtype=np.int64)
+        num_ranks = self.topology.num_ranks
+        # ``balanced`` mode: an expert has at most one column per distinct rank
+        self.split_width = min(self.max_replicas, num_ranks)
+        #: int64 [L, E + 1, M]: distinct ranks holding each expert, ascending, padded with W (a spare bin of the
+        #: split); row E is the stand-in expert that pads the schedule (``balanced`` mode)
+        self.split_rank = torch.full((self.num_layers, self.num_experts + 1, self.split_width), num_ranks, **kw)
+        #: int64 [L, BALANCED_PASSES, K]: the experts each pass of the split water-fills, padded with E
+        #: (:func:`eplb.dispatch.balanced_schedule`; ``balanced`` mode)
+        self.split_schedule = torch.full((self.num_layers, BALANCED_PASSES, max(1, num_ranks // 2)), self.num_experts,
+                                         **kw)
         #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
-        self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.max_replicas, **kw)
+        self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.split_width, **kw)
+        self._split_column = torch.arange(self.split_width, **kw)
+        self._split_divisor = self._split_column + 1  # ranks filled when the water covers columns 0..j
         #: int64 [P]: rank of every physical slot
         self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
         #: bool [W]: failed ranks whose slots no route may name (all False while every rank serves)
@@ -114,14 +138,14 @@ class ReplicaRouter:
                 "rank_table": rank_choice(placement, self.rank, "local" if self.dispatch == "local" else "rank",
                                           self.tp_size, rows)}
         if self.dispatch == "balanced":
-            tables["replica_rank"], host["replica_slot"] = replica_slots(placement, rows, self.max_replicas)
+            host.update(self._split_tables(placement, rows))
         tables.update({name: upload(value, self.device) for name, value in host.items()})
         if isinstance(placement, Failover):
             tables["lost"] = placement.lost_mask[rows]
         return tables
 
     def apply_tables(self, tables: dict) -> None:
-        """Write tables from :meth:`build_tables` in place (device copies; the host table of ``balanced`` mode)."""
+        """Write tables from :meth:`build_tables` in place (device copies only)."""
         layers = tables["layers"]
         if layers.size == 0:
             return
@@ -130,7 +154,8 @@ class ReplicaRouter:
         self.replica_count.index_copy_(0, index, tables["replica_count"])
         self.rank_table.index_copy_(0, index, tables["rank_table"])
         if self.dispatch == "balanced":
-            self._replica_rank_host[layers] = tables["replica_rank"]
+            self.split_rank.index_copy_(0, index, tables["split_rank"])
+            self.split_schedule.index_copy_(0, index, tables["split_schedule"])
             self.replica_slot.index_copy_(0, index, tables["replica_slot"])
         if "lost" in tables:
             self._park_lost(layers, tables["lost"])
@@ -162,10 +187,6 @@ class ReplicaRouter:
         l_idx, e_idx = torch.as_tensor(layer, device=self.device), torch.as_tensor(expert, device=self.device)
         self.replica_count[l_idx, e_idx] = 1  # the token rotation then picks replica 0, which is -1
         self.rank_table[l_idx, e_idx] = -1
-        if self.dispatch == "balanced":
-            # the split needs a rank per expert: the first live rank stands in, and its slot is -1
-            self._replica_rank_host[layer, expert, 0] = int(np.flatnonzero(~self.failed)[0])
-            self.replica_slot[l_idx, e_idx] = -1
 
     def update_layer(self, layer: int, phy2log_row) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
@@ -200,20 +221,55 @@ class ReplicaRouter:
         return self._route_balanced(layer, ids, group_counts)
 
     # -- balanced ------------------------------------------------------------------------------------------------
-    def replica_split(self, layer: int, expert_load) -> np.ndarray:
-        """int64 ``[E, M]``: :func:`eplb.dispatch.balanced_split` of the group's per-expert tokens ``expert_load``
-        ``[E]`` this step, on the host (bit-identical on every rank)."""
-        total = expert_load.cpu() if isinstance(expert_load, torch.Tensor) else expert_load
-        return balanced_split(np.asarray(total, dtype=np.int64), self._replica_rank_host[layer],
-                              self.topology.num_ranks)
+    def _split_tables(self, placement, rows) -> dict:
+        """Host tables of the ``balanced`` mode for placement ``rows``: ``split_rank``, ``split_schedule``,
+        ``replica_slot``."""
+        num_ranks = self.topology.num_ranks
+        ranks, slots = replica_slots(placement, rows, self.split_width)
+        if isinstance(placement, Failover):
+            # the split needs a rank per expert: the first live rank stands in for a lost one, and its slot is -1
+            lost = placement.lost_mask[rows]
+            ranks[lost, 0] = int(np.flatnonzero(~self.failed)[0])
+            slots[lost] = -1
+        schedule = balanced_schedule(ranks, num_ranks, BALANCED_PASSES, self.split_schedule.shape[2])
+        split_rank = np.full((len(rows), self.num_experts + 1, self.split_width), num_ranks, dtype=np.int64)
+        split_rank[:, :-1] = np.where(ranks >= 0, ranks, num_ranks)
+        return {"split_rank": split_rank, "split_schedule": schedule, "replica_slot": slots}
+
+    def replica_split(self, layer: int, expert_load: torch.Tensor) -> torch.Tensor:
+        """int64 ``[E, M]`` on the device: whole tokens each distinct replica rank of each expert receives for the
+        group's per-expert tokens ``expert_load`` int64 ``[E]`` (on the device) this step; the torch twin of
+        :func:`eplb.dispatch.balanced_replica_load` (see that function for the passes), equal to it bit for bit."""
+        num_ranks, column = self.topology.num_ranks, self._split_column
+        bins = self.split_rank[layer]  # [E + 1, M]; W pads
+        tokens = torch.cat([expert_load, expert_load.new_zeros(1)])  # the stand-in expert E has none
+        valid = bins < num_ranks
+        count = valid.sum(1).clamp_(min=1)
+        share = torch.where(valid, (tokens // count)[:, None] + (column < (tokens % count)[:, None]), 0)
+        rank_load = torch.zeros(num_ranks + 1, dtype=torch.int64, device=bins.device)
+        rank_load.scatter_add_(0, bins.reshape(-1), share.reshape(-1))  # integer adds: any order gives the same sum
+        rank_load[num_ranks] = _SPARE_LOAD
+        schedule = self.split_schedule[layer]  # [passes, K]
+        # the ranks and tokens of every pass's experts in two gathers; each pass then reads its row
+        pass_bins, pass_tokens = bins[schedule], tokens[schedule]
+        for experts, ranks, pour in zip(schedule.unbind(0), pass_bins.unbind(0), pass_tokens.unbind(0)):
+            old = share[experts]
+            low, order = torch.sort(rank_load[ranks] - old, dim=1, stable=True)
+            level = torch.div(low.cumsum(1).add_(pour[:, None]), self._split_divisor, rounding_mode="floor").amin(1)
+            fill = (level[:, None] - low).clamp_(min=0)
+            fill += column < (pour - fill.sum(1))[:, None]
+            new = torch.empty_like(fill).scatter_(1, order, fill)
+            # the experts of a pass share no rank: only the spare bin W repeats, and it gets 0
+            rank_load.scatter_add_(0, ranks.reshape(-1), (new - old).reshape(-1))
+            share.index_copy_(0, experts, new)  # the stand-in row repeats, always with zeros
+        return share[:-1]
 
     def _route_balanced(self, layer: int, ids: torch.Tensor, group_counts: torch.Tensor) -> torch.Tensor:
         if tuple(group_counts.shape) != (self.topology.num_ranks, self.num_experts):
             raise EplbError(f"balanced routing needs group_counts [W={self.topology.num_ranks}, "
                             f"E={self.num_experts}] (tokens per expert of every rank), got {tuple(group_counts.shape)}")
         counts = group_counts.to(device=ids.device, dtype=torch.int64)
-        split = torch.as_tensor(self.replica_split(layer, counts.sum(0)), device=ids.device)  # [E, M]; host sync
-        bounds = split.cumsum(1)  # tokens of replicas 0..j
+        bounds = self.replica_split(layer, counts.sum(0)).cumsum(1)  # tokens of replicas 0..j
         flat = ids.reshape(-1)
         # this rank's tokens of expert e take global positions offset[e], offset[e] + 1, ... (ranks in order)
         offset = counts[:self.rank].sum(0)

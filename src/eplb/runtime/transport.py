@@ -46,7 +46,6 @@ __all__ = ["Message", "StagingArena", "TransferBackend", "GlooBackend", "NcclBac
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.001  # how often the idle side thread looks for a job
-_ALIGN = 256  # bytes; every view of an arena starts on this boundary (any dtype, vectorised copies)
 
 
 def upload(array, device) -> torch.Tensor:
@@ -101,7 +100,9 @@ class StagingArena:
     """One flat byte buffer, grown to the largest request seen and reused: views of it hold staged rows.
 
     Its size is what EPLB adds in staging memory (:attr:`nbytes`); it holds only the rows moved in one step,
-    never a copy of a whole layer.
+    never a copy of a whole layer. Views are packed without padding (widest dtype first, so each starts on its own
+    element size; with expert rows of a multiple of 256 bytes, as in real models, every view starts on 256 bytes),
+    so the arena is exactly the bytes of the rows the schedule counts.
     """
 
     def __init__(self, device, pin: bool = False):
@@ -114,16 +115,16 @@ class StagingArena:
 
     def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
         """Tensors of the given ``(shape, dtype)``, carved from the arena (valid until the next call)."""
-        offsets, total = [], 0
-        for shape, dtype in specs:
-            offsets.append(total)
-            size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-            total += -(-size // _ALIGN) * _ALIGN
+        widths = [torch.empty(0, dtype=dtype).element_size() for _, dtype in specs]
+        offsets, total = [0] * len(specs), 0
+        for index in sorted(range(len(specs)), key=lambda i: -widths[i]):
+            offsets[index] = total
+            total += torch.Size(specs[index][0]).numel() * widths[index]
         if total > self._buffer.numel():
             self._buffer = torch.empty(total, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
         out = []
-        for (shape, dtype), offset in zip(specs, offsets):
-            size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        for (shape, dtype), offset, width in zip(specs, offsets, widths):
+            size = torch.Size(shape).numel() * width
             out.append(self._buffer[offset:offset + size].view(dtype).view(shape))
         return out
 

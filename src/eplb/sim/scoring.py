@@ -74,10 +74,10 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
         rows, version = timeline.versions(layer)
         placement = Placement(rows, num_experts, topology)
         load = trace.counts[:, layer, :].astype(np.float64)
-        if config.dispatch == "balanced":
+        if config.dispatch == "balanced":  # the router's split, in whole tokens
             table = replica_ranks(placement)
             loads = np.concatenate([
-                balanced_rank_load(load[start:start + _BALANCED_ROWS], table, num_ranks,
+                balanced_rank_load(trace.counts[start:start + _BALANCED_ROWS, layer], table, num_ranks,
                                    version[start:start + _BALANCED_ROWS], config.balanced_passes)
                 for start in range(0, num_steps, _BALANCED_ROWS)])
         else:

@@ -39,12 +39,12 @@ import numpy as np
 from eplb.cycle import Cycle, CycleConfig, CycleRecord
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
-from eplb.planning import CyclePlan, plan_cycle
+from eplb.planning import plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
 from eplb.policies.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.dispatch import DISPATCH_MODES
+from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
 from eplb.sim.failures import Failure, failed_ranks, failure_events
 from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
@@ -66,8 +66,9 @@ class SimConfig:
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
         layout: initial placement, one of :data:`eplb.placement.LAYOUTS`.
-        balanced_passes: ``balanced`` mode: the most water-filling passes towards the min-max split (0 keeps the even
-            split; 200, the default, converges on DeepSeek-V3 loads; see :func:`eplb.dispatch.balanced_rank_load`).
+        balanced_passes: ``balanced`` mode: water-filling passes of the split (0 keeps the even split; the default
+            :data:`~eplb.dispatch.BALANCED_PASSES` is what the runtime's router runs; see
+            :func:`eplb.dispatch.balanced_replica_load`).
         failures: ranks or nodes that fail during the run (:class:`Failure`).
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
@@ -81,7 +82,7 @@ class SimConfig:
     expert_bytes: float = float(MODEL_EXPERT_BYTES["deepseek-v3"])
     cost: CostModel = field(default_factory=CostModel)
     layout: str = "vllm"
-    balanced_passes: int = 200
+    balanced_passes: int = BALANCED_PASSES
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
@@ -93,6 +94,11 @@ class SimConfig:
             raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.expert_bytes < 0:
             raise EplbError(f"expert_bytes must be >= 0, got {self.expert_bytes}")
+        smallest = self.expert_bytes * (2 if self.cycle.host_staging else 1)  # what moving one expert stages
+        if self.cycle.bytes_per_step is not None and self.cycle.bytes_per_step < smallest:
+            raise EplbError(f"cycle.bytes_per_step={self.cycle.bytes_per_step:g} is smaller than one expert "
+                            f"(expert_bytes={self.expert_bytes:g}, host_staging={self.cycle.host_staging}); "
+                            f"expected >= {smallest:g}")
         if self.tp_size < 1:
             raise EplbError(f"tp_size must be >= 1, got {self.tp_size}")
 
@@ -293,10 +299,10 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
             elif action.apply_layers:
-                layers = list(action.apply_layers)
+                parts = [plan.transfers[index] for index in action.apply_parts]
                 if not clairvoyant:  # the floor moves weights for free
-                    received[step] = _received_experts(plan, layers, topology.num_ranks).max() * config.expert_bytes
-                timeline.apply(step + 1, layers, plan.phy2log[layers])
+                    received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
+                timeline.apply(step + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
             if step % 256 == 0:
                 report(0.5 * step / num_steps)
         cycles = cycle.records
@@ -367,8 +373,7 @@ def _reload_lost(timeline: Timeline, trace: Trace, topology: Topology, live: np.
     timeline.apply(step + 1, layers, repaired[layers])
 
 
-def _received_experts(plan: CyclePlan, layers: list[int], num_ranks: int) -> np.ndarray:
-    """int64 ``[W]``: experts each rank receives over the network when ``plan`` applies ``layers`` (its transfers)."""
-    transfers = {t.layer: t.transfers for t in plan.transfers}
-    targets = np.concatenate([transfers[layer][:, 2] for layer in layers])
+def _received_experts(parts: list, num_ranks: int) -> np.ndarray:
+    """int64 ``[W]``: experts each rank receives over the network for ``parts`` (their transfers)."""
+    targets = np.concatenate([part.transfers[:, 2] for part in parts])
     return np.bincount(targets, minlength=num_ranks)
