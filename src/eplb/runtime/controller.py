@@ -278,7 +278,7 @@ class EplbController:
         self.step += 1
         self._in_step = False
 
-    def _prepare_switches(self, transfers: tuple) -> tuple[dict, object]:
+    def _prepare_switches(self, transfers: tuple, stream) -> tuple[dict, object]:
         """Side thread, once a plan is accepted: the recorder fold and router tables of every part's switch, by part
         (the plan's ``transfers`` index), built in one vectorised pass per round of parts (a layer's k-th parts in
         round k; one round unless ``bytes_per_step`` split layers) and uploaded to the device (so a move step hands
@@ -295,7 +295,7 @@ class EplbController:
                                            np.stack([t.new_row.reshape(-1) for t in round_of]),
                                            np.stack([t.old_row.reshape(-1) for t in round_of]))
             by_part.update({i: built[t.layer] for i, t in zip(parts, round_of)})
-        return by_part, side_event(self.channel.stream)
+        return by_part, side_event(stream)  # the stream it was posted with (a failover replaces the channel)
 
     def _switch(self) -> None:
         """Switch the layers posted in the last step: every rank's transfers completed (the side thread agreed on
@@ -554,7 +554,7 @@ class EplbController:
             return
         self.transfers = dict(enumerate(plan.transfers))
         if self.mover is not None:
-            self._tables = self.channel.submit(self._prepare_switches, plan.transfers)
+            self._tables = self.channel.submit(self._prepare_switches, plan.transfers, self.channel.stream)
 
     def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
         from eplb.formats import write_map
