@@ -4,8 +4,8 @@ Run 1 (one rank): rank 2's process exits in the middle of cycle 0's move (after 
 survivors catch the failure in a collective, read the failed rank from the launcher, build their own group, fail
 over, reload the experts that only lived on rank 2, serve the interrupted batch again and go on balancing over the
 3 live ranks. Run 2 (a node, resilience on): ranks 2 and 3 (node 1 of 2) exit together once cycle 0 has moved every
-layer; the plans give every expert two replicas and spread them over the nodes, so nothing is lost. Each launch has a global timeout and every collective one of its own, so a hang fails
-the module instead of blocking CI.
+layer; the plans give every expert two replicas and spread them over the nodes, so nothing is lost. Each launch has
+a global timeout and every collective one of its own, so a hang fails the module instead of blocking CI.
 """
 
 from __future__ import annotations

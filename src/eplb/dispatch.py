@@ -6,8 +6,9 @@ tested equal) does, :func:`rank_choice` and :func:`replica_slots` build the rout
 the split its ``balanced`` mode uses, and :func:`dispatch_share` / :func:`balanced_rank_load` give the rank loads the
 simulator scores.
 
-Modes (the rules of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly from every source rank (each rank
-serves its own share of the batch), which makes the static modes a fixed share matrix per placement:
+Modes (the rules of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly
+from every source rank (each rank serves its own share of the batch), which makes the static modes a fixed share
+matrix per placement:
 
 - ``even``: an expert with ``c`` replicas sends ``1/c`` of its tokens to each (the metrics' convention).
 - ``rank``: source rank ``r`` sends all its tokens of expert ``e`` to replica ``r % c`` (replicas in ascending

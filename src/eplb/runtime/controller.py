@@ -31,12 +31,12 @@ host time EPLB adds per step kind; ``tests/test_sync_free.py`` holds the contrac
 What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, its
 health check says so, or EPLB's heartbeat declares it: :meth:`EplbController.failed_peers`, see
 :mod:`eplb.runtime.heartbeat`), builds the process group of the survivors and calls
-:meth:`EplbController.fail_ranks` on every survivor between two steps. From the next step on no token goes to a failed rank, and every expert that lost its last
-replica is back, loaded from ``expert_loader`` into a slot of a spare replica; later windows are planned over the live
-ranks only. See :meth:`EplbController.fail_ranks`.
+:meth:`EplbController.fail_ranks` on every survivor between two steps. From the next step on no token goes to a
+failed rank, and every expert that lost its last replica is back, loaded from ``expert_loader`` into a slot of a
+spare replica; later windows are planned over the live ranks only. See :meth:`EplbController.fail_ranks`.
 
-What happens when the planner fails: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns an invalid
-plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
+What happens when the planner fails: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns
+an invalid plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
 the plan, so either every rank applies the same plan or none does). Serving continues on the current placement, a
 warning is logged, and the worker process is restarted for the next cycle. A layer switches only after its weights
 arrived on every rank, on all ranks in the same step; a peer that never sends is a dead rank, which the side group's
