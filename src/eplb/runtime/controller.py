@@ -291,9 +291,9 @@ class EplbController:
             rounds[k].append(index)
         for parts in rounds:
             round_of = [transfers[i] for i in parts]
-            built = self.live.prepare_many([t.layer for t in round_of],
-                                           np.stack([t.new_row.reshape(-1) for t in round_of]),
-                                           np.stack([t.old_row.reshape(-1) for t in round_of]))
+            built = self.live.prepare([t.layer for t in round_of],
+                                      np.stack([t.new_row.reshape(-1) for t in round_of]),
+                                      np.stack([t.old_row.reshape(-1) for t in round_of]))
             by_part.update({i: built[t.layer] for i, t in zip(parts, round_of)})
         return by_part, side_event(stream)  # the stream it was posted with (a failover replaces the channel)
 

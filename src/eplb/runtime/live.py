@@ -54,26 +54,15 @@ class LivePlacement:
         """Put ``layer`` on ``new_row`` ``[P]`` (its weights are in place): recorder fold, row, router tables.
         ``prepared``: :meth:`prepare` of this switch (built off the serving thread): then device copies only."""
         if prepared is None:
-            prepared = self.prepare(layer, new_row)
+            prepared = self.prepare([layer], np.asarray(new_row)[None], self._phy2log[layer][None])[layer]
         self.recorder.fold_layer(layer, prepared["fold"])
         self._phy2log[layer] = np.asarray(new_row, dtype=np.int64).reshape(-1)
         self._placement = None
         self.router.apply_tables(prepared["router"])
 
-    def prepare(self, layer: int, new_row: np.ndarray, old_row: np.ndarray | None = None) -> dict:
-        """What :meth:`switch` writes for ``layer``, built on the host and uploaded (any thread). ``old_row``: the
-        row in force when the switch comes (default: the row in force now)."""
-        if old_row is None:
-            old_row = self._phy2log[layer]
-        old_row = np.array(old_row, dtype=np.int64).reshape(-1)  # a copy: the tensor may share its memory
-        if self.recorder.source != "ids":
-            k = self.topology.slots_per_rank
-            old_row = old_row[self.rank * k:(self.rank + 1) * k]
-        return {"fold": upload(old_row, self.recorder.device),
-                "router": self.router.layer_tables(layer, np.asarray(new_row).reshape(-1))}
-
-    def prepare_many(self, layers, new_rows: np.ndarray, old_rows: np.ndarray) -> dict:
-        """:meth:`prepare` of many switches at once (one vectorised build and one upload per table), by layer.
+    def prepare(self, layers, new_rows: np.ndarray, old_rows: np.ndarray) -> dict:
+        """What :meth:`switch` writes for each of ``layers``, by layer: built on the host in one vectorised pass and
+        uploaded, one copy per table (any thread).
 
         Args:
             layers: the layers, each once.
