@@ -3,20 +3,15 @@
 Two real Gloo ranks run the controller on a 58-layer, 256-expert model (2 ranks x 144 slots, small expert tensors)
 through ordinary, poll, check, window-end (submit), move and switch steps of two cycles after a first one that warms
 up (planner processes start), in every runtime dispatch mode (``balanced`` with the group's counts, all-gathered
-by the test outside the hooks as an engine would). Inside the controller's hooks on the serving thread, these count
-as violations:
-
-- a host read of a tensor: ``Tensor.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``__bool__``;
-- a tensor built from host data (``torch.as_tensor``, ``torch.tensor``): on a device, a blocking upload;
-- ``Work.wait`` on work not yet complete, and reading a side-thread result that is not ready (``Future.result``);
-- any collective or point-to-point call; and from any thread, one on the serving group (``group=None`` here).
+by the test outside the hooks as an engine would). Inside the controller's hooks on the serving thread, the
+blocking calls :class:`eplb.runtime.sync_guard.SyncGuard` lists count as violations, and so does any collective on
+the serving group from any thread.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -29,63 +24,11 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb.runtime.controller import STEP_KINDS as KINDS  # noqa: E402
+from eplb.runtime.sync_guard import SyncGuard  # noqa: E402
 
 LAYERS, EXPERTS, WORLD, SLOTS = 58, 256, 2, 144
 MODES = ("rank", "token", "local", "balanced")
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier",
-                "reduce_scatter_tensor", "all_to_all_single", "isend", "irecv", "send", "recv", "batch_isend_irecv")
-
-
-class _Guard:
-    active = False  # inside a controller hook on the serving thread
-    hits: list = []
-    serving_group_calls = 0
-
-
-def _serving() -> bool:
-    return _Guard.active and threading.current_thread() is threading.main_thread()
-
-
-def _wrap(owner, name: str, label: str, when=None) -> None:
-    original = getattr(owner, name, None)
-    if original is None:
-        return
-
-    def wrapper(*args, **kwargs):
-        if _serving() and (when is None or when(*args, **kwargs)):
-            _Guard.hits.append(label)
-        return original(*args, **kwargs)
-
-    setattr(owner, name, wrapper)
-
-
-def _wrap_collective(name: str) -> None:
-    original = getattr(dist, name, None)
-    if original is None:
-        return
-
-    def wrapper(*args, **kwargs):
-        if _serving():
-            _Guard.hits.append(f"dist.{name}")
-        if kwargs.get("group") is None and not any(isinstance(a, dist.ProcessGroup) for a in args):
-            _Guard.serving_group_calls += 1
-        return original(*args, **kwargs)
-
-    setattr(dist, name, wrapper)
-
-
-def _install() -> None:
-    for name in ("item", "cpu", "tolist", "numpy", "__bool__"):
-        _wrap(torch.Tensor, name, f"Tensor.{name}")
-    for name in ("as_tensor", "tensor"):
-        _wrap(torch, name, f"torch.{name}")
-    _wrap(dist.Work, "wait", "Work.wait (incomplete)", when=lambda work, *a, **k: not work.is_completed())
-    import concurrent.futures
-
-    _wrap(concurrent.futures.Future, "result", "waited for EPLB's side thread",
-          when=lambda future, *a, **k: not future.done())
-    for name in _COLLECTIVES:
-        _wrap_collective(name)
+_GUARD = None  # this rank's SyncGuard, installed in _rank_main
 
 
 def _run_mode(rank: int, dispatch: str) -> dict:
@@ -116,28 +59,25 @@ def _run_mode(rank: int, dispatch: str) -> dict:
         for step in range(1000):
             # the first cycle warms up (planner processes start, imports); measured from the second window on
             measured = len(ctl.metrics) >= 2
-            start = len(_Guard.hits)
-            _Guard.active = True
-            ctl.before_forward()
-            _Guard.active = False
+            start = len(_GUARD.hits)
+            with _GUARD.serving():
+                ctl.before_forward()
             step_kinds = ctl.step_kinds
             profile = len(ctl.metrics) % len(profiles)
             ids = profiles[profile]
-            _Guard.active = True
-            for layer in range(LAYERS):
-                ctl.route(layer, ids[layer], group_counts[profile, layer] if dispatch == "balanced" else None)
-            _Guard.active = False
+            with _GUARD.serving():
+                for layer in range(LAYERS):
+                    ctl.route(layer, ids[layer], group_counts[profile, layer] if dispatch == "balanced" else None)
             # the forward the side thread's work overlaps with, long enough for that work to finish: this test holds
             # the serving thread's own syncs at zero; how fast the side thread is (late steps) is the benchmark's
             time.sleep(0.01)
             ctl.channel.drain()
-            _Guard.active = True
-            ctl.after_forward()
-            _Guard.active = False
+            with _GUARD.serving():
+                ctl.after_forward()
             for kind in step_kinds if measured else ():
                 kinds[kind] += 1
-                if len(_Guard.hits) > start:
-                    hits_by_kind.setdefault(kind, []).extend(f"step {step}: {hit}" for hit in _Guard.hits[start:])
+                if len(_GUARD.hits) > start:
+                    hits_by_kind.setdefault(kind, []).extend(f"step {step}: {hit}" for hit in _GUARD.hits[start:])
             done = sum(1 for m in ctl.metrics[1:] if m.applied_layers) >= 2 and all(kinds.values())
             flag = torch.tensor([int(done)])
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=_SIDE)  # the test's own agreement, outside the hooks
@@ -152,18 +92,18 @@ _SIDE = None
 
 
 def _rank_main(rank: int, port: int, tmp: str) -> None:
-    global _SIDE
+    global _SIDE, _GUARD
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     _SIDE = dist.new_group(list(range(WORLD)))
-    _install()
+    _GUARD = SyncGuard.install()
     out = {}
     try:
         for dispatch in MODES:
-            _Guard.serving_group_calls = 0
+            _GUARD.serving_group_calls = 0
             out[dispatch] = _run_mode(rank, dispatch)
-            out[dispatch]["serving_group_calls"] = _Guard.serving_group_calls
+            out[dispatch]["serving_group_calls"] = _GUARD.serving_group_calls
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
@@ -198,6 +138,34 @@ def runs(tmp_path_factory):
     for r in results:
         assert "error" not in r, r["error"]
     return results
+
+
+_GUARD_PROBE = """
+import concurrent.futures, torch
+from eplb.runtime.sync_guard import SyncGuard
+guard = SyncGuard.install()
+t = torch.arange(3)
+t.sum().item()  # outside a hook: not counted
+pending = concurrent.futures.Future()
+done = concurrent.futures.Future()
+done.set_result(1)
+with guard.serving():
+    t.sum().item()
+    t.tolist()
+    bool(t.any())
+    torch.as_tensor([1, 2])
+    done.result()  # ready: not a wait
+    pending.done()
+print(guard.hits)
+"""
+
+
+def test_the_guard_counts_blocking_calls_inside_a_hook_only():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _GUARD_PROBE], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(["Tensor.item", "Tensor.tolist", "Tensor.__bool__", "torch.as_tensor"])
 
 
 @pytest.mark.parametrize("dispatch", MODES)
