@@ -71,7 +71,7 @@ from eplb.runtime.heartbeat import watch
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
 from eplb.runtime.transport import SideChannel, hand_over, side_event
-from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, window_par
+from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, static_window
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
@@ -172,9 +172,9 @@ class EplbController:
                                   f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors"
                                   f"{', staged on the device and in host memory' if host_staging else ''}); "
                                   f"expected >= {largest} so that a step can move at least one expert")
-        #: EPLB's side thread, groups and stream (transfers, agreements); None in ``off`` and ``static`` modes
+        #: EPLB's side thread, groups and stream (transfers, agreements, window gathers); None in ``off`` mode
         self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching)
-                        if planning else None)
+                        if config.mode != "off" else None)
         if config.mode == "dynamic":
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group, self.channel)
         self.planner = None
@@ -241,7 +241,7 @@ class EplbController:
             self._step_s.append(now - self._step_started)
         self._step_started = now
         if self.config.mode == "static":
-            self._static_window()
+            self.step_kinds = ["submit"] if self._static_window() else ["ordinary"]
             self.recorder.begin_step(is_prefill)
             return
         kinds = []
@@ -456,11 +456,15 @@ class EplbController:
         self.recorder.reset()
         return load
 
-    def _static_window(self) -> None:
-        if self.step and self.step % self.config.window_steps == 0:
-            load = self.gather_load()
-            window_par(load.sum(axis=0) if load.ndim == 3 else load, self.placement, self.failed, self.step,
-                       self.config.log_balancedness)
+    def _static_window(self) -> bool:
+        """Static mode: at a window end, the window's PAR is measured and logged on the side thread (the recorder's
+        buffers copied on the device here); whether this step ended a window."""
+        if not (self.step and self.step % self.config.window_steps == 0):
+            return False
+        self.channel.submit(static_window, self.channel, self.recorder, self.recorder.snapshot(),
+                            self.channel.record_event(), self.placement, self.failed.copy(), self.step,
+                            self.config.log_balancedness)
+        return True
 
     def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side

@@ -102,6 +102,10 @@ class ReplicaRouter:
         #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
         self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.split_width, **kw)
         self._split_column = torch.arange(self.split_width, **kw)
+        # the split's starting rank loads: 0 for every rank, the spare bin's load last (cloned in each route: a
+        # Python scalar written into a device tensor would be a blocking copy, and a CUDA graph cannot capture it)
+        self._spare_loads = torch.zeros(num_ranks + 1, **kw)
+        self._spare_loads[num_ranks:].fill_(_SPARE_LOAD)
         self._split_divisor = self._split_column + 1  # ranks filled when the water covers columns 0..j
         #: int64 [P]: rank of every physical slot
         self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
@@ -246,9 +250,8 @@ class ReplicaRouter:
         valid = bins < num_ranks
         count = valid.sum(1).clamp_(min=1)
         share = torch.where(valid, (tokens // count)[:, None] + (column < (tokens % count)[:, None]), 0)
-        rank_load = torch.zeros(num_ranks + 1, dtype=torch.int64, device=bins.device)
+        rank_load = self._spare_loads.clone()
         rank_load.scatter_add_(0, bins.reshape(-1), share.reshape(-1))  # integer adds: any order gives the same sum
-        rank_load[num_ranks] = _SPARE_LOAD
         schedule = self.split_schedule[layer]  # [passes, K]
         # the ranks and tokens of every pass's experts in two gathers; each pass then reads its row
         pass_bins, pass_tokens = bins[schedule], tokens[schedule]

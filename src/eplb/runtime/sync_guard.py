@@ -1,13 +1,21 @@
 """Catch, on CPU, the host syncs the serving thread would make on an accelerator.
 
 The sync-free contract says that EPLB's hooks (``before_forward``, ``route``, ``after_forward``) never make the
-serving thread wait. CUDA's sync debug mode catches some violations on a GPU; this guard catches them on any device,
-CPU included, by wrapping the entry points that block. Inside ``with guard.serving():`` on the thread that entered
-it, each call to one of them is recorded in :attr:`SyncGuard.hits`:
+serving thread wait. CUDA's sync debug mode catches some violations on a GPU (stream syncs and blocking copies); this
+guard catches them and more on any device, CPU included, by wrapping the entry points that block or that would block
+on a device. Inside ``with guard.serving():`` on the thread that entered it, each call to one of them is recorded in
+:attr:`SyncGuard.hits`:
 
-- a host read of a tensor: ``Tensor.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``__bool__``;
-- a tensor built from host data (``torch.as_tensor``, ``torch.tensor``): on a device, a blocking upload;
-- ``Work.wait`` on work not yet complete, and reading a side-thread result that is not ready (``Future.result``);
+- a host read of a tensor: ``Tensor.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``bool()`` / ``int()`` / ``float()``
+  / ``operator.index()`` of a tensor;
+- host data written into a tensor (``t[i] = 3``, ``t[mask] = x``, an index given as a list or an array): on a device,
+  a blocking upload, which a CUDA graph cannot capture;
+- a tensor built from host data (``torch.as_tensor``, ``torch.tensor``) or copied between the host and a device
+  without ``non_blocking`` (``.to``, ``.copy_``);
+- an op whose output size depends on the data (``torch.nonzero``, ``argwhere``, ``masked_select``, ``unique``,
+  one-argument ``torch.where``) or boolean-mask indexing (``t[mask]``): the host must read the size;
+- a wait: ``Work.wait`` on work not yet complete, reading a side-thread result that is not ready
+  (``Future.result``), ``Event.synchronize``, ``Stream.synchronize``, ``torch.cuda.synchronize``;
 - any collective or point-to-point call.
 
 From any thread, a collective on the default group (the serving group) counts in
@@ -23,6 +31,7 @@ import concurrent.futures
 import threading
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,6 +39,36 @@ __all__ = ["SyncGuard"]
 
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier",
                 "reduce_scatter_tensor", "all_to_all_single", "isend", "irecv", "send", "recv", "batch_isend_irecv")
+_HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "__complex__")
+_DATA_SIZED = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive")
+
+
+def _host_index(index) -> bool:
+    """Whether an index needs the host: a boolean mask (its size is data), or a list or array of host data."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if isinstance(part, torch.Tensor) and part.dtype in (torch.bool, torch.uint8):
+            return True
+        if isinstance(part, (list, np.ndarray)):
+            return True
+    return False
+
+
+def _crosses_host(source: torch.Tensor, target, non_blocking: bool) -> bool:
+    """A copy between the host and a device that is not asked to be non-blocking."""
+    if non_blocking or target is None:
+        return False
+    return (source.device.type == "cpu") != (torch.device(target).type == "cpu")
+
+
+def _to_target(args, kwargs):
+    """The device a ``Tensor.to`` call copies to (None: it names none)."""
+    for value in (*args, kwargs.get("device")):
+        if isinstance(value, (torch.device, str)):
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
 
 
 class SyncGuard:
@@ -68,11 +107,20 @@ class SyncGuard:
             return
 
         def wrapper(*args, **kwargs):
-            if self._active() and (when is None or when(*args, **kwargs)):
-                self.hits.append(label)
+            if self._active():
+                self._thread = None  # what ``when`` itself calls is not the hook's
+                try:
+                    hit = when is None or when(*args, **kwargs)
+                finally:
+                    self._thread = threading.current_thread()
+                if hit:
+                    self.hits.append(label)
             return original(*args, **kwargs)
 
-        setattr(owner, name, wrapper)
+        try:
+            setattr(owner, name, wrapper)
+        except TypeError:  # a built-in type (torch.Event, torch.Stream): its Python subclasses are wrapped instead
+            pass
 
     def _wrap_collective(self, name: str) -> None:
         original = getattr(dist, name, None)
@@ -89,12 +137,30 @@ class SyncGuard:
         setattr(dist, name, wrapper)
 
     def _patch(self) -> None:
-        for name in ("item", "cpu", "tolist", "numpy", "__bool__"):
-            self._wrap(torch.Tensor, name, f"Tensor.{name}")
+        tensor = torch.Tensor
+        for name in _HOST_READS:
+            self._wrap(tensor, name, f"Tensor.{name}")
         for name in ("as_tensor", "tensor"):
             self._wrap(torch, name, f"torch.{name}")
+        for name in _DATA_SIZED:
+            self._wrap(torch, name, f"torch.{name}")
+            self._wrap(tensor, name, f"Tensor.{name}")
+        self._wrap(torch, "where", "torch.where (one argument)", when=lambda *a, **k: len(a) + len(k) == 1)
+        self._wrap(tensor, "__getitem__", "Tensor.__getitem__ (mask or host index)",
+                   when=lambda t, index: _host_index(index))
+        self._wrap(tensor, "__setitem__", "Tensor.__setitem__ (host value or index)",
+                   when=lambda t, index, value: not isinstance(value, torch.Tensor) or _host_index(index))
+        self._wrap(tensor, "to", "Tensor.to (blocking host copy)",
+                   when=lambda t, *a, **k: _crosses_host(t, _to_target(a, k), k.get("non_blocking", False)))
+        self._wrap(tensor, "copy_", "Tensor.copy_ (blocking host copy)",
+                   when=lambda t, src, non_blocking=False: _crosses_host(src, t.device, non_blocking))
         self._wrap(dist.Work, "wait", "Work.wait (incomplete)", when=lambda work, *a, **k: not work.is_completed())
         self._wrap(concurrent.futures.Future, "result", "waited for EPLB's side thread",
                    when=lambda future, *a, **k: not future.done())
+        for owner in (torch.cuda.Event, torch.cuda.Stream, getattr(torch, "Event", None),
+                      getattr(torch, "Stream", None)):
+            if owner is not None:
+                self._wrap(owner, "synchronize", f"{owner.__module__}.{owner.__name__}.synchronize")
+        self._wrap(torch.cuda, "synchronize", "torch.cuda.synchronize")
         for name in _COLLECTIVES:
             self._wrap_collective(name)
