@@ -5,7 +5,9 @@ Recording never synchronises with the host: every call is a handful of device op
 Two sources of counts, per MoE layer and step:
 
 - :meth:`LoadRecorder.record_ids`: the physical top-k slot ids this rank's tokens were routed to (any shape, values in
-  ``[0, P)``); counted over all ``P`` slots of the group.
+  ``[0, P)``); counted over all ``P`` slots of the group. An id of -1 (an expert with no live replica after a rank
+  failure) is not counted: it lands in a spare column of the buffers, never read, so no index is out of range (on
+  CUDA an out-of-range index is a device-side assert that kills the process).
 - :meth:`LoadRecorder.record_counts`: the per-local-slot counts an MoE kernel already returns (``[K]``), either plain
   or cumulative over the slots (``cumulative=True``: entry ``k`` is the tokens of slots ``0..k``, the ``group_list``
   form of grouped-matmul kernels); counted over this rank's ``K`` slots.
@@ -13,6 +15,10 @@ Two sources of counts, per MoE layer and step:
 Layouts (vllm-ascend ``heat_layout``): the local window buffer is ``[L, S]`` (``S = P`` for ids, ``K`` for kernel
 counts) and the optional per-step ring is ``[L, T, S]``; all-gathered over ``W`` ranks they become ``[W, L, S]``, read
 as ``[L, W, S]``, and ``[W, L, T, S]``, read as ``[T, L, W, S]``.
+
+Recording is capture-safe (a CUDA graph of the forward records correctly on every replay): what a record call reads
+is on the device. Under ``torch.use_deterministic_algorithms(True)`` the counts are taken without atomics (a stable
+sort and a cumulative sum), the same integers as the default ``index_add_``.
 
 When a layer switches placement inside a window, :meth:`LoadRecorder.fold_layer` first converts that layer's slot
 counts into logical counts with the placement that was in force while they were taken, so load is never attributed to
@@ -98,15 +104,18 @@ class LoadRecorder:
         width = num_ranks * slots_per_rank if source == "ids" else slots_per_rank
         self.width = width
         kw = dict(dtype=torch.int64, device=self.device)
+        # every buffer has a spare last column, where ids of -1 are counted (``ids % (S + 1)``) and never read
+        spare = torch.zeros(num_layers, width + 1, **kw)
         #: int64 [L, S]: counts of the current window, per slot, since the last fold of each layer
-        self.window = torch.zeros(num_layers, width, **kw)
+        self.window = spare[:, :width]
         #: int64 [L, E]: counts already converted to logical experts (layers that switched placement mid-window)
         self.folded = torch.zeros(num_layers, num_experts, **kw)
         # one step's count per slot fits 32 bits, which halves the ring (a 1,000-step ring is the largest table EPLB
         # keeps: 58 x 1,000 x (320 + 256) x 4 bytes = 134 MB at DeepSeek-V3 size)
         ring_kw = dict(dtype=torch.int32, device=self.device)
+        ring = torch.zeros(num_layers, ring_steps, width + 1, **ring_kw) if ring_steps else None
         #: int32 [L, T, S]: one row per step (ring), when ring_steps > 0
-        self.ring = torch.zeros(num_layers, ring_steps, width, **ring_kw) if ring_steps else None
+        self.ring = ring[:, :, :width] if ring_steps else None
         self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **ring_kw) if ring_steps else None
         # What a record call reads is on the device, set by begin_step outside the forward, so a forward captured in a
         # CUDA graph records correctly on replay: the gate (1: this step counts, 0: its stage is not recorded) and
@@ -114,8 +123,9 @@ class LoadRecorder:
         self._gate = torch.full((1,), int(stage == "all"), **kw)
         self._ring_row = torch.zeros(1, **kw)
         self._ring_offset = torch.zeros(1, **kw)
-        self._window_rows = list(self.window.unbind(0))  # per-layer views, bound once (cheaper per call)
-        self._ring_rows = [row.view(-1) for row in self.ring.unbind(0)] if ring_steps else None  # [T * S] each
+        self._columns = torch.arange(width + 2, **kw)  # 0..S+1: the sorted count's bounds (deterministic mode)
+        self._window_rows = list(spare.unbind(0))  # per-layer views [S + 1], bound once (cheaper per call)
+        self._ring_rows = [row.view(-1) for row in ring.unbind(0)] if ring_steps else None  # [T * (S + 1)] each
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
@@ -134,7 +144,7 @@ class LoadRecorder:
         if active and self.ring is not None:
             self._row = self._steps % self.ring_steps
             self._ring_row.fill_(self._row)
-            self._ring_offset.fill_(self._row * self.width)
+            self._ring_offset.fill_(self._row * (self.width + 1))
             self.ring[:, self._row].zero_()
             self.ring_folded[:, self._row].zero_()
         if active:
@@ -153,15 +163,31 @@ class LoadRecorder:
         graph."""
         if self.source != "ids":
             raise EplbError("this recorder counts kernel per-slot counts; use record_counts()")
-        ids = physical_ids.reshape(-1)
+        ids = physical_ids.reshape(-1).remainder(self.width + 1)  # -1 -> the spare column S
         if valid is None:
             weight = self._gate.expand(ids.numel())
         else:
             per_token = ids.numel() // max(valid.numel(), 1)
             weight = (valid.reshape(-1, 1).to(torch.int64) * self._gate).expand(-1, per_token).reshape(-1)
+        if torch.are_deterministic_algorithms_enabled():
+            self._record_sorted(layer, ids, weight)
+            return
         self._window_rows[layer].index_add_(0, ids, weight)
         if self.ring is not None:
             self._ring_rows[layer].index_add_(0, ids + self._ring_offset, weight.to(torch.int32))
+
+    def _record_sorted(self, layer: int, ids: torch.Tensor, weight: torch.Tensor) -> None:
+        """:meth:`record_ids` without atomics: a stable sort of the ids, a cumulative sum of their weights, and each
+        column's count the difference of the sums at its bounds (fixed shapes, no host read)."""
+        order = torch.argsort(ids, stable=True)
+        total = torch.cat([weight.new_zeros(1), torch.cumsum(weight[order], 0)])  # integers: deterministic
+        bounds = torch.searchsorted(ids[order], self._columns)  # [S + 2]: first position of each column
+        counts = total[bounds[1:]] - total[bounds[:-1]]  # [S + 1]
+        self._window_rows[layer].add_(counts)
+        if self.ring is not None:
+            index = self._columns[:-1] + self._ring_offset  # this step's ring row, each column once
+            row = self._ring_rows[layer]
+            row.index_put_((index,), row[index] + counts.to(torch.int32))
 
     def record_counts(self, layer: int, slot_counts: torch.Tensor, cumulative: bool = False) -> None:
         """Add the kernel's per-local-slot counts ``[K]`` of ``layer`` for this step; ``cumulative`` counts are
