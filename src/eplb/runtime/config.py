@@ -46,6 +46,8 @@ key                                    meaning
 ``eplb_update_threshold`` (xLLM)       0..1: a layer is re-planned only when the cosine similarity of its load to
                                        the load it was last planned on is below this
 ``planner_deadline_s``                 seconds the planner may take before the cycle is skipped (default 30)
+``transfer_deadline_s``                seconds a move may take to land on every rank; later, it is abandoned on
+                                       every rank and the cycle skipped (an NCCL one is aborted; default 60)
 ``layers_per_step`` / ``bytes_per_step`` how much weight moves per step (default 1 layer); ``bytes_per_step``: the
                                        most staging memory per rank and step (layers split into parts to fit)
 ``dispatch`` (old: ``router_mode``)   replica choice: ``rank`` | ``token`` | ``local`` | ``balanced``
@@ -122,6 +124,7 @@ _ALIASES = {
     "eplb_update_threshold": "update_threshold",
     "update_threshold": "update_threshold",
     "planner_deadline_s": "planner_deadline_s",
+    "transfer_deadline_s": "transfer_deadline_s",
     "layers_per_step": "layers_per_step",
     "bytes_per_step": "bytes_per_step",
     "dispatch": "dispatch",
@@ -305,6 +308,7 @@ _CHECKS = {
     "update_interval_s": lambda k, v: _float(k, v, 0.0),
     "update_threshold": lambda k, v: _float(k, v, 0.0, 1.0, low_open=False),
     "planner_deadline_s": lambda k, v: _float(k, v, 0.0),
+    "transfer_deadline_s": lambda k, v: _float(k, v, 0.0),
     "layers_per_step": lambda k, v: _int(k, v, 1),
     "bytes_per_step": lambda k, v: _int(k, v, 1),
     "dispatch": lambda k, v: _choice(k, v, RUNTIME_MODES),
@@ -346,6 +350,7 @@ class EplbConfig:
     update_interval_s: float | None = None
     update_threshold: float | None = None
     planner_deadline_s: float = 30.0
+    transfer_deadline_s: float = 60.0
     layers_per_step: int = 1
     bytes_per_step: int | None = None
     dispatch: str = "rank"
