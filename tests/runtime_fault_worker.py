@@ -10,7 +10,7 @@ import time
 
 import dataclasses
 
-from eplb.runtime.planner import READY, run_request, warm_up
+from eplb.runtime.planner import READY, finish, run_request, warm_up
 
 
 def faulty_worker(requests, results, warmup, marker: str):
@@ -37,4 +37,4 @@ def faulty_worker(requests, results, warmup, marker: str):
             bad = result.plan.phy2log.copy()
             bad[0, :] = 0  # every slot of layer 0 holds expert 0: the other experts vanish
             result = dataclasses.replace(result, plan=dataclasses.replace(result.plan, phy2log=bad))
-        results.put(result)
+        results.put(finish(request, result))

@@ -37,11 +37,18 @@ def make_plan(cycle, before, after, moved=None, load=None, expert_bytes=0):
     return plan_cycle(Figures(before, after, moved), load, current, cycle.config, expert_bytes, state=cycle.state)
 
 
-def run(cycle, steps, on_submit=None, start=0):
-    actions = []
+def run(cycle, steps, on_submit=None, start=0, forwards=1):
+    """Drive ``cycle``; parts posted in step ``s`` land within ``forwards`` forwards and switch in ``s + forwards +
+    1`` (the runtime's agreement step)."""
+    actions, due = [], None
     for step in range(start, start + steps):
+        if due == step:
+            cycle.switched(step)
+            due = None
         action = cycle.on_step(step)
         actions.append(action)
+        if action.apply_layers:
+            due = step + forwards + 1
         if action.submit and on_submit is not None:
             on_submit(cycle, step)
     return actions
@@ -55,11 +62,13 @@ def test_collect_plan_apply_one_layer_per_step_largest_gain_first():
     assert actions[10].window_start == 0 and actions[20].window_start == 10
     assert all(a.phase is Phase.COLLECT and not a.apply_layers for a in actions[:10])
     assert [a.phase for a in actions[10:13]] == [Phase.PLAN] * 3
-    assert actions[13].apply_layers == (3,) and actions[14].apply_layers == (0,)  # gain 0.9 before 0.4
-    assert actions[15].phase is Phase.COLLECT
+    assert actions[13].apply_layers == (3,) and actions[15].apply_layers == (0,)  # gain 0.9 before 0.4
+    assert actions[14].phase is Phase.APPLY and not actions[14].apply_layers  # layer 3 lands: nothing new posted
+    assert actions[17].phase is Phase.COLLECT
     record = cycle.records[0]
     assert (record.window_start, record.window_end, record.ready_step) == (0, 10, 10)
-    assert (record.apply_start, record.apply_end, record.layers, record.moved_slots) == (13, 14, [3, 0], 6)
+    assert (record.apply_start, record.apply_end, record.layers, record.moved_slots) == (13, 15, [3, 0], 6)
+    assert record.switch_steps == [15, 17] and record.deferred_steps == 0
     assert record.par_before == pytest.approx(1.75) and record.par_after == pytest.approx(1.1)
 
 
@@ -117,10 +126,10 @@ def test_byte_budget_and_all_at_once():
     cycle = Cycle(CycleConfig(cycle_steps=1, bytes_per_step=4.0), num_layers=4)
     plan = make_plan(cycle, *figures, expert_bytes=[1, 1, 4, 1])
     assert plan.layer_bytes.tolist() == [2, 2, 8, 2]  # 2 transfers per layer x the layer's expert bytes
-    actions = run(cycle, 6, lambda c, s: c.plan_ready(s, plan) if not c.records[:-1] else c.plan_failed(s, "x"))
+    actions = run(cycle, 7, lambda c, s: c.plan_ready(s, plan) if not c.records[:-1] else c.plan_failed(s, "x"))
     # every rank receives one expert per layer: 1 + 1 bytes fit, layer 2's 4 bytes only alone
-    assert [a.apply_layers for a in actions[2:5]] == [(0, 1), (2,), (3,)]
-    assert [a.apply_parts for a in actions[2:5]] == [(0, 1), (2,), (3,)]
+    assert [a.apply_layers for a in actions[2:7:2]] == [(0, 1), (2,), (3,)]
+    assert [a.apply_parts for a in actions[2:7:2]] == [(0, 1), (2,), (3,)]
     assert plan.staged_bytes.tolist() == [[2, 2], [4, 4], [1, 1]]
     assert cycle.records[0].schedule == [(0, 1), (2,), (3,)] and cycle.records[0].bytes_moved == 14
     cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0), num_layers=4)
@@ -141,15 +150,36 @@ def test_similarity_threshold_applies_only_layers_whose_load_drifted():
     cycle.on_step(2)  # the plan starts applying: its state (the loads applied on) is the cycle's now
     assert isinstance(cycle.state, PlanState) and np.array_equal(cycle.state.applied_load, first)
     cycle.on_step(3)
-    assert cycle.plan_ready(3, make_plan(cycle, [1.5, 1.5], [1.0, 1.0], load=second)) == (1,)
+    cycle.switched(4)  # its layers are in force: the next window ends at once
+    cycle.on_step(4)
+    assert cycle.plan_ready(4, make_plan(cycle, [1.5, 1.5], [1.0, 1.0], load=second)) == (1,)
 
 
 def test_long_apply_submits_as_soon_as_it_ends():
     cycle = Cycle(CycleConfig(cycle_steps=3, planner_steps=2), num_layers=5)
-    actions = run(cycle, 14, lambda c, s: c.plan_ready(s, make_plan(c, [2.0] * 5, [1.0] * 5)))
+    actions = run(cycle, 18, lambda c, s: c.plan_ready(s, make_plan(c, [2.0] * 5, [1.0] * 5)))
     assert actions[3].submit
-    assert [a.step for a in actions[:12] if a.apply_layers] == [5, 6, 7, 8, 9]
-    assert actions[10].submit and actions[10].window_start == 3
+    assert [a.step for a in actions[:15] if a.apply_layers] == [5, 7, 9, 11, 13]
+    assert actions[15].submit and actions[15].window_start == 3
+
+
+def test_a_transfer_that_spans_several_forwards_defers_its_switch():
+    cycle = Cycle(CycleConfig(cycle_steps=2), num_layers=2)
+    actions = run(cycle, 12, lambda c, s: c.plan_ready(s, make_plan(c, [2.0, 1.5], [1.0, 1.0])), forwards=3)
+    assert [a.step for a in actions if a.apply_layers] == [3, 7]  # posted in 3, in force from 7 = 3 + 3 + 1
+    record = cycle.records[0]
+    assert record.switch_steps == [7, 11] and record.deferred_steps == 4  # 2 steps beyond the earliest, twice
+
+
+def test_an_abandoned_transfer_gives_up_the_rest_of_the_plan():
+    cycle = Cycle(CycleConfig(cycle_steps=2), num_layers=3)
+    run(cycle, 4, lambda c, s: c.plan_ready(s, make_plan(c, [2.0, 1.9, 1.8], [1.0, 1.0, 1.0])))  # layer 0 posted
+    with pytest.raises(CycleError, match="no parts in flight to switch"):
+        cycle.switched(3)
+    cycle.abandon(4, "a transfer missed its deadline")
+    assert cycle.phase is Phase.COLLECT and cycle.pending_layers == ()
+    assert cycle.records[0].skipped == "a transfer missed its deadline" and cycle.records[0].switch_steps == []
+    assert cycle.on_step(4).submit  # the next window ends as usual
 
 
 def test_misuse_is_reported_clearly():
@@ -184,10 +214,15 @@ def test_any_sequence_keeps_windows_contiguous_and_applies_each_changed_layer_on
                               deadline_steps=planner_steps + 3), num_layers=num_layers)
     applied_per_cycle = []
     plans = []
-    for step, event in enumerate(events + ["wait"] * 20):
+    due = None
+    for step, event in enumerate(events + ["wait"] * 40):
+        if due == step:
+            cycle.switched(step)
+            due = None
         action = cycle.on_step(step)
         if action.apply_layers:
             applied_per_cycle.append((len(cycle.records) - 1, action.apply_layers))
+            due = step + 1 + int(rng.integers(1, 4))  # the transfer spans 1 to 3 forwards
         if action.poll and event in ("plan", "empty"):
             before = 1 + rng.random(num_layers)
             after = before if event == "empty" else before - rng.random(num_layers) * (before - 1)
@@ -203,3 +238,5 @@ def test_any_sequence_keeps_windows_contiguous_and_applies_each_changed_layer_on
         assert layers == record.layers and len(set(layers)) == len(layers)
         assert not (layers and record.skipped)
         assert record.ready_step is not None or not layers
+        assert len(record.switch_steps) in (len(record.schedule), len(record.schedule) - 1)  # the last may fly on
+        assert all(b >= a + 2 for a, b in zip(record.switch_steps, record.switch_steps[1:]))

@@ -41,8 +41,8 @@ RUNS = {2: [(name, "rank", None) for name in available_policies()] + [("auto", "
                                                                        ("auto", "rank", BUDGET)],
         4: [("auto", "rank", None), ("auto", "rank", BUDGET)]}  # the default policy on 4 ranks too
 WORLDS = (2, 4)  # ranks x 40 and x 20 slots
-COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "moved_slots",
-            "bytes_moved", "par_before", "par_after", "skipped", "checksum")
+COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "switch_steps",
+            "deferred_steps", "moved_slots", "bytes_moved", "par_before", "par_after", "skipped", "checksum")
 
 
 def comparable(record: dict) -> dict:

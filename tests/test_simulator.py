@@ -168,16 +168,19 @@ class FixedPolicy(Policy):
         return self.phy2log
 
 
-def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
+def test_a_layer_switches_once_every_rank_knows_it_landed(trace, placement):
+    # 1 MB experts at 50 GB/s land within the forward they are posted in: in force two steps later (the step every
+    # rank reports it, then the step that reads the agreement), when the next layer is posted
     result = simulate(trace, FixedPolicy(placement.phy2log), config(cycle_steps=60, planner_steps=7))
     record = result.cycles[0]
     assert (record.window_start, record.window_end, record.ready_step) == (0, 60, 60)
-    assert record.apply_start == 67 and record.apply_end == 67 + len(record.layers) - 1
+    assert record.apply_start == 67 and record.apply_end == 67 + 2 * (len(record.layers) - 1)
+    assert record.switch_steps == [69 + 2 * i for i in range(len(record.layers))] and record.deferred_steps == 0
     assert result.cycles[1].skipped == "no gain"  # the same plan again changes nothing
     old = metrics.step_par(Placement.initial(32, TOPOLOGY, 4), trace.counts)[0]
     new = metrics.step_par(placement, trace.counts)[0]
     for position, layer in enumerate(record.layers):
-        switch = record.apply_start + position + 1
+        switch = record.switch_steps[position]
         np.testing.assert_allclose(result.step_par[:switch, layer], old[:switch, layer])
         np.testing.assert_allclose(result.step_par[switch:, layer], new[switch:, layer])
     moved = Placement.initial(32, TOPOLOGY, 4).moves_to(placement).sum(axis=1)
@@ -190,9 +193,26 @@ def test_a_layer_switches_the_step_after_it_is_applied(trace, placement):
 def test_byte_budget_applies_several_layers_per_step(trace, placement):
     result = simulate(trace, FixedPolicy(placement.phy2log), config(bytes_per_step=200e6))
     record = result.cycles[0]
-    assert record.apply_end - record.apply_start + 1 < len(record.layers)
-    assert len(record.schedule) == record.apply_end - record.apply_start + 1
+    assert len(record.schedule) == len(record.switch_steps) < len(record.layers)
     assert [layer for step in record.schedule for layer in step] == record.layers
+
+
+def test_a_slow_transfer_defers_its_switch_by_the_forwards_it_spans(trace, placement):
+    cost = CostModel(bandwidth_gbs=0.5)  # 1 MB experts take 2 ms each: several forwards of this small model
+    result = simulate(trace, FixedPolicy(placement.phy2log), SimConfig(TOPOLOGY, config().cycle, cost=cost,
+                                                                       expert_bytes=1e6))
+    record = result.cycles[0]
+    nominal = cost.moe_us(trace.counts.sum(axis=-1) / TOPOLOGY.num_ranks)
+    posts = [record.apply_start] + record.switch_steps[:-1]  # each apply step comes when the last one switched
+    waits = []
+    for post, switch, layers in zip(posts, record.switch_steps, record.schedule):
+        parts = [layer_transfer(layer, Placement.initial(32, TOPOLOGY, 4).phy2log[layer], placement.phy2log[layer],
+                                TOPOLOGY) for layer in layers]
+        received = np.bincount(np.concatenate([p.transfers[:, 2] for p in parts]), minlength=8).max() * 1e6
+        assert switch == post + cost.transfer_forwards(received, nominal[post:]) + 1
+        waits.append(switch - post - 2)
+    assert record.deferred_steps == sum(waits) > 0
+    assert cost.transfer_forwards(0, [5.0]) == 1 and cost.transfer_forwards(1e6, [1000.0, 1000.0]) == 2
 
 
 def test_a_budget_below_what_one_expert_stages_is_refused():
@@ -229,7 +249,8 @@ def test_same_inputs_same_results(trace):
 def test_dispatch_modes_in_the_simulator(trace, mode):
     cfg = config()
     even = simulate(trace, eplb.get_policy("default"), cfg)
-    other = simulate(trace, eplb.get_policy("default"), SimConfig(TOPOLOGY, cfg.cycle, dispatch=mode))
+    other = simulate(trace, eplb.get_policy("default"), SimConfig(TOPOLOGY, cfg.cycle, dispatch=mode,
+                                                                  expert_bytes=cfg.expert_bytes))
     np.testing.assert_allclose(other.tokens, even.tokens)
     if mode == "balanced":
         # whole tokens: the even split rounded costs a rank less than one token per expert it holds

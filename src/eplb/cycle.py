@@ -26,10 +26,19 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
             ...
         for layer, part in zip(action.apply_layers, action.apply_parts):
-            # post this part's weight transfers (plan.transfers[part]) before the forward, commit them after it:
-            # the layer's placement after the part is in force from step + 1 on.
+            # post this part's weight transfers (plan.transfers[part]) before the forward; once they landed on
+            # every rank (agreed), switch the layers and call cycle.switched(s) in that step s, before on_step(s):
+            # the parts are in force from s on, and the next apply step can come in s.
             ...
         forward(step)
+
+The apply rule: one apply step's parts are in flight at a time. Parts posted in step ``s`` are in force from step
+``s + n + 1``, where ``n >= 1`` is the number of forwards their transfers span (they land during forward
+``s + n - 1``): every rank reports that they landed in step ``s + n`` and that agreement is read in step ``s + n + 1``
+(:data:`EARLIEST_SWITCH` is ``s + 2``). Until then the old placement serves, and serving never waits for a transfer.
+The runtime learns ``n`` from its agreements, the simulator from its cost model
+(:meth:`eplb.sim.cost.CostModel.transfer_forwards`). A transfer that fails, or misses its deadline, on some rank is
+abandoned on every rank (:meth:`Cycle.abandon`): the rest of the plan is given up and the placement in force stays.
 
 Which layers of a plan are applied, and in which steps, is decided by the planning function
 (:func:`eplb.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule out
@@ -50,7 +59,11 @@ import numpy as np
 
 from eplb.errors import EplbError
 
-__all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError"]
+__all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError", "EARLIEST_SWITCH"]
+
+#: steps from posting parts to their switch when their transfers land within the forward of the post step: they land
+#: there, every rank reports it in the next step, and that agreement is read in the one after
+EARLIEST_SWITCH = 2
 
 
 class CycleError(EplbError):
@@ -136,8 +149,8 @@ class Action:
         submit: hand the window ``[window_start, step)`` to the planner now (and start the next window).
         window_start: first step of the window being recorded (of the submitted window when ``submit``).
         poll: a plan is awaited: check the planner (runtime) without blocking.
-        apply_layers: layers whose new placement to transfer in this step (post before the forward, commit after);
-            in force from ``step + 1``.
+        apply_layers: layers whose new placement to transfer in this step (post before the forward); in force from
+            the step :meth:`Cycle.switched` reports, ``step + 2`` at the earliest.
         apply_parts: for each of ``apply_layers``, the index of its part in the plan's ``transfers``.
         skipped: why the cycle was abandoned in this step ("late", "failed: ...", "no gain"), else None.
     """
@@ -160,10 +173,14 @@ class CycleRecord:
         window_start, window_end: the planning window is steps ``[window_start, window_end)``; submitted at
             ``window_end``.
         ready_step: step in which the plan was reported (None when it never came).
-        apply_start, apply_end: first and last step in which layers were applied (None when none).
+        apply_start, apply_end: first and last step in which layers were applied (their transfers posted; None when
+            none).
         layers: layers applied, in order.
         schedule: the layers applied in each apply step, from ``apply_start`` on (a layer split into parts appears
             once per part).
+        switch_steps: the step each apply step's parts came into force (one per switched entry of ``schedule``).
+        deferred_steps: steps the switches waited beyond :data:`EARLIEST_SWITCH` for transfers that took more than
+            one forward (0 when every transfer landed within the forward it was posted in).
         moved_slots: slots moved over the applied layers.
         bytes_moved: bytes moved over the network for the applied layers (their transfers x expert bytes).
         par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
@@ -179,6 +196,8 @@ class CycleRecord:
     apply_end: int | None = None
     layers: list[int] = field(default_factory=list)
     schedule: list[tuple[int, ...]] = field(default_factory=list)
+    switch_steps: list[int] = field(default_factory=list)
+    deferred_steps: int = 0
     moved_slots: int = 0
     bytes_moved: int = 0
     par_before: float = float("nan")
@@ -210,10 +229,16 @@ class Cycle:
         self._plan_ready = False
         self._failed: str | None = None
         self._queue: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # apply steps to come: (layers, parts)
+        self._in_flight: int | None = None  # the step the parts in flight were posted in
         self._plan = None
         #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
         #: first)
         self.state = None
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step the parts in flight were posted in (None when none is)."""
+        return self._in_flight
 
     @property
     def pending_layers(self) -> tuple[int, ...]:
@@ -272,6 +297,27 @@ class Cycle:
         self._plan_ready = True
         return tuple(order)
 
+    def switched(self, step: int) -> None:
+        """Report that the parts in flight are in force from ``step`` (call in that step, before :meth:`on_step`):
+        the next apply step can come in ``step``."""
+        if self._in_flight is None or self._last_step is None or step <= self._in_flight:
+            raise CycleError(f"step {step}: no parts in flight to switch")
+        record = self.records[-1]
+        record.switch_steps.append(int(step))
+        record.deferred_steps += int(step) - self._in_flight - EARLIEST_SWITCH
+        self._in_flight = None
+        if not self._queue:
+            self.phase = Phase.COLLECT
+
+    def abandon(self, step: int, reason: str) -> None:
+        """Give up the parts in flight and the rest of the plan in ``step`` (a transfer failed, or missed its
+        deadline, on some rank; every rank calls it in the same step): the placement in force stays."""
+        if self._in_flight is None:
+            raise CycleError(f"step {step}: no parts in flight to abandon")
+        self.records[-1].skipped = reason
+        self.records[-1].apply_end = self._in_flight
+        self._queue, self._in_flight, self.phase = [], None, Phase.COLLECT
+
     def plan_failed(self, step: int, reason: str) -> None:
         """Report that the planner failed (crashed, invalid plan, ...): the cycle is skipped at the next step."""
         self._expect_plan(step)
@@ -290,6 +336,7 @@ class Cycle:
                 record.apply_end = int(next_step) - 1
         self.phase = Phase.COLLECT
         self._queue, self._plan, self._plan_ready, self._failed = [], None, False, None
+        self._in_flight = None
         self._last_step = int(next_step) - 1
         self._window_start = int(next_step)
 
@@ -325,9 +372,12 @@ class Cycle:
         return reason
 
     def _apply(self, step: int) -> Action:
+        if self._in_flight is not None:  # the last parts have not switched: nothing new is posted
+            return Action(step, Phase.APPLY, window_start=self._window_start)
         layers, parts = self._queue.pop(0)
-        self.records[-1].schedule.append(layers)
+        record = self.records[-1]
+        record.schedule.append(layers)
         if not self._queue:
-            self.phase = Phase.COLLECT
-            self.records[-1].apply_end = step
+            record.apply_end = step
+        self._in_flight = step
         return Action(step, Phase.APPLY, window_start=self._window_start, apply_layers=layers, apply_parts=parts)

@@ -4,7 +4,7 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
 
     ctl = EplbController(EplbConfig.from_dict(user_cfg), num_layers=L, num_experts=E, topology=topo,
                          rank=ep_rank, layer_tensors=[[moe.w13, moe.w2, moe.w13_scale] for moe in moe_layers],
-                         group=ep_group, device=device)
+                         group=ep_group, device=device)       # stream=: the stream the forward runs on
     # ctl.placement.rank_table[:, ep_rank] says which expert each local slot holds at start (load weights so)
     while serving:
         ctl.before_forward(is_prefill=batch_has_prefill)      # same value on every rank
@@ -14,42 +14,31 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
         ctl.after_forward()
     ctl.close()
 
-What runs where (see :mod:`eplb.runtime.transport`): the serving thread only launches device ops and reads
-``Future.done()``. Everything that blocks runs on EPLB's side thread, on process groups created for EPLB alone (a
-Gloo group, plus an NCCL one with ``communicator: torch_nccl``) and, on a GPU, a side stream: the window gather (the
-recorder's buffers are copied on the device at the window end, then gathered on the Gloo side group), the PAR of the
-window, the planner request, a planner restart and the record-mode map write; each layer's transfers (packed, staged
-through pinned host memory, sent and received) and the tables of its switch (router, recorder fold, uploaded from
-pinned memory without blocking); and every agreement (plan checksums in check steps, one started in a check step and
-read in the next; "every rank's transfers completed" after each transfer). The serving group carries only the
-model's collectives. A layer posted in step ``s`` switches at the start of step ``s + 1`` on every rank (its weights
-are copied in place and its tables written, device ops only), so a transfer overlaps one forward; the serving
-thread waits only when the side thread has not finished by then (counted in :attr:`CycleMetrics.late_steps`).
-``route`` is a gather plus an ``index_add_`` on the device per layer. ``benchmarks/runtime.py --json`` measures the
-host time EPLB adds per step kind; ``tests/test_sync_free.py`` holds the contract.
+What runs where (see :mod:`eplb.runtime.transport`): the serving thread only launches device ops, submits jobs and
+reads ``Future.done()``. EPLB's side thread gathers each window on a Gloo group of its own and asks the planner
+worker, which answers with the plan, its checksum and this rank's recipes and switch tables ready-made
+(:mod:`eplb.runtime.recipes`); it moves each part's rows. The agreement thread runs the small all-reduces the ranks
+agree with, on another group, so an agreement never queues behind a transfer. The serving group carries only the
+model's collectives. A late transfer never makes serving wait: posted parts switch at the first step at which every
+rank knows they landed everywhere, ``s + 2`` at the earliest (:mod:`eplb.runtime.landing`); the serving thread waits
+only if an agreement has not finished one step after it started (a hung peer; :attr:`CycleMetrics.late_steps`).
 
-What happens when a rank fails (the process or its device is lost): the engine finds out (a collective raises, its
-health check says so, or EPLB's heartbeat declares it: :meth:`EplbController.failed_peers`, see
-:mod:`eplb.runtime.heartbeat`), builds the process group of the survivors and calls
-:meth:`EplbController.fail_ranks` on every survivor between two steps. From the next step on no token goes to a
-failed rank, and every expert that lost its last replica is back, loaded from ``expert_loader`` into a slot of a
-spare replica; later windows are planned over the live ranks only. See :meth:`EplbController.fail_ranks`.
-
-What happens when the planner fails: a planner that crashes, hangs past ``planner_deadline_s``, raises, or returns
-an invalid plan makes the ranks skip the cycle together (the decision is an all-reduce of a ready/failed flag and a checksum of
-the plan, so either every rank applies the same plan or none does). Serving continues on the current placement, a
-warning is logged, and the worker process is restarted for the next cycle. A layer switches only after its weights
-arrived on every rank, on all ranks in the same step; a peer that never sends is a dead rank, which the side group's
-own timeout reports (its jobs fail, and the switch raises on every rank).
+Failures: a planner that crashes, hangs past ``planner_deadline_s``, raises or plans an invalid placement makes every
+rank skip the cycle together. If EPLB's own threads die or their work raises, every rank turns EPLB off together
+(one error log, the metric ``eplb_disabled_total``) and serving goes on with the placement in force. A rank failure
+is the engine's to notice (a collective raises, or EPLB's heartbeat declares it: :meth:`EplbController.failed_peers`);
+it then calls :meth:`EplbController.fail_ranks` on every survivor (see :mod:`eplb.runtime.failover`).
 
 Modes: ``dynamic`` plans and moves; ``record`` plans and writes the map (vllm-ascend JSON) to ``record_path`` every
 cycle, moves nothing and keeps attributing load through the placement actually in force; ``static`` loads
-``map_path`` at start and only records; ``off`` only routes.
+``map_path`` at start and only records (the window's PAR measured on the side thread); ``off`` only routes.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import logging
 import time
 
@@ -61,39 +50,34 @@ from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.planning import cycle_policy
-from eplb.policies import policy_options
-from eplb.policies.resilience import check_capacity, reload_lost
-from eplb.runtime.agreement import agree_on_plan
-from eplb.runtime.config import ConfigError, EplbConfig
-from eplb.runtime.export import CycleMetrics, PrometheusExporter, log_cycle
-from eplb.runtime.failover import FailoverReport, agree_after_failure, load_layer
+from eplb.runtime.agreement import Status
+from eplb.runtime.config import EplbConfig
+from eplb.runtime.export import CycleMetrics, PrometheusExporter, count_event, log_cycle
+from eplb.runtime.failover import FailoverReport, fail_over
 from eplb.runtime.heartbeat import watch
+from eplb.runtime.landing import PendingSwitch, land
 from eplb.runtime.live import LivePlacement
-from eplb.runtime.mover import ExpertMover
-from eplb.runtime.transport import SideChannel, hand_over, side_event
-from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, static_window
+from eplb.runtime.mover import ExpertMover, check_tensors
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
+from eplb.runtime.round import Agreed, PlanRound, failure_of
 from eplb.runtime.router import ReplicaRouter
+from eplb.runtime.start import check_budget, controller_policy_options, ring_steps, start_placement
+from eplb.runtime.transport import SideChannel, runtime_device
+from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, static_window, write_record
 from eplb.topology import Topology
 
 __all__ = ["EplbController", "CycleMetrics", "FailoverReport", "STEP_KINDS"]
 
 #: the kinds of step the serving thread sees: nothing to do, a planner poll, a poll that starts an agreement, a window
-#: end, a layer's transfers posted, a layer switched (a step can be several)
-STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "switch")
+#: end, parts' transfers posted, posted parts waiting for every rank to report them landed, parts switched (a step
+#: can be several)
+STEP_KINDS = ("ordinary", "poll", "check", "submit", "move", "landing", "switch")
 
 log = logging.getLogger(__name__)
 
 
-def _policy_options(config: EplbConfig) -> dict:
-    """The policy's options; record mode writes vllm-ascend maps, which cannot hold an expert twice on one rank, so
-    it asks a policy that has the option not to do that (unless the user set it)."""
-    options = dict(config.policy_options)
-    if (config.mode == "record" and "allow_shared_rank" not in options
-            and "allow_shared_rank" in policy_options(config.policy)):
-        options["allow_shared_rank"] = False
-    return options
+_policy_options = controller_policy_options  # the old name
 
 
 class EplbController:
@@ -105,9 +89,9 @@ class EplbController:
         topology: the EP group's shape (``num_ranks`` = the group's size).
         rank: this rank's index in the EP group.
         layer_tensors: ``layer_tensors[l]`` = the live per-expert tensors of layer ``l`` on this rank, each
-            ``[K, ...]`` (weights, scales, biases; any dtype). Needed in ``dynamic`` mode only.
+            ``[K, ...]`` (weights, scales, biases; any dtype: moved as bytes). Needed in ``dynamic`` mode only.
         group: the EP process group (None: default group). Collectives run on tensors on ``device``.
-        device: device of the MoE layers (recorder and router tables live there).
+        device: device of the MoE layers (recorder and router tables live there); ``cuda`` means the current one.
         placement: the placement the weights were loaded with; default: the map file, else vLLM's initial layout.
         recorder_source: ``"ids"`` (:meth:`route` records the physical ids) or ``"counts"`` (the engine calls
             ``recorder.record_counts`` with its kernel's per-slot counts).
@@ -116,65 +100,48 @@ class EplbController:
         expert_loader: ``expert_loader(layer, expert)`` -> the tensors of one logical expert, one per entry of
             ``layer_tensors[layer]`` and shaped like one of its slots (``t[0]``), read from a checkpoint or a host
             copy. Used only after a rank failure, for experts with no surviving replica (:meth:`fail_ranks`).
+        stream: the CUDA stream the forward runs on (default: the current stream now): EPLB records its events on
+            it and issues its hooks' device ops on it.
+
+    Raises:
+        EplbError: bad arguments, a device, stream or communicator the runtime cannot use, or expert tensors that
+            cannot be moved (nothing is started).
     """
 
     def __init__(self, config: EplbConfig, num_layers: int, num_experts: int, topology: Topology, rank: int,
                  layer_tensors=None, group=None, device="cpu", placement: Placement | None = None,
-                 recorder_source: str = "ids", tp_size: int = 1, planner_target=worker_main, expert_loader=None):
+                 recorder_source: str = "ids", tp_size: int = 1, planner_target=worker_main, expert_loader=None,
+                 stream=None):
         if not isinstance(config, EplbConfig):
             raise EplbError(f"config must be an EplbConfig (use EplbConfig.from_dict), got {type(config).__name__}")
         if dist.is_initialized() and dist.get_world_size(group) != topology.num_ranks:
             raise EplbError(f"the EP group has {dist.get_world_size(group)} ranks, the topology {topology.num_ranks}")
         self.config, self.rank, self.group, self.topology = config, rank, group, topology
-        self.device = torch.device(device)
-        from_file = config.check_model(num_layers, num_experts, topology)
-        if placement is None:
-            placement = from_file or Placement.initial(num_experts, topology, num_layers)
-        elif from_file is not None and placement != from_file:
-            raise EplbError(f"the placement passed differs from the map file {config.map_path}")
-        if placement.num_layers != num_layers or placement.num_experts != num_experts:
-            raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
-                            f"model {num_layers} x {num_experts}")
-        placement = Placement(placement.phy2log, num_experts, topology)
+        self.device = runtime_device(device)
+        placement = start_placement(config, placement, num_layers, num_experts, topology)
         self.num_experts = num_experts
-        self.router = ReplicaRouter(placement, rank, config.dispatch, tp_size, device)
-        self._policy_options = _policy_options(config)
+        self.router = ReplicaRouter(placement, rank, config.dispatch, tp_size, self.device)
+        self._policy_options = controller_policy_options(config)
         planning = config.mode in ("dynamic", "record")
-        ring = config.ring_steps
-        if ring is None:
-            if planning and config.cycle_steps > config.window_steps:  # vLLM: every step_interval, last window_size
-                ring = config.window_steps
-            elif planning and cycle_policy(config.policy, self._policy_options, config.dispatch).wants_steps:
-                ring = config.window_steps  # the policy plans on the window's per-step rows, as in the simulator
-            else:
-                ring = 0
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
-                                     recorder_source, ring, config.stage, device)
-        #: the placement in force: the one owner, which the router and the recorder follow
+                                     recorder_source, ring_steps(config, self._policy_options), config.stage,
+                                     self.device)
+        #: the placement in force and the failed ranks: the one owner, which the router and the recorder follow
         self.live = LivePlacement(placement, rank, self.router, self.recorder)
         self.mover = None
         self._layer_tensors = None if layer_tensors is None else [list(ts) for ts in layer_tensors]
         self.expert_loader = expert_loader
-        #: bool [W]: ranks that failed (:meth:`fail_ranks`); all False while every rank serves
-        self.failed = np.zeros(topology.num_ranks, dtype=bool)
         self.failovers: list[FailoverReport] = []
-        self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
         # the gloo backend on an accelerator stages in pinned host memory too: each arena within half the budget
         host_staging = config.transfer_backend == "gloo" and self.device.type != "cpu"
+        self._expert_bytes = np.zeros(num_layers, dtype=np.int64)
         if config.mode == "dynamic":
-            if layer_tensors is None or len(layer_tensors) != num_layers:
-                raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
-            self._expert_bytes = np.array([sum(t[0].numel() * t.element_size() for t in ts) if len(ts) else 0
-                                           for ts in layer_tensors], dtype=np.int64)
-            largest = int(self._expert_bytes.max()) * (2 if host_staging else 1)
-            if config.bytes_per_step is not None and config.bytes_per_step < largest:  # before anything starts
-                raise ConfigError(f"bytes_per_step={config.bytes_per_step} is smaller than one expert of layer "
-                                  f"{int(self._expert_bytes.argmax())} ({largest} bytes over its tensors"
-                                  f"{', staged on the device and in host memory' if host_staging else ''}); "
-                                  f"expected >= {largest} so that a step can move at least one expert")
-        #: EPLB's side thread, groups and stream (transfers, agreements, window gathers); None in ``off`` mode
-        self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching)
-                        if config.mode != "off" else None)
+            self._expert_bytes = check_tensors(layer_tensors, num_layers, topology.slots_per_rank, self.device)
+            check_budget(config, self._expert_bytes, host_staging)
+        #: EPLB's side threads, groups and stream (transfers, agreements, window gathers); None in ``off`` mode
+        self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching,
+                                    stream=stream) if config.mode != "off" else None)
+        self._stream = self.channel.serving_stream if self.channel is not None else None
         if config.mode == "dynamic":
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group, self.channel)
         self.planner = None
@@ -188,22 +155,18 @@ class EplbController:
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
+        #: the plan of the last window, from its window end to its acceptance (None when none is in flight)
+        self.round: PlanRound | None = None
         self._window_load: np.ndarray | None = None
-        self._result: PlannerReply | None = None
-        self._local: tuple[int, str] = (0, "")  # this rank's planner state: (flag, reason)
-        self._submitted_step = 0
-        #: the transfers of the cycle being applied, by part (the plan's ``transfers`` index, ``Action.apply_parts``)
+        #: the accepted plan being applied (its parts' recipes and switch tables), and its parts by index
+        self._reply: PlannerReply | None = None
         self.transfers: dict = {}
-        #: (post step, transfers, PendingMove) in flight on the side thread, switched before the next forward
-        self._pending = None
-        #: Future of the plan agreement started on the side group in a check step, read in the next step
-        self._agreement = None
-        #: Future of the window gather and planner request running on the side thread
-        self._gathering = None
-        #: Future of the switch tables of the accepted plan's layers (:meth:`_prepare_switches`)
-        self._tables = None
-        #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` ("check" is a poll that started an
-        #: agreement; benchmarks and tests classify steps with it)
+        #: parts posted and not yet switched
+        self.pending: PendingSwitch | None = None
+        self._static_job = None
+        #: why EPLB turned itself off (None while it runs): serving goes on with the placement in force
+        self.disabled: str | None = None
+        #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` (benchmarks and tests classify steps)
         self.step_kinds: list[str] = ["ordinary"]
         # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
         self._step_started: float | None = None
@@ -233,316 +196,108 @@ class EplbController:
 
     def before_forward(self, is_prefill: bool = False) -> None:
         """Call before every forward step (same step on every rank; ``is_prefill`` the same on every rank)."""
-        if self.config.mode == "off":
+        if self.config.mode == "off" or self.disabled:
             return
         self._in_step = True
         now = time.perf_counter()
         if self._step_started is not None:
             self._step_s.append(now - self._step_started)
         self._step_started = now
-        if self.config.mode == "static":
-            self.step_kinds = ["submit"] if self._static_window() else ["ordinary"]
-            self.recorder.begin_step(is_prefill)
-            return
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            if self.config.mode == "static":
+                self.step_kinds = ["submit"] if self._static_window() else ["ordinary"]
+                self.recorder.begin_step(is_prefill)
+                return
+            kinds = self._steps(is_prefill)
+        self.step_kinds = kinds or ["ordinary"]
+
+    def _steps(self, is_prefill: bool) -> list[str]:
         kinds = []
-        if self._pending is not None:  # the layers posted in the last step are in force from this one on
-            self._switch()
-            kinds.append("switch")
-        if self._gathering is not None and self._gathering.done():
-            self._gathered()
+        if self.pending is not None:
+            kinds.append(land(self))
+        elif self.mover is None and self.cycle.in_flight is not None:  # record mode: nothing moves
+            self.cycle.switched(self.step)
+            self._end_of_apply()
+        if self.disabled:
+            return kinds
+        if self.round is not None and self.round.gathered() and self.round.window is not None:
+            self._window_load = self.round.record(self.metrics)
         action = self.cycle.on_step(self.step)
         if action.skipped:
-            self._agreement = None
             self._skip(action.skipped)
         if action.submit:  # the window is the steps before this one: gather it before this step records
-            self._submit(action.window_start)
+            self._submit()
             kinds.append("submit")
         self.recorder.begin_step(is_prefill)
-        if action.poll:
-            agreement = self._agreement
-            self._poll()
-            kinds.append("check" if self._agreement is not None and self._agreement is not agreement else "poll")
-        if action.apply_layers and self.mover is not None:
-            pending = self.mover.post([self.transfers[part] for part in action.apply_parts])
-            self._pending = (self.step, action.apply_parts, pending, self._tables)
+        if action.poll and self.round is not None:
+            kinds.append("check" if self._poll() else "poll")
+        if action.apply_layers and self.mover is not None and not self.disabled:
+            parts = action.apply_parts
+            move = self.mover.post([self._reply.moves[p] for p in parts], [self._reply.switches[p] for p in parts],
+                                   self.live.upload)
+            self.pending = PendingSwitch(parts, self.step, move)
             kinds.append("move")
-        self.step_kinds = kinds or ["ordinary"]
+        return kinds
 
     def after_forward(self) -> None:
         """Call after every forward step."""
-        if self.config.mode == "off":
+        if self.config.mode == "off" or self.disabled:
             return
-        record = self.cycle.records[-1] if self.cycle.records else None
-        if record is not None and record.apply_end == self.step and self.metrics and self.mover is None:
-            self._finish_cycle()
         self.step += 1
         self._in_step = False
 
-    def _prepare_switches(self, transfers: tuple, stream) -> tuple[dict, object]:
-        """Side thread, once a plan is accepted: the recorder fold and router tables of every part's switch, by part
-        (the plan's ``transfers`` index), built in one vectorised pass per round of parts (a layer's k-th parts in
-        round k; one round unless ``bytes_per_step`` split layers) and uploaded to the device (so a move step hands
-        the side thread only its transfers)."""
-        rounds, seen, by_part = [], {}, {}
-        for index, transfer in enumerate(transfers):
-            k = seen[transfer.layer] = seen.get(transfer.layer, -1) + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(index)
-        for parts in rounds:
-            round_of = [transfers[i] for i in parts]
-            built = self.live.prepare([t.layer for t in round_of],
-                                      np.stack([t.new_row.reshape(-1) for t in round_of]),
-                                      np.stack([t.old_row.reshape(-1) for t in round_of]))
-            by_part.update({i: built[t.layer] for i, t in zip(parts, round_of)})
-        return by_part, side_event(stream)  # the stream it was posted with (a failover replaces the channel)
+    def record_move(self, seconds: float, experts: int) -> None:
+        """The side thread's seconds for a move of ``experts`` received here (the measured price of a move)."""
+        self._move_s += seconds
+        self._moved_experts += experts
 
-    def _switch(self) -> None:
-        """Switch the layers posted in the last step: every rank's transfers completed (the side thread agreed on
-        it), so every rank switches them in this same step. Waits only when the side thread is late."""
-        start = time.perf_counter()
-        posted, parts, pending, tables = self._pending
-        self._pending = None
-        self.mover.commit(pending)
-        late = pending.late or not tables.done()
-        by_part, event = tables.result()
-        transfers, prepared = [self.transfers[part] for part in parts], [by_part[part] for part in parts]
-        hand_over(event, [t for p in prepared for t in (p["fold"], *p["router"].values())
-                          if isinstance(t, torch.Tensor)])
-        for transfer, tables_of_layer in zip(transfers, prepared):
-            self.live.switch(transfer.layer, transfer.new_row.reshape(-1), tables_of_layer)
-        current = self.metrics[-1]
-        current.transfer_s += pending.post_s + pending.wait_s
-        current.switch_s += time.perf_counter() - start - pending.wait_s
-        current.bytes_received += pending.bytes_received
-        self._move_s += pending.side_s
-        self._moved_experts += pending.bytes_received // max(int(self._expert_bytes[transfers[0].layer]), 1)
-        current.applied_layers += [t.layer for t in transfers]
-        current.staging_bytes = max(current.staging_bytes, self.mover.staging_bytes)
-        current.late_steps += int(late)
-        if self.cycle.records[-1].apply_end == posted:
-            self._finish_cycle()
+    def _end_of_apply(self) -> None:
+        """The cycle's last parts switched (or record mode's schedule ended): the cycle is logged."""
+        if self.cycle.phase is Phase.COLLECT:
+            log_cycle(self.metrics[-1], self.config.mode == "record", len(self.cycle.records[-1].layers))
+            self._export(self.metrics[-1])
 
-    def failed_peers(self) -> list[int]:
-        """The EP ranks the heartbeat declared failed so far, agreed by every survivor (never blocks; empty without
-        a heartbeat). Fail over with :meth:`fail_ranks` when it lists ranks not yet in :attr:`failed`."""
-        return self.heartbeat.failed_peers() if self.heartbeat is not None else []
-
-    def close(self) -> None:
-        """Stop the planner worker. Call once when serving ends."""
-        if self.heartbeat is not None:
-            self.heartbeat.close()
-        if self._pending is not None:  # transfers posted in the last step: in force from now on
-            self._switch()
-        if self.planner is not None:
-            self.planner.close()
-        if self.channel is not None:
-            self.channel.close()
-
-    def fail_ranks(self, ranks, group=None) -> FailoverReport:
-        """Keep serving after ``ranks`` failed. Call on every surviving rank, between two steps (also when the
-        failure interrupted a step: that step is abandoned and its batch should be served again).
-
-        Collective over ``group``, the process group of the survivors: the live ranks of the EP group in rank order
-        (e.g. ``dist.new_group(live, use_local_synchronization=True)``, which needs no call from the failed ranks).
-        Ranks keep their ids; the topology still has ``W`` ranks, the failed ones' slots are simply never used.
-
-        In order:
-
-        1. The survivors agree on the step to resume at and on every layer's placement: a survivor that caught the
-           failure one step later may have switched one more layer of the cycle in progress; the others complete it
-           from ``expert_loader``. The rest of that cycle is given up and a new window starts.
-        2. Every expert whose replicas were all on failed ranks takes the slot of the expert with a spare live
-           replica whose per-replica load grows least (on the last window's load), and the rank owning that slot
-           loads it with ``expert_loader``. Tokens wait for these experts only during this call.
-        3. The router routes around the failed ranks (:meth:`ReplicaRouter.set_failed_ranks`) from the next step on.
-        4. Later windows are gathered over ``group`` and planned over the live ranks only; no transfer involves a
-           failed rank.
-
-        Args:
-            ranks: the ranks that failed (ids or bool mask ``[W]``); added to those that failed before.
-            group: the survivors' process group (None: the default group, when it holds just the survivors).
-
-        Returns:
-            A :class:`FailoverReport`.
-
-        Raises:
-            EplbError: bad ranks (out of range, this rank, every rank), a group that does not hold exactly the live
-                ranks, fewer live slots than experts (the error names the experts left out; nothing was changed),
-                or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
-        """
-        start = time.perf_counter()
-        failed = self.failed | self.placement.without_ranks(ranks).failed
-        if failed[self.rank]:
-            raise EplbError(f"rank {self.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
-                            "fail_ranks on the survivors only")
-        live = ~failed
-        if dist.is_initialized() and dist.get_world_size(group) != int(live.sum()):
-            raise EplbError(f"the survivors' group has {dist.get_world_size(group)} ranks, expected the "
-                            f"{int(live.sum())} live ranks {np.flatnonzero(live).tolist()}")
-        load = self._window_load if self._window_load is not None else np.ones(
-            (self.placement.num_layers, self.num_experts))
-        check_capacity(load, self.topology, live)  # names the experts that cannot be served any more
-        lost = self.placement.without_ranks(failed).lost
-        if lost.size and (self.expert_loader is None or self._layer_tensors is None):
-            raise EplbError(f"{len(lost)} experts lost their last replica ((layer, expert): {lost[:8].tolist()}"
-                            f"{' ...' if len(lost) > 8 else ''}) and the controller has no expert_loader and "
-                            "layer_tensors to load them again")
-        self.failed, self.group = failed, group
-        if self.heartbeat is not None:
-            self.heartbeat.acknowledge(failed)
-        moving = self._pending is not None  # the cycle's last layer may be posted and not yet switched
-        if self.channel is not None:  # EPLB's groups are rebuilt over the survivors; the old ones are dropped
-            self.channel = self.channel.rebuilt(group)
-        if self.mover is not None:  # transfers posted in the abandoned step are never switched
-            self.mover.abandon(self.channel)
-        self._pending = self._agreement = self._gathering = self._tables = None
-        self.recorder.live = live
-
-        resume, complete = agree_after_failure(self.live, self.step + int(self._in_step), self.transfers, self.group,
-                                               self.device)
-        for layer, row in complete.items():
-            load_layer(self.live, layer, row, self._layer_tensors, self.expert_loader)
-        completed = sorted(complete)
-        reason = f"ranks {np.flatnonzero(failed).tolist()} failed"
-        if self.cycle.phase is not Phase.COLLECT or moving:
-            if len(self.metrics) < len(self.cycle.records):  # the failure hit while the window was gathered
-                self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
-                                                 window_par=np.full(self.live.phy2log.shape[0], np.nan)))
-            self.metrics[-1].skipped = reason
-        self.cycle.restart(resume, reason)
-        self._result, self._local, self.transfers = None, (0, ""), {}
-        if self.planner is not None and self.planner.busy:
-            self.planner.restart()
-        self.recorder.reset()
-        self.step, self._in_step = resume, False
-
-        repaired = reload_lost(self.live.phy2log, load, self.topology, live)
-        reloaded = []
-        for layer in np.flatnonzero((repaired != self.live.phy2log).any(axis=1)).tolist():
-            reloaded += load_layer(self.live, layer, repaired[layer], self._layer_tensors, self.expert_loader)
-        self.live.fail_over(failed)
-        report = FailoverReport(step=resume, failed_ranks=np.flatnonzero(failed).tolist(), lost=lost,
-                                reloaded=np.asarray(reloaded, dtype=np.int64).reshape(-1, 3),
-                                completed_layers=completed, seconds=time.perf_counter() - start)
-        self.failovers.append(report)
-        log.warning("eplb: %s; serving resumes at step %d on %d ranks; %d experts had no live replica and were "
-                    "reloaded (%d slots here), %d layers completed, %.3f s", reason, resume, int(live.sum()),
-                    len(lost), len(report.reloaded), len(completed), report.seconds)
-        return report
-
-    def added_memory(self) -> dict:
-        """Bytes EPLB adds on this rank: ``redundant_slots`` (expert weights beyond ``E / W`` slots),
-        ``staging`` (transfer arenas, device and pinned host), ``tables`` (router tables and recorder buffers), and
-        their ``total``."""
-        spare = self.topology.slots_per_rank - self.num_experts / self.topology.num_ranks
-        tensors = [self.router.log2phy, self.router.replica_count, self.router.rank_table, self.router.replica_slot,
-                   self.recorder.window, self.recorder.folded, self.recorder.ring, self.recorder.ring_folded]
-        out = {"redundant_slots": int(round(spare * float(self._expert_bytes.sum()))),
-               "staging": self.mover.staging_bytes if self.mover is not None else 0,
-               "tables": sum(t.numel() * t.element_size() for t in tensors if t is not None)}
-        out["total"] = sum(out.values())
-        return out
-
-    # -- cycle steps --------------------------------------------------------------------------------------------
-    @property
-    def placement(self) -> Placement:
-        """The placement in force on this rank now (switched layer by layer as plans are applied)."""
-        return self.live.placement
-
-    def gather_load(self) -> np.ndarray:
-        """The window's logical load over the group (collective), and a new window starts."""
-        load = self.recorder.logical_load(self.live.phy2log, self.group)
-        self.recorder.reset()
-        return load
-
-    def _static_window(self) -> bool:
-        """Static mode: at a window end, the window's PAR is measured and logged on the side thread (the recorder's
-        buffers copied on the device here); whether this step ended a window."""
-        if not (self.step and self.step % self.config.window_steps == 0):
-            return False
-        self.channel.submit(static_window, self.channel, self.recorder, self.recorder.snapshot(),
-                            self.channel.record_event(), self.placement, self.failed.copy(), self.step,
-                            self.config.log_balancedness)
-        return True
-
-    def _submit(self, window_start: int) -> None:
+    # -- plans ----------------------------------------------------------------------------------------------------
+    def _submit(self) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
         group, PAR, the interval agreement, the planner request) runs on the side thread."""
-        if self._gathering is not None:  # the last window's gather is still running (a very short window)
-            self._gathered(late=True)
+        failed = self.live.failed
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
                                          window_par=np.full(self.live.phy2log.shape[0], np.nan)))
-        self._result, self._local, self._submitted_step = None, (0, ""), self.step
+        spec = (dataclasses.replace(self.router.spec, recorder_source=self.recorder.source)
+                if self.mover is not None else None)
         request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                               cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
-                              live_ranks=~self.failed if self.failed.any() else None,
-                              resilience=self.config.resilience, state=self.cycle.state)
+                              live_ranks=~failed if failed.any() else None, resilience=self.config.resilience,
+                              state=self.cycle.state, spec=spec)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
         measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
-        self._gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
-                                              self.channel.record_event(), request, self.failed.copy(), self.step,
-                                              measured)
+        gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
+                                        self.channel.record_event(), request, failed.copy(), self.step, measured)
+        self.round = PlanRound(self.metrics[-1].cycle, self.step, gathering)
 
-    def _gathered(self, late: bool = False) -> None:
-        """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""
-        future, self._gathering = self._gathering, None
-        window, window_par, waiting = future.result()
-        current = self.metrics[-1]
-        current.late_steps += int(late)
-        current.window_par = window_par
-        if len(self.metrics) > 1 and self.metrics[-2].next_window_par is None:
-            self.metrics[-2].next_window_par = window_par
-        self._window_load = window
-        if waiting and self._local[0] == 0:
-            self._local = (-1, waiting)
+    def _poll(self) -> bool:
+        """A poll step (see :meth:`PlanRound.poll`); whether it started an agreement."""
+        agreed, late, started = self.round.poll(self.step, self.config.planner_check_steps, self.channel,
+                                                self.planner)
+        self.metrics[-1].late_steps += int(late)
+        if agreed is not None:
+            self._decide(agreed)
+        return started
 
-    def _poll(self) -> None:
-        check = (self.step - self._submitted_step) % self.config.planner_check_steps == 0
-        if self._agreement is not None:
-            if not check:  # it runs on the side group until the next check step
-                return
-            # started in the last check step; every rank reads it now, so all decide in the same step
-            future, self._agreement = self._agreement, None
-            self.metrics[-1].late_steps += int(not future.done())
-            low_flag, same = future.result()
-            if low_flag < 0:
-                self.cycle.plan_failed(self.step, self._local[1] or "the planner of another rank failed")
-                return
-            if low_flag > 0:
-                if same:
-                    self._accept(self._result)
-                else:
-                    self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
-                return
-        if self._gathering is not None:
-            if not self._gathering.done():  # the planner has not been asked yet
-                self._start_agreement()
-                return
-            self._gathered()
-        if self._local[0] == 0:
-            state, value = self.planner.poll()
-            if state == "ready":
-                self._result, self._local = value, (1, "")
-            elif state == "failed":
-                self._local = (-1, value)
-        self._start_agreement()
-
-    def _start_agreement(self) -> None:
-        """In check steps: the ranks' planner states and plan checksums, agreed on the side group (read in the next
-        check step)."""
-        if (self.step - self._submitted_step) % self.config.planner_check_steps:
-            return
-        flag = self._local[0]
-        self._agreement = self.channel.submit(self._agree, flag, self._result.plan if flag == 1 else None)
-
-    def _agree(self, flag: int, plan) -> tuple[int, bool]:
-        """Side thread: every rank's planner flag and plan checksum (hashed here, not in the step), agreed on the
-        side group."""
-        if self.channel.world == 1:
-            return flag, True
-        return agree_on_plan(flag, plan.checksum if plan is not None else 0, self.channel.cpu_group)
+    def _decide(self, agreed: Agreed) -> None:
+        """What every rank agreed on the plan: accept it, skip the cycle, or turn EPLB off."""
+        plan_round, self.round = self.round, None
+        if agreed.status is Status.OFF:
+            self.disable(plan_round.reason if plan_round.status is Status.OFF
+                         else "EPLB's threads failed on another rank")
+        elif agreed.status < Status.PENDING:
+            self.cycle.plan_failed(self.step, plan_round.reason or "the planner of another rank failed")
+        elif agreed.same:
+            self._accept(plan_round.reply)
+        else:
+            self.cycle.plan_failed(self.step, "ranks computed different plans (checksums differ)")
 
     def _accept(self, reply: PlannerReply) -> None:
         plan = reply.plan
@@ -554,43 +309,105 @@ class EplbController:
         current.bytes_moved = int(plan.layer_bytes[layers].sum())
         if self.config.mode == "record":
             if self.rank == 0:  # written by the side thread, never inside a step
-                self.channel.submit(self._write_record, plan.phy2log, current.cycle)
+                self.channel.submit(write_record, Placement(plan.phy2log, self.num_experts, self.topology),
+                                    self.config.record_path, current.cycle)
             return
-        self.transfers = dict(enumerate(plan.transfers))
-        if self.mover is not None:
-            self._tables = self.channel.submit(self._prepare_switches, plan.transfers, self.channel.stream)
-
-    def _write_record(self, phy2log: np.ndarray, cycle: int) -> None:
-        from eplb.formats import write_map
-
-        try:  # written atomically; a plan the format cannot hold must not stop serving
-            write_map(Placement(phy2log, self.placement.num_experts, self.topology), self.config.record_path,
-                      "ascend")
-        except (EplbError, OSError) as exc:
-            log.error("eplb record mode: cycle %d map not written: %s", cycle, exc)
-            return
-        log.info("eplb record mode: cycle %d map written to %s", cycle, self.config.record_path)
+        self._reply, self.transfers = reply, dict(enumerate(plan.transfers))
 
     def _skip(self, reason: str) -> None:
         current = self.metrics[-1]
         current.skipped = reason
-        self._result = None
-        self.channel.submit(self._restart_busy_planner)  # a restart takes milliseconds: not in a step
+        self.round = None
+        self.channel.submit(self.planner.restart_if_busy)  # a restart takes milliseconds: not in a step
         level = logging.INFO if reason == "no gain" or WAITING_FOR_INTERVAL in reason else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)
 
-    def _restart_busy_planner(self) -> None:
-        """Side thread: abandon a request still running (it may be hung)."""
-        if self.planner.busy:
-            self.planner.restart()
-
-    def _finish_cycle(self) -> None:
-        current = self.metrics[-1]
-        log_cycle(current, self.config.mode == "record", len(self.cycle.records[-1].layers))
-        self._export(current)
+    def _static_window(self) -> bool:
+        """Static mode: at a window end, the window's PAR is measured and logged on the side thread (the recorder's
+        buffers copied on the device here); whether this step ended a window."""
+        if not (self.step and self.step % self.config.window_steps == 0):
+            return False
+        last = self._static_job
+        if last is not None and last.done() and failure_of(last) is not None:
+            self.disable(f"the window gather failed: {failure_of(last)}")
+            return False
+        self._static_job = self.channel.submit(static_window, self.channel, self.recorder, self.recorder.snapshot(),
+                                               self.channel.record_event(), self.placement, self.live.failed.copy(),
+                                               self.step, self.config.log_balancedness)
+        return True
 
     def _export(self, current: CycleMetrics) -> None:
         if self._prometheus is not None:
             self._prometheus.update(current)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+    def disable(self, reason: str) -> None:
+        """Turn EPLB off for the rest of the job (every rank does it in the same step when it is agreed): one error
+        log, ``eplb_disabled_total``; serving goes on with the placement in force, which no longer changes."""
+        if self.disabled:
+            return
+        self.disabled = reason
+        log.error("eplb turned itself off at step %d: %s; serving goes on with the placement in force", self.step,
+                  reason)
+        count_event(self._prometheus, "disabled", "times EPLB turned itself off (its own threads failed)")
+        if self.metrics and self.cycle.phase is not Phase.COLLECT:
+            self.metrics[-1].skipped = f"EPLB turned off: {reason}"
+        self.pending = self.round = None
+        if self.channel is not None:
+            self.channel.abort(EplbError(f"EPLB is off: {reason}"))
+            self.channel.close(wait=False)
+        if self.planner is not None:
+            self.planner.close(wait=False)
+
+    @property
+    def failed(self) -> np.ndarray:
+        """bool ``[W]``: ranks that failed (:meth:`fail_ranks`); all False while every rank serves."""
+        return self.live.failed
+
+    @property
+    def placement(self) -> Placement:
+        """The placement in force on this rank now (switched layer by layer as plans are applied)."""
+        return self.live.placement
+
+    def failed_peers(self) -> list[int]:
+        """The EP ranks the heartbeat declared failed so far, agreed by every survivor (never blocks; empty without
+        a heartbeat). Fail over with :meth:`fail_ranks` when it lists ranks not yet in :attr:`failed`."""
+        return self.heartbeat.failed_peers() if self.heartbeat is not None else []
+
+    def fail_ranks(self, ranks, group=None) -> FailoverReport:
+        """Keep serving after ``ranks`` (ids or a bool mask ``[W]``) failed: call on every surviving rank between two
+        steps, collective over ``group``, the survivors' process group (:func:`eplb.runtime.failover.fail_over`).
+
+        Raises:
+            EplbError: bad ranks (out of range, this rank, every rank), a group that does not hold exactly the live
+                ranks, fewer live slots than experts (the error names the experts left out; nothing was changed),
+                or experts to load and no ``expert_loader`` (or no ``layer_tensors``) to load them with.
+        """
+        report = fail_over(self, ranks, group)
+        self.failovers.append(report)
+        return report
+
+    def added_memory(self) -> dict:
+        """Bytes EPLB adds on this rank: ``redundant_slots`` (expert weights beyond ``E / W`` slots),
+        ``staging`` (transfer arenas, device and pinned host), ``tables`` (router tables and recorder buffers), and
+        their ``total``."""
+        spare = self.topology.slots_per_rank - self.num_experts / self.topology.num_ranks
+        tensors = [self.router.tables, self.recorder.window, self.recorder.folded, self.recorder.ring,
+                   self.recorder.ring_folded]
+        out = {"redundant_slots": int(round(spare * float(self._expert_bytes.sum()))),
+               "staging": self.mover.staging_bytes if self.mover is not None else 0,
+               "tables": sum(t.numel() * t.element_size() for t in tensors if t is not None)}
+        out["total"] = sum(out.values())
+        return out
+
+    def close(self) -> None:
+        """Stop the heartbeat, the planner worker and EPLB's threads. Call once when serving ends (parts still in
+        flight are dropped: they never switch)."""
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+        if self.planner is not None:
+            self.planner.close()
+        if self.channel is not None:
+            self.channel.close(wait=not self.disabled)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CycleMetrics", "PrometheusExporter", "log_cycle"]
+__all__ = ["CycleMetrics", "PrometheusExporter", "log_cycle", "count_event"]
 
 log = logging.getLogger("eplb.runtime.controller")
 
@@ -106,3 +106,16 @@ class PrometheusExporter:
         if m.skipped:
             self.skipped += 1
         g["skipped_cycles"].set(self.skipped)
+
+
+def count_event(exporter: PrometheusExporter | None, name: str, description: str) -> None:
+    """Add one to the Prometheus counter ``eplb_<name>_total`` (an event outside the cycles, e.g. ``disabled``: EPLB
+    turned itself off), when metrics are exported."""
+    if exporter is None or exporter.gauges is None:
+        return
+    import prometheus_client as prom
+
+    counters = exporter.__dict__.setdefault("counters", {})
+    if name not in counters:
+        counters[name] = prom.Counter(f"eplb_{name}", description)
+    counters[name].inc()

@@ -2,21 +2,50 @@
 
 A layer switches placement in one call, :meth:`LivePlacement.switch`: the recorder first converts the layer's slot
 counts with the placement they were taken under, then the row changes, then the router rewrites its tables in place.
-Everything else (the controller, the failover, the mover's transfers) reads the placement from here.
+Everything else (the controller, the failover, the mover's transfers) reads the placement from here, and so is the
+set of failed ranks (:attr:`LivePlacement.failed`) that every table routes around.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from eplb.placement import Placement
+from eplb.runtime.recipes import SwitchRows
+from eplb.runtime.router import RouterTables
+from eplb.runtime.tables import router_rows
 from eplb.runtime.transport import upload
 
-__all__ = ["LivePlacement"]
+__all__ = ["LivePlacement", "SwitchTables"]
+
+
+@dataclass(frozen=True)
+class SwitchTables:
+    """What the switch of one layer writes besides its weights, on the device (uploaded off the serving thread).
+
+    Attributes:
+        layer: the layer.
+        new_row: int64 ``[P]`` its placement after the switch (host).
+        fold: int64 ``[S]`` the placement its recorder counts were taken under (see
+            :meth:`~eplb.runtime.recorder.LoadRecorder.fold_layer`).
+        router: its router tables after the switch.
+    """
+
+    layer: int
+    new_row: np.ndarray
+    fold: torch.Tensor
+    router: RouterTables
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device tensors (for the caching allocator's hand-over to the serving stream)."""
+        return [self.fold, self.router.index, self.router.rows]
 
 
 class LivePlacement:
-    """``phy2log`` ``[L, P]`` in force on ``rank``, switched layer by layer.
+    """``phy2log`` ``[L, P]`` in force on ``rank``, switched layer by layer, and the failed ranks.
 
     Args:
         placement: the placement the weights were loaded with.
@@ -30,6 +59,8 @@ class LivePlacement:
         self.router, self.recorder = router, recorder
         self._phy2log = np.array(placement.phy2log, dtype=np.int64)
         self._placement: Placement | None = placement
+        #: bool [W]: ranks that failed (:meth:`fail_over`); every table routes around them
+        self.failed = np.zeros(placement.topology.num_ranks, dtype=bool)
 
     @property
     def phy2log(self) -> np.ndarray:
@@ -50,41 +81,31 @@ class LivePlacement:
         k = self.topology.slots_per_rank
         return self._phy2log[layer, self.rank * k:(self.rank + 1) * k].copy()
 
-    def switch(self, layer: int, new_row: np.ndarray, prepared: dict | None = None) -> None:
-        """Put ``layer`` on ``new_row`` ``[P]`` (its weights are in place): recorder fold, row, router tables.
-        ``prepared``: :meth:`prepare` of this switch (built off the serving thread): then device copies only."""
-        if prepared is None:
-            prepared = self.prepare([layer], np.asarray(new_row)[None], self._phy2log[layer][None])[layer]
-        self.recorder.fold_layer(layer, prepared["fold"])
-        self._phy2log[layer] = np.asarray(new_row, dtype=np.int64).reshape(-1)
-        self._placement = None
-        self.router.apply_tables(prepared["router"])
+    def upload(self, rows: SwitchRows) -> SwitchTables:
+        """The :class:`SwitchTables` of ``rows`` (built by the planner process) on the device (any thread)."""
+        return SwitchTables(rows.layer, rows.new_row, upload(rows.fold, self.recorder.device),
+                            self.router.device_tables([rows.layer], self.router.layout.fill(rows.router)))
 
-    def prepare(self, layers, new_rows: np.ndarray, old_rows: np.ndarray) -> dict:
-        """What :meth:`switch` writes for each of ``layers``, by layer: built on the host in one vectorised pass and
-        uploaded, one copy per table (any thread).
-
-        Args:
-            layers: the layers, each once.
-            new_rows, old_rows: int ``[n, P]``: each layer's row after and before its switch."""
-        layers = np.asarray(layers, dtype=np.int64).reshape(-1)
-        if layers.size == 0:
-            return {}
-        order = np.argsort(layers)  # ascending: the router reads a placement of all L layers by layer index
-        layers = layers[order]
-        new_rows = np.asarray(new_rows).reshape(layers.size, -1)[order]
-        old_rows = np.array(old_rows, dtype=np.int64).reshape(layers.size, -1)[order]
+    def tables(self, layer: int, new_row: np.ndarray) -> SwitchTables:
+        """The :class:`SwitchTables` that put ``layer`` on ``new_row`` ``[P]``, built here (the failover's path)."""
+        new_row = np.asarray(new_row, dtype=np.int64).reshape(-1)
+        fold = self._phy2log[layer]
         if self.recorder.source != "ids":
             k = self.topology.slots_per_rank
-            old_rows = old_rows[:, self.rank * k:(self.rank + 1) * k]
-        fold = upload(old_rows, self.recorder.device)
-        router = self.router.build_tables(layers, Placement(new_rows, self.num_experts, self.topology))
-        out = {}
-        for i, layer in enumerate(layers.tolist()):  # views of the batched tables, one layer each
-            tables = {name: value[i:i + 1] if hasattr(value, "shape") else value for name, value in router.items()}
-            out[layer] = {"fold": fold[i], "router": tables}
-        return out
+            fold = fold[self.rank * k:(self.rank + 1) * k]
+        router = router_rows(Placement(new_row[None], self.num_experts, self.topology), [0], self.router.spec,
+                             self.failed)
+        return self.upload(SwitchRows(layer, new_row, np.array(fold), self.router.layout.crop(router)))
+
+    def switch(self, tables: SwitchTables) -> None:
+        """Put ``tables.layer`` on ``tables.new_row`` (its weights are in place): recorder fold, row, router tables;
+        device copies only."""
+        self.recorder.fold_layer(tables.layer, tables.fold)
+        self._phy2log[tables.layer] = tables.new_row
+        self._placement = None
+        self.router.apply(tables.router)
 
     def fail_over(self, failed: np.ndarray) -> None:
         """Route around the ``failed`` ranks (bool ``[W]``) from now on."""
-        self.router.set_failed_ranks(self.placement, failed)
+        self.failed = np.array(failed, dtype=bool)
+        self.router.set_failed_ranks(self.placement, self.failed)

@@ -1,31 +1,34 @@
-"""Weight mover: executes a layer's :class:`~eplb.transfers.LayerTransfer` on EPLB's side channel.
+"""Weight mover: moves the rows of a plan's parts on EPLB's side channel, following recipes the planner process built.
 
 Protocol, driven by the controller:
 
 1. :meth:`ExpertMover.post` (serving thread, before the forward of step ``s``): records an event on the serving
-   stream and hands the layer(s) to the :class:`~eplb.runtime.transport.SideChannel`; nothing else. On the side
-   thread, after that event: the rows to send are packed from the live tensors (the forward only reads them too), the
-   backend sends and receives them (receives land in a staging arena, never in live tensors, so the forward still
-   computes with the old experts), the index tensors of the switch are uploaded, and one all-reduce on the side group
-   tells every rank that every rank's transfers completed.
-2. :meth:`ExpertMover.ready` (serving thread): whether that happened (``Future.done()``, no wait).
-3. :meth:`ExpertMover.commit` (serving thread, before the forward of step ``s + 1``): the serving stream waits on the
-   side stream's event, copies the experts that stay on this rank but change slot, then writes the staged experts into
-   the live tensors in place (addresses do not change). Device ops only; it waits on the host only when the side
-   thread has not finished (counted in :attr:`PendingMove.late`).
+   stream and hands the parts' :class:`~eplb.runtime.recipes.MoveRecipe` s to the side thread; nothing else. On the
+   side thread, after that event: the rows this rank sends are sent from the live tensors in place (the forward only
+   reads them too), the received rows land in a staging arena (never in live tensors: the forward still computes
+   with the old experts), the experts that stay on this rank but change slot are staged too (nothing writes the
+   layer's live rows before its switch), and the index tensors and switch tables are uploaded. The side thread only
+   posts, waits and copies: the recipes come ready-made.
+2. :meth:`ExpertMover.status` (serving thread): whether the rows landed here (``Future.done()``, no wait). The
+   controller agrees with the other ranks that they landed everywhere before anyone commits.
+3. :meth:`ExpertMover.commit` (serving thread, before the forward of the agreed step): the serving stream waits on
+   the side stream's event, then the staged rows are written into the live tensors in place (addresses do not
+   change): one gather and one ``index_copy_`` per tensor, device ops only.
+
+Rows move as bytes: every tensor is viewed as ``uint8 [K, row_bytes]`` (a view, not a copy), so any dtype moves
+bitwise (float8, bf16, packed int4, block scales) whatever ops the device has for it. A tensor that cannot be viewed
+as bytes is refused at construction.
 
 Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
 for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
 the live tensors in place. Never a copy of a whole layer: the schedule keeps each step within ``bytes_per_step`` on
 every rank (:mod:`eplb.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
 arenas (device plus host), which are sized exactly to the rows.
-
-Works for any list of per-expert tensors of a layer (weights, scales, biases; any dtype, quantised ones included):
-every tensor of a layer is ``[K, ...]`` with the rank's ``K`` local slots first, and all move together.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,74 +37,135 @@ import numpy as np
 import torch
 
 from eplb.errors import EplbError
-from eplb.runtime.transport import Message, SideChannel, StagingArena, hand_over, side_event, upload
-from eplb.transfers import LayerTransfer
+from eplb.runtime.agreement import Status
+from eplb.runtime.recipes import MoveRecipe, move_recipe
+from eplb.runtime.transport import Message, SideChannel, StagingArena, side_event, upload
 
-__all__ = ["ExpertMover", "PendingMove"]
+__all__ = ["ExpertMover", "PendingMove", "Staged", "StagedPart", "byte_rows", "check_tensors"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedPart:
+    """One part staged on this rank (device tensors prepared on the side thread).
+
+    Attributes:
+        layer: the part's layer.
+        staging: per tensor of the layer, uint8 ``[rows, row_bytes]``: received rows, then local ones.
+        dst: int64 ``[f]`` local slots the switch writes; ``row``: the staging row of each.
+        switch: the part's :class:`~eplb.runtime.live.SwitchTables` (None when posted without them).
+    """
+
+    layer: int
+    staging: list
+    dst: torch.Tensor
+    row: torch.Tensor
+    switch: object = None
+
+
+@dataclass
+class Staged:
+    """What the side thread did for one post: the parts, the side stream's event, whether the exchange completed
+    here (``error`` says why not), its seconds and the bytes received."""
+
+    parts: list = field(default_factory=list)
+    event: object = None
+    error: str | None = None
+    seconds: float = 0.0
+    bytes_received: int = 0
 
 
 @dataclass
 class PendingMove:
-    """Transfers posted for some layers and not yet committed."""
+    """Parts posted and not yet committed."""
 
     layers: list[int]
     future: Future | None = None
+    #: ``time.monotonic()`` of the post (for the transfer deadline)
+    posted_at: float = 0.0
     bytes_received: int = 0
     post_s: float = 0.0
-    #: seconds the serving thread waited in :meth:`ExpertMover.commit` (0 unless the side thread was late)
+    #: seconds :meth:`ExpertMover.commit` waited (0 unless called before the rows landed; the controller never does)
     wait_s: float = 0.0
     copy_s: float = 0.0
     #: the side thread had not finished when the commit came
     late: bool = False
-    #: seconds the side thread spent on these transfers (packing, sending, receiving, agreeing)
+    #: seconds the side thread spent on these parts (posting, waiting, copying)
     side_s: float = 0.0
 
 
-@dataclass
-class _Fill:
-    """What the switch of one layer writes on this rank (device tensors prepared on the side thread)."""
+def byte_rows(tensor: torch.Tensor, layer: int, index: int, slots_per_rank: int) -> torch.Tensor:
+    """``tensor`` ``[K, ...]`` viewed as ``uint8 [K, row_bytes]`` (no copy).
 
-    layer: int
-    staging: list  # per tensor: [rows, ...] received then local rows
-    dst: torch.Tensor
-    row: torch.Tensor
-    local_rows: torch.Tensor | None = None
-    local_src: torch.Tensor | None = None
+    Raises:
+        EplbError: it is not ``[K, ...]``, not contiguous, or cannot be viewed as bytes (quantized, sparse, a
+            conjugate or negative view).
+    """
+    where = f"layer {layer}, tensor {index}"
+    if tensor.dim() == 0 or tensor.shape[0] != slots_per_rank:
+        raise EplbError(f"{where}: expected shape [{slots_per_rank}, ...] (local slots first), got "
+                        f"{tuple(tensor.shape)}")
+    if not tensor.is_contiguous():
+        raise EplbError(f"{where} is not contiguous; expert slots must be rows of a contiguous tensor so they can be "
+                        "sent and overwritten in place")
+    if tensor.is_quantized or tensor.layout != torch.strided or tensor.is_conj() or tensor.is_neg():
+        raise EplbError(f"{where} ({tensor.dtype}, {tensor.layout}) cannot be viewed as bytes; expected a dense "
+                        "tensor (weights, scales and packed formats are moved as their bytes)")
+    try:
+        return tensor.view(torch.uint8).view(slots_per_rank, -1)
+    except RuntimeError as exc:
+        raise EplbError(f"{where} ({tensor.dtype}) cannot be viewed as bytes: {exc}") from None
 
 
-@dataclass
-class _Moved:
-    fills: list = field(default_factory=list)
-    event: object = None
-    ok: bool = True
-    seconds: float = 0.0
-    bytes_received: int = 0
+def check_tensors(layer_tensors, num_layers: int, slots_per_rank: int, device) -> np.ndarray:
+    """int64 ``[L]``: the bytes of one expert of each layer over its tensors, once every tensor checked movable
+    (:func:`byte_rows`) and on ``device``.
+
+    Raises:
+        EplbError: not one list of tensors per layer, a layer without tensors, a tensor that cannot be moved, or one
+            on another device.
+    """
+    if layer_tensors is None or len(layer_tensors) != num_layers:
+        raise EplbError(f"dynamic mode needs layer_tensors for all {num_layers} MoE layers")
+    out = np.zeros(num_layers, dtype=np.int64)
+    for layer, tensors in enumerate(layer_tensors):
+        if not len(tensors):
+            raise EplbError(f"layer {layer} has no expert tensors to move")
+        for index, tensor in enumerate(tensors):
+            if tensor.device != torch.device(device):
+                raise EplbError(f"layer {layer}, tensor {index} is on {tensor.device}; expected the controller's "
+                                f"device {device}")
+            out[layer] += byte_rows(tensor, layer, index, slots_per_rank).shape[1]
+    return out
 
 
 class ExpertMover:
     """Moves the expert tensors of one rank.
 
     Args:
-        layer_tensors: ``layer_tensors[l]`` is the list of live tensors of MoE layer ``l``, each ``[K, ...]``.
+        layer_tensors: ``layer_tensors[l]`` is the list of live tensors of MoE layer ``l``, each ``[K, ...]``, any
+            dtype, all on one device.
         rank: this rank's index in the EP group (its group rank).
         slots_per_rank: K.
         group: the EP process group (None: the default group); only its members are used: transfers run on the
             side channel's groups, never on this one.
         channel: the :class:`SideChannel` (default: a Gloo one created here; collective over ``group``).
+
+    Raises:
+        EplbError: a layer without tensors, or a tensor that cannot be moved (see :func:`byte_rows`).
     """
 
     def __init__(self, layer_tensors, rank: int, slots_per_rank: int, group=None, channel: SideChannel | None = None):
         self.layer_tensors = [list(ts) for ts in layer_tensors]
+        self._rows = []  # per layer, per tensor: the live rows as bytes
         for layer, tensors in enumerate(self.layer_tensors):
             if not tensors:
                 raise EplbError(f"layer {layer} has no expert tensors to move")
-            for i, t in enumerate(tensors):
-                if t.dim() == 0 or t.shape[0] != slots_per_rank:
-                    raise EplbError(f"layer {layer}, tensor {i}: expected shape [{slots_per_rank}, ...] (local slots "
-                                    f"first), got {tuple(t.shape)}")
-                if not t.is_contiguous():
-                    raise EplbError(f"layer {layer}, tensor {i} is not contiguous; expert slots must be rows of a "
-                                    "contiguous tensor so they can be sent and overwritten in place")
+            self._rows.append([byte_rows(t, layer, i, slots_per_rank) for i, t in enumerate(tensors)])
+        devices = {t.device for ts in self.layer_tensors for t in ts}
+        if len(devices) > 1:
+            raise EplbError(f"the expert tensors are on several devices ({sorted(map(str, devices))}); expected one")
         self.rank, self.slots_per_rank = rank, slots_per_rank
         device = self.layer_tensors[0][0].device
         self.channel = channel if channel is not None else SideChannel(group, "gloo", device)
@@ -109,133 +173,94 @@ class ExpertMover:
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` summed over its tensors."""
-        return sum(t[0].numel() * t.element_size() for t in self.layer_tensors[layer])
+        return sum(rows.shape[1] for rows in self._rows[layer])
 
     @property
     def staging_bytes(self) -> int:
         """Staging memory this rank holds for transfers: device arena plus the backend's host arena (bytes)."""
         return self._staging.nbytes + self.channel.backend.staging_bytes
 
-    def post(self, transfers: list[LayerTransfer]) -> PendingMove:
-        """Hand the transfers of ``transfers`` (one per layer, distinct layers) to the side thread. Non-blocking."""
+    def post(self, parts, switches=None, to_device=None) -> PendingMove:
+        """Hand ``parts`` (:class:`MoveRecipe` s or :class:`~eplb.transfers.LayerTransfer` s, distinct layers) to the
+        side thread, with their :class:`~eplb.runtime.recipes.SwitchRows`, which ``to_device`` uploads there.
+        Non-blocking."""
         start = time.perf_counter()
-        pending = PendingMove(layers=[t.layer for t in transfers])
+        recipes = [p if isinstance(p, MoveRecipe) else move_recipe(p, self.rank) for p in parts]
+        switches = list(switches) if switches is not None else [None] * len(recipes)
+        pending = PendingMove(layers=[r.layer for r in recipes], posted_at=time.monotonic())
         channel = self.channel  # the job keeps it: after a failure the mover moves on to the survivors' channel
-        pending.future = channel.submit(self._move, transfers, channel.record_event(), channel)
+        pending.future = channel.submit(self._move, recipes, switches, to_device, channel.record_event(), channel)
         pending.post_s = time.perf_counter() - start
         return pending
 
-    def ready(self, pending: PendingMove) -> bool:
-        """Whether ``pending``'s transfers completed on every rank (no wait)."""
-        return pending.future.done()
+    def status(self, pending: PendingMove) -> Status:
+        """Serving thread, no wait: :attr:`Status.READY` once the rows landed here, :attr:`Status.FAILED` when the
+        exchange failed, else :attr:`Status.PENDING`. Raises what the side thread raised otherwise (a bug, or a dead
+        side thread)."""
+        if not pending.future.done():
+            return Status.PENDING
+        return Status.READY if pending.future.result().error is None else Status.FAILED
 
     def abandon(self, channel: SideChannel | None = None) -> None:
-        """Forget transfers that were posted and will never be committed (a peer failed): later posts use
-        ``channel`` (the survivors') and fresh staging, since receives in flight may still land in the old one."""
+        """Forget parts that were posted and will never be committed: later posts use ``channel`` (after a failure,
+        the survivors') and fresh staging, since receives in flight may still land in the old one."""
         if channel is not None:
             self.channel = channel
         self._staging = StagingArena(self._staging.device)
 
-    def commit(self, pending: PendingMove) -> None:
-        """Write ``pending``'s new experts into the live tensors, in place (device ops on the serving stream).
+    def commit(self, pending: PendingMove) -> Staged:
+        """Write ``pending``'s staged rows into the live tensors, in place (device ops on the serving stream);
+        returns the :class:`Staged` parts (their switch tables). Waits only when called before the rows landed.
 
         Raises:
-            EplbError: another rank's transfers failed (nothing was written; every rank raises alike).
+            EplbError: the exchange failed here (nothing was written).
         """
         start = time.perf_counter()
         pending.late = not pending.future.done()
-        moved = pending.future.result()  # a wait only when late
+        staged = pending.future.result()
         waited = time.perf_counter()
-        pending.wait_s, pending.side_s, pending.bytes_received = waited - start, moved.seconds, moved.bytes_received
-        if not moved.ok:
-            raise EplbError(f"transfers of layers {pending.layers} failed on some rank; nothing was switched")
-        hand_over(moved.event, [t for fill in moved.fills for t in (*fill.staging, fill.dst, fill.row, fill.local_rows,
-                                                                     fill.local_src) if t is not None])
-        for fill in moved.fills:
-            tensors = self.layer_tensors[fill.layer]
-            if fill.local_rows is not None:
-                # experts that stay on this rank but change slot go through staging too, so that overwriting a live
-                # slot never destroys a value another slot still has to copy
-                for live, stage in zip(tensors, fill.staging):
-                    stage.index_copy_(0, fill.local_rows, live.index_select(0, fill.local_src))
-            for live, stage in zip(tensors, fill.staging):
-                live.index_copy_(0, fill.dst, stage.index_select(0, fill.row))
+        pending.wait_s, pending.side_s, pending.bytes_received = waited - start, staged.seconds, staged.bytes_received
+        if staged.error is not None:
+            raise EplbError(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
+        self.channel.hand_over(staged.event, [t for part in staged.parts for t in (*part.staging, part.dst, part.row)])
+        for part in staged.parts:
+            for rows, stage in zip(self._rows[part.layer], part.staging):
+                rows.index_copy_(0, part.dst, stage.index_select(0, part.row))
         pending.copy_s = time.perf_counter() - waited
+        return staged
 
     # -- side thread ----------------------------------------------------------------------------------------------
-    def _move(self, transfers: list[LayerTransfer], posted, channel: SideChannel) -> _Moved:
+    def _move(self, recipes: list[MoveRecipe], switches: list, to_device, posted, channel: SideChannel) -> Staged:
         start = time.perf_counter()
-        stream = channel.stream
         if posted is not None:
-            stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
-        device = self.layer_tensors[0][0].device
-        moved, sends, recvs, specs, plans, tags = _Moved(), [], [], [], [], [0]
-        for transfer in transfers:  # the first tag of each layer's messages: one per tensor and run from a peer
-            tags.append(tags[-1] + len(self.layer_tensors[transfer.layer]) * self.slots_per_rank)
-        for position, transfer in enumerate(transfers):
-            tensors = self.layer_tensors[transfer.layer]
-            rows = transfer.transfers
-            mine = rows[rows[:, 2] == self.rank]  # this rank's receives, in transfer-list order
-            by_src = np.argsort(mine[:, 0], kind="stable")  # staged grouped by source rank
-            stage_row = np.empty(len(mine), dtype=np.int64)
-            stage_row[by_src] = np.arange(len(mine))
-            dst_slot, from_recv, source = transfer.rank_fills(self.rank)
-            local = np.flatnonzero(~from_recv)
-            height = len(mine) + local.size
-            for t in tensors:
-                specs.append(((height, *t.shape[1:]), t.dtype))
-            plans.append((position, transfer, mine, by_src, stage_row, dst_slot, from_recv, source, local))
-        arena = self._staging.views(specs)
-        cursor = 0
-        for position, transfer, mine, by_src, stage_row, dst_slot, from_recv, source, local in plans:
-            tensors = self.layer_tensors[transfer.layer]
-            staging = arena[cursor:cursor + len(tensors)]
-            cursor += len(tensors)
-            # rows are sent from the live tensors in place, one message per tensor and run of consecutive source
-            # slots (a contiguous block; the j-th run between two ranks tagged j), so a sender stages nothing on the
-            # device; both sides split the rows between them, in transfer order, into the same runs
+            channel.stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
+        device, k = self._staging.device, self.slots_per_rank
+        arena = self._staging.views([(r.staged, rows.shape[1]) for r in recipes for rows in self._rows[r.layer]])
+        staged, sends, recvs, cursor, base = Staged(), [], [], 0, 0
+        for recipe, switch in zip(recipes, switches):
+            live = self._rows[recipe.layer]
+            staging = arena[cursor:cursor + len(live)]
+            cursor += len(live)
             offset = 0
-            for src in np.flatnonzero(np.bincount(mine[:, 0], minlength=1)).tolist():
-                for j, (_, count) in enumerate(_runs(mine[mine[:, 0] == src, 1])):
-                    for i in range(len(tensors)):
-                        recvs.append(Message(src, tags[position] + i * self.slots_per_rank + j,
-                                             staging[i][offset:offset + count]))
-                    offset += count
-            outgoing = transfer.transfers[transfer.transfers[:, 0] == self.rank]
-            for dst in np.flatnonzero(np.bincount(outgoing[:, 2], minlength=1)).tolist():
-                for j, (first, count) in enumerate(_runs(outgoing[outgoing[:, 2] == dst, 1])):
-                    for i, live in enumerate(tensors):
-                        sends.append(Message(dst, tags[position] + i * self.slots_per_rank + j,
-                                             live[first:first + count]))
-            if dst_slot.size == 0:
-                continue
-            row = source.copy()
-            row[from_recv] = stage_row[source[from_recv]]  # receive index -> its staging row
-            fill = _Fill(transfer.layer, staging, upload(dst_slot, device), None)
-            if local.size:
-                local_rows = np.arange(len(mine), len(mine) + local.size)
-                fill.local_src = upload(source[local], device)
-                fill.local_rows = upload(local_rows, device)
-                row[local] = local_rows
-            fill.row = upload(row, device)
-            moved.fills.append(fill)
+            for src, j, count in recipe.recvs.tolist():
+                recvs += [Message(src, base + i * k + j, stage[offset:offset + count]) for i, stage in enumerate(staging)]
+                offset += count
+            for dst, j, first, count in recipe.sends.tolist():
+                sends += [Message(dst, base + i * k + j, rows[first:first + count]) for i, rows in enumerate(live)]
+            base += len(live) * k
+            if recipe.local_src.size:  # the live rows of this layer do not change before its switch
+                local = upload(recipe.local_src, device)
+                for rows, stage in zip(live, staging):
+                    torch.index_select(rows, 0, local, out=stage[offset:])
+            staged.parts.append(StagedPart(recipe.layer, staging, upload(recipe.fill_dst, device),
+                                           upload(recipe.fill_row, device),
+                                           None if switch is None else to_device(switch)))
+            staged.bytes_received += recipe.received * self.expert_bytes(recipe.layer)
         try:
-            channel.backend.exchange(sends, recvs, stream)
-        except Exception:  # noqa: BLE001 - this rank's failure is agreed below, then raised by every rank's commit
-            moved.ok = False
-        moved.event = side_event(stream)
-        # one small all-reduce: a layer switches only when every rank's transfers completed
-        moved.ok = bool(channel.all_reduce(torch.tensor([int(moved.ok)]), _MIN).item())
-        moved.bytes_received = sum(int((t.transfers[:, 2] == self.rank).sum()) * self.expert_bytes(t.layer)
-                                   for t in transfers)
-        moved.seconds = time.perf_counter() - start
-        return moved
-
-
-_MIN = torch.distributed.ReduceOp.MIN
-
-
-def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
-    """``(first slot, count)`` of each run of consecutive slots in ``slots`` (in its order)."""
-    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
-    return [(int(run[0]), len(run)) for run in np.split(slots, breaks) if len(run)]
+            channel.backend.exchange(sends, recvs, channel.stream)
+        except Exception as exc:  # noqa: BLE001 - agreed with the other ranks: the parts are abandoned everywhere
+            log.warning("eplb: transfers of layers %s failed on this rank: %s", [r.layer for r in recipes], exc)
+            staged.error = f"{type(exc).__name__}: {exc}"
+        staged.event = side_event(channel.stream)
+        staged.seconds = time.perf_counter() - start
+        return staged

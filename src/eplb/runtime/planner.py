@@ -2,16 +2,21 @@
 separate (spawned) process so that serving never waits for it.
 
 The serving process hands a request to :meth:`PlannerWorker.submit` and calls :meth:`PlannerWorker.poll` once per
-step; ``poll`` never blocks and does no work: a reader thread takes the replies off the queue, checks them and
-watches the worker. It reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason):
-the worker crashed, missed its deadline (it is then killed, as it may be hung), or returned a plan that is not a valid
-placement for the model. After a failure the worker is restarted in the background, so the next cycle has one.
+step; ``poll`` never blocks and does no work. The worker answers with everything the rank needs ready-made
+(:func:`finish`): the plan checked against the request, its checksum, and this rank's recipes and switch tables of
+every part (:mod:`eplb.runtime.recipes`), so that no thread of the serving process builds them. A reader thread only
+takes the replies off the queue (a compact pickle: ~1 ms at DeepSeek-V3 size) and watches the worker. ``poll``
+reports ``"pending"``, ``"ready"`` (with the result) or ``"failed"`` (with the reason): the worker crashed, missed its
+deadline (it is then killed, as it may be hung), or planned a placement that is not valid for the model. After a
+failure the worker is restarted in the background, so the next cycle has one. If the reader thread itself dies, the
+request fails with the cause and :attr:`PlannerWorker.broken` says so (the controller then turns EPLB off).
 
 This module and everything the worker imports are torch-free: the worker starts in about a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -29,9 +34,12 @@ from eplb.errors import EplbError
 from eplb.placement import Placement
 from eplb.planning import CyclePlan, PlanState, check_cycle_plan, cycle_policy, plan_cycle
 from eplb.policies.resilience import Resilience
+from eplb.runtime.recipes import rank_recipes
+from eplb.runtime.tables import TableSpec
 from eplb.topology import Topology
 
-__all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request", "worker_main", "warm_up"]
+__all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request", "finish", "worker_main",
+           "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class PlanRequest:
         state: the :class:`~eplb.planning.PlanState` the previous cycle handed on (kept by the serving process, so
             a restarted worker plans from it too).
         price: the :class:`~eplb.pricing.MovePrice` measured by the runtime (None: the cost model's defaults).
+        spec: the requesting rank's :class:`~eplb.runtime.tables.TableSpec`: the reply then carries that rank's
+            recipes and switch tables (None: the plan only, e.g. record mode).
     """
 
     cycle: int
@@ -74,16 +84,20 @@ class PlanRequest:
     resilience: Resilience | None = None
     state: PlanState | None = None
     price: object = None
+    spec: TableSpec | None = None
 
 
 @dataclass(frozen=True)
 class PlannerReply:
-    """What the worker returns for a request: its cycle number, the :class:`~eplb.planning.CyclePlan` and the
-    seconds the planning function took."""
+    """What the worker returns for a request: its cycle number, the :class:`~eplb.planning.CyclePlan` (its
+    checksum computed), the seconds the planning function took and, per part of the plan, the requesting rank's
+    :class:`~eplb.runtime.recipes.MoveRecipe` and :class:`~eplb.runtime.recipes.SwitchRows`."""
 
     cycle: int
     plan: CyclePlan
     seconds: float
+    moves: tuple = ()
+    switches: tuple = ()
 
 
 def run_request(request: PlanRequest) -> PlannerReply:
@@ -95,6 +109,22 @@ def run_request(request: PlanRequest) -> PlannerReply:
                       request.cycle_config, request.expert_bytes, request.live_ranks, request.resilience,
                       request.state, price=request.price)
     return PlannerReply(request.cycle, plan, time.perf_counter() - start)
+
+
+def finish(request: PlanRequest, reply: PlannerReply) -> PlannerReply | tuple[int, str]:
+    """Worker: ``reply`` checked against ``request`` (a valid placement, transfers that lead from the current
+    placement to it), hashed, with the requesting rank's recipes; or ``(cycle, reason)`` when it is invalid."""
+    num_experts = request.load.shape[-1]
+    problem = check_cycle_plan(reply.plan, request.current, num_experts, request.topology)
+    if problem is not None:
+        return request.cycle, f"planner returned an invalid plan: {problem}"
+    reply.plan.__dict__.pop("checksum", None)  # hashed here, from the plan as it is now
+    reply.plan.checksum  # noqa: B018 - cached with the plan, so no thread of the serving process hashes it
+    if request.spec is None:
+        return reply
+    failed = None if request.live_ranks is None else ~np.asarray(request.live_ranks, dtype=bool)
+    moves, switches = rank_recipes(reply.plan.transfers, request.spec, num_experts, request.topology, failed)
+    return dataclasses.replace(reply, moves=moves, switches=switches)
 
 
 READY = "ready"
@@ -135,17 +165,16 @@ def worker_main(requests, results, warmup=None) -> None:
         if request is None:
             return
         try:
-            results.put(run_request(request))
+            results.put(finish(request, run_request(request)))
         except Exception:  # noqa: BLE001 - every failure goes back to the serving process, which decides
-            results.put((request.cycle, traceback.format_exc(limit=4)))
+            results.put((request.cycle, f"planner raised an error:\n{traceback.format_exc(limit=4)}"))
 
 
 class PlannerWorker:
     """A policy process with a deadline, and a reader thread that takes its replies.
 
-    The reader thread unpickles each reply, checks it against the request (a valid placement, transfers that lead
-    from the current placement to it) and computes its checksum, notices a dead or hung worker and restarts it: the
-    serving thread's :meth:`poll` only reads what the reader left.
+    The reader thread unpickles each reply (checked, hashed and with its recipes already: :func:`finish`), notices a
+    dead or hung worker and restarts it: the serving thread's :meth:`poll` only reads what the reader left.
 
     Args:
         deadline_s: seconds a request may take before it counts as hung, counted from :meth:`submit` or from the
@@ -174,6 +203,8 @@ class PlannerWorker:
         self._lock = threading.RLock()  # the serving, side and reader threads all start, kill and submit
         self._changed = threading.Condition(self._lock)
         self.restarts = 0
+        #: why a reader thread died (None while they work): the worker's replies can no longer be read
+        self.broken: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -207,10 +238,15 @@ class PlannerWorker:
             self._process = self._requests = self._request = self._outcome = None
             self._changed.notify_all()
 
-    def close(self) -> None:
-        """Stop the worker; waits at most a second for it to exit."""
+    def restart_if_busy(self) -> None:
+        """Abandon a request still running (it may be hung): a fresh worker takes the next one."""
+        if self.busy:
+            self.restart()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker; waits at most a second for it to exit (``wait=False``: kill it at once)."""
         process = self._process
-        if process is not None and process.is_alive():
+        if wait and process is not None and process.is_alive():
             try:
                 self._requests.put_nowait(None)
             except (ValueError, OSError, AttributeError):
@@ -276,19 +312,16 @@ class PlannerWorker:
                 cycle = item.cycle if isinstance(item, PlannerReply) else item[0]
                 if request is None or cycle != request.cycle:
                     continue  # a result of an abandoned cycle
-                if isinstance(item, PlannerReply):
-                    problem = check_cycle_plan(item.plan, request.current, request.load.shape[-1],
-                                               request.topology)
-                    outcome = (("ready", item) if problem is None
-                               else ("failed", f"planner returned an invalid plan: {problem}"))
-                    if problem is None:  # hashed here (and cached), never by a step; not taken from the worker
-                        item.plan.__dict__.pop("checksum", None)
-                        item.plan.checksum  # noqa: B018
-                else:
-                    outcome = ("failed", f"planner raised an error:\n{item[1]}")
-                self._publish(generation, request, outcome)
+                self._publish(generation, request, ("ready", item) if isinstance(item, PlannerReply)
+                              else ("failed", item[1]))
         except (OSError, ValueError, EOFError):  # the queue was closed under us: this worker is gone
             pass
+        except BaseException as exc:  # noqa: BLE001 - a dead reader must not leave the request pending forever
+            self.broken = f"the planner's reply thread died: {type(exc).__name__}: {exc}"
+            log.error("eplb: %s", self.broken)
+            request = self._request
+            if request is not None:
+                self._publish(generation, request, ("failed", self.broken))
         finally:
             results.cancel_join_thread()
             results.close()

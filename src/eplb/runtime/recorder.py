@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
+from eplb.runtime.agreement import collective
 from eplb.runtime.transport import wait_for
 
 __all__ = ["LoadRecorder", "STAGES", "WindowSnapshot", "gather_slot_counts", "gather_slot_count_steps"]
@@ -129,9 +130,6 @@ class LoadRecorder:
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
-        #: bool [W]: the ranks of the (shrunk) group after a failure; None while every rank serves. Gathers then
-        #: run over the live ranks only and leave zeros in the failed ranks' rows.
-        self.live: np.ndarray | None = None
 
     # -- per step -----------------------------------------------------------------------------------------------
     def begin_step(self, is_prefill: bool = False) -> None:
@@ -235,7 +233,8 @@ class LoadRecorder:
         return snap
 
     # -- gathering ----------------------------------------------------------------------------------------------
-    def logical_load(self, phy2log: np.ndarray, group=None, snapshot: WindowSnapshot | None = None) -> np.ndarray:
+    def logical_load(self, phy2log: np.ndarray, group=None, snapshot: WindowSnapshot | None = None,
+                     live: np.ndarray | None = None) -> np.ndarray:
         """The window's logical load, summed over the EP group. Collective: all ranks call it and get the same array.
 
         Args:
@@ -243,6 +242,8 @@ class LoadRecorder:
             group: the group to sum over (its tensors' device must suit its backend).
             snapshot: a :meth:`snapshot` to read instead of the live buffers (the gather then runs on the
                 snapshot's device, e.g. the host for EPLB's Gloo side group).
+            live: bool ``[W]``, the members of ``group`` after a failure (None: every rank); the failed ranks' rows
+                of kernel counts are zero.
 
         Returns:
             int64 ``[L, E]``, or int32 ``[T', L, E]`` with the ring's rows oldest first when the recorder keeps a
@@ -252,22 +253,22 @@ class LoadRecorder:
         device = snap.window.device
         table = torch.as_tensor(np.array(phy2log, dtype=np.int64), device=device)  # [L, P]
         if snap.ring is None:
-            slots = self._global_slots(snap.window[:, None], group)[:, 0]  # [L, P]
+            slots = self._global_slots(snap.window[:, None], group, live)[:, 0]  # [L, P]
             logical = _dist_sum(snap.folded, group)
             logical.scatter_add_(1, table, slots)
             return logical.cpu().numpy()
-        slots = self._global_slots(snap.ring, group)  # [L, T, P]
+        slots = self._global_slots(snap.ring, group, live)  # [L, T, P]
         logical = _dist_sum(snap.ring_folded, group)  # [L, T, E]
         logical.scatter_add_(2, table[:, None, :].expand_as(slots), slots)
         rows = min(self.ring_steps, snap.steps)
         order = (np.arange(snap.steps - rows, snap.steps) % self.ring_steps) if rows else np.arange(0)
         return logical.permute(1, 0, 2)[torch.as_tensor(order, device=device)].cpu().numpy()
 
-    def _global_slots(self, local: torch.Tensor, group) -> torch.Tensor:
+    def _global_slots(self, local: torch.Tensor, group, live) -> torch.Tensor:
         """``[L, T, S]`` local buffers -> ``[L, T, P]`` counts of the whole group."""
         if self.source == "ids":
             return _dist_sum(local, group)
-        gathered = _gather(local, self.num_ranks, group, self.live)  # [W, L, T, K]
+        gathered = _gather(local, self.num_ranks, group, live)  # [W, L, T, K]
         num_layers, steps = local.shape[:2]
         return gathered.permute(1, 2, 0, 3).reshape(num_layers, steps, -1)
 
@@ -291,7 +292,7 @@ def _gather(local: torch.Tensor, num_ranks: int, group, live: np.ndarray | None 
         gathered = local[None].clone()
     else:
         gathered = torch.empty((members * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        _ALL_GATHER(gathered, local.contiguous(), group=group)
+        collective(_ALL_GATHER, gathered, local.contiguous(), group=group)
         gathered = gathered.view(members, *local.shape)
     if live is None:
         return gathered
@@ -303,5 +304,5 @@ def _gather(local: torch.Tensor, num_ranks: int, group, live: np.ndarray | None 
 def _dist_sum(local: torch.Tensor, group) -> torch.Tensor:
     out = local.clone()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(out, group=group)
+        collective(dist.all_reduce, out, group=group)
     return out

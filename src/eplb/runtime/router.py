@@ -22,40 +22,53 @@ Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`Repl
   tables (ranks of each expert, the experts of each pass) are built with the others when a layer's placement
   changes.
 
-Tables live on the device and are rewritten in place by :meth:`ReplicaRouter.update_layer`, so their addresses never
-change (CUDA graphs captured once keep working after a layer switches).
+Tables live on the device, every table of a layer in one row of :attr:`ReplicaRouter.tables` (built on the host by
+:func:`eplb.runtime.tables.router_rows`, for a switch by the planner process), and are rewritten in place by
+:meth:`ReplicaRouter.apply`, one device copy per layer, so their addresses never change (CUDA graphs captured once
+keep working after a layer switches).
 
 Failover: :meth:`ReplicaRouter.set_failed_ranks` rewrites every table, in place, from
-:meth:`eplb.placement.Placement.without_ranks` in the step the failure is known, and every later table update keeps
-the failed ranks out, so no route names a slot of a failed rank. Tokens of an expert with no surviving replica route
-to slot -1: the engine holds them until the expert's weights are loaded again (a re-plan over the live ranks).
+:meth:`eplb.placement.Placement.without_ranks` in the step the failure is known; later table updates are given the
+same failed ranks (:class:`~eplb.runtime.live.LivePlacement` owns them), so no route names a slot of a failed rank.
+Tokens of an expert with no surviving replica route to slot -1: the engine holds them until the expert's weights are
+loaded again (a re-plan over the live ranks).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from eplb.dispatch import (
-    BALANCED_PASSES,
-    RUNTIME_MODES,
-    TOKEN_TABLE_ROWS,
-    balanced_schedule,
-    check_dispatch,
-    rank_choice,
-    replica_slots,
-)
+from eplb.dispatch import RUNTIME_MODES, TOKEN_TABLE_ROWS, check_dispatch
 from eplb.errors import EplbError
 from eplb.placement import Failover, Placement
+from eplb.runtime.tables import TableLayout, TableSpec, router_rows
 from eplb.runtime.transport import upload
 
-__all__ = ["ReplicaRouter", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
+__all__ = ["ReplicaRouter", "RouterTables", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
 #: the dispatch modes a router runs (:data:`eplb.dispatch.RUNTIME_MODES`; the old name)
 ROUTER_MODES = RUNTIME_MODES
 # ``balanced``: the load of the split's spare bin W, which padded replica columns point to: above any real rank load
 # (so water never reaches it), small enough that a row of them sums without overflow
 _SPARE_LOAD = 1 << 40
+
+
+@dataclass(frozen=True)
+class RouterTables:
+    """Table rows of some layers on the router's device, ready to be written in place (:meth:`ReplicaRouter.apply`).
+
+    Attributes:
+        layers: int64 ``[n]`` the layers, on the host.
+        index: the same on the device.
+        rows: int64 ``[n, X]`` their rows (:class:`~eplb.runtime.tables.TableLayout`).
+    """
+
+    layers: np.ndarray
+    index: torch.Tensor
+    rows: torch.Tensor
 
 
 class ReplicaRouter:
@@ -82,93 +95,71 @@ class ReplicaRouter:
         self.topology = placement.topology
         self.max_replicas = max_replicas or placement.num_physical - placement.num_experts + 1
         self.device = torch.device(device)
+        #: what the tables depend on besides the placement (the planner process builds switches' tables from it)
+        self.spec = TableSpec(rank, dispatch, tp_size, self.max_replicas)
+        self.layout = TableLayout(self.spec, self.num_experts, self.topology.num_ranks)
         kw = dict(dtype=torch.int64, device=self.device)
+        #: int64 [L, X]: every table of each layer in one row, so a layer's switch is one device copy; the tables
+        #: below are views of it
+        self.tables = torch.zeros(self.num_layers, self.layout.width, **kw)
         #: int64 [L, E, M]: physical slots of each expert (ascending, -1 padded)
-        self.log2phy = torch.full((self.num_layers, self.num_experts, self.max_replicas), -1, **kw)
+        self.log2phy = self.layout.view(self.tables, "log2phy")
         #: int64 [L, E]: replicas of each expert
-        self.replica_count = torch.ones(self.num_layers, self.num_experts, **kw)
+        self.replica_count = self.layout.view(self.tables, "replica_count")
         #: int64 [L, E]: the slot this rank sends each expert to (``rank`` and ``local`` modes)
-        self.rank_table = torch.zeros(self.num_layers, self.num_experts, **kw)
+        self.rank_table = self.layout.view(self.tables, "rank_table")
         num_ranks = self.topology.num_ranks
-        # ``balanced`` mode: an expert has at most one column per distinct rank
-        self.split_width = min(self.max_replicas, num_ranks)
+        balanced = dispatch == "balanced"
+        self.split_width = self.layout.split_width
         #: int64 [L, E + 1, M]: distinct ranks holding each expert, ascending, padded with W (a spare bin of the
-        #: split); row E is the stand-in expert that pads the schedule (``balanced`` mode)
-        self.split_rank = torch.full((self.num_layers, self.num_experts + 1, self.split_width), num_ranks, **kw)
+        #: split); row E is the stand-in expert that pads the schedule (``balanced`` mode, else None)
+        self.split_rank = self.layout.view(self.tables, "split_rank") if balanced else None
         #: int64 [L, BALANCED_PASSES, K]: the experts each pass of the split water-fills, padded with E
-        #: (:func:`eplb.dispatch.balanced_schedule`; ``balanced`` mode)
-        self.split_schedule = torch.full((self.num_layers, BALANCED_PASSES, max(1, num_ranks // 2)), self.num_experts,
-                                         **kw)
-        #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode)
-        self.replica_slot = torch.zeros(self.num_layers, self.num_experts, self.split_width, **kw)
+        #: (:func:`eplb.dispatch.balanced_schedule`; ``balanced`` mode, else None)
+        self.split_schedule = self.layout.view(self.tables, "split_schedule") if balanced else None
+        #: int64 [L, E, M]: the lowest slot of each expert on each of those ranks (``balanced`` mode, else None)
+        self.replica_slot = self.layout.view(self.tables, "replica_slot") if balanced else None
         self._split_column = torch.arange(self.split_width, **kw)
+        self._split_divisor = self._split_column + 1  # ranks filled when the water covers columns 0..j
         # the split's starting rank loads: 0 for every rank, the spare bin's load last (cloned in each route: a
         # Python scalar written into a device tensor would be a blocking copy, and a CUDA graph cannot capture it)
         self._spare_loads = torch.zeros(num_ranks + 1, **kw)
         self._spare_loads[num_ranks:].fill_(_SPARE_LOAD)
-        self._split_divisor = self._split_column + 1  # ranks filled when the water covers columns 0..j
-        #: int64 [P]: rank of every physical slot
-        self.rank_of_slot = torch.as_tensor(np.array(self.topology.rank_of_slot), **kw)
-        #: bool [W]: failed ranks whose slots no route may name (all False while every rank serves)
-        self.failed = np.zeros(self.topology.num_ranks, dtype=bool)
         self.update_layers(np.arange(self.num_layers), placement)
         self._rank_rows = list(self.rank_table.unbind(0))  # per-layer views, bound once (cheaper per call)
 
-    def update_layers(self, layers, placement: Placement) -> None:
+    def update_layers(self, layers, placement: Placement, failed: np.ndarray | None = None) -> None:
         """Rewrite the tables of ``layers`` (indices) from ``placement`` (all ``L`` layers, or exactly
-        ``len(layers)`` layers in that order), in place."""
-        self.apply_tables(self.build_tables(layers, placement))
+        ``len(layers)`` layers in that order), routing around the ``failed`` ranks (bool ``[W]``), in place."""
+        self.apply(self.build_tables(layers, placement, failed))
 
-    def build_tables(self, layers, placement: Placement) -> dict:
+    def build_tables(self, layers, placement: Placement, failed: np.ndarray | None = None) -> RouterTables:
         """The tables of ``layers`` from ``placement`` (as :meth:`update_layers` takes them), built on the host and
-        uploaded to the device; :meth:`apply_tables` then writes them with device copies only. EPLB builds them on
-        its side thread, so the switch of a layer costs the serving thread no host work or blocking copy."""
+        uploaded to the device; :meth:`apply` then writes them with device copies only."""
         layers = np.asarray(layers, dtype=np.int64).reshape(-1)
         if placement.num_experts != self.num_experts or placement.num_layers not in (self.num_layers, layers.size):
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"router was built for {self.num_layers} x {self.num_experts}")
-        tables = {"layers": layers}
-        if layers.size == 0:
-            return tables
         rows = layers if placement.num_layers == self.num_layers else np.arange(layers.size)
-        if self.failed.any():
-            placement = placement.without_ranks(self.failed)
-        width = placement.log2phy.shape[2]
-        if width > self.max_replicas:
-            raise EplbError(f"an expert has {width} replicas, the router tables hold at most {self.max_replicas}")
-        padded = np.full((layers.size, self.num_experts, self.max_replicas), -1, dtype=np.int64)
-        padded[:, :, :width] = placement.log2phy[rows]
-        host = {"index": layers, "log2phy": padded, "replica_count": placement.replica_count[rows],
-                "rank_table": rank_choice(placement, self.rank, "local" if self.dispatch == "local" else "rank",
-                                          self.tp_size, rows)}
-        if self.dispatch == "balanced":
-            host.update(self._split_tables(placement, rows))
-        tables.update({name: upload(value, self.device) for name, value in host.items()})
-        if isinstance(placement, Failover):
-            tables["lost"] = placement.lost_mask[rows]
-        return tables
+        return self.device_tables(layers, router_rows(placement, rows, self.spec, failed))
 
-    def apply_tables(self, tables: dict) -> None:
-        """Write tables from :meth:`build_tables` in place (device copies only)."""
-        layers = tables["layers"]
-        if layers.size == 0:
-            return
-        index = tables["index"]
-        self.log2phy.index_copy_(0, index, tables["log2phy"])
-        self.replica_count.index_copy_(0, index, tables["replica_count"])
-        self.rank_table.index_copy_(0, index, tables["rank_table"])
-        if self.dispatch == "balanced":
-            self.split_rank.index_copy_(0, index, tables["split_rank"])
-            self.split_schedule.index_copy_(0, index, tables["split_schedule"])
-            self.replica_slot.index_copy_(0, index, tables["replica_slot"])
-        if "lost" in tables:
-            self._park_lost(layers, tables["lost"])
+    def device_tables(self, layers, rows: np.ndarray) -> RouterTables:
+        """:class:`RouterTables` of ``layers`` from their host rows ``[n, X]`` (one upload each)."""
+        layers = np.asarray(layers, dtype=np.int64).reshape(-1)
+        return RouterTables(layers, upload(layers, self.device), upload(rows, self.device))
+
+    def apply(self, tables: RouterTables) -> None:
+        """Write ``tables`` in place (device copies only: one per layer)."""
+        if tables.layers.size == 1:
+            self.tables[int(tables.layers[0])].copy_(tables.rows[0])
+        elif tables.layers.size:
+            self.tables.index_copy_(0, tables.index, tables.rows)
 
     def set_failed_ranks(self, placement: Placement, ranks) -> Failover:
         """Fail over now: route around ``ranks`` (ids or bool mask ``[W]``; empty: every rank serves again).
 
         Rewrites every layer's tables in place from ``placement.without_ranks(ranks)``; no weight moves. Later
-        :meth:`update_layers` calls keep routing around the failed ranks until this is called again.
+        updates must pass the same failed ranks (:class:`~eplb.runtime.live.LivePlacement` keeps them).
 
         Args:
             placement: the placement in force (all ``L`` layers).
@@ -178,27 +169,17 @@ class ReplicaRouter:
             The :class:`~eplb.placement.Failover`; its ``lost`` experts route to -1 until a re-plan places them.
         """
         failover = placement.without_ranks(ranks)
-        self.failed = np.array(failover.failed)
-        self.update_layers(np.arange(self.num_layers), placement)
+        self.update_layers(np.arange(self.num_layers), placement, failover.failed)
         return failover
 
-    def _park_lost(self, layers: np.ndarray, lost: np.ndarray) -> None:
-        """Route the lost experts ``lost`` bool ``[len(layers), E]`` of ``layers`` to slot -1 in every mode."""
-        if not lost.any():
-            return
-        layer, expert = np.nonzero(lost)
-        layer = layers[layer]
-        l_idx, e_idx = torch.as_tensor(layer, device=self.device), torch.as_tensor(expert, device=self.device)
-        self.replica_count[l_idx, e_idx] = 1  # the token rotation then picks replica 0, which is -1
-        self.rank_table[l_idx, e_idx] = -1
-
-    def update_layer(self, layer: int, phy2log_row) -> None:
+    def update_layer(self, layer: int, phy2log_row, failed: np.ndarray | None = None) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
-        self.apply_tables(self.layer_tables(layer, phy2log_row))
+        self.apply(self.layer_tables(layer, phy2log_row, failed))
 
-    def layer_tables(self, layer: int, phy2log_row) -> dict:
+    def layer_tables(self, layer: int, phy2log_row, failed: np.ndarray | None = None) -> RouterTables:
         """:meth:`build_tables` of one layer from its new ``phy2log`` row (int ``[P]``)."""
-        return self.build_tables([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology))
+        return self.build_tables([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology),
+                                 failed)
 
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Physical slot ids for ``expert_ids``.
@@ -225,21 +206,6 @@ class ReplicaRouter:
         return self._route_balanced(layer, ids, group_counts)
 
     # -- balanced ------------------------------------------------------------------------------------------------
-    def _split_tables(self, placement, rows) -> dict:
-        """Host tables of the ``balanced`` mode for placement ``rows``: ``split_rank``, ``split_schedule``,
-        ``replica_slot``."""
-        num_ranks = self.topology.num_ranks
-        ranks, slots = replica_slots(placement, rows, self.split_width)
-        if isinstance(placement, Failover):
-            # the split needs a rank per expert: the first live rank stands in for a lost one, and its slot is -1
-            lost = placement.lost_mask[rows]
-            ranks[lost, 0] = int(np.flatnonzero(~self.failed)[0])
-            slots[lost] = -1
-        schedule = balanced_schedule(ranks, num_ranks, BALANCED_PASSES, self.split_schedule.shape[2])
-        split_rank = np.full((len(rows), self.num_experts + 1, self.split_width), num_ranks, dtype=np.int64)
-        split_rank[:, :-1] = np.where(ranks >= 0, ranks, num_ranks)
-        return {"split_rank": split_rank, "split_schedule": schedule, "replica_slot": slots}
-
     def replica_split(self, layer: int, expert_load: torch.Tensor) -> torch.Tensor:
         """int64 ``[E, M]`` on the device: whole tokens each distinct replica rank of each expert receives for the
         group's per-expert tokens ``expert_load`` int64 ``[E]`` (on the device) this step; the torch twin of

@@ -15,7 +15,7 @@ on a device. Inside ``with guard.serving():`` on the thread that entered it, eac
 - an op whose output size depends on the data (``torch.nonzero``, ``argwhere``, ``masked_select``, ``unique``,
   one-argument ``torch.where``) or boolean-mask indexing (``t[mask]``): the host must read the size;
 - a wait: ``Work.wait`` on work not yet complete, reading a side-thread result that is not ready
-  (``Future.result``), ``Event.synchronize``, ``Stream.synchronize``, ``torch.cuda.synchronize``;
+  (``Future.result``, ``Future.exception``), ``Event.synchronize``, ``Stream.synchronize``, ``torch.cuda.synchronize``;
 - any collective or point-to-point call.
 
 From any thread, a collective on the default group (the serving group) counts in
@@ -155,8 +155,9 @@ class SyncGuard:
         self._wrap(tensor, "copy_", "Tensor.copy_ (blocking host copy)",
                    when=lambda t, src, non_blocking=False: _crosses_host(src, t.device, non_blocking))
         self._wrap(dist.Work, "wait", "Work.wait (incomplete)", when=lambda work, *a, **k: not work.is_completed())
-        self._wrap(concurrent.futures.Future, "result", "waited for EPLB's side thread",
-                   when=lambda future, *a, **k: not future.done())
+        for name in ("result", "exception"):
+            self._wrap(concurrent.futures.Future, name, "waited for EPLB's side thread",
+                       when=lambda future, *a, **k: not future.done())
         for owner in (torch.cuda.Event, torch.cuda.Stream, getattr(torch, "Event", None),
                       getattr(torch, "Stream", None)):
             if owner is not None:

@@ -1,22 +1,28 @@
-"""EPLB's own transfer path: a side thread, side process groups and a side stream, never the serving ones.
+"""EPLB's own transfer path: side threads, side process groups and a side stream, never the serving ones.
 
 Why: weight transfers posted on the serving EP group queue the next forward's all-to-all behind them, and every
 ``work.wait()``, ``.cpu()`` or blocking copy on the serving thread drains the device queue. So everything of EPLB
-that blocks runs on :class:`SideChannel`'s one worker thread, in submission order (the same on every rank, so the
-side groups' collectives match up), and the serving thread only submits jobs and reads ``Future.done()``.
+that blocks runs on :class:`SideChannel`'s two threads (:class:`~eplb.runtime.worker.SideWorker`), each in
+submission order (the same on every rank, so the collectives on their groups match up), and the serving thread only
+submits jobs and reads ``Future.done()``: the *side thread* runs transfers and window gathers on a Gloo group of
+EPLB's own, the *agreement thread* runs the small all-reduces the ranks agree with, on another Gloo group, so an
+agreement never queues behind a transfer.
 
 Backends (:class:`TransferBackend`; chosen by the config's ``communicator``, see
-:attr:`eplb.runtime.config.EplbConfig.transfer_backend`):
+:attr:`eplb.runtime.config.EplbConfig.transfer_backend`); rows always travel as bytes, whatever their dtype (fp8,
+packed int4, block scales), so no backend or copy op has to know the dtype:
 
-- ``gloo`` (the default, on every device): the rows to send are packed on the side stream and copied into pinned
-  host buffers, sent and received on a Gloo group created for EPLB alone, and copied back into device staging on the
-  side stream; the side stream waits on an event the serving stream recorded at post, and the serving stream waits
-  on the side stream's event before it reads the staging at switch. No NCCL communicator is shared with serving.
-- ``nccl`` (opt-in, ``communicator: torch_nccl``): device buffers sent on an NCCL communicator of its own, on the
-  side stream. Risk: batched NCCL point-to-point can hang under load when another communicator runs on the same
-  devices (pytorch#174288; vLLM refuses NCCL for async EPLB for this reason); a hang here stalls the side thread,
-  not serving, and the next switch of a moved layer then waits (see the controller). Use it where Gloo's host
-  staging is the bottleneck and the hang has been ruled out on that stack.
+- ``gloo`` (the default, on every device): the rows to send are copied on the side stream into a pinned host arena,
+  sent and received on EPLB's Gloo group, and copied back into device staging on the side stream; the side stream
+  waits on an event the serving stream recorded at post, and the serving stream waits on the side stream's event
+  before it reads the staging at switch. No NCCL communicator is shared with serving.
+- ``nccl`` (opt-in, ``communicator: torch_nccl``): device buffers sent on an NCCL communicator of EPLB's own, on the
+  side stream. It is initialised when the channel is built, with one all-reduce (a lazily created communicator
+  would be initialised by the first point-to-point call, which a rank with nothing to send skips: a hang). Risk:
+  batched NCCL point-to-point can hang under load when another communicator runs on the same devices
+  (pytorch#174288; vLLM refuses NCCL for async EPLB for this reason). Serving never waits for a transfer; one that
+  has not landed by ``transfer_deadline_s`` is abandoned on every rank, EPLB's NCCL communicator is aborted (which
+  ends the hung call) and later transfers go over the Gloo group (:meth:`SideChannel.abandon_nccl`).
 - NIXL: a backend is one class with :meth:`TransferBackend.exchange`; a NIXL one would register the staging arena
   and run reads instead of send/receive pairs.
 
@@ -27,10 +33,7 @@ in each direction at a time (less peak traffic on a link, more rounds).
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -39,13 +42,37 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
+from eplb.runtime.agreement import Status, agree, collective
+from eplb.runtime.heartbeat import abort_nccl
+from eplb.runtime.worker import SideWorker
 
 __all__ = ["Message", "StagingArena", "TransferBackend", "GlooBackend", "NcclBackend", "SideChannel", "upload",
-           "wait_for", "side_event", "hand_over"]
+           "wait_for", "side_event", "runtime_device"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.001  # how often the idle side thread looks for a job
+
+def runtime_device(device) -> torch.device:
+    """``device`` as the runtime uses it: ``cpu``, or ``cuda`` with its index (``cuda`` alone means the current
+    device, so that every thread sets the same one).
+
+    Raises:
+        EplbError: not a device, or one the runtime cannot use (another type, CUDA absent, an index out of range).
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EplbError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise EplbError(f"device {str(device)!r} is not one the EPLB runtime can use; expected cpu or cuda")
+    if not torch.cuda.is_available():
+        raise EplbError(f"device {str(device)!r}: CUDA is not available to this torch build ({torch.__version__})")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise EplbError(f"device {str(device)!r}: expected an index in [0, {torch.cuda.device_count()})")
+    return torch.device("cuda", index)
 
 
 def upload(array, device) -> torch.Tensor:
@@ -76,17 +103,6 @@ def side_event(stream):
     return event
 
 
-def hand_over(event, tensors) -> None:
-    """Serving thread: order the serving stream after ``event`` (the side stream's work that produced ``tensors``)
-    and tell the caching allocator the serving stream uses them, so their memory is not reused too early."""
-    if event is None:
-        return
-    current = torch.cuda.current_stream(event.device)
-    current.wait_event(event)
-    for t in tensors:
-        t.record_stream(current)
-
-
 @dataclass
 class Message:
     """One point-to-point message: ``tensor`` sent to or received from group rank ``peer`` with ``tag``."""
@@ -100,9 +116,8 @@ class StagingArena:
     """One flat byte buffer, grown to the largest request seen and reused: views of it hold staged rows.
 
     Its size is what EPLB adds in staging memory (:attr:`nbytes`); it holds only the rows moved in one step,
-    never a copy of a whole layer. Views are packed without padding (widest dtype first, so each starts on its own
-    element size; with expert rows of a multiple of 256 bytes, as in real models, every view starts on 256 bytes),
-    so the arena is exactly the bytes of the rows the schedule counts.
+    never a copy of a whole layer. Rows are bytes (``uint8 [rows, row_bytes]``), packed without padding, so the arena
+    is exactly the bytes of the rows the schedule counts.
     """
 
     def __init__(self, device, pin: bool = False):
@@ -113,19 +128,16 @@ class StagingArena:
     def nbytes(self) -> int:
         return int(self._buffer.numel())
 
-    def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
-        """Tensors of the given ``(shape, dtype)``, carved from the arena (valid until the next call)."""
-        widths = [torch.empty(0, dtype=dtype).element_size() for _, dtype in specs]
-        offsets, total = [0] * len(specs), 0
-        for index in sorted(range(len(specs)), key=lambda i: -widths[i]):
-            offsets[index] = total
-            total += torch.Size(specs[index][0]).numel() * widths[index]
+    def views(self, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """uint8 tensors ``[rows, row_bytes]`` of the given shapes, carved from the arena (valid until the next
+        call)."""
+        total = sum(rows * width for rows, width in shapes)
         if total > self._buffer.numel():
             self._buffer = torch.empty(total, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
-        out = []
-        for (shape, dtype), offset, width in zip(specs, offsets, widths):
-            size = torch.Size(shape).numel() * width
-            out.append(self._buffer[offset:offset + size].view(dtype).view(shape))
+        out, offset = [], 0
+        for rows, width in shapes:
+            out.append(self._buffer[offset:offset + rows * width].view(rows, width))
+            offset += rows * width
         return out
 
 
@@ -183,7 +195,7 @@ class GlooBackend(TransferBackend):
             send_buf = [m.tensor for m in sends]
             recv_buf = [m.tensor for m in recvs]
         else:
-            staged = self._host.views([(tuple(m.tensor.shape), m.tensor.dtype) for m in sends + recvs])
+            staged = self._host.views([tuple(m.tensor.shape) for m in sends + recvs])
             send_buf, recv_buf = staged[:len(sends)], staged[len(sends):]
             with torch.cuda.stream(stream):
                 for host, m in zip(send_buf, sends):
@@ -205,7 +217,7 @@ class GlooBackend(TransferBackend):
 
 class NcclBackend(TransferBackend):
     """NCCL point-to-point on device tensors, on a communicator of EPLB's own and on ``stream`` (see the module
-    docstring for the hang risk)."""
+    docstring for the hang risk and what happens when a transfer hangs)."""
 
     name = "nccl"
 
@@ -221,31 +233,55 @@ class NcclBackend(TransferBackend):
                 if ops:
                     for work in dist.batch_isend_irecv(ops):
                         work.wait()  # orders ``stream`` after the transfers
-        wait_for(stream)
+        wait_for(stream)  # the host learns that they landed
 
 
 BACKENDS = {"gloo": GlooBackend, "nccl": NcclBackend}
 
 
+def _serving_stream(stream, device: torch.device):
+    """The stream the forward runs on: ``stream``, or the current one of ``device`` (None on CPU)."""
+    if device.type != "cuda":
+        if stream is not None:
+            raise EplbError(f"stream is for a CUDA device; the device is {device}")
+        return None
+    if stream is None:
+        return torch.cuda.current_stream(device)
+    if not isinstance(stream, torch.cuda.Stream) or stream.device != device:
+        raise EplbError(f"stream must be a torch.cuda.Stream of {device}, got {stream!r}")
+    return stream
+
+
 class SideChannel:
-    """EPLB's side thread, side groups and side stream for one rank of the EP group.
+    """EPLB's side threads, side groups and side stream for one rank of the EP group.
 
     Args:
         group: the serving EP group (None: the default group); only its membership is used.
         backend: ``"gloo"`` or ``"nccl"`` (:data:`BACKENDS`).
-        device: the device of the expert weights.
+        device: the device of the expert weights (:func:`runtime_device`).
         batching: migration batching (one peer each way at a time).
-
         ep_ranks: global rank of every EP rank, when ``group`` holds the survivors of a failure only.
+        stream: the stream the forward runs on (default: the device's current stream now; None on CPU): events
+            EPLB's side stream waits on are recorded on it, and it waits on the side stream before it reads staged
+            rows or new tables.
 
     Collective: every rank of ``group`` constructs it, in the same order relative to other group creations.
+
+    Raises:
+        EplbError: a device or stream the runtime cannot use, or a backend the build lacks (nothing is started).
     """
 
     def __init__(self, group=None, backend: str = "gloo", device="cpu", batching: bool = False,
-                 ep_ranks: list[int] | None = None):
+                 ep_ranks: list[int] | None = None, stream=None):
         if backend not in BACKENDS:
             raise EplbError(f"transfer backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.device = torch.device(device)
+        self.device = runtime_device(device)
+        if backend == "nccl" and (self.device.type != "cuda" or not dist.is_nccl_available()):
+            raise EplbError(f"the nccl transfer backend (communicator torch_nccl) needs a CUDA device and a torch "
+                            f"build with NCCL; the device is {self.device}, NCCL "
+                            f"{'available' if dist.is_nccl_available() else 'absent'}")
+        #: the stream the forward runs on (None on CPU)
+        self.serving_stream = _serving_stream(stream, self.device)
         distributed = dist.is_available() and dist.is_initialized()
         size = dist.get_world_size(group) if distributed else 1
         members = [dist.get_global_rank(group, r) if group is not None else r for r in range(size)]
@@ -254,116 +290,126 @@ class SideChannel:
         #: members of the side group (the live ranks)
         self.world = size
         self.rank = self.ep_ranks.index(dist.get_rank()) if distributed else 0
-        #: Gloo group of EPLB's own: agreements, window gathers, and the ``gloo`` backend's transfers
-        self.cpu_group = None
+        #: Gloo groups of EPLB's own: the side thread's (window gathers, the ``gloo`` backend's transfers) and the
+        #: agreement thread's
+        self.cpu_group = self.agree_group = None
         data_group = None
         if size > 1:
-            # the whole world creates it together; a subgroup (the survivors of a failure) without the others
+            # the whole world creates them together; a subgroup (the survivors of a failure) without the others
             local = size != dist.get_world_size()
             self.cpu_group = dist.new_group(members, backend="gloo", use_local_synchronization=local)
+            self.agree_group = dist.new_group(members, backend="gloo", use_local_synchronization=local)
             data_group = self.cpu_group
             if backend == "nccl":
                 data_group = dist.new_group(members, backend="nccl", use_local_synchronization=local)
+                _initialise(data_group, self.device)
         self.backend = BACKENDS[backend](data_group, self.rank, self.ep_ranks, self.device, batching)
         self.backend_name = backend
         self.batching = batching
         #: the side stream (None on CPU): staging copies and NCCL transfers run here, never on the serving stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # a deque the side thread polls, not a queue that wakes it: waking it hands it the GIL at once, which cost the
-        # serving thread ~0.8 ms per submit (measured); a poll every millisecond costs it nothing it waits for
-        self._jobs: collections.deque = collections.deque()
-        self._lock = threading.Lock()  # between the side thread taking a job and :meth:`abort`
-        self._running: Future | None = None
-        self._aborted: BaseException | None = None
-        # a daemon thread: a job stuck on a dead peer must not keep the process from exiting
-        self._thread = threading.Thread(target=self._loop, name="eplb-side", daemon=True)
-        self._thread.start()
+        self._side = SideWorker("side", self._on_device)
+        self._agreements = SideWorker("agreement")
 
-    def submit(self, fn, *args, **kwargs) -> Future:
-        """Run ``fn(*args, **kwargs)`` on the side thread after every job submitted before it."""
-        future: Future = Future()
-        if self._aborted is not None:
-            future.set_exception(self._aborted)
-        else:
-            self._jobs.append((future, fn, args, kwargs))
-        return future
-
-    def _loop(self) -> None:
-        if self.stream is not None:  # this thread's device work runs on the side stream (both are per thread)
+    def _on_device(self) -> None:
+        """The side thread's device and stream (both are per thread)."""
+        if self.stream is not None:
             torch.cuda.set_device(self.device)
             torch.cuda.set_stream(self.stream)
-        while True:
-            if not self._jobs:
-                time.sleep(_POLL_S)
-                continue
-            with self._lock:
-                job = self._jobs.popleft()
-                if job is None or self._aborted is not None:
-                    return
-                future, fn, args, kwargs = job
-                if not future.set_running_or_notify_cancel():
-                    continue
-                self._running = future
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
-                log.warning("eplb side thread: %s failed: %s", getattr(fn, "__name__", fn), exc)
-                result, error = None, exc
-            else:
-                error = None
-            with self._lock:
-                self._running = None
-                if self._aborted is not None:  # its future already failed; the result is of no use
-                    return
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
+
+    @property
+    def died(self):
+        """:class:`~eplb.runtime.worker.SideThreadDied` of a thread of this channel that died, else None."""
+        return self._side.died or self._agreements.died
+
+    def submit(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` on the side thread after every job submitted to it before."""
+        return self._side.submit(fn, *args, **kwargs)
+
+    def agree(self, status: Status, checksum: int = 0, on_agreed=None):
+        """Start an agreement on the agreement thread: the Future of ``(lowest status, same checksum)`` over the
+        side group (:func:`~eplb.runtime.agreement.agree`); ``on_agreed(result)`` then runs on that thread. Alone,
+        the status is agreed at once (a done Future)."""
+        if self.world == 1:
+            future = Future()
+            future.set_result((Status(status), True))
+            return future
+
+        def job():
+            result = agree(status, checksum, self.agree_group) if self.world > 1 else (status, True)
+            if on_agreed is not None:
+                on_agreed(result)
+            return result
+
+        return self._agreements.submit(job)
 
     def drain(self) -> None:
-        """Wait until every job submitted so far ran (tests and shutdown; never in a serving step)."""
-        self.submit(lambda: None).result()
+        """Wait until every job submitted so far ran on both threads (tests and shutdown; never in a serving
+        step)."""
+        self._side.drain()
+        self._agreements.drain()
+
+    def record_event(self):
+        """Serving thread: an event on the serving stream now (None on CPU), for the side stream to wait on."""
+        if self.serving_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.serving_stream)
+        return event
+
+    def hand_over(self, event, tensors) -> None:
+        """Serving thread: order the serving stream after ``event`` (the side stream's work that produced
+        ``tensors``) and tell the caching allocator the serving stream uses them, so their memory is not reused too
+        early."""
+        if event is None:
+            return
+        self.serving_stream.wait_event(event)
+        for t in tensors:
+            t.record_stream(self.serving_stream)
+
+    def abandon_nccl(self) -> bool:
+        """Agreement thread, when every rank abandoned a transfer: abort EPLB's NCCL communicator (a hung
+        ``batch_isend_irecv`` then ends with an error on the side thread) and move later transfers to the Gloo
+        group. Returns whether there was one."""
+        if self.backend_name != "nccl":
+            return False
+        abort_nccl(self.backend.group)
+        self.backend = GlooBackend(self.cpu_group, self.rank, self.ep_ranks, self.device, self.batching)
+        self.backend_name = "gloo"
+        log.error("eplb: a transfer on EPLB's NCCL communicator did not land in time on some rank; the communicator "
+                  "was aborted and later transfers use the Gloo side group")
+        return True
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """Side thread only: ``tensor`` (host) reduced over the side group, blocking this thread."""
         if self.world > 1:
-            dist.all_reduce(tensor, op=op, group=self.cpu_group)
+            collective(dist.all_reduce, tensor, op=op, group=self.cpu_group)
         return tensor
 
-    def record_event(self):
-        """Serving thread: an event on the serving stream now (None on CPU), for the side stream to wait on."""
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
     def abort(self, exc: BaseException) -> None:
-        """Any thread (the heartbeat's, when a peer failed): fail the running job and every queued one with ``exc``,
-        at once, so a serving thread waiting on one gets ``exc`` instead of hanging, and run no more jobs. A job
+        """Any thread (the heartbeat's, when a peer failed): fail the running job and every queued one of both
+        threads with ``exc``, at once, so a serving thread reading one gets ``exc``, and run no more jobs. A job
         blocked on the dead peer stays blocked until its group's timeout (a Gloo operation in progress cannot be
         cancelled) and its result is dropped; abort an NCCL group to end it sooner
         (:func:`eplb.runtime.heartbeat.abort_nccl`)."""
-        with self._lock:
-            if self._aborted is not None:
-                return
-            self._aborted = exc
-            jobs = [job for job in self._jobs if job is not None]
-            self._jobs.clear()
-            self._jobs.append(None)
-            futures = [job[0] for job in jobs] + ([self._running] if self._running is not None else [])
-        for future in futures:
-            if not future.done():
-                future.set_exception(exc)
+        self._side.abort(exc)
+        self._agreements.abort(exc)
 
     def rebuilt(self, group) -> "SideChannel":
-        """A new channel over ``group`` (the survivors of a failure; collective over it), same settings and EP ids.
-        This one is closed without waiting: a job of it may hang on a dead peer until its group's timeout."""
+        """A new channel over ``group`` (the survivors of a failure; collective over it), same settings, EP ids and
+        serving stream. This one is closed without waiting: a job of it may hang on a dead peer until its group's
+        timeout."""
         self.close(wait=False)
-        return SideChannel(group, self.backend_name, self.device, self.batching, self.ep_ranks)
+        return SideChannel(group, self.backend_name, self.device, self.batching, self.ep_ranks, self.serving_stream)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the side thread (``wait=False``: do not wait for a job that may hang on a dead peer)."""
-        self._jobs.append(None)
-        if wait:
-            self._thread.join()
+        """Stop both threads (``wait=False``: do not wait for a job that may hang on a dead peer)."""
+        self._side.close(wait)
+        self._agreements.close(wait)
+
+
+def _initialise(group, device: torch.device) -> None:
+    """Initialise an NCCL communicator now, with one all-reduce, while every rank constructs the channel."""
+    probe = torch.zeros(1, device=device)
+    dist.all_reduce(probe, group=group)
+    torch.cuda.synchronize(device)

@@ -21,7 +21,7 @@ from eplb.placement import Placement
 from eplb.pricing import MovePrice, measured_price
 from eplb.runtime.agreement import all_reduce
 
-__all__ = ["WindowEnd", "WAITING_FOR_INTERVAL", "window_par", "gathered_load", "static_window"]
+__all__ = ["WindowEnd", "WAITING_FOR_INTERVAL", "window_par", "gathered_load", "static_window", "write_record"]
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,35 @@ def window_par(window: np.ndarray, placement: Placement, failed: np.ndarray, ste
     return out
 
 
-def gathered_load(channel, recorder, snapshot, event, current: np.ndarray) -> np.ndarray:
+def gathered_load(channel, recorder, snapshot, event, current: np.ndarray, failed: np.ndarray) -> np.ndarray:
     """Side thread: the logical load of a recorder's ``snapshot`` over the side group (see
     :meth:`~eplb.runtime.recorder.LoadRecorder.logical_load`), once the serving stream's work before ``event`` is
-    done (None on CPU); ``current``: the placement in force, int64 ``[L, P]``."""
+    done (None on CPU); ``current``: the placement in force, int64 ``[L, P]``; ``failed``: bool ``[W]``."""
     if event is not None:
         channel.stream.wait_event(event)
-    return recorder.logical_load(current, channel.cpu_group, snapshot.to_host(channel.stream))
+    return recorder.logical_load(current, channel.cpu_group, snapshot.to_host(channel.stream),
+                                 ~failed if failed.any() else None)
 
 
 def static_window(channel, recorder, snapshot, event, current: Placement, failed: np.ndarray, step: int,
                   log_balancedness: bool) -> np.ndarray:
     """Side thread, static mode: the window's PAR ``[L]`` on the placement in force (logged when asked)."""
-    load = gathered_load(channel, recorder, snapshot, event, current.phy2log)
+    load = gathered_load(channel, recorder, snapshot, event, current.phy2log, failed)
     return window_par(load.sum(axis=0) if load.ndim == 3 else load, current, failed, step, log_balancedness)
+
+
+def write_record(placement: Placement, path: str, cycle: int) -> None:
+    """Side thread, record mode: the plan's map written to ``path`` (vllm-ascend JSON, atomically); a plan the format
+    cannot hold, or a file that cannot be written, is logged, never raised into serving."""
+    from eplb.errors import EplbError
+    from eplb.formats import write_map
+
+    try:
+        write_map(placement, path, "ascend")
+    except (EplbError, OSError) as exc:
+        log.error("eplb record mode: cycle %d map not written: %s", cycle, exc)
+        return
+    log.info("eplb record mode: cycle %d map written to %s", cycle, path)
 
 
 class WindowEnd:
@@ -78,7 +93,7 @@ class WindowEnd:
         """Side thread: ``(window [L, E], window PAR [L], reason to wait or None)``, and the planner asked for the
         plan of ``request`` (its load filled in, priced with ``measured``: this rank's seconds per moved expert and
         its recent step times). ``event``: the serving stream's work the snapshot came from (None on CPU)."""
-        load = gathered_load(channel, self.recorder, snapshot, event, request.current)
+        load = gathered_load(channel, self.recorder, snapshot, event, request.current, failed)
         window = load.sum(axis=0) if load.ndim == 3 else load
         placement = Placement(request.current, window.shape[-1], request.topology)
         figures = window_par(window, placement, failed, step, self.config.log_balancedness)

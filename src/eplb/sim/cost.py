@@ -9,7 +9,11 @@ Model (all times in microseconds):
   ``layer_fixed_us + token_us * max over ranks of tokens``, and a step's MoE time is the sum over its layers.
   Perfect balance (PAR = 1) replaces the max by the mean.
 - Moving expert weights costs ``bytes / bandwidth`` on the receiving rank that receives the most in that step;
-  transfers run beside compute and hide behind up to ``overlap`` x the step's MoE time; the rest adds to the step.
+  transfers run beside compute and hide behind up to ``overlap`` x the step's MoE time; the rest adds to the step
+  (the contention a transfer causes; counted in the step it is posted in).
+- Serving never waits for a transfer: a transfer spans as many forwards as its time needs
+  (:meth:`CostModel.transfer_forwards`, from each step's MoE time at perfect balance), and its layers switch one step
+  after the forward it lands in (:mod:`eplb.cycle`'s apply rule).
 
 Defaults are DeepSeek-V3 decode on Hopper-class GPUs: each expert is three 7168 x 2048 FP8 matrices (44 MB), read
 at ~3 TB/s in ~15 us; 5 slots per rank plus dispatch / combine latency give ~80 us per layer; a routed token costs
@@ -86,6 +90,13 @@ class CostModel:
     def transfer_us(self, received_bytes) -> np.ndarray:
         """float64 ``[T]``: transfer time of each step from the busiest receiving rank's bytes ``[T]``."""
         return np.asarray(received_bytes, dtype=np.float64) / (self.bandwidth_gbs * 1e3)
+
+    def transfer_forwards(self, received_bytes: float, step_us) -> int:
+        """Forwards a transfer of ``received_bytes`` (to its busiest receiving rank) spans: the smallest ``n >= 1``
+        whose first ``n`` steps' MoE times (``step_us``, float ``[n']`` from the step it is posted in on) cover its
+        time at ``bandwidth_gbs``; ``n' + 1`` when they never do."""
+        covered = np.cumsum(np.asarray(step_us, dtype=np.float64))
+        return int(np.searchsorted(covered, float(self.transfer_us(received_bytes)), side="left")) + 1
 
     def exposed_us(self, transfer_us, moe_us) -> np.ndarray:
         """float64 ``[T]``: the part of each step's transfer time that compute does not hide."""

@@ -2,9 +2,10 @@
 
 :func:`simulate` replays a :class:`~eplb.sim.traces.Trace` step by step through the same :class:`~eplb.cycle.Cycle`
 the runtime uses: the load of each window of ``H`` steps goes to the policy, the plan comes back ``A`` steps later
-and its layers are applied one per step (or per byte budget); a layer's new placement is in force from the step
-after it was applied, exactly as the runtime commits it after that step's forward. Every step is then scored with
-the placement that was in force in it:
+and its layers are applied one apply step at a time (a layer, or what fits a byte budget); a layer's new placement is
+in force from the step after every rank knows its transfer landed, as in the runtime: ``s + n + 1`` for a transfer
+posted in step ``s`` that spans ``n`` forwards (:meth:`~eplb.sim.cost.CostModel.transfer_forwards`, ``n >= 1``; the
+next apply step comes then). Every step is then scored with the placement that was in force in it:
 
 - per step and layer: the rank loads under the replica-choice mode (:mod:`eplb.dispatch`), their PAR
   (busiest rank / mean rank) and the routings behind it;
@@ -36,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from eplb.cycle import Cycle, CycleConfig, CycleRecord
+from eplb.cycle import EARLIEST_SWITCH, Cycle, CycleConfig, CycleRecord
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
 from eplb.planning import plan_cycle
@@ -273,13 +274,21 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     else:
         cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
         cycle = Cycle(cycle_config, num_layers)
-        plan = None
+        plan = in_flight = None  # in_flight: (switch step, layers, rows or None)
+        # each step's MoE time at perfect balance: how many forwards a transfer spans (free for the clairvoyant floor)
+        nominal_us = config.cost.moe_us(trace.counts.sum(axis=-1, dtype=np.float64) / (~failed).sum(axis=1)[:, None])
         for step in range(num_steps):
             if failing[step]:
                 cycle.restart(step, f"ranks {np.flatnonzero(failed[step]).tolist()} failed")
+                in_flight = None
                 if config.reload_lost:
                     last = cycle.records[-1] if cycle.records else None
                     _reload_lost(timeline, trace, topology, ~failed[step], step, last)
+            if in_flight is not None and in_flight[0] == step:
+                cycle.switched(step)
+                if in_flight[2] is not None:
+                    timeline.apply(step, in_flight[1], in_flight[2])
+                in_flight = None
             action = cycle.on_step(step)
             if action.submit:
                 live = ~failed[step]
@@ -298,11 +307,14 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
             if action.apply_layers and not np.array_equal(cycle_live[-1], ~failed[step]):
                 logger.info("step %d: layers %s not applied: planned for other live ranks", step,
                             list(action.apply_layers))
+                in_flight = (step + EARLIEST_SWITCH, action.apply_layers, None)
             elif action.apply_layers:
                 parts = [plan.transfers[index] for index in action.apply_parts]
+                forwards = 1
                 if not clairvoyant:  # the floor moves weights for free
                     received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
-                timeline.apply(step + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
+                    forwards = config.cost.transfer_forwards(received[step], nominal_us[step:])
+                in_flight = (step + forwards + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
             if step % 256 == 0:
                 report(0.5 * step / num_steps)
         cycles = cycle.records
@@ -340,7 +352,7 @@ def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyan
     None at the end."""
     topology = config.topology
     if clairvoyant:
-        start = step + 2  # applied in step + 1, in force from step + 2
+        start = step + 1 + EARLIEST_SWITCH  # applied in step + 1, in force from step + 3
         window = trace.counts[start:start + (step - window_start)]
     else:
         window = trace.counts[window_start:step]
