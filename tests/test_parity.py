@@ -6,10 +6,16 @@ schedule), layers moved in each step, moved slots, bytes and skipped cycles, and
 Two ranks run every registered policy, ``auto`` with its per-step window (episodes) and also with balanced dispatch,
 ``flashlb`` with its state carried from cycle to cycle (one rank restarts its planner between cycles: the state lives
 in the serving process); four ranks run ``auto``; ``auto`` also runs on both with a ``bytes_per_step`` of two experts,
-which splits layers into parts applied in consecutive steps. The runtime hands each window to the planner on EPLB's side
-thread and polls the reply in the step after submission (draining the side thread and :meth:`PlannerWorker.wait`
-make that step deterministic); the ranks' agreement on it, started in that check step, is read in the next one, so
-the plan applies from the third step after submission, as the simulator's with ``planner_steps=3``.
+which splits layers into parts applied in consecutive apply steps. The runtime hands each window to the planner on
+EPLB's side thread and polls the reply in the step after submission (draining the side thread and
+:meth:`PlannerWorker.wait` make that step deterministic); the ranks' agreement on it, started in that check step, is
+read in the next one, so the plan applies from the third step after submission, as the simulator's with
+``planner_steps=3``. Parts land within the forward they are posted in and switch two steps later, in both.
+
+Transfers that take several steps: ``default`` also runs on two ranks with a cost model whose bandwidth makes a part's
+transfer span one to several forwards (:meth:`~eplb.sim.cost.CostModel.transfer_forwards`); the runtime's ranks hold
+their side thread until the step the same model says the transfer lands in, so the switches are deferred alike: every
+record's switch steps and deferred steps are compared.
 """
 
 from __future__ import annotations
@@ -31,15 +37,18 @@ from eplb import Topology  # noqa: E402
 from eplb.cycle import CycleConfig  # noqa: E402
 from eplb.planning import cycle_policy  # noqa: E402
 from eplb.policies import available_policies  # noqa: E402
+from eplb.sim.cost import CostModel  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
 
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
 BUDGET = 2 * EXPERT_BYTES  # bytes_per_step of the split runs: two experts staged per rank and step, layers in parts
-RUNS = {2: [(name, "rank", None) for name in available_policies()] + [("auto", "balanced", None),
-                                                                       ("auto", "rank", BUDGET)],
-        4: [("auto", "rank", None), ("auto", "rank", BUDGET)]}  # the default policy on 4 ranks too
+SLOW = 1e-4  # GB/s: a part's transfer (~300 bytes here) spans three or four ~0.8 ms forwards of the model
+#: (policy, dispatch, bytes_per_step, bandwidth of slow transfers or None) per world size
+RUNS = {2: [(name, "rank", None, None) for name in available_policies()]
+        + [("auto", "balanced", None, None), ("auto", "rank", BUDGET, None), ("default", "rank", None, SLOW)],
+        4: [("auto", "rank", None, None), ("auto", "rank", BUDGET, None)]}  # the default policy on 4 ranks too
 WORLDS = (2, 4)  # ranks x 40 and x 20 slots
 COMPARED = ("window_start", "window_end", "apply_start", "apply_end", "layers", "schedule", "switch_steps",
             "deferred_steps", "moved_slots", "bytes_moved", "par_before", "par_after", "skipped", "checksum")
@@ -64,8 +73,12 @@ def rank_ids(counts_row: np.ndarray, rank: int, world: int) -> np.ndarray:
     return np.repeat(np.arange(EXPERTS), counts_row)[rank::world]
 
 
-def _serve(rank: int, world: int, policy: str, dispatch: str, budget: int | None, tokens: list) -> dict:
+def _serve(rank: int, world: int, policy: str, dispatch: str, budget: int | None, slow: float | None,
+           tokens: list) -> dict:
+    import threading
+
     from eplb.runtime import EplbConfig, EplbController
+    from eplb.sim.cost import CostModel
 
     topology = Topology(world, SLOTS // world)
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": INTERVAL, "planner_check_steps": 1,
@@ -75,12 +88,29 @@ def _serve(rank: int, world: int, policy: str, dispatch: str, budget: int | None
     tensors = [[torch.zeros(topology.slots_per_rank, 4)] for _ in range(LAYERS)]
     ctl = EplbController(config, LAYERS, EXPERTS, topology, rank, layer_tensors=tensors)
     ring = ctl.recorder.ring_steps
+    cost = CostModel(bandwidth_gbs=slow) if slow else None
+    nominal = cost.moe_us(parity_counts().sum(axis=-1, dtype=np.float64) / world) if slow else None
+    held = []  # (step, gate): the side thread waits on gate until that step (a transfer still on its way)
     try:
         for step in range(STEPS):
-            ctl.channel.drain()  # the window of the previous step is gathered and handed to the planner
-            if ctl.planner.busy:  # submitted in the previous step: its reply is polled in this one
-                ctl.planner.wait(300.0)
+            for _, gate in [h for h in held if h[0] == step]:
+                gate.set()
+            held = [h for h in held if h[0] > step]
+            if not held:
+                ctl.channel.drain()  # the window of the previous step is gathered and handed to the planner
+                if ctl.planner.busy:  # submitted in the previous step: its reply is polled in this one
+                    ctl.planner.wait(300.0)
+            gate = threading.Event()
+            if slow:  # a transfer posted in this step runs after the gate: it lands when the cost model says
+                ctl.channel.submit(gate.wait)
             ctl.before_forward()
+            if slow and "move" in ctl.step_kinds:
+                parts = [ctl.transfers[part] for part in ctl.pending.parts]
+                received = np.bincount(np.concatenate([part.transfers[:, 2] for part in parts]),
+                                       minlength=world).max() * float(EXPERT_BYTES)
+                held.append((step + cost.transfer_forwards(received, nominal[step:]), gate))
+            else:
+                gate.set()
             for layer in range(LAYERS):
                 ids, group = tokens[step][layer]
                 ctl.route(layer, ids, group)
@@ -113,8 +143,8 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     out = {}
     try:
         tokens = _tokens(parity_counts(), rank, world)
-        for policy, dispatch, budget in RUNS[world]:
-            out[(policy, dispatch, budget)] = _serve(rank, world, policy, dispatch, budget, tokens)
+        for policy, dispatch, budget, slow in RUNS[world]:
+            out[(policy, dispatch, budget, slow)] = _serve(rank, world, policy, dispatch, budget, slow, tokens)
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
@@ -137,11 +167,12 @@ def simulated():
     out = {}
     for world in WORLDS:
         topology = Topology(world, SLOTS // world)
-        for policy, dispatch, budget in RUNS[world]:
+        for policy, dispatch, budget, slow in RUNS[world]:
             config = SimConfig(topology, CycleConfig(cycle_steps=INTERVAL, planner_steps=3, bytes_per_step=budget),
-                               dispatch=dispatch, expert_bytes=EXPERT_BYTES)
+                               dispatch=dispatch, expert_bytes=EXPERT_BYTES,
+                               cost=CostModel(bandwidth_gbs=slow) if slow else CostModel())
             result = simulate(trace, cycle_policy(policy, dispatch=dispatch), config)
-            out[world, policy, dispatch, budget] = result
+            out[world, policy, dispatch, budget, slow] = result
     return out
 
 
@@ -160,12 +191,12 @@ def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
         with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
             ranks.append(pickle.load(f))
         assert "error" not in ranks[-1], ranks[-1].get("error")
-    moved_somewhere = split_somewhere = False
-    for policy, dispatch, budget in RUNS[world]:
-        sim = simulated[world, policy, dispatch, budget]
+    moved_somewhere = split_somewhere = deferred_somewhere = False
+    for policy, dispatch, budget, slow in RUNS[world]:
+        sim = simulated[world, policy, dispatch, budget, slow]
         expected = [comparable(dataclasses.asdict(r)) for r in sim.cycles]
         for rank, out in enumerate(ranks):
-            run = out[policy, dispatch, budget]
+            run = out[policy, dispatch, budget, slow]
             got = [comparable(r) for r in run["records"]]
             assert got == expected, (policy, dispatch, rank)
             np.testing.assert_array_equal(run["final"], sim.final.phy2log)
@@ -174,6 +205,11 @@ def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
         moved_somewhere |= any(r.layers for r in sim.cycles)
         if budget is not None:  # some layer went in several parts
             split_somewhere |= any(sum(len(step) for step in r.schedule) > len(r.layers) for r in sim.cycles)
+        if slow:  # transfers took several forwards, as many as each one's bytes need
+            waits = [b - a for r in sim.cycles for a, b in zip([r.apply_start] + r.switch_steps, r.switch_steps)]
+            deferred_somewhere |= min(waits) > 3 and len(set(waits)) > 1
+        elif sim.cycles:
+            assert all(r.deferred_steps == 0 for r in sim.cycles)  # every transfer landed within its forward
         if policy == "flashlb" and world > 1:
-            assert ranks[-1][policy, dispatch, budget]["restarts"] == 1
-    assert moved_somewhere and split_somewhere
+            assert ranks[-1][policy, dispatch, budget, slow]["restarts"] == 1
+    assert moved_somewhere and split_somewhere and deferred_somewhere == (world == 2)
