@@ -59,6 +59,7 @@ _BEAT = "eplb/heartbeat/beat/{}"
 _EVENTS = "eplb/heartbeat/events"  # how many failure events were published
 _EVENT = "eplb/heartbeat/event/{}"
 _CLOSED = b"closed"  # a rank that stopped serving on purpose: no longer watched, not failed
+_COMPLETION_POLL_S = 0.001  # how often :meth:`Heartbeat.wait` looks at a work whose future fired (NCCL: queued)
 
 
 class RankFailure(EplbError, RuntimeError):
@@ -193,27 +194,29 @@ class Heartbeat:
         """Serving thread: wait for a collective's ``work`` (``async_op=True``), or raise :class:`RankFailure` as
         soon as a failure not yet failed over is declared (a collective with a hung peer would never return).
 
+        Completion is :meth:`Work.is_completed`: an NCCL work's future fires when the work is queued on its stream,
+        not when it ran, so the future only wakes this wait, which then looks every millisecond (a Gloo work's
+        future fires when it completed, so a Gloo wait ends at once).
+
         Raises:
             RankFailure: the heartbeat declared ranks failed before ``work`` completed.
         """
         if not work.is_completed():
-            wake, completed = threading.Event(), threading.Event()  # the heartbeat sets ``wake`` on a failure
-
-            def finished(_):
-                completed.set()
-                wake.set()
-
+            wake = threading.Event()  # set by the work's future, and by the heartbeat on a failure
             with self._lock:
                 self._waiters.add(wake)
             try:
-                work.get_future().add_done_callback(finished)
-                while not wake.wait(self.interval_s) and not self.unhandled():
-                    pass
+                work.get_future().add_done_callback(lambda _: wake.set())
+                while not work.is_completed():
+                    if self.unhandled():
+                        raise RankFailure(self.unhandled())
+                    if wake.is_set():
+                        time.sleep(_COMPLETION_POLL_S)
+                    else:
+                        wake.wait(self.interval_s)
             finally:
                 with self._lock:
                     self._waiters.discard(wake)
-            if not completed.is_set():
-                raise RankFailure(self.unhandled())
         work.wait()
 
     def wait_for_failure(self, timeout_s: float) -> list[int]:

@@ -2,8 +2,8 @@
 
 A layer switches placement in one call, :meth:`LivePlacement.switch`: the recorder first converts the layer's slot
 counts with the placement they were taken under, then the row changes, then the router rewrites its tables in place.
-Everything else (the controller, the failover, the mover's transfers) reads the placement from here, and so is the
-set of failed ranks (:attr:`LivePlacement.failed`) that every table routes around.
+Everything else (the controller, the failover, the planner's requests) reads the placement from here, and the set of
+failed ranks every table routes around (:attr:`LivePlacement.failed`, changed only by :meth:`LivePlacement.fail_over`).
 """
 
 from __future__ import annotations
@@ -59,13 +59,18 @@ class LivePlacement:
         self.router, self.recorder = router, recorder
         self._phy2log = np.array(placement.phy2log, dtype=np.int64)
         self._placement: Placement | None = placement
-        #: bool [W]: ranks that failed (:meth:`fail_over`); every table routes around them
-        self.failed = np.zeros(placement.topology.num_ranks, dtype=bool)
 
     @property
     def phy2log(self) -> np.ndarray:
         """int64 ``[L, P]`` in force (read-only view: layers change through :meth:`switch`)."""
         view = self._phy2log.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def failed(self) -> np.ndarray:
+        """bool ``[W]``: ranks that failed (:meth:`fail_over`); every table routes around them (read-only view)."""
+        view = self.router.failed.view()
         view.flags.writeable = False
         return view
 
@@ -107,5 +112,4 @@ class LivePlacement:
 
     def fail_over(self, failed: np.ndarray) -> None:
         """Route around the ``failed`` ranks (bool ``[W]``) from now on."""
-        self.failed = np.array(failed, dtype=bool)
-        self.router.set_failed_ranks(self.placement, self.failed)
+        self.router.set_failed_ranks(self.placement, failed)

@@ -28,8 +28,9 @@ Tables live on the device, every table of a layer in one row of :attr:`ReplicaRo
 keep working after a layer switches).
 
 Failover: :meth:`ReplicaRouter.set_failed_ranks` rewrites every table, in place, from
-:meth:`eplb.placement.Placement.without_ranks` in the step the failure is known; later table updates are given the
-same failed ranks (:class:`~eplb.runtime.live.LivePlacement` owns them), so no route names a slot of a failed rank.
+:meth:`eplb.placement.Placement.without_ranks` in the step the failure is known, and every later table update keeps
+the failed ranks out (the mask is kept here once; a controller reads it through
+:attr:`LivePlacement.failed <eplb.runtime.live.LivePlacement.failed>`), so no route names a slot of a failed rank.
 Tokens of an expert with no surviving replica route to slot -1: the engine holds them until the expert's weights are
 loaded again (a re-plan over the live ranks).
 """
@@ -125,15 +126,18 @@ class ReplicaRouter:
         # Python scalar written into a device tensor would be a blocking copy, and a CUDA graph cannot capture it)
         self._spare_loads = torch.zeros(num_ranks + 1, **kw)
         self._spare_loads[num_ranks:].fill_(_SPARE_LOAD)
+        #: bool [W]: the failed ranks every table routes around (:meth:`set_failed_ranks`; a controller reads it as
+        #: :attr:`LivePlacement.failed <eplb.runtime.live.LivePlacement.failed>`)
+        self.failed = np.zeros(num_ranks, dtype=bool)
         self.update_layers(np.arange(self.num_layers), placement)
         self._rank_rows = list(self.rank_table.unbind(0))  # per-layer views, bound once (cheaper per call)
 
-    def update_layers(self, layers, placement: Placement, failed: np.ndarray | None = None) -> None:
+    def update_layers(self, layers, placement: Placement) -> None:
         """Rewrite the tables of ``layers`` (indices) from ``placement`` (all ``L`` layers, or exactly
-        ``len(layers)`` layers in that order), routing around the ``failed`` ranks (bool ``[W]``), in place."""
-        self.apply(self.build_tables(layers, placement, failed))
+        ``len(layers)`` layers in that order), routing around the :attr:`failed` ranks, in place."""
+        self.apply(self.build_tables(layers, placement))
 
-    def build_tables(self, layers, placement: Placement, failed: np.ndarray | None = None) -> RouterTables:
+    def build_tables(self, layers, placement: Placement) -> RouterTables:
         """The tables of ``layers`` from ``placement`` (as :meth:`update_layers` takes them), built on the host and
         uploaded to the device; :meth:`apply` then writes them with device copies only."""
         layers = np.asarray(layers, dtype=np.int64).reshape(-1)
@@ -141,7 +145,7 @@ class ReplicaRouter:
             raise EplbError(f"placement has {placement.num_layers} layers x {placement.num_experts} experts, the "
                             f"router was built for {self.num_layers} x {self.num_experts}")
         rows = layers if placement.num_layers == self.num_layers else np.arange(layers.size)
-        return self.device_tables(layers, router_rows(placement, rows, self.spec, failed))
+        return self.device_tables(layers, router_rows(placement, rows, self.spec, self.failed))
 
     def device_tables(self, layers, rows: np.ndarray) -> RouterTables:
         """:class:`RouterTables` of ``layers`` from their host rows ``[n, X]`` (one upload each)."""
@@ -159,7 +163,7 @@ class ReplicaRouter:
         """Fail over now: route around ``ranks`` (ids or bool mask ``[W]``; empty: every rank serves again).
 
         Rewrites every layer's tables in place from ``placement.without_ranks(ranks)``; no weight moves. Later
-        updates must pass the same failed ranks (:class:`~eplb.runtime.live.LivePlacement` keeps them).
+        :meth:`update_layers` calls keep routing around the failed ranks until this is called again.
 
         Args:
             placement: the placement in force (all ``L`` layers).
@@ -169,17 +173,17 @@ class ReplicaRouter:
             The :class:`~eplb.placement.Failover`; its ``lost`` experts route to -1 until a re-plan places them.
         """
         failover = placement.without_ranks(ranks)
-        self.update_layers(np.arange(self.num_layers), placement, failover.failed)
+        self.failed = np.array(failover.failed)
+        self.update_layers(np.arange(self.num_layers), placement)
         return failover
 
-    def update_layer(self, layer: int, phy2log_row, failed: np.ndarray | None = None) -> None:
+    def update_layer(self, layer: int, phy2log_row) -> None:
         """Rewrite the tables of one layer, in place, from its new ``phy2log`` row (int ``[P]``)."""
-        self.apply(self.layer_tables(layer, phy2log_row, failed))
+        self.apply(self.layer_tables(layer, phy2log_row))
 
-    def layer_tables(self, layer: int, phy2log_row, failed: np.ndarray | None = None) -> RouterTables:
+    def layer_tables(self, layer: int, phy2log_row) -> RouterTables:
         """:meth:`build_tables` of one layer from its new ``phy2log`` row (int ``[P]``)."""
-        return self.build_tables([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology),
-                                 failed)
+        return self.build_tables([layer], Placement(np.asarray(phy2log_row)[None], self.num_experts, self.topology))
 
     def route(self, layer: int, expert_ids: torch.Tensor, group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Physical slot ids for ``expert_ids``.
