@@ -1,39 +1,40 @@
 """What the runtime costs the serving process per step, on CPU, for DeepSeek-V3 sizes.
 
-Prints one JSON object with medians (microseconds) over ``--repeats`` runs:
+Prints one JSON object (``--json``; the only output format), medians in microseconds unless a key says otherwise:
 
-- ``route_us`` per router mode and ``record_us``: one MoE layer, ``--tokens`` tokens x top-8, 256 experts on
+- ``route_us`` per dispatch mode and ``record_us``: one MoE layer, ``--tokens`` tokens x top-8, 256 experts on
   EP32 (32 ranks x 9 slots = 288 slots; ``balanced`` includes its water-filling over the replicated experts);
-- ``step_hooks_us``: ``before_forward`` + ``after_forward`` of an :class:`EplbController` (58 layers, record mode,
-  single process) in an ordinary step, in a step that polls the planner, and ``submit_us`` in the step that
-  closes a heat window (logical load of 58 x 288 slots, planner hand-off; without a process group, so the
-  all-reduce itself is not included);
-- ``layer_switch_us``: the host work of switching one layer in ``after_forward`` besides the transfer itself:
-  the commit recipe (``rank_fills``), the router's table update and the recorder's fold, for a layer of a real plan
-  of the ``default`` policy on the SGLang DeepSeek-V3 loads;
-- ``blocked_per_step_us``: per-step total for 58 layers (route + record on every layer + hooks), the figure to
-  compare with the 1 ms target; ``blocked_per_cycle_ms``: the steps of a cycle that do more than the ordinary
-  step (submit, planner checks, one switch per changed layer), summed.
+- ``switch_us``: what the serving thread does to switch one layer of a real ``default`` plan (DeepSeek-V3 loads),
+  its tables already on the device: recorder fold, row, router tables (``live``), and the weights' copy from staging
+  (``weights``, one ``[9, 1024]`` float32 tensor); ``planner_recipes_ms``: what the planner process spends building
+  one rank's move recipes and switch tables of that plan (58 layers; the side thread no longer builds them), and
+  ``reply_bytes``, the pickled reply the reader thread unpickles;
 - ``failover``: :meth:`EplbController.fail_ranks` on one survivor (single process, so no collective) when one rank
-  or two ranks of the ``default`` plan fail (a whole node of 8 would leave 216 slots for 256 experts): milliseconds
-  (median), experts lost, slots this rank reloads from host memory (4 KiB experts, so the time is the host work,
-  not a checkpoint read);
+  or two ranks of the ``default`` plan fail: milliseconds (median), experts lost, slots this rank reloads from host
+  memory (4 KiB experts, so the time is the host work, not a checkpoint read);
 - ``staging_schedule``: the move schedule of the ``default`` policy's plan for DeepSeek-V3 (58 layers, 256
   experts, 64 ranks x 5 slots, 44 MB per expert) from the initial placement, with ``bytes_per_step`` 2 GB and
   0.5 GB, device staging only and with the pinned host arena (``gloo`` on an accelerator): apply steps of the cycle
   and the staging peak per rank (bytes) ``before`` (the earlier rule: layers packed by the bytes they move over the
   whole group, at least one per step) and ``after`` (each rank's staging bounded, layers split into parts), and the
   changes left out;
-- ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it): a real dynamic cycle over a Gloo group of ``W`` processes
-  (58 layers x 256 experts on ``W`` ranks x ``288 / W`` slots, 4 KiB per expert, ``default`` policy in the planner
-  process, the default one layer per move step; the ranks pass a barrier before each step): per step kind, the host
-  time EPLB adds over a no-EPLB baseline run in the same process (``added_host_us``: wall time of the hooks and
-  the 58 routes, median and p99) and the part of it the serving thread itself spends on the CPU
-  (``added_serving_cpu_us``, ``time.thread_time``: EPLB's own work, without the waits for a core or the
-  interpreter lock that other threads and processes of a 2-core machine cause), ``forward_ratio_during_transfer``,
-  ``staging_bytes`` and the memory EPLB adds per rank.
+- ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it), per dispatch mode (``--dispatch``, default all four): real
+  dynamic cycles over a Gloo group of ``W`` processes (58 layers x 256 experts on ``W`` ranks x ``320 / W`` slots,
+  4 KiB per expert, ``default`` policy in the planner process, one layer per apply step; the load profile changes
+  every window so that every cycle moves layers; the ranks pass a barrier before each step), rank 0's figures:
+  per step kind (:data:`~eplb.runtime.controller.STEP_KINDS`, counted as the controller reports them), the serving
+  thread's own CPU time in EPLB's hooks (``hooks_serving_cpu_us``: ``time.thread_time`` of ``before_forward`` and
+  ``after_forward``, which a no-EPLB controller spends ~1 us in; median, p99 and the steps of the kind) and the wall
+  time EPLB adds to a step, hooks and 58 routes, over a no-EPLB run of the same steps in the same process
+  (``added_host_us``: with the waits for a core or the interpreter lock that other threads and processes of a
+  shared machine cause); ``record_serving_cpu_us``, what recording adds to the 58 routes of a step (median, any
+  kind); ``steps_per_cycle`` of each kind; ``hooks_serving_cpu_ms_per_cycle`` (the hooks' CPU time over every
+  step, per applied cycle); ``switches``, ``deferred_switches`` and
+  ``deferred_steps`` (switches that waited for transfers spanning more than one forward, and the steps they waited
+  beyond the earliest switch); ``late_agreements`` (steps the serving thread waited for an agreement: 0 unless a
+  peer hangs); ``forward_ratio_during_transfer``, ``staging_bytes`` and the memory EPLB adds per rank.
 
-    python benchmarks/runtime.py [--tokens 256] [--repeats 20] [--ranks 2]
+    python benchmarks/runtime.py --json [--tokens 256] [--repeats 20] [--ranks 2] [--dispatch rank,balanced]
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import statistics
 import time
 from pathlib import Path
@@ -53,12 +55,12 @@ from eplb.runtime import EplbConfig, EplbController
 from eplb.runtime.controller import STEP_KINDS
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
-from eplb.transfers import layer_transfer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
 NUM_LAYERS, NUM_EXPERTS, TOP_K = 58, 256, 8
 TOPOLOGY = Topology(32, 9, num_nodes=4, num_groups=8)
 TOPOLOGY_64 = Topology(64, 5, num_nodes=8, num_groups=8)
+MODES = ("rank", "token", "local", "balanced")
 
 
 def median_us(fn, repeats: int, inner: int = 1) -> float:
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the Gloo cycle measurement (0: skip)")
+    parser.add_argument("--dispatch", default=",".join(MODES), help="dispatch modes of the Gloo cycle, comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the only output format)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -99,7 +102,7 @@ def main() -> None:
     out: dict = {"tokens": args.tokens, "top_k": TOP_K, "topology": TOPOLOGY.describe(), "layers": NUM_LAYERS,
                  "threads": 1, "route_us": {}}
     group_counts = torch.as_tensor(np.stack([np.bincount(ids.numpy().ravel(), minlength=NUM_EXPERTS)] * 32))
-    for mode in ("rank", "token", "local", "balanced"):
+    for mode in MODES:
         router = ReplicaRouter(plan, rank, mode)
         extra = (group_counts,) if mode == "balanced" else ()
         out["route_us"][mode] = median_us(lambda: router.route(0, ids, *extra), args.repeats, 10)
@@ -108,53 +111,41 @@ def main() -> None:
     recorder = LoadRecorder(NUM_LAYERS, NUM_EXPERTS, 32, 9, rank)
     recorder.begin_step()
     out["record_us"] = median_us(lambda: recorder.record_ids(0, slots), args.repeats, 10)
-
-    import tempfile
-
-    record_path = str(Path(tempfile.mkdtemp()) / "map.json")
-    config = EplbConfig.from_dict({"mode": "record", "window_steps": 10**9, "policy": "default",
-                                   "record_path": record_path})
-    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPOLOGY, rank, placement=plan)
-    try:
-        def plain_step():
-            ctl.before_forward()
-            ctl.after_forward()
-
-        hooks = {"collect": median_us(plain_step, args.repeats, 10)}
-        out["submit_us"] = median_us(lambda: ctl.gather_load(), args.repeats)
-        ctl.planner.submit(_request(ctl, load))
-        hooks["poll"] = median_us(lambda: ctl.planner.poll(), args.repeats, 10)
-        out["step_hooks_us"] = hooks
-    finally:
-        ctl.close()
-
-    changed = np.flatnonzero(initial.moves_to(plan).any(axis=1))
-    layer = int(changed[0]) if changed.size else 0
-    transfer = layer_transfer(layer, initial.phy2log[layer], plan.phy2log[layer], TOPOLOGY)
-    old_row = torch.as_tensor(np.array(initial.phy2log[layer]))
-    switch = {
-        "rank_fills": median_us(lambda: transfer.rank_fills(rank), args.repeats),
-        "router_update": median_us(lambda: router.update_layer(layer, plan.phy2log[layer]), args.repeats),
-        "recorder_fold": median_us(lambda: recorder.fold_layer(layer, old_row), args.repeats),
-    }
-    switch["total"] = sum(switch.values())
-    out["layer_switch_us"] = switch
-    out["changed_layers"] = int(changed.size)
-    out["transfers_per_layer"] = int(transfer.num_transfers)
-    per_layer = out["route_us"]["rank"] + out["record_us"]
-    out["blocked_per_step_us"] = NUM_LAYERS * per_layer + hooks["collect"]
-    checks = 4  # planner agreement checks in a typical cycle (planner_check_steps=8, ~30 steps of planning)
-    out["blocked_per_cycle_ms"] = (out["submit_us"] + checks * hooks["poll"] + changed.size * switch["total"]) / 1e3
+    out.update(switch_costs(initial, load, rank, args.repeats))
     out["failover"] = failover(plan, args.repeats)
     out["staging_schedule"] = staging_schedule(load)
     if args.ranks:
-        cycle = gloo_cycle(args.ranks, load)
-        for key in ("added_host_us", "added_serving_cpu_us", "forward_ratio_during_transfer", "staging_bytes"):
-            out[key] = cycle.pop(key)
-        out["cycle_gloo"] = cycle
+        out["cycle_gloo"] = gloo_cycle(args.ranks, load, args.dispatch.split(","))
     out["note"] = ("CPU, 1 thread per process; medians; a shared 2-core machine under load by other jobs, so "
                    "timings are noisy")
     print(json.dumps(out, indent=2))
+
+
+def switch_costs(initial: Placement, load: np.ndarray, rank: int, repeats: int) -> dict:
+    """The serving thread's switch of one layer (tables already uploaded), and the planner's side of it."""
+    from eplb.cycle import CycleConfig
+    from eplb.planning import plan_cycle
+    from eplb.runtime.live import LivePlacement
+    from eplb.runtime.planner import PlannerReply
+    from eplb.runtime.recipes import rank_recipes
+
+    plan = plan_cycle(get_policy("default"), load, initial, CycleConfig(cycle_steps=1), 4096)
+    router = ReplicaRouter(initial, rank, "rank")
+    recorder = LoadRecorder(NUM_LAYERS, NUM_EXPERTS, 32, 9, rank)
+    live = LivePlacement(initial, rank, router, recorder)
+    spec = router.spec
+    start = time.perf_counter()
+    moves, switches = rank_recipes(plan.transfers, spec, NUM_EXPERTS, TOPOLOGY)
+    recipes_ms = (time.perf_counter() - start) * 1e3
+    reply = pickle.dumps(PlannerReply(0, plan, 0.0, moves, switches))
+    tables = live.upload(switches[0])
+    weights, staging = torch.zeros(TOPOLOGY.slots_per_rank, 1024), torch.zeros(TOPOLOGY.slots_per_rank, 1024)
+    dst, row = torch.arange(TOPOLOGY.slots_per_rank), torch.arange(TOPOLOGY.slots_per_rank)
+    switch = {"live": median_us(lambda: live.switch(tables), repeats, 10),
+              "weights": median_us(lambda: weights.index_copy_(0, dst, staging.index_select(0, row)), repeats, 10)}
+    switch["total"] = sum(switch.values())
+    return {"switch_us": switch, "planner_recipes_ms": recipes_ms, "reply_bytes": len(reply),
+            "changed_layers": len(plan.layers)}
 
 
 def failover(plan: Placement, repeats: int) -> dict:
@@ -212,14 +203,14 @@ def staging_schedule(load: np.ndarray) -> dict:
     return out
 
 
-def gloo_cycle(num_ranks: int, load: np.ndarray) -> dict:
-    """Per step kind, the host time EPLB adds over a no-EPLB baseline, on a real Gloo group (rank 0's figures)."""
+def gloo_cycle(num_ranks: int, load: np.ndarray, modes: list[str]) -> dict:
+    """Per dispatch mode, what EPLB adds per step kind on a real Gloo group (rank 0's figures)."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloo_rank, args=(num_ranks, tmp, load), nprocs=num_ranks, join=True)
+        mp.spawn(_gloo_rank, args=(num_ranks, tmp, load, modes), nprocs=num_ranks, join=True)
         return json.loads(Path(tmp, "rank0.json").read_text())
 
 
@@ -231,26 +222,31 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def _serve_steps(ctl, ids, steps: int, hidden, weight, until=None):
-    """Serve ``steps`` steps (every rank together); per step: (hook seconds, forward seconds, kinds, hook seconds of
-    the serving thread's own CPU time)."""
+def _serve_steps(ctl, ids, counts, steps: int, hidden, weight, until=None):
+    """Serve ``steps`` steps (every rank together); per step: (hooks and routes wall seconds, forward seconds, kinds,
+    the hooks' serving-thread CPU seconds, the routes' serving-thread CPU seconds). ``ids`` and ``counts`` (the
+    group's tokens per expert, for ``balanced``) follow the controller's cycle: a new load profile every window."""
     import torch.distributed as dist
 
     rows = []
     for _ in range(steps):
+        profile = len(ctl.metrics) % len(ids)
         dist.barrier()  # start every step together, so hook times do not include another rank's lag
         start, cpu = time.perf_counter(), time.thread_time()
         ctl.before_forward()
+        hooks_cpu = time.thread_time() - cpu
+        cpu = time.thread_time()
         for layer in range(NUM_LAYERS):
-            ctl.route(layer, ids[layer])
-        hooks, hooks_cpu = time.perf_counter() - start, time.thread_time() - cpu
+            ctl.route(layer, ids[profile][layer], counts[profile][layer])
+        routes_cpu = time.thread_time() - cpu
+        wall = time.perf_counter() - start
         kinds = set(ctl.step_kinds)
         forward = _forward(hidden, weight)
         start, cpu = time.perf_counter(), time.thread_time()
         ctl.after_forward()
-        hooks += time.perf_counter() - start
+        wall += time.perf_counter() - start
         hooks_cpu += time.thread_time() - cpu
-        rows.append((hooks, forward, kinds, hooks_cpu))
+        rows.append((wall, forward, kinds, hooks_cpu, routes_cpu))
         if until is not None:
             done = torch.tensor([int(until(ctl))])
             dist.all_reduce(done, op=dist.ReduceOp.MIN)
@@ -259,60 +255,85 @@ def _serve_steps(ctl, ids, steps: int, hidden, weight, until=None):
     return rows
 
 
-def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray) -> None:
+def _profiles(rank: int, num_ranks: int, load: np.ndarray, dispatch: str) -> tuple[list, list]:
+    """Three load profiles (the real loads, skewed two more ways): this rank's ids per layer, and every rank's
+    tokens per expert for ``balanced`` (an engine's all-gather, done here once, outside the measured steps)."""
+    import torch.distributed as dist
+
+    ids, counts = [], []
+    for seed in range(3):
+        skew = np.random.default_rng(seed).dirichlet(np.full(NUM_EXPERTS, 0.5), size=NUM_LAYERS) if seed else 1.0
+        p = load * skew
+        p = p / p.sum(axis=1, keepdims=True)
+        rng = np.random.default_rng([rank, seed])
+        ids.append([torch.as_tensor(rng.choice(NUM_EXPERTS, (64, TOP_K), p=p[l])) for l in range(NUM_LAYERS)])
+        counts.append([None] * NUM_LAYERS)
+        if dispatch == "balanced":
+            own = torch.stack([torch.bincount(x.reshape(-1), minlength=NUM_EXPERTS) for x in ids[-1]])
+            gathered = [torch.empty_like(own) for _ in range(num_ranks)]
+            dist.all_gather(gathered, own)
+            counts[-1] = list(torch.stack(gathered, dim=1))  # [W, E] per layer
+    return ids, counts
+
+
+def _gloo_rank(rank: int, num_ranks: int, tmp: str, load: np.ndarray, modes: list[str]) -> None:
     import torch.distributed as dist
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=num_ranks)
+    out = {mode: _gloo_mode(rank, num_ranks, load, mode) for mode in modes}
+    if rank == 0:
+        Path(tmp, "rank0.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _gloo_mode(rank: int, num_ranks: int, load: np.ndarray, dispatch: str) -> dict:
     topology = Topology(num_ranks, TOPOLOGY_64.num_physical // num_ranks)
     placement = Placement.initial(NUM_EXPERTS, topology, NUM_LAYERS, layout="spread")
-    p = load / load.sum(axis=1, keepdims=True)
-    rng = np.random.default_rng(rank)
-    ids = [torch.as_tensor(rng.choice(NUM_EXPERTS, (64, TOP_K), p=p[l])) for l in range(NUM_LAYERS)]
+    ids, counts = _profiles(rank, num_ranks, load, dispatch)
     hidden, weight = torch.randn(64, 256), torch.randn(256, 256) / 16
-    baseline_ctl = EplbController(EplbConfig.from_dict({"mode": "off"}), NUM_LAYERS, NUM_EXPERTS, topology, rank,
-                                  placement=placement)
-    baseline = _serve_steps(baseline_ctl, ids, 200, hidden, weight)
+    baseline_ctl = EplbController(EplbConfig.from_dict({"mode": "off", "dispatch": dispatch}), NUM_LAYERS,
+                                  NUM_EXPERTS, topology, rank, placement=placement)
+    baseline = _serve_steps(baseline_ctl, ids, counts, 200, hidden, weight)
     base_us = statistics.median(row[0] for row in baseline) * 1e6
-    base_cpu_us = statistics.median(row[3] for row in baseline) * 1e6
+    base_routes_us = statistics.median(row[4] for row in baseline) * 1e6
     tensors = [[torch.zeros(topology.slots_per_rank, 1024)] for _ in range(NUM_LAYERS)]
     config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": 20, "planner_check_steps": 4,
-                                   "policy": "default"})
+                                   "policy": "default", "dispatch": dispatch})
     ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, topology, rank, layer_tensors=tensors,
                          placement=placement)
     try:
-        rows = _serve_steps(ctl, ids, 3000, hidden, weight,
-                            until=lambda c: sum(1 for m in c.metrics if m.applied_layers) >= 3
-                            and c.cycle.phase.value == "collect" and c._pending is None)
-        added, added_cpu = {}, {}
+        rows = _serve_steps(ctl, ids, counts, 4000, hidden, weight,
+                            until=lambda c: sum(1 for m in c.metrics if m.applied_layers) >= 3)
+        cycles = max(1, sum(1 for m in ctl.metrics if m.applied_layers))
+        added, cpu = {}, {}
         for kind in STEP_KINDS:
-            values = [h * 1e6 - base_us for h, _, k, _ in rows if kind in k]
-            cpu = [c * 1e6 - base_cpu_us for _, _, k, c in rows if kind in k]
-            if values:
-                added[kind] = {"median": float(np.median(values)), "p99": float(np.percentile(values, 99)),
-                               "steps": len(values)}
-                added_cpu[kind] = {"median": float(np.median(cpu)), "p99": float(np.percentile(cpu, 99))}
-        moving = [f for _, f, k, _ in rows if "move" in k]
-        still = [f for _, f, k, _ in rows if k == {"ordinary"}]
-        out = {"ranks": num_ranks, "topology": topology.describe(), "steps": len(rows),
-               "baseline_host_us": base_us, "added_host_us": added, "added_serving_cpu_us": added_cpu,
-               "forward_ratio_during_transfer": statistics.median(moving) / statistics.median(still),
-               "staging_bytes": max(m.staging_bytes for m in ctl.metrics),
-               "added_memory_bytes": ctl.added_memory(),
-               "late_steps": sum(m.late_steps for m in ctl.metrics),
-               "layers_switched": sum(len(m.applied_layers) for m in ctl.metrics)}
-        if rank == 0:
-            Path(tmp, "rank0.json").write_text(json.dumps(out))
+            wall = [row[0] * 1e6 - base_us for row in rows if kind in row[2]]
+            own = [row[3] * 1e6 for row in rows if kind in row[2]]
+            if own:
+                added[kind] = {"median": float(np.median(wall)), "p99": float(np.percentile(wall, 99))}
+                cpu[kind] = {"median": float(np.median(own)), "p99": float(np.percentile(own, 99)),
+                             "steps": len(own)}
+        moving = [row[1] for row in rows if {"move", "landing"} & row[2]]
+        still = [row[1] for row in rows if row[2] == {"ordinary"}]
+        records = [r for r in ctl.cycle.records if r.switch_steps]
+        return {"ranks": num_ranks, "topology": topology.describe(), "steps": len(rows),
+                "baseline_host_us": base_us, "hooks_serving_cpu_us": cpu, "added_host_us": added,
+                "record_serving_cpu_us": statistics.median(row[4] for row in rows) * 1e6 - base_routes_us,
+                "steps_per_cycle": {kind: cpu[kind]["steps"] / cycles for kind in cpu},
+                "hooks_serving_cpu_ms_per_cycle": sum(row[3] for row in rows) * 1e3 / cycles,
+                "switches": sum(len(r.switch_steps) for r in records),
+                "deferred_switches": sum(1 for r in records for a, b in zip([r.apply_start] + r.switch_steps,
+                                                                            r.switch_steps) if b - a > 2),
+                "deferred_steps": sum(r.deferred_steps for r in records),
+                "late_agreements": sum(m.late_steps for m in ctl.metrics),
+                "forward_ratio_during_transfer": statistics.median(moving) / statistics.median(still),
+                "staging_bytes": max(m.staging_bytes for m in ctl.metrics),
+                "added_memory_bytes": ctl.added_memory(),
+                "layers_switched": sum(len(m.applied_layers) for m in ctl.metrics)}
     finally:
         ctl.close()
-        dist.destroy_process_group()
-
-
-def _request(ctl, load):
-    from eplb.runtime.planner import PlanRequest
-
-    return PlanRequest(0, load, ctl.live.phy2log.copy(), ctl.topology, "default", {})
 
 
 if __name__ == "__main__":

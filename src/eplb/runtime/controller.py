@@ -17,9 +17,9 @@ Where to call it (every rank of the EP group, every step, dummy steps included, 
 What runs where (see :mod:`eplb.runtime.transport`): the serving thread only launches device ops, submits jobs and
 reads ``Future.done()``. EPLB's side thread gathers each window on a Gloo group of its own and asks the planner
 worker, which answers with the plan, its checksum and this rank's recipes and switch tables ready-made
-(:mod:`eplb.runtime.recipes`); it moves each part's rows. The agreement thread runs the small all-reduces the ranks
-agree with, on another group, so an agreement never queues behind a transfer. The serving group carries only the
-model's collectives. A late transfer never makes serving wait: posted parts switch at the first step at which every
+(:mod:`eplb.runtime.recipes`); it moves each part's rows. The ranks agree with asynchronous all-reduces of a few
+integers on another group (:class:`~eplb.runtime.agreement.Agreement`), so an agreement never queues behind a
+transfer. The serving group carries only the model's collectives. A late transfer never makes serving wait: posted parts switch at the first step at which every
 rank knows they landed everywhere, ``s + 2`` at the earliest (:mod:`eplb.runtime.landing`); the serving thread waits
 only if an agreement has not finished one step after it started (a hung peer; :attr:`CycleMetrics.late_steps`).
 

@@ -1,8 +1,9 @@
 """Parts in flight: posted, and switched at the first step at which every rank knows they landed everywhere.
 
 The rule (the same the simulator follows, :mod:`eplb.cycle`): parts posted in step ``s`` never make serving wait.
-From step ``s + 1`` on, each step starts an agreement on this rank's :func:`landing_status` (on the agreement thread,
-which never queues behind a transfer) and the next step reads it (:func:`read_landing`): ``READY`` on every rank
+From step ``s + 1`` on, each step starts an agreement on this rank's :func:`landing_status` (an asynchronous
+all-reduce on a group of its own, :class:`~eplb.runtime.agreement.Agreement`, which never queues behind a transfer)
+and the next step reads it (:func:`read_landing`): ``READY`` on every rank
 switches the parts in that step on every rank (``s + 2`` at the earliest); ``PENDING`` on some rank keeps the old
 placement serving one more step; ``FAILED`` (a transfer raised) or ``LATE`` (not landed within
 ``transfer_deadline_s``) on some rank abandons them on every rank (the rest of the plan is given up; the placement in
@@ -13,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
-from eplb.runtime.agreement import Status
+from eplb.runtime.agreement import Agreement, Status
 from eplb.runtime.mover import PendingMove
 from eplb.runtime.round import failure_of
 
@@ -39,7 +39,7 @@ class PendingSwitch:
     parts: tuple[int, ...]
     posted: int
     move: PendingMove
-    agreement: Future | None = None
+    agreement: Agreement | None = None
     #: why this rank reported OFF in the last agreement
     trouble: str = ""
 
@@ -59,14 +59,16 @@ def landing_status(pending: PendingSwitch, channel, deadline_s: float | None) ->
     return Status.PENDING, ""
 
 
-def read_landing(pending: PendingSwitch) -> tuple[Status, bool, str | None]:
-    """The agreement started in the last step: ``(lowest status, whether it was late, its own failure)``; it waits
-    only when late (a tiny all-reduce on a thread of its own, started a whole step ago)."""
-    future, pending.agreement = pending.agreement, None
-    late = not future.done()
-    future.exception()
-    failure = failure_of(future)
-    return (Status.OFF if failure is not None else future.result()[0]), late, failure
+def read_landing(pending: PendingSwitch) -> tuple[Status, bool]:
+    """The agreement started in the last step: ``(lowest status, whether it was late)``; it waits only when late
+    (a tiny all-reduce on a group of its own, started a whole step ago: a peer hung or starved of CPU).
+
+    Raises:
+        PeerError: the all-reduce failed; RankFailure: the heartbeat aborted the channel (the engine fails over).
+    """
+    agreement, pending.agreement = pending.agreement, None
+    late = not agreement.done()
+    return agreement.result()[0], late
 
 
 def land(ctl) -> str:
@@ -75,21 +77,22 @@ def land(ctl) -> str:
     next agreement. Returns the step's kind: ``switch`` or ``landing``."""
     pending = ctl.pending
     if pending.agreement is not None:
-        status, late, failure = read_landing(pending)
+        status, late = read_landing(pending)
         ctl.metrics[-1].late_steps += int(late)
         if status is Status.READY:
             _switch(ctl)
             return "switch"
         if status is Status.OFF:
-            ctl.disable(pending.trouble or failure or "EPLB's threads failed on another rank")
+            ctl.disable(pending.trouble or "EPLB's threads failed on another rank")
             return "landing"
         if status < Status.PENDING:
+            if status is Status.LATE:  # a hung NCCL call ends when its communicator is aborted
+                ctl.channel.abandon_nccl()
             _abandon(ctl, f"a transfer {'missed transfer_deadline_s' if status is Status.LATE else 'failed'} on "
                           "some rank")
             return "landing"
     status, pending.trouble = landing_status(pending, ctl.channel, ctl.config.transfer_deadline_s)
-    channel = ctl.channel
-    pending.agreement = channel.agree(status, 0, lambda agreed: agreed[0] is Status.LATE and channel.abandon_nccl())
+    pending.agreement = ctl.channel.agree(status)
     return "landing"
 
 

@@ -15,9 +15,10 @@ Protocol, driven by the controller:
    the side stream's event, then the staged rows are written into the live tensors in place (addresses do not
    change): one gather and one ``index_copy_`` per tensor, device ops only.
 
-Rows move as bytes: every tensor is viewed as ``uint8 [K, row_bytes]`` (a view, not a copy), so any dtype moves
-bitwise (float8, bf16, packed int4, block scales) whatever ops the device has for it. A tensor that cannot be viewed
-as bytes is refused at construction.
+Rows move as their bytes: every tensor is viewed as ``[K, row_bytes / w]`` of the widest integer type (``w`` = 8,
+4, 2 or 1 bytes) that divides a row and the tensor's address (a view, not a copy; the widest, because a row copy
+costs per element), so any dtype moves bitwise (float8, bf16, packed int4, block scales) whatever ops the device has
+for it. A tensor that cannot be viewed as bytes is refused at construction.
 
 Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
 for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
@@ -41,7 +42,7 @@ from eplb.runtime.agreement import Status
 from eplb.runtime.recipes import MoveRecipe, move_recipe
 from eplb.runtime.transport import Message, SideChannel, StagingArena, side_event, upload
 
-__all__ = ["ExpertMover", "PendingMove", "Staged", "StagedPart", "byte_rows", "check_tensors"]
+__all__ = ["ExpertMover", "PendingMove", "Staged", "StagedPart", "raw_rows", "check_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,16 @@ class StagedPart:
 
     Attributes:
         layer: the part's layer.
-        staging: per tensor of the layer, uint8 ``[rows, row_bytes]``: received rows, then local ones.
-        dst: int64 ``[f]`` local slots the switch writes; ``row``: the staging row of each.
+        staging: per tensor of the layer, its raw rows (:func:`raw_rows`): received rows, then local ones.
+        dst: int64 ``[f]`` local slots the switch writes; ``row``: the staging row of each (None: staging row ``i``
+            goes to ``dst[i]``, each once, so the staging is written as it is).
         switch: the part's :class:`~eplb.runtime.live.SwitchTables` (None when posted without them).
     """
 
     layer: int
     staging: list
     dst: torch.Tensor
-    row: torch.Tensor
+    row: torch.Tensor | None
     switch: object = None
 
 
@@ -95,8 +97,9 @@ class PendingMove:
     side_s: float = 0.0
 
 
-def byte_rows(tensor: torch.Tensor, layer: int, index: int, slots_per_rank: int) -> torch.Tensor:
-    """``tensor`` ``[K, ...]`` viewed as ``uint8 [K, row_bytes]`` (no copy).
+def raw_rows(tensor: torch.Tensor, layer: int, index: int, slots_per_rank: int) -> torch.Tensor:
+    """``tensor`` ``[K, ...]`` viewed as ``[K, row_bytes / w]`` of the widest integer type of ``w`` bytes (8, 4, 2
+    or 1) that divides a row and the tensor's address (no copy).
 
     Raises:
         EplbError: it is not ``[K, ...]``, not contiguous, or cannot be viewed as bytes (quantized, sparse, a
@@ -113,14 +116,23 @@ def byte_rows(tensor: torch.Tensor, layer: int, index: int, slots_per_rank: int)
         raise EplbError(f"{where} ({tensor.dtype}, {tensor.layout}) cannot be viewed as bytes; expected a dense "
                         "tensor (weights, scales and packed formats are moved as their bytes)")
     try:
-        return tensor.view(torch.uint8).view(slots_per_rank, -1)
+        rows = tensor.view(torch.uint8).view(slots_per_rank, -1)
     except RuntimeError as exc:
         raise EplbError(f"{where} ({tensor.dtype}) cannot be viewed as bytes: {exc}") from None
+    for dtype in _RAW:
+        width = torch.empty(0, dtype=dtype).element_size()
+        if rows.shape[1] % width == 0 and rows.data_ptr() % width == 0:
+            return rows.view(dtype)
+    return rows
+
+
+#: the integer types rows are moved as, widest first
+_RAW = (torch.int64, torch.int32, torch.int16)
 
 
 def check_tensors(layer_tensors, num_layers: int, slots_per_rank: int, device) -> np.ndarray:
     """int64 ``[L]``: the bytes of one expert of each layer over its tensors, once every tensor checked movable
-    (:func:`byte_rows`) and on ``device``.
+    (:func:`raw_rows`) and on ``device``.
 
     Raises:
         EplbError: not one list of tensors per layer, a layer without tensors, a tensor that cannot be moved, or one
@@ -136,7 +148,8 @@ def check_tensors(layer_tensors, num_layers: int, slots_per_rank: int, device) -
             if tensor.device != torch.device(device):
                 raise EplbError(f"layer {layer}, tensor {index} is on {tensor.device}; expected the controller's "
                                 f"device {device}")
-            out[layer] += byte_rows(tensor, layer, index, slots_per_rank).shape[1]
+            rows = raw_rows(tensor, layer, index, slots_per_rank)
+            out[layer] += rows.shape[1] * rows.element_size()
     return out
 
 
@@ -153,16 +166,16 @@ class ExpertMover:
         channel: the :class:`SideChannel` (default: a Gloo one created here; collective over ``group``).
 
     Raises:
-        EplbError: a layer without tensors, or a tensor that cannot be moved (see :func:`byte_rows`).
+        EplbError: a layer without tensors, or a tensor that cannot be moved (see :func:`raw_rows`).
     """
 
     def __init__(self, layer_tensors, rank: int, slots_per_rank: int, group=None, channel: SideChannel | None = None):
         self.layer_tensors = [list(ts) for ts in layer_tensors]
-        self._rows = []  # per layer, per tensor: the live rows as bytes
+        self._rows = []  # per layer, per tensor: the live rows as raw integers
         for layer, tensors in enumerate(self.layer_tensors):
             if not tensors:
                 raise EplbError(f"layer {layer} has no expert tensors to move")
-            self._rows.append([byte_rows(t, layer, i, slots_per_rank) for i, t in enumerate(tensors)])
+            self._rows.append([raw_rows(t, layer, i, slots_per_rank) for i, t in enumerate(tensors)])
         devices = {t.device for ts in self.layer_tensors for t in ts}
         if len(devices) > 1:
             raise EplbError(f"the expert tensors are on several devices ({sorted(map(str, devices))}); expected one")
@@ -173,7 +186,7 @@ class ExpertMover:
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one expert of ``layer`` summed over its tensors."""
-        return sum(rows.shape[1] for rows in self._rows[layer])
+        return sum(rows.shape[1] * rows.element_size() for rows in self._rows[layer])
 
     @property
     def staging_bytes(self) -> int:
@@ -222,10 +235,11 @@ class ExpertMover:
         pending.wait_s, pending.side_s, pending.bytes_received = waited - start, staged.seconds, staged.bytes_received
         if staged.error is not None:
             raise EplbError(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
-        self.channel.hand_over(staged.event, [t for part in staged.parts for t in (*part.staging, part.dst, part.row)])
+        self.channel.hand_over(staged.event, [t for part in staged.parts
+                                              for t in (*part.staging, part.dst, part.row) if t is not None])
         for part in staged.parts:
             for rows, stage in zip(self._rows[part.layer], part.staging):
-                rows.index_copy_(0, part.dst, stage.index_select(0, part.row))
+                rows.index_copy_(0, part.dst, stage if part.row is None else stage.index_select(0, part.row))
         pending.copy_s = time.perf_counter() - waited
         return staged
 
@@ -235,7 +249,8 @@ class ExpertMover:
         if posted is not None:
             channel.stream.wait_event(posted)  # after the serving stream's earlier writes (the last switch)
         device, k = self._staging.device, self.slots_per_rank
-        arena = self._staging.views([(r.staged, rows.shape[1]) for r in recipes for rows in self._rows[r.layer]])
+        arena = self._staging.views([((r.staged, rows.shape[1]), rows.dtype) for r in recipes
+                                     for rows in self._rows[r.layer]])
         staged, sends, recvs, cursor, base = Staged(), [], [], 0, 0
         for recipe, switch in zip(recipes, switches):
             live = self._rows[recipe.layer]
@@ -253,7 +268,7 @@ class ExpertMover:
                 for rows, stage in zip(live, staging):
                     torch.index_select(rows, 0, local, out=stage[offset:])
             staged.parts.append(StagedPart(recipe.layer, staging, upload(recipe.fill_dst, device),
-                                           upload(recipe.fill_row, device),
+                                           None if recipe.in_order else upload(recipe.fill_row, device),
                                            None if switch is None else to_device(switch)))
             staged.bytes_received += recipe.received * self.expert_bytes(recipe.layer)
         try:

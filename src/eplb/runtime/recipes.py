@@ -36,8 +36,8 @@ class MoveRecipe:
         sends: int64 ``[s, 4]`` ``(destination rank, run j, first slot, rows)``: rows sent from the live tensors.
         local_src: int64 ``[m]`` old local slots whose experts stay on this rank but change slot: staged after the
             received rows (so overwriting a live slot never destroys a value another slot still has to copy).
-        fill_dst: int64 ``[f]`` the local slots the switch writes.
-        fill_row: int64 ``[f]`` the staging row each of them is written from.
+        fill_dst: int64 ``[f]`` the local slots the switch writes, in the order of their staging rows.
+        fill_row: int64 ``[f]`` the staging row each of them is written from (ascending).
     """
 
     layer: int
@@ -56,6 +56,11 @@ class MoveRecipe:
     def staged(self) -> int:
         """Staging rows: the received ones, then the local ones."""
         return self.received + int(self.local_src.size)
+
+    @property
+    def in_order(self) -> bool:
+        """Staging row ``i`` goes to ``fill_dst[i]``, each once: the switch writes the staging as it is."""
+        return self.fill_row.size == self.staged and bool((self.fill_row == np.arange(self.staged)).all())
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,10 @@ def move_recipe(transfer: LayerTransfer, rank: int) -> MoveRecipe:
     fill_row = source.copy()
     fill_row[from_recv] = stage_row[source[from_recv]]  # receive index -> its staging row
     fill_row[local] = len(mine) + np.arange(local.size)
+    order = np.argsort(fill_row, kind="stable")  # staging order: usually one row per slot, written as it is
     return MoveRecipe(layer=transfer.layer, recvs=np.asarray(recvs, dtype=np.int64).reshape(-1, 3),
                       sends=np.asarray(sends, dtype=np.int64).reshape(-1, 4), local_src=source[local],
-                      fill_dst=dst_slot, fill_row=fill_row)
+                      fill_dst=dst_slot[order], fill_row=fill_row[order])
 
 
 def switch_rows(parts, spec: TableSpec, num_experts: int, topology, failed: np.ndarray | None = None

@@ -106,17 +106,17 @@ class LoadRecorder:
         self.width = width
         kw = dict(dtype=torch.int64, device=self.device)
         # every buffer has a spare last column, where ids of -1 are counted (``ids % (S + 1)``) and never read
-        spare = torch.zeros(num_layers, width + 1, **kw)
+        self._window_full = torch.zeros(num_layers, width + 1, **kw)
         #: int64 [L, S]: counts of the current window, per slot, since the last fold of each layer
-        self.window = spare[:, :width]
+        self.window = self._window_full[:, :width]
         #: int64 [L, E]: counts already converted to logical experts (layers that switched placement mid-window)
         self.folded = torch.zeros(num_layers, num_experts, **kw)
         # one step's count per slot fits 32 bits, which halves the ring (a 1,000-step ring is the largest table EPLB
         # keeps: 58 x 1,000 x (320 + 256) x 4 bytes = 134 MB at DeepSeek-V3 size)
         ring_kw = dict(dtype=torch.int32, device=self.device)
-        ring = torch.zeros(num_layers, ring_steps, width + 1, **ring_kw) if ring_steps else None
+        self._ring_full = torch.zeros(num_layers, ring_steps, width + 1, **ring_kw) if ring_steps else None
         #: int32 [L, T, S]: one row per step (ring), when ring_steps > 0
-        self.ring = ring[:, :, :width] if ring_steps else None
+        self.ring = self._ring_full[:, :, :width] if ring_steps else None
         self.ring_folded = torch.zeros(num_layers, ring_steps, num_experts, **ring_kw) if ring_steps else None
         # What a record call reads is on the device, set by begin_step outside the forward, so a forward captured in a
         # CUDA graph records correctly on replay: the gate (1: this step counts, 0: its stage is not recorded) and
@@ -125,8 +125,8 @@ class LoadRecorder:
         self._ring_row = torch.zeros(1, **kw)
         self._ring_offset = torch.zeros(1, **kw)
         self._columns = torch.arange(width + 2, **kw)  # 0..S+1: the sorted count's bounds (deterministic mode)
-        self._window_rows = list(spare.unbind(0))  # per-layer views [S + 1], bound once (cheaper per call)
-        self._ring_rows = [row.view(-1) for row in ring.unbind(0)] if ring_steps else None  # [T * (S + 1)] each
+        self._window_rows = list(self._window_full.unbind(0))  # per-layer views [S + 1], bound once
+        self._ring_rows = [row.view(-1) for row in self._ring_full.unbind(0)] if ring_steps else None  # [T(S + 1)]
         self._row = 0  # ring row of the current step
         self._steps = 0  # steps recorded in the window (host counter, identical on all ranks)
         self._active = stage == "all"
@@ -216,19 +216,21 @@ class LoadRecorder:
             self.ring[layer].zero_()
 
     def reset(self) -> None:
-        """Start a new window."""
-        self.window.zero_()
+        """Start a new window (whole buffers, spare column included: one contiguous fill each)."""
+        self._window_full.zero_()
         self.folded.zero_()
         if self.ring is not None:
-            self.ring.zero_()
+            self._ring_full.zero_()
             self.ring_folded.zero_()
         self._steps = 0
 
     def snapshot(self) -> WindowSnapshot:
-        """Copies of the window's buffers (device ops, no host sync), and a new window starts."""
-        clone = (lambda t: None if t is None else t.clone())  # noqa: E731
-        snap = WindowSnapshot(self.window.clone(), self.folded.clone(), clone(self.ring), clone(self.ring_folded),
-                              self._steps)
+        """Copies of the window's buffers (device ops, no host sync: whole buffers, one contiguous copy each), and a
+        new window starts."""
+        width = self.width
+        ring = None if self.ring is None else self._ring_full.clone()[:, :, :width]
+        snap = WindowSnapshot(self._window_full.clone()[:, :width], self.folded.clone(), ring,
+                              None if ring is None else self.ring_folded.clone(), self._steps)
         self.reset()
         return snap
 

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from eplb.runtime.agreement import PeerError, Status
+from eplb.runtime.agreement import Agreement, PeerError, Status
 from eplb.runtime.heartbeat import RankFailure
 from eplb.runtime.planner import PlannerReply
 
@@ -58,7 +58,7 @@ class PlanRound:
         self.status, self.reason = Status.PENDING, ""
         self.reply: PlannerReply | None = None
         #: the agreement started in the last check step (read in the next)
-        self.agreement: Future | None = None
+        self.agreement: Agreement | None = None
         #: the window's load ``[L, E]`` and PAR ``[L]`` once gathered
         self.window: np.ndarray | None = None
         self.window_par: np.ndarray | None = None
@@ -93,7 +93,7 @@ class PlanRound:
         agreed or None, whether the agreement was late, whether one was started)``."""
         check = (step - self.submitted) % check_steps == 0
         if self.agreement is not None:
-            if not check:  # it runs on the agreement thread until the next check step
+            if not check:  # it runs beside serving until the next check step
                 return None, False, False
             agreed, late = self.read_agreement()
             if agreed.status is not Status.PENDING:
@@ -123,18 +123,18 @@ class PlanRound:
             self.status, self.reason = status, reason
 
     def start_agreement(self, channel) -> None:
-        """Start the agreement on this rank's status and plan checksum (the agreement thread hashes nothing: the
-        worker did)."""
+        """Start the agreement on this rank's status and plan checksum (hashed by the planner worker)."""
         checksum = self.reply.plan.checksum if self.status is Status.READY else 0
         self.agreement = channel.agree(self.status, checksum)
 
-    def read_agreement(self) -> tuple[Agreed | None, bool]:
-        """The agreement started in the last check step, and whether it was late (then this waited for it)."""
-        future, self.agreement = self.agreement, None
-        late = not future.done()
-        future.exception()  # a wait only when late: a tiny all-reduce on a thread of its own, started a check ago
-        failure = failure_of(future)
-        if failure is not None:
-            return Agreed(Status.OFF, False), late
-        status, same = future.result()
+    def read_agreement(self) -> tuple[Agreed, bool]:
+        """The agreement started in the last check step, and whether it was late (then this waited for it: a tiny
+        all-reduce on a group of its own, started a check ago).
+
+        Raises:
+            PeerError: the all-reduce failed; RankFailure: the heartbeat aborted the channel.
+        """
+        agreement, self.agreement = self.agreement, None
+        late = not agreement.done()
+        status, same = agreement.result()
         return Agreed(status, same), late

@@ -16,7 +16,9 @@ on a device. Inside ``with guard.serving():`` on the thread that entered it, eac
   one-argument ``torch.where``) or boolean-mask indexing (``t[mask]``): the host must read the size;
 - a wait: ``Work.wait`` on work not yet complete, reading a side-thread result that is not ready
   (``Future.result``, ``Future.exception``), ``Event.synchronize``, ``Stream.synchronize``, ``torch.cuda.synchronize``;
-- any collective or point-to-point call.
+- any collective or point-to-point call, except an asynchronous one (``async_op=True``) of host tensors on a group
+  other than the default one: EPLB's agreements, which Gloo's own threads run (waiting for one that is not complete
+  is ``Work.wait``, counted above).
 
 From any thread, a collective on the default group (the serving group) counts in
 :attr:`SyncGuard.serving_group_calls`: EPLB's traffic runs on groups of its own.
@@ -59,6 +61,12 @@ def _crosses_host(source: torch.Tensor, target, non_blocking: bool) -> bool:
     if non_blocking or target is None:
         return False
     return (source.device.type == "cpu") != (torch.device(target).type == "cpu")
+
+
+def _on_host(args, kwargs) -> bool:
+    """Every tensor of a collective's arguments is a host tensor."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _to_target(args, kwargs):
@@ -128,9 +136,10 @@ class SyncGuard:
             return
 
         def wrapper(*args, **kwargs):
-            if self._active():
+            serving_group = kwargs.get("group") is None and not any(isinstance(a, dist.ProcessGroup) for a in args)
+            if self._active() and not (kwargs.get("async_op") and not serving_group and _on_host(args, kwargs)):
                 self.hits.append(f"dist.{name}")
-            if kwargs.get("group") is None and not any(isinstance(a, dist.ProcessGroup) for a in args):
+            if serving_group:
                 self.serving_group_calls += 1
             return original(*args, **kwargs)
 

@@ -2,15 +2,16 @@
 
 Why: weight transfers posted on the serving EP group queue the next forward's all-to-all behind them, and every
 ``work.wait()``, ``.cpu()`` or blocking copy on the serving thread drains the device queue. So everything of EPLB
-that blocks runs on :class:`SideChannel`'s two threads (:class:`~eplb.runtime.worker.SideWorker`), each in
-submission order (the same on every rank, so the collectives on their groups match up), and the serving thread only
-submits jobs and reads ``Future.done()``: the *side thread* runs transfers and window gathers on a Gloo group of
-EPLB's own, the *agreement thread* runs the small all-reduces the ranks agree with, on another Gloo group, so an
-agreement never queues behind a transfer.
+that blocks runs on :class:`SideChannel`'s side thread (:class:`~eplb.runtime.worker.SideWorker`), in submission
+order (the same on every rank, so the collectives on its group match up): transfers and window gathers, on a Gloo
+group of EPLB's own. The serving thread only submits jobs and reads ``Future.done()``, and starts the ranks'
+agreements, asynchronous all-reduces of a few integers on another Gloo group (:class:`~eplb.runtime.agreement.
+Agreement`), so an agreement never queues behind a transfer or waits for a Python thread to be scheduled.
 
 Backends (:class:`TransferBackend`; chosen by the config's ``communicator``, see
-:attr:`eplb.runtime.config.EplbConfig.transfer_backend`); rows always travel as bytes, whatever their dtype (fp8,
-packed int4, block scales), so no backend or copy op has to know the dtype:
+:attr:`eplb.runtime.config.EplbConfig.transfer_backend`); rows always travel as raw integers (their bytes, read as
+the widest integer type that divides a row), whatever their dtype (fp8, packed int4, block scales), so no backend or
+copy op has to know the dtype:
 
 - ``gloo`` (the default, on every device): the rows to send are copied on the side stream into a pinned host arena,
   sent and received on EPLB's Gloo group, and copied back into device staging on the side stream; the side stream
@@ -34,7 +35,7 @@ in each direction at a time (less peak traffic on a link, more rounds).
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
-from eplb.runtime.agreement import Status, agree, collective
+from eplb.runtime.agreement import Agreement, Status, collective
 from eplb.runtime.heartbeat import abort_nccl
 from eplb.runtime.worker import SideWorker
 
@@ -116,8 +117,8 @@ class StagingArena:
     """One flat byte buffer, grown to the largest request seen and reused: views of it hold staged rows.
 
     Its size is what EPLB adds in staging memory (:attr:`nbytes`); it holds only the rows moved in one step,
-    never a copy of a whole layer. Rows are bytes (``uint8 [rows, row_bytes]``), packed without padding, so the arena
-    is exactly the bytes of the rows the schedule counts.
+    never a copy of a whole layer. Views are packed without padding, widest element first, so each starts on its own
+    element size; the arena is exactly the bytes of the rows the schedule counts.
     """
 
     def __init__(self, device, pin: bool = False):
@@ -128,17 +129,17 @@ class StagingArena:
     def nbytes(self) -> int:
         return int(self._buffer.numel())
 
-    def views(self, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """uint8 tensors ``[rows, row_bytes]`` of the given shapes, carved from the arena (valid until the next
-        call)."""
-        total = sum(rows * width for rows, width in shapes)
+    def views(self, specs: list[tuple[tuple, torch.dtype]]) -> list[torch.Tensor]:
+        """Tensors of the given ``(shape, dtype)``, carved from the arena (valid until the next call)."""
+        widths = [torch.empty(0, dtype=dtype).element_size() for _, dtype in specs]
+        offsets, total = [0] * len(specs), 0
+        for index in sorted(range(len(specs)), key=lambda i: -widths[i]):
+            offsets[index] = total
+            total += torch.Size(specs[index][0]).numel() * widths[index]
         if total > self._buffer.numel():
             self._buffer = torch.empty(total, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
-        out, offset = [], 0
-        for rows, width in shapes:
-            out.append(self._buffer[offset:offset + rows * width].view(rows, width))
-            offset += rows * width
-        return out
+        return [self._buffer[offset:offset + torch.Size(shape).numel() * width].view(dtype).view(shape)
+                for (shape, dtype), offset, width in zip(specs, offsets, widths)]
 
 
 def _rounds(rank: int, world: int, batching: bool) -> list[tuple[int | None, int | None]]:
@@ -195,7 +196,7 @@ class GlooBackend(TransferBackend):
             send_buf = [m.tensor for m in sends]
             recv_buf = [m.tensor for m in recvs]
         else:
-            staged = self._host.views([tuple(m.tensor.shape) for m in sends + recvs])
+            staged = self._host.views([(tuple(m.tensor.shape), m.tensor.dtype) for m in sends + recvs])
             send_buf, recv_buf = staged[:len(sends)], staged[len(sends):]
             with torch.cuda.stream(stream):
                 for host, m in zip(send_buf, sends):
@@ -291,7 +292,7 @@ class SideChannel:
         self.world = size
         self.rank = self.ep_ranks.index(dist.get_rank()) if distributed else 0
         #: Gloo groups of EPLB's own: the side thread's (window gathers, the ``gloo`` backend's transfers) and the
-        #: agreement thread's
+        #: agreements' (nothing else runs on it)
         self.cpu_group = self.agree_group = None
         data_group = None
         if size > 1:
@@ -309,7 +310,7 @@ class SideChannel:
         #: the side stream (None on CPU): staging copies and NCCL transfers run here, never on the serving stream
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._side = SideWorker("side", self._on_device)
-        self._agreements = SideWorker("agreement")
+        self._aborted: BaseException | None = None
 
     def _on_device(self) -> None:
         """The side thread's device and stream (both are per thread)."""
@@ -319,35 +320,22 @@ class SideChannel:
 
     @property
     def died(self):
-        """:class:`~eplb.runtime.worker.SideThreadDied` of a thread of this channel that died, else None."""
-        return self._side.died or self._agreements.died
+        """:class:`~eplb.runtime.worker.SideThreadDied` when the side thread died, else None."""
+        return self._side.died
 
     def submit(self, fn, *args, **kwargs):
         """Run ``fn(*args, **kwargs)`` on the side thread after every job submitted to it before."""
         return self._side.submit(fn, *args, **kwargs)
 
-    def agree(self, status: Status, checksum: int = 0, on_agreed=None):
-        """Start an agreement on the agreement thread: the Future of ``(lowest status, same checksum)`` over the
-        side group (:func:`~eplb.runtime.agreement.agree`); ``on_agreed(result)`` then runs on that thread. Alone,
-        the status is agreed at once (a done Future)."""
-        if self.world == 1:
-            future = Future()
-            future.set_result((Status(status), True))
-            return future
-
-        def job():
-            result = agree(status, checksum, self.agree_group) if self.world > 1 else (status, True)
-            if on_agreed is not None:
-                on_agreed(result)
-            return result
-
-        return self._agreements.submit(job)
+    def agree(self, status: Status, checksum: int = 0) -> Agreement:
+        """Serving thread: start an agreement on this rank's ``status`` and ``checksum`` over the agreement group
+        (:class:`~eplb.runtime.agreement.Agreement`; alone, agreed at once)."""
+        return Agreement(status, checksum, self.agree_group if self.world > 1 else None, lambda: self._aborted)
 
     def drain(self) -> None:
-        """Wait until every job submitted so far ran on both threads (tests and shutdown; never in a serving
+        """Wait until every job submitted so far ran on the side thread (tests and shutdown; never in a serving
         step)."""
         self._side.drain()
-        self._agreements.drain()
 
     def record_event(self):
         """Serving thread: an event on the serving stream now (None on CPU), for the side stream to wait on."""
@@ -368,12 +356,13 @@ class SideChannel:
             t.record_stream(self.serving_stream)
 
     def abandon_nccl(self) -> bool:
-        """Agreement thread, when every rank abandoned a transfer: abort EPLB's NCCL communicator (a hung
-        ``batch_isend_irecv`` then ends with an error on the side thread) and move later transfers to the Gloo
-        group. Returns whether there was one."""
+        """Serving thread, when every rank abandoned a transfer that missed its deadline: abort EPLB's NCCL
+        communicator, on a thread of its own (an abort can take a while; a hung ``batch_isend_irecv`` on the side
+        thread then ends with an error), and move later transfers to the Gloo group. Returns whether there was
+        one."""
         if self.backend_name != "nccl":
             return False
-        abort_nccl(self.backend.group)
+        threading.Thread(target=abort_nccl, args=(self.backend.group,), name="eplb-nccl-abort", daemon=True).start()
         self.backend = GlooBackend(self.cpu_group, self.rank, self.ep_ranks, self.device, self.batching)
         self.backend_name = "gloo"
         log.error("eplb: a transfer on EPLB's NCCL communicator did not land in time on some rank; the communicator "
@@ -392,8 +381,8 @@ class SideChannel:
         blocked on the dead peer stays blocked until its group's timeout (a Gloo operation in progress cannot be
         cancelled) and its result is dropped; abort an NCCL group to end it sooner
         (:func:`eplb.runtime.heartbeat.abort_nccl`)."""
+        self._aborted = exc
         self._side.abort(exc)
-        self._agreements.abort(exc)
 
     def rebuilt(self, group) -> "SideChannel":
         """A new channel over ``group`` (the survivors of a failure; collective over it), same settings, EP ids and
@@ -403,9 +392,8 @@ class SideChannel:
         return SideChannel(group, self.backend_name, self.device, self.batching, self.ep_ranks, self.serving_stream)
 
     def close(self, wait: bool = True) -> None:
-        """Stop both threads (``wait=False``: do not wait for a job that may hang on a dead peer)."""
+        """Stop the side thread (``wait=False``: do not wait for a job that may hang on a dead peer)."""
         self._side.close(wait)
-        self._agreements.close(wait)
 
 
 def _initialise(group, device: torch.device) -> None:

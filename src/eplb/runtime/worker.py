@@ -1,8 +1,8 @@
 """One thread of EPLB's that runs blocking jobs in submission order, and fails every waiting job when it dies.
 
-:class:`SideWorker` is what :class:`~eplb.runtime.transport.SideChannel` runs its two threads with: the side thread
-(transfers, window gathers) and the agreement thread (small all-reduces only, so that an agreement never queues
-behind a transfer). Jobs are submitted by the serving thread, which only reads ``Future.done()`` afterwards.
+:class:`SideWorker` is what :class:`~eplb.runtime.transport.SideChannel` runs its side thread with (transfers,
+window gathers, the planner hand-off). Jobs are submitted by the serving thread, which only reads ``Future.done()``
+afterwards.
 
 A job that raises hands its exception to its future; the thread goes on. If the thread itself dies (its set-up
 raises, or a bug in the loop), every queued and running job's future fails with :class:`SideThreadDied` naming the
@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from concurrent.futures import Future
 
 from eplb.errors import EplbError
@@ -23,7 +22,7 @@ __all__ = ["SideWorker", "SideThreadDied"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.001  # how often the idle thread looks for a job
+_IDLE_S = 0.05  # how long the idle thread sleeps between two looks at its queue when nobody wakes it
 
 
 class SideThreadDied(EplbError, RuntimeError):
@@ -46,9 +45,10 @@ class SideWorker:
     def __init__(self, name: str, setup=None):
         self.name = name
         self._setup = setup
-        # a deque the thread polls, not a queue that wakes it: waking it hands it the interpreter lock at once, which
-        # cost the serving thread ~0.8 ms per submit (measured); a poll every millisecond costs it nothing it waits for
+        # a deque and an event that wakes the thread per job: an idle thread that polls often would take the
+        # interpreter lock from the serving thread at every poll (a hand-over, two context switches, cold caches)
         self._jobs: collections.deque = collections.deque()
+        self._wake = threading.Event()
         self._lock = threading.Lock()  # between the thread taking a job and :meth:`abort`
         self._running: Future | None = None
         self._aborted: BaseException | None = None
@@ -66,6 +66,7 @@ class SideWorker:
             future.set_exception(failure)
         else:
             self._jobs.append((future, fn, args, kwargs))
+            self._wake.set()
         return future
 
     def _run(self) -> None:
@@ -79,7 +80,8 @@ class SideWorker:
     def _loop(self) -> None:
         while True:
             if not self._jobs:
-                time.sleep(_POLL_S)
+                self._wake.wait(_IDLE_S)
+                self._wake.clear()
                 continue
             with self._lock:
                 job = self._jobs.popleft()
@@ -134,6 +136,7 @@ class SideWorker:
             futures = [job[0] for job in self._jobs if job is not None]
             self._jobs.clear()
             self._jobs.append(None)
+            self._wake.set()
             if self._running is not None:
                 futures.append(self._running)
         for future in futures:
@@ -143,5 +146,6 @@ class SideWorker:
     def close(self, wait: bool = True) -> None:
         """Stop the thread after the jobs queued so far (``wait=False``: do not wait for a job that may hang)."""
         self._jobs.append(None)
+        self._wake.set()
         if wait and self.died is None:
             self._thread.join()
