@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 import traceback
 from datetime import timedelta
@@ -22,9 +21,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb import Placement, Topology  # noqa: E402
+from gloo_ranks import run_ranks, write_result  # noqa: E402
 
 WORLD, EXPERTS, LAYERS = 2, 8, 4
 TOPOLOGY = Topology(WORLD, 6)
@@ -106,35 +105,13 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
             out[fault] = _scenario(rank, fault, group)
         except Exception:  # noqa: BLE001 - reported by the parent
             out[fault] = {"error": traceback.format_exc()}
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
+    write_result(tmp, rank, out)
     os._exit(0)  # a side thread of rank 0 may still wait in a gather with rank 1's dead one: no teardown
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("eplb_off"))
-    ctx = tmp_mp.start_processes(_rank_main, args=(_free_port(), tmp), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks did not finish within 400 s")
-    out = []
-    for rank in range(WORLD):
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
-    return out
+    return run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("eplb_off")), 400)
 
 
 @pytest.mark.parametrize("fault, cause", [("move", "injected: the move job failed"), ("thread", "side thread died")])

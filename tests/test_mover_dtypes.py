@@ -6,7 +6,6 @@ before anything starts."""
 from __future__ import annotations
 
 import os
-import pickle
 import traceback
 from datetime import timedelta
 
@@ -15,10 +14,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb import Placement, Topology  # noqa: E402
 from eplb.errors import EplbError  # noqa: E402
+from gloo_ranks import run_ranks, write_result  # noqa: E402
 
 TOPOLOGY = Topology(2, 3)  # P = 6
 EXPERTS, LAYERS = 4, 3
@@ -77,27 +76,12 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
         out["dtypes"] = [str(t.dtype) for t in tensors[0]]
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
+    write_result(tmp, rank, out)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_dtype_moves_bitwise_on_two_gloo_ranks(tmp_path):
-    ctx = tmp_mp.start_processes(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    while not ctx.join(timeout=120):
-        pass
-    for rank in range(2):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            out = pickle.load(f)
+    for rank, out in enumerate(run_ranks(_rank_main, 2, str(tmp_path), 300)):
         assert "error" not in out, out["error"]
         assert out["bitwise"] == [True] * LAYERS and out["in_place"], (rank, out)
         assert {"torch.float8_e4m3fn", "torch.float8_e5m2", "torch.bfloat16", "torch.int8"} <= set(out["dtypes"])

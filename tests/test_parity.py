@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import traceback
 from datetime import timedelta
 
@@ -31,13 +30,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb import Topology  # noqa: E402
 from eplb.cycle import CycleConfig  # noqa: E402
 from eplb.planning import cycle_policy  # noqa: E402
 from eplb.policies import available_policies  # noqa: E402
 from eplb.sim.cost import CostModel  # noqa: E402
+from gloo_ranks import run_ranks, write_result  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
 
@@ -136,7 +135,7 @@ def _tokens(counts: np.ndarray, rank: int, world: int) -> list:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
+def _rank_main(rank: int, port: int, tmp: str, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
@@ -148,17 +147,8 @@ def _rank_main(rank: int, world: int, port: int, tmp: str) -> None:
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(out, f)
+        write_result(tmp, rank, out)
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -178,19 +168,9 @@ def simulated():
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
-    ctx = tmp_mp.get_context("spawn")
-    port = _free_port()
-    processes = [ctx.Process(target=_rank_main, args=(rank, world, port, str(tmp_path))) for rank in range(world)]
-    for p in processes:
-        p.start()
-    for p in processes:
-        p.join(timeout=600)
-        assert p.exitcode == 0, "a rank did not finish"
-    ranks = []
-    for rank in range(world):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            ranks.append(pickle.load(f))
-        assert "error" not in ranks[-1], ranks[-1].get("error")
+    ranks = run_ranks(_rank_main, world, str(tmp_path), 900, args=(world,))
+    for out in ranks:
+        assert "error" not in out, out.get("error")
     moved_somewhere = split_somewhere = deferred_somewhere = False
     for policy, dispatch, budget, slow in RUNS[world]:
         sim = simulated[world, policy, dispatch, budget, slow]

@@ -11,7 +11,6 @@ the serving group from any thread.
 from __future__ import annotations
 
 import os
-import pickle
 import time
 import traceback
 from datetime import timedelta
@@ -21,9 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb.runtime.controller import STEP_KINDS as KINDS  # noqa: E402
+from gloo_ranks import run_ranks, write_result  # noqa: E402
 from eplb.runtime.sync_guard import SyncGuard  # noqa: E402
 
 LAYERS, EXPERTS, WORLD, SLOTS = 58, 256, 2, 144
@@ -135,34 +134,13 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
     finally:
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(out, f)
+        write_result(tmp, rank, out)
         os._exit(0)  # planner processes and side threads are closed; skip the group teardown
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("sync_free"))
-    ctx = tmp_mp.start_processes(_rank_main, args=(_free_port(), tmp), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks did not finish within 300 s")
-    results = []
-    for rank in range(WORLD):
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-            results.append(pickle.load(f))
+    results = run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("sync_free")), 300)
     for r in results:
         assert "error" not in r, r["error"]
     return results

@@ -10,7 +10,6 @@ hung ``batch_isend_irecv``, the eager initialisation) is unproven here; see docs
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 import time
 import traceback
@@ -21,9 +20,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb import Placement, Topology  # noqa: E402
+from gloo_ranks import run_ranks, write_result  # noqa: E402
 
 WORLD, EXPERTS, LAYERS = 2, 8, 4
 TOPOLOGY = Topology(WORLD, 6)
@@ -79,33 +78,14 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
     finally:
         hold.set()
         ctl.close()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
+    write_result(tmp, rank, out)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_transfer_past_its_deadline_is_abandoned_on_every_rank_in_the_same_step(tmp_path):
-    ctx = tmp_mp.start_processes(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the ranks did not finish within 400 s")
-    runs = []
-    for rank in range(WORLD):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            runs.append(pickle.load(f))
-        assert "error" not in runs[-1], runs[-1]["error"]
+    runs = run_ranks(_rank_main, WORLD, str(tmp_path), 400)
+    for run in runs:
+        assert "error" not in run, run["error"]
     first, second = runs
     summary = [(r["held_at"], r["abandoned_at"], r["cycles"][:6], r["switches"][:6]) for r in runs]
     assert first["abandoned_at"] is not None and first["abandoned_at"] == second["abandoned_at"], summary

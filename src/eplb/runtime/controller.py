@@ -142,8 +142,11 @@ class EplbController:
         self.channel = (SideChannel(group, config.transfer_backend, self.device, config.enable_migration_batching,
                                     stream=stream) if config.mode != "off" else None)
         self._stream = self.channel.serving_stream if self.channel is not None else None
+        #: what this rank's switch tables depend on (the planner worker builds them; None: nothing moves)
+        self._spec = None
         if config.mode == "dynamic":
             self.mover = ExpertMover(layer_tensors, rank, topology.slots_per_rank, group, self.channel)
+            self._spec = dataclasses.replace(self.router.spec, recorder_source=self.recorder.source)
         self.planner = None
         if planning:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
@@ -264,13 +267,11 @@ class EplbController:
         failed = self.live.failed
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
                                          window_par=np.full(self.live.phy2log.shape[0], np.nan)))
-        spec = (dataclasses.replace(self.router.spec, recorder_source=self.recorder.source)
-                if self.mover is not None else None)
         request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                               cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
                               live_ranks=~failed if failed.any() else None, resilience=self.config.resilience,
-                              state=self.cycle.state, spec=spec)
+                              state=self.cycle.state, spec=self._spec)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
         measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
         gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),

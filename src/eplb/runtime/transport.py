@@ -79,7 +79,8 @@ def runtime_device(device) -> torch.device:
 def upload(array, device) -> torch.Tensor:
     """int64 tensor of ``array`` on ``device``: from pinned memory with a non-blocking copy where there is a device
     (a blocking upload from pageable memory would wait for the stream), the array itself on the host."""
-    host = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    host = np.ascontiguousarray(array, dtype=np.int64)
+    host = torch.from_numpy(host if host.flags.writeable else host.copy())  # a read-only view (a placement's rows)
     device = torch.device(device)
     if device.type == "cpu":
         return host

@@ -108,15 +108,22 @@ class SideWorker:
     def _die(self, cause: BaseException) -> None:
         died = SideThreadDied(self.name, cause)
         log.error("%s", died)
+        self._fail_all(died, lambda: setattr(self, "died", died))
+
+    def _fail_all(self, exc: BaseException, mark) -> None:
+        """Under the lock, ``mark()`` this thread stopped and take every queued and running job; then fail each
+        with ``exc``."""
         with self._lock:
-            self.died = died
+            mark()
             futures = [job[0] for job in self._jobs if job is not None]
             self._jobs.clear()
+            self._jobs.append(None)
+            self._wake.set()
             if self._running is not None:
                 futures.append(self._running)
         for future in futures:
             if not future.done():
-                future.set_exception(died)
+                future.set_exception(exc)
 
     def drain(self) -> None:
         """Wait until every job submitted so far ran (tests and shutdown; never in a serving step)."""
@@ -129,19 +136,8 @@ class SideWorker:
     def abort(self, exc: BaseException) -> None:
         """Any thread: fail the running job and every queued one with ``exc``, at once, and run no more jobs. A job
         blocked in a collective stays blocked until its group's timeout; its result is dropped."""
-        with self._lock:
-            if self._aborted is not None:
-                return
-            self._aborted = exc
-            futures = [job[0] for job in self._jobs if job is not None]
-            self._jobs.clear()
-            self._jobs.append(None)
-            self._wake.set()
-            if self._running is not None:
-                futures.append(self._running)
-        for future in futures:
-            if not future.done():
-                future.set_exception(exc)
+        if self._aborted is None:
+            self._fail_all(exc, lambda: setattr(self, "_aborted", exc))
 
     def close(self, wait: bool = True) -> None:
         """Stop the thread after the jobs queued so far (``wait=False``: do not wait for a job that may hang)."""
