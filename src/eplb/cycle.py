@@ -205,6 +205,14 @@ class CycleRecord:
     skipped: str | None = None
     checksum: int = 0
 
+    @property
+    def in_force_step(self) -> int | None:
+        """The step from which every applied part is in force (None when nothing was applied, or the last part
+        never switched)."""
+        if not self.switch_steps or len(self.switch_steps) < len(self.schedule):
+            return None
+        return self.switch_steps[-1]
+
 
 class Cycle:
     """The rebalancing state machine (see the module docstring for how to drive it).

@@ -73,16 +73,16 @@ def build_report(runs: dict, static, clairvoyant, meta: dict) -> dict:
 
 
 def _cycles_json(run) -> list[dict]:
-    """One entry per cycle; ``measured_step_par``: token-weighted step PAR from the step after its last layer was
-    applied until the next cycle starts applying (None when nothing was applied)."""
+    """One entry per cycle; ``measured_step_par``: token-weighted step PAR from the step its last layer came into
+    force until the next cycle starts applying (None when nothing was applied)."""
     applied = [r.apply_start for r in run.cycles if r.apply_start is not None] + [run.step_par.shape[0]]
     out = []
     for record, planner_ms in zip(run.cycles, run.planner_ms + [None] * len(run.cycles)):
         entry = _cycle_json(record, planner_ms)
         entry["measured_step_par"] = None
-        if record.apply_end is not None:
+        if record.in_force_step is not None:
             stop = min(start for start in applied if start > record.apply_end)
-            steps = slice(record.apply_end + 1, stop)
+            steps = slice(record.in_force_step, stop)
             tokens = run.tokens[steps].sum()
             if tokens > 0:
                 entry["measured_step_par"] = float((run.step_par[steps] * run.tokens[steps]).sum() / tokens)

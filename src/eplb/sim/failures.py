@@ -105,9 +105,10 @@ def failure_events(config, result: dict, failed: np.ndarray, cycles: list[CycleR
         until = min([c for c in changes if c > start] + [num_steps])
         replan = None
         for record, live in zip(cycles, cycle_live):
-            if (record.window_end >= start and record.apply_end is not None and record.apply_end + 1 < until
+            in_force = record.in_force_step
+            if (record.window_end >= start and in_force is not None and in_force < until
                     and np.array_equal(live, ~failed[start])):
-                replan = record.apply_end + 1
+                replan = in_force
                 break
         unavailable = result["unavailable"][start:until].sum(axis=1)
         events.append({
