@@ -1,7 +1,7 @@
 """The `auto` policy against default, swift and flashlb over time (prints ONE JSON object).
 
 Protocol (issue 5): traces ``drift``, ``bursty`` and ``phases`` drawn from the real DeepSeek-V3 workloads of
-``../shared/data/sglang_dsv3_ep_statistics.npz`` plus the built-in parametric ``default`` scenario; topologies
+``tests/data/sglang_dsv3_ep_statistics.npz`` plus the built-in parametric ``default`` scenario; topologies
 16 ranks x 17 slots (2 nodes), 32 x 9 (4 nodes), 64 x 5 (8 nodes), 8 expert groups (held out, issue 15: traces
 ``batching`` and ``olmoe``, cells 48 x 6, 128 x 3, and 8 x 10, 16 x 5 for olmoe's 64 experts); re-plan every 600 steps (plan on
 the last window, no planner delay, one layer applied per step); every step scored. Per cell and policy: the
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"
 CELLS = {"16x17": (16, 17, 2), "32x9": (32, 9, 4), "64x5": (64, 5, 8),
          # held out (issue 15): not tuned on; the last two for the 64 experts of builtin:olmoe
          "48x6": (48, 6, 6), "128x3": (128, 3, 16), "8x10": (8, 10, 2), "16x5": (16, 5, 2)}
