@@ -110,8 +110,9 @@ def cell(trace, ranks: int, slots: int, nodes: int, budgets, with_auto: bool, mi
     return out
 
 
-def _ratio(run: dict, baseline: dict, key: str) -> float:
-    return round(run[key] / max(baseline[key], 1e-9), 4)
+def _ratio(run: dict, baseline: dict, key: str) -> float | None:
+    """``run[key] / baseline[key]``; None when the baseline is 0 (e.g. no slot moved: no ratio to speak of)."""
+    return round(run[key] / baseline[key], 4) if baseline[key] else None
 
 
 def dispatch_timing(repeat: int = 200) -> dict:
