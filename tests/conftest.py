@@ -63,14 +63,17 @@ def pytest_collectreport(report):
     _note_skip(report)
 
 
+def _skips_fail() -> bool:
+    return bool(_SKIPPED) and os.environ.get("EPLB_TEST_NO_SKIP") == "1"
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if _SKIPPED and os.environ.get("EPLB_TEST_NO_SKIP") == "1" and exitstatus in (pytest.ExitCode.OK,
-                                                                               pytest.ExitCode.NO_TESTS_COLLECTED):
+    if _skips_fail() and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _SKIPPED and os.environ.get("EPLB_TEST_NO_SKIP") == "1":
+    if _skips_fail():
         terminalreporter.write_line(f"EPLB_TEST_NO_SKIP=1: {len(_SKIPPED)} skipped, and nothing may skip here: "
                                     + ", ".join(_SKIPPED), red=True)
 
