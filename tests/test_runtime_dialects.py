@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -69,6 +67,12 @@ ASCEND_MRV2 = '''{"eplb_config":{"load_collection_phase":"prefill"}}'''
 # xLLM's documented flags (docs/en/features/eplb.md)
 XLLM_FLAGS = "--enable_eplb=true --expert_parallel_degree=2 --ep_size=16 --eplb_update_interval=2000 " \
              "--eplb_update_threshold=0.9"
+# the same flags as docs/zh/features/eplb.md prints them, one a line
+XLLM_FLAGS_ZH = """  --enable_eplb=true 
+  --expert_parallel_degree=2 
+  --ep_size=16  
+  --eplb_update_interval=2000
+  --eplb_update_threshold=0.9"""  # noqa: W291 - trailing spaces as printed there
 
 
 def _settings(config: EplbConfig) -> tuple:
@@ -144,6 +148,7 @@ def test_xllm_documented_flags():
     flags = xllm_flags(XLLM_FLAGS + " --model=/models/DeepSeek-R1 --port=9977")  # its other flags are dropped
     assert flags == {"enable_eplb": "true", "expert_parallel_degree": "2", "ep_size": "16",
                      "eplb_update_interval": "2000", "eplb_update_threshold": "0.9"}
+    assert xllm_flags(XLLM_FLAGS_ZH) == flags
     config = EplbConfig.from_dict(flags)
     assert (config.mode, config.update_interval_s, config.update_threshold, config.ep_size, config.load_history,
             config.policy, config.dialect) == ("dynamic", 2000.0, 0.9, 16, "halve", "default", "xllm")
@@ -155,6 +160,7 @@ def test_xllm_documented_flags():
     config = EplbConfig.from_dict(xllm_flags("--enable_eplb"))
     assert (config.mode, config.update_interval_s, config.update_threshold) == ("dynamic", 1000.0, 0.8)
     assert EplbConfig.from_dict(xllm_flags(["--enable_eplb=false", "--ep_size=4"])).mode == "off"
+    assert EplbConfig.from_dict(xllm_flags("--noenable_eplb --eplb_update_threshold 0.5")).mode == "off"
     with pytest.raises(ConfigError, match="did you mean --eplb_update_interval"):
         xllm_flags("--enable_eplb=true --eplb_update_intervel=60")
 
@@ -173,6 +179,18 @@ def test_start_up_line_names_policy_mode_windows_and_dialect():
     assert describe(EplbConfig.from_dict({"mode": "record", "record_path": "m.json", "window_size": 10})) == (
         "mode record, policy auto, window 10 steps (window_size), planner checked every 8 steps, load: the "
         "window's, dispatch rank; dialect eplb")
+
+
+def test_controller_logs_the_start_up_line(caplog):
+    pytest.importorskip("torch")
+    from eplb.runtime import EplbController
+
+    config = EplbConfig.from_dict(xllm_flags("--noenable_eplb --ep_size=2"))
+    with caplog.at_level("INFO", logger="eplb.runtime.controller"):
+        EplbController(config, 1, 4, Topology(2, 2), rank=0).close()
+        EplbController(config, 1, 4, Topology(2, 2), rank=1).close()  # rank 0 speaks for all
+    lines = [r.getMessage() for r in caplog.records if r.name == "eplb.runtime.controller"]
+    assert lines == [f"eplb: {describe(config)}"] and "mode off (enable_eplb)" in lines[0]
 
 
 def test_load_history_halves_like_xllm():
@@ -362,13 +380,9 @@ def scenario_xllm_timer(rank, tmp):
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
-def _rank_main(rank: int, tmp: str):
-    import torch
+def _all_scenarios(rank: int, tmp: str) -> dict:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
     results = {}
     for name, scenario in SCENARIOS.items():
         try:
@@ -376,32 +390,15 @@ def _rank_main(rank: int, tmp: str):
         except Exception:  # noqa: BLE001 - reported by the scenario's test
             results[name] = {"error": traceback.format_exc()}
         dist.barrier()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("torch")
-    import torch.multiprocessing as tmp_mp
+    from gloo_ranks import run_ranks
 
-    tmp = str(tmp_path_factory.mktemp("dialects"))
-    ctx = tmp_mp.start_processes(_rank_main, args=(tmp,), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    out = []
-    for rank in range(WORLD):
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
-    return out
+    return run_ranks(_all_scenarios, WORLD, str(tmp_path_factory.mktemp("dialects")), timeout_s=SPAWN_TIMEOUT_S)
 
 
 def _scenario(runs, name) -> list[dict]:

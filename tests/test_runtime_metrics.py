@@ -3,15 +3,11 @@ against figures computed here from the ids the ranks routed; and every metric th
 
 from __future__ import annotations
 
-import os
-import pickle
 import re
 import socket
 import sys
 import time
-import traceback
 import urllib.request
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,57 +37,49 @@ def _ended(m) -> bool:
     return bool(m.skipped) or bool(m.planned_layers) and set(m.applied_layers) >= set(m.planned_layers)
 
 
-def _rank_main(rank: int, tmp: str, port: int):
+def _serve_and_scrape(rank: int, tmp: str, port: int) -> dict:
     import torch
     import torch.distributed as dist
 
     from eplb.runtime import EplbController
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
     out = {}
+    config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": WINDOW, "planner_check_steps": 1,
+                                   "policy": "default", "prometheus_port": port})
+    tensors = [[torch.zeros(TOPO.slots_per_rank, 3)] for _ in range(NUM_LAYERS)]
+    ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPO, rank, layer_tensors=tensors,
+                         placement=Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS))
+    in_force = []
     try:
-        config = EplbConfig.from_dict({"mode": "dynamic", "window_steps": WINDOW, "planner_check_steps": 1,
-                                       "policy": "default", "prometheus_port": port})
-        tensors = [[torch.zeros(TOPO.slots_per_rank, 3)] for _ in range(NUM_LAYERS)]
-        ctl = EplbController(config, NUM_LAYERS, NUM_EXPERTS, TOPO, rank, layer_tensors=tensors,
-                             placement=Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS))
-        in_force = []
-        try:
-            for _ in range(3000):
-                step = ctl.step
-                ctl.before_forward()
-                in_force.append(ctl.live.phy2log.copy())
-                for layer in range(NUM_LAYERS):
-                    ctl.route(layer, skewed_ids(step, rank))
-                ctl.after_forward()
-                if ctl.cycle.records and ctl.step == ctl.cycle.records[-1].window_end + 1:
-                    ctl.channel.drain()  # the window's figures are in before the next step reads them
-                    ctl.planner.wait(60)
-                time.sleep(0.002)
-                done = torch.tensor([int(len(ctl.metrics) >= 3 and ctl.metrics[1].next_step_s > 0
-                                         and _ended(ctl.metrics[2]))])
-                dist.all_reduce(done, op=dist.ReduceOp.MIN)
-                if done.item():
-                    break
-            if rank == 0:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-                    out["scrape"] = response.read().decode()
-            out["steps"] = ctl.step
-            out["in_force"] = in_force
-            out["metrics"] = [{k: getattr(m, k) for k in ("cycle", "submit_step", "window_par", "par_before",
-                                                            "par_after", "planned_layers", "rank_load", "step_s",
-                                                            "next_step_s", "bytes_received", "late_steps", "skipped",
-                                                            "applied_layers")} for m in ctl.metrics]
-            out["windows"] = [(r.window_start, r.window_end) for r in ctl.cycle.records]
-        finally:
-            ctl.close()
-    except Exception:  # noqa: BLE001 - reported by the tests
-        out["error"] = traceback.format_exc()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(out, f)
-    dist.destroy_process_group()
+        for _ in range(3000):
+            step = ctl.step
+            ctl.before_forward()
+            in_force.append(ctl.live.phy2log.copy())
+            for layer in range(NUM_LAYERS):
+                ctl.route(layer, skewed_ids(step, rank))
+            ctl.after_forward()
+            if ctl.cycle.records and ctl.step == ctl.cycle.records[-1].window_end + 1:
+                ctl.channel.drain()  # the window's figures are in before the next step reads them
+                ctl.planner.wait(60)
+            time.sleep(0.002)
+            done = torch.tensor([int(len(ctl.metrics) >= 3 and ctl.metrics[1].next_step_s > 0
+                                     and _ended(ctl.metrics[2]))])
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+            if done.item():
+                break
+        if rank == 0:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+                out["scrape"] = response.read().decode()
+        out["steps"] = ctl.step
+        out["in_force"] = in_force
+        out["metrics"] = [{k: getattr(m, k) for k in ("cycle", "submit_step", "window_par", "par_before",
+                                                        "par_after", "planned_layers", "rank_load", "step_s",
+                                                        "next_step_s", "bytes_received", "late_steps", "skipped",
+                                                        "applied_layers")} for m in ctl.metrics]
+        out["windows"] = [(r.window_start, r.window_end) for r in ctl.cycle.records]
+    finally:
+        ctl.close()
+    return out
 
 
 def _free_port() -> int:
@@ -104,24 +92,10 @@ def _free_port() -> int:
 def run(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("prometheus_client")
-    import torch.multiprocessing as tmp_mp
+    from gloo_ranks import run_ranks
 
-    tmp = str(tmp_path_factory.mktemp("metrics"))
-    ctx = tmp_mp.start_processes(_rank_main, args=(tmp, _free_port()), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    out = []
-    for rank in range(WORLD):
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
+    out = run_ranks(_serve_and_scrape, WORLD, str(tmp_path_factory.mktemp("metrics")), (_free_port(),),
+                    SPAWN_TIMEOUT_S)
     for result in out:
         assert "error" not in result, result["error"]
     return out

@@ -140,20 +140,25 @@ def defaults(dialect: str, values: dict, wants_steps) -> dict:
 
 def xllm_flags(argv) -> dict:
     """xLLM's gflags (``--enable_eplb=true --ep_size=16 ...``, a string or a list) -> a dict for
-    :meth:`~eplb.runtime.EplbConfig.from_dict`. xLLM's flags that are not about EPLB are dropped; a flag about EPLB
-    must have a value (``--enable_eplb`` alone means true, as in gflags).
+    :meth:`~eplb.runtime.EplbConfig.from_dict`. xLLM's flags that are not about EPLB are dropped; as in gflags,
+    ``--enable_eplb`` alone means true and ``--noenable_eplb`` false.
 
     Raises:
         ConfigError: an argument that is not a ``--flag[=value]``, or an EPLB flag with a near-miss name.
     """
     args = shlex.split(argv) if isinstance(argv, str) else list(argv)
     out = {}
-    for arg in args:
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("-"):
             raise ConfigError(f"xLLM flag {arg!r}: expected --name=value")
-        name, _, value = arg.lstrip("-").partition("=")
+        name, equals, value = arg.lstrip("-").partition("=")
+        if name.startswith("no") and name[2:] in _XLLM_KEYS and not equals:  # gflags' --noenable_eplb
+            name, value, equals = name[2:], "false", "="
+        if not equals and name != "enable_eplb" and args and not args[0].startswith("-"):
+            value, equals = args.pop(0), "="  # gflags' --name value, for flags that are not booleans
         if name in _XLLM_KEYS:
-            out[name] = value if value else "true"
+            out[name] = value if equals else "true"
         elif "eplb" in name:
             hint = difflib.get_close_matches(name, _XLLM_KEYS, n=1)
             raise ConfigError(f"unknown xLLM EPLB flag --{name}" + (f"; did you mean --{hint[0]}?" if hint else ""))
