@@ -220,8 +220,9 @@ class Cycle:
         """Layers of the current plan still to apply (a part or more), in order."""
         return tuple(dict.fromkeys(layer for layers, _ in self._queue for layer in layers))
 
-    def on_step(self, step: int) -> Action:
-        """Advance to ``step`` (call once per step, before its forward) and say what to do in it."""
+    def on_step(self, step: int, end_window: bool | None = None) -> Action:
+        """Advance to ``step`` (call once per step, before its forward) and say what to do in it. ``end_window``:
+        whether a window ends now, when the caller's clock decides (None: after ``cycle_steps`` steps)."""
         if not _is_int(step):
             raise CycleError(f"step must be an integer, got {step!r}")
         step = int(step)
@@ -237,7 +238,7 @@ class Cycle:
                 return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
         if self.phase is Phase.APPLY:
             return self._apply(step)
-        if step - self._window_start >= self.config.cycle_steps:
+        if (step - self._window_start >= self.config.cycle_steps) if end_window is None else end_window:
             start, self._window_start = self._window_start, step
             self.records.append(CycleRecord(window_start=start, window_end=step))
             self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None

@@ -35,6 +35,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+#: optional packages each command needs, checked before it starts: (module, the option that needs it or None for
+#: the command itself, what needs it in the message)
+NEEDS = {
+    "demo": (("torch", None, "eplb demo"),),
+    "eval": (("matplotlib", "plot", "--plot"),),
+    "simulate": (("matplotlib", None, "eplb simulate (the report's plots)"),),
+}
+
+
+def check_extras(args) -> None:
+    """Refuse ``args.command`` before any work when an optional package it needs is missing: one line naming the
+    extra that installs it (``pip install "eplb[torch]"``)."""
+    from eplb._extras import require
+
+    for module, option, what in NEEDS.get(args.command, ()):
+        if option is None or getattr(args, option, None):
+            require(module, what)
+
+
 def at_least(flag: str, value, minimum=1) -> None:
     """Raise unless ``value`` (when given) is >= ``minimum``, naming the flag as the user typed it."""
     if value is not None and not value >= minimum:

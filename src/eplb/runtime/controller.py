@@ -70,8 +70,10 @@ from eplb.runtime.failover import FailoverReport, agree_after_failure, load_laye
 from eplb.runtime.heartbeat import watch
 from eplb.runtime.live import LivePlacement
 from eplb.runtime.mover import ExpertMover
+from eplb.runtime.startup import describe, prepare
+from eplb.runtime.timing import UpdateTimer
 from eplb.runtime.transport import SideChannel, hand_over, side_event
-from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, window_par
+from eplb.runtime.window_end import WindowEnd, window_par
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.router import ReplicaRouter
@@ -127,7 +129,7 @@ class EplbController:
             raise EplbError(f"the EP group has {dist.get_world_size(group)} ranks, the topology {topology.num_ranks}")
         self.config, self.rank, self.group, self.topology = config, rank, group, topology
         self.device = torch.device(device)
-        from_file = config.check_model(num_layers, num_experts, topology)
+        from_file = prepare(config, num_layers, num_experts, topology)
         if placement is None:
             placement = from_file or Placement.initial(num_experts, topology, num_layers)
         elif from_file is not None and placement != from_file:
@@ -182,7 +184,8 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
+        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
+                                       layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step, host_staging=host_staging,
                                        similarity_threshold=config.update_threshold), num_layers)
         self.metrics: list[CycleMetrics] = []
@@ -216,6 +219,11 @@ class EplbController:
                             and cycle_policy(config.policy, self._policy_options, config.dispatch).prices_moves)
             self._window_end = WindowEnd(config, self.recorder, self.planner, prices_moves, config.cycle_steps)
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
+        #: xLLM's seconds-based cycle start (None: windows end by the step count)
+        self._timer = (UpdateTimer(config.update_interval_s, config.planner_check_steps)
+                       if planning and config.update_interval_s else None)
+        if rank == 0:
+            log.info("eplb: %s", describe(config))
         #: EPLB's failure detector (:mod:`eplb.runtime.heartbeat`; None unless ``heartbeat_interval_s`` is set)
         self.heartbeat = watch(self)
 
@@ -239,6 +247,8 @@ class EplbController:
         now = time.perf_counter()
         if self._step_started is not None:
             self._step_s.append(now - self._step_started)
+            if self._prometheus is not None:
+                self._prometheus.step(now - self._step_started)
         self._step_started = now
         if self.config.mode == "static":
             self._static_window()
@@ -250,7 +260,8 @@ class EplbController:
             kinds.append("switch")
         if self._gathering is not None and self._gathering.done():
             self._gathered()
-        action = self.cycle.on_step(self.step)
+        due = self._timer.due(self.step, self.channel, self.cycle.phase is Phase.COLLECT) if self._timer else None
+        action = self.cycle.on_step(self.step, due)
         if action.skipped:
             self._agreement = None
             self._skip(action.skipped)
@@ -338,6 +349,8 @@ class EplbController:
             self.planner.close()
         if self.channel is not None:
             self.channel.close()
+        if self._prometheus is not None:
+            self._prometheus.close()
 
     def fail_ranks(self, ranks, group=None) -> FailoverReport:
         """Keep serving after ``ranks`` failed. Call on every surviving rank, between two steps (also when the
@@ -484,18 +497,16 @@ class EplbController:
     def _gathered(self, late: bool = False) -> None:
         """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""
         future, self._gathering = self._gathering, None
-        window, window_par, waiting = future.result()
+        window, window_par, figures = future.result()
         current = self.metrics[-1]
         current.late_steps += int(late)
-        current.window_par = window_par
+        current.window_par, current.rank_load, current.step_s = window_par, figures.rank_load, figures.step_s
         if len(self.metrics) > 1 and self.metrics[-2].next_window_par is None:
-            self.metrics[-2].next_window_par = window_par
+            self.metrics[-2].next_window_par, self.metrics[-2].next_step_s = window_par, figures.step_s
         self._window_load = window
-        if waiting and self._local[0] == 0:
-            self._local = (-1, waiting)
 
     def _poll(self) -> None:
-        check = (self.step - self._submitted_step) % self.config.planner_check_steps == 0
+        check = self.config.check_step(self.step - self._submitted_step)
         if self._agreement is not None:
             if not check:  # it runs on the side group until the next check step
                 return
@@ -528,7 +539,7 @@ class EplbController:
     def _start_agreement(self) -> None:
         """In check steps: the ranks' planner states and plan checksums, agreed on the side group (read in the next
         check step)."""
-        if (self.step - self._submitted_step) % self.config.planner_check_steps:
+        if not self.config.check_step(self.step - self._submitted_step):
             return
         flag = self._local[0]
         self._agreement = self.channel.submit(self._agree, flag, self._result.plan if flag == 1 else None)
@@ -545,6 +556,7 @@ class EplbController:
         current = self.metrics[-1]
         current.par_before, current.par_after, current.planner_s = plan.par_before, plan.par_after, reply.seconds
         layers = list(self.cycle.plan_ready(self.step, plan))
+        current.planned_layers = layers
         current.skipped_layers = plan.skipped_layers
         current.moved_slots = int(plan.moved_slots[layers].sum())
         current.bytes_moved = int(plan.layer_bytes[layers].sum())
@@ -572,7 +584,7 @@ class EplbController:
         current.skipped = reason
         self._result = None
         self.channel.submit(self._restart_busy_planner)  # a restart takes milliseconds: not in a step
-        level = logging.INFO if reason == "no gain" or WAITING_FOR_INTERVAL in reason else logging.WARNING
+        level = logging.INFO if reason == "no gain" else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)
@@ -584,9 +596,9 @@ class EplbController:
 
     def _finish_cycle(self) -> None:
         current = self.metrics[-1]
-        log_cycle(current, self.config.mode == "record", len(self.cycle.records[-1].layers))
+        log_cycle(current, self.config.mode == "record")
         self._export(current)
 
     def _export(self, current: CycleMetrics) -> None:
         if self._prometheus is not None:
-            self._prometheus.update(current)
+            self._prometheus.update(current, self.config.mode == "record")
