@@ -19,8 +19,6 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
 from eplb.placement import Placement
 from eplb.planning import cycle_policy
 from eplb.sim.simulator import RunResult, SimConfig, simulate
@@ -119,14 +117,9 @@ def run_spec(trace: Trace, config: SimConfig, spec: RunSpec, progress: Callable[
 
 
 def static_map(trace: Trace, policy, config: SimConfig, steps: int) -> Placement:
-    """The placement ``policy`` plans on the first ``steps`` steps of ``trace`` from the initial layout (what
-    ``eplb plan`` writes for an engine that loads a map at start)."""
-    num_layers, num_experts = trace.num_layers, trace.num_experts
-    current = Placement.initial(num_experts, config.topology, num_layers, layout=config.layout)
-    window = trace.counts[:steps]
-    if config.window_sum or not getattr(policy, "wants_steps", False):
-        window = window.sum(axis=0, dtype=np.float64)
-    return policy.rebalance(window, config.topology, current=current, resilience=config.resilience).placement
+    """The placement ``policy`` plans on the first ``steps`` steps of ``trace``, as ``eplb plan`` plans a map from
+    a recorded load for an engine that loads one at start."""
+    return policy.rebalance(trace.counts[:steps], config.topology, resilience=config.resilience).placement
 
 
 def _start_worker(trace: Trace, config: SimConfig, messages, level: int) -> None:
