@@ -265,11 +265,11 @@ def run(args) -> int:
                      cost=CostModel(token_us=args.token_us, bandwidth_gbs=args.bandwidth, overlap=args.overlap))
     plan = sweep_specs(args.engine, candidates, base, trace.num_steps, trace.num_layers, trace.num_experts)
     jobs = args.jobs or os.cpu_count() or 1
-    _memory(args, trace, len(plan.specs), jobs)
-    if args.ray is not None:  # before anything is written: an address that does not answer leaves no file
+    if args.ray is not None:  # before anything is printed or written: an address that does not answer is one line
         from eplb.sim.ray_runs import connect
 
-        connect(args.ray or None)
+        jobs = int(connect(args.ray or None).cluster_resources().get("CPU", jobs))
+    _memory(args, trace, len(plan.specs), jobs)
     out = Path(args.out)
     fingerprint = _fingerprint(trace, args, topology, plan.warmup)
     rows = _start_folder(out, args.resume, fingerprint)
