@@ -60,6 +60,9 @@ key                                    meaning
                                        (> ``heartbeat_interval_s``; default 10 x the interval)
 ``heartbeat_abort_serving``            on a declared failure, also abort the serving group's NCCL
                                        communicators, so a forward blocked on the dead rank raises (default false)
+``adaptive_cadence``                   a dict of :class:`eplb.cadence.AdaptiveCadence` fields (``min_steps``,
+                                       ``max_steps``, ``window_steps``, ``tolerance``): plan sooner after the load
+                                       drifted, wait longer while it is stable (``eplb tune`` prints one)
 =====================================  =========================================================================
 """
 
@@ -70,6 +73,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from eplb.cadence import AdaptiveCadence
 from eplb.dispatch import RUNTIME_MODES
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
@@ -132,6 +136,7 @@ _ALIASES = {
     "heartbeat_interval_s": "heartbeat_interval_s",
     "heartbeat_timeout_s": "heartbeat_timeout_s",
     "heartbeat_abort_serving": "heartbeat_abort_serving",
+    "adaptive_cadence": "adaptive_cadence",
 }
 #: vllm-ascend keys whose files must end in .json (vllm-ascend refuses others)
 _JSON_KEYS = ("expert_map_path", "expert_map_record_path")
@@ -245,6 +250,22 @@ def _resilience(key: str, value) -> Resilience | None:
     return Resilience(**value)
 
 
+def _adaptive_cadence(key: str, value) -> AdaptiveCadence | None:
+    if value is None or isinstance(value, AdaptiveCadence):
+        return value
+    names = ("min_steps", "max_steps", "window_steps", "tolerance")
+    if not isinstance(value, dict) or not set(names[:3]) <= set(value) or set(value) - set(names):
+        raise ConfigError(f"{key} must be a dict of {', '.join(names[:3])} (and optionally tolerance), got {value!r}")
+    try:
+        return AdaptiveCadence(**{name: _int(f"{key}.{name}", value[name], 1) for name in names[:3]},
+                               tolerance=_float(f"{key}.tolerance", value.get("tolerance", 0.05), 0.0,
+                                                low_open=False))
+    except ConfigError:
+        raise
+    except EplbError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _communicator(key: str, value) -> str | None:
     if value is None:
         return None
@@ -314,6 +335,7 @@ _CHECKS = {
     "heartbeat_interval_s": lambda k, v: _float(k, v, 0.0),
     "heartbeat_timeout_s": lambda k, v: _float(k, v, 0.0),
     "heartbeat_abort_serving": _bool,
+    "adaptive_cadence": lambda k, v: _adaptive_cadence(k, v),
 }
 
 
@@ -355,6 +377,7 @@ class EplbConfig:
     heartbeat_interval_s: float | None = None
     heartbeat_timeout_s: float | None = None
     heartbeat_abort_serving: bool = False
+    adaptive_cadence: AdaptiveCadence | None = None
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
