@@ -112,11 +112,11 @@ def default_windows(num_steps: int) -> list[int]:
 
 
 def adaptive_cadence(windows, intervals) -> AdaptiveCadence:
-    """The adaptive cadence a sweep tries beside its fixed grid: plans from half the shortest interval to the
-    longest window apart, windows up to four times the longest."""
-    shortest, longest = min(intervals), max(windows)
+    """The adaptive cadence a sweep tries beside its fixed grid: a plan every half to one shortest interval, on a
+    window that slides back up to twice the longest window while the load is stable and restarts after a drift."""
+    shortest = min(intervals)
     low = max(1, shortest // 2)
-    return AdaptiveCadence(min_steps=low, max_steps=max(low, 2 * longest), window_steps=max(low, 4 * longest))
+    return AdaptiveCadence(min_steps=low, max_steps=max(low, shortest), window_steps=max(shortest, 2 * max(windows)))
 
 
 def candidates_for(engine: str, policies, windows, intervals, redundancies, adaptive: bool) -> list[Candidate]:
