@@ -143,7 +143,9 @@ def test_ctrl_c_keeps_the_finished_rows_and_resume_runs_the_rest(tmp_path, capsy
 
 def test_ray_tasks_give_the_local_rows(tmp_path, capsys):
     pytest.importorskip("ray")
-    local = tune(capsys, "--policies", "auto", "--jobs", "2", out=tmp_path / "local")
-    on_ray = tune(capsys, "--policies", "auto", "--ray", out=tmp_path / "ray")
+    small = ["--policies", "auto,default", "--windows", "24", "--redundant-range", "8"]  # 4 candidates, 2 references
+    local = tune(capsys, *small, "--jobs", "1", out=tmp_path / "local")
+    on_ray = tune(capsys, *small, "--ray", out=tmp_path / "ray")
+    assert len(on_ray["rows"]) == 4
     assert comparable(on_ray["rows"]) == comparable(local["rows"])
     assert on_ray["settings"] == local["settings"]
