@@ -69,7 +69,7 @@ def one_trace(trace, policy: str, jobs: int) -> dict:
     simulate_runs(trace, base, list(plan.specs), jobs, reduce=reducer(plan.warmup),
                   done=lambda index, row: rows.__setitem__(row["key"], row))
     ranked = {row["key"]: row for row in rank_rows(rows, plan)}
-    fixed = [ranked[c.key] for c in candidates if c.kind == "dynamic" and c != default]
+    fixed = [ranked[c.key] for c in candidates if c.kind == "dynamic"]
     best = min(fixed, key=lambda row: row["step_ms"])
     adaptive = next(ranked[c.key] for c in candidates if c.kind == "adaptive")
     base_row = ranked[default.key]
