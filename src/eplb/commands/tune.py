@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from eplb.commands.common import GROUPS_HELP, NODES_HELP, HelpFormatter
+from eplb.commands.common import HelpFormatter, add_cluster_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,7 @@ def register(subparsers) -> None:
     trace.add_argument("--workloads", metavar="FILE.npz", help="draw the built-in scenario from these workloads")
     trace.add_argument("--steps", type=int, metavar="T", help="steps to use (default: the whole trace)")
     trace.add_argument("--seed", type=int, default=0, help="seed of a generated trace")
-    cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--ranks", type=int, default=32, metavar="W", help="ranks (EP size)")
-    slots = cluster.add_mutually_exclusive_group()
-    slots.add_argument("--slots-per-rank", type=int, metavar="K", help=f"expert slots per rank (default: {_SLOTS})")
-    slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
-    cluster.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
-    cluster.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
+    add_cluster_arguments(parser, _SLOTS)
     grid = parser.add_argument_group("what may vary")
     grid.add_argument("--engine", default="eplb", choices=ENGINES,
                       help="whose balancer runs the settings: eplb's runtime, vLLM's EPLB with an eplb policy, "
