@@ -58,21 +58,23 @@ def plot_pareto(rows: list[dict], pareto: list[str], path, title: str) -> None:
     figure = Figure(figsize=(9, 5.5), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    largest = max((r["bytes_per_hour"] for r in rows), default=0.0)
+    unit, size = ("TB", 1e12) if largest >= 1e12 else ("GB", 1e9)
     kinds = {"dynamic": ("o", "fixed cadence"), "adaptive": ("D", "adaptive cadence"), "static": ("s", "static map")}
     for kind, (marker, label) in kinds.items():
         points = [r for r in rows if r["kind"] == kind]
         if points:
-            axes.scatter([r["bytes_per_hour"] / 1e9 for r in points], [r["step_ms"] for r in points], marker=marker,
+            axes.scatter([r["bytes_per_hour"] / size for r in points], [r["step_ms"] for r in points], marker=marker,
                          s=22, alpha=0.55, label=label)
     by_key = {r["key"]: r for r in rows}
     front = sorted((by_key[k] for k in pareto), key=lambda r: r["bytes_per_hour"])
     if front:
-        axes.plot([r["bytes_per_hour"] / 1e9 for r in front], [r["step_ms"] for r in front], color="black", lw=1,
+        axes.plot([r["bytes_per_hour"] / size for r in front], [r["step_ms"] for r in front], color="black", lw=1,
                   label="Pareto front")
         for r in front[:8]:
-            axes.annotate(r["key"], (r["bytes_per_hour"] / 1e9, r["step_ms"]), fontsize=7, xytext=(4, 3),
+            axes.annotate(r["key"], (r["bytes_per_hour"] / size, r["step_ms"]), fontsize=7, xytext=(4, 3),
                           textcoords="offset points")
-    axes.set_xlabel("expert weights moved per hour, GB")
+    axes.set_xlabel(f"expert weights moved per hour, {unit}")
     axes.set_ylabel("estimated MoE step time, ms")
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8, frameon=False)
