@@ -26,7 +26,8 @@ from eplb.planning import cycle_policy  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
 
-from test_parity import EXPERT_BYTES, EXPERTS, LAYERS, SLOTS, STEPS, _free_port, _tokens, comparable, parity_counts  # noqa: E402,E501
+from test_parity import (EXPERT_BYTES, EXPERTS, LAYERS, SLOTS, STEPS, _free_port, _tokens,  # noqa: E402
+                         comparable, parity_counts)
 
 WORLD = 2
 CADENCE = {"min_steps": 50, "max_steps": 200, "window_steps": 400, "tolerance": 0.02}
