@@ -13,7 +13,7 @@ Phases, per cycle::
 Driving it (once per step, before the step's forward; steps are consecutive integers)::
 
     cycle = Cycle(CycleConfig(cycle_steps=H, planner_steps=A, deadline_steps=D), num_layers=L)
-    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.config, ..., state=cycle.state))
+    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.planning_config, ..., state=cycle.state))
     for step in itertools.count():
         action = cycle.on_step(step)
         if action.submit:
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb.cadence import AdaptiveCadence, Cadence
 from eplb.errors import EplbError
 
 __all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError"]
@@ -88,6 +89,11 @@ class CycleConfig:
         max_layers: apply at most this many layers per cycle, the largest gains first (None: no limit).
         similarity_threshold: when set (0..1), apply a layer only if the cosine similarity between its window load
             and its load when last applied (both max-normalised) is below it.
+        window_steps: each plan is made on the last ``window_steps`` steps before its submit (never before the start
+            or a restart): shorter than ``cycle_steps`` as vLLM's ``window_size`` < ``step_interval``, longer for a
+            window that slides. None: the steps since the previous submit. Ignored with ``adaptive``.
+        adaptive: an :class:`~eplb.cadence.AdaptiveCadence`: the interval and the window follow the load's drift
+            (:mod:`eplb.cadence`); ``cycle_steps`` is then the first interval. None: a window every ``cycle_steps``.
     """
 
     cycle_steps: int
@@ -100,6 +106,8 @@ class CycleConfig:
     min_gain: float = 0.0
     max_layers: int | None = None
     similarity_threshold: float | None = None
+    window_steps: int | None = None
+    adaptive: AdaptiveCadence | None = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -120,6 +128,10 @@ class CycleConfig:
              "None or an integer >= 1")
         need(self.similarity_threshold is None or 0 <= self.similarity_threshold <= 1, "similarity_threshold",
              "None or within [0, 1]")
+        need(self.window_steps is None or (_is_int(self.window_steps) and self.window_steps >= 1), "window_steps",
+             "None or an integer >= 1")
+        need(self.adaptive is None or isinstance(self.adaptive, AdaptiveCadence), "adaptive",
+             "None or an eplb.cadence.AdaptiveCadence")
 
 
 def _is_int(value) -> bool:
@@ -214,6 +226,14 @@ class Cycle:
         #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
         #: first)
         self.state = None
+        #: the collect side: when a window closes and where it starts (fixed or adaptive, :mod:`eplb.cadence`)
+        self.cadence = Cadence(config)
+
+    @property
+    def planning_config(self) -> CycleConfig:
+        """The config to plan the window just submitted with (:func:`eplb.planning.plan_cycle`): :attr:`config`,
+        with ``cycle_steps`` the plan's life when the window is not one interval long (:mod:`eplb.cadence`)."""
+        return self.cadence.planning_config
 
     @property
     def pending_layers(self) -> tuple[int, ...]:
@@ -231,6 +251,7 @@ class Cycle:
         self._last_step = step
         if self._window_start is None:
             self._window_start = step
+            self.cadence.restart(step)
         skipped = None
         if self.phase is Phase.PLAN:
             skipped = self._check_plan(step)
@@ -238,8 +259,8 @@ class Cycle:
                 return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
         if self.phase is Phase.APPLY:
             return self._apply(step)
-        if (step - self._window_start >= self.config.cycle_steps) if end_window is None else end_window:
-            start, self._window_start = self._window_start, step
+        if self.cadence.due(step, self._window_start) if end_window is None else end_window:
+            start, self._window_start = self.cadence.window_start(step, self._window_start), step
             self.records.append(CycleRecord(window_start=start, window_end=step))
             self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None
             return Action(step, Phase.PLAN, submit=True, window_start=start, poll=True, skipped=skipped)
@@ -271,6 +292,7 @@ class Cycle:
             first += len(layers)
         self._plan = plan
         self._plan_ready = True
+        self.cadence.observe(plan, order)  # adaptive cadence: the next window's interval and start
         return tuple(order)
 
     def plan_failed(self, step: int, reason: str) -> None:
@@ -293,6 +315,7 @@ class Cycle:
         self._queue, self._plan, self._plan_ready, self._failed = [], None, False, None
         self._last_step = int(next_step) - 1
         self._window_start = int(next_step)
+        self.cadence.restart(int(next_step))
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _expect_plan(self, step: int) -> None:

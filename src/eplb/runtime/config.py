@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from eplb.cadence import AdaptiveCadence
 from eplb.dispatch import RUNTIME_MODES
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
@@ -74,6 +75,7 @@ _ALIASES = {
     "measured_price": "measured_price",
     "heartbeat_interval_s": "heartbeat_interval_s", "heartbeat_timeout_s": "heartbeat_timeout_s",
     "heartbeat_abort_serving": "heartbeat_abort_serving",
+    "adaptive_cadence": "adaptive_cadence",
 }
 #: vllm-ascend keys whose files must end in .json (vllm-ascend refuses others)
 _JSON_KEYS = ("expert_map_path", "expert_map_record_path")
@@ -190,6 +192,22 @@ def _resilience(key: str, value) -> Resilience | None:
     return Resilience(**value)
 
 
+def _adaptive_cadence(key: str, value) -> AdaptiveCadence | None:
+    if value is None or isinstance(value, AdaptiveCadence):
+        return value
+    names = ("min_steps", "max_steps", "window_steps", "tolerance")
+    if not isinstance(value, dict) or not set(names[:3]) <= set(value) or set(value) - set(names):
+        raise ConfigError(f"{key} must be a dict of {', '.join(names[:3])} (and optionally tolerance), got {value!r}")
+    try:
+        return AdaptiveCadence(**{name: _int(f"{key}.{name}", value[name], 1) for name in names[:3]},
+                               tolerance=_float(f"{key}.tolerance", value.get("tolerance", 0.05), 0.0,
+                                                low_open=False))
+    except ConfigError:
+        raise
+    except EplbError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _communicator(key: str, value) -> str | None:
     if value is None:
         return None
@@ -241,6 +259,7 @@ _CHECKS = {
     "enable_eplb": _bool,
     "use_async": _bool,
     "expert_parallel_degree": lambda k, v: _int(k, v, 0),
+    "adaptive_cadence": lambda k, v: _adaptive_cadence(k, v),
 }
 
 
@@ -289,6 +308,7 @@ class EplbConfig:
     heartbeat_abort_serving: bool = False
     dialect: str = dialects.EPLB
     keys: dict = field(default_factory=dict, compare=False, repr=False)
+    adaptive_cadence: AdaptiveCadence | None = None
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "keys"}

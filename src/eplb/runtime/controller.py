@@ -150,6 +150,8 @@ class EplbController:
                 ring = config.window_steps  # the policy plans on the window's per-step rows, as in the simulator
             else:
                 ring = 0
+            if planning and config.adaptive_cadence is not None:  # windows slide: every step of an interval kept
+                ring = max(ring, config.adaptive_cadence.max_steps)
         self.recorder = LoadRecorder(num_layers, num_experts, topology.num_ranks, topology.slots_per_rank, rank,
                                      recorder_source, ring, config.stage, device)
         #: the placement in force: the one owner, which the router and the recorder follow
@@ -187,7 +189,8 @@ class EplbController:
         self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
                                        layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step, host_staging=host_staging,
-                                       similarity_threshold=config.update_threshold), num_layers)
+                                       similarity_threshold=config.update_threshold,
+                                       adaptive=config.adaptive_cadence), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
@@ -485,14 +488,14 @@ class EplbController:
         self._result, self._local, self._submitted_step = None, (0, ""), self.step
         request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
-                              cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
+                              cycle_config=self.cycle.planning_config, expert_bytes=self._expert_bytes,
                               live_ranks=~self.failed if self.failed.any() else None,
                               resilience=self.config.resilience, state=self.cycle.state)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
         measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
         self._gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
                                               self.channel.record_event(), request, self.failed.copy(), self.step,
-                                              measured)
+                                              measured, window_start)
 
     def _gathered(self, late: bool = False) -> None:
         """Take the side thread's window figures (it finished, unless ``late``: then this waits)."""

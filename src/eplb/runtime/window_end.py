@@ -54,15 +54,21 @@ class WindowEnd:
         self.config, self.recorder, self.planner = config, recorder, planner
         self.prices_moves, self.cycle_steps = prices_moves, cycle_steps
         self.history = LoadHistory(config.load_history)
+        #: adaptive cadence: the per-step rows of the last window_steps steps (a window reaches back past the
+        #: previous submit; the recorder restarts at each one) and the step after the last of them
+        self._rows, self._rows_end = None, None
 
-    def run(self, channel, snapshot, event, request, failed: np.ndarray, step: int, measured: tuple) -> tuple:
+    def run(self, channel, snapshot, event, request, failed: np.ndarray, step: int, measured: tuple,
+            window_start: int | None = None) -> tuple:
         """Side thread: ``(window [L, E], window PAR [L], WindowFigures)``, and the planner asked for the plan of
         ``request`` (its load filled in from the load history, priced with ``measured``: this rank's seconds per
         moved expert and its recent step times). ``event``: the serving stream's work the snapshot came from (None on
-        CPU)."""
+        CPU); ``window_start``: the first step of the window the cycle named (adaptive cadence)."""
         if event is not None:
             channel.stream.wait_event(event)
         load = self.recorder.logical_load(request.current, channel.cpu_group, snapshot.to_host(channel.stream))
+        if self.config.adaptive_cadence is not None and load.ndim == 3 and window_start is not None:
+            load = self._slide(load, window_start, step)
         window = load.sum(axis=0) if load.ndim == 3 else load
         placement = Placement(request.current, window.shape[-1], request.topology)
         par_of_window = window_par(window, placement, failed, step, self.config.log_balancedness)
@@ -77,6 +83,15 @@ class WindowEnd:
         self.planner.submit(dataclasses.replace(request, load=load, price=price))
         self.history.planned()
         return window, par_of_window, figures
+
+    def _slide(self, rows: np.ndarray, window_start: int, step: int) -> np.ndarray:
+        """The rows of steps ``[window_start, step)``: this submit's rows after those kept from earlier ones."""
+        if self._rows is not None and self._rows_end == step - rows.shape[0]:
+            rows = np.concatenate([self._rows, rows])
+        first = step - rows.shape[0]
+        rows = rows[max(0, window_start - first):]
+        self._rows, self._rows_end = rows[-self.config.adaptive_cadence.window_steps:], step
+        return rows
 
     def _price(self, channel, load, request, move_s: float, step_s: float) -> MovePrice | None:
         """The price of a move from the transfer time per received expert and the median step time measured on
