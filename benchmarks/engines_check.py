@@ -185,6 +185,27 @@ def _sglang_par(location, dispatch, metadata, counts: np.ndarray) -> float:
     return round(float(np.mean(pars)), 4)
 
 
+def _sglang_moe_rows_only(location, dispatch, model_config, load: np.ndarray, work_dir: Path) -> dict:
+    """What SGLang does with a map of one row per MoE layer (58) where it indexes rows by model layer (61)."""
+    from sglang.srt.runtime_context import get_exec
+
+    import eplb
+    from eplb.formats import write_map
+
+    path = work_dir / "moe_rows_only.json"
+    write_map(eplb.get_policy("default").rebalance(load, eplb.Topology(RANKS, SLOTS, NODES, GROUPS)).placement, path,
+              format="sglang")
+    with get_exec().moe.override(init_expert_location=str(path)):
+        metadata = location.compute_initial_expert_location_metadata(model_config, moe_ep_rank=0)
+    location.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+    try:
+        dispatch.ExpertLocationDispatchInfo.init_new(layer_id=LAYERS + DENSE - 1)
+        last_layer = "dispatched"
+    except IndexError as exc:
+        last_layer = f"IndexError: {exc}"
+    return {"accepted_at_start_with_rows": int(metadata.num_layers), "last_moe_layer": last_layer}
+
+
 def _inside_sglang(loads: str, work: str) -> dict:
     work_dir = Path(work)
     (work_dir / "model").mkdir()
@@ -224,11 +245,12 @@ def _inside_sglang(loads: str, work: str) -> dict:
             continue
         with get_exec().moe.override(init_expert_location=str(path)):
             metadata = location.compute_initial_expert_location_metadata(model_config, moe_ep_rank=0)
-        written = read_map(path, format="sglang").phy2log
+        written = read_map(path, format="sglang", num_ranks=RANKS).phy2log
         result["maps"][suffix] = {
             "sglang_shape": list(metadata.physical_to_logical_map.shape),
             "equal_to_eplbs": bool(np.array_equal(metadata.physical_to_logical_map.numpy(), written)),
             "par_sglang_dispatch": _sglang_par(location, dispatch, metadata, counts.sum(0))}
+    result["moe_rows_only"] = _sglang_moe_rows_only(location, dispatch, model_config, counts[0], work_dir)
     result["ok"] = (result["dump_read_by_eplb"]["equal"] and
                     all(m.get("equal_to_eplbs") for m in result["maps"].values()) and
                     all(m["par_sglang_dispatch"] < result["par_trivial"] for m in result["maps"].values()))
