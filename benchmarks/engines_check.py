@@ -14,11 +14,16 @@
   SGLang's ``compute_initial_expert_location_metadata`` loads each for a DeepSeek-V3 config, and its dispatch
   (``ExpertLocationDispatchInfo``, ``topk_ids_logical_to_physical``) routes the recorded load over the ranks.
 
+- ``--trtllm PYTHON`` (an interpreter with ``tensorrt_llm`` importable: a CUDA machine): eplb's load-balancer YAML
+  for DeepSeek-V3 through TensorRT-LLM's ``MoeLoadBalancerConfig``, every MoE layer's assignments fetched as its
+  layers fetch them. Where it does not import, the report says why.
+
 Every engine runs in a child process of its interpreter (engines log to stdout); each child writes its JSON to a
 file. The DeepSeek-V3 loads default to ``../shared/data/sglang_dsv3_ep_statistics.npz``.
 
     python benchmarks/engines_check.py --vllm-ascend ../vllm-ascend --vllm-python /tmp/vllm/bin/python
     python benchmarks/engines_check.py --sglang /tmp/sglang/bin/python
+    python benchmarks/engines_check.py --trtllm /opt/trtllm/bin/python
 """
 
 from __future__ import annotations
@@ -257,6 +262,31 @@ def _inside_sglang(loads: str, work: str) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- TensorRT-LLM (runs in its interpreter)
+
+def _inside_trtllm(loads: str, work: str) -> dict:
+    """eplb's YAML through TensorRT-LLM's ``MoeLoadBalancerConfig``, as each MoE layer fetches it."""
+    try:
+        from tensorrt_llm.llmapi.llm_args import MoeLoadBalancerConfig
+    except Exception as exc:  # noqa: BLE001 - the reason is the report
+        return {"ok": False, "import": f"{type(exc).__name__}: {exc}"}
+    import yaml
+
+    import eplb
+    from eplb.formats import write_map
+
+    full = np.zeros((LAYERS + DENSE, EXPERTS))
+    full[DENSE:] = np.load(loads)["counts"][0]
+    path = Path(work) / "moe_load_balancer.yaml"
+    write_map(eplb.get_policy("auto").rebalance(full, eplb.Topology(RANKS, SLOTS, NODES, GROUPS)).placement, path,
+              format="trtllm")
+    config = MoeLoadBalancerConfig(**yaml.safe_load(path.read_text()))
+    config.setup(ep_rank=0, ep_size=RANKS)
+    rows = [config.get_layer_initial_global_assignments(layer) for layer in range(DENSE, LAYERS + DENSE)]
+    ok = all(len(row) == config.num_slots and set(row) == set(range(EXPERTS)) for row in rows)
+    return {"ok": ok, "num_local_slots": config.num_local_slots, "layers_fetched": len(rows)}
+
+
 # ---------------------------------------------------------------- driver
 
 def _child(python: str, args: list[str]) -> dict:
@@ -281,6 +311,7 @@ def main() -> int:
     parser.add_argument("--vllm-python", metavar="PYTHON", default=sys.executable,
                         help="an interpreter with vllm installed, for --vllm-ascend (default: this one)")
     parser.add_argument("--sglang", metavar="PYTHON", help="an interpreter with sglang importable")
+    parser.add_argument("--trtllm", metavar="PYTHON", help="an interpreter with tensorrt_llm importable")
     parser.add_argument("--loads", default=str(LOADS), help="DeepSeek-V3 loads, .npz with counts [N, 58, 256]")
     parser.add_argument("--cycles", type=int, default=4, help="vllm-ascend cycles per policy (default 4)")
     parser.add_argument("--inside", nargs="+", help=argparse.SUPPRESS)
@@ -289,20 +320,24 @@ def main() -> int:
     args = parser.parse_args()
     if args.inside:
         engine, *rest = args.inside
-        result = (_inside_vllm_ascend(rest[0], args.loads, args.cycles) if engine == "vllm-ascend"
-                  else _inside_sglang(args.loads, args.work))
+        inside = {"vllm-ascend": lambda: _inside_vllm_ascend(rest[0], args.loads, args.cycles),
+                  "sglang": lambda: _inside_sglang(args.loads, args.work),
+                  "trtllm": lambda: _inside_trtllm(args.loads, args.work)}
+        result = inside[engine]()
         Path(args.report).write_text(json.dumps(result))
         return 0
     if not Path(args.loads).exists():
         parser.error(f"--loads {args.loads}: no such file (the shared data folder sits beside the repository)")
-    if not (args.vllm_ascend or args.sglang):
-        parser.error("name at least one engine: --vllm-ascend DIR or --sglang PYTHON")
+    if not (args.vllm_ascend or args.sglang or args.trtllm):
+        parser.error("name at least one engine: --vllm-ascend DIR, --sglang PYTHON or --trtllm PYTHON")
     results = {}
     if args.vllm_ascend:
         results["vllm_ascend"] = _child(args.vllm_python, ["vllm-ascend", str(Path(args.vllm_ascend).resolve()),
                                                            "--loads", args.loads, "--cycles", str(args.cycles)])
     if args.sglang:
         results["sglang"] = _child(args.sglang, ["sglang", "--loads", args.loads])
+    if args.trtllm:
+        results["trtllm"] = _child(args.trtllm, ["trtllm", "--loads", args.loads])
     print(json.dumps(results, indent=1))
     return 0 if all(r.get("ok") for r in results.values()) else 1
 
