@@ -48,7 +48,8 @@ def test_vllm_plugin_is_inert(asked, monkeypatch):
     out = subprocess.run([sys.executable, "-c", _INERT], capture_output=True, text=True, check=True)
     foreign, eplb_modules, numba_after_plan = json.loads(out.stdout)
     assert foreign == []
-    assert eplb_modules == ["eplb", "eplb.errors", "eplb.integrations", "eplb.integrations.vllm", "eplb.policies"]
+    assert eplb_modules == ["eplb", "eplb._lazy", "eplb.errors", "eplb.integrations", "eplb.integrations.vllm",
+                            "eplb.policies"]
     assert numba_after_plan
 
 

@@ -6,9 +6,9 @@ names below and the subpackages load on first use, so that an engine's plug-in (
 the engine nothing until it plans.
 """
 
-import importlib
 import logging
 
+from eplb._lazy import lazy_getattr
 from eplb.errors import EplbError, FormatError, LoadError, PlacementError, PolicyError, TopologyError
 
 __all__ = [
@@ -42,13 +42,4 @@ _LAZY = {
     "rebalance_experts": "eplb.policies.default",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:  # a subpackage used as an attribute (``eplb.metrics.par``) before anyone imported it
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-    raise AttributeError(f"module 'eplb' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, submodules=True)

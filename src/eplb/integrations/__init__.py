@@ -8,7 +8,7 @@ No engine is imported here; tensors are recognised by duck typing and returned a
 use: the plug-in imports this package in every vLLM process.
 """
 
-import importlib
+from eplb._lazy import lazy_getattr
 
 __all__ = ["VllmPolicy", "vllm_policy", "register", "AscendPolicy", "rebalance_experts"]
 
@@ -20,8 +20,4 @@ _MODULES = {
     "rebalance_experts": "eplb.integrations.vllm_ascend",
 }
 
-
-def __getattr__(name):
-    if name in _MODULES:
-        return getattr(importlib.import_module(_MODULES[name]), name)
-    raise AttributeError(f"module 'eplb.integrations' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _MODULES)

@@ -12,6 +12,7 @@ import importlib
 import inspect
 from typing import TYPE_CHECKING
 
+from eplb._lazy import lazy_getattr
 from eplb.errors import PolicyError
 
 if TYPE_CHECKING:
@@ -35,13 +36,8 @@ POLICY_NAMES = tuple(_MODULES)
 POLICY_IDS = {0: "random", 1: "default", 2: "swift", 3: "flashlb"}
 
 
-def __getattr__(name):
-    # the base classes load numpy, numba and the metrics; the registry itself needs none of them
-    if name in ("Plan", "Policy"):
-        from eplb.policies import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module 'eplb.policies' has no attribute {name!r}")
+# the base classes load numpy, numba and the metrics; the registry itself needs none of them
+__getattr__ = lazy_getattr(__name__, {"Plan": "eplb.policies.base", "Policy": "eplb.policies.base"})
 
 
 def _policy_class(name: str) -> type[Policy]:
