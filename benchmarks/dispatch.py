@@ -1,7 +1,7 @@
 """The ``balanced`` split on real DeepSeek-V3 loads: its cost per layer and its distance from the exact optimum.
 
 Prints one JSON object. For DeepSeek-V3 EP32 (32 ranks x 9 slots) and EP64 (64 ranks x 5 slots), a ``default``
-plan of the real SGLang loads (``../shared/data``) on 58 layers x 256 experts, and per-step loads of the ``bursty``
+plan of the real SGLang loads (``tests/data``) on 58 layers x 256 experts, and per-step loads of the ``bursty``
 trace drawn from the same real workloads:
 
 - ``route_us``: one balanced route of one layer (``--tokens`` tokens x top-8 on this rank) on CPU, one thread,
@@ -34,7 +34,7 @@ from eplb.dispatch import BALANCED_PASSES, balanced_rank_load, balanced_replica_
 from eplb.runtime.router import ReplicaRouter
 from eplb.sim.traces import builtin_trace, real_regimes
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"
 TOPOLOGIES = {"EP32": Topology(32, 9, num_nodes=4, num_groups=8), "EP64": Topology(64, 5, num_nodes=8, num_groups=8)}
 TOP_K = 8
 

@@ -32,7 +32,7 @@ from eplb.metrics import par, rank_loads
 from eplb.policies._swift_kernels import prepare_layers
 from eplb.policies.swift import SwiftPolicy
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"
 TOPOLOGIES = {
     "EP32": Topology(num_ranks=32, slots_per_rank=9, num_nodes=4, num_groups=8),
     "EP64": Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8),

@@ -1,37 +1,105 @@
-"""Shared test fixtures: the read-only data in ../shared/data, skipped with a reason when absent."""
+"""Shared test fixtures and checks.
+
+- The reference data in ``tests/data`` (public figures copied with their provenance: ``tests/data/README.md``).
+- ``@pytest.mark.reaches(n)`` and :func:`reached`: a property test counts the examples that reached its assertion
+  and fails when fewer than ``n`` did, so an early ``return`` or a branch that is never taken cannot pass silently.
+- ``EPLB_TEST_NO_SKIP=1`` (set by ``.ci/run``): the run fails if any test skipped (the skip report, ``-rs``, names
+  them), so a missing dependency on CI's own machine is an error, not a silent gap.
+"""
 
 import json
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
+
+_REACHED: Counter = Counter()
+_SKIPPED: list[str] = []
 
 
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the shared data folder sits beside the repository)")
-    return path
+def reached(label: str = "assertion") -> None:
+    """Count one example of the running property test that got as far as ``label`` (see ``reaches``)."""
+    _REACHED[label] += 1
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "reaches(n=None, **floors): the test fails unless reached() was called at "
+                                       "least n times (label 'assertion'), and reached(label) floors[label] times")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    marker = item.get_closest_marker("reaches")
+    if marker is None:
+        return (yield)
+    floors = dict(marker.kwargs)
+    if marker.args:
+        floors["assertion"] = marker.args[0]
+    _REACHED.clear()
+    result = yield  # a failing test raises here, before the counts are read
+    counts = dict(_REACHED)
+    unknown = sorted(set(counts) - set(floors))
+    if unknown:
+        raise AssertionError(f"reached() labels {unknown} have no floor in @pytest.mark.reaches({floors})")
+    short = {label: counts.get(label, 0) for label, floor in floors.items() if counts.get(label, 0) < floor}
+    if short:
+        raise AssertionError(f"too few examples reached the checks: {short}, floors {floors}")
+    return result
+
+
+def _note_skip(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)
+
+
+def _skips_fail() -> bool:
+    return bool(_SKIPPED) and os.environ.get("EPLB_TEST_NO_SKIP") == "1"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skips_fail() and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skips_fail():
+        terminalreporter.write_line(f"EPLB_TEST_NO_SKIP=1: {len(_SKIPPED)} skipped, and nothing may skip here: "
+                                    + ", ".join(_SKIPPED), red=True)
+
+
+def _json(name: str) -> dict:
+    return json.loads((DATA / "vectors" / name).read_text())
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return _need(DATA)
+    return DATA
 
 
 @pytest.fixture(scope="session")
 def ascend_vectors() -> dict:
-    return json.loads(_need(DATA / "vectors" / "vllm_ascend_vectors.json").read_text())
+    return _json("vllm_ascend_vectors.json")
 
 
 @pytest.fixture(scope="session")
 def vllm_vectors() -> dict:
-    return json.loads(_need(DATA / "vectors" / "vllm_eplb_vectors.json").read_text())
+    return _json("vllm_eplb_vectors.json")
 
 
 @pytest.fixture(scope="session")
 def deepseek_vectors() -> dict:
-    return json.loads(_need(DATA / "vectors" / "deepseek_readme_example.json").read_text())
+    return _json("deepseek_readme_example.json")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +107,7 @@ def dsv3_counts():
     """int64 [12, 58, 256]: real DeepSeek-V3 expert loads, one row per workload."""
     import numpy as np
 
-    with np.load(_need(DATA / "sglang_dsv3_ep_statistics.npz")) as f:
+    with np.load(DATA / "sglang_dsv3_ep_statistics.npz") as f:
         return f["counts"]
 
 

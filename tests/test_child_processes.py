@@ -30,7 +30,9 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 # long enough to be killed mid-run; small enough to start fast on two shared cores
 DEMO = ["demo", "--ranks", "2", "--steps", "100000", "--tokens", "16", "--layers", "2", "--window", "10",
         "--timeout", "300", "--json"]
-GONE_WITHIN_S = 5.0
+#: how long the processes of a killed command may take to go: generous, a loaded 2-core runner is slow to schedule
+#: them; what is checked is that they go, not how fast
+GONE_WITHIN_S = 60.0
 
 
 def _stat(pid: int) -> tuple[int, str, int] | None:
@@ -124,10 +126,10 @@ def test_no_process_outlives_a_killed_demo(sig, whole_group):
             os.killpg(process.pid, sig)  # the demo leads its own session
         else:
             os.kill(process.pid, sig)
-        process.wait(timeout=30)
+        process.wait(timeout=GONE_WITHIN_S)
         survivors = _wait_gone(tree)
         assert not survivors, f"still running {GONE_WITHIN_S} s after {sig.name} to the demo: {survivors}"
-        reader.join(5)
+        reader.join(GONE_WITHIN_S)
         if sig == signal.SIGINT:
             err = "".join(lines)
             assert process.returncode == 130 and "eplb demo: interrupted" in err and "Traceback" not in err, err
@@ -140,10 +142,10 @@ def test_a_killed_rank_ends_the_demo_and_every_other_process():
     try:
         tree.update(_descendants(process.pid))
         os.kill(ranks[0], signal.SIGKILL)
-        process.wait(timeout=60)
+        process.wait(timeout=GONE_WITHIN_S)
         survivors = _wait_gone(tree)
         assert not survivors, f"still running after rank pid {ranks[0]} was killed: {survivors}"
-        reader.join(5)
+        reader.join(GONE_WITHIN_S)
         err = "".join(lines)
         assert process.returncode == 1
         assert "eplb demo: error: rank 0 died (killed by SIGKILL)" in err and "Traceback" not in err, err
@@ -164,7 +166,7 @@ def test_no_simulation_worker_outlives_a_killed_simulate():
         tree = _descendants(process.pid)
         assert len(tree) >= 3 and process.poll() is None
         os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        process.wait(timeout=GONE_WITHIN_S)
         survivors = _wait_gone(tree)
         assert not survivors, f"still running {GONE_WITHIN_S} s after SIGKILL to simulate: {survivors}"
     finally:
@@ -181,19 +183,27 @@ def test_no_simulation_worker_outlives_a_killed_simulate():
     (["--mode", "record", "--map", "/no/such/folder/map.json"], "folder /no/such/folder does not exist"),
     (["--ranks", "0"], "--ranks must be >= 1, got 0"),
 ])
-def test_a_demo_the_machine_cannot_run_is_refused_before_any_process_starts(capsys, argv, message):
+def test_a_demo_the_machine_cannot_run_is_refused_before_any_process_starts(capsys, monkeypatch, argv, message):
+    import eplb.engine.launch
+
+    def launch(*args, **kwargs):
+        pytest.fail("the demo launched its ranks")
+
+    monkeypatch.setattr(eplb.engine.launch, "launch", launch)
     before = _descendants(os.getpid())
-    start = time.monotonic()
     assert main(["demo", *argv]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert time.monotonic() - start < 10 and _descendants(os.getpid()).keys() <= before.keys()
+    assert _descendants(os.getpid()).keys() <= before.keys()
 
 
-def test_the_rank_cap_follows_the_usable_cores(capsys):
-    cap = max(demo._MIN_RANK_CAP, demo._RANKS_PER_CORE * demo.usable_cores())
+# the rule of check_machine_fits, written out by hand: 4 ranks per usable core, at least 8
+@pytest.mark.parametrize("cores, cap", [(1, 8), (2, 8), (3, 12), (16, 64)])
+def test_the_rank_cap_follows_the_usable_cores(monkeypatch, cores, cap):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     demo.check_machine_fits(cap, 1)  # fits
-    with pytest.raises(demo.EplbError, match=f"--ranks {cap + 1} is too many .* at most {cap} here"):
+    with pytest.raises(demo.EplbError, match=rf"--ranks {cap + 1} is too many for {cores} usable CPU core\(s\).* "
+                                             rf"at most {cap} here"):
         demo.check_machine_fits(cap + 1, 1)
 
 

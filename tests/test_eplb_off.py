@@ -11,10 +11,8 @@ given, and the planner's reply thread dying fails the request instead of leaving
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
 from eplb import Placement, Topology  # noqa: E402
-from gloo_ranks import run_ranks, write_result  # noqa: E402
+from gloo_ranks import exit_with, run_ranks  # noqa: E402
 
 WORLD, EXPERTS, LAYERS = 2, 8, 4
 TOPOLOGY = Topology(WORLD, 6)
@@ -94,10 +92,7 @@ def _scenario(rank: int, fault: str, group) -> dict:
         ctl.close()
 
 
-def _rank_main(rank: int, port: int, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+def _rank_main(rank: int, tmp: str) -> None:
     group = dist.new_group(list(range(WORLD)))  # the test's own agreement, beside the serving group
     out = {}
     for fault in ("move", "thread"):
@@ -105,13 +100,12 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
             out[fault] = _scenario(rank, fault, group)
         except Exception:  # noqa: BLE001 - reported by the parent
             out[fault] = {"error": traceback.format_exc()}
-    write_result(tmp, rank, out)
-    os._exit(0)  # a side thread of rank 0 may still wait in a gather with rank 1's dead one: no teardown
+    exit_with(tmp, rank, out)  # a side thread of rank 0 may still wait in a gather with rank 1's dead one
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("eplb_off")), 400)
+    return run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("eplb_off")), timeout_s=400)
 
 
 @pytest.mark.parametrize("fault, cause", [("move", "injected: the move job failed"), ("thread", "side thread died")])

@@ -126,7 +126,10 @@ def test_trtllm_statistics_sum_over_ranks(tmp_path):
     save_file(rank0, str(folder / "rank0.safetensors"))
     save_file(rank1, str(folder / "rank1.safetensors"))
     load = read_load(folder)
-    np.testing.assert_array_equal(load, 11 * np.array([[[1, 2, 3], [0, 0, 1]], [[4, 4, 4], [1, 1, 1]]]))
+    # row l is TensorRT-LLM's layer_idx l (its load-balancer config keys layers the same way); unrecorded rows are 0
+    expected = np.zeros((2, 6, 3), dtype=np.int64)
+    expected[:, [3, 5]] = 11 * np.array([[[1, 2, 3], [0, 0, 1]], [[4, 4, 4], [1, 1, 1]]])
+    np.testing.assert_array_equal(load, expected)
 
     save_file({"10_3": np.array([1, 2, 3])}, str(folder / "rank2.safetensors"))
     save_file({**rank0, "12_3": np.array([1, 1, 1])}, str(folder / "rank1.safetensors"))
@@ -154,7 +157,8 @@ def test_trtllm_ep_size_in_file(tmp_path):
     path.write_text("num_slots: 4\nep_size: 2\ninitial_global_assignments:\n  3: [0, 1, 2, 0]\n  4: [2, 1, 0, 1]\n")
     placement = read_map(path)
     assert placement.topology == Topology(2, 2)
-    np.testing.assert_array_equal(placement.phy2log, [[0, 1, 2, 0], [2, 1, 0, 1]])
+    # row l is layer key l, as TensorRT-LLM looks layers up; the unkeyed layers 0-2 read as the initial layout
+    np.testing.assert_array_equal(placement.phy2log, [[0, 1, 2, 0]] * 4 + [[2, 1, 0, 1]])
     problems, _ = map_problems(path, num_ranks=4)
     assert problems == ["the file has 2 devices (ranks) but --ranks says 4"]
 

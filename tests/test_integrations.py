@@ -1,5 +1,6 @@
 """Engine adapters: vLLM's policy class and vllm-ascend's rebalance_experts, for every registered policy."""
 
+import json
 import subprocess
 import sys
 
@@ -19,6 +20,44 @@ def test_no_engine_imported_at_load():
             "print(any(m in sys.modules for m in ('torch', 'vllm', 'vllm_ascend', 'torch_npu')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+_INERT = """
+import json, sys
+before = set(sys.modules)
+from eplb.integrations.vllm import register
+register()
+loaded = sorted(set(sys.modules) - before)
+foreign = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names and m.split(".")[0] != "eplb"]
+eplb_modules = [m for m in loaded if m.split(".")[0] == "eplb"]
+from eplb.integrations import vllm_policy
+vllm_policy("auto").rebalance_experts([[5, 1, 1, 1]], 4, 1, 1, 2)  # the first plan loads the policy code
+print(json.dumps([foreign, eplb_modules, "numba" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("asked", [None, "auto", "3"])
+def test_vllm_plugin_is_inert(asked, monkeypatch):
+    """vLLM runs the plug-in in every process and its CPU platform then scans every loaded module (numba's objects
+    break that scan): registering imports only the standard library and eplb's registry, asked or not; the policy
+    code loads at the first plan."""
+    monkeypatch.delenv("EPLB_VLLM_POLICY", raising=False)
+    if asked is not None:
+        monkeypatch.setenv("EPLB_VLLM_POLICY", asked)
+        monkeypatch.setenv("EPLB_VLLM_POLICY_OPTIONS", '{"nope": 1}')  # option names are checked at the first plan
+    out = subprocess.run([sys.executable, "-c", _INERT], capture_output=True, text=True, check=True)
+    foreign, eplb_modules, numba_after_plan = json.loads(out.stdout)
+    assert foreign == []
+    assert eplb_modules == ["eplb", "eplb._lazy", "eplb.errors", "eplb.integrations", "eplb.integrations.vllm",
+                            "eplb.policies"]
+    assert numba_after_plan
+
+
+def test_vllm_policy_class_is_named_as_eplbs():
+    cls = vllm_policy(2)
+    assert cls.__module__ == "eplb.integrations.vllm" and cls.__qualname__ == "EplbSwiftPolicy"
+    assert repr(cls) == "<class 'eplb.integrations.vllm.EplbSwiftPolicy'>"
+    assert cls.policy_name == "swift"
 
 
 def test_logical_load_folds_replicas():
@@ -158,7 +197,13 @@ def test_vllm_plugin_hook_without_vllm(monkeypatch):
     monkeypatch.setenv("EPLB_VLLM_POLICY", "defualt")
     with pytest.raises(PolicyError, match="EPLB_VLLM_POLICY='defualt': unknown policy.*did you mean 'default'"):
         register()
+    monkeypatch.setenv("EPLB_VLLM_POLICY", "7")
+    with pytest.raises(PolicyError, match="EPLB_VLLM_POLICY='7': unknown policy '7'"):
+        register()
     monkeypatch.setenv("EPLB_VLLM_POLICY", "random")
     monkeypatch.setenv("EPLB_VLLM_POLICY_OPTIONS", "[1]")
     with pytest.raises(PolicyError, match="must be a JSON object"):
+        register()
+    monkeypatch.setenv("EPLB_VLLM_POLICY_OPTIONS", "{seed: 1}")
+    with pytest.raises(PolicyError, match="is not JSON"):
         register()

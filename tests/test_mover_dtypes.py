@@ -5,19 +5,14 @@ before anything starts."""
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
 
 from eplb import Placement, Topology  # noqa: E402
 from eplb.errors import EplbError  # noqa: E402
-from gloo_ranks import run_ranks, write_result  # noqa: E402
+from gloo_ranks import run_ranks  # noqa: E402
 
 TOPOLOGY = Topology(2, 3)  # P = 6
 EXPERTS, LAYERS = 4, 3
@@ -52,36 +47,29 @@ def same_bytes(tensors, layer: int, row, rank: int) -> bool:
                for a, b in zip(tensors, expected))
 
 
-def _rank_main(rank: int, port: int, tmp: str) -> None:
+def _rank_main(rank: int, tmp: str) -> dict:
     from eplb.runtime.mover import ExpertMover
     from eplb.transfers import transfer_plan
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     out = {}
-    try:
-        old = Placement.initial(EXPERTS, TOPOLOGY, LAYERS)  # [0 1 2 | 3 0 1]
-        new = Placement(np.array([[3, 2, 1, 0, 1, 2],  # everything crosses or changes slot
-                                  [1, 0, 3, 2, 3, 0],  # duplicates on both ranks
-                                  [0, 1, 2, 3, 2, 1]]), EXPERTS, TOPOLOGY)
-        tensors = [fresh(layer, local(old.phy2log[layer], rank)) for layer in range(LAYERS)]
-        addresses = [[t.data_ptr() for t in ts] for ts in tensors]
-        mover = ExpertMover(tensors, rank, TOPOLOGY.slots_per_rank)
-        plan = transfer_plan(old, new)
-        mover.commit(mover.post(plan[:1]))  # one layer alone, then the others in one post
-        mover.commit(mover.post(plan[1:]))
-        out["bitwise"] = [same_bytes(tensors[layer], layer, new.phy2log[layer], rank) for layer in range(LAYERS)]
-        out["in_place"] = addresses == [[t.data_ptr() for t in ts] for ts in tensors]
-        out["dtypes"] = [str(t.dtype) for t in tensors[0]]
-    except Exception:  # noqa: BLE001 - reported by the parent
-        out["error"] = traceback.format_exc()
-    write_result(tmp, rank, out)
-    dist.destroy_process_group()
+    old = Placement.initial(EXPERTS, TOPOLOGY, LAYERS)  # [0 1 2 | 3 0 1]
+    new = Placement(np.array([[3, 2, 1, 0, 1, 2],  # everything crosses or changes slot
+                              [1, 0, 3, 2, 3, 0],  # duplicates on both ranks
+                              [0, 1, 2, 3, 2, 1]]), EXPERTS, TOPOLOGY)
+    tensors = [fresh(layer, local(old.phy2log[layer], rank)) for layer in range(LAYERS)]
+    addresses = [[t.data_ptr() for t in ts] for ts in tensors]
+    mover = ExpertMover(tensors, rank, TOPOLOGY.slots_per_rank)
+    plan = transfer_plan(old, new)
+    mover.commit(mover.post(plan[:1]))  # one layer alone, then the others in one post
+    mover.commit(mover.post(plan[1:]))
+    out["bitwise"] = [same_bytes(tensors[layer], layer, new.phy2log[layer], rank) for layer in range(LAYERS)]
+    out["in_place"] = addresses == [[t.data_ptr() for t in ts] for ts in tensors]
+    out["dtypes"] = [str(t.dtype) for t in tensors[0]]
+    return out
 
 
 def test_every_dtype_moves_bitwise_on_two_gloo_ranks(tmp_path):
-    for rank, out in enumerate(run_ranks(_rank_main, 2, str(tmp_path), 300)):
+    for rank, out in enumerate(run_ranks(_rank_main, 2, str(tmp_path), timeout_s=300)):
         assert "error" not in out, out["error"]
         assert out["bitwise"] == [True] * LAYERS and out["in_place"], (rank, out)
         assert {"torch.float8_e4m3fn", "torch.float8_e5m2", "torch.bfloat16", "torch.int8"} <= set(out["dtypes"])

@@ -21,24 +21,20 @@ record's switch steps and deferred steps are compared.
 from __future__ import annotations
 
 import dataclasses
-import os
-import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
 
 from eplb import Topology  # noqa: E402
 from eplb.cycle import CycleConfig  # noqa: E402
 from eplb.planning import cycle_policy  # noqa: E402
 from eplb.policies import available_policies  # noqa: E402
 from eplb.sim.cost import CostModel  # noqa: E402
-from gloo_ranks import run_ranks, write_result  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
+from gloo_ranks import run_ranks  # noqa: E402
 
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
@@ -135,20 +131,10 @@ def _tokens(counts: np.ndarray, rank: int, world: int) -> list:
     return out
 
 
-def _rank_main(rank: int, port: int, tmp: str, world: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    out = {}
-    try:
-        tokens = _tokens(parity_counts(), rank, world)
-        for policy, dispatch, budget, slow in RUNS[world]:
-            out[(policy, dispatch, budget, slow)] = _serve(rank, world, policy, dispatch, budget, slow, tokens)
-    except Exception:  # noqa: BLE001 - reported by the parent
-        out["error"] = traceback.format_exc()
-    finally:
-        write_result(tmp, rank, out)
-        dist.destroy_process_group()
+def _rank_main(rank: int, tmp: str, world: int) -> dict:
+    tokens = _tokens(parity_counts(), rank, world)
+    return {(policy, dispatch, budget, slow): _serve(rank, world, policy, dispatch, budget, slow, tokens)
+            for policy, dispatch, budget, slow in RUNS[world]}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +154,7 @@ def simulated():
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_simulator_and_runtime_give_the_same_cycles(world, simulated, tmp_path):
-    ranks = run_ranks(_rank_main, world, str(tmp_path), 900, args=(world,))
+    ranks = run_ranks(_rank_main, world, str(tmp_path), args=(world,), timeout_s=900)
     for out in ranks:
         assert "error" not in out, out.get("error")
     moved_somewhere = split_somewhere = deferred_somewhere = False

@@ -1,4 +1,7 @@
-"""EplbConfig: the three engines' keys, env guards and strict validation; planner worker basics."""
+"""EplbConfig: the engines' keys, env guards and strict validation, checks at start; planner worker basics.
+
+The engines' dialects (vllm-ascend's additional_config, xLLM's flags) fed their documented configs:
+tests/test_runtime_dialects.py."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 
 from eplb import Placement, Topology
 from eplb.runtime.config import ConfigError, EplbConfig
+from eplb.runtime.startup import prepare
 from eplb.planning import plan_checksum
 from eplb.runtime.planner import PlannerWorker, PlanRequest
 
@@ -19,16 +23,18 @@ def test_vllm_ascend_keys_with_env_guards(tmp_path):
     with pytest.raises(ConfigError, match="DYNAMIC_EPLB=true"):
         EplbConfig.from_dict(cfg, env={})
     config = EplbConfig.from_dict(cfg, env={"DYNAMIC_EPLB": "true"})
-    assert (config.mode, config.window_steps, config.planner_check_steps, config.policy, config.stage) == (
-        "dynamic", 400, 30, "swift", "decode")
+    # algorithm_execution_interval: the plan moves A steps after its window, the planner is checked every step
+    assert (config.mode, config.window_steps, config.apply_steps, config.planner_check_steps, config.policy,
+            config.stage, config.dialect) == ("dynamic", 400, 30, 1, "swift", "decode", "vllm-ascend")
     record = {"expert_map_record_path": str(tmp_path / "out" / "map.json")}
     with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):
         EplbConfig.from_dict(record, env={})
     with pytest.raises(ConfigError, match="EXPERT_MAP_RECORD=true"):  # vllm-ascend compares it to "true" exactly
         EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "1"})
-    assert not (tmp_path / "out").exists()
     config = EplbConfig.from_dict(record, env={"EXPERT_MAP_RECORD": "true"})
-    assert config.mode == "record" and (tmp_path / "out").is_dir()
+    assert config.mode == "record" and not (tmp_path / "out").exists()  # building a config creates nothing
+    prepare(config, 2, 8, Topology(4, 3))
+    assert (tmp_path / "out").is_dir()  # the controller's start does
 
 
 def test_vllm_and_xllm_keys():
@@ -37,7 +43,8 @@ def test_vllm_and_xllm_keys():
                                    "mode": "dynamic"})
     assert (config.window_steps, config.cycle_steps, config.log_balancedness) == (1000, 3000, True)
     config = EplbConfig.from_dict({"eplb_update_interval": 5, "eplb_update_threshold": 0.9, "mode": "dynamic"})
-    assert (config.update_interval_s, config.update_threshold) == (5.0, 0.9)
+    assert (config.update_interval_s, config.update_threshold, config.load_history, config.dialect) == (
+        5.0, 0.9, "halve", "xllm")
 
 
 @pytest.mark.parametrize("cfg, message", [
@@ -51,7 +58,19 @@ def test_vllm_and_xllm_keys():
     ({"eplb_update_interval": 0}, "eplb_update_interval must be > 0"),
     ({"window_size": 10, "expert_heat_collection_interval": 20}, "set the same thing differently"),
     ({"mode": "static"}, "static mode needs expert_map_path"),
-    ({"expert_map_path": "/nonexistent/map.json"}, "no such file"),
+    ({"algorithm_execution_interval": 0}, "algorithm_execution_interval must be an integer >= 1, got 0"),
+    ({"eplb_policy_type": "SwiftBalance"}, "did you mean 'SwiftBalanceEplb'"),
+    ({"eplb_config": {"dynamic_epl": True}}, "unknown EPLB config key 'dynamic_epl'; did you mean 'dynamic_eplb'"),
+    ({"eplb_confg": {}}, "did you mean 'eplb_config'"),
+    ({"eplb_config": ["dynamic_eplb"]}, "eplb_config must be a dict"),
+    ({"eplb_config": {"eplb_policy_type": 1}, "eplb_policy_type": 2}, "set inside eplb_config"),
+    ({"expert_heat_collection_interval": 10, "enable_eplb": True}, "vllm-ascend's .* and xLLM's enable_eplb"),
+    ({"enable_eplb": "sometimes"}, "enable_eplb must be true or false"),
+    ({"enable_eplb": False, "mode": "dynamic"}, "enable_eplb \\(mode off\\) ask for different modes"),
+    ({"eplb_update_interval": 10, "step_interval": 100}, "eplb_update_interval .* and step_interval .* keep one"),
+    ({"load_history": "halve", "policy": "auto"}, "load_history='halve' adds windows up"),
+    ({"load_history": "decay"}, "load_history must be one of window, halve"),
+    ({"expert_parallel_degree": -1}, "expert_parallel_degree must be an integer >= 0"),
     ({"dispatch": "fastest"}, "dispatch must be one of"),
     ({"log_balancedness": "maybe"}, "log_balancedness must be true or false"),
 ])
@@ -63,8 +82,9 @@ def test_bad_config_is_a_clear_error(cfg, message):
 def test_record_path_folder_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    config = EplbConfig.from_dict({"record_path": str(blocker / "sub" / "map.json")})
     with pytest.raises(ConfigError, match="cannot create its folder"):
-        EplbConfig.from_dict({"record_path": str(blocker / "sub" / "map.json")})
+        prepare(config, 2, 8, Topology(4, 3))
 
 
 def test_model_checks(tmp_path):
@@ -72,17 +92,26 @@ def test_model_checks(tmp_path):
 
     topology = Topology(4, 3)
     with pytest.raises(ConfigError, match="num_redundant_experts=2 does not match the topology"):
-        EplbConfig.from_dict({"num_redundant_experts": 2}).check_model(3, 8, topology)
-    assert EplbConfig.from_dict({"num_redundant_experts": 4}).check_model(3, 8, topology) is None
+        prepare(EplbConfig.from_dict({"num_redundant_experts": 2}), 3, 8, topology)
+    assert prepare(EplbConfig.from_dict({"num_redundant_experts": 4}), 3, 8, topology) is None
+    # xLLM counts redundant experts per rank and names the EP size
+    assert prepare(EplbConfig.from_dict({"redundant_experts_num": 1, "ep_size": 4}), 3, 8, topology) is None
+    with pytest.raises(ConfigError, match="redundant_experts_num=2 per rank does not match the topology.* 1 per rank"):
+        prepare(EplbConfig.from_dict({"redundant_experts_num": 2}), 3, 8, topology)
+    with pytest.raises(ConfigError, match="ep_size=16 but the EP group has 4 ranks"):
+        prepare(EplbConfig.from_dict({"ep_size": 16}), 3, 8, topology)
+    missing = EplbConfig.from_dict({"expert_map_path": "/nonexistent/map.json"})  # built anywhere, checked at start
+    with pytest.raises(ConfigError, match="expert_map_path='/nonexistent/map.json': no such file"):
+        prepare(missing, 2, 8, topology)
     path = tmp_path / "map.json"
     write_map(Placement.initial(8, topology, 2), path, "ascend")
     config = EplbConfig.from_dict({"expert_map_path": str(path)})
     assert config.mode == "static"
     with pytest.raises(ConfigError, match="is for 2 layers"):
-        config.check_model(3, 8, topology)
+        prepare(config, 3, 8, topology)
     with pytest.raises(ConfigError, match="expert map"):
-        config.check_model(2, 10, topology)  # ids 8, 9 missing
-    assert config.check_model(2, 8, topology) == Placement.initial(8, topology, 2)
+        prepare(config, 2, 10, topology)  # ids 8, 9 missing
+    assert prepare(config, 2, 8, topology) == Placement.initial(8, topology, 2)
 
 
 def test_plan_checksum_is_stable_and_sensitive():
@@ -157,6 +186,7 @@ def test_vllm_step_interval_plans_on_the_last_window(tmp_path):
 
 
 def test_xllm_update_interval_holds_cycles_back(tmp_path):
+    """eplb_update_interval runs on a clock of its own: no window of window_steps ends a cycle before it passed."""
     torch = pytest.importorskip("torch")
     from eplb.runtime import EplbController
 
@@ -164,16 +194,14 @@ def test_xllm_update_interval_holds_cycles_back(tmp_path):
                                    "record_path": str(tmp_path / "m.json")})
     ctl = EplbController(config, 2, 5, Topology(2, 3), rank=0)
     try:
-        for _ in range(2000):  # steps of a few ms: the window's gather and the agreements run beside them
+        for _ in range(6):
             ctl.before_forward()
             ctl.route(1, torch.tensor([[0, 4]]))
             ctl.after_forward()
-            if ctl.metrics and ctl.metrics[0].skipped:
-                break
-            time.sleep(0.005)
-        assert ctl.metrics and all("eplb_update_interval" in (m.skipped or "eplb_update_interval")
-                                   for m in ctl.metrics)
-        assert ctl.metrics[0].skipped and not ctl.planner.busy
+        # three windows of 2 steps went by: none was gathered, the planner was never asked, the load adds up
+        assert ctl.metrics == [] and ctl.cycle.records == [] and not ctl.planner.busy
+        assert ctl.recorder.steps == 6
+        assert ctl.recorder.logical_load(ctl.placement.phy2log)[1].tolist() == [6, 0, 0, 0, 6]
     finally:
         ctl.close()
 
@@ -231,15 +259,30 @@ def test_same_value_in_two_spellings_agrees():
         EplbConfig.from_dict({"window_size": 100, "window_steps": "101"})
 
 
-def test_nothing_created_for_a_rejected_config(tmp_path):
+def test_a_config_touches_nothing_outside_it(tmp_path):
+    """Building a config creates no folder, reads no map and probes no device; the controller's start does."""
     record = tmp_path / "new" / "deeper" / "map.json"
     with pytest.raises(ConfigError, match="window_size"):
         EplbConfig.from_dict({"record_path": str(record), "window_size": 0})
     with pytest.raises(ConfigError, match="policy_options"):
         EplbConfig(mode="record", record_path=str(record), policy_options={"nope": 1})
-    assert not (tmp_path / "new").exists()
-    assert EplbConfig(mode="record", record_path=str(record)).record_path == str(record)
+    config = EplbConfig(mode="record", record_path=str(record))
+    assert config.record_path == str(record) and not (tmp_path / "new").exists()
+    assert EplbConfig(mode="static", map_path=str(tmp_path / "later.json")).map_path.endswith("later.json")
+    prepare(config, 1, 4, Topology(2, 2))
     assert record.parent.is_dir()
+
+
+def test_validated_once(monkeypatch):
+    """from_dict checks the whole config once: the policy (with its options) is built a single time."""
+    import eplb.policies
+
+    built = []
+    real = eplb.policies.get_policy
+    monkeypatch.setattr(eplb.policies, "get_policy", lambda *a, **k: built.append(a) or real(*a, **k))
+    config = EplbConfig.from_dict({"policy": "default", "policy_options": {"mode": "global"}, "window_size": 10,
+                                   "window_steps": "10"})
+    assert config.policy_options == {"mode": "global"} and built == [("default",)]
 
 
 def test_vllm_032_keys():
@@ -266,12 +309,14 @@ def test_communicator_values(value, message):
 
 def test_nccl_needs_cuda():
     torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        assert EplbConfig(communicator="torch_nccl").transfer_backend == "nccl"
-    else:
-        for value in ("torch_nccl", "pynccl"):
+    for value in ("torch_nccl", "pynccl"):
+        config = EplbConfig.from_dict({"communicator": value})  # a driver without GPUs builds its workers' config
+        assert config.transfer_backend == "nccl"
+        if torch.cuda.is_available():
+            assert prepare(config, 1, 4, Topology(1, 4)) is None
+        else:
             with pytest.raises(ConfigError, match=f"communicator='{value}' needs CUDA and NCCL"):
-                EplbConfig.from_dict({"communicator": value})
+                prepare(config, 1, 4, Topology(1, 4))
 
 
 def test_vllm_ascend_semantics(tmp_path):

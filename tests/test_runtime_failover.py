@@ -15,6 +15,8 @@ from eplb.policies.resilience import Resilience
 from eplb.planning import CyclePlan
 from eplb.transfers import layer_transfer
 
+from conftest import reached
+
 torch = pytest.importorskip("torch")
 
 from eplb.runtime import EplbConfig, EplbController  # noqa: E402
@@ -23,22 +25,35 @@ from eplb.runtime.recorder import LoadRecorder, gather_slot_counts  # noqa: E402
 
 
 # -- transfers ------------------------------------------------------------------------------------------------------
+@pytest.mark.reaches(60, failed_rank_holds_a_needed_expert=15)
 @settings(max_examples=100, deadline=None)
 @given(st.integers(0, 2**31), st.integers(2, 5), st.integers(2, 4))
 def test_transfers_never_involve_a_failed_rank(seed, num_ranks, slots):
+    """Random old and new layers after one rank failed, every expert with a copy on a live rank (the controller
+    reloads one that has none before it plans transfers); the failed rank's row stays. Checked against a plain loop:
+    every live rank receives exactly the experts it gains, each once, from a live rank that holds it."""
     rng = np.random.default_rng(seed)
     topology = Topology(num_ranks, slots)
-    num_experts = topology.num_physical - 1
-    old = rng.permutation(np.concatenate([np.arange(num_experts), [0]]))
     live = np.ones(num_ranks, dtype=bool)
     live[rng.integers(num_ranks)] = False
-    live_slots = live[topology.rank_of_slot]
-    if set(old[live_slots].tolist()) != set(range(num_experts)):
-        return  # an expert only on the failed rank: the controller reloads it before any transfer plan
+    live_slots = np.flatnonzero(live[topology.rank_of_slot])
+    num_experts = int(rng.integers(1, live_slots.size + 1))
+    old = rng.integers(0, num_experts, topology.num_physical)
+    old[rng.permutation(live_slots)[:num_experts]] = np.arange(num_experts)  # a live copy of every expert
     new = old.copy()
-    new[live_slots] = rng.permutation(old[live_slots])
+    new[live_slots] = rng.integers(0, num_experts, live_slots.size)
     t = layer_transfer(0, old, new, topology, live)
-    assert live[t.transfers[:, 0]].all() and live[t.transfers[:, 2]].all()
+
+    old_rows, new_rows = old.reshape(num_ranks, slots), new.reshape(num_ranks, slots)
+    needed = {(dst, e) for dst in range(num_ranks) for e in set(new_rows[dst].tolist()) - set(old_rows[dst].tolist())}
+    reached()
+    assert sorted(map(tuple, t.transfers[:, 2:].tolist())) == sorted(needed)
+    for src, src_slot, dst, expert in t.transfers.tolist():
+        assert live[src] and live[dst] and src != dst
+        assert old_rows[src, src_slot] == expert
+    failed_row = set(old_rows[~live].ravel().tolist())
+    if any(e in failed_row for _, e in needed):  # the failed rank holds an expert some rank needs: it must not send
+        reached("failed_rank_holds_a_needed_expert")
 
 
 def test_transfer_errors_after_a_failure():

@@ -107,7 +107,15 @@ def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
     assert cycle_policy("auto", dispatch="balanced").dispatch == "balanced"
     assert cycle_policy("auto", dispatch="even").dispatch == "even"
     assert cycle_policy("auto", {"dispatch": "even"}, dispatch="balanced").dispatch == "even"  # the user's option
-    assert cycle_policy("default", dispatch="balanced") is not None  # no such option: built as usual
+    # no such option: built as usual, and it plans what the plain policy plans
+    import numpy as np
+
+    from eplb import Topology, get_policy
+
+    load, topology = np.random.default_rng(0).integers(0, 100, (2, 16)), Topology(4, 5)
+    told = cycle_policy("default", dispatch="balanced").rebalance(load, topology)
+    plain = get_policy("default").rebalance(load, topology)
+    np.testing.assert_array_equal(told.placement.phy2log, plain.placement.phy2log)
 
 
 def test_clairvoyant_floor_is_the_best_of_its_candidates_and_each_run_reports_its_distance(capsys, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
 from eplb.runtime.controller import STEP_KINDS as KINDS  # noqa: E402
-from gloo_ranks import run_ranks, write_result  # noqa: E402
+from gloo_ranks import exit_with, run_ranks  # noqa: E402
 from eplb.runtime.sync_guard import SyncGuard  # noqa: E402
 
 LAYERS, EXPERTS, WORLD, SLOTS = 58, 256, 2, 144
@@ -118,11 +117,8 @@ def _run_mode(rank: int, mode: str, dispatch: str, tmp: str) -> dict:
 _SIDE = None
 
 
-def _rank_main(rank: int, port: int, tmp: str) -> None:
+def _rank_main(rank: int, tmp: str) -> None:
     global _SIDE, _GUARD
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     _SIDE = dist.new_group(list(range(WORLD)))
     _GUARD = SyncGuard.install()
     out = {}
@@ -133,14 +129,12 @@ def _rank_main(rank: int, port: int, tmp: str) -> None:
             out[mode, dispatch]["serving_group_calls"] = _GUARD.serving_group_calls
     except Exception:  # noqa: BLE001 - reported by the parent
         out["error"] = traceback.format_exc()
-    finally:
-        write_result(tmp, rank, out)
-        os._exit(0)  # planner processes and side threads are closed; skip the group teardown
+    exit_with(tmp, rank, out)  # planner processes and side threads are closed; skip the group teardown
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    results = run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("sync_free")), 300)
+    results = run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("sync_free")), timeout_s=300)
     for r in results:
         assert "error" not in r, r["error"]
     return results

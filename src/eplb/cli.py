@@ -11,10 +11,12 @@ import importlib
 import logging
 import sys
 
+from eplb._extras import EXTRAS, missing
+from eplb.commands.common import check_extras
 from eplb.errors import EplbError
 
 # Order is the order shown by --help.
-COMMANDS = ("simulate", "plan", "eval", "validate", "convert", "demo")
+COMMANDS = ("simulate", "tune", "plan", "eval", "validate", "convert", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_extras(args)
         return int(args.func(args) or 0)
     except EplbError as exc:
         print(f"eplb {args.command}: error: {exc}", file=sys.stderr)
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eplb {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line for the user, the traceback with -vv
+        if isinstance(exc, ModuleNotFoundError) and exc.name in EXTRAS:  # an optional part the checks did not foresee
+            print(f"eplb {args.command}: error: {missing('this command', exc.name)}", file=sys.stderr)
+            return 1
         logging.getLogger("eplb").debug("internal error", exc_info=True)
         print(f"eplb {args.command}: internal error: {type(exc).__name__}: {exc}; please report it (eplb -vv "
               f"{args.command} ... shows the traceback)", file=sys.stderr)

@@ -13,7 +13,7 @@ Phases, per cycle::
 Driving it (once per step, before the step's forward; steps are consecutive integers)::
 
     cycle = Cycle(CycleConfig(cycle_steps=H, planner_steps=A, deadline_steps=D), num_layers=L)
-    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.config, ..., state=cycle.state))
+    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.planning_config, ..., state=cycle.state))
     for step in itertools.count():
         action = cycle.on_step(step)
         if action.submit:
@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb.cadence import AdaptiveCadence, Cadence
 from eplb.errors import EplbError
 
 __all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError", "EARLIEST_SWITCH"]
@@ -101,6 +102,11 @@ class CycleConfig:
         max_layers: apply at most this many layers per cycle, the largest gains first (None: no limit).
         similarity_threshold: when set (0..1), apply a layer only if the cosine similarity between its window load
             and its load when last applied (both max-normalised) is below it.
+        window_steps: each plan is made on the last ``window_steps`` steps before its submit (never before the start
+            or a restart): shorter than ``cycle_steps`` as vLLM's ``window_size`` < ``step_interval``, longer for a
+            window that slides. None: the steps since the previous submit. Ignored with ``adaptive``.
+        adaptive: an :class:`~eplb.cadence.AdaptiveCadence`: the interval and the window follow the load's drift
+            (:mod:`eplb.cadence`); ``cycle_steps`` is then the first interval. None: a window every ``cycle_steps``.
     """
 
     cycle_steps: int
@@ -113,6 +119,8 @@ class CycleConfig:
     min_gain: float = 0.0
     max_layers: int | None = None
     similarity_threshold: float | None = None
+    window_steps: int | None = None
+    adaptive: AdaptiveCadence | None = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, expected: str):
@@ -133,6 +141,10 @@ class CycleConfig:
              "None or an integer >= 1")
         need(self.similarity_threshold is None or 0 <= self.similarity_threshold <= 1, "similarity_threshold",
              "None or within [0, 1]")
+        need(self.window_steps is None or (_is_int(self.window_steps) and self.window_steps >= 1), "window_steps",
+             "None or an integer >= 1")
+        need(self.adaptive is None or isinstance(self.adaptive, AdaptiveCadence), "adaptive",
+             "None or an eplb.cadence.AdaptiveCadence")
 
 
 def _is_int(value) -> bool:
@@ -242,6 +254,14 @@ class Cycle:
         #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
         #: first)
         self.state = None
+        #: the collect side: when a window closes and where it starts (fixed or adaptive, :mod:`eplb.cadence`)
+        self.cadence = Cadence(config)
+
+    @property
+    def planning_config(self) -> CycleConfig:
+        """The config to plan the window just submitted with (:func:`eplb.planning.plan_cycle`): :attr:`config`,
+        with ``cycle_steps`` the plan's life when the window is not one interval long (:mod:`eplb.cadence`)."""
+        return self.cadence.planning_config
 
     @property
     def in_flight(self) -> int | None:
@@ -253,8 +273,9 @@ class Cycle:
         """Layers of the current plan still to apply (a part or more), in order."""
         return tuple(dict.fromkeys(layer for layers, _ in self._queue for layer in layers))
 
-    def on_step(self, step: int) -> Action:
-        """Advance to ``step`` (call once per step, before its forward) and say what to do in it."""
+    def on_step(self, step: int, end_window: bool | None = None) -> Action:
+        """Advance to ``step`` (call once per step, before its forward) and say what to do in it. ``end_window``:
+        whether a window ends now, when the caller's clock decides (None: after ``cycle_steps`` steps)."""
         if not _is_int(step):
             raise CycleError(f"step must be an integer, got {step!r}")
         step = int(step)
@@ -263,6 +284,7 @@ class Cycle:
         self._last_step = step
         if self._window_start is None:
             self._window_start = step
+            self.cadence.restart(step)
         skipped = None
         if self.phase is Phase.PLAN:
             skipped = self._check_plan(step)
@@ -270,8 +292,8 @@ class Cycle:
                 return Action(step, Phase.PLAN, window_start=self._window_start, poll=not self._plan_ready)
         if self.phase is Phase.APPLY:
             return self._apply(step)
-        if step - self._window_start >= self.config.cycle_steps:
-            start, self._window_start = self._window_start, step
+        if self.cadence.due(step, self._window_start) if end_window is None else end_window:
+            start, self._window_start = self.cadence.window_start(step, self._window_start), step
             self.records.append(CycleRecord(window_start=start, window_end=step))
             self.phase, self._submitted, self._plan_ready, self._failed = Phase.PLAN, step, False, None
             return Action(step, Phase.PLAN, submit=True, window_start=start, poll=True, skipped=skipped)
@@ -303,6 +325,7 @@ class Cycle:
             first += len(layers)
         self._plan = plan
         self._plan_ready = True
+        self.cadence.observe(plan, order)  # adaptive cadence: the next window's interval and start
         return tuple(order)
 
     def switched(self, step: int) -> None:
@@ -347,6 +370,7 @@ class Cycle:
         self._in_flight = None
         self._last_step = int(next_step) - 1
         self._window_start = int(next_step)
+        self.cadence.restart(int(next_step))
 
     # -- internals ----------------------------------------------------------------------------------------------
     def _expect_plan(self, step: int) -> None:

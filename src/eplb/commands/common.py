@@ -25,6 +25,20 @@ NODES_HELP = "nodes the ranks are spread over, for hierarchical policies (defaul
 GROUPS_HELP = "expert groups of the model, for DeepSeek's hierarchical policy (default: 1; DeepSeek-V3: 8)"
 
 
+def add_cluster_arguments(parser, default_slots: int):
+    """The cluster flags of the commands that simulate: ``--ranks``, ``--slots-per-rank`` or ``--redundant``,
+    ``--nodes``, ``--groups``; returns their argument group."""
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--ranks", type=int, default=32, metavar="W", help="ranks (EP size)")
+    slots = cluster.add_mutually_exclusive_group()
+    slots.add_argument("--slots-per-rank", type=int, metavar="K",
+                       help=f"expert slots per rank (default: {default_slots})")
+    slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
+    cluster.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
+    cluster.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
+    return cluster
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` once: not for options without a default, nor when the help already says it."""
 
@@ -33,6 +47,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, [], argparse.SUPPRESS) or "(default" in help:
             return help
         return super()._get_help_string(action)
+
+
+#: optional packages each command needs, checked before it starts: (module, the option that needs it or None for
+#: the command itself, what needs it in the message)
+NEEDS = {
+    "demo": (("torch", None, "eplb demo"),),
+    "eval": (("matplotlib", "plot", "--plot"),),
+    "simulate": (("matplotlib", None, "eplb simulate (the report's plots)"),),
+}
+
+
+def check_extras(args) -> None:
+    """Refuse ``args.command`` before any work when an optional package it needs is missing: one line naming the
+    extra that installs it (``pip install "eplb[torch]"``)."""
+    from eplb._extras import require
+
+    for module, option, what in NEEDS.get(args.command, ()):
+        if option is None or getattr(args, option, None):
+            require(module, what)
 
 
 def at_least(flag: str, value, minimum=1) -> None:

@@ -93,6 +93,7 @@ def _settings(args):
     from eplb.engine.model import ModelConfig
     from eplb.engine.serve import Faults, ServeSettings
     from eplb.runtime import EplbConfig
+    from eplb.runtime.startup import prepare
     from eplb.topology import Topology
 
     for name in ("ranks", "steps", "window", "experts", "layers", "top_k", "tokens", "groups", "topk_groups",
@@ -118,8 +119,8 @@ def _settings(args):
         eplb["map_path"] = args.map
     elif args.mode == "static":
         raise EplbError("--mode static needs --map FILE (e.g. one written by --mode record)")
-    config = EplbConfig.from_dict(eplb)
-    config.check_model(args.layers, args.experts, Topology(args.ranks, slots))  # bad map: error before serving
+    # a bad map or record folder is an error before any rank starts
+    prepare(EplbConfig.from_dict(eplb), args.layers, args.experts, Topology(args.ranks, slots))
     faults = Faults()
     if args.fail_rank:
         failed = sorted(set(args.fail_rank))

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from eplb.commands.common import GROUPS_HELP, NODES_HELP, HelpFormatter
+from eplb.commands.common import HelpFormatter, add_cluster_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,7 @@ def register(subparsers) -> None:
     trace.add_argument("--steps", type=int, metavar="T", help="steps to simulate (default: the scenario's)")
     trace.add_argument("--seed", type=int, default=0, help="seed of the generated trace (same seed, same results)")
     trace.add_argument("--save-trace", metavar="FILE.npz", help="also write the trace that was simulated")
-    cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--ranks", type=int, default=32, metavar="W", help="ranks (EP size)")
-    slots = cluster.add_mutually_exclusive_group()
-    slots.add_argument("--slots-per-rank", type=int, metavar="K", help=f"expert slots per rank (default: {_SLOTS})")
-    slots.add_argument("--redundant", type=int, metavar="R", help="redundant slots in all: K = (E + R) / W")
-    cluster.add_argument("--nodes", type=int, default=1, metavar="N", help=NODES_HELP)
-    cluster.add_argument("--groups", type=int, default=1, metavar="G", help=GROUPS_HELP)
+    cluster = add_cluster_arguments(parser, _SLOTS)
     cluster.add_argument("--layout", default="vllm", choices=("vllm", "ascend", "spread"),
                          help="initial placement (what static keeps)")
     policies = parser.add_argument_group("policies and cycle")

@@ -44,6 +44,9 @@ _CALIBRATION_TOKENS = 4096
 #: outputs "equal": |balanced - unbalanced| <= 1e-6 x max(1, |unbalanced|) element-wise (float32 rounding)
 OUTPUT_TOLERANCE = 1e-6
 _KILL_SIGNALS = ("exit", "SIGKILL", "SIGSTOP")
+#: how much later than its timeout a survivor still waits for the heartbeat's verdict after a collective raised: its
+#: thread can be held off a loaded CPU; only a collective error with another cause waits this long before it raises
+_LATE_HEARTBEAT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -203,8 +206,8 @@ def _fail_over(model: MoEModel, events: int, interrupted: Exception):
 
     heartbeat = model.ctl.heartbeat
     if heartbeat is not None:
-        try:  # a dead peer's socket error comes before its beat times out
-            heartbeat.wait_for_failure(heartbeat.timeout_s + 2 * heartbeat.interval_s)
+        try:  # a dead peer's socket error comes before its beat times out; the heartbeat may run late on a busy host
+            heartbeat.wait_for_failure(heartbeat.timeout_s + 2 * heartbeat.interval_s + _LATE_HEARTBEAT_S)
         except EplbError:
             raise interrupted from None
         failed = heartbeat.failed_peers()

@@ -10,18 +10,23 @@ Expert map, YAML (``MoeLoadBalancerConfig``)::
 
 Global slot ``s`` lives on rank ``s // (num_slots / ep_size)``. TensorRT-LLM takes ``ep_size`` from the engine, not
 from this file, so ranks come from ``num_ranks`` (``--ranks``); an ``ep_size`` key in the file is also honoured (the
-two must agree). Layers are taken in ascending key order; written files use keys ``0..L-1`` and carry no ``ep_size``
-key (TensorRT-LLM rejects unknown keys) but the comment line ``# eplb: ep_size=W``, which eplb reads back, so a file
-eplb wrote needs no ``--ranks``.
+two must agree). Written files carry no ``ep_size`` key (TensorRT-LLM rejects unknown keys) but the comment line
+``# eplb: ep_size=W``, which eplb reads back, so a file eplb wrote needs no ``--ranks``.
+
+Layers are the model's layer indices, as TensorRT-LLM keys both files (a MoE module's ``layer_idx``: DeepSeek-V3's MoE
+layers are 3..60). Row ``l`` of an eplb array is layer ``l``: a layer with no statistics (a dense layer) reads as a
+row of zeros, as SGLang's recorder writes it, and a layer missing from a map's keys reads as the initial layout
+(``slot % E``), which TensorRT-LLM never asks for; written files use keys ``0..L-1``.
 
 Expert statistics, a folder (what TensorRT-LLM's expert-statistic recorder dumps)::
 
-    meta_info.json            {"num_experts": E, ...}
+    meta_info.json            {"num_experts": E, "num_experts_per_token": k}
     rank0.safetensors         key "{iter}_{layer}" -> [E] tokens that rank routed to each expert in that iteration
     rank1.safetensors         ...
 
-The load is the sum over the rank files, read into ``[T, L, E]`` with iterations and layers in ascending order; every
-(iter, layer) pair must be present. Written folders hold a single ``rank0.safetensors`` with the whole load (the
+The load is the sum over the rank files, read into ``[T, L, E]`` with iterations in ascending order and row ``l`` for
+layer ``l``; every recorded layer must be present in every iteration. With a load balancer configured, TensorRT-LLM
+counts per slot (``num_experts`` is then ``num_slots``): record without one. Written folders hold a single ``rank0.safetensors`` with the whole load (the
 sum over ranks is all that is known) and ``meta_info.json`` with ``num_experts``; layers are keyed ``0..L-1`` and
 iterations ``0..T-1`` (an ``[L, E]`` load is iteration 0).
 """
@@ -103,11 +108,25 @@ def parse_map(path: Path) -> RawMap:
                  for layer, row in layers if len(row) != width]
     good = [(layer, row) for layer, row in layers if len(row) == width]
     phy2log = np.array([row for _, row in good], dtype=np.int64).reshape(len(good), width)
-    return RawMap(phy2log, layer_ids=np.array([layer for layer, _ in good]), num_ranks=ep_size, problems=problems)
+    ids = np.array([layer for layer, _ in good])
+    if problems or ids.min() < 0:
+        return RawMap(phy2log, layer_ids=ids, num_ranks=ep_size, problems=problems)
+    return _by_layer_id(phy2log, ids, ep_size)
+
+
+def _by_layer_id(phy2log: np.ndarray, ids: np.ndarray, ep_size: int | None) -> RawMap:
+    """Rows ``0..max(ids)``, row ``l`` for layer ``l``; a layer the file does not key gets the initial layout."""
+    width = phy2log.shape[1]
+    out = np.tile(np.arange(width, dtype=np.int64) % (int(phy2log.max(initial=-1)) + 1 or 1), (ids.max() + 1, 1))
+    out[ids] = phy2log
+    absent = np.setdiff1d(np.arange(ids.max() + 1), ids)
+    warnings = [f"layers {', '.join(map(str, absent))} are not in initial_global_assignments (dense layers?): read "
+                "as the initial layout; TensorRT-LLM never asks for them"] if absent.size else []
+    return RawMap(out, num_ranks=ep_size, warnings=warnings)
 
 
 def write_map(placement: Placement, path: Path) -> None:
-    """Write ``placement`` as a TensorRT-LLM load-balancer YAML (keys ``0..L-1``), atomically."""
+    """Write ``placement`` as a TensorRT-LLM load-balancer YAML (keys ``0..L-1``: row ``l`` is layer ``l``), atomically."""
     t = placement.topology
     header = (f"# TensorRT-LLM MoE load balancer config written by eplb: {placement.num_layers} MoE layers, "
               f"{placement.num_experts} experts,\n# {t.num_ranks} ranks x {t.slots_per_rank} slots "
@@ -169,13 +188,14 @@ def read_load(path: Path) -> np.ndarray:
         raise FormatError(f"{path}: statistics have different numbers of experts: {sorted(lengths)}")
     iters = sorted({i for i, _ in total})
     layers = sorted({l for _, l in total})
-    out = np.zeros((len(iters), len(layers), lengths.pop()), dtype=np.result_type(*total.values()))
+    # row l is layer l (TensorRT-LLM's layer_idx, as its load-balancer config keys it); unrecorded layers stay 0
+    out = np.zeros((len(iters), layers[-1] + 1, lengths.pop()), dtype=np.result_type(*total.values()))
     for t, it in enumerate(iters):
-        for l, layer in enumerate(layers):
+        for layer in layers:
             if (it, layer) not in total:
                 raise FormatError(f"{path}: no statistics for iteration {it}, layer {layer} (key '{it}_{layer}'); "
-                                  "every iteration must cover every layer")
-            out[t, l] = total[(it, layer)]
+                                  "every iteration must cover every recorded layer")
+            out[t, layer] = total[(it, layer)]
     return out
 
 

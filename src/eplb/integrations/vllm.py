@@ -1,14 +1,20 @@
 """vLLM adapter: an EPLB policy class whose classmethod ``rebalance_experts`` runs an eplb policy, and the plug-in
-that puts it where vLLM's EPLB looks.
+that puts it where vLLM's EPLB (and vllm-ascend's) looks.
 
 vLLM (0.32) calls ``EPLB_POLICIES[eplb_config.policy].rebalance_experts(weight, num_replicas, num_groups, num_nodes,
 num_ranks, old_global_expert_indices)`` and only allows the policy ``"default"``. eplb's package declares a
 ``vllm.general_plugins`` entry point (:func:`register`), which vLLM runs in every process: when the environment
 variable ``EPLB_VLLM_POLICY`` names a registered policy, the ``"default"`` entry becomes that policy (options as a
-JSON object in ``EPLB_VLLM_POLICY_OPTIONS``); unset, nothing changes::
+JSON object in ``EPLB_VLLM_POLICY_OPTIONS``), and where vllm-ascend is installed its ``PolicyFactory`` returns
+:class:`eplb.integrations.AscendPolicy` for it; unset, nothing changes::
 
     pip install eplb vllm
     EPLB_VLLM_POLICY=auto vllm serve MODEL --enable-expert-parallel --enable-eplb
+
+The plug-in is inert: this module imports only the standard library and eplb's registry of names, so installing eplb
+loads nothing into vLLM's processes (vLLM's CPU platform scans every loaded module, and numba's objects break that
+scan). The policy code (numpy, numba, scipy) loads at the first ``rebalance_experts`` call, which also checks the
+policy's options.
 
 Without vLLM, ``vllm_policy("swift")`` builds such a class for any registered policy::
 
@@ -19,30 +25,24 @@ Without vLLM, ``vllm_policy("swift")`` builds such a class for any registered po
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 
-import numpy as np
-
-from eplb._arrays import like_input, to_int_array
+from eplb import policies
 from eplb.errors import PolicyError
-from eplb.load import as_load
-from eplb.placement import Placement
-from eplb.policies import get_policy
-from eplb.policies.default import check_sizes
-from eplb.policies.resilience import repair_current
-from eplb.policies.retention import preserve_slots
-from eplb.topology import Topology
 
-__all__ = ["VllmPolicy", "vllm_policy", "register", "POLICY_ENV", "OPTIONS_ENV"]
+__all__ = ["VllmPolicy", "vllm_policy", "register", "POLICY_ENV", "OPTIONS_ENV", "ASCEND_FACTORY"]
 
 log = logging.getLogger(__name__)
 
-#: environment variable naming the eplb policy the plug-in installs for vLLM
+#: environment variable naming the eplb policy the plug-in installs for vLLM and vllm-ascend
 POLICY_ENV = "EPLB_VLLM_POLICY"
 #: environment variable with the policy's options, a JSON object
 OPTIONS_ENV = "EPLB_VLLM_POLICY_OPTIONS"
+#: the vllm-ascend module whose ``PolicyFactory.generate_policy`` the plug-in replaces
+ASCEND_FACTORY = "vllm_ascend.eplb.core.policy.policy_factory"
 
 
 class VllmPolicy:
@@ -77,64 +77,19 @@ class VllmPolicy:
         Raises:
             EplbError: sizes that do not fit or disagree (naming vLLM's argument), bad load, unknown policy or option.
         """
-        load = as_load(weight, field="weight")
-        if load.ndim != 2:
-            raise PolicyError(f"weight must be [layers, experts], got shape {list(load.shape)}")
-        num_layers, num_experts = load.shape
-        check_sizes(num_experts, num_replicas, num_groups, num_nodes, num_ranks, ranks_name="num_ranks")
-        if num_experts % num_groups and num_groups % num_nodes:
-            num_groups = 1
-        topology = Topology(int(num_ranks), int(num_replicas // num_ranks), int(num_nodes), int(num_groups))
-        old = None
-        if old_global_expert_indices is not None:
-            old = _old_map(old_global_expert_indices, num_layers, num_experts, int(num_replicas))
-        current = None if old is None else _start_from(old, load, topology)
-        policy = get_policy(cls.policy_name, **cls.policy_options)
-        phy2log = policy.rebalance(load, topology, current=current).placement.phy2log
-        if old is not None:
-            # vLLM copies nothing for an expert that keeps its slot; the policy's retention worked on the repaired
-            # start, so put the experts the engine really holds back in their slots (rank loads do not change)
-            phy2log = preserve_slots(phy2log, np.where(old < 0, num_experts, old), topology.num_ranks)
-        return like_input(np.array(phy2log, dtype=np.int64), weight)  # a writable copy: the caller owns it
+        from eplb.integrations.vllm_plan import plan_phy2log  # the policy code loads here, not with the plug-in
+
+        return plan_phy2log(cls.policy_name, cls.policy_options, weight, num_replicas, num_groups, num_nodes,
+                            num_ranks, old_global_expert_indices)
 
 
-def _old_map(value, num_layers: int, num_experts: int, num_replicas: int) -> np.ndarray:
-    """``old_global_expert_indices`` checked and fitted to ``num_replicas`` columns (``-1`` for new slots)."""
-    old = to_int_array(value, "old_global_expert_indices", PolicyError)
-    if old.ndim != 2 or old.shape[0] != num_layers:
-        raise PolicyError(f"old_global_expert_indices must be [layers={num_layers}, physical experts], got shape "
-                          f"{list(old.shape)}")
-    bad = np.argwhere((old < -1) | (old >= num_experts))
-    if len(bad):
-        layer, slot = bad[0]
-        raise PolicyError(f"old_global_expert_indices[{layer}, {slot}] = {old[layer, slot]}: expected an expert id "
-                          f"in [0, {num_experts}) or -1 (empty slot)")
-    if old.shape[1] >= num_replicas:  # elastic scale-down keeps the first ranks
-        return old[:, :num_replicas].copy()
-    return np.pad(old, ((0, 0), (0, num_replicas - old.shape[1])), constant_values=-1)
-
-
-def _start_from(old: np.ndarray, load: np.ndarray, topology: Topology) -> Placement:
-    """A complete placement close to ``old`` (``[L, P]``, ``-1`` = empty) for the policy to start from.
-
-    Empty slots take the experts that have no slot (hottest first), then extra replicas of the experts with the
-    most load per replica; experts still without a slot (their ranks were removed) take a spare replica's slot.
-    """
-    num_experts = load.shape[1]
-    start = old.copy()
-    for layer in np.flatnonzero((start < 0).any(axis=1)):
-        row, weight = start[layer], load[layer]
-        count = np.bincount(row[row >= 0], minlength=num_experts)
-        empty = np.flatnonzero(row < 0)
-        missing = np.flatnonzero(count == 0)
-        missing = missing[np.argsort(-weight[missing], kind="stable")][:empty.size]
-        row[empty[:missing.size]] = missing
-        count[missing] += 1
-        for slot in empty[missing.size:]:
-            expert = int(np.argmax(weight / count))
-            row[slot] = expert
-            count[expert] += 1
-    return Placement(repair_current(start, load), num_experts, topology)
+def _policy_class(name: str, options: dict, *bases: type) -> type[VllmPolicy]:
+    """A :class:`VllmPolicy` subclass for the registered policy ``name``, named and located as eplb's."""
+    class_name = f"Eplb{name.capitalize()}Policy"
+    # type() would take the module of the metaclass's caller (vLLM's base is an ABC: "abc.EplbAutoPolicy")
+    return type(class_name, (VllmPolicy, *bases),
+                {"policy_name": name, "policy_options": dict(options), "__module__": __name__,
+                 "__qualname__": class_name, "__doc__": f"vLLM EPLB policy class running eplb's {name!r} policy."})
 
 
 def vllm_policy(name: str | int = "default", **options) -> type[VllmPolicy]:
@@ -143,22 +98,18 @@ def vllm_policy(name: str | int = "default", **options) -> type[VllmPolicy]:
     Raises:
         PolicyError: unknown policy or option (checked here, not at the first rebalance).
     """
-    policy = get_policy(name, **options)
-    return type(f"Eplb{type(policy).__name__}", (VllmPolicy,),
-                {"policy_name": policy.name, "policy_options": dict(options),
-                 "__doc__": f"vLLM EPLB policy class running eplb's {policy!r}."})
+    return _policy_class(policies.get_policy(name, **options).name, options)
 
 
-def register() -> None:
-    """vLLM's ``vllm.general_plugins`` entry point: install the policy ``EPLB_VLLM_POLICY`` names as vLLM's
-    ``EPLB_POLICIES["default"]``, the entry vLLM's EPLB calls. Does nothing when the variable is unset or empty.
-
-    Raises:
-        PolicyError: an unknown policy or option, or options that are not a JSON object (vLLM stops with it).
-    """
-    name = os.environ.get(POLICY_ENV, "").strip()
-    if not name:
-        return
+def _asked() -> tuple[str, dict] | None:
+    """The policy name and options the environment asks for; None when ``EPLB_VLLM_POLICY`` is unset or empty."""
+    raw = os.environ.get(POLICY_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        name = policies.policy_name(raw)
+    except PolicyError as exc:
+        raise PolicyError(f"{POLICY_ENV}={raw!r}: {exc}") from None
     text = os.environ.get(OPTIONS_ENV, "").strip() or "{}"
     try:
         options = json.loads(text)
@@ -166,14 +117,46 @@ def register() -> None:
         raise PolicyError(f"{OPTIONS_ENV}={text!r} is not JSON: {exc.msg}") from None
     if not isinstance(options, dict):
         raise PolicyError(f"{OPTIONS_ENV} must be a JSON object of policy options, got {text!r}")
-    try:
-        policy_class = vllm_policy(name, **options)
-    except PolicyError as exc:
-        raise PolicyError(f"{POLICY_ENV}={name!r}: {exc}") from None
-    from vllm.distributed.eplb import policy as vllm_policies
+    return name, options
 
-    installed = type(policy_class.__name__, (policy_class, vllm_policies.AbstractEplbPolicy),
-                     {"__doc__": policy_class.__doc__})
-    vllm_policies.EPLB_POLICIES["default"] = installed
-    log.info("eplb: vLLM's EPLB policy 'default' now runs eplb's %r policy with options %s",
-             policy_class.policy_name, options)
+
+def register() -> None:
+    """vLLM's ``vllm.general_plugins`` entry point. When ``EPLB_VLLM_POLICY`` names a policy: vLLM's
+    ``EPLB_POLICIES["default"]`` (the entry vLLM's EPLB calls) runs it, and so does vllm-ascend's
+    ``PolicyFactory.generate_policy`` where vllm-ascend is installed. Does nothing when the variable is unset or empty.
+
+    Raises:
+        PolicyError: an unknown policy, or options that are not a JSON object (vLLM stops with it). The option names
+            are checked when the policy first plans (or, in vllm-ascend, when its EPLB worker is built).
+    """
+    asked = _asked()
+    if asked is None:
+        return
+    name, options = asked
+    if importlib.util.find_spec("vllm") is not None:
+        from vllm.distributed.eplb import policy as vllm_policies
+
+        vllm_policies.EPLB_POLICIES["default"] = _policy_class(name, options, vllm_policies.AbstractEplbPolicy)
+        log.info("eplb: vLLM's EPLB policy 'default' now runs eplb's %r policy with options %s", name, options)
+    if importlib.util.find_spec("vllm_ascend") is not None:
+        _install_in_vllm_ascend(name, options)
+
+
+def _install_in_vllm_ascend(name: str, options: dict) -> None:
+    """Make vllm-ascend's ``PolicyFactory.generate_policy(policy_type)`` return ``AscendPolicy(name, **options)``,
+    whatever ``policy_type`` its config gives (its EPLB worker pickles the policy into a process of its own)."""
+    try:
+        factory = importlib.import_module(ASCEND_FACTORY).PolicyFactory
+    except (ImportError, AttributeError) as exc:
+        raise PolicyError(f"{POLICY_ENV}={name!r}: vllm_ascend is installed, but its policy factory "
+                          f"{ASCEND_FACTORY}.PolicyFactory does not load: {exc}") from exc
+
+    def generate_policy(policy_type: int):
+        from eplb.integrations.vllm_ascend import AscendPolicy
+
+        log.info("eplb: vllm-ascend's EPLB runs eplb's %r policy with options %s (in place of its policy_type=%s)",
+                 name, options, policy_type)
+        return AscendPolicy(name, **options)
+
+    factory.generate_policy = staticmethod(generate_policy)
+    log.info("eplb: vllm-ascend's PolicyFactory now returns eplb's %r policy", name)

@@ -1,7 +1,8 @@
 """Placement policies behind one small dispatch: ``get_policy(name_or_id, **options)``.
 
 One module per policy; each defines ``POLICY``, the class. Modules are imported on first use so that asking for
-one policy never compiles another's kernels.
+one policy never compiles another's kernels, and importing this registry (names, ids: :func:`policy_name`) loads no
+policy code at all (vLLM's plug-in relies on it).
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from typing import TYPE_CHECKING
 
+from eplb._lazy import lazy_getattr
 from eplb.errors import PolicyError
-from eplb.policies.base import Plan, Policy
 
-__all__ = ["get_policy", "available_policies", "policy_options", "Plan", "Policy", "POLICY_IDS", "POLICY_NAMES"]
+if TYPE_CHECKING:
+    from eplb.policies.base import Plan, Policy
+
+__all__ = ["get_policy", "available_policies", "policy_options", "policy_name", "Plan", "Policy", "POLICY_IDS",
+           "POLICY_NAMES"]
 
 _MODULES = {
     "random": "eplb.policies.random_policy",
@@ -28,6 +34,10 @@ POLICY_NAMES = tuple(_MODULES)
 
 #: vllm-ascend ``eplb_policy_type`` ids
 POLICY_IDS = {0: "random", 1: "default", 2: "swift", 3: "flashlb"}
+
+
+# the base classes load numpy, numba and the metrics; the registry itself needs none of them
+__getattr__ = lazy_getattr(__name__, {"Plan": "eplb.policies.base", "Policy": "eplb.policies.base"})
 
 
 def _policy_class(name: str) -> type[Policy]:
@@ -57,13 +67,29 @@ def policy_options(name: str) -> list[str]:
     return [p for p in inspect.signature(_policy_class(_registered(name)).__init__).parameters if p != "self"]
 
 
-def _registered(name: str) -> str:
-    names = available_policies()
+def _registered(name: str, names=None) -> str:
+    names = available_policies() if names is None else names
     if name not in names:
         hint = difflib.get_close_matches(str(name), names, n=1)
         suffix = f"; did you mean {hint[0]!r}?" if hint else ""
         raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
     return name
+
+
+def policy_name(name_or_id: str | int) -> str:
+    """The registered name a name or vllm-ascend policy id (``1`` or ``"1"``) stands for; imports no policy.
+
+    Raises:
+        PolicyError: unknown name or id (with a suggestion).
+    """
+    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+        if name_or_id not in POLICY_IDS:
+            raise PolicyError(f"policy id must be one of {sorted(POLICY_IDS)}, got {name_or_id}")
+        return POLICY_IDS[name_or_id]
+    name = str(name_or_id)
+    if name.isdigit() and int(name) in POLICY_IDS:
+        name = POLICY_IDS[int(name)]
+    return _registered(name, POLICY_NAMES)
 
 
 def get_policy(name_or_id: str | int, **options) -> Policy:
@@ -72,14 +98,7 @@ def get_policy(name_or_id: str | int, **options) -> Policy:
     Raises:
         PolicyError: unknown name or id, or an option the policy does not take (with a suggestion).
     """
-    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
-        if name_or_id not in POLICY_IDS:
-            raise PolicyError(f"policy id must be one of {sorted(POLICY_IDS)}, got {name_or_id}")
-        name = POLICY_IDS[name_or_id]
-    else:
-        name = str(name_or_id)
-        if name.isdigit() and int(name) in POLICY_IDS:
-            name = POLICY_IDS[int(name)]
+    name = policy_name(name_or_id)
     cls = _policy_class(_registered(name))
     accepted = policy_options(name)
     for key in options:

@@ -26,5 +26,13 @@ __all__ = list(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        try:
+            module = importlib.import_module(_EXPORTS[name])
+        except ModuleNotFoundError as exc:
+            from eplb._extras import EXTRAS, MissingExtra, missing
+
+            if exc.name not in EXTRAS:
+                raise
+            raise MissingExtra(missing(f"eplb.runtime.{name}", exc.name)) from None
+        return getattr(module, name)
     raise AttributeError(f"module 'eplb.runtime' has no attribute {name!r}")

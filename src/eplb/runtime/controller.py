@@ -62,9 +62,10 @@ from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worke
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.round import Agreed, PlanRound, failure_of
 from eplb.runtime.router import ReplicaRouter
-from eplb.runtime.start import check_budget, controller_policy_options, ring_steps, start_placement
+from eplb.runtime.startup import check_budget, controller_policy_options, describe, ring_steps, start_placement
+from eplb.runtime.timing import UpdateTimer
 from eplb.runtime.transport import SideChannel, runtime_device
-from eplb.runtime.window_end import WAITING_FOR_INTERVAL, WindowEnd, static_window, write_record
+from eplb.runtime.window_end import WindowEnd, static_window, write_record
 from eplb.topology import Topology
 
 __all__ = ["EplbController", "CycleMetrics", "FailoverReport", "STEP_KINDS"]
@@ -152,9 +153,11 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, layers_per_step=config.layers_per_step,
+        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
+                                       layers_per_step=config.layers_per_step,
                                        bytes_per_step=config.bytes_per_step, host_staging=host_staging,
-                                       similarity_threshold=config.update_threshold), num_layers)
+                                       similarity_threshold=config.update_threshold,
+                                       adaptive=config.adaptive_cadence), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
@@ -182,6 +185,11 @@ class EplbController:
                             and cycle_policy(config.policy, self._policy_options, config.dispatch).prices_moves)
             self._window_end = WindowEnd(config, self.recorder, self.planner, prices_moves, config.cycle_steps)
         self._prometheus = PrometheusExporter(config.prometheus_port) if config.prometheus_port and rank == 0 else None
+        #: xLLM's seconds-based cycle start (None: windows end by the step count)
+        self._timer = (UpdateTimer(config.update_interval_s, config.planner_check_steps)
+                       if planning and config.update_interval_s else None)
+        if rank == 0:
+            log.info("eplb: %s", describe(config))
         #: EPLB's failure detector (:mod:`eplb.runtime.heartbeat`; None unless ``heartbeat_interval_s`` is set)
         self.heartbeat = watch(self)
 
@@ -205,6 +213,8 @@ class EplbController:
         now = time.perf_counter()
         if self._step_started is not None:
             self._step_s.append(now - self._step_started)
+            if self._prometheus is not None:
+                self._prometheus.step(now - self._step_started)
         self._step_started = now
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             if self.config.mode == "static":
@@ -225,11 +235,12 @@ class EplbController:
             return kinds
         if self.round is not None and self.round.gathered() and self.round.window is not None:
             self._window_load = self.round.record(self.metrics)
-        action = self.cycle.on_step(self.step)
+        due = self._timer.due(self.step, self.channel, self.cycle.phase is Phase.COLLECT) if self._timer else None
+        action = self.cycle.on_step(self.step, due)
         if action.skipped:
             self._skip(action.skipped)
         if action.submit:  # the window is the steps before this one: gather it before this step records
-            self._submit()
+            self._submit(action.window_start)
             kinds.append("submit")
         self.recorder.begin_step(is_prefill)
         if action.poll and self.round is not None:
@@ -257,11 +268,11 @@ class EplbController:
     def _end_of_apply(self) -> None:
         """The cycle's last parts switched (or record mode's schedule ended): the cycle is logged."""
         if self.cycle.phase is Phase.COLLECT:
-            log_cycle(self.metrics[-1], self.config.mode == "record", len(self.cycle.records[-1].layers))
+            log_cycle(self.metrics[-1], self.config.mode == "record")
             self._export(self.metrics[-1])
 
     # -- plans ----------------------------------------------------------------------------------------------------
-    def _submit(self) -> None:
+    def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
         group, PAR, the interval agreement, the planner request) runs on the side thread."""
         failed = self.live.failed
@@ -269,18 +280,19 @@ class EplbController:
                                          window_par=np.full(self.live.phy2log.shape[0], np.nan)))
         request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
-                              cycle_config=self.cycle.config, expert_bytes=self._expert_bytes,
+                              cycle_config=self.cycle.planning_config, expert_bytes=self._expert_bytes,
                               live_ranks=~failed if failed.any() else None, resilience=self.config.resilience,
                               state=self.cycle.state, spec=self._spec)
         # what a move and a step cost on this rank (for the plan's price; agreed on the side thread)
         measured = (self._move_s / self._moved_experts if self._moved_experts else 0.0, list(self._step_s))
         gathering = self.channel.submit(self._window_end.run, self.channel, self.recorder.snapshot(),
-                                        self.channel.record_event(), request, failed.copy(), self.step, measured)
+                                        self.channel.record_event(), request, failed.copy(), self.step, measured,
+                                        window_start)
         self.round = PlanRound(self.metrics[-1].cycle, self.step, gathering)
 
     def _poll(self) -> bool:
         """A poll step (see :meth:`PlanRound.poll`); whether it started an agreement."""
-        agreed, late, started = self.round.poll(self.step, self.config.planner_check_steps, self.channel,
+        agreed, late, started = self.round.poll(self.config.check_step(self.step - self.round.submitted), self.channel,
                                                 self.planner)
         self.metrics[-1].late_steps += int(late)
         if agreed is not None:
@@ -305,6 +317,7 @@ class EplbController:
         current = self.metrics[-1]
         current.par_before, current.par_after, current.planner_s = plan.par_before, plan.par_after, reply.seconds
         layers = list(self.cycle.plan_ready(self.step, plan))
+        current.planned_layers = layers
         current.skipped_layers = plan.skipped_layers
         current.moved_slots = int(plan.moved_slots[layers].sum())
         current.bytes_moved = int(plan.layer_bytes[layers].sum())
@@ -320,7 +333,7 @@ class EplbController:
         current.skipped = reason
         self.round = None
         self.channel.submit(self.planner.restart_if_busy)  # a restart takes milliseconds: not in a step
-        level = logging.INFO if reason == "no gain" or WAITING_FOR_INTERVAL in reason else logging.WARNING
+        level = logging.INFO if reason == "no gain" else logging.WARNING
         log.log(level, "eplb cycle %d skipped at step %d: %s; serving continues on the current placement",
                 current.cycle, self.step, reason)
         self._export(current)
@@ -341,7 +354,7 @@ class EplbController:
 
     def _export(self, current: CycleMetrics) -> None:
         if self._prometheus is not None:
-            self._prometheus.update(current)
+            self._prometheus.update(current, self.config.mode == "record")
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def disable(self, reason: str) -> None:
@@ -352,7 +365,7 @@ class EplbController:
         self.disabled = reason
         log.error("eplb turned itself off at step %d: %s; serving goes on with the placement in force", self.step,
                   reason)
-        count_event(self._prometheus, "disabled", "times EPLB turned itself off (its own threads failed)")
+        count_event(self._prometheus, "disabled", "Times EPLB turned itself off (its own threads failed)")
         if self.metrics and self.cycle.phase is not Phase.COLLECT:
             self.metrics[-1].skipped = f"EPLB turned off: {reason}"
         self.pending = self.round = None
@@ -412,3 +425,5 @@ class EplbController:
             self.planner.close()
         if self.channel is not None:
             self.channel.close(wait=not self.disabled)
+        if self._prometheus is not None:
+            self._prometheus.close()

@@ -1,7 +1,8 @@
 """One cycle's plan in flight: from the window end to the step every rank accepts (or skips) it together.
 
 A :class:`PlanRound` starts when a window ends: the side thread gathers the window over the side group and asks the
-planner worker (:class:`~eplb.runtime.window_end.WindowEnd`). In every check step (``planner_check_steps`` apart) the
+planner worker (:class:`~eplb.runtime.window_end.WindowEnd`). In every check step (``planner_check_steps`` apart,
+:meth:`~eplb.runtime.config.EplbConfig.check_step`) the
 serving thread takes what has finished, without waiting, into this rank's :class:`~eplb.runtime.agreement.Status`
 and starts an agreement on it; the next check step reads the agreement on every rank, so all of them act alike:
 ``READY`` everywhere with equal checksums accepts the plan, ``FAILED`` anywhere skips the cycle, ``OFF`` anywhere turns
@@ -48,7 +49,7 @@ class PlanRound:
     Args:
         cycle: the cycle's number.
         submitted: the step its window ended in.
-        gathering: the side thread's window-end job: ``(window [L, E], window PAR [L], reason to wait or None)``.
+        gathering: the side thread's window-end job: ``(window [L, E], window PAR [L], WindowFigures)``.
     """
 
     def __init__(self, cycle: int, submitted: int, gathering: Future):
@@ -59,9 +60,10 @@ class PlanRound:
         self.reply: PlannerReply | None = None
         #: the agreement started in the last check step (read in the next)
         self.agreement: Agreement | None = None
-        #: the window's load ``[L, E]`` and PAR ``[L]`` once gathered
+        #: the window's load ``[L, E]``, PAR ``[L]`` and :class:`~eplb.runtime.export.WindowFigures` once gathered
         self.window: np.ndarray | None = None
         self.window_par: np.ndarray | None = None
+        self.figures = None
 
     def gathered(self) -> bool:
         """Serving thread: take the window figures if the side thread finished them (never waits); whether it did
@@ -73,25 +75,25 @@ class PlanRound:
         if failure is not None:
             self._set(Status.OFF, f"the window-end job failed: {failure}")
             return True
-        self.window, self.window_par, waiting = future.result()
-        if waiting:
-            self._set(Status.FAILED, waiting)
+        self.window, self.window_par, self.figures = future.result()
         return True
 
     def record(self, metrics: list) -> np.ndarray | None:
         """Put the window's PAR into its cycle's :class:`~eplb.runtime.export.CycleMetrics` (the last of
         ``metrics``) and the one before's ``next_window_par``; returns the window's load (None: not gathered)."""
         if self.window_par is not None:
-            metrics[-1].window_par = self.window_par
+            current = metrics[-1]
+            current.window_par, current.rank_load, current.step_s = (self.window_par, self.figures.rank_load,
+                                                                     self.figures.step_s)
             if len(metrics) > 1 and metrics[-2].next_window_par is None:
-                metrics[-2].next_window_par = self.window_par
+                metrics[-2].next_window_par, metrics[-2].next_step_s = self.window_par, self.figures.step_s
         return self.window
 
-    def poll(self, step: int, check_steps: int, channel, planner) -> tuple[Agreed | None, bool, bool]:
-        """A poll step: read the agreement of the last check step when this is a check step, else (or when it says
-        PENDING) refresh this rank's status and, in a check step, start the next agreement. Returns ``(what was
-        agreed or None, whether the agreement was late, whether one was started)``."""
-        check = (step - self.submitted) % check_steps == 0
+    def poll(self, check: bool, channel, planner) -> tuple[Agreed | None, bool, bool]:
+        """A poll step (a check step when ``check``): read the agreement of the last check step when this is a check
+        step, else (or when it says PENDING) refresh this rank's status and, in a check step, start the next
+        agreement. Returns ``(what was agreed or None, whether the agreement was late, whether one was
+        started)``."""
         if self.agreement is not None:
             if not check:  # it runs beside serving until the next check step
                 return None, False, False

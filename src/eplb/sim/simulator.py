@@ -74,6 +74,8 @@ class SimConfig:
         resilience: the policies' resilience option (also applied to the initial layout), or None.
         reload_lost: after a failure, reload the experts left with no replica in the next step, as the runtime does;
             False: they wait for the next re-plan.
+        window_sum: plan on the window's sum even with a policy that reads per-step rows, as engines that run
+            their own window hand their policy (vLLM, vllm-ascend, SGLang).
     """
 
     topology: Topology
@@ -87,6 +89,7 @@ class SimConfig:
     failures: tuple[Failure, ...] = ()
     resilience: Resilience | None = None
     reload_lost: bool = True
+    window_sum: bool = False
 
     def __post_init__(self):
         if self.dispatch not in DISPATCH_MODES:
@@ -234,7 +237,8 @@ def clairvoyant_cycle(cycle: CycleConfig) -> CycleConfig:
 
 
 def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str | None = None,
-             clairvoyant: bool = False, progress: Callable[[float], None] | None = None) -> RunResult:
+             clairvoyant: bool = False, progress: Callable[[float], None] | None = None,
+             initial: Placement | None = None) -> RunResult:
     """Replay ``trace`` with ``policy`` (None: static) and score every step.
 
     Args:
@@ -244,6 +248,8 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         name: the run's name (default: the policy's name, or "static").
         clairvoyant: plan each cycle on the steps it will be scored on (see the module docstring).
         progress: called with the fraction done (0..1) now and then.
+        initial: the placement at step 0 (default: the ``config.layout`` initial placement); with ``policy=None``,
+            a static map served throughout.
 
     Returns:
         A :class:`RunResult`.
@@ -255,7 +261,12 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     num_steps, num_layers, num_experts = trace.counts.shape
     topology.check_experts(num_experts)
     name = name or (policy.name if policy is not None else "static")
-    initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
+    if initial is None:
+        initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
+    elif initial.phy2log.shape != (num_layers, topology.num_physical) or initial.num_experts != num_experts:
+        raise EplbError(f"initial placement is {initial.num_layers} layers x {initial.num_experts} experts on "
+                        f"{initial.num_physical} slots; the trace has {num_layers} x {num_experts} on "
+                        f"{topology.num_physical}")
     if config.resilience is not None:
         flat = np.ones((num_layers, num_experts))  # no load seen yet: spread replicas only
         initial = Placement(make_resilient(initial.phy2log, flat, topology, config.resilience), num_experts, topology)
@@ -358,9 +369,11 @@ def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyan
         window = trace.counts[window_start:step]
     if window.shape[0] == 0:
         return None
+    if config.window_sum:
+        window = window.sum(axis=0, dtype=np.float64)
     current = Placement(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
-    plan = plan_cycle(policy, window, current, cycle.config, expert_bytes=int(round(config.expert_bytes)),
+    plan = plan_cycle(policy, window, current, cycle.planning_config, expert_bytes=int(round(config.expert_bytes)),
                       live_ranks=None if live.all() else live, resilience=config.resilience,
                       state=None if clairvoyant else cycle.state,
                       from_checkpoint=not config.reload_lost, price=config.cost.move_price(config.expert_bytes))

@@ -1,0 +1,24 @@
+"""Names a package loads on first use (PEP 562), so that importing it costs only the standard library: vLLM imports
+eplb's plug-in in every process."""
+
+from __future__ import annotations
+
+import importlib
+
+
+def lazy_getattr(package: str, names: dict[str, str], submodules: bool = False):
+    """A module ``__getattr__`` for ``package`` that imports ``names[name]`` (a module) and returns its ``name``; with
+    ``submodules``, any other name is tried as a submodule (``eplb.metrics`` used before anyone imported it)."""
+
+    def __getattr__(name: str):
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        if submodules:
+            try:
+                return importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{package}.{name}":
+                    raise
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
