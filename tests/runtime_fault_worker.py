@@ -10,7 +10,7 @@ import time
 
 import dataclasses
 
-from eplb.runtime.planner import READY, finish, run_request, warm_up
+from eplb.runtime.planner import READY, finish, plan_request, warm_up
 
 
 def faulty_worker(requests, results, warmup, marker: str):
@@ -32,7 +32,7 @@ def faulty_worker(requests, results, warmup, marker: str):
             time.sleep(3600)
         if fault == "crash":
             os._exit(3)
-        result = run_request(request)
+        result = plan_request(request)
         if fault == "invalid":
             bad = result.plan.phy2log.copy()
             bad[0, :] = 0  # every slot of layer 0 holds expert 0: the other experts vanish

@@ -200,12 +200,13 @@ def _scenario(runs, name) -> list[dict]:
 
 
 def test_ascend_plan_moves_a_steps_after_its_window(runs):
-    """vllm-ascend: the window of H steps is handed over at step H; the first layer moves in step H + A and is in
-    force from step H + A + 1 on, as in vllm-ascend's updator (a planner that answered in time)."""
+    """vllm-ascend: the window of H steps is handed over at step H; the first layer moves in step H + A, as in
+    vllm-ascend's updator (a planner that answered in time), and is in force from step H + A + 2 on: the step after
+    every rank reported its transfer landed (vllm-ascend's: H + A + 1, waiting for the transfer)."""
     result = _scenario(runs, "ascend_on_time")[0]
     window_start, window_end, ready, apply_start, skipped = result["records"][0]
     assert (window_start, window_end, skipped) == (0, H, None)
-    assert ready < H + A and apply_start == H + A and result["first_switch"] == H + A + 1
+    assert ready < H + A and apply_start == H + A and result["first_switch"] == H + A + 2
 
 
 def test_ascend_late_planner_never_blocks_serving(runs):
@@ -214,15 +215,16 @@ def test_ascend_late_planner_never_blocks_serving(runs):
     result = _scenario(runs, "ascend_late")[0]
     window_start, window_end, ready, apply_start, skipped = result["records"][0]
     assert window_end == H and skipped is None
-    assert ready > H + A + 5 and apply_start == ready + 1 and result["first_switch"] == ready + 2
+    assert ready > H + A + 5 and apply_start == ready + 1 and result["first_switch"] == ready + 3
 
 
 def test_eplb_keys_keep_eplb_timing(runs):
     """planner_check_steps A (eplb's key): the reply is agreed at the check step after the one that saw it, so the
-    first layer moves at H + 2A + 1 (the rule vllm-ascend's algorithm_execution_interval used to get)."""
+    first layer moves at H + 2A + 1 (the rule vllm-ascend's algorithm_execution_interval used to get), in force two
+    steps later."""
     result = _scenario(runs, "eplb_timing")[0]
     window_start, window_end, ready, apply_start, skipped = result["records"][0]
-    assert (window_end, ready, apply_start, result["first_switch"]) == (H, H + 2 * A, H + 2 * A + 1, H + 2 * A + 2)
+    assert (window_end, ready, apply_start, result["first_switch"]) == (H, H + 2 * A, H + 2 * A + 1, H + 2 * A + 3)
 
 
 def test_halved_load_history(runs):

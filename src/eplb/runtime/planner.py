@@ -38,8 +38,8 @@ from eplb.runtime.recipes import rank_recipes
 from eplb.runtime.tables import TableSpec
 from eplb.topology import Topology
 
-__all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request", "finish", "worker_main",
-           "warm_up"]
+__all__ = ["PlanRequest", "PlannerReply", "PlannerWorker", "READY", "run_request", "plan_request", "finish",
+           "worker_main", "warm_up"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,14 @@ class PlannerReply:
     switches: tuple = ()
 
 
-def run_request(request: PlanRequest) -> PlannerReply:
-    """Run the planning function on ``request`` (what the worker does with each request)."""
+def run_request(request: PlanRequest) -> PlannerReply | tuple[int, str]:
+    """What the worker answers to ``request``: the planning function's plan, :func:`finish` ed (checked, hashed,
+    with the requesting rank's recipes), or ``(cycle, reason)`` when the plan is invalid."""
+    return finish(request, plan_request(request))
+
+
+def plan_request(request: PlanRequest) -> PlannerReply:
+    """The planning function on ``request``: its plan alone, not yet :func:`finish` ed."""
     start = time.perf_counter()
     policy = cycle_policy(request.policy, request.options, request.dispatch)
     num_experts = request.load.shape[-1]
@@ -165,7 +171,7 @@ def worker_main(requests, results, warmup=None) -> None:
         if request is None:
             return
         try:
-            results.put(finish(request, run_request(request)))
+            results.put(run_request(request))
         except Exception:  # noqa: BLE001 - every failure goes back to the serving process, which decides
             results.put((request.cycle, f"planner raised an error:\n{traceback.format_exc(limit=4)}"))
 
