@@ -15,11 +15,16 @@ from test_cycle import make_plan
 
 
 def drive(cycle, steps, figures):
-    """Run ``steps`` steps, answering each submit with the plan ``figures(index, cycle)`` gives (before, after);
-    returns the submits as (window_start, step)."""
-    submits = []
+    """Run ``steps`` steps, answering each submit with the plan ``figures(index, cycle)`` gives (before, after), and
+    switching each apply step's parts two steps after their post; returns the submits as (window_start, step)."""
+    submits, due = [], None
     for step in range(steps):
+        if due == step:  # the parts posted two steps ago landed within their forward: in force now
+            cycle.switched(step)
+            due = None
         action = cycle.on_step(step)
+        if action.apply_layers:
+            due = step + 2
         if action.submit:
             before, after = figures(len(submits), cycle)
             submits.append((action.window_start, step))
