@@ -14,7 +14,7 @@ import sys
 from eplb.errors import EplbError
 
 # Order is the order shown by --help.
-COMMANDS = ("simulate", "plan", "eval", "validate", "convert", "demo")
+COMMANDS = ("simulate", "plan", "eval", "validate", "convert", "demo", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
