@@ -18,6 +18,8 @@ from eplb.device_check.settings import CheckSettings
 
 __all__ = ["run_check"]
 
+_STACKS_LEAD_S = 5.0
+
 class _Progress:
     """The ranks' events, in arrival order: finished modes, errors, and where each rank was last seen."""
 
@@ -47,8 +49,11 @@ def run_check(settings: CheckSettings) -> dict:
     results, error, stacks = [None] * settings.ranks, None, {}
     with tempfile.TemporaryDirectory(prefix="eplb-check-") as folder:
         try:
-            results = launch(check_rank, settings.ranks, (settings, folder), timeout_s=settings.launch_timeout_s,
-                             on_event=progress.on_event, log_level=logging.ERROR)
+            # a rank still running shortly before the launch gives up writes its stacks (a wall-clock time: the ranks
+            # start later than this, by seconds on a loaded machine)
+            stacks_at = time.time() + settings.launch_timeout_s - min(_STACKS_LEAD_S, settings.margin_s / 2)
+            results = launch(check_rank, settings.ranks, (settings, folder, stacks_at),
+                             timeout_s=settings.launch_timeout_s, on_event=progress.on_event, log_level=logging.ERROR)
         except Exception as exc:  # noqa: BLE001 - a rank raised, died or hung: the result says which and why
             error = f"{type(exc).__name__}: {exc}"
         for rank in range(settings.ranks):

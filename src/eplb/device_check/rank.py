@@ -34,12 +34,12 @@ from eplb.runtime.controller import STEP_KINDS
 __all__ = ["check_rank"]
 
 
-def check_rank(rank: int, world: int, emit, settings, folder: str) -> dict:
+def check_rank(rank: int, world: int, emit, settings, folder: str, stacks_at: float) -> dict:
     """Serve every dispatch mode of ``settings`` on this rank; see the module docstring. Returns a picklable dict.
-    A rank still running after ``settings.stacks_after_s`` writes its threads' stacks to ``folder/rank{rank}.stacks``
+    A rank still running at ``stacks_at`` (``time.time()``) writes its threads' stacks to ``folder/rank{rank}.stacks``
     (a hang, for the result)."""
     stacks = open(os.path.join(folder, f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends
-    faulthandler.dump_traceback_later(settings.stacks_after_s, file=stacks)
+    faulthandler.dump_traceback_later(max(1.0, stacks_at - time.time()), file=stacks)
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -157,7 +157,8 @@ def _serve(rank: int, dispatch: str, settings, device, side, watch: HookWatch, d
             ctl.before_forward()
         kinds = list(ctl.step_kinds)
         emit(("step", dispatch, ctl.step, kinds))  # where this rank was last seen, should it hang
-        if settings.fault is not None and settings.fault[0] == rank and "move" in kinds:
+        if settings.fault is not None and settings.fault[0] == rank and ("move" in kinds
+                                                                        or settings.fault[1] == "hang"):
             _fail(rank, settings.fault[1])
         profile = len(ctl.metrics) % PROFILES
         ids, counts = work.ids[profile], work.counts[profile]
@@ -193,7 +194,8 @@ def _serve(rank: int, dispatch: str, settings, device, side, watch: HookWatch, d
 
 
 def _fail(rank: int, how: str) -> None:
-    """A failure on purpose (tests: :attr:`CheckSettings.fault`)."""
+    """A failure on purpose (tests: :attr:`CheckSettings.fault`): raise or exit in the first move step, hang in the
+    first step."""
     if how == "exit":
         os._exit(17)
     while how == "hang":

@@ -162,6 +162,9 @@ def table(result: dict) -> str:
     else:
         lines.append(f"FAILED: {len(result['failures'])} problem(s)")
         lines += [f"  - {line}" for line in result["failures"]]
+    if result.get("stacks"):
+        lines.append(f"ranks {', '.join(result['stacks'])} were still running near the timeout: their threads' stacks "
+                     "are in the JSON result (--json), under \"stacks\"")
     return "\n".join(lines)
 
 

@@ -42,9 +42,9 @@ class CheckSettings:
         expert_dtypes: the dtypes of each expert's tensors; all move together, compared byte for byte at the end.
         tokens, hidden: tokens per rank and step, width of the stand-in forward (one ``[tokens, hidden] x [hidden,
             hidden]`` matmul per layer).
-        fault: tests only, ``(rank, how)``: that rank fails in its first move step, to prove that the check still
-            reports: ``raise`` (an exception), ``exit`` (the process dies) or ``hang`` (it never returns; the launch
-            times out, and the result carries the rank's stacks).
+        fault: tests only, ``(rank, how)``: that rank fails on purpose, to prove that the check still reports:
+            ``raise`` (an exception) or ``exit`` (the process dies) in its first move step, ``hang`` (it never
+            returns; the launch times out and the result carries the rank's stacks) in its first step.
     """
 
     device: str = "cpu"
@@ -100,11 +100,6 @@ class CheckSettings:
     def launch_timeout_s(self) -> float:
         """When the launch gives up and kills the ranks still running."""
         return self.budget_s + self.margin_s
-
-    @property
-    def stacks_after_s(self) -> float:
-        """When a rank still running writes its threads' stacks (for the result): well before the launch gives up."""
-        return self.budget_s + self.margin_s / 2
 
     @classmethod
     def for_device(cls, device: str, **changes) -> CheckSettings:
