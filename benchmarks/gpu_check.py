@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=256, help="experts per layer")
     parser.add_argument("--slots", type=int, default=320, help="expert slots over all ranks")
     parser.add_argument("--fault", type=fault, metavar="RANK:HOW",
-                        help="tests: that rank fails in its first move step (HOW: raise, exit or hang)")
+                        help="tests: that rank fails on purpose (HOW: raise or exit in its first move step, hang)")
     args = parser.parse_args()
 
     from eplb.device_check import CheckSettings, resolve_device, run_check
