@@ -70,7 +70,13 @@ def main() -> int:
         settings = CheckSettings.for_device(resolve_device(args.device), **changes)
     except EplbError as exc:  # nothing was started
         parser.error(str(exc))
-    result = run_check(settings)
+    try:
+        result = run_check(settings)
+    except Exception:  # noqa: BLE001 - a bug of the check itself: still one JSON object
+        import traceback
+
+        error = traceback.format_exc()
+        result = {"ok": False, "failures": [error.strip().splitlines()[-1]], "error": error}
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 
