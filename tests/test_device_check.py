@@ -131,6 +131,33 @@ def test_ranks_past_their_budget_stop_on_the_same_step(compiled):
     assert not result["ok"] and any("budget" in line for line in result["failures"])
 
 
+_WATCH_PROBE = """
+import threading, warnings
+from eplb.device_check.watch import HookWatch
+
+watch = HookWatch(cuda=True)  # what torch's sync debug mode raises in warn mode, on this thread and on another
+
+def sync():
+    warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp)")
+
+with watch.hook():
+    sync()
+    sync()
+    side = threading.Thread(target=sync)  # EPLB's side thread may synchronise
+    side.start()
+    side.join()
+sync()  # outside a hook
+print(watch.hits)
+"""
+
+
+def test_cuda_syncs_count_on_the_serving_thread_inside_a_hook_only():
+    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", _WATCH_PROBE],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(["CUDA sync at <string>:8 (sync)"] * 2)
+    assert "synchronizing" not in out.stderr  # the side thread's and the unwatched one are neither counted nor shown
+
+
 @pytest.mark.parametrize("dispatch", ["rank", "token", "local", "balanced"])
 def test_graph_recording_counts_the_real_tokens_of_the_recorded_stage(dispatch):
     # on CPU the forward runs eagerly: the counting the CUDA graph replays is the same code

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import faulthandler
+import gc
 import os
 import statistics
 import time
@@ -52,6 +53,9 @@ def check_rank(rank: int, world: int, emit, settings, folder: str, stacks_at: fl
             share = time.monotonic() + (deadline - time.monotonic()) / (len(settings.modes) - index)
             out["modes"][dispatch] = figures = _serve(rank, dispatch, settings, device, side, watch, share, emit)
             emit(("mode", rank, dispatch, figures))
+            gc.collect()  # the mode's expert tensors (GBs on a GPU) go before the next mode allocates its own
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if rank == 0 and device.type == "cuda":
             from eplb.device_check.graphs import graph_recording
 

@@ -53,16 +53,16 @@ class HookWatch:
 
     @contextmanager
     def hook(self):
+        debug = self.cuda and torch.cuda.is_available()
         with self.guard.serving():
-            if not self.cuda:
-                yield
-                return
             self._thread = threading.current_thread()
-            torch.cuda.set_sync_debug_mode("warn")
+            if debug:
+                torch.cuda.set_sync_debug_mode("warn")
             try:
                 yield
             finally:
-                torch.cuda.set_sync_debug_mode(0)
+                if debug:
+                    torch.cuda.set_sync_debug_mode(0)
                 self._thread = None
 
     def _showwarning(self, message, category, filename, lineno, file=None, line=None):
@@ -74,8 +74,10 @@ class HookWatch:
 
 
 def _caller() -> str:
-    """The innermost frame of the serving thread's stack outside this module and the warnings machinery."""
-    for frame in reversed(traceback.extract_stack()):
-        if not frame.filename.startswith(_HERE) and "warnings" not in os.path.basename(frame.filename):
-            return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
-    return "unknown"
+    """Where the serving thread made the call: its innermost frame in eplb's runtime (else any frame outside this
+    package and the warnings machinery)."""
+    frames = [f for f in reversed(traceback.extract_stack())
+              if not f.filename.startswith(_HERE) and os.path.basename(f.filename) != "warnings.py"]
+    runtime = [f for f in frames if f"{os.sep}eplb{os.sep}" in f.filename]
+    frame = (runtime or frames or [None])[0]
+    return "unknown" if frame is None else f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name})"
