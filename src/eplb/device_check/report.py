@@ -152,7 +152,10 @@ def table(result: dict) -> str:
         rows = []
     width = max([0] + [len(label) for label, _ in rows]) + 2
     cells = max([8] + [len(c) + 2 for _, row in rows for c in row])
-    lines = [f"eplb doctor: {result['device']} ({result['device_id']}), torch {result['torch']}, {result['ranks']} "
+    where = result["device"]
+    if result["device_id"] != where:
+        where += f" ({result['device_id']})"
+    lines = [f"eplb doctor: {where}, torch {result['torch']}, {result['ranks']} "
              f"ranks on one device, {result['model']['layers']} layers x {result['model']['experts']} experts, "
              f"{result['seconds']:g} s"]
     lines += [label.ljust(width) + "".join(c.ljust(cells) for c in row).rstrip() for label, row in rows]
