@@ -16,7 +16,7 @@ from eplb.commands.common import check_extras
 from eplb.errors import EplbError
 
 # Order is the order shown by --help.
-COMMANDS = ("simulate", "tune", "plan", "eval", "validate", "convert", "demo")
+COMMANDS = ("simulate", "tune", "plan", "eval", "validate", "convert", "demo", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

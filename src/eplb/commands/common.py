@@ -53,6 +53,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 #: the command itself, what needs it in the message)
 NEEDS = {
     "demo": (("torch", None, "eplb demo"),),
+    "doctor": (("torch", None, "eplb doctor"),),
     "eval": (("matplotlib", "plot", "--plot"),),
     "simulate": (("matplotlib", None, "eplb simulate (the report's plots)"),),
 }

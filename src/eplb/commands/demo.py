@@ -81,7 +81,8 @@ def register(subparsers) -> None:
                         help="this rank's process exits in the middle of the first weight move (repeat it for a "
                              "node); the others fail over, reload the experts only it held and serve on")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu: Gloo; cuda: NCCL, rank r on GPU r (needs one GPU per rank)")
+                        help="cpu: Gloo; cuda: rank r on GPU r mod GPUs, NCCL with a GPU per rank, else Gloo "
+                             "(ranks share GPUs)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="give up (and stop every rank) after this many seconds")
     parser.add_argument("--json", action="store_true", help="print one JSON summary at the end, nothing else")
@@ -136,9 +137,8 @@ def _settings(args):
     if args.device == "cuda":
         import torch
 
-        if torch.cuda.device_count() < args.ranks:
-            raise EplbError(f"--device cuda needs one GPU per rank: {args.ranks} ranks, "
-                            f"{torch.cuda.device_count()} GPUs visible")
+        if not torch.cuda.is_available():
+            raise EplbError("--device cuda: torch sees no CUDA device; use --device cpu")
     trace = None
     if args.trace is not None:
         from eplb.engine.tokens import expert_popularity
@@ -333,10 +333,10 @@ def run(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from eplb.engine.launch import launch
-    from eplb.engine.serve import serve_rank
+    from eplb.engine.serve import serve_rank, serving_backend
 
     settings, record_path = _settings(args)
-    backend = "nccl" if args.device == "cuda" else "gloo"
+    backend = serving_backend(args.device, args.ranks)
     log_level = logging.getLogger().getEffectiveLevel()  # the ranks log like the parent (-v, -vv)
     collector = _Collector(args.ranks, args.layers, args.tokens)
     console = Console(stderr=True, highlight=False)

@@ -122,7 +122,8 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
         args: extra picklable arguments.
         timeout_s: wall-clock limit of the whole launch (start-up included).
         on_event: called in the parent as ``on_event(rank, payload)`` for each ``emit`` of a rank, in arrival order.
-        backend: ``gloo`` (CPU) or ``nccl`` (rank ``r`` then uses GPU ``r``; the target picks its device).
+        backend: ``gloo`` (CPU, or ranks sharing a GPU) or ``nccl`` (rank ``r`` then uses GPU ``r``, one GPU per
+            rank; the target picks its device).
         collective_timeout_s: the process group's timeout (a rank stuck in a collective fails after it).
         threads: torch threads per rank (1: ranks do not fight over the cores).
         log_level: ``logging`` level of the ranks (their records go to stderr, prefixed with the rank).
@@ -139,6 +140,13 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
 
     if world_size < 1:
         raise EplbError(f"world_size must be >= 1, got {world_size}")
+    if backend == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < world_size:  # NCCL cannot put two ranks on one device: refused before any rank starts
+            raise EplbError(f"backend 'nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPUs visible; use "
+                            "backend 'gloo' to put several ranks on one GPU")
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)

@@ -36,7 +36,7 @@ from eplb.engine.tokens import SkewedTokens, expert_popularity
 from eplb.errors import EplbError
 from eplb.topology import Topology
 
-__all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures"]
+__all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures", "rank_device", "serving_backend"]
 
 _CHECK_SEED = 987654321
 _CALIBRATION_SEED = 123456789
@@ -97,7 +97,7 @@ class ServeSettings:
         stop_after_cycles: stop early once every rank knows the outcome of this many cycles (a plan accepted or the
             cycle skipped; checked every 10 steps).
         faults: faults to inject.
-        device: ``cpu``, or ``cuda`` (rank ``r`` uses GPU ``r``).
+        device: ``cpu``, or ``cuda`` (:func:`rank_device`: ranks share GPUs when there are fewer GPUs than ranks).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -110,6 +110,24 @@ class ServeSettings:
     stop_after_cycles: int | None = None
     faults: Faults = field(default_factory=Faults)
     device: str = "cpu"
+
+
+def rank_device(device: str, rank: int, gpus: int | None = None) -> torch.device:
+    """The device ``rank`` serves on: the CPU, or with ``device="cuda"`` GPU ``rank mod gpus`` (``gpus``: default the
+    GPUs torch sees), so that two ranks share one GPU when there are fewer GPUs than ranks."""
+    if device != "cuda":
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    return torch.device("cuda", rank % max(gpus, 1))
+
+
+def serving_backend(device: str, ranks: int, gpus: int | None = None) -> str:
+    """The serving group's backend: ``nccl`` when every rank has a GPU of its own, else ``gloo`` (the CPU, or ranks
+    sharing a GPU: NCCL refuses two ranks on one device, Gloo runs the model's collectives on CUDA tensors too)."""
+    if device != "cuda":
+        return "gloo"
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    return "nccl" if gpus >= ranks else "gloo"
 
 
 def cycle_figures(metrics) -> dict:
@@ -230,7 +248,7 @@ def _router_digest(ctl) -> int:
 
 def serve_rank(rank: int, world: int, emit, settings: ServeSettings) -> dict:
     """Serve ``settings.steps`` steps on this rank; see the module docstring. Returns a picklable dict."""
-    device = torch.device(f"cuda:{rank}" if settings.device == "cuda" else "cpu")
+    device = rank_device(settings.device, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cfg = settings.model
