@@ -22,7 +22,6 @@ from eplb.runtime.controller import STEP_KINDS  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 SMALL = dict(layers=8, experts=32, slots=40, top_k=4, layers_per_step=2)
-LATE = "waited for EPLB's side thread"
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +78,8 @@ def test_routes_weights_and_groups_are_right_in_every_mode(doctor):
 def test_the_serving_thread_makes_no_host_sync_in_any_hook(doctor):
     result = json.loads(doctor[1])
     for dispatch, mode in result["modes"].items():
-        labels = {label for calls in mode["blocking"].values() for label in calls}
-        # waits on a late side thread are issue 20 item 2 (deferred switches), not a sync the hooks make themselves
-        assert labels <= {LATE}, (dispatch, mode["blocking"])
-    assert all("blocked in EPLB's hooks" in line and LATE in line for line in result["failures"]), result["failures"]
+        assert mode["blocking"] == {} or not any(mode["blocking"].values()), (dispatch, mode["blocking"])
+    assert result["ok"], result["failures"]
 
 
 def test_cpu_skips_only_what_needs_cuda_and_says_so(doctor):
