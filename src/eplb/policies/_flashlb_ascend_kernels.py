@@ -14,9 +14,10 @@ largest ``weight / replicas``, ties to the expert earlier in weight order.
 :func:`lpt` and :func:`score` keep the reference's precision: rank loads and variances stored in float32, per-episode
 scores in float32, numba's sort of the experts by load per replica.
 
-Differences that remain (docs/peers.md): an expert gets at most ``W`` replicas while any expert has fewer (the
-reference has no cap, and its deployment then breaks), and when every rank with a free slot holds the expert, one
-expert is moved to make room (the reference has no way out).
+Differences that remain (docs/peers.md): no expert gets more than ``W`` replicas (the reference has no cap, and its
+deployment then breaks: the shares that would need it are not tried), and when every rank with a free slot holds the
+expert, one expert is moved to make room (the reference has no way out). Neither happens while the experts' loads
+leave every expert at most ``W`` replicas, as in every case checked against the reference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import math
 
 import numpy as np
 from numba import njit
+
+# Relative slack of the scan's stopping bound: the bound holds for exact variances, the stored ones are float32.
+_MARGIN = 1e-5
 
 
 @njit(cache=True, fastmath=True)
@@ -63,35 +67,40 @@ def _holds(members, size, expert):
 
 
 @njit(cache=True, fastmath=True)
-def lpt(mean, var, cov, count, z, members):
+def lpt(mean, var, cov, count, z, floor, members):
     """Deploy ``count[e]`` replicas of every expert onto ``members`` (int64 ``[W, K]``, written): experts by
     ``mean / count`` descending, each replica to the rank with a free slot not holding the expert whose
     ``mu + z * sqrt(var)`` after adding it is lowest (ties: the lowest rank), where a replica adds ``mean_e / c_e``
     to ``mu`` and ``var_e / c_e**2 + 2 * cov(e, e') / (c_e * c_e')`` for each ``e'`` on the rank to ``var``; ``mu``
-    and ``var`` are stored in float32.
+    and ``var`` are stored in float32. The result is that of scanning every rank.
 
-    The scan visits the ranks with a free slot by ``mu`` ascending and stops at the first whose ``mu`` alone exceeds
-    the best score, with the result of a full scan; empty ranks score alike, so the lowest stands for all. When every
-    rank with a free slot holds the expert, an expert is moved to make room (:func:`_make_room`).
+    The scan visits the ranks with a free slot by their own score ``mu + z * sqrt(var)`` and stops where no rank
+    left can win: when ``corr(e, e') >= floor[e]`` for every other expert (``floor[e] = -1`` when some is negative),
+    a replica of ``e`` (std ``s``) added to a rank raises its score by at least ``mean_e / c_e + z * floor[e] * s``:
+    the covariance of the rank's sum with the replica is at least ``floor[e]`` times the product of their stds, and
+    ``sqrt(v + 2 rho sqrt(v) s + s**2) - sqrt(v) >= rho * s``. Empty ranks score alike, so the lowest stands for all.
+    When every rank with a free slot holds the expert, an expert is moved to make room (:func:`_make_room`).
     """
     num_ranks, slots = members.shape
     order = np.argsort(-(mean / count))
     dev_mu = np.zeros(num_ranks, dtype=np.float32)
     dev_var = np.zeros(num_ranks, dtype=np.float32)
+    key = np.zeros(num_ranks)  # each rank's own score, from its stored mu and var
     size = np.zeros(num_ranks, dtype=np.int64)
-    ranks = np.arange(num_ranks)  # ranks with a free slot by mu ascending, ties by rank
+    ranks = np.arange(num_ranks)  # ranks with a free slot by key ascending, ties by rank
     num_open = num_ranks
     for e in order:
         add_mean = mean[e] / count[e]
+        least = add_mean + z * floor[e] * (np.sqrt(var[e]) / count[e])
         for _ in range(count[e]):
             best, best_pos, best_risk, best_mu, best_var = -1, -1, 1e30, 0.0, 0.0
             pos = 0
             while pos < num_open:
                 d = ranks[pos]
-                mu = dev_mu[d] + add_mean
-                if mu > best_risk:
+                if key[d] + least > best_risk + _MARGIN * abs(best_risk):
                     break
-                if not _holds(members[d], size[d], e):
+                mu = dev_mu[d] + add_mean
+                if mu <= best_risk and not _holds(members[d], size[d], e):
                     new_var = dev_var[d] + var[e] / count[e] ** 2
                     for j in range(size[d]):
                         new_var += 2 * cov[e, members[d, j]] / count[e] / count[members[d, j]]
@@ -102,12 +111,14 @@ def lpt(mean, var, cov, count, z, members):
                 pos = _first_loaded(ranks, pos + 1, num_open, size) if size[d] == 0 else pos + 1
             if best < 0:
                 best, best_mu, best_var = _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var)
+                for d in range(num_ranks):
+                    key[d] = dev_mu[d] + z * np.sqrt(max(np.float64(dev_var[d]), 0.0))
                 num_open = 0
                 for d in range(num_ranks):
                     if size[d] < slots:
                         ranks[num_open] = d
                         num_open += 1
-                _sort_open(ranks[:num_open], dev_mu)
+                _sort_open(ranks[:num_open], key)
                 for pos in range(num_open):
                     if ranks[pos] == best:
                         best_pos = pos
@@ -115,18 +126,27 @@ def lpt(mean, var, cov, count, z, members):
             size[best] += 1
             dev_mu[best] = best_mu
             dev_var[best] = best_var
+            key[best] = dev_mu[best] + z * np.sqrt(max(np.float64(dev_var[best]), 0.0))
             if size[best] == slots:  # a full rank leaves the scan
                 num_open -= 1
                 for pos in range(best_pos, num_open):
                     ranks[pos] = ranks[pos + 1]
                 continue
-            while best_pos + 1 < num_open:  # mu only grew: move the rank towards the end
-                nxt = ranks[best_pos + 1]
-                if dev_mu[nxt] > dev_mu[best] or (dev_mu[nxt] == dev_mu[best] and nxt > best):
-                    break
-                ranks[best_pos] = nxt
-                best_pos += 1
-            ranks[best_pos] = best
+            _reposition(ranks, num_open, best_pos, key)
+
+
+@njit(cache=True)
+def _reposition(ranks, num_open, pos, key):
+    """Move ``ranks[pos]``, whose key changed, to its place in the order (key ascending, ties by rank)."""
+    rank = ranks[pos]
+    while pos + 1 < num_open and (key[ranks[pos + 1]] < key[rank]
+                                  or (key[ranks[pos + 1]] == key[rank] and ranks[pos + 1] < rank)):
+        ranks[pos] = ranks[pos + 1]
+        pos += 1
+    while pos > 0 and (key[ranks[pos - 1]] > key[rank] or (key[ranks[pos - 1]] == key[rank] and ranks[pos - 1] > rank)):
+        ranks[pos] = ranks[pos - 1]
+        pos -= 1
+    ranks[pos] = rank
 
 
 @njit(cache=True)
@@ -142,18 +162,18 @@ def _first_loaded(ranks, start, stop, size):
 
 
 @njit(cache=True)
-def _sort_open(ranks, dev_mu):
-    """Insertion-sort ``ranks`` by ``dev_mu`` ascending, ties by rank."""
+def _sort_open(ranks, key):
+    """Insertion-sort ``ranks`` by ``key`` ascending, ties by rank."""
     for i in range(1, ranks.shape[0]):
         item = ranks[i]
         j = i - 1
-        while j >= 0 and (dev_mu[ranks[j]] > dev_mu[item] or (dev_mu[ranks[j]] == dev_mu[item] and ranks[j] > item)):
+        while j >= 0 and (key[ranks[j]] > key[item] or (key[ranks[j]] == key[item] and ranks[j] > item)):
             ranks[j + 1] = ranks[j]
             j -= 1
         ranks[j + 1] = item
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True)
 def _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var):
     """Every rank with a free slot holds ``e``: move the expert of a full rank without ``e`` that gives the lowest
     ``mu`` peak of the two ranks to the first rank with a free slot; returns that full rank and ``e``'s ``mu``,
@@ -162,7 +182,7 @@ def _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var):
     free = 0
     while size[free] == slots:
         free += 1
-    best_rank, best_slot, best_peak = -1, -1, np.inf
+    best_rank, best_slot, best_peak = -1, -1, 1e300
     for d in range(num_ranks):
         if d == free or _holds(members[d], size[d], e):
             continue
@@ -229,6 +249,19 @@ def statistics(episodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return mean, np.sum(centered**2, axis=0) / (num_episodes - 1), (centered.T @ centered) / (num_episodes - 1)
 
 
+def correlation_floor(var: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """float64 ``[E]``: a lower bound of every expert's correlation with any other (experts without variance left
+    out, as they covary with nothing), or -1 where one is negative: what bounds :func:`lpt`'s scan. Slightly below
+    the true minimum, for rounding."""
+    std = np.sqrt(np.maximum(var, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = cov / np.outer(std, std)
+    corr[~np.isfinite(corr)] = np.inf
+    np.fill_diagonal(corr, np.inf)
+    lowest = corr.min(axis=1, initial=np.inf)
+    return np.where(lowest >= 0, np.minimum(lowest, 1.0) - 1e-6, -1.0)
+
+
 def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth: int, width: int
                ) -> tuple[np.ndarray, np.float32]:
     """vllm-ascend's FlashTree on one layer's episodes ``[S, E]`` (see the module docstring): the deployment it
@@ -236,13 +269,14 @@ def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth
     num_experts = episodes.shape[1]
     mean, var, cov = statistics(episodes)
     cov = np.ascontiguousarray(cov)
+    floor = correlation_floor(var, cov)
     by_weight = np.argsort(-(mean + z * np.sqrt(var)))
     left = num_ranks * slots - num_experts
     count = np.ones(num_experts, dtype=np.int32)
     members = np.empty((num_ranks, slots), dtype=np.int64)
 
     def candidate(counts):
-        lpt(mean, var, cov, counts, z, members)
+        lpt(mean, var, cov, counts, z, floor, members)
         return score(episodes, counts, members), members.copy()
 
     if depth <= 1:
@@ -254,15 +288,17 @@ def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth
         group, rest = by_weight[node * size:(node + 1) * size], by_weight[(node + 1) * size:]
         both = by_weight[node * size:]
         guess = int((_allotment(mean[both], var[both], z, left, num_ranks) < group.size).sum())
-        # a share an empty side cannot take would leave slots empty (the reference then keeps the table in force)
         group_order = group[_allotment(mean[group], var[group], z, left if group.size else 0, num_ranks)]
         rest_order = rest[_allotment(mean[rest], var[rest], z, left if rest.size else 0, num_ranks)]
+        # shares that would give an expert more replicas than ranks (or leave slots empty) are not tried: the
+        # reference's deployment breaks on them; if none in reach is left, the nearest possible one is
+        low, high = max(0, left - rest.size * (num_ranks - 1)), min(left, group.size * (num_ranks - 1))
         reach = min(max(guess, left - guess), width)
+        shares = [guess if step == 0 else guess - (step + 1) // 2 if step % 2 else guess + step // 2
+                  for step in range(2 * reach + 1)]  # guess, guess - 1, guess + 1, guess - 2, ...
+        shares = [share for share in shares if low <= share <= high] or [min(max(guess, low), high)]
         best = None
-        for step in range(2 * reach + 1):  # guess, guess - 1, guess + 1, guess - 2, ...
-            share = guess if step == 0 else guess - (step + 1) // 2 if step % 2 else guess + step // 2
-            if not 0 <= share <= left or (not group.size and share) or (not rest.size and share < left):
-                continue
+        for share in shares:
             trial = count.copy()
             trial[both] = 1
             np.add.at(trial, group_order[:share], 1)
