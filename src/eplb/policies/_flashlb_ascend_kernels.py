@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import heapq
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
@@ -32,7 +34,7 @@ from numba import njit
 _MARGIN = 1e-5
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _allotment(mean, var, z, extra, max_count):
     """Which expert (position in the given arrays) gets each of ``extra`` extra replicas: one by one to the largest
     ``(mean + z * std) / replicas`` (ties: the lower position), at most ``max_count`` replicas each while any has
@@ -66,111 +68,122 @@ def _holds(members, size, expert):
     return False
 
 
-@njit(cache=True, fastmath=True)
-def lpt(mean, var, cov, count, z, floor, members):
+@njit(cache=True, fastmath=True, nogil=True)
+def lpt(mean, var, cov, count, z, cluster, floor, members):
     """Deploy ``count[e]`` replicas of every expert onto ``members`` (int64 ``[W, K]``, written): experts by
     ``mean / count`` descending, each replica to the rank with a free slot not holding the expert whose
     ``mu + z * sqrt(var)`` after adding it is lowest (ties: the lowest rank), where a replica adds ``mean_e / c_e``
     to ``mu`` and ``var_e / c_e**2 + 2 * cov(e, e') / (c_e * c_e')`` for each ``e'`` on the rank to ``var``; ``mu``
     and ``var`` are stored in float32. The result is that of scanning every rank.
 
-    The scan visits the ranks with a free slot by their own score ``mu + z * sqrt(var)`` and stops where no rank
-    left can win: when ``corr(e, e') >= floor[e]`` for every other expert (``floor[e] = -1`` when some is negative),
-    a replica of ``e`` (std ``s``) added to a rank raises its score by at least ``mean_e / c_e + z * floor[e] * s``:
-    the covariance of the rank's sum with the replica is at least ``floor[e]`` times the product of their stds, and
-    ``sqrt(v + 2 rho sqrt(v) s + s**2) - sqrt(v) >= rho * s``. Empty ranks score alike, so the lowest stands for all.
-    When every rank with a free slot holds the expert, an expert is moved to make room (:func:`_make_room`).
+    A scan of every rank per replica costs O(W), too much at a thousand ranks, so ranks are looked at in an order
+    that lets the scan stop early. A rank's own score is ``mu + z * sqrt(var)``; adding a replica of ``e`` (std
+    ``s``) to a rank whose experts all correlate with ``e`` at ``rho >= 0`` or more raises it by at least
+    ``mean_e / c_e + z * rho * s`` (the rank's sum covaries with the replica at ``rho`` x their stds or more, and
+    ``sqrt(v + 2 rho sqrt(v) s + s**2) - sqrt(v) >= rho * s``; with ``rho = -1``, Cauchy-Schwarz, always). Experts are
+    cut into clusters (``cluster[e]``); ``floor[e, g]`` bounds ``e``'s correlation with cluster ``g``, and
+    ``floor[e, G]`` with any expert. Ranks whose experts share a cluster are kept in that cluster's list, the others
+    in a list of their own, each by own score, so each list is read from its lowest score until no rank left in it
+    can win. Empty ranks score alike: the lowest stands for all. When every rank with a free slot holds the expert,
+    an expert is moved to make room (:func:`_make_room`) and the lists are rebuilt.
     """
     num_ranks, slots = members.shape
+    groups = floor.shape[1]  # G clusters, and the list of ranks mixing clusters
     order = np.argsort(-(mean / count))
     dev_mu = np.zeros(num_ranks, dtype=np.float32)
     dev_var = np.zeros(num_ranks, dtype=np.float32)
     key = np.zeros(num_ranks)  # each rank's own score, from its stored mu and var
+    std = np.zeros(num_ranks)  # the square root of each rank's stored var
     size = np.zeros(num_ranks, dtype=np.int64)
-    ranks = np.arange(num_ranks)  # ranks with a free slot by key ascending, ties by rank
-    num_open = num_ranks
+    stamp = np.full(num_ranks, -1)  # the last expert placed on a rank: an expert's replicas are placed in a row
+    group = np.full(num_ranks, -1)  # each loaded rank's list
+    lists = np.empty((groups, num_ranks), dtype=np.int64)  # by key descending, ties by rank descending
+    length = np.zeros(groups, dtype=np.int64)
+    where = np.zeros(num_ranks, dtype=np.int64)
+    lowest_empty = 0
     for e in order:
-        add_mean = mean[e] / count[e]
-        least = add_mean + z * floor[e] * (np.sqrt(var[e]) / count[e])
-        for _ in range(count[e]):
-            best, best_pos, best_risk, best_mu, best_var = -1, -1, 1e30, 0.0, 0.0
-            pos = 0
-            while pos < num_open:
-                d = ranks[pos]
-                if key[d] + least > best_risk + _MARGIN * abs(best_risk):
-                    break
-                mu = dev_mu[d] + add_mean
-                if mu <= best_risk and not _holds(members[d], size[d], e):
-                    new_var = dev_var[d] + var[e] / count[e] ** 2
+        c_e = count[e]
+        add_mean = mean[e] / c_e
+        add_var = var[e] / c_e ** 2
+        spread = np.sqrt(var[e]) / c_e
+        row = cov[e]
+        for _ in range(c_e):
+            best, best_risk, best_mu, best_var = -1, 1e30, 0.0, 0.0
+            stop = 1e30
+            while lowest_empty < num_ranks and size[lowest_empty] > 0:
+                lowest_empty += 1
+            if lowest_empty < num_ranks:
+                best, best_mu, best_var = lowest_empty, add_mean, np.float64(dev_var[lowest_empty]) + add_var
+                best_risk = best_mu + z * np.sqrt(best_var)
+                stop = best_risk + _MARGIN * abs(best_risk)
+            for g in range(groups):
+                least = add_mean + z * floor[e, g] * spread
+                cross = 2.0 * floor[e, g] * spread  # the covariance term is at least this times the rank's std
+                for pos in range(length[g] - 1, -1, -1):
+                    d = lists[g, pos]
+                    if key[d] + least > stop:
+                        break
+                    if stamp[d] == e or size[d] == slots:
+                        continue
+                    mu = dev_mu[d] + add_mean
+                    room = stop - mu
+                    # cheap screen without the covariances: the variance is at least this
+                    if room < 0.0 or z * z * (dev_var[d] + add_var + cross * std[d]) > room * room:
+                        continue
+                    new_var = dev_var[d] + add_var
                     for j in range(size[d]):
-                        new_var += 2 * cov[e, members[d, j]] / count[e] / count[members[d, j]]
+                        new_var += 2 * row[members[d, j]] / c_e / count[members[d, j]]
                     risk = mu + z * np.sqrt(new_var)
                     if risk < best_risk or (risk == best_risk and d < best):
-                        best, best_pos, best_risk, best_mu, best_var = d, pos, risk, mu, new_var
-                # empty ranks lead the order and score alike: the first stands for the rest, passed in O(log W)
-                pos = _first_loaded(ranks, pos + 1, num_open, size) if size[d] == 0 else pos + 1
+                        best, best_risk, best_mu, best_var = d, risk, mu, new_var
+                        stop = best_risk + _MARGIN * abs(best_risk)
             if best < 0:
                 best, best_mu, best_var = _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var)
+                length[:] = 0
+                lowest_empty = 0
                 for d in range(num_ranks):
-                    key[d] = dev_mu[d] + z * np.sqrt(max(np.float64(dev_var[d]), 0.0))
-                num_open = 0
-                for d in range(num_ranks):
-                    if size[d] < slots:
-                        ranks[num_open] = d
-                        num_open += 1
-                _sort_open(ranks[:num_open], key)
-                for pos in range(num_open):
-                    if ranks[pos] == best:
-                        best_pos = pos
+                    std[d] = np.sqrt(max(np.float64(dev_var[d]), 0.0))
+                    key[d] = dev_mu[d] + z * std[d]
+                    group[d] = -1
+                    for j in range(size[d]):
+                        g = cluster[members[d, j]]
+                        group[d] = g if group[d] == -1 or group[d] == g else groups - 1
+                    if 0 < size[d] < slots and d != best:  # the rank that made room takes e below
+                        _insert(lists, length, where, group[d], d, key)
+            elif group[best] >= 0:
+                _remove(lists, length, where, group[best], where[best])
             members[best, size[best]] = e
             size[best] += 1
+            stamp[best] = e
             dev_mu[best] = best_mu
             dev_var[best] = best_var
-            key[best] = dev_mu[best] + z * np.sqrt(max(np.float64(dev_var[best]), 0.0))
-            if size[best] == slots:  # a full rank leaves the scan
-                num_open -= 1
-                for pos in range(best_pos, num_open):
-                    ranks[pos] = ranks[pos + 1]
-                continue
-            _reposition(ranks, num_open, best_pos, key)
+            std[best] = np.sqrt(max(np.float64(dev_var[best]), 0.0))
+            key[best] = dev_mu[best] + z * std[best]
+            group[best] = cluster[e] if group[best] == -1 or group[best] == cluster[e] else groups - 1
+            if size[best] < slots:
+                _insert(lists, length, where, group[best], best, key)
 
 
 @njit(cache=True)
-def _reposition(ranks, num_open, pos, key):
-    """Move ``ranks[pos]``, whose key changed, to its place in the order (key ascending, ties by rank)."""
-    rank = ranks[pos]
-    while pos + 1 < num_open and (key[ranks[pos + 1]] < key[rank]
-                                  or (key[ranks[pos + 1]] == key[rank] and ranks[pos + 1] < rank)):
-        ranks[pos] = ranks[pos + 1]
-        pos += 1
-    while pos > 0 and (key[ranks[pos - 1]] > key[rank] or (key[ranks[pos - 1]] == key[rank] and ranks[pos - 1] > rank)):
-        ranks[pos] = ranks[pos - 1]
+def _insert(lists, length, where, g, rank, key):
+    """Put ``rank`` into list ``g`` (key descending, ties by rank descending), keeping ``where`` up to date."""
+    pos = length[g]
+    while pos > 0 and (key[lists[g, pos - 1]] < key[rank]
+                       or (key[lists[g, pos - 1]] == key[rank] and lists[g, pos - 1] < rank)):
+        lists[g, pos] = lists[g, pos - 1]
+        where[lists[g, pos]] = pos
         pos -= 1
-    ranks[pos] = rank
+    lists[g, pos] = rank
+    where[rank] = pos
+    length[g] += 1
 
 
 @njit(cache=True)
-def _first_loaded(ranks, start, stop, size):
-    """The first position in ``ranks[start:stop]`` (empty ranks first) whose rank holds an expert."""
-    while start < stop:
-        middle = (start + stop) // 2
-        if size[ranks[middle]] > 0:
-            stop = middle
-        else:
-            start = middle + 1
-    return start
-
-
-@njit(cache=True)
-def _sort_open(ranks, key):
-    """Insertion-sort ``ranks`` by ``key`` ascending, ties by rank."""
-    for i in range(1, ranks.shape[0]):
-        item = ranks[i]
-        j = i - 1
-        while j >= 0 and (key[ranks[j]] > key[item] or (key[ranks[j]] == key[item] and ranks[j] > item)):
-            ranks[j + 1] = ranks[j]
-            j -= 1
-        ranks[j + 1] = item
+def _remove(lists, length, where, g, pos):
+    length[g] -= 1
+    for i in range(pos, length[g]):
+        lists[g, i] = lists[g, i + 1]
+        where[lists[g, i]] = i
 
 
 @njit(cache=True)
@@ -214,7 +227,7 @@ def _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var):
     return best_rank, dev_mu[best_rank] + mean[e] / count[e], v
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def score(episodes, count, members):
     """Mean over episodes of ``(max rank load * W + 0.01) / (total + 0.01)``, each episode's value a float32.
 
@@ -249,17 +262,42 @@ def statistics(episodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return mean, np.sum(centered**2, axis=0) / (num_episodes - 1), (centered.T @ centered) / (num_episodes - 1)
 
 
-def correlation_floor(var: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """float64 ``[E]``: a lower bound of every expert's correlation with any other (experts without variance left
-    out, as they covary with nothing), or -1 where one is negative: what bounds :func:`lpt`'s scan. Slightly below
-    the true minimum, for rounding."""
+def correlation_floors(var: np.ndarray, cov: np.ndarray, by_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What bounds :func:`lpt`'s scan: experts cut into clusters of neighbours in weight order (``cluster`` int64
+    ``[E]``, ``G`` clusters of about 32), and float64 ``[E, G + 1]``: a lower bound of each expert's correlation with
+    the other experts of each cluster, then with any other expert; -1 where some is negative. Experts without
+    variance are left out (they covary with nothing); the bounds sit slightly below the true minima, for rounding."""
+    num_experts = var.shape[0]
+    groups = max(1, min(num_experts // 32, 64))
+    starts = np.linspace(0, num_experts, groups + 1).astype(np.int64)[:-1]
+    cluster = np.empty(num_experts, dtype=np.int64)
+    cluster[by_weight] = np.searchsorted(starts, np.arange(num_experts), side="right") - 1
+    return cluster, _floors(var, cov, cluster, groups)
+
+
+@njit(cache=True, nogil=True)
+def _floors(var, cov, cluster, groups):
+    num_experts = var.shape[0]
     std = np.sqrt(np.maximum(var, 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        corr = cov / np.outer(std, std)
-    corr[~np.isfinite(corr)] = np.inf
-    np.fill_diagonal(corr, np.inf)
-    lowest = corr.min(axis=1, initial=np.inf)
-    return np.where(lowest >= 0, np.minimum(lowest, 1.0) - 1e-6, -1.0)
+    lowest = np.full((num_experts, groups + 1), np.inf)
+    for e in range(num_experts):
+        if std[e] == 0.0:
+            continue
+        for m in range(num_experts):
+            if m == e or std[m] == 0.0:
+                continue
+            value = cov[e, m] / (std[e] * std[m])
+            g = cluster[m]
+            if value < lowest[e, g]:
+                lowest[e, g] = value
+        for g in range(groups):
+            lowest[e, groups] = min(lowest[e, groups], lowest[e, g])
+    out = np.empty_like(lowest)
+    for e in range(num_experts):
+        for g in range(groups + 1):
+            v = lowest[e, g]
+            out[e, g] = min(v, 1.0) - 1e-6 if v >= 0 else -1.0
+    return out
 
 
 def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth: int, width: int
@@ -269,15 +307,20 @@ def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth
     num_experts = episodes.shape[1]
     mean, var, cov = statistics(episodes)
     cov = np.ascontiguousarray(cov)
-    floor = correlation_floor(var, cov)
     by_weight = np.argsort(-(mean + z * np.sqrt(var)))
+    cluster, floor = correlation_floors(var, cov, by_weight)
     left = num_ranks * slots - num_experts
     count = np.ones(num_experts, dtype=np.int32)
     members = np.empty((num_ranks, slots), dtype=np.int64)
 
+    seen = {}  # a group's guess is often the previous group's choice: the same counts give the same deployment
+
     def candidate(counts):
-        lpt(mean, var, cov, counts, z, floor, members)
-        return score(episodes, counts, members), members.copy()
+        known = seen.get(counts.tobytes())
+        if known is None:
+            lpt(mean, var, cov, counts, z, cluster, floor, members)
+            known = seen[counts.tobytes()] = score(episodes, counts, members), members.copy()
+        return known
 
     if depth <= 1:
         count += np.bincount(_allotment(mean, var, z, left, num_ranks), minlength=num_experts).astype(np.int32)
@@ -317,12 +360,23 @@ def flash_tree(episodes: np.ndarray, num_ranks: int, slots: int, z: float, depth
 def plan_layers(episodes: np.ndarray, selected: np.ndarray, num_ranks: int, slots: int, z: float, depth: int,
                 width: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`flash_tree` for every selected layer of ``episodes`` ``[L, S, E]``: ``phy2log`` int64 ``[L, W * K]``
-    (rows of unselected layers are -1) and the scores float64 ``[L]`` (NaN where unselected)."""
+    (rows of unselected layers are -1) and the scores float64 ``[L]`` (NaN where unselected). Layers are planned on
+    one thread per CPU (the kernels release the interpreter); each layer's result does not depend on the others."""
     num_layers = episodes.shape[0]
     phy2log = np.full((num_layers, num_ranks * slots), -1, dtype=np.int64)
     scores = np.full(num_layers, np.nan)
-    for layer in np.flatnonzero(selected):
-        deployment, scores[layer] = flash_tree(np.ascontiguousarray(episodes[layer]), num_ranks, slots, z, depth,
-                                               width)
+    layers = np.flatnonzero(selected).tolist()
+
+    def plan(layer):
+        return flash_tree(np.ascontiguousarray(episodes[layer]), num_ranks, slots, z, depth, width)
+
+    workers = min(len(layers), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(plan, layers))
+    else:
+        results = [plan(layer) for layer in layers]
+    for layer, (deployment, score_) in zip(layers, results):
         phy2log[layer] = deployment.ravel()
+        scores[layer] = score_
     return phy2log, scores
