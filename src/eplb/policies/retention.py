@@ -221,26 +221,41 @@ def unit_permutation(new: np.ndarray, old: np.ndarray, num_units: int, block: in
     new_units, old_units = _unit_tables(new, old, num_units)
     same = (new_units == old_units).all(axis=2)
     source = np.broadcast_to(np.arange(num_units, dtype=np.int64), (num_layers, num_units)).copy()
-    weight_cap = (num_slots // num_units) * (block + 1) + 2  # above every score, so every cost is positive
+    cap = (num_slots // num_units) * (block + 1) + 1  # above every score: every cost is positive
     for layer in np.flatnonzero(~same.all(axis=1)):
         free = ~same[layer]
         rows, cols, score = _overlap_edges(new_units[layer], old_units[layer], free, block, block + 1)
         units = np.flatnonzero(free)
-        local = np.full(num_units, -1, dtype=np.int64)
-        local[units] = np.arange(units.size)
+        indptr, indices, data = _with_unmatched(rows, cols, cap - score, cap, free)
         size = units.size
-        # rows: free new units; columns: free old units, then one "unmatched" column per row
-        biadjacency = csr_matrix((np.concatenate([weight_cap - score, np.full(size, weight_cap)]).astype(np.float64),
-                                  (np.concatenate([local[rows], np.arange(size)]),
-                                   np.concatenate([local[cols], size + np.arange(size)]))), shape=(size, 2 * size))
-        new_local, position = min_weight_full_bipartite_matching(biadjacency)
-        target = np.full(size, -1, dtype=np.int64)
-        target[new_local] = position
-        matched = target < size
+        _, position = min_weight_full_bipartite_matching(csr_matrix((data, indices, indptr), shape=(size, 2 * size)))
+        matched = position < size
         taken = np.zeros(size, dtype=bool)
-        taken[target[matched]] = True
+        taken[position[matched]] = True
         for start in range(0, num_units, block):  # the unmatched, in order, onto the positions left in the block
             in_block = (units >= start) & (units < start + block)
-            target[in_block & ~matched] = np.flatnonzero(in_block & ~taken)
-        source[layer, units[target]] = units
+            position[in_block & ~matched] = np.flatnonzero(in_block & ~taken)
+        source[layer, units[position]] = units
     return source
+
+
+@njit(cache=True)
+def _with_unmatched(rows, cols, cost, cap, free):
+    """The sparse cost matrix of one layer's matching in CSR form ``(indptr, indices, data)``: a row per free unit
+    (in order) with its edges to the free units (renumbered in order), then its own "unmatched" column at ``cap``."""
+    local = np.cumsum(free) - 1
+    size = local[-1] + 1 if free.shape[0] else 0
+    indptr = np.zeros(size + 1, dtype=np.int64)
+    indices = np.empty(rows.shape[0] + size, dtype=np.int64)
+    data = np.empty(rows.shape[0] + size, dtype=np.float64)
+    k = 0
+    i = 0
+    for row in range(size):
+        while i < rows.shape[0] and local[rows[i]] == row:
+            indices[k], data[k] = local[cols[i]], cost[i]
+            k += 1
+            i += 1
+        indices[k], data[k] = size + row, cap
+        k += 1
+        indptr[row + 1] = k
+    return indptr, indices, data
