@@ -7,8 +7,8 @@ Two rule sets (option ``rules``):
   re-allotted with the reference's replica weights (``2 h / (c + 2)`` after ``c`` extra copies), copies placed on
   the least-loaded rank with a redundant slot within one transfer per rank pair, leftover slots filled, up to 100
   pairwise swaps, and the layer taken when its peak drops. Only the redundant slots of the table in force can take
-  copies, so from vLLM's initial layout (all redundant slots on the last ranks) little improves. What still differs
-  from the reference, and why: docs/peers.md.
+  copies (from vLLM's initial layout, scan order makes a few ranks' slots redundant). What still differs from the
+  reference, and why: docs/peers.md.
 - ``"eplb"`` is our version, better on purpose; the rest of this docstring describes it.
 
 Per layer (``[T, L, E]`` loads are summed over the window first):
@@ -20,7 +20,7 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
 2. **Threshold.** A layer whose PAR is below ``threshold`` (after any repair) is left as it is.
 3. **Spreading** (``spread=True``; not in the reference). Redundant slots can only receive copies, so a rank without
    one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) only a few ranks
-   can take copies, and the reference achieves little. Before planning, the redundant slots are evened out until
+   can take copies. Before planning, the redundant slots are evened out until
    every rank has the floor or the ceiling of their mean (per node in intra-node mode). First for free, by role
    swaps: an expert homed on rank ``u`` with a redundant copy on rank ``v`` may as well be homed on ``v``, which
    hands ``u`` a redundant slot (chains of such swaps are found by breadth-first search). Only where no chain
