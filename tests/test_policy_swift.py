@@ -188,24 +188,24 @@ def test_vllm_ascend_rules_equal_vllm_ascend_output():
 def test_set_order_is_cpythons(start, operations):
     """The swaps visit a rank's experts in the order CPython iterates the reference's set of them: the emulation
     follows the interpreter itself through additions and removals."""
-    from eplb.policies._swift_ascend_kernels import _set_add, _set_items, _set_remove
+    from eplb.policies._pyset import set_add, set_items, set_remove
 
     keys, state = np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.int8)
     meta = np.array([7, 0, 0], dtype=np.int64)
     real = set()
     for e in start:
         real.add(e)
-        _set_add(keys, state, meta, e)
+        set_add(keys, state, meta, e)
     for remove, e in operations:
         if remove and real:
             gone = sorted(real)[e % len(real)]
             real.remove(gone)
-            _set_remove(keys, state, meta, gone)
+            set_remove(keys, state, meta, gone)
         else:
             real.add(e)
-            _set_add(keys, state, meta, e)
+            set_add(keys, state, meta, e)
     items = np.empty(len(real) + 1, dtype=np.int64)
-    assert items[:_set_items(keys, state, meta, items)].tolist() == list(real)
+    assert items[:set_items(keys, state, meta, items)].tolist() == list(real)
 
 
 def test_window_load_equals_its_sum():

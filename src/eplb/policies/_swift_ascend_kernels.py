@@ -36,97 +36,7 @@ import heapq
 import numpy as np
 from numba import njit
 
-# CPython's set: linear probes before a perturbed jump, the perturbation shift, and growth (setobject.c).
-_LINEAR_PROBES = 9
-_PERTURB_SHIFT = 5
-
-
-@njit(cache=True)
-def _set_slot(keys, state, mask, key):
-    """Where ``key`` is (state 1), or where adding it puts it: the last deleted entry seen before the first empty
-    one, else that empty one (CPython 3.11's probe order)."""
-    i = key & mask
-    perturb = key
-    free = -1
-    while True:
-        probes = _LINEAR_PROBES if i + _LINEAR_PROBES <= mask else 0
-        j = i
-        for _ in range(probes + 1):
-            if state[j] == 0:
-                return j if free < 0 else free
-            if state[j] == 1 and keys[j] == key:
-                return j
-            if state[j] == 2:
-                free = j
-            j += 1
-        perturb >>= _PERTURB_SHIFT
-        i = (i * 5 + 1 + perturb) & mask
-
-
-@njit(cache=True)
-def _set_insert_clean(keys, state, mask, key):
-    i = key & mask
-    perturb = key
-    while True:
-        probes = _LINEAR_PROBES if i + _LINEAR_PROBES <= mask else 0
-        j = i
-        for _ in range(probes + 1):
-            if state[j] == 0:
-                keys[j] = key
-                state[j] = 1
-                return
-            j += 1
-        perturb >>= _PERTURB_SHIFT
-        i = (i * 5 + 1 + perturb) & mask
-
-
-@njit(cache=True)
-def _set_add(keys, state, meta, key):
-    """Add ``key`` (>= 0) to the set in ``keys`` / ``state`` (0 empty, 1 active, 2 deleted); ``meta`` holds
-    ``(mask, fill, used)``."""
-    mask = meta[0]
-    j = _set_slot(keys, state, mask, key)
-    if state[j] == 1:
-        return
-    was_empty = state[j] == 0
-    keys[j] = key
-    state[j] = 1
-    meta[2] += 1
-    if not was_empty:
-        return
-    meta[1] += 1
-    if meta[1] * 5 < mask * 3:
-        return
-    size = 8
-    while size <= meta[2] * 4:
-        size <<= 1
-    old_keys = keys[: mask + 1].copy()
-    old_state = state[: mask + 1].copy()
-    state[:size] = 0
-    for k in range(mask + 1):
-        if old_state[k] == 1:
-            _set_insert_clean(keys, state, size - 1, old_keys[k])
-    meta[0] = size - 1
-    meta[1] = meta[2]
-
-
-@njit(cache=True)
-def _set_remove(keys, state, meta, key):
-    j = _set_slot(keys, state, meta[0], key)
-    state[j] = 2
-    meta[2] -= 1
-
-
-@njit(cache=True)
-def _set_items(keys, state, meta, out):
-    """The set's keys in CPython's iteration order into ``out``; returns how many."""
-    count = 0
-    for j in range(meta[0] + 1):
-        if state[j] == 1:
-            out[count] = keys[j]
-            count += 1
-    return count
-
+from eplb.policies._pyset import set_add, set_items, set_remove
 
 @njit(cache=True)
 def _rank_loads(table, weight, lo, hi):
@@ -148,10 +58,10 @@ def _set_order(experts, num_experts):
     state = np.zeros(capacity, dtype=np.int8)
     meta = np.array([7, 0, 0], dtype=np.int64)
     for e in experts:
-        _set_add(keys, state, meta, e)
+        set_add(keys, state, meta, e)
     items = np.empty(experts.shape[0], dtype=np.int64)
     position = np.full(num_experts, -1, dtype=np.int64)
-    for i in range(_set_items(keys, state, meta, items)):
+    for i in range(set_items(keys, state, meta, items)):
         position[items[i]] = i
     return position
 
@@ -212,7 +122,7 @@ def _fill_left(table, load, present, home, red_pos, red_count, on_rank, num_com,
                 table[r, red_pos[r, i]] = e
                 on_rank[r - lo, e] = True
                 received[r - lo, e] = True
-                num_com[home[e] - lo, r - lo] += 1
+                num_com[home[e] - lo, r - lo] = True
                 weight[e] = np.float32(np.float64(weight[e]) * (replicas[e] / (replicas[e] + 1)))
                 replicas[e] += 1
                 break
@@ -235,8 +145,8 @@ def _best_exchange(hot, partner, keys, state, meta, on_rank, received, weight, h
     ``a = -1`` if none. The load after on the hot rank is a Python float in the reference, the partner's a float32
     (its load is one), and which of the two a comparison sees decides its precision."""
     best_a, best_b, best, best_is32 = -1, -1, hot_load, False
-    count_hot = _set_items(keys[hot], state[hot], meta[hot], items_hot)
-    count_partner = _set_items(keys[partner], state[partner], meta[partner], items_partner)
+    count_hot = set_items(keys[hot], state[hot], meta[hot], items_hot)
+    count_partner = set_items(keys[partner], state[partner], meta[partner], items_partner)
     for i in range(count_hot):
         a = items_hot[i]
         if on_rank[partner, a] or received[hot, a]:
@@ -273,20 +183,23 @@ def _swap_rounds(rows, loads, weight, on_rank, received, num_com, rounds, gain):
     meta[:, 0] = 7
     for r in range(num_ranks):
         for k in range(slots):
-            _set_add(keys[r], state[r], meta[r], rows[r, k])
+            set_add(keys[r], state[r], meta[r], rows[r, k])
     items_hot = np.empty(slots, dtype=np.int64)
     items_partner = np.empty(slots, dtype=np.int64)
     hot_load = 0.0
     exchange = True
+    order = np.argsort(loads, kind="mergesort")  # by load, ties by rank: kept so as ranks' loads change
+    place = np.empty(num_ranks, dtype=np.int64)
+    place[order] = np.arange(num_ranks)
     for _ in range(rounds):
-        order = np.argsort(loads, kind="mergesort")
         hot = order[-1]
         hot_load = np.float64(loads[hot])
         if not exchange:
             break
         exchange = False
-        for partner in order[:-1]:
-            if num_com[partner, hot] >= 1 or num_com[hot, partner] >= 1:
+        for i in range(num_ranks - 1):
+            partner = order[i]
+            if num_com[partner, hot] or num_com[hot, partner]:
                 continue
             a, b, best, best_is32 = _best_exchange(hot, partner, keys, state, meta, on_rank, received, weight,
                                                    hot_load, loads[partner], items_hot, items_partner)
@@ -297,22 +210,42 @@ def _swap_rounds(rows, loads, weight, on_rank, received, num_com, rounds, gain):
                     continue
             elif hot_load - best < gain:
                 continue
-            _set_remove(keys[hot], state[hot], meta[hot], a)
-            _set_remove(keys[partner], state[partner], meta[partner], b)
-            _set_add(keys[hot], state[hot], meta[hot], b)
-            _set_add(keys[partner], state[partner], meta[partner], a)
+            set_remove(keys[hot], state[hot], meta[hot], a)
+            set_remove(keys[partner], state[partner], meta[partner], b)
+            set_add(keys[hot], state[hot], meta[hot], b)
+            set_add(keys[partner], state[partner], meta[partner], a)
             on_rank[hot, a], on_rank[partner, b] = False, False
             on_rank[hot, b], on_rank[partner, a] = True, True
             loads[hot] += weight[b] - weight[a]
             loads[partner] += weight[a] - weight[b]
+            _resort(order, place, loads, hot)
+            _resort(order, place, loads, partner)
             received[hot, b], received[partner, a] = True, True
-            num_com[partner, hot] += 1
-            num_com[hot, partner] += 1
+            num_com[partner, hot] = True
+            num_com[hot, partner] = True
             exchange = True
             break
     for r in range(num_ranks):
-        _set_items(keys[r], state[r], meta[r], rows[r])
+        set_items(keys[r], state[r], meta[r], rows[r])
     return hot_load
+
+
+@njit(cache=True)
+def _resort(order, place, loads, rank):
+    """Move ``rank``, whose load changed, to its place in ``order`` (load ascending, ties by rank): the order a
+    stable sort of the loads gives."""
+    i = place[rank]
+    while i + 1 < order.shape[0] and (loads[order[i + 1]] < loads[rank]
+                                      or (loads[order[i + 1]] == loads[rank] and order[i + 1] < rank)):
+        order[i] = order[i + 1]
+        place[order[i]] = i
+        i += 1
+    while i > 0 and (loads[order[i - 1]] > loads[rank] or (loads[order[i - 1]] == loads[rank] and order[i - 1] > rank)):
+        order[i] = order[i - 1]
+        place[order[i]] = i
+        i -= 1
+    order[i] = rank
+    place[rank] = i
 
 
 @njit(cache=True)
@@ -353,24 +286,35 @@ def _plan_group(table, load, lo, hi, rounds, gain):
         for k in range(slots):
             if rows[r, k] >= 0:
                 loads[r - lo] += weight[rows[r, k]]
-    num_com = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+    num_com = np.zeros((num_ranks, num_ranks), dtype=np.bool_)  # a pair that exchanged an expert
     received = np.zeros((num_ranks, num_experts), dtype=np.bool_)
     left = red_count.copy()
-    for e in copies:  # step 4
+    # step 4: ranks with a redundant slot left by load (float32) then rank, the least loaded first
+    heap = [(loads[r], r) for r in range(num_ranks) if left[lo + r] > 0]
+    heapq.heapify(heap)
+    passed = [(loads[0], 0) for _ in range(0)]
+    for e in copies:
         source = home[e] - lo
         target = -1
-        for r in range(num_ranks):
-            if (left[lo + r] > 0 and not on_rank[r, e] and num_com[source, r] < 1
-                    and (target < 0 or loads[r] < loads[target])):
-                target = r
+        while heap:
+            entry = heapq.heappop(heap)
+            if not on_rank[entry[1], e] and not num_com[source, entry[1]]:
+                target = entry[1]
+                break
+            passed.append(entry)
+        for entry in passed:
+            heapq.heappush(heap, entry)
+        passed.clear()
         if target < 0:
             continue
         left[lo + target] -= 1
         rows[lo + target, red_pos[lo + target, left[lo + target]]] = e
         loads[target] += weight[e]
-        num_com[source, target] += 1
+        num_com[source, target] = True
         received[target, e] = True
         on_rank[target, e] = True
+        if left[lo + target] > 0:
+            heapq.heappush(heap, (loads[target], target))
     if left[lo:hi].sum() > 0:  # step 5
         weight = _fill_left(rows, load, present, home, red_pos, left, on_rank, num_com, received, lo, hi)
         loads = np.zeros(num_ranks, dtype=np.float32)

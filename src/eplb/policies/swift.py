@@ -157,15 +157,19 @@ class SwiftPolicy(Policy):
         else:
             group_of_rank = np.zeros(num_ranks, dtype=np.int64)
             group_start = np.array([0, num_ranks], dtype=np.int64)
-        threshold = self.threshold if self.rules == "eplb" else np.inf  # vllm-ascend's rules: only the repair
-        repaired, base, home, home_rank, source, pair_used, moved, active = prepare_layers(
-            old, window, group_of_rank, group_start, threshold, self.spread)
         if self.rules == "vllm-ascend":
+            table = np.sort(old, axis=2)
+            repeats = (table[..., 1:] == table[..., :-1]).any(axis=(1, 2))
+            if repeats.any():  # vllm-ascend cannot hold such a table: repaired first, as our rules do
+                old[repeats] = prepare_layers(old[repeats], window[repeats], group_of_rank, group_start, np.inf,
+                                              False)[0]
             # the reference's gain threshold and acceptance use layer 0's mean rank load for every layer
             reference_mean = window[0].sum() / num_ranks
-            new = ascend_plan_layers(repaired, window, group_start, self.threshold, self.swap_rounds,
+            new = ascend_plan_layers(old, window, group_start, self.threshold, self.swap_rounds,
                                      self.swap_gain * reference_mean, reference_mean)
             return new.reshape(num_layers, -1)
+        repaired, base, home, home_rank, source, pair_used, moved, active = prepare_layers(
+            old, window, group_of_rank, group_start, self.threshold, self.spread)
         counts = self._replica_counts(window, home_rank, group_of_rank, topology)
         new = plan_layers(old, repaired, base, home, home_rank, source, pair_used, moved, active, window, counts,
                           group_of_rank, group_start, self.swap_rounds, self.swap_gain, self.pin == "expert")
