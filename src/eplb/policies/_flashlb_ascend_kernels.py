@@ -98,6 +98,7 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
     stamp = np.full(num_ranks, -1)  # the last expert placed on a rank: an expert's replicas are placed in a row
     group = np.full(num_ranks, -1)  # each loaded rank's list
     lists = np.empty((groups, num_ranks), dtype=np.int64)  # by key descending, ties by rank descending
+    list_key = np.empty((groups, num_ranks))  # the keys of the lists' ranks, read in order
     length = np.zeros(groups, dtype=np.int64)
     where = np.zeros(num_ranks, dtype=np.int64)
     lowest_empty = 0
@@ -120,10 +121,10 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
                 least = add_mean + z * floor[e, g] * spread
                 cross = 2.0 * floor[e, g] * spread  # the covariance term is at least this times the rank's std
                 for pos in range(length[g] - 1, -1, -1):
-                    d = lists[g, pos]
-                    if key[d] + least > stop:
+                    if list_key[g, pos] + least > stop:
                         break
-                    if stamp[d] == e or size[d] == slots:
+                    d = lists[g, pos]
+                    if stamp[d] == e:
                         continue
                     mu = dev_mu[d] + add_mean
                     room = stop - mu
@@ -149,9 +150,9 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
                         g = cluster[members[d, j]]
                         group[d] = g if group[d] == -1 or group[d] == g else groups - 1
                     if 0 < size[d] < slots and d != best:  # the rank that made room takes e below
-                        _insert(lists, length, where, group[d], d, key)
+                        _insert(lists, list_key, length, where, group[d], d, key[d])
             elif group[best] >= 0:
-                _remove(lists, length, where, group[best], where[best])
+                _remove(lists, list_key, length, where, group[best], where[best])
             members[best, size[best]] = e
             size[best] += 1
             stamp[best] = e
@@ -161,28 +162,28 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
             key[best] = dev_mu[best] + z * std[best]
             group[best] = cluster[e] if group[best] == -1 or group[best] == cluster[e] else groups - 1
             if size[best] < slots:
-                _insert(lists, length, where, group[best], best, key)
+                _insert(lists, list_key, length, where, group[best], best, key[best])
 
 
 @njit(cache=True)
-def _insert(lists, length, where, g, rank, key):
-    """Put ``rank`` into list ``g`` (key descending, ties by rank descending), keeping ``where`` up to date."""
+def _insert(lists, list_key, length, where, g, rank, key):
+    """Put ``rank`` (own score ``key``) into list ``g`` (key descending, ties by rank descending), keeping ``where``
+    up to date."""
     pos = length[g]
-    while pos > 0 and (key[lists[g, pos - 1]] < key[rank]
-                       or (key[lists[g, pos - 1]] == key[rank] and lists[g, pos - 1] < rank)):
-        lists[g, pos] = lists[g, pos - 1]
+    while pos > 0 and (list_key[g, pos - 1] < key or (list_key[g, pos - 1] == key and lists[g, pos - 1] < rank)):
+        lists[g, pos], list_key[g, pos] = lists[g, pos - 1], list_key[g, pos - 1]
         where[lists[g, pos]] = pos
         pos -= 1
-    lists[g, pos] = rank
+    lists[g, pos], list_key[g, pos] = rank, key
     where[rank] = pos
     length[g] += 1
 
 
 @njit(cache=True)
-def _remove(lists, length, where, g, pos):
+def _remove(lists, list_key, length, where, g, pos):
     length[g] -= 1
     for i in range(pos, length[g]):
-        lists[g, i] = lists[g, i + 1]
+        lists[g, i], list_key[g, i] = lists[g, i + 1], list_key[g, i + 1]
         where[lists[g, i]] = i
 
 
