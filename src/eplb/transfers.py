@@ -111,39 +111,35 @@ def _transfers(old, new, node, live, from_checkpoint):
     ``(rank, expert)`` of the first needed expert no live rank holds (``(-1, -1)`` when none)."""
     num_ranks, slots = old.shape
     num_experts = max(old.max(), new.max()) + 1
-    # the live holders of each expert, ascending, with their lowest old slot: CSR over experts
-    start = np.zeros(num_experts + 1, dtype=np.int64)
-    last = np.full(num_experts, -1, dtype=np.int64)
+    # each live rank's first slot of each of its old experts, grouped by expert (ranks ascending): CSR over experts
+    first = np.zeros((num_ranks * slots, 3), dtype=np.int64)  # expert, rank, slot
+    seen = np.full(num_experts, -1, dtype=np.int64)
+    size = 0
     for rank in range(num_ranks):
-        if live[rank]:
-            for slot in range(slots):
-                e = old[rank, slot]
-                if last[e] != rank:
-                    last[e] = rank
-                    start[e + 1] += 1
-    for e in range(num_experts):
-        start[e + 1] += start[e]
-    holder = np.empty(start[num_experts], dtype=np.int64)
-    holder_slot = np.empty(start[num_experts], dtype=np.int64)
-    fill = start[:-1].copy()
-    last[:] = -1
+        for slot in range(slots):
+            e = old[rank, slot]
+            if live[rank] and seen[e] != rank:
+                seen[e] = rank
+                first[size, 0], first[size, 1], first[size, 2] = e, rank, slot
+                size += 1
+    first = first[np.argsort(first[:size, 0], kind="mergesort")]
+    start = np.searchsorted(first[:, 0], np.arange(num_experts + 1))
+    # which ranks hold each expert in the new rows, for "a holder that drops the expert"
+    keeps = np.zeros((num_ranks, num_experts), dtype=np.bool_)
     for rank in range(num_ranks):
-        if live[rank]:
-            for slot in range(slots):
-                e = old[rank, slot]
-                if last[e] != rank:
-                    last[e] = rank
-                    holder[fill[e]], holder_slot[fill[e]] = rank, slot
-                    fill[e] += 1
+        for slot in range(slots):
+            keeps[rank, new[rank, slot]] = True
     sent = np.zeros(num_ranks, dtype=np.int64)
     rows = np.empty((num_ranks * slots, 4), dtype=np.int64)
     needed = np.empty(slots, dtype=np.int64)
     count = 0
     for dst in range(num_ranks):
+        for slot in range(slots):
+            seen[old[dst, slot]] = -2 - dst  # dst's old experts
         size = 0  # the experts dst needs, distinct and ascending
         for slot in range(slots):
             e = new[dst, slot]
-            if _holds(old[dst], e):
+            if seen[e] == -2 - dst:
                 continue
             i = size
             while i > 0 and needed[i - 1] > e:
@@ -162,37 +158,17 @@ def _transfers(old, new, node, live, from_checkpoint):
                 count += 1
                 continue
             # same node first, then the fewest sent so far, then one that drops the expert, then the lowest rank
-            best = -1
-            for h in range(start[e], start[e + 1]):
-                if best < 0 or _before(holder[h], holder[best], node, dst, sent, new, e):
+            best = start[e]
+            for h in range(start[e] + 1, start[e + 1]):
+                a, b = first[h, 1], first[best, 1]
+                if (node[a] == node[dst], -sent[a], not keeps[a, e], -a) > (node[b] == node[dst], -sent[b],
+                                                                              not keeps[b, e], -b):
                     best = h
-            src = holder[best]
+            src = first[best, 1]
             sent[src] += 1
-            rows[count, 0], rows[count, 1], rows[count, 2], rows[count, 3] = src, holder_slot[best], dst, e
+            rows[count, 0], rows[count, 1], rows[count, 2], rows[count, 3] = src, first[best, 2], dst, e
             count += 1
     return rows[:count].copy(), np.array([-1, -1])
-
-
-@njit(cache=True)
-def _holds(row, expert):
-    for value in row:
-        if value == expert:
-            return True
-    return False
-
-
-@njit(cache=True)
-def _before(a, b, node, dst, sent, new, expert):
-    """Whether holder ``a`` is a better source than ``b`` for ``expert`` going to ``dst``."""
-    far_a, far_b = node[a] != node[dst], node[b] != node[dst]
-    if far_a != far_b:
-        return not far_a
-    if sent[a] != sent[b]:
-        return sent[a] < sent[b]
-    keeps_a, keeps_b = _holds(new[a], expert), _holds(new[b], expert)
-    if keeps_a != keeps_b:
-        return not keeps_a
-    return a < b
 
 
 def transfer_plan(old: Placement, new: Placement, live: np.ndarray | None = None) -> list[LayerTransfer]:
