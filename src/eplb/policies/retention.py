@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from scipy.optimize import linear_sum_assignment
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from eplb.errors import PolicyError
 
 __all__ = ["preserve_slots", "match_ranks", "rank_overlap"]
+
+# Up to this many ranks (or nodes) a layer's relabelling is a dense assignment: cheap there, and the equal optima it
+# picks are the ones eplb always picked; beyond, a sparse one (a dense [W, W] per layer is too slow at 1,024 ranks).
+_DENSE_UNITS = 256
 
 
 def _check(new_phy2log, old_phy2log, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,12 +211,14 @@ def _permute_blocks(new: np.ndarray, old: np.ndarray, num_units: int, block: int
     return np.take_along_axis(table, source[:, :, None], axis=1).reshape(num_layers, num_slots)
 
 
-def unit_permutation(new: np.ndarray, old: np.ndarray, num_units: int, block: int) -> np.ndarray:
+def unit_permutation(new: np.ndarray, old: np.ndarray, num_units: int, block: int,
+                     dense_up_to: int = _DENSE_UNITS) -> np.ndarray:
     """int64 ``[L, U]``: which unit of ``new`` goes to each position, per layer: the ``num_units`` equal parts of a
     row are permuted within consecutive blocks of ``block`` parts, maximising the experts each part shares with the
     same part of ``old`` (ties: the most parts left unmoved).
 
-    The score of new unit ``i`` at position ``j`` is ``overlap * (block + 1) + (i == j)``, maximised exactly. A unit
+    The score of new unit ``i`` at position ``j`` is ``overlap * (block + 1) + (i == j)``, maximised exactly. Up to
+    ``dense_up_to`` units it is a dense assignment (``scipy.optimize.linear_sum_assignment``). Beyond, a unit
     whose experts equal those of the old unit at its position stays there (exchanging it back into place never
     lowers the score). The rest is a sparse problem, since a unit shares experts with few old units: letting every
     unit also stay unmatched (score 0) makes it a maximum-weight matching on the non-zero scores, solved exactly
@@ -219,8 +226,19 @@ def unit_permutation(new: np.ndarray, old: np.ndarray, num_units: int, block: in
     over in their block in ascending order; none of those pairs could score, or the matching would have taken it."""
     num_layers, num_slots = new.shape
     new_units, old_units = _unit_tables(new, old, num_units)
-    same = (new_units == old_units).all(axis=2)
     source = np.broadcast_to(np.arange(num_units, dtype=np.int64), (num_layers, num_units)).copy()
+    if num_units <= dense_up_to:  # few units: the dense assignment, whose choice among equal optima it keeps
+        everyone = np.ones(num_units, dtype=np.bool_)
+        for layer in range(num_layers):
+            rows, cols, score = _overlap_edges(new_units[layer], old_units[layer], everyone, block, block + 1)
+            dense = np.zeros((num_units, num_units), dtype=np.int64)
+            dense[rows, cols] = score
+            for start in range(0, num_units, block):
+                part = dense[start:start + block, start:start + block]
+                new_unit, old_unit = linear_sum_assignment(part, maximize=True)
+                source[layer, start + old_unit] = start + new_unit
+        return source
+    same = (new_units == old_units).all(axis=2)
     cap = (num_slots // num_units) * (block + 1) + 1  # above every score: every cost is positive
     for layer in np.flatnonzero(~same.all(axis=1)):
         free = ~same[layer]
