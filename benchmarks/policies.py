@@ -1,7 +1,7 @@
 """Benchmark every placement policy on DeepSeek-V3 (58 layers x 256 experts, 8 groups) with the real SGLang loads.
 
-Prints one JSON object. For each policy (``default`` once per mode) and each topology (EP32: 32 ranks x 9 slots on 4
-nodes; EP64: 64 ranks x 5 slots on 8 nodes):
+Prints one JSON object. For each policy (``default`` once per mode, ``swift`` and ``flashlb`` once per rule set) and
+each topology (EP32: 32 ranks x 9 slots on 4 nodes; EP64: 64 ranks x 5 slots on 8 nodes):
 
 - ``median_ms`` / ``min_ms``: ``policy.rebalance`` on a per-step window ``[--steps, 58, 256]`` drawn around workload
   0, with a previous plan in force, over ``--repeats`` runs after the first call;
@@ -57,8 +57,10 @@ TOPOLOGIES = {
     "EP32": Topology(num_ranks=32, slots_per_rank=9, num_nodes=4, num_groups=8),
     "EP64": Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8),
 }
-#: policy variants benchmarked: default once per mode, the others with their defaults
-VARIANTS = {"default": [{"mode": "hierarchical"}, {"mode": "global"}]}
+#: policy variants benchmarked: default once per mode, swift and flashlb with vllm-ascend's rules and ours, the
+#: others with their defaults
+VARIANTS = {"default": [{"mode": "hierarchical"}, {"mode": "global"}],
+            "swift": [{}, {"rules": "eplb"}], "flashlb": [{}, {"rules": "eplb"}]}
 
 
 def _steps(profile: np.ndarray, num_steps: int, tokens: int, seed: int) -> np.ndarray:

@@ -138,7 +138,7 @@ def _zipf_steps(rng, steps, layers, experts, tokens=512):
     return out
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     num_ranks=st.integers(1, 8),
     slots=st.integers(1, 4),
@@ -146,8 +146,9 @@ def _zipf_steps(rng, steps, layers, experts, tokens=512):
     steps=st.sampled_from([1, 3, 20, 70]),
     with_current=st.booleans(),
     seed=st.integers(0, 2**16),
+    rules=st.sampled_from(["vllm-ascend", "eplb"]),
 )
-def test_valid_without_shared_ranks(num_ranks, slots, extra, steps, with_current, seed):
+def test_valid_without_shared_ranks(num_ranks, slots, extra, steps, with_current, seed, rules):
     num_physical = num_ranks * slots
     num_experts = max(slots, num_physical - extra)
     topology = Topology(num_ranks, slots)
@@ -157,7 +158,7 @@ def test_valid_without_shared_ranks(num_ranks, slots, extra, steps, with_current
     if with_current:
         current = Placement(np.stack([rng.permutation(np.arange(num_physical) % num_experts) for _ in range(2)]),
                             num_experts, topology)
-    plan = get_policy("flashlb", depth=3, width=3).rebalance(load, topology, current)
+    plan = get_policy("flashlb", rules=rules, depth=3, width=3).rebalance(load, topology, current)
     assert plan.placement.problems(allow_shared_rank=False) == []
     if current is not None:
         assert np.array_equal(plan.changed, (plan.placement.phy2log != current.phy2log).any(axis=1))

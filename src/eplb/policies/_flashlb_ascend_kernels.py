@@ -279,15 +279,18 @@ def correlation_floors(var: np.ndarray, cov: np.ndarray, by_weight: np.ndarray) 
 @njit(cache=True, nogil=True)
 def _floors(var, cov, cluster, groups):
     num_experts = var.shape[0]
-    std = np.sqrt(np.maximum(var, 0.0))
+    inverse = np.zeros(num_experts)  # 1 / std, 0 for an expert without variance (it covaries with nothing)
+    for e in range(num_experts):
+        if var[e] > 0.0:
+            inverse[e] = 1.0 / np.sqrt(var[e])
     lowest = np.full((num_experts, groups + 1), np.inf)
     for e in range(num_experts):
-        if std[e] == 0.0:
+        if inverse[e] == 0.0:
             continue
         for m in range(num_experts):
-            if m == e or std[m] == 0.0:
+            if m == e or inverse[m] == 0.0:
                 continue
-            value = cov[e, m] / (std[e] * std[m])
+            value = cov[e, m] * inverse[e] * inverse[m]
             g = cluster[m]
             if value < lowest[e, g]:
                 lowest[e, g] = value
