@@ -14,9 +14,10 @@ if the real module cannot be imported:
 :class:`PeerPolicy` then does, each cycle, what vllm-ascend's ``EplbWorker.do_update`` does: it hands the policy
 object the expert table ``[L, W, K]`` and the load per slot (SwiftBalancer: the window's sum ``[L, W, K]``; FlashLB:
 one row per step ``[T, L, W, K]``; each expert's tokens in its first replica's slot: both policies read only the sum
-per expert, which stays exact that way), takes the new table it returns for every layer (the worker ignores the policy's "changed" flag
-and layer priority) and puts the table in force back for a layer the worker's ``check_expert_placement`` rejects (an
-expert lost, a rank holding an expert twice, an expert changing slot on its rank). The policy object is created once
+per expert, which stays exact that way), takes the new table it returns for every layer (the worker ignores the
+policy's "changed" flag and layer priority) and puts the table in force back for a layer the worker's
+``check_expert_placement`` rejects (an expert lost, a rank holding an expert twice, an expert changing slot on its
+rank). The policy object is created once
 per run and keeps its own state across cycles, as vllm-ascend's planner process does.
 """
 

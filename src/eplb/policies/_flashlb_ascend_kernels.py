@@ -14,6 +14,16 @@ largest ``weight / replicas``, ties to the expert earlier in weight order.
 :func:`lpt` and :func:`score` keep the reference's precision: rank loads and variances stored in float32, per-episode
 scores in float32, numba's sort of the experts by load per replica.
 
+The LPT's scan over ranks stops early, with the result of a scan of all. A rank's own score is ``mu + z * sqrt(var)``;
+adding a replica of ``e`` (std ``s``) to a rank whose experts all correlate with ``e`` at ``rho >= 0`` or more raises
+it by at least ``mean_e / c_e + z * rho * s`` (the rank's sum covaries with the replica at ``rho`` x their stds or
+more, and ``sqrt(v + 2 rho sqrt(v) s + s**2) - sqrt(v) >= rho * s``; with ``rho = -1``, by Cauchy-Schwarz, always).
+Experts are cut into clusters of neighbours in weight order; ranks whose experts share a cluster are kept in that
+cluster's list, the others in a list of their own, each by own score, and each list is read from its lowest score
+until no rank left in it can win (its cluster's correlation bound). Empty ranks score alike: the lowest stands for
+all. When every rank with a free slot holds the expert, an expert is moved to make room (:func:`_make_room`) and the
+lists are rebuilt.
+
 Differences that remain (docs/peers.md): no expert gets more than ``W`` replicas (the reference has no cap, and its
 deployment then breaks: the shares that would need it are not tried), and when every rank with a free slot holds the
 expert, one expert is moved to make room (the reference has no way out). Neither happens while the experts' loads
@@ -76,16 +86,9 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
     to ``mu`` and ``var_e / c_e**2 + 2 * cov(e, e') / (c_e * c_e')`` for each ``e'`` on the rank to ``var``; ``mu``
     and ``var`` are stored in float32. The result is that of scanning every rank.
 
-    A scan of every rank per replica costs O(W), too much at a thousand ranks, so ranks are looked at in an order
-    that lets the scan stop early. A rank's own score is ``mu + z * sqrt(var)``; adding a replica of ``e`` (std
-    ``s``) to a rank whose experts all correlate with ``e`` at ``rho >= 0`` or more raises it by at least
-    ``mean_e / c_e + z * rho * s`` (the rank's sum covaries with the replica at ``rho`` x their stds or more, and
-    ``sqrt(v + 2 rho sqrt(v) s + s**2) - sqrt(v) >= rho * s``; with ``rho = -1``, Cauchy-Schwarz, always). Experts are
-    cut into clusters (``cluster[e]``); ``floor[e, g]`` bounds ``e``'s correlation with cluster ``g``, and
-    ``floor[e, G]`` with any expert. Ranks whose experts share a cluster are kept in that cluster's list, the others
-    in a list of their own, each by own score, so each list is read from its lowest score until no rank left in it
-    can win. Empty ranks score alike: the lowest stands for all. When every rank with a free slot holds the expert,
-    an expert is moved to make room (:func:`_make_room`) and the lists are rebuilt.
+    Ranks are looked at so that the scan stops early (a scan of all is O(W) per replica): see the module docstring.
+    ``cluster[e]`` is each expert's cluster, ``floor[e, g]`` bounds ``e``'s correlation with cluster ``g`` and
+    ``floor[e, G]`` with any expert (:func:`correlation_floors`).
     """
     num_ranks, slots = members.shape
     groups = floor.shape[1]  # G clusters, and the list of ranks mixing clusters
@@ -140,17 +143,9 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
                         stop = best_risk + _MARGIN * abs(best_risk)
             if best < 0:
                 best, best_mu, best_var = _make_room(e, mean, var, cov, count, members, size, dev_mu, dev_var)
-                length[:] = 0
                 lowest_empty = 0
-                for d in range(num_ranks):
-                    std[d] = np.sqrt(max(np.float64(dev_var[d]), 0.0))
-                    key[d] = dev_mu[d] + z * std[d]
-                    group[d] = -1
-                    for j in range(size[d]):
-                        g = cluster[members[d, j]]
-                        group[d] = g if group[d] == -1 or group[d] == g else groups - 1
-                    if 0 < size[d] < slots and d != best:  # the rank that made room takes e below
-                        _insert(lists, list_key, length, where, group[d], d, key[d])
+                _rebuild(best, cluster, members, size, dev_mu, dev_var, z, std, key, group, lists, list_key, length,
+                         where)
             elif group[best] >= 0:
                 _remove(lists, list_key, length, where, group[best], where[best])
             members[best, size[best]] = e
@@ -163,6 +158,24 @@ def lpt(mean, var, cov, count, z, cluster, floor, members):
             group[best] = cluster[e] if group[best] == -1 or group[best] == cluster[e] else groups - 1
             if size[best] < slots:
                 _insert(lists, list_key, length, where, group[best], best, key[best])
+
+
+@njit(cache=True)
+def _rebuild(best, cluster, members, size, dev_mu, dev_var, z, std, key, group, lists, list_key, length, where):
+    """Every rank's score and list after :func:`_make_room` moved an expert; ``best``, which takes the expert being
+    placed next, is left out of the lists."""
+    num_ranks, slots = members.shape
+    mixed = lists.shape[0] - 1
+    length[:] = 0
+    for d in range(num_ranks):
+        std[d] = np.sqrt(max(np.float64(dev_var[d]), 0.0))
+        key[d] = dev_mu[d] + z * std[d]
+        group[d] = -1
+        for j in range(size[d]):
+            g = cluster[members[d, j]]
+            group[d] = g if group[d] == -1 or group[d] == g else mixed
+        if 0 < size[d] < slots and d != best:
+            _insert(lists, list_key, length, where, group[d], d, key[d])
 
 
 @njit(cache=True)
