@@ -1,4 +1,5 @@
-"""The ``swift`` policy on DeepSeek-V3 (58 layers x 256 experts) with the real SGLang loads, from each starting layout.
+"""The ``swift`` policy on DeepSeek-V3 (58 layers x 256 experts) with the real SGLang loads, from each starting layout,
+with vllm-ascend's rules and with ours.
 
 Prints one JSON object. For each topology (EP32: 32 ranks x 9 slots on 4 nodes; EP64: 64 x 5 on 8 nodes), starting
 layout (``vllm``: all redundant slots on the last ranks; ``spread``: one redundant slot per rank) and option set:
@@ -37,7 +38,9 @@ TOPOLOGIES = {
     "EP32": Topology(num_ranks=32, slots_per_rank=9, num_nodes=4, num_groups=8),
     "EP64": Topology(num_ranks=64, slots_per_rank=5, num_nodes=8, num_groups=8),
 }
-OPTIONS = [{}, {"pin": "replica"}, {"intra_node": True}, {"spread": False}]
+#: vllm-ascend's rules (the default), then ours with each of its options
+OPTIONS = [{}, {"rules": "eplb"}, {"rules": "eplb", "pin": "replica"}, {"rules": "eplb", "intra_node": True},
+           {"rules": "eplb", "spread": False}]
 
 
 def relocated(current: Placement, load: np.ndarray, policy: SwiftPolicy) -> float:

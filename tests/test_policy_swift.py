@@ -1,4 +1,5 @@
-"""The ``swift`` policy (SwiftBalancer): validity, no shared rank, transfer limits, threshold, acceptance,
+"""The ``swift`` policy (SwiftBalancer): vllm-ascend's rules against vectors of vllm-ascend's own code and a
+hand-computed case, CPython's set order; our rules' validity, no shared rank, transfer limits, threshold, acceptance,
 intra-node mode, retention, determinism, and its balance on the real DeepSeek-V3 loads."""
 
 import numpy as np
@@ -96,7 +97,7 @@ def problems(draw):
 @given(problems(), st.booleans(), st.sampled_from(["expert", "replica"]))
 def test_valid_without_shared_rank_and_within_the_rules(problem, intra_node, pin):
     load, topology, current = problem
-    policy = get_policy("swift", intra_node=intra_node, pin=pin)
+    policy = get_policy("swift", rules="eplb", intra_node=intra_node, pin=pin)
     plan = policy.rebalance(load, topology, current)
     again = policy.rebalance(load, topology, current)
     np.testing.assert_array_equal(plan.placement.phy2log, again.placement.phy2log)
@@ -124,11 +125,94 @@ def test_valid_without_shared_rank_and_within_the_rules(problem, intra_node, pin
                 assert all(node[s] == node[d] for s, d, _ in moves)
 
 
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.booleans())
+def test_vllm_ascend_rules_give_valid_placements(problem, intra_node):
+    load, topology, current = problem
+    policy = get_policy("swift", intra_node=intra_node)
+    plan = policy.rebalance(load, topology, current)
+    np.testing.assert_array_equal(plan.placement.phy2log, policy.rebalance(load, topology, current).placement.phy2log)
+    if topology.slots_per_rank <= load.shape[1]:
+        assert plan.placement.problems(allow_shared_rank=False) == []
+    reference = plan.reference
+    for layer in range(reference.num_layers):
+        if has_repeat(reference.phy2log[layer], topology):
+            continue
+        if plan.par_before[layer] < 1.01:
+            assert not plan.changed[layer]
+        old_t = reference.phy2log[layer].reshape(topology.num_ranks, -1)
+        new_t = plan.placement.phy2log[layer].reshape(topology.num_ranks, -1)
+        for r in range(topology.num_ranks):
+            for k, e in enumerate(old_t[r]):
+                if e in new_t[r]:
+                    assert new_t[r, k] == e
+
+
+def test_vllm_ascend_rules_hand_computed():
+    """Two ranks, 3 slots, experts 0-3 with loads 90, 10, 60, 20; rank 1's slots 1 and 2 are redundant (experts 0
+    and 1 were seen on rank 0 first). The reference's weights: expert 0 gets the first extra copy (90 -> 90 * 2/3 =
+    60), then 0 and 2 tie at 60 and the later one, 2, gets the second (0 may have at most W - 1 = 1 extra). Copy 0
+    goes to rank 1's last redundant slot; copy 2 comes from rank 0 too, and one transfer per rank pair drops it. The
+    slot left is filled by load per replica (45, 10, 60, 20): expert 2. Rank loads then 85 and 95: no swap is allowed
+    (the pair exchanged already), and 95 over the mean 90 is below the PAR in force, 110 / 90: the layer changes in
+    one slot."""
+    topology = Topology(2, 3)
+    current = Placement([[0, 1, 2, 3, 0, 1]], 4, topology)
+    plan = get_policy("swift").rebalance(np.array([[90, 10, 60, 20]]), topology, current)
+    assert plan.placement.phy2log.tolist() == [[0, 1, 2, 3, 0, 2]]
+    assert plan.par_before[0] == pytest.approx(110 / 90) and plan.par_after[0] == pytest.approx(95 / 90)
+
+
+#: vllm-ascend's SwiftBalanceEplb on one layer (its output, computed with its policy file): 8 ranks x 4 slots,
+#: small loads with many ties, so the tie rules and CPython's set order decide
+VLLM_ASCEND_SWIFT = {
+    "table": [[0, 17, 20, 3], [24, 4, 18, 11], [19, 23, 21, 10], [7, 26, 1, 2], [5, 3, 14, 1], [0, 12, 2, 22],
+              [27, 25, 16, 13], [8, 6, 9, 15]],
+    "load": [20, 14, 14, 2, 0, 0, 1, 2, 0, 2, 3, 0, 0, 3, 0, 3, 1, 3, 0, 2, 3, 1, 2, 0, 0, 0, 1, 2],
+    "new": [[24, 8, 20, 1], [0, 22, 26, 11], [1, 23, 12, 10], [4, 6, 19, 2], [5, 3, 14, 0], [0, 18, 21, 27],
+            [2, 25, 16, 9], [7, 13, 17, 15]],
+}
+
+
+def test_vllm_ascend_rules_equal_vllm_ascend_output():
+    case = VLLM_ASCEND_SWIFT
+    topology = Topology(8, 4)
+    current = Placement([np.ravel(case["table"])], 28, topology)
+    plan = get_policy("swift").rebalance(np.array([case["load"]]), topology, current)
+    assert plan.placement.phy2log.reshape(8, 4).tolist() == case["new"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=12, unique=True),
+       st.lists(st.tuples(st.booleans(), st.integers(0, 300)), max_size=12))
+def test_set_order_is_cpythons(start, operations):
+    """The swaps visit a rank's experts in the order CPython iterates the reference's set of them: the emulation
+    follows the interpreter itself through additions and removals."""
+    from eplb.policies._pyset import set_add, set_items, set_remove
+
+    keys, state = np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.int8)
+    meta = np.array([7, 0, 0], dtype=np.int64)
+    real = set()
+    for e in start:
+        real.add(e)
+        set_add(keys, state, meta, e)
+    for remove, e in operations:
+        if remove and real:
+            gone = sorted(real)[e % len(real)]
+            real.remove(gone)
+            set_remove(keys, state, meta, gone)
+        else:
+            real.add(e)
+            set_add(keys, state, meta, e)
+    items = np.empty(len(real) + 1, dtype=np.int64)
+    assert items[:set_items(keys, state, meta, items)].tolist() == list(real)
+
+
 def test_window_load_equals_its_sum():
     rng = np.random.default_rng(1)
     steps = rng.integers(0, 50, size=(6, 3, 16))
     topology = Topology(4, 5)
-    policy = SwiftPolicy(threshold=1.0)
+    policy = SwiftPolicy(rules="eplb", threshold=1.0)
     a = policy.rebalance(steps, topology).placement.phy2log
     b = policy.rebalance(steps.sum(axis=0), topology).placement.phy2log
     np.testing.assert_array_equal(a, b)
@@ -137,12 +221,12 @@ def test_window_load_equals_its_sum():
 def test_repeats_in_the_current_placement_are_repaired_even_below_the_threshold():
     topology = Topology(2, 3)
     current = Placement([[0, 0, 1, 2, 3, 3]], 4, topology)
-    plan = SwiftPolicy().rebalance(np.zeros((1, 4)), topology, current)
+    plan = SwiftPolicy(rules="eplb").rebalance(np.zeros((1, 4)), topology, current)
     assert plan.placement.problems(allow_shared_rank=False) == []
     assert plan.moved_slots[0] == 2  # one repeat per rank, each replaced by the expert the rank lacks
     # without repeats a balanced layer stays as it is
     clean = Placement([[0, 1, 2, 3, 0, 1]], 4, topology)
-    assert not SwiftPolicy().rebalance(np.ones((1, 4)), topology, clean).changed.any()
+    assert not SwiftPolicy(rules="eplb").rebalance(np.ones((1, 4)), topology, clean).changed.any()
 
 
 def test_layers_below_the_threshold_are_untouched():
@@ -151,11 +235,11 @@ def test_layers_below_the_threshold_are_untouched():
     load = np.ones((2, 10))
     load[0, 0] = 4.0  # mildly skewed
     load[1, 0] = 40.0  # badly skewed
-    assert SwiftPolicy(threshold=1.0).rebalance(load, topology, current).changed.all()
+    assert SwiftPolicy(rules="eplb", threshold=1.0).rebalance(load, topology, current).changed.all()
     par_before = par(rank_loads(current, load))
-    plan = SwiftPolicy(threshold=par_before[0] + 1e-6).rebalance(load, topology, current)
+    plan = SwiftPolicy(rules="eplb", threshold=par_before[0] + 1e-6).rebalance(load, topology, current)
     assert not plan.changed[0] and plan.changed[1]
-    plan = SwiftPolicy(threshold=par_before[1] + 1e-6).rebalance(load, topology, current)
+    plan = SwiftPolicy(rules="eplb", threshold=par_before[1] + 1e-6).rebalance(load, topology, current)
     assert not plan.changed.any()
     np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
 
@@ -168,7 +252,7 @@ def test_layers_below_the_threshold_are_untouched():
 def test_a_layer_that_would_not_strictly_improve_is_untouched(ranks, slots, phy2log, load):
     topology = Topology(ranks, slots)
     current = Placement([phy2log], len(load), topology)
-    plan = SwiftPolicy(threshold=1.0).rebalance(np.array([load]), topology, current)
+    plan = SwiftPolicy(rules="eplb", threshold=1.0).rebalance(np.array([load]), topology, current)
     assert plan.par_before[0] > 1.0 and not plan.changed[0]
     np.testing.assert_array_equal(plan.placement.phy2log, current.phy2log)
 
@@ -177,7 +261,8 @@ def test_a_rejected_layer_keeps_no_spreading_either():
     # from vLLM's layout rank 0 and 1 have no redundant slot; spreading relocates an expert, then planning cannot win
     topology = Topology(3, 3)
     current = Placement.initial(6, topology, 1, layout="vllm")
-    plan = SwiftPolicy(threshold=1.0).rebalance(np.array([[13, 15, 28, 20, 0, 0]]), topology, current)
+    plan = SwiftPolicy(rules="eplb", threshold=1.0).rebalance(np.array([[13, 15, 28, 20, 0, 0]]), topology,
+                                                                current)
     assert plan.par_before[0] > 1.1 and not plan.changed[0]
 
 
@@ -186,7 +271,7 @@ def test_every_transfer_pair_is_used_once_even_when_the_swaps_want_more():
     topology = Topology(2, 4)
     current = Placement([[0, 1, 2, 3, 4, 5, 6, 7]], 8, topology)
     load = np.array([[50, 40, 30, 20, 1, 1, 1, 1]])
-    plan = SwiftPolicy(threshold=1.0, pin="replica").rebalance(load, topology, current)
+    plan = SwiftPolicy(rules="eplb", threshold=1.0, pin="replica").rebalance(load, topology, current)
     moves = transfers(current.phy2log[0], plan.placement.phy2log[0], topology, 8)
     assert plan.changed[0] and sorted((s, d) for s, d, _ in moves) == [(0, 1), (1, 0)]
 
@@ -194,7 +279,11 @@ def test_every_transfer_pair_is_used_once_even_when_the_swaps_want_more():
 def test_options_are_checked():
     assert isinstance(get_policy(2), SwiftPolicy)
     with pytest.raises(PolicyError, match="pin"):
-        get_policy("swift", pin="slot")
+        get_policy("swift", rules="eplb", pin="slot")
+    with pytest.raises(PolicyError, match="rules='eplb'"):
+        get_policy("swift", spread=True)  # vllm-ascend's rules do not spread
+    with pytest.raises(PolicyError, match="rules"):
+        get_policy("swift", rules="ours")
     with pytest.raises(PolicyError, match="swap_rounds"):
         get_policy("swift", swap_rounds=-1)
     with pytest.raises(PolicyError, match="swap_gain"):
@@ -215,30 +304,30 @@ def dsv3_load(dsv3_counts):
 def test_dsv3_from_vllm_initial_layout(dsv3_load):
     """The reference changes nothing from vLLM's layout; spreading the redundant slots first fixes that."""
     current = Placement.initial(256, DSV3, 58, layout="vllm")
-    plan = SwiftPolicy().rebalance(dsv3_load, DSV3, current)
+    plan = SwiftPolicy(rules="eplb").rebalance(dsv3_load, DSV3, current)
     assert plan.par_before.mean() > 1.9
     assert plan.changed.all() and plan.par_after.mean() < 1.15 and plan.par_after.max() < 1.6
     assert plan.moved_slots.mean() < 110  # of 288 slots; about 24 of them pay for the spreading
     assert plan.placement.problems(allow_shared_rank=False) == []
     check_layer_rules(plan, current, DSV3)
-    unspread = SwiftPolicy(spread=False).rebalance(dsv3_load, DSV3, current)
+    unspread = SwiftPolicy(rules="eplb", spread=False).rebalance(dsv3_load, DSV3, current)
     assert unspread.par_after.mean() > plan.par_after.mean() + 0.1
 
 
 def test_dsv3_one_redundant_slot_per_rank(dsv3_load):
     current = Placement.initial(256, DSV3, 58, layout="spread")
-    plan = SwiftPolicy().rebalance(dsv3_load, DSV3, current)
+    plan = SwiftPolicy(rules="eplb").rebalance(dsv3_load, DSV3, current)
     assert plan.par_before.mean() > 2.5 and plan.par_after.mean() < 1.3
     assert plan.moved_slots.mean() < 80
     check_layer_rules(plan, current, DSV3)
-    replica = SwiftPolicy(pin="replica").rebalance(dsv3_load, DSV3, current)
+    replica = SwiftPolicy(rules="eplb", pin="replica").rebalance(dsv3_load, DSV3, current)
     assert replica.par_after.mean() < 1.05
     check_layer_rules(replica, current, DSV3)
 
 
 def test_dsv3_intra_node_keeps_copies_in_their_node(dsv3_load):
     current = Placement.initial(256, DSV3, 58, layout="vllm")
-    plan = SwiftPolicy(intra_node=True).rebalance(dsv3_load, DSV3, current)
+    plan = SwiftPolicy(rules="eplb", intra_node=True).rebalance(dsv3_load, DSV3, current)
     assert plan.par_after.mean() < plan.par_before.mean() - 0.3  # 2.01 -> 1.53; nodes alone stay at 1.28
     node = DSV3.node_of_rank
     for layer in range(58):
@@ -250,7 +339,7 @@ def test_dsv3_intra_node_keeps_copies_in_their_node(dsv3_load):
 def test_dsv3_repeated_cycles_settle(dsv3_load):
     """Re-planning on the same load keeps improving or stops: the spreading does not churn slots every cycle."""
     current = Placement.initial(256, DSV3, 58, layout="vllm")
-    policy = SwiftPolicy()
+    policy = SwiftPolicy(rules="eplb")
     moved = []
     for _ in range(4):
         plan = policy.rebalance(dsv3_load, DSV3, current)

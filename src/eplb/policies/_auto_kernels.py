@@ -11,7 +11,7 @@ fully. Two moves:
 - reassign: one slot of an expert with >= 2 replicas takes another expert (1 slot moves, one replica changes hands).
 
 Every change is linear in the two experts' loads: affected rank ``r`` gains ``alpha_r * x[s, a] + beta_r * x[s, b]``,
-so a candidate is scored exactly over all episodes from the per-episode top-3 rank loads (the busiest rank outside
+so a candidate is scored exactly over all episodes from the per-episode busiest rank loads (the busiest rank outside
 the affected ones) without rebuilding the loads. Candidates are screened first, in O(1) each, on the mean over the
 episodes in which the hot rank is the busiest (they must lower it there without lifting an affected rank above
 it); the best screened ones are scored exactly and the one with the largest gain net of its move cost is applied,
@@ -27,6 +27,10 @@ from numba import njit, prange
 _EXACT = 48
 # hot ranks tried per step before the search stops
 _HOT_RANKS = 4
+# the most candidates scored exactly in a step, counting those tied with the _EXACT-th best
+_SCORED = 256
+# busiest ranks kept per episode: a move rarely touches them all, so its gain needs no scan of the others
+_TOP = 8
 
 
 @njit(cache=True)
@@ -41,10 +45,10 @@ def rank_loads(x, table, counts, liquid):
     num_episodes = x.shape[0]
     num_ranks, slots = table.shape
     out = np.zeros((num_episodes, num_ranks))
-    for r in range(num_ranks):
-        for k in range(slots):
-            e = table[r, k]
-            for s in range(num_episodes):
+    for s in range(num_episodes):  # episode by episode: x[s] stays in cache
+        for r in range(num_ranks):
+            for k in range(slots):
+                e = table[r, k]
                 out[s, r] += x[s, e] * share(counts[e], liquid)
     return out
 
@@ -60,24 +64,24 @@ def objective(x, weight, table, counts, liquid):
 
 
 @njit(cache=True)
-def _top3(loads, top, arg):
+def _top(loads, top, arg):
+    """The ``_TOP`` busiest ranks of every episode, busiest first (ties: the lower rank first): what
+    :func:`_gain` reads the busiest unaffected rank from without a scan."""
     num_episodes, num_ranks = loads.shape
+    width = top.shape[1]
     for s in range(num_episodes):
-        for k in range(3):
+        for k in range(width):
             top[s, k] = -np.inf
             arg[s, k] = -1
         for r in range(num_ranks):
             v = loads[s, r]
-            if v > top[s, 2]:
-                if v > top[s, 1]:
-                    top[s, 2], arg[s, 2] = top[s, 1], arg[s, 1]
-                    if v > top[s, 0]:
-                        top[s, 1], arg[s, 1] = top[s, 0], arg[s, 0]
-                        top[s, 0], arg[s, 0] = v, r
-                    else:
-                        top[s, 1], arg[s, 1] = v, r
-                else:
-                    top[s, 2], arg[s, 2] = v, r
+            if v <= top[s, width - 1]:
+                continue
+            k = width - 1
+            while k > 0 and v > top[s, k - 1]:
+                top[s, k], arg[s, k] = top[s, k - 1], arg[s, k - 1]
+                k -= 1
+            top[s, k], arg[s, k] = v, r
 
 
 @njit(cache=True)
@@ -95,12 +99,12 @@ def _gain(x, weight, loads, top, arg, a, b, aff, alpha, beta, n):
     for s in range(x.shape[0]):
         rest = -np.inf
         found = False
-        for k in range(3):
+        for k in range(top.shape[1]):
             if arg[s, k] >= 0 and not _in(aff, n, arg[s, k]):
                 rest = top[s, k]
                 found = True
                 break
-        if not found:  # the three busiest ranks are all affected: scan the others
+        if not found:  # the busiest ranks are all affected: scan the others
             for r in range(loads.shape[1]):
                 if not _in(aff, n, r) and loads[s, r] > rest:
                     rest = loads[s, r]
@@ -165,9 +169,9 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
             if table[r, k] != original[r, k]:
                 moved += 1
     loads = rank_loads(x, table, counts, liquid)
-    top = np.empty((num_episodes, 3))
-    arg = np.empty((num_episodes, 3), dtype=np.int64)
-    _top3(loads, top, arg)
+    top = np.empty((num_episodes, _TOP))
+    arg = np.empty((num_episodes, _TOP), dtype=np.int64)
+    _top(loads, top, arg)
     mean_load = np.zeros(num_ranks)
     mean_x = np.zeros(num_experts)
     hot = np.zeros(num_ranks)
@@ -211,7 +215,7 @@ def local_search(x, weight, table, original, counts, move_cost, budget, max_step
             else:
                 _apply_reassign(x, loads, table, has, holders, counts, r1, k1, k2, liquid, aff, alpha, beta)
             moved += best_moved
-            _top3(loads, top, arg)
+            _top(loads, top, arg)
             applied = True
             break
         if not applied:
@@ -333,10 +337,20 @@ def _best_candidate(x, weight, loads, top, arg, table, original, holders, counts
     """Score the ``_EXACT`` best-screened candidates exactly on every episode; returns ``(index, slots it moves)``
     of the one with the largest gain net of its move cost within the move ``budget`` (index -1: none gains)."""
     cut = -np.inf if m <= _EXACT else np.partition(-cand_score[:m], _EXACT - 1)[_EXACT - 1]
+    # candidates tied at the cut fill the places left, in order, up to _SCORED in all: at a thousand ranks thousands
+    # of cold experts can tie, and scoring them all costs tens of milliseconds a step
+    ties = _SCORED
+    for c in range(m):
+        if -cand_score[c] < cut:
+            ties -= 1
     best, best_net, best_moved = -1, 0.0, 0
     for c in range(m):
         if -cand_score[c] > cut:
             continue
+        if -cand_score[c] == cut:
+            if ties <= 0:
+                continue
+            ties -= 1
         r1, k1 = cand[c, 1], cand[c, 2]
         if cand[c, 0] == 0:
             r2, k2 = cand[c, 3], cand[c, 4]
@@ -364,7 +378,7 @@ def _index(table, num_experts):
     """``holders`` int64 ``[E, W]`` (the ranks holding each expert, first ``counts[e]`` valid) and ``has`` bool
     ``[W, E]``."""
     num_ranks, slots = table.shape
-    holders = np.zeros((num_experts, num_ranks), dtype=np.int64)
+    holders = np.empty((num_experts, num_ranks), dtype=np.int64)  # only the first counts[e] of a row are read
     has = np.zeros((num_ranks, num_experts), dtype=np.bool_)
     filled = np.zeros(num_experts, dtype=np.int64)
     for r in range(num_ranks):

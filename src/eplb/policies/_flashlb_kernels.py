@@ -22,7 +22,7 @@ _SCORE_EPS = 0.01
 
 
 @njit(cache=True)
-def _sort_by_load(experts, load):
+def sort_by_load(experts, load):
     """Insertion-sort ``experts`` in place by ``load`` descending, ties by lowest id (a stable sort's order).
 
     Linear on a nearly sorted input, which is what :func:`lpt` gets from one candidate to the next."""
@@ -82,7 +82,7 @@ def lpt(mean, var, cov, count, z, experts, members, dev_size, dev_mean, dev_var,
     num_ranks, slots = members.shape
     num_experts = mean.shape[0]
     inv_count = 1.0 / count
-    _sort_by_load(experts, mean * inv_count)
+    sort_by_load(experts, mean * inv_count)
     dev_size[:] = 0
     dev_mean[:] = 0.0
     dev_var[:] = 0.0
@@ -255,7 +255,7 @@ def flash_tree(xt, total, mean, var, cov, z, depth, width, best_members):
     episodes = xt.shape[1]
     weight = mean + z * np.sqrt(var)
     by_weight = np.arange(num_experts)
-    _sort_by_load(by_weight, weight)
+    sort_by_load(by_weight, weight)
     group_of = np.empty(num_experts, dtype=np.int64)
     base, larger = divmod(num_experts, depth)
     start = 0

@@ -189,16 +189,23 @@ class Auto(Policy):
         usable = ~_has_duplicates(fresh, num_ranks)
         reset = np.zeros(num_layers, dtype=bool) if self.reset is None else usable & (
             _objectives(x, weight, base, num_ranks, num_experts, liquid) > (1 + self.reset) * fresh_score)
-        start = None
-        if reset.any():
-            start = match_ranks(fresh, base, num_ranks, across_nodes=True)
-            reset &= (start != base).sum(axis=1) <= budget
+        # ranks of the fresh start matched to the current ones, only in the layers that may start from it
+        start, matched = base.copy(), np.zeros(num_layers, dtype=bool)
+
+        def match(layers):
+            todo = layers & ~matched
+            if todo.any():
+                start[todo] = match_ranks(fresh[todo], base[todo], num_ranks, across_nodes=True)
+                matched[todo] = True
+
+        match(reset)
+        reset &= (start != base).sum(axis=1) <= budget
         # local search needs distinct experts per rank: elsewhere only the fresh start below applies
         clean = ~_has_duplicates(base, num_ranks)
         score = self._search(x, weight, out, base, num_ranks, move_cost, budget, max_steps, liquid, clean & ~reset)
         restart = usable & (reset | (fresh_score + 0.5 * num_slots * move_cost < score))
         if restart.any():
-            start = match_ranks(fresh, base, num_ranks, across_nodes=True) if start is None else start
+            match(restart)
             restart &= (start != base).sum(axis=1) <= budget
             restarted = self._search(x, weight, start, base, num_ranks, move_cost, budget, max_steps, liquid,
                                      restart)

@@ -3,21 +3,26 @@
 Per layer: the window is cut into episodes (+1 to every per-step count, so no expert is ever idle); each expert's
 mean, unbiased variance and covariances across episodes give a risk weight ``mean + z * std``. The FlashTree search
 tries replica allotments around the greedy min-max one, deploys each with a covariance-aware LPT (two replicas of one
-expert never share a rank) and keeps the allotment with the best per-episode score (mean over episodes of the
-episode's PAR).
+expert never share a rank) and scores each by the mean over episodes of the episode's PAR. New ranks are matched to
+old ones so that as many experts as possible stay (:func:`eplb.policies.retention.match_ranks`).
 
-Differences from the reference, on purpose:
+Two rule sets (option ``rules``):
 
-- The current placement is scored on the same episodes as the candidate (the reference scores it on raw steps, which
-  biases the comparison towards changing), and a layer is only changed when that predicted gain is positive.
-- Cherry-picking compares each layer's average-to-peak with its value when the layer was last applied: the policy's
-  state (:meth:`FlashLB.next_state`), which the planning function (:func:`eplb.planning.plan_cycle`) carries from
-  one cycle to the next in the simulator and in the runtime alike; a single call can pass it as the
-  ``last_balance`` option. A layer never applied is always a candidate (and still needs a positive gain). Without
-  the state, a plan made on a fresh window of the same traffic almost always scores a little better on that
-  window's noise, so nearly every layer is re-planned and most slots move each cycle.
-- Changed layers keep as many experts in place as possible: new ranks are matched to old ones (Hungarian) and
-  experts a rank keeps stay in their slot (:func:`eplb.policies.retention.match_ranks`).
+- ``"vllm-ascend"`` (the default) does what vllm-ascend's ``FlashLB`` does, with its state across cycles: a layer is
+  re-planned when it was never improved, or its average-to-peak on the window's steps (``1 /`` the score on the raw
+  steps, +1 each) fell below ``replan_ratio`` x its value recorded at its last improvement or below
+  ``replan_floor``; every re-planned layer takes its new placement, better or not; the search settles on its last
+  group's best candidate (:mod:`eplb.policies._flashlb_ascend_kernels`). The state (:meth:`FlashLB.next_state`)
+  records, for a layer whose plan is in force after the cycle, the new placement's average-to-peak on the episodes
+  when it exceeds the current one on the raw steps. Differences that remain: docs/peers.md.
+- ``"eplb"`` is our version, better on purpose: the current placement is scored on the same episodes as the
+  candidate (scoring it on raw steps biases the comparison towards changing), a layer changes only when that
+  predicted gain is positive, the search keeps the best candidate it scored, and the state is each applied layer's
+  average-to-peak on its episodes.
+
+Either way the state travels through the planning function (:func:`eplb.planning.plan_cycle`) from one cycle to the
+next, in the simulator and in the runtime alike; a single call can pass it as the ``last_balance`` option. A layer
+never recorded is always re-planned.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from eplb._arrays import to_numpy
 from eplb.errors import PolicyError
 from eplb.load import episodes
 from eplb.placement import Placement
+from eplb.policies import _flashlb_ascend_kernels as ascend_kernels
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.base import Policy
 from eplb.policies.retention import match_ranks
@@ -44,6 +50,10 @@ log = logging.getLogger(__name__)
 _GAIN_TOLERANCE = 1e-9
 # Below this many ranks the reference re-plans more eagerly.
 _SMALL_GROUP = 32
+#: values of the ``rules`` option: what vllm-ascend's code does, or our version
+RULES = ("vllm-ascend", "eplb")
+#: vllm-ascend's z: the 75th percentile of the standard normal distribution
+Z_75 = 0.6744897501960817
 
 
 def episode_load(load: np.ndarray, num_episodes: int) -> np.ndarray:
@@ -80,22 +90,22 @@ def _fraction(name: str, value) -> float | None:
 
 
 class FlashLB(Policy):
-    """FlashLB: covariance-aware replica allotment and deployment, re-planning only the layers that gain.
+    """FlashLB: covariance-aware replica allotment and deployment, re-planning only the layers whose balance fell.
 
     Args:
+        rules: ``"vllm-ascend"`` (what vllm-ascend's policy file does) or ``"eplb"`` (our version); see the module
+            docstring.
         num_episodes: episodes the window is cut into (``[T, L, E]`` loads; a ``[L, E]`` load is one episode).
-        z: weight of the standard deviation in the risk weight and the LPT rank score (0.6745: 75th percentile).
+        z: weight of the standard deviation in the risk weight and the LPT rank score (the 75th percentile).
         depth: groups of experts the FlashTree search fixes one after another.
         width: the search tries each group's share of the extra replicas within ``+-width`` of the greedy guess.
-        replan_ratio: with ``last_balance``, re-plan a layer whose average-to-peak fell below this fraction of its
-            value at the last plan. Default 0.9, or 0.95 for fewer than 32 ranks.
-        replan_floor: with ``last_balance``, re-plan a layer whose average-to-peak is below this. Default 0.85, or
-            0.9 for fewer than 32 ranks.
-        last_balance: float ``[L]`` in (0, 1], each layer's average-to-peak when it was last planned: ``1 /`` the
-            mean over the episodes of their PAR (FlashLB's score), as :meth:`next_state` keeps it. When None (the
-            default) every layer is a candidate.
+        replan_ratio: re-plan a layer whose average-to-peak fell below this fraction of its recorded value.
+            Default 0.9, or 0.95 for fewer than 32 ranks.
+        replan_floor: re-plan a layer whose average-to-peak is below this. Default 0.85, or 0.9 for fewer than 32
+            ranks.
+        last_balance: float ``[L]`` in (0, 1], each layer's recorded average-to-peak, as :meth:`next_state` keeps it
+            (NaN: none). When None (the default) and no state is handed in, every layer is re-planned.
 
-    A layer changes only when the new placement scores strictly better than ``current`` on the same episodes.
     ``slots_per_rank`` must not exceed the number of experts, since no rank holds an expert twice.
     """
 
@@ -103,8 +113,12 @@ class FlashLB(Policy):
     allow_shared_rank = False
     wants_steps = True
 
-    def __init__(self, num_episodes: int = 64, z: float = 0.6745, depth: int = 4, width: int = 8,
-                 replan_ratio: float | None = None, replan_floor: float | None = None, last_balance=None):
+    def __init__(self, rules: str = "vllm-ascend", num_episodes: int = 64, z: float = Z_75, depth: int = 4,
+                 width: int = 8, replan_ratio: float | None = None, replan_floor: float | None = None,
+                 last_balance=None):
+        if rules not in RULES:
+            raise PolicyError(f"flashlb option rules must be one of {', '.join(RULES)}, got {rules!r}")
+        self.rules = rules
         self.num_episodes = _positive_int("num_episodes", num_episodes)
         if isinstance(z, bool) or not isinstance(z, (int, float, np.number)) or not math.isfinite(z) or z < 0:
             raise PolicyError(f"flashlb option z must be a finite number >= 0, got {z!r}")
@@ -121,10 +135,11 @@ class FlashLB(Policy):
             if balance.dtype.kind not in "iuf":
                 raise PolicyError(f"flashlb option last_balance must hold numbers, got dtype {balance.dtype}")
             balance = balance.astype(np.float64)
-            if balance.ndim != 1 or not np.all((balance > 0) & (balance <= 1)):
-                raise PolicyError(f"flashlb option last_balance must be a 1-D array of values in (0, 1], got "
-                                  f"shape {balance.shape} with values in [{balance.min(initial=np.nan)}, "
-                                  f"{balance.max(initial=np.nan)}]")
+            known = balance[~np.isnan(balance)]
+            if balance.ndim != 1 or not np.all((known > 0) & (known <= 1)):
+                raise PolicyError(f"flashlb option last_balance must be a 1-D array of values in (0, 1] or NaN, got "
+                                  f"shape {balance.shape} with values in [{known.min(initial=np.nan)}, "
+                                  f"{known.max(initial=np.nan)}]")
             self.last_balance = balance
 
     def place(self, load: np.ndarray, topology: Topology, current: Placement | None, window: np.ndarray,
@@ -134,29 +149,48 @@ class FlashLB(Policy):
         if slots > num_experts:
             raise PolicyError(f"flashlb never puts an expert twice on a rank, so slots_per_rank ({slots}) must be "
                               f"<= the number of experts ({num_experts})")
-        xt, total = _episode_arrays(load, self.num_episodes)
-        old_score = None
-        if current is not None:
-            old_rows = np.array(current.phy2log, dtype=np.int64, order="C")
-            old_score = kernels.score_layers(xt, total, old_rows, num_ranks)
-        selected = self._candidates(old_score, num_ranks, num_layers, self.last_balance if state is None else state)
-        new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
-                                             self.width)
+        last = self.last_balance if state is None else state
+        balance = None if current is None else self._balance(load, current)
+        selected = self._candidates(balance, num_ranks, num_layers, last)
+        if self.rules == "vllm-ascend":
+            new, _ = ascend_kernels.plan_layers(episode_load(load, self.num_episodes), selected, num_ranks, slots,
+                                                self.z, self.depth, self.width)
+            change = selected
+        else:
+            xt, total = _episode_arrays(load, self.num_episodes)
+            new, new_score = kernels.plan_layers(xt, total, selected, num_ranks, slots, self.z, self.depth,
+                                                 self.width)
+            if current is not None:  # the same episodes on both sides: a strict gain, rounding aside
+                with np.errstate(invalid="ignore"):
+                    change = selected & (new_score < (1.0 / balance) * (1 - _GAIN_TOLERANCE))
         if current is None:
             return new
-        gain = np.where(selected, old_score - new_score, 0.0)
-        apply = gain > _GAIN_TOLERANCE * old_score
-        log.debug("flashlb: %d layers re-planned, %d with a positive gain", selected.sum(), apply.sum())
+        log.debug("flashlb: %d layers re-planned, %d changed", selected.sum(), change.sum())
         out = current.phy2log.copy()
-        if apply.any():
-            out[apply] = match_ranks(new[apply], out[apply], num_ranks, across_nodes=True)
+        if change.any():
+            out[change] = match_ranks(new[change], out[change], num_ranks, across_nodes=True)
         return out
 
-    def _candidates(self, old_score, num_ranks: int, num_layers: int, last) -> np.ndarray:
-        """bool ``[L]``: the layers worth re-planning (cherry-picking): each layer's average-to-peak now
-        (``1 / old_score``, the mean over the episodes of their PAR) against ``last``, its value when the layer was
-        last applied (NaN: never applied)."""
-        if old_score is None or last is None:
+    def _balance(self, load: np.ndarray, placement: Placement) -> np.ndarray:
+        """float64 ``[L]``: each layer's average-to-peak under ``placement`` (``1 /`` its score). vllm-ascend's
+        rules: on the window's raw steps (+1 each), in float32 as the reference keeps it; ours: on the episodes the
+        search scores its candidates on."""
+        load = np.asarray(load)
+        rows = np.array(placement.phy2log, dtype=np.int64, order="C")
+        num_ranks = placement.topology.num_ranks
+        if self.rules == "eplb":
+            xt, total = _episode_arrays(load, self.num_episodes)
+            return 1.0 / kernels.score_layers(xt, total, rows, num_ranks)
+        steps = (load[None] if load.ndim == 2 else load).astype(np.float64) + 1.0
+        counts = placement.replica_count
+        return np.array([np.float32(1) / ascend_kernels.score(np.ascontiguousarray(steps[:, layer]), counts[layer],
+                                                              rows[layer].reshape(num_ranks, -1))
+                         for layer in range(rows.shape[0])], dtype=np.float64)
+
+    def _candidates(self, balance, num_ranks: int, num_layers: int, last) -> np.ndarray:
+        """bool ``[L]``: the layers to re-plan (cherry-picking): each layer's average-to-peak now against ``last``,
+        its recorded value (NaN: none). vllm-ascend's rules compare in float32, as the reference does."""
+        if balance is None or last is None:
             return np.ones(num_layers, dtype=bool)
         last = np.asarray(last, dtype=np.float64)
         if last.shape != (num_layers,):
@@ -164,25 +198,45 @@ class FlashLB(Policy):
         small = num_ranks < _SMALL_GROUP
         ratio = self.replan_ratio if self.replan_ratio is not None else (0.95 if small else 0.9)
         floor = self.replan_floor if self.replan_floor is not None else (0.9 if small else 0.85)
-        balance = 1.0 / old_score
-        return np.isnan(last) | (balance < floor) | (balance < ratio * last)
+        if self.rules == "vllm-ascend":
+            balance, last = balance.astype(np.float32), last.astype(np.float32)
+            ratio, floor = np.float32(ratio), np.float32(floor)
+        with np.errstate(invalid="ignore"):
+            return np.isnan(last) | (balance < floor) | (balance < last * ratio)
 
     def next_state(self, state, plan, layers, load):
-        """float64 ``[L]``: each layer's average-to-peak over the episodes of the window it was last applied on
-        (``1 /`` its score), NaN for a layer never applied: what cherry-picking compares against."""
+        """float64 ``[L]``: each layer's recorded average-to-peak (NaN: none), what cherry-picking compares against
+        once ``layers`` of ``plan`` are applied. Ours: an applied layer's on the window's episodes. vllm-ascend's:
+        a layer it re-planned whose plan is in force (applied, or equal to the placement in force) records its new
+        average-to-peak on the episodes when that exceeds the old one on the raw steps (in float32)."""
         if state is None:
             state = np.full(plan.par_after.shape, np.nan) if self.last_balance is None else self.last_balance
-        balance = np.array(state, dtype=np.float64)
+        record = np.array(state, dtype=np.float64)
+        load = np.asarray(load)
+        num_ranks = plan.placement.topology.num_ranks
         layers = list(layers)
-        if layers:
-            xt, total = _episode_arrays(np.asarray(load)[..., layers, :], self.num_episodes)
-            rows = np.array(plan.placement.phy2log[layers], dtype=np.int64, order="C")
-            balance[layers] = 1.0 / kernels.score_layers(xt, total, rows, plan.placement.topology.num_ranks)
-        return balance
+        if self.rules == "eplb":
+            if layers:
+                xt, total = _episode_arrays(load[..., layers, :], self.num_episodes)
+                rows = np.array(plan.placement.phy2log[layers], dtype=np.int64, order="C")
+                record[layers] = 1.0 / kernels.score_layers(xt, total, rows, num_ranks)
+            return record
+        before = self._balance(load, plan.reference)
+        in_force = ~np.asarray(plan.changed, dtype=bool)
+        in_force[layers] = True
+        episodes = episode_load(load, self.num_episodes)
+        counts = plan.placement.replica_count
+        for layer in np.flatnonzero(self._candidates(before, num_ranks, len(record), record) & in_force):
+            score = ascend_kernels.score(np.ascontiguousarray(episodes[layer]), counts[layer],
+                                         plan.placement.phy2log[layer].reshape(num_ranks, -1))
+            after = np.float32(1) / score
+            if after - np.float32(before[layer]) > 0:
+                record[layer] = after
+        return record
 
     def __repr__(self) -> str:
-        return (f"FlashLB(num_episodes={self.num_episodes}, z={self.z}, depth={self.depth}, width={self.width}, "
-                f"replan_ratio={self.replan_ratio}, replan_floor={self.replan_floor}, "
+        return (f"FlashLB(rules={self.rules!r}, num_episodes={self.num_episodes}, z={self.z}, depth={self.depth}, "
+                f"width={self.width}, replan_ratio={self.replan_ratio}, replan_floor={self.replan_floor}, "
                 f"last_balance={'None' if self.last_balance is None else 'given'})")
 
 

@@ -1,5 +1,16 @@
 """``swift`` (vllm-ascend policy type 2): SwiftBalancer — good balance with few, cheap transfers.
 
+Two rule sets (option ``rules``):
+
+- ``"vllm-ascend"`` (the default) does what vllm-ascend's ``SwiftBalanceEplb`` does, step for step, with its
+  arithmetic and orders (:mod:`eplb.policies._swift_ascend_kernels`): home copies by scan order, the redundant slots
+  re-allotted with the reference's replica weights (``2 h / (c + 2)`` after ``c`` extra copies), copies placed on
+  the least-loaded rank with a redundant slot within one transfer per rank pair, leftover slots filled, up to 100
+  pairwise swaps, and the layer taken when its peak drops. Only the redundant slots of the table in force can take
+  copies (from vLLM's initial layout, scan order makes a few ranks' slots redundant). What still differs from the
+  reference, and why: docs/peers.md.
+- ``"eplb"`` is our version, better on purpose; the rest of this docstring describes it.
+
 Per layer (``[T, L, E]`` loads are summed over the window first):
 
 1. **Home copies.** Scanning slot 0 of every rank, then slot 1, ..., the first occurrence of an expert is its home
@@ -8,8 +19,8 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
    the repeat gets the expert with the largest load per replica that the rank lacks.
 2. **Threshold.** A layer whose PAR is below ``threshold`` (after any repair) is left as it is.
 3. **Spreading** (``spread=True``; not in the reference). Redundant slots can only receive copies, so a rank without
-   one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) only those ranks
-   can take copies, and the reference achieves nothing. Before planning, the redundant slots are evened out until
+   one can never be relieved: from vLLM's initial layout (all redundant slots on the last ranks) only a few ranks
+   can take copies. Before planning, the redundant slots are evened out until
    every rank has the floor or the ceiling of their mean (per node in intra-node mode). First for free, by role
    swaps: an expert homed on rank ``u`` with a redundant copy on rank ``v`` may as well be homed on ``v``, which
    hands ``u`` a redundant slot (chains of such swaps are found by breadth-first search). Only where no chain
@@ -30,8 +41,9 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
    swapped is swapped). ``pin="replica"`` only pins the replicas that moved and the experts already swapped, so the
    home copy of an expert that just got a copy elsewhere may still leave a hot rank: far better balance for a few
    more moved slots (DeepSeek-V3, 32 x 9: PAR 1.01 instead of 1.14, 84 instead of 68 moved slots per layer).
-7. **Acceptance.** The layer changes only if its max rank load strictly drops; experts that stay on a rank keep
-   their slot (:func:`eplb.policies.retention.preserve_slots`).
+7. **Acceptance.** The layer changes only if its max rank load strictly drops (the reference compares with layer
+   0's mean rank load, whatever the layer); experts that stay on a rank keep their slot
+   (:func:`eplb.policies.retention.preserve_slots`).
 
 Transfers: an expert arriving on a rank that did not hold it before. Its source is defined as the expert's
 scan-order home rank in the placement in force, and every (source rank, destination rank) pair carries at most one
@@ -52,6 +64,7 @@ import numpy as np
 from eplb._arrays import to_bool
 from eplb.errors import PolicyError
 from eplb.placement import Placement
+from eplb.policies._swift_ascend_kernels import plan_layers as ascend_plan_layers
 from eplb.policies._swift_kernels import plan_layers, prepare_layers
 from eplb.policies.base import Policy
 from eplb.policies.kernels import replicate_counts
@@ -64,6 +77,8 @@ logger = logging.getLogger(__name__)
 
 #: values of the ``pin`` option
 PINS = ("expert", "replica")
+#: values of the ``rules`` option: what vllm-ascend's code does, or our version
+RULES = ("vllm-ascend", "eplb")
 
 
 def _number(name: str, value, kind: type):
@@ -79,38 +94,49 @@ def _number(name: str, value, kind: type):
 
 
 class SwiftPolicy(Policy):
-    """SwiftBalancer (vllm-ascend id 2) with the replica weight bug fixed; see the module docstring.
+    """SwiftBalancer (vllm-ascend id 2); see the module docstring.
 
-    Without ``current``, it plans from the ``spread`` initial layout (:meth:`Placement.initial`).
+    Without ``current``, it plans from vLLM's initial layout (``rules="vllm-ascend"``, vllm-ascend's table when no
+    map is given) or from the ``spread`` layout (``rules="eplb"``) (:meth:`Placement.initial`).
 
     Args:
+        rules: ``"vllm-ascend"`` (what vllm-ascend's policy file does) or ``"eplb"`` (our version: redundant slots
+            spread over the ranks, exact replica weights, the options below).
         threshold: leave layers whose PAR is below this alone (1.01 in the reference; 1.0 plans every layer).
         intra_node: run the planning per node, so that no copy crosses a node boundary.
-        spread: even out redundant slots over ranks before planning (needed from vLLM's initial layout).
         swap_rounds: at most this many swaps per layer (per node in intra-node mode).
         swap_gain: a swap must lower the hottest rank by at least this fraction of the mean rank load.
-        pin: what the swap rounds leave alone: ``expert`` (every replica of an expert moved this cycle) or
-            ``replica`` (replicas that moved this cycle and experts swapped this cycle).
+        spread: ``rules="eplb"`` only: even out redundant slots over ranks before planning (default True).
+        pin: ``rules="eplb"`` only: what the swap rounds leave alone: ``expert`` (every replica of an expert moved
+            this cycle; the default) or ``replica`` (replicas that moved this cycle and experts swapped this cycle).
     """
 
     name = "swift"
     allow_shared_rank = False
 
-    def __init__(self, threshold: float = 1.01, intra_node: bool = False, spread: bool = True,
-                 swap_rounds: int = 100, swap_gain: float = 0.01, pin: str = "expert"):
+    def __init__(self, rules: str = "vllm-ascend", threshold: float = 1.01, intra_node: bool = False,
+                 swap_rounds: int = 100, swap_gain: float = 0.01, spread: bool | None = None, pin: str | None = None):
         threshold, swap_gain = _number("threshold", threshold, float), _number("swap_gain", swap_gain, float)
         swap_rounds = _number("swap_rounds", swap_rounds, int)
+        if rules not in RULES:
+            raise PolicyError(f"rules must be one of {', '.join(RULES)}, got {rules!r}")
         if not np.isfinite(threshold):
             raise PolicyError(f"threshold must be a finite PAR (e.g. 1.01), got {threshold!r}")
         if swap_rounds < 0:
             raise PolicyError(f"swap_rounds must be >= 0, got {swap_rounds}")
         if not 0 < swap_gain < np.inf:
             raise PolicyError(f"swap_gain must be > 0 (a fraction of the mean rank load), got {swap_gain!r}")
+        if rules == "vllm-ascend" and (spread is not None or pin is not None):
+            given = ", ".join(f"{k}={v!r}" for k, v in (("spread", spread), ("pin", pin)) if v is not None)
+            raise PolicyError(f"{given} is an option of rules='eplb'; vllm-ascend's rules neither spread nor choose "
+                              f"what the swaps pin")
+        pin = "expert" if pin is None else pin
         if pin not in PINS:
             raise PolicyError(f"pin must be one of {', '.join(PINS)}, got {pin!r}")
+        self.rules = rules
         self.threshold = threshold
         self.intra_node = to_bool(intra_node, "intra_node", PolicyError)
-        self.spread = to_bool(spread, "spread", PolicyError)
+        self.spread = to_bool(True if spread is None else spread, "spread", PolicyError) and rules == "eplb"
         self.swap_rounds = swap_rounds
         self.swap_gain = swap_gain
         self.pin = pin
@@ -121,7 +147,8 @@ class SwiftPolicy(Policy):
         # fresh writable copies: numba compiles read-only arrays as a separate signature
         window = np.array(window, dtype=np.float64)
         if current is None:
-            current = Placement.initial(num_experts, topology, num_layers, layout="spread")
+            layout = "vllm" if self.rules == "vllm-ascend" else "spread"
+            current = Placement.initial(num_experts, topology, num_layers, layout=layout)
         old = np.array(current.rank_table, dtype=np.int64, order="C")
         num_ranks = topology.num_ranks
         if self.intra_node:
@@ -130,6 +157,17 @@ class SwiftPolicy(Policy):
         else:
             group_of_rank = np.zeros(num_ranks, dtype=np.int64)
             group_start = np.array([0, num_ranks], dtype=np.int64)
+        if self.rules == "vllm-ascend":
+            table = np.sort(old, axis=2)
+            repeats = (table[..., 1:] == table[..., :-1]).any(axis=(1, 2))
+            if repeats.any():  # vllm-ascend cannot hold such a table: repaired first, as our rules do
+                old[repeats] = prepare_layers(old[repeats], window[repeats], group_of_rank, group_start, np.inf,
+                                              False)[0]
+            # the reference's gain threshold and acceptance use layer 0's mean rank load for every layer
+            reference_mean = window[0].sum() / num_ranks
+            new = ascend_plan_layers(old, window, group_start, self.threshold, self.swap_rounds,
+                                     self.swap_gain * reference_mean, reference_mean)
+            return new.reshape(num_layers, -1)
         repaired, base, home, home_rank, source, pair_used, moved, active = prepare_layers(
             old, window, group_of_rank, group_start, self.threshold, self.spread)
         counts = self._replica_counts(window, home_rank, group_of_rank, topology)
@@ -155,8 +193,11 @@ class SwiftPolicy(Policy):
         return np.take_along_axis(counts, home_node[:, None, :], axis=1)[:, 0, :]
 
     def __repr__(self) -> str:
-        return (f"SwiftPolicy(threshold={self.threshold}, intra_node={self.intra_node}, spread={self.spread}, "
-                f"swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain}, pin={self.pin!r})")
+        if self.rules == "vllm-ascend":
+            return (f"SwiftPolicy(rules='vllm-ascend', threshold={self.threshold}, intra_node={self.intra_node}, "
+                    f"swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain})")
+        return (f"SwiftPolicy(rules='eplb', threshold={self.threshold}, intra_node={self.intra_node}, "
+                f"spread={self.spread}, swap_rounds={self.swap_rounds}, swap_gain={self.swap_gain}, pin={self.pin!r})")
 
 
 POLICY = SwiftPolicy

@@ -4,6 +4,7 @@ PAR, peaks and window sums of every step under the dispatch mode (:func:`score`)
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from eplb.dispatch import balanced_rank_load, dispatch_share, replica_ranks
 from eplb.placement import Placement
@@ -80,6 +81,13 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
                 balanced_rank_load(trace.counts[start:start + _BALANCED_ROWS, layer], table, num_ranks,
                                    version[start:start + _BALANCED_ROWS], config.balanced_passes)
                 for start in range(0, num_steps, _BALANCED_ROWS)])
+        elif config.dispatch == "even":  # the share of every rank straight from the row: no dense [V, E, W]
+            loads = np.zeros((num_steps, num_ranks))
+            bounds = np.flatnonzero(np.diff(version)) + 1
+            counts = placement.replica_count
+            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, num_steps]):
+                _even_loads(load[start:stop], rows[version[start]], counts[version[start]], num_ranks,
+                            loads[start:stop])
         else:
             share = dispatch_share(placement, config.dispatch, config.tp_size)  # [V, E, W]
             loads = np.zeros((num_steps, num_ranks))
@@ -139,6 +147,70 @@ def _add_shared(out: np.ndarray, load: np.ndarray, share: np.ndarray) -> None:
     present, first = np.unique(rank, return_index=True)
     contribution = load[:, expert] * share[expert, rank]
     out[:, present] += np.add.reduceat(contribution, first, axis=1)
+
+
+@njit(cache=True)
+def _even_loads(load, row, counts, num_ranks, out):
+    """``out`` ``[T, W]`` = the rank loads of ``load`` ``[T, E]`` under an even split over the replicas of ``row``
+    ``[P]`` (``counts`` ``[E]`` its replica counts): what :func:`_add_shared` gives with the even share, to the last
+    bit (each rank's distinct experts ascending, a repeated one's shares added, summed as numpy's reduction does),
+    in O(T x P) instead of a dense [E, W] share."""
+    slots = row.shape[0] // num_ranks
+    experts = np.empty((num_ranks, slots), dtype=np.int64)
+    share = np.empty((num_ranks, slots))
+    size = np.zeros(num_ranks, dtype=np.int64)
+    for r in range(num_ranks):
+        for k in range(slots):
+            e = row[r * slots + k]
+            value = 1.0 / counts[e]
+            i = size[r]
+            while i > 0 and experts[r, i - 1] > e:
+                i -= 1
+            if i > 0 and experts[r, i - 1] == e:
+                share[r, i - 1] += value
+                continue
+            for j in range(size[r], i, -1):
+                experts[r, j], share[r, j] = experts[r, j - 1], share[r, j - 1]
+            experts[r, i], share[r, i] = e, value
+            size[r] += 1
+    terms = np.empty(slots)
+    for t in range(load.shape[0]):  # a step's loads stay in cache while every rank reads them
+        for r in range(num_ranks):
+            if size[r] <= 8:  # numpy sums fewer than 8 terms in order
+                total = 0.0
+                for i in range(1, size[r]):
+                    total += load[t, experts[r, i]] * share[r, i]
+                out[t, r] = load[t, experts[r, 0]] * share[r, 0] + total
+                continue
+            for i in range(size[r]):
+                terms[i] = load[t, experts[r, i]] * share[r, i]
+            out[t, r] = terms[0] + _pairwise_sum(terms[1:size[r]])
+
+
+@njit(cache=True)
+def _pairwise_sum(values):
+    """numpy's pairwise summation (what ``np.add.reduce`` does with float64), so sums match it to the bit."""
+    n = values.shape[0]
+    if n < 8:
+        total = 0.0
+        for i in range(n):
+            total += values[i]
+        return total
+    if n <= 128:
+        part = values[:8].copy()
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                part[j] += values[i + j]
+            i += 8
+        total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))
+        while i < n:
+            total += values[i]
+            i += 1
+        return total
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(values[:half]) + _pairwise_sum(values[half:])
 
 
 def _ratio(peak: np.ndarray, mean: np.ndarray) -> np.ndarray:
