@@ -18,7 +18,7 @@ from eplb.formats import read_map
 from eplb.runtime.config import EplbConfig
 from eplb.sim.sweep import MEASURED_FIELDS
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 # a small model: 16 layers x 64 experts on 8 ranks x 9 slots (R = 8)
 SMALL = ["--trace", "builtin:olmoe", "--steps", "240", "--ranks", "8", "--windows", "24,48", "--top", "5"]
 

@@ -21,7 +21,7 @@ TOPO = Topology(WORLD, 5)
 NUM_EXPERTS, NUM_LAYERS = 6, 2
 WINDOW = 6
 SPAWN_TIMEOUT_S = 300
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "runtime.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "runtime.md"
 
 
 def skewed_ids(step: int, rank: int):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _run(code: str, missing: list[str], cwd) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from eplb.device_check.graphs import graph_recording  # noqa: E402
 from eplb.device_check.workload import expert_tensors, weights_match  # noqa: E402
 from eplb.runtime.controller import STEP_KINDS  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 SMALL = dict(layers=8, experts=32, slots=40, top_k=4, layers_per_step=2)
 
 

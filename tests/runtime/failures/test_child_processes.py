@@ -26,7 +26,7 @@ if not sys.platform.startswith("linux"):
 from eplb.cli import main  # noqa: E402
 from eplb.commands import common, demo  # noqa: E402
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[3] / "src")
 # long enough to be killed mid-run; small enough to start fast on two shared cores
 DEMO = ["demo", "--ranks", "2", "--steps", "100000", "--tokens", "16", "--layers", "2", "--window", "10",
         "--timeout", "300", "--json"]
