@@ -5,6 +5,10 @@
   and fails when fewer than ``n`` did, so an early ``return`` or a branch that is never taken cannot pass silently.
 - ``EPLB_TEST_NO_SKIP=1`` (set by ``.ci/run``): the run fails if any test skipped (the skip report, ``-rs``, names
   them), so a missing dependency on CI's own machine is an error, not a silent gap.
+- ``@pytest.mark.gpu``: the test needs CUDA. Without it the test is skipped here, before it runs, and that one skip
+  is allowed under ``EPLB_TEST_NO_SKIP=1`` (CI's machine has no GPU; the summary counts them). Any other skip of a
+  gpu test, such as a missing package on a machine with CUDA, still fails the run.
+- Markers ``dist`` and ``slow`` (pyproject.toml): ``pytest -m "not slow and not dist"`` is the quick loop.
 """
 
 import json
@@ -18,6 +22,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 _REACHED: Counter = Counter()
 _SKIPPED: list[str] = []
+_NO_CUDA = "needs CUDA, which this machine does not have"
+_GPU_SKIPPED: set[str] = set()  # gpu tests skipped for want of CUDA: the one skip EPLB_TEST_NO_SKIP=1 allows
 
 
 def reached(label: str = "assertion") -> None:
@@ -50,8 +56,25 @@ def pytest_runtest_call(item):
     return result
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k deselected what they do not run
+def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu and not _cuda_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=_NO_CUDA))
+            _GPU_SKIPPED.add(item.nodeid)
+
+
 def _note_skip(report) -> None:
-    if report.skipped and not hasattr(report, "wasxfail"):
+    if report.skipped and not hasattr(report, "wasxfail") and report.nodeid not in _GPU_SKIPPED:
         _SKIPPED.append(report.nodeid)
 
 
@@ -73,6 +96,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _GPU_SKIPPED:
+        terminalreporter.write_line(f"{len(_GPU_SKIPPED)} gpu-marked test(s) skipped: {_NO_CUDA}")
     if _skips_fail():
         terminalreporter.write_line(f"EPLB_TEST_NO_SKIP=1: {len(_SKIPPED)} skipped, and nothing may skip here: "
                                     + ", ".join(_SKIPPED), red=True)

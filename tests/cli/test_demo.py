@@ -25,6 +25,8 @@ def _demo_json(capsys, *argv) -> dict:
     return code, json.loads(out)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_dynamic_demo_balances_while_serving_and_keeps_outputs(capsys):
     code, summary = _demo_json(capsys, "--steps", "150", "--window", "25", *SMALL_RUN)
     assert code == 0
@@ -42,6 +44,8 @@ def test_dynamic_demo_balances_while_serving_and_keeps_outputs(capsys):
                           "tokens_per_s_after"} for c in summary["cycles"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_demo_with_a_failed_rank_serves_on_over_the_survivors(capsys):
     code, summary = _demo_json(capsys, "--steps", "120", "--window", "25", "--slots-per-rank", "6",
                                "--fail-rank", "2", *SMALL_RUN)
@@ -53,6 +57,8 @@ def test_demo_with_a_failed_rank_serves_on_over_the_survivors(capsys):
     assert summary["steps"] == 120  # every step was served, the interrupted one again
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_static_demo_serves_a_balanced_map_from_the_start(tmp_path, capsys):
     topology = Topology(2, 9)
     load = expert_popularity(2, 16, 4)
@@ -66,6 +72,8 @@ def test_static_demo_serves_a_balanced_map_from_the_start(tmp_path, capsys):
     assert summary["after"] is None and summary["before"]["step_par"] < 1.3  # the initial layout is at ~1.5
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_record_demo_writes_the_map_it_planned(tmp_path, capsys):
     from eplb.formats import read_map
 
@@ -76,6 +84,8 @@ def test_record_demo_writes_the_map_it_planned(tmp_path, capsys):
     assert read_map(path).num_layers == 2 and summary["cycles"][0]["moved_slots"] > 0
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_record_demo_that_writes_no_map_exits_1(tmp_path, capsys):
     path = tmp_path / "never.json"  # 5 steps: no window ends, so no plan is made
     code, summary = _demo_json(capsys, "--mode", "record", "--map", str(path), "--ranks", "2", "--steps", "5",

@@ -15,6 +15,7 @@ def run_json(capsys, *args):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_json_report_and_files(capsys, tmp_path):
     out = run_json(capsys, "--out", str(tmp_path / "report"))
     policies = out["policies"]
@@ -37,6 +38,7 @@ def test_json_report_and_files(capsys, tmp_path):
     assert first["predicted_par_after"] < first["measured_step_par"] < static["step_par_mean"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_and_saved_trace_replays(capsys, tmp_path):
     quick = ["--no-files", "--steps", "120", "--policies", "default", "--clairvoyant", "none"]
     first = run_json(capsys, *quick, "--seed", "3", "--save-trace", str(tmp_path / "t.npz"))
@@ -51,6 +53,7 @@ def test_same_seed_same_results_and_saved_trace_replays(capsys, tmp_path):
     assert other["policies"]["static"]["step_par_mean"] != first["policies"]["static"]["step_par_mean"]
 
 
+@pytest.mark.slow
 def test_table_output(capsys, tmp_path):
     assert main(["simulate", *FAST, "--out", str(tmp_path), "--redundant", "32", "--dispatch", "local",
                  "--similarity", "0.99"]) == 0
@@ -75,6 +78,7 @@ def test_bad_input_is_one_clear_error(capsys, args, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_deepseek_v3_statistics_as_trace(capsys, data_dir):
     out = run_json(capsys, "--no-files", "--trace", str(data_dir / "sglang_dsv3_ep_statistics.npz"), "--steps",
                    "150", "--policies", "default")
@@ -82,6 +86,8 @@ def test_deepseek_v3_statistics_as_trace(capsys, data_dir):
         out["policies"]["static"]["step_par_mean"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_parallel_runs_match_in_process_runs(capsys):
     quick = ["--no-files", "--steps", "120", "--policies", "default,random", "--clairvoyant", "default"]
     outs = [run_json(capsys, *quick, "--jobs", jobs) for jobs in ("1", "2")]
@@ -118,6 +124,7 @@ def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
     np.testing.assert_array_equal(told.placement.phy2log, plain.placement.phy2log)
 
 
+@pytest.mark.slow
 def test_clairvoyant_floor_is_the_best_of_its_candidates_and_each_run_reports_its_distance(capsys, tmp_path):
     out = run_json(capsys, "--steps", "150", "--clairvoyant", "default,random", "--out", str(tmp_path))
     candidates = out["clairvoyant_candidates"]

@@ -116,6 +116,7 @@ def test_a_ray_address_that_does_not_answer_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_finished_rows_and_resume_runs_the_rest(tmp_path, capsys):
     out = tmp_path / "t"
     command = [sys.executable, "-m", "eplb.cli", "tune", *SMALL, "--policies", "auto,default", "--jobs", "1",
@@ -141,6 +142,8 @@ def test_ctrl_c_keeps_the_finished_rows_and_resume_runs_the_rest(tmp_path, capsy
     assert comparable(resumed["rows"]) == comparable(fresh["rows"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_ray_tasks_give_the_local_rows(tmp_path, capsys):
     pytest.importorskip("ray")
     small = ["--policies", "auto,default", "--windows", "24", "--redundant-range", "8"]  # 4 candidates, 2 references

@@ -44,6 +44,8 @@ def doctor(compiled):
     return code, out.getvalue()
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_doctor_prints_one_json_object_and_its_exit_code_follows_the_verdict(doctor):
     code, out = doctor
     result = json.loads(out)  # exactly one JSON object: anything else on stdout fails here
@@ -54,6 +56,8 @@ def test_doctor_prints_one_json_object_and_its_exit_code_follows_the_verdict(doc
                                "expert_dtypes": ["bfloat16", "uint8"], "cycles": 3}
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_every_mode_runs_its_cycles_to_an_agreed_stop(doctor):
     result = json.loads(doctor[1])
     assert list(result["modes"]) == ["rank", "token", "local", "balanced"]
@@ -65,6 +69,8 @@ def test_every_mode_runs_its_cycles_to_an_agreed_stop(doctor):
         assert len(mode["cycles"]) == 4 and all(c["layers_switched"] > 0 for c in mode["cycles"][:3]), mode["cycles"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_routes_weights_and_groups_are_right_in_every_mode(doctor):
     result = json.loads(doctor[1])
     for dispatch, mode in result["modes"].items():
@@ -75,6 +81,8 @@ def test_routes_weights_and_groups_are_right_in_every_mode(doctor):
         assert mode["forward_ratio_during_transfer"] > 0
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_the_serving_thread_makes_no_host_sync_in_any_hook(doctor):
     result = json.loads(doctor[1])
     for dispatch, mode in result["modes"].items():
@@ -82,6 +90,8 @@ def test_the_serving_thread_makes_no_host_sync_in_any_hook(doctor):
     assert result["ok"], result["failures"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_cpu_skips_only_what_needs_cuda_and_says_so(doctor):
     result = json.loads(doctor[1])
     assert result["graph_recording"] == {"skipped": "needs CUDA"}
@@ -93,6 +103,8 @@ def test_cpu_skips_only_what_needs_cuda_and_says_so(doctor):
     assert ("OK: every check passed" in text) == result["ok"]
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_rank_that_raises_still_gives_one_json_object_and_exit_1(compiled):
     out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--modes", "balanced", "--layers", "8",
                           "--experts", "32", "--slots", "40", "--fault", "1:raise"],
@@ -104,6 +116,8 @@ def test_a_rank_that_raises_still_gives_one_json_object_and_exit_1(compiled):
     assert any(line.startswith("rank 1 raised: RuntimeError: rank 1 fails on purpose") for line in result["failures"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_rank_that_dies_is_reported(compiled):
     result = run_check(CheckSettings(modes=("rank",), fault=(0, "exit"), **SMALL))
     assert not result["ok"]
@@ -112,6 +126,8 @@ def test_a_rank_that_dies_is_reported(compiled):
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_rank_that_hangs_is_reported_with_its_stacks(compiled):
     result = run_check(CheckSettings(modes=("rank",), fault=(1, "hang"), budget_s=5, margin_s=30, **SMALL))
     assert not result["ok"]
@@ -121,6 +137,8 @@ def test_a_rank_that_hangs_is_reported_with_its_stacks(compiled):
     assert "their threads' stacks are in the JSON result" in table(result)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_ranks_past_their_budget_stop_on_the_same_step(compiled):
     result = run_check(CheckSettings(modes=("local",), budget_s=2, **SMALL))
     mode = result["modes"]["local"]
@@ -179,6 +197,17 @@ def test_weights_match_tells_a_wrong_byte():
 def test_a_device_the_runtime_cannot_use_is_refused(name, words):
     with pytest.raises(DeviceCheckError, match=words):
         resolve_device(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.dist
+@pytest.mark.slow
+def test_doctor_on_cuda_runs_what_the_cpu_run_skips(compiled, capsys):
+    code = main(["doctor", "--device", "cuda", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["device"].startswith("cuda") and result["skipped"] == []
+    assert "skipped" not in result["graph_recording"], result["graph_recording"]
+    assert result["ok"] and code == 0, result["failures"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

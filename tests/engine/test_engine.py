@@ -102,6 +102,7 @@ def _model(config: ModelConfig, slots: int, popularity=None, placement=None, cal
     return MoEModel(config, ctl, (w13, w2), popularity, calibration_tokens=calibration)
 
 
+@pytest.mark.slow
 def test_forward_equals_the_dense_model_with_replicas_in_any_slot(one_rank_group):
     popularity = expert_popularity(SMALL.num_layers, SMALL.num_experts, SMALL.top_k)
     plain = _model(SMALL, 8, popularity)
@@ -119,6 +120,7 @@ def test_forward_equals_the_dense_model_with_replicas_in_any_slot(one_rank_group
     assert int(replicated.last_received.sum()) == 40 * SMALL.top_k * SMALL.num_layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_groups", [1, 4])
 def test_gate_bias_reproduces_the_target_skew(one_rank_group, num_groups):
     config = ModelConfig(num_layers=1, num_experts=16, top_k=4, hidden=32, ffn=16, num_groups=num_groups)
@@ -153,6 +155,8 @@ def _sleeps(rank, world, emit):
     time.sleep(600)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_launch_reports_a_failing_rank_and_stops_the_others():
     events = []
     start = time.monotonic()
@@ -162,6 +166,8 @@ def test_launch_reports_a_failing_rank_and_stops_the_others():
     assert ("hello", 1) in events
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_launch_gives_up_after_its_timeout():
     start = time.monotonic()
     with pytest.raises(LaunchError, match="did not finish within 3 s"):

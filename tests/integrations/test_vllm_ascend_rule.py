@@ -70,6 +70,7 @@ def _problems(draw):
     return ranks, slots, experts, layers, seed, policy
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_problems())
 def test_every_policy_passes_the_check_property(problem):

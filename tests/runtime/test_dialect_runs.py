@@ -16,6 +16,8 @@ import pytest
 from eplb import Placement, Topology
 from eplb.runtime.config import EplbConfig
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 ASCEND_ENV = {"DYNAMIC_EPLB": "true"}
 
 WORLD = 2

@@ -68,6 +68,8 @@ def _rank_main(rank: int, tmp: str) -> dict:
     return out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_every_dtype_moves_bitwise_on_two_gloo_ranks(tmp_path):
     for rank, out in enumerate(run_ranks(_rank_main, 2, str(tmp_path), timeout_s=300)):
         assert "error" not in out, out["error"]

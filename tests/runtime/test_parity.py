@@ -36,6 +36,8 @@ from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
 from gloo_ranks import run_ranks  # noqa: E402
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 STEPS, LAYERS, EXPERTS, SLOTS, INTERVAL, TOKENS = 1200, 8, 64, 80, 200, 192
 EXPERT_BYTES = 16  # one float32 [4] tensor per slot
 BUDGET = 2 * EXPERT_BYTES  # bytes_per_step of the split runs: two experts staged per rank and step, layers in parts

@@ -23,6 +23,8 @@ from eplb.sim.traces import Trace  # noqa: E402
 from gloo_ranks import run_ranks  # noqa: E402
 from test_parity import EXPERT_BYTES, EXPERTS, LAYERS, SLOTS, STEPS, _tokens, comparable, parity_counts  # noqa: E402
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 WORLD = 2
 CADENCE = {"min_steps": 50, "max_steps": 200, "window_steps": 400, "tolerance": 0.02}
 POLICIES = ("default", "auto")

@@ -307,16 +307,20 @@ def test_communicator_values(value, message):
         EplbConfig.from_dict({"communicator": value})
 
 
-def test_nccl_needs_cuda():
+@pytest.mark.parametrize("value", ["torch_nccl", "pynccl"])
+def test_nccl_needs_cuda(value):
     torch = pytest.importorskip("torch")
-    for value in ("torch_nccl", "pynccl"):
-        config = EplbConfig.from_dict({"communicator": value})  # a driver without GPUs builds its workers' config
-        assert config.transfer_backend == "nccl"
-        if torch.cuda.is_available():
-            assert prepare(config, 1, 4, Topology(1, 4)) is None
-        else:
-            with pytest.raises(ConfigError, match=f"communicator='{value}' needs CUDA and NCCL"):
-                prepare(config, 1, 4, Topology(1, 4))
+    config = EplbConfig.from_dict({"communicator": value})  # a driver without GPUs builds its workers' config
+    assert config.transfer_backend == "nccl"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=f"communicator='{value}' needs CUDA and NCCL"):
+            prepare(config, 1, 4, Topology(1, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("value", ["torch_nccl", "pynccl"])
+def test_nccl_with_cuda_is_prepared(value):
+    assert prepare(EplbConfig.from_dict({"communicator": value}), 1, 4, Topology(1, 4)) is None
 
 
 def test_vllm_ascend_semantics(tmp_path):

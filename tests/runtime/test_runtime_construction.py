@@ -42,10 +42,13 @@ def test_a_device_the_runtime_cannot_use_is_refused_before_anything_starts(devic
     assert threading.active_count() == threads
 
 
-def test_cpu_is_cpu_and_cuda_names_its_index():
+def test_cpu_is_cpu():
     assert runtime_device("cpu") == torch.device("cpu")
-    if torch.cuda.is_available():
-        assert runtime_device("cuda") == torch.device("cuda", torch.cuda.current_device())
+
+
+@pytest.mark.gpu
+def test_cuda_names_the_current_device():
+    assert runtime_device("cuda") == torch.device("cuda", torch.cuda.current_device())
 
 
 def test_a_stream_on_a_cpu_device_and_a_communicator_the_build_lacks_are_refused():

@@ -25,6 +25,8 @@ import torch.multiprocessing as tmp_mp  # noqa: E402
 from eplb import Placement, Topology, get_policy  # noqa: E402
 from runtime_fault_worker import faulty_worker  # noqa: E402
 
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
 WORLD = 4
 TOPO = Topology(WORLD, 3, num_nodes=2)  # P = 12
 NUM_EXPERTS = 8

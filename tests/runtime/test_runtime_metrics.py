@@ -124,6 +124,8 @@ def _rank_load_by_hand(window_ids: np.ndarray, phy2log: np.ndarray) -> list[floa
     return loads
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_scraped_metrics_match_the_run(run):
     families = _families(run[0]["scrape"])
     steps = run[0]["steps"]
@@ -166,6 +168,8 @@ def test_scraped_metrics_match_the_run(run):
     assert _value(families["eplb_late_steps"]) == sum(m["late_steps"] for m in metrics)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_docs_list_every_metric_served(run):
     """docs/runtime.md's metrics table names exactly the metric families a scrape returns."""
     text = DOCS.read_text()

@@ -176,6 +176,8 @@ def test_the_guard_counts_blocking_calls_inside_a_hook_only():
                                "torch.nonzero", "Tensor.__int__"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, dispatch", RUNS)
 def test_serving_thread_never_waits_on_eplb(runs, mode, dispatch):
     for rank, r in enumerate(runs):
@@ -186,6 +188,8 @@ def test_serving_thread_never_waits_on_eplb(runs, mode, dispatch):
         assert res["hits"] == {}, (rank, res["hits"])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, dispatch", RUNS)
 def test_serving_group_carries_no_eplb_traffic(runs, mode, dispatch):
     # the test's own agreement runs on a group of its own, so every call on the default group would be EPLB's

@@ -127,6 +127,7 @@ def test_failure_specs_are_checked():
         Failure("node", 2, 10).ranks(TOPOLOGY)
 
 
+@pytest.mark.slow
 def test_cli_failures_in_json_and_table(capsys):
     args = ["simulate", "--steps", "200", "--interval", "50", "--planner-steps", "4", "--policies", "default",
             "--clairvoyant", "none", "--no-files", "--ranks", "16", "--redundant", "64", "--nodes", "2"]

@@ -116,6 +116,8 @@ def _wait_gone(tree: dict[int, int]) -> list[int]:
     return _alive(tree)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, whole_group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGKILL", "SIGTERM", "Ctrl-C"])  # Ctrl-C: SIGINT to every process of the demo
 def test_no_process_outlives_a_killed_demo(sig, whole_group):
@@ -137,6 +139,8 @@ def test_no_process_outlives_a_killed_demo(sig, whole_group):
         _kill_all(process, tree)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_demo_and_every_other_process():
     process, tree, ranks, reader, lines = _start_demo()
     try:
@@ -153,6 +157,8 @@ def test_a_killed_rank_ends_the_demo_and_every_other_process():
         _kill_all(process, tree)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_no_simulation_worker_outlives_a_killed_simulate():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     process = subprocess.Popen([sys.executable, "-m", "eplb.cli", "simulate", "--jobs", "2", "--no-files", "--json"],

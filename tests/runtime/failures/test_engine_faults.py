@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.usefixtures("compiled_auto")  # the runtime's default policy, compiled once
+# the runtime's default policy, compiled once
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("compiled_auto")]
 
 from eplb.engine.launch import launch  # noqa: E402
 from eplb.engine.model import ModelConfig  # noqa: E402

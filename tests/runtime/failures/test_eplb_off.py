@@ -108,6 +108,8 @@ def runs(tmp_path_factory):
     return run_ranks(_rank_main, WORLD, str(tmp_path_factory.mktemp("eplb_off")), timeout_s=400)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, cause", [("move", "injected: the move job failed"), ("thread", "side thread died")])
 def test_every_rank_turns_eplb_off_together_and_serves_on(runs, fault, cause):
     results = [r[fault] for r in runs]
@@ -150,6 +152,7 @@ def garbled_worker(requests, results, warmup=None):
         results.put(request.cycle * 0 + 5)
 
 
+@pytest.mark.slow
 def test_a_dead_reply_thread_fails_the_request_and_marks_the_planner_broken():
     from eplb.runtime.planner import PlannerWorker, PlanRequest
 

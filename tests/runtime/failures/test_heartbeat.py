@@ -65,6 +65,8 @@ def stopped():
     return _serve("SIGSTOP")
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["killed", "stopped"])
 def test_survivors_agree_through_the_heartbeat_and_fail_over_once(run, request):
     results, died_at = request.getfixturevalue(run)
@@ -83,6 +85,8 @@ def test_survivors_agree_through_the_heartbeat_and_fail_over_once(run, request):
     assert len({(f["step"], f["resume"]) for r in survivors for f in r["failovers"]}) == 1
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["killed", "stopped"])
 def test_serving_goes_on_with_the_unbalanced_models_outputs(run, request):
     results, _ = request.getfixturevalue(run)
@@ -113,6 +117,8 @@ def _until(predicate, timeout_s: float = PATIENCE_S) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_dead_store_is_a_logged_error_not_a_failure_or_a_hang(caplog):
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
@@ -180,6 +186,8 @@ def _beat_until_killed(port: int, ready) -> None:
     time.sleep(600)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_rank_that_closes_is_not_failed_and_one_killed_after_it_is(store):
     """Rank 1 closes; then rank 2's process is killed. The first and only event names rank 2: rank 1, silent since
     before rank 2 died, would have been declared first (or with it) had its goodbye been taken for a beat."""

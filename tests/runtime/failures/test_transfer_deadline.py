@@ -73,6 +73,8 @@ def _rank_main(rank: int, tmp: str) -> dict:
     return out
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_a_transfer_past_its_deadline_is_abandoned_on_every_rank_in_the_same_step(tmp_path):
     runs = run_ranks(_rank_main, WORLD, str(tmp_path), timeout_s=400)
     for run in runs:
