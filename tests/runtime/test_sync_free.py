@@ -37,7 +37,7 @@ def _config(mode: str, dispatch: str, tmp: str):
     from eplb.formats import write_map
     from eplb.runtime import EplbConfig
 
-    settings = {"mode": mode, "window_steps": 8, "step_interval": 100, "planner_check_steps": 2, "policy": "default",
+    settings = {"mode": mode, "window_steps": 8, "step_interval": 40, "planner_check_steps": 2, "policy": "default",
                 "dispatch": dispatch, "layers_per_step": 4, "planner_deadline_s": 120.0}
     if mode == "record":
         settings["record_path"] = os.path.join(tmp, "recorded.json")

@@ -118,6 +118,7 @@ def _wait_gone(tree: dict[int, int]) -> list[int]:
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.usefixtures("compiled_auto")  # the demo's ranks load the compiled policy
 @pytest.mark.parametrize("sig, whole_group", [(signal.SIGKILL, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
                          ids=["SIGKILL", "SIGTERM", "Ctrl-C"])  # Ctrl-C: SIGINT to every process of the demo
 def test_no_process_outlives_a_killed_demo(sig, whole_group):
@@ -141,6 +142,7 @@ def test_no_process_outlives_a_killed_demo(sig, whole_group):
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.usefixtures("compiled_auto")  # the demo's ranks load the compiled policy
 def test_a_killed_rank_ends_the_demo_and_every_other_process():
     process, tree, ranks, reader, lines = _start_demo()
     try:
