@@ -25,7 +25,6 @@ def _cli(argv: list[str], missing: list[str], cwd) -> subprocess.CompletedProces
     return _run(f"from eplb.cli import main\nsys.exit(main({argv!r}))", missing, cwd)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("argv, missing, line", [
     (["demo", "--steps", "5"], ["torch"],
      'eplb demo: error: eplb demo needs torch, which is not installed: pip install "eplb[torch]"'),
@@ -41,7 +40,6 @@ def test_command_without_its_extra_is_one_line(tmp_path, argv, missing, line):
     assert list(tmp_path.iterdir()) == []  # refused before any work: no plot, no report folder
 
 
-@pytest.mark.slow
 def test_eval_without_matplotlib_works_without_plot(tmp_path):
     import json
 
@@ -50,7 +48,6 @@ def test_eval_without_matplotlib_works_without_plot(tmp_path):
     assert json.loads(result.stdout)["num_layers"] == 58
 
 
-@pytest.mark.slow
 def test_runtime_without_torch(tmp_path):
     """The config is torch-free (an engine's driver builds it); the controller names the extra."""
     code = """

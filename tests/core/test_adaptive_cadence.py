@@ -66,7 +66,6 @@ def test_stable_load_doubles_the_interval_up_to_the_bound_and_slides_the_window(
     assert [interval for _, _, interval in cycle.cadence.history][:3] == [10, 20, 20]
 
 
-@pytest.mark.slow
 def test_drift_plans_sooner_on_the_steps_after_it():
     adaptive = AdaptiveCadence(min_steps=5, max_steps=40, window_steps=80, tolerance=0.05)
     cycle = Cycle(CycleConfig(cycle_steps=5, adaptive=adaptive), num_layers=2)
@@ -136,7 +135,6 @@ def _switching_trace(steps=600, layers=3, experts=16, switch=300, seed=0):
     return Trace.from_counts(counts, name="switch")
 
 
-@pytest.mark.slow
 def test_the_simulator_plans_the_windows_the_adaptive_cycle_names():
     trace = _switching_trace()
     adaptive = AdaptiveCadence(min_steps=10, max_steps=80, window_steps=160, tolerance=0.05)

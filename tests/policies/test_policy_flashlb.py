@@ -138,7 +138,6 @@ def _zipf_steps(rng, steps, layers, experts, tokens=512):
     return out
 
 
-@pytest.mark.slow
 @settings(max_examples=50, deadline=None)
 @given(
     num_ranks=st.integers(1, 8),

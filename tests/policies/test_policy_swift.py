@@ -93,7 +93,6 @@ def problems(draw):
     return load, topology, current
 
 
-@pytest.mark.slow
 @settings(max_examples=120, deadline=None)
 @given(problems(), st.booleans(), st.sampled_from(["expert", "replica"]))
 def test_valid_without_shared_rank_and_within_the_rules(problem, intra_node, pin):

@@ -152,7 +152,6 @@ def garbled_worker(requests, results, warmup=None):
         results.put(request.cycle * 0 + 5)
 
 
-@pytest.mark.slow
 def test_a_dead_reply_thread_fails_the_request_and_marks_the_planner_broken():
     from eplb.runtime.planner import PlannerWorker, PlanRequest
 
