@@ -2,7 +2,7 @@
 
 A layer is quiet when it carries no load, or fewer tokens (whole counts) than there are ranks. Checked for every
 registered policy on a DeepSeek-V3-sized map, over the live ranks after a failure, and through ``eplb plan``; the
-property over random problems is in ``test_policies_properties.py``.
+property over random problems is in ``tests/policies/test_policies_properties.py``.
 """
 
 import json

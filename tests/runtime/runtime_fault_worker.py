@@ -1,4 +1,4 @@
-"""Fault-injecting planner worker loop for tests/test_runtime_dist.py.
+"""Fault-injecting planner worker loop for tests/runtime/test_runtime_dist.py.
 
 A module of its own, free of torch and pytest, so the spawned worker process starts as fast as the real one.
 """

@@ -1,7 +1,7 @@
 """What the engines' timing keys do in real runs of the runtime on 2 Gloo ranks in real processes: the step at which
 a plan moves (vllm-ascend's ``algorithm_execution_interval``, with a planner on time and a late one; eplb's own
 ``planner_check_steps``), xLLM's timer and its accumulated, halved load. The configs themselves:
-tests/test_runtime_dialects.py.
+tests/runtime/test_runtime_dialects.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """EplbConfig: the engines' keys, env guards and strict validation, checks at start; planner worker basics.
 
 The engines' dialects (vllm-ascend's additional_config, xLLM's flags) fed their documented configs:
-tests/test_runtime_dialects.py."""
+tests/runtime/test_runtime_dialects.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The engines' config dialects mean in eplb what they mean in the engines: each is fed the configs of its engine's
 own docs (vllm-ascend's ``--additional-config`` examples from
 docs/source/user_guide/feature_guide/expert_parallelism_load_balancer.md; xLLM's flags from docs/en/features/eplb.md).
-What the timing keys do in real runs: tests/test_dialect_runs.py.
+What the timing keys do in real runs: tests/runtime/test_dialect_runs.py.
 """
 
 from __future__ import annotations
