@@ -270,7 +270,9 @@ def scenario_lifecycle(rank, tmp):
 
     try:
         log = serve(ctl, rank, until=until, on_step=inject, max_steps=10_000)  # serves on through the hang
-        assert until(ctl), f"{LIFECYCLE_CYCLES} cycles did not end within {log['steps']} steps"
+        assert until(ctl), (f"{LIFECYCLE_CYCLES} cycles did not end within {log['steps']} steps: "
+                            f"{[(m.submit_step, m.skipped, m.par_before is not None) for m in ctl.metrics]}, "
+                            f"phase {ctl.cycle.phase.value}")
         final_ok = all(equal_to_fresh(ctl.mover.layer_tensors[l], l, ctl.live.phy2log[l], rank)
                        for l in range(NUM_LAYERS))
         cycles = [{"skipped": m.skipped, "applied": m.applied_layers, "submit_step": m.submit_step,
