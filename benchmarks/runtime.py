@@ -124,7 +124,7 @@ def main() -> None:
 def switch_costs(initial: Placement, load: np.ndarray, rank: int, repeats: int) -> dict:
     """The serving thread's switch of one layer (tables already uploaded), and the planner's side of it."""
     from eplb.cycle import CycleConfig
-    from eplb.planning import plan_cycle
+    from eplb.cycle.planning import plan_cycle
     from eplb.runtime.live import LivePlacement
     from eplb.runtime.planner import PlannerReply
     from eplb.runtime.recipes import rank_recipes
@@ -172,9 +172,9 @@ def staging_schedule(load: np.ndarray) -> dict:
     """Apply steps and staging peak per rank of one DeepSeek-V3 cycle, before and after bounding each rank's
     staging (see the module docstring)."""
     from eplb.cycle import CycleConfig
-    from eplb.planning import plan_cycle
+    from eplb.cycle.planning import plan_cycle
+    from eplb.cycle.staging import staged_experts
     from eplb.sim.cost import DEEPSEEK_V3_EXPERT_BYTES
-    from eplb.staging import staged_experts
 
     initial = Placement.initial(NUM_EXPERTS, TOPOLOGY_64, NUM_LAYERS, layout="spread")
     out = {"expert_bytes": int(DEEPSEEK_V3_EXPERT_BYTES), "topology": TOPOLOGY_64.describe()}

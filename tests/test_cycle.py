@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from eplb import Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
-from eplb.planning import PlanState, plan_cycle, schedule_parts
+from eplb.cycle.planning import PlanState, plan_cycle, schedule_parts
 from eplb.policies.base import Plan, Policy
 
 TOPOLOGY = Topology(2, 2)

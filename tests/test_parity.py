@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 
 from eplb import Topology  # noqa: E402
 from eplb.cycle import CycleConfig  # noqa: E402
-from eplb.planning import cycle_policy  # noqa: E402
+from eplb.cycle.planning import cycle_policy  # noqa: E402
 from eplb.policies import available_policies  # noqa: E402
 from eplb.sim.cost import CostModel  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from eplb import Placement, Topology
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.startup import prepare
-from eplb.planning import plan_checksum
+from eplb.cycle.planning import plan_checksum
 from eplb.runtime.planner import PlannerWorker, PlanRequest
 
 

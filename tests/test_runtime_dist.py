@@ -190,7 +190,7 @@ def scenario_recorder(rank, tmp):
 
 def scenario_mover(rank, tmp):
     from eplb.runtime.mover import ExpertMover
-    from eplb.transfers import transfer_plan
+    from eplb.cycle.transfers import transfer_plan
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     rows = [np.roll(old.phy2log[0], 4), np.roll(old.phy2log[1], -5),
@@ -204,7 +204,7 @@ def scenario_mover(rank, tmp):
            "side_seconds": []}
     # staging holds exactly the rows this rank receives and those changing slot on it in one post (what the schedule
     # counts), never a copy of the layer
-    from eplb.staging import staged_experts
+    from eplb.cycle.staging import staged_experts
 
     out["staging_expected"] = max(int(staged_experts(t)[0, rank]) * mover.expert_bytes(t.layer) for t in plan)
     for transfer in plan:
@@ -314,7 +314,7 @@ def scenario_failover_parts(rank, tmp):
     from types import SimpleNamespace
 
     from eplb.runtime.failover import agree_after_failure
-    from eplb.staging import split_layer
+    from eplb.cycle.staging import split_layer
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS).phy2log
     target = np.roll(old[1], 5)

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from eplb import EplbError, Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
-from eplb.policies.resilience import Resilience
-from eplb.planning import CyclePlan
-from eplb.transfers import layer_transfer
+from eplb.policies.shared.resilience import Resilience
+from eplb.cycle.planning import CyclePlan
+from eplb.cycle.transfers import layer_transfer
 
 from conftest import reached
 

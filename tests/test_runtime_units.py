@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology
-from eplb.transfers import layer_transfer, transfer_plan
+from eplb.cycle.transfers import layer_transfer, transfer_plan
 
 torch = pytest.importorskip("torch")
 

@@ -21,7 +21,7 @@ from eplb.dispatch import (
 )
 from eplb.sim.simulator import SimConfig, simulate, warmup_steps
 from eplb.sim.traces import Trace, TraceSpec, generate_trace, parametric_profile, parametric_regimes
-from eplb.transfers import layer_transfer, transfer_plan
+from eplb.cycle.transfers import layer_transfer, transfer_plan
 
 TOPOLOGY = Topology(num_ranks=8, slots_per_rank=5, num_nodes=2, num_groups=4)  # 40 slots, 8 redundant
 

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from eplb import Placement, Topology
 from eplb.cycle import CycleConfig
 from eplb.placement import find_problems
-from eplb.planning import check_cycle_plan, plan_cycle
+from eplb.cycle.planning import check_cycle_plan, plan_cycle
 from eplb.policies.base import Plan, Policy
-from eplb.staging import split_layer, staged_experts
+from eplb.cycle.staging import split_layer, staged_experts
 
 
 class Target(Policy):

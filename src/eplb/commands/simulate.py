@@ -260,9 +260,9 @@ def run(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from eplb.cycle import CycleConfig
+    from eplb.policies.shared.resilience import Resilience
     from eplb.report.simulate import build_report, policy_table, write_report
     from eplb.sim.cost import CostModel, expert_bytes_of
-    from eplb.policies.resilience import Resilience
     from eplb.sim.runs import RunSpec, simulate_runs
     from eplb.sim.simulator import Failure, SimConfig, failed_ranks, warmup_steps
     from eplb.sim.traces import SCENARIOS, load_trace

@@ -1,6 +1,6 @@
 """Numba kernels of the SwiftBalancer policy (:mod:`eplb.policies.swift`), one layer after another.
 
-Two passes, with the replica allotment (:func:`eplb.policies.kernels.replicate_counts`) in between because in
+Two passes, with the replica allotment (:func:`eplb.policies.shared.packing.replicate_counts`) in between because in
 intra-node mode it depends on where the first pass put each expert's home copy:
 
 - :func:`prepare_layers`: home copies (scan order), repair of ranks holding an expert twice, the per-layer threshold

@@ -19,11 +19,11 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from eplb.cadence import AdaptiveCadence
+from eplb.cycle.cadence import AdaptiveCadence
 from eplb.dispatch import RUNTIME_MODES
 from eplb.errors import EplbError
 from eplb.policies import POLICY_IDS
-from eplb.policies.resilience import Resilience
+from eplb.policies.shared.resilience import Resilience
 from eplb.runtime import dialects
 from eplb.runtime.dialects import ConfigError
 from eplb.runtime.load_history import HISTORIES as LOAD_HISTORIES

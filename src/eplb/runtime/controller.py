@@ -47,9 +47,9 @@ import torch
 import torch.distributed as dist
 
 from eplb.cycle import Cycle, CycleConfig, Phase
+from eplb.cycle.planning import cycle_policy
 from eplb.errors import EplbError
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.runtime.agreement import Status
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, count_event, log_cycle
@@ -174,7 +174,7 @@ class EplbController:
         self.disabled: str | None = None
         #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` (benchmarks and tests classify steps)
         self.step_kinds: list[str] = ["ordinary"]
-        # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
+        # what a move and a step cost here, for the next plan's price (eplb.cycle.pricing.measured_price)
         self._step_started: float | None = None
         self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
         self._move_s, self._moved_experts = 0.0, 0

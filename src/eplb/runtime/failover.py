@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from eplb.cycle import Phase
+from eplb.cycle.planning import plan_checksum
 from eplb.errors import EplbError
-from eplb.planning import plan_checksum
-from eplb.policies.resilience import check_capacity, reload_lost
+from eplb.policies.shared.resilience import check_capacity, reload_lost
 from eplb.runtime.agreement import all_reduce
 from eplb.runtime.export import CycleMetrics
 
@@ -48,8 +48,8 @@ class FailoverReport:
 def agree_after_failure(live, step: int, transfers: dict, group=None, device="cpu") -> tuple[int, dict]:
     """The resume step (the latest ``step`` any survivor reached) and ``{layer: row [P]}`` for the layers of the
     interrupted cycle this rank must complete because another survivor had switched one more of their parts
-    (``transfers``: this rank's :class:`~eplb.transfers.LayerTransfer` parts of that cycle, by part). Survivors are
-    at most one step apart, so they differ by at most one part of a layer. One all-reduce over the survivors."""
+    (``transfers``: this rank's :class:`~eplb.cycle.transfers.LayerTransfer` parts of that cycle, by part). Survivors
+    are at most one step apart, so they differ by at most one part of a layer. One all-reduce over the survivors."""
     phy2log = live.phy2log
     num_layers = phy2log.shape[0]
     checksums = [plan_checksum(row[None]) for row in phy2log]

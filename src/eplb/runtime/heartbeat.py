@@ -8,8 +8,8 @@ store is a separate TCP service that stays up when a rank dies, so it can tell w
 How (:class:`Heartbeat`: one daemon thread and, on Linux with a TCP store, one small process per rank):
 
 - every ``interval_s`` the rank's beat is written to the store: a counter, not a timestamp (clocks differ across
-  hosts). The beating process (:mod:`eplb.runtime.beat`) writes it while the rank process runs and stops while it
-  is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
+  hosts). The beating process (:mod:`eplb.runtime.heartbeat_writer`) writes it while the rank process runs and stops
+  while it is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
   seconds inside a C++ call (measured: 0.6 s in a Gloo group's construction on a loaded 2-core machine), which
   would starve a beating thread and get a live rank declared failed. The heartbeat thread beats too: it covers the
   process's start-up (an interpreter and torch's import: one to four seconds here) and stores that are not TCP
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from eplb.errors import EplbError
-from eplb.runtime import beat
+from eplb.runtime import heartbeat_writer
 
 __all__ = ["Heartbeat", "RankFailure", "FailureEvent", "watch", "survivors_group", "abort_nccl",
            "published_failures"]
@@ -164,7 +164,7 @@ class Heartbeat:
             # its own session: Ctrl-C in a terminal is for the rank, which stops it (it exits when the rank is gone)
             args = (self._source.host, self._source.port, _BEAT.format(self.me), self.interval_s, self.timeout_s,
                     os.getpid())
-            self._beating = subprocess.Popen([sys.executable, beat.__file__, *map(str, args)],
+            self._beating = subprocess.Popen([sys.executable, heartbeat_writer.__file__, *map(str, args)],
                                              stdin=subprocess.DEVNULL, start_new_session=True)
 
     def add_callback(self, fn) -> None:

@@ -23,7 +23,7 @@ for it. A tensor that cannot be viewed as bytes is refused at construction.
 Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
 for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
 the live tensors in place. Never a copy of a whole layer: the schedule keeps each step within ``bytes_per_step`` on
-every rank (:mod:`eplb.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
+every rank (:mod:`eplb.cycle.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
 arenas (device plus host), which are sized exactly to the rows.
 """
 
@@ -194,8 +194,8 @@ class ExpertMover:
         return self._staging.nbytes + self.channel.backend.staging_bytes
 
     def post(self, parts, switches=None, to_device=None) -> PendingMove:
-        """Hand ``parts`` (:class:`MoveRecipe` s or :class:`~eplb.transfers.LayerTransfer` s, distinct layers) to the
-        side thread, with their :class:`~eplb.runtime.recipes.SwitchRows`, which ``to_device`` uploads there.
+        """Hand ``parts`` (:class:`MoveRecipe` s or :class:`~eplb.cycle.transfers.LayerTransfer` s, distinct layers) to
+        the side thread, with their :class:`~eplb.runtime.recipes.SwitchRows`, which ``to_device`` uploads there.
         Non-blocking."""
         start = time.perf_counter()
         recipes = [p if isinstance(p, MoveRecipe) else move_recipe(p, self.rank) for p in parts]

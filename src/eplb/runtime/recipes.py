@@ -1,8 +1,8 @@
 """What one rank does for each part of a plan, worked out by the planner process (numpy only, no torch).
 
-For every part (:class:`~eplb.transfers.LayerTransfer`) of an accepted plan a rank needs two things: how to move its
-rows (:class:`MoveRecipe`: what to send to whom, what to receive from whom, where each row lands in staging and where
-each staged row goes at the switch) and what the switch writes besides the weights (:class:`SwitchRows`: the
+For every part (:class:`~eplb.cycle.transfers.LayerTransfer`) of an accepted plan a rank needs two things: how to move
+its rows (:class:`MoveRecipe`: what to send to whom, what to receive from whom, where each row lands in staging and
+where each staged row goes at the switch) and what the switch writes besides the weights (:class:`SwitchRows`: the
 recorder's fold row and the router's table row). Building them is Python and numpy work, so the planner worker
 builds them next to the plan (:func:`rank_recipes`), and EPLB's side thread, which shares the interpreter with the
 serving thread, only posts the messages, waits and copies.
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb.cycle.transfers import LayerTransfer
 from eplb.placement import Placement
 from eplb.runtime.tables import TableLayout, TableSpec, router_rows
-from eplb.transfers import LayerTransfer
 
 __all__ = ["MoveRecipe", "SwitchRows", "move_recipe", "switch_rows", "rank_recipes"]
 

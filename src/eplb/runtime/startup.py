@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from eplb.cycle.planning import cycle_policy
 from eplb.errors import EplbError
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.runtime import dialects
 from eplb.runtime.config import ConfigError, EplbConfig

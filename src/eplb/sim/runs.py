@@ -19,8 +19,8 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
+from eplb.cycle.planning import cycle_policy
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.sim.simulator import RunResult, SimConfig, simulate
 from eplb.sim.traces import Trace
 

@@ -38,14 +38,14 @@ from typing import Callable
 import numpy as np
 
 from eplb.cycle import EARLIEST_SWITCH, Cycle, CycleConfig, CycleRecord
+from eplb.cycle.planning import plan_cycle
+from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
-from eplb.planning import plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
-from eplb.policies.resilience import Resilience, make_resilient, reload_lost
+from eplb.policies.shared.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
 from eplb.sim.failures import Failure, failed_ranks, failure_events
 from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
