@@ -58,18 +58,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eplb.cycle.cadence import AdaptiveCadence, Cadence
-from eplb.errors import EplbError
+from eplb.errors import CycleError
 
 __all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError", "EARLIEST_SWITCH"]
 
 #: steps from posting parts to their switch when their transfers land within the forward of the post step: they land
 #: there, every rank reports it in the next step, and that agreement is read in the one after
 EARLIEST_SWITCH = 2
-
-
-class CycleError(EplbError):
-    """The cycle was configured or driven wrongly (bad option, steps out of order, plan of the wrong size)."""
-
 
 class Phase(enum.Enum):
     COLLECT = "collect"

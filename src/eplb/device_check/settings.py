@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from eplb.errors import EplbError
+from eplb.errors import DeviceCheckError
 
 __all__ = ["CheckSettings", "DeviceCheckError", "resolve_device", "DISPATCH_MODES", "EXPERT_DTYPES"]
 
@@ -17,11 +17,6 @@ EXPERT_DTYPES = ("float32", "bfloat16", "float16", "int8", "uint8", "float8_e4m3
 _MAX_RANKS = 8
 #: how a rank fails on purpose (:attr:`CheckSettings.fault`)
 FAULTS = ("raise", "exit", "hang")
-
-
-class DeviceCheckError(EplbError):
-    """The check cannot run as asked (a device the runtime cannot use, bad sizes); nothing was started."""
-
 
 @dataclass(frozen=True)
 class CheckSettings:

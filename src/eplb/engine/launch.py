@@ -30,7 +30,7 @@ import traceback
 from datetime import timedelta
 
 from eplb._process import exit_with_parent
-from eplb.errors import EplbError
+from eplb.errors import EplbError, LaunchError
 
 __all__ = ["launch", "LaunchError", "failure_notice", "last_words"]
 
@@ -40,11 +40,6 @@ _FAILURE_KEY = "eplb/failure/{}"
 _FAILURE_GRACE_S = 0.5
 _store = None  # this rank's client of the group's store
 _messages = None  # this rank's queue to the parent
-
-
-class LaunchError(EplbError):
-    """A rank failed, died or did not finish in time."""
-
 
 def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
     """In a rank of a launch with ``rank_failures=True``: the failed ranks (all so far, ascending) of the ``index``-th

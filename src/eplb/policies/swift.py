@@ -65,7 +65,8 @@ from eplb._arrays import to_bool
 from eplb.errors import PolicyError
 from eplb.placement import Placement
 from eplb.policies._swift_ascend_kernels import plan_layers as ascend_plan_layers
-from eplb.policies._swift_kernels import plan_layers, prepare_layers
+from eplb.policies._swift_plan_kernels import plan_layers
+from eplb.policies._swift_prepare_kernels import prepare_layers
 from eplb.policies.base import Policy
 from eplb.policies.shared.packing import replicate_counts
 from eplb.policies.shared.retention import preserve_slots

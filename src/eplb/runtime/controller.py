@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from eplb.cycle import Cycle, CycleConfig, Phase
 from eplb.cycle.planning import cycle_policy
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure
 from eplb.placement import Placement
 from eplb.runtime.agreement import Status
 from eplb.runtime.config import EplbConfig
@@ -370,7 +370,7 @@ class EplbController:
             self.metrics[-1].skipped = f"EPLB turned off: {reason}"
         self.pending = self.round = None
         if self.channel is not None:
-            self.channel.abort(EplbError(f"EPLB is off: {reason}"))
+            self.channel.abort(EplbFailure(f"EPLB is off: {reason}"))
             self.channel.close(wait=False)
         if self.planner is not None:
             self.planner.close(wait=False)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from eplb.cycle import Phase
 from eplb.cycle.planning import plan_checksum
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure
 from eplb.policies.shared.resilience import check_capacity, reload_lost
 from eplb.runtime.agreement import all_reduce
 from eplb.runtime.export import CycleMetrics
@@ -60,7 +60,7 @@ def agree_after_failure(live, step: int, transfers: dict, group=None, device="cp
     for layer in np.flatnonzero(low != high).tolist():
         parts = [t for t in transfers.values() if t.layer == layer]
         if not parts:
-            raise EplbError(f"layer {layer}: the survivors hold different placements and this rank has no plan "
+            raise EplbFailure(f"layer {layer}: the survivors hold different placements and this rank has no plan "
                             "for it")
         other = high[layer] if checksums[layer] == low[layer] else low[layer]
         for part in parts:  # the part another survivor switched and this rank did not (none: this rank is ahead)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure, RankFailure
 from eplb.runtime import heartbeat_writer
 
 __all__ = ["Heartbeat", "RankFailure", "FailureEvent", "watch", "survivors_group", "abort_nccl",
@@ -60,16 +60,6 @@ _EVENTS = "eplb/heartbeat/events"  # how many failure events were published
 _EVENT = "eplb/heartbeat/event/{}"
 _CLOSED = b"closed"  # a rank that stopped serving on purpose: no longer watched, not failed
 _COMPLETION_POLL_S = 0.001  # how often :meth:`Heartbeat.wait` looks at a work whose future fired (NCCL: queued)
-
-
-class RankFailure(EplbError, RuntimeError):
-    """Ranks of the group were declared failed by the heartbeat (a RuntimeError, like a failed collective, so an
-    engine's handler of collective errors catches it). ``ranks``: every failed rank of the group so far."""
-
-    def __init__(self, ranks):
-        self.ranks = sorted(int(r) for r in ranks)
-        super().__init__(f"ranks {self.ranks} stopped beating (declared failed by EPLB's heartbeat)")
-
 
 @dataclass(frozen=True)
 class FailureEvent:
@@ -156,7 +146,7 @@ class Heartbeat:
                 for key in keys:
                     self._store.compare_set(key, "", "0")
         except Exception as exc:  # noqa: BLE001 - torch raises bare RuntimeErrors / DistStoreErrors
-            raise EplbError(f"the heartbeat cannot use the store: {exc}") from None
+            raise EplbFailure(f"the heartbeat cannot use the store: {exc}") from None
         now = time.monotonic()
         self._changed = {m: now for m in self._watched}
         self._thread.start()
@@ -230,7 +220,7 @@ class Heartbeat:
             self._news.wait_for(lambda: self._failed - self._acknowledged, timeout=timeout_s)
         pending = self.unhandled()
         if not pending:
-            raise EplbError(f"no rank was declared failed within {timeout_s:g} s")
+            raise EplbFailure(f"no rank was declared failed within {timeout_s:g} s")
         return pending
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ class LivePlacement:
     def placement(self) -> Placement:
         """The :class:`Placement` in force (rebuilt after a switch when next asked for)."""
         if self._placement is None:
-            self._placement = Placement(self._phy2log, self.num_experts, self.topology)
+            self._placement = Placement.from_valid(self._phy2log, self.num_experts, self.topology)
         return self._placement
 
     def local_row(self, layer: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure
 from eplb.runtime.agreement import Status
 from eplb.runtime.recipes import MoveRecipe, move_recipe
 from eplb.runtime.transport import Message, SideChannel, StagingArena, side_event, upload
@@ -234,7 +234,7 @@ class ExpertMover:
         waited = time.perf_counter()
         pending.wait_s, pending.side_s, pending.bytes_received = waited - start, staged.seconds, staged.bytes_received
         if staged.error is not None:
-            raise EplbError(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
+            raise EplbFailure(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
         self.channel.hand_over(staged.event, [t for part in staged.parts
                                               for t in (*part.staging, part.dst, part.row) if t is not None])
         for part in staged.parts:

@@ -128,7 +128,7 @@ def switch_rows(parts, spec: TableSpec, num_experts: int, topology, failed: np.n
     layout = TableLayout(spec, num_experts, topology.num_ranks)
     for indices in rounds:
         new = np.stack([parts[i].new_row.reshape(-1) for i in indices])
-        router = router_rows(Placement(new, num_experts, topology), np.arange(len(indices)), spec, failed)
+        router = router_rows(Placement.from_valid(new, num_experts, topology), np.arange(len(indices)), spec, failed)
         for row, i in enumerate(indices):
             old = parts[i].old_row.reshape(-1)
             fold = old if spec.recorder_source == "ids" else old[spec.rank * k:(spec.rank + 1) * k]

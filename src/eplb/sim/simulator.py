@@ -348,7 +348,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         rank_load=result["rank_load"],
         cycles=cycles,
         planner_ms=planner_ms,
-        final=Placement(timeline.current, num_experts, topology),
+        final=Placement.from_valid(timeline.current, num_experts, topology),
         warmup=warmup,
         waiting=result["waiting"],
         unavailable=result["unavailable"],
@@ -371,7 +371,7 @@ def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyan
         return None
     if config.window_sum:
         window = window.sum(axis=0, dtype=np.float64)
-    current = Placement(timeline.current, trace.num_experts, topology)
+    current = Placement.from_valid(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
     plan = plan_cycle(policy, window, current, cycle.planning_config, expert_bytes=int(round(config.expert_bytes)),
                       live_ranks=None if live.all() else live, resilience=config.resilience,
