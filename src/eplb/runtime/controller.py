@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.cycle import Cycle, CycleConfig, Phase
+from eplb.cycle import Cycle, Phase
 from eplb.cycle.planning import cycle_policy
 from eplb.errors import EplbError, EplbFailure
 from eplb.placement import Placement
@@ -62,7 +62,8 @@ from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worke
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.round import Agreed, PlanRound, failure_of
 from eplb.runtime.router import ReplicaRouter
-from eplb.runtime.startup import check_budget, controller_policy_options, describe, ring_steps, start_placement
+from eplb.runtime.startup import (check_budget, controller_policy_options, cycle_config, describe, ring_steps,
+                                  start_placement)
 from eplb.runtime.timing import UpdateTimer
 from eplb.runtime.transport import SideChannel, runtime_device
 from eplb.runtime.window_end import WindowEnd, static_window, write_record
@@ -153,11 +154,7 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
-                                       layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step, host_staging=host_staging,
-                                       similarity_threshold=config.update_threshold,
-                                       adaptive=config.adaptive_cadence), num_layers)
+        self.cycle = Cycle(cycle_config(config, host_staging), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
