@@ -24,7 +24,7 @@ _SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
 
 
 def register(subparsers) -> None:
-    from eplb.dispatch import DISPATCH_MODES
+    from eplb.dispatch import DISPATCH_RULES
     from eplb.sim.cost import MODEL_EXPERT_BYTES
     from eplb.sim.traces import SCENARIOS
 
@@ -75,7 +75,7 @@ def register(subparsers) -> None:
     policies.add_argument("--similarity", type=float, metavar="S",
                           help="apply a layer only if its load's cosine similarity to its load when last applied is "
                                "below S (xLLM's eplb_update_threshold)")
-    policies.add_argument("--dispatch", default="even", choices=DISPATCH_MODES,
+    policies.add_argument("--dispatch", default="even", choices=DISPATCH_RULES,
                           help="replica choice: even split, per source rank, per token, local first, per-batch "
                                "balanced")
     _add_failure_and_cost_arguments(parser, MODEL_EXPERT_BYTES)

@@ -19,7 +19,7 @@ stages: received experts and experts changing slot locally on the device, and wi
 experts in pinned host memory, each arena within half the budget). A layer whose move does not fit is split into
 parts (:func:`eplb.cycle.staging.split_layer`), each a valid placement of the layer, applied in consecutive steps; parts
 of different layers share a step while every rank's staging fits. The schedule names a layer once per part: its k-th
-appearance applies its k-th part (``CyclePlan.transfers[i]`` is the i-th appearance). A group of changes that must go
+appearance applies its k-th part (``CyclePlan.parts[i]`` is the i-th appearance). A group of changes that must go
 together (a swap of single-replica experts) and does not fit even alone is left out: the layer stops at its last
 part, and :attr:`CyclePlan.left_out` names the slots.
 
@@ -35,17 +35,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from eplb._lazy import renamed_names
 from eplb.cycle.pricing import price_of
 from eplb.cycle.staging import budget_experts, split_layer, staged_experts
 from eplb.cycle.transfers import LayerTransfer, layer_transfer
 from eplb.placement import Placement
 
 __all__ = ["PlanState", "CyclePlan", "plan_cycle", "planning_window", "cycle_policy", "schedule_parts",
-           "check_cycle_plan", "plan_checksum"]
+           "check_cycle_plan", "placement_checksum"]
 
 _CHECKSUM_MASK = (1 << 62) - 1
 
@@ -74,7 +76,7 @@ class CyclePlan:
         par_before, par_after: float64 ``[L]`` PAR the policy predicts on the window, before / after.
         moved_slots: int64 ``[L]`` slots whose expert changes, per layer the policy changed.
         layers: layers applied, in order (of their first part).
-        transfers: one :class:`~eplb.cycle.transfers.LayerTransfer` per part, in the order the schedule applies them; a
+        parts: one :class:`~eplb.cycle.transfers.LayerTransfer` per part, in the order the schedule applies them; a
             part's ``old_row`` / ``new_row`` are its layer's rows before / after it (one part per layer unless
             ``bytes_per_step`` split it).
         layer_bytes: int64 ``[L]`` bytes each applied layer moves over the network (its parts' transfers x expert
@@ -94,12 +96,19 @@ class CyclePlan:
     par_after: np.ndarray
     moved_slots: np.ndarray
     layers: tuple[int, ...]
-    transfers: tuple[LayerTransfer, ...]
+    parts: tuple[LayerTransfer, ...]
     layer_bytes: np.ndarray
     schedule: tuple[tuple[int, ...], ...]
     state: PlanState = field(default_factory=PlanState)
     left_out: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     staged_bytes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+
+    @property
+    def transfers(self) -> tuple[LayerTransfer, ...]:
+        """Deprecated spelling of :attr:`parts`."""
+        warnings.warn("CyclePlan.transfers is now CyclePlan.parts (transfers goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.parts
 
     @property
     def skipped_layers(self) -> list[int]:
@@ -112,9 +121,9 @@ class CyclePlan:
         apply the same (computed once; the runtime computes it on a reader thread, off the serving thread)."""
         digest = hashlib.blake2b(digest_size=8)
         digest.update(np.ascontiguousarray(self.phy2log, dtype=np.int64).tobytes())
-        for transfer in self.transfers:
+        for transfer in self.parts:
             digest.update(np.int64(transfer.layer).tobytes())
-            digest.update(np.ascontiguousarray(transfer.transfers, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(transfer.moves, dtype=np.int64).tobytes())
             digest.update(np.ascontiguousarray(transfer.new_row, dtype=np.int64).tobytes())
         for step in self.schedule:
             digest.update(np.asarray([-1, *step], dtype=np.int64).tobytes())
@@ -122,7 +131,7 @@ class CyclePlan:
         return int.from_bytes(digest.digest(), "little") & _CHECKSUM_MASK
 
 
-def plan_checksum(phy2log: np.ndarray) -> int:
+def placement_checksum(phy2log: np.ndarray) -> int:
     """A 62-bit checksum of a placement (int64 ``[L, P]``), equal on every rank for the same placement."""
     data = np.ascontiguousarray(phy2log, dtype=np.int64).tobytes()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _CHECKSUM_MASK
@@ -213,8 +222,8 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     layer_bytes = np.zeros(num_layers, dtype=np.int64)
     phy2log = np.array(current.phy2log, dtype=np.int64)
     for transfer in transfers:
-        layer_bytes[transfer.layer] += transfer.num_transfers * per_layer_bytes[transfer.layer]
-        phy2log[transfer.layer] = transfer.new_row.reshape(-1)
+        layer_bytes[transfer.layer] += transfer.num_moves * per_layer_bytes[transfer.layer]
+        phy2log[transfer.layer] = transfer.new_row
     schedule, staged_bytes = schedule_parts(transfers, per_layer_bytes, cycle)
     if order and cycle.similarity_threshold is not None:
         applied_load = applied_load.copy()
@@ -222,7 +231,7 @@ def plan_cycle(policy, window, current: Placement, cycle, expert_bytes=0, live_r
     next_state = PlanState(policy=policy.next_state(state.policy, plan, order, window),
                            applied_load=applied_load if cycle.similarity_threshold is not None else None)
     return CyclePlan(phy2log=phy2log, changed=np.asarray(plan.changed, dtype=bool), par_before=before,
-                     par_after=after, moved_slots=moved, layers=tuple(order), transfers=tuple(transfers),
+                     par_after=after, moved_slots=moved, layers=tuple(order), parts=tuple(transfers),
                      layer_bytes=layer_bytes, schedule=schedule, state=next_state,
                      left_out=np.asarray(left_out, dtype=np.int64).reshape(-1, 2), staged_bytes=staged_bytes)
 
@@ -241,7 +250,7 @@ def schedule_parts(parts, expert_bytes: np.ndarray, cycle) -> tuple[tuple[tuple[
     bytes of each rank in each step (int64 ``[S, W]``). All in one step (``layers_per_step=0``), ``layers_per_step`` per
     step, or, with ``bytes_per_step``, as many as keep every rank's staging arenas within the budget (each within
     half with ``host_staging``); two parts of one layer never share a step. Steps are named by layer."""
-    num_ranks = parts[0].old_row.shape[0] if parts else 0
+    num_ranks = parts[0].num_ranks if parts else 0
     host = cycle.host_staging
     costs = [staged_experts(part, host) * int(expert_bytes[part.layer]) for part in parts]
     steps, staged = [], []
@@ -279,26 +288,25 @@ def check_cycle_plan(plan: CyclePlan, current: np.ndarray, num_experts: int, top
     changed = np.flatnonzero((phy2log != current).any(axis=1)).tolist()
     if sorted(plan.layers) != changed:
         return f"the plan applies layers {sorted(plan.layers)}, its placement changes layers {changed}"
-    parts = [t.layer for t in plan.transfers]
+    parts = [t.layer for t in plan.parts]
     if list(dict.fromkeys(parts)) != list(plan.layers):
         return f"transfers cover layers {parts}, the plan applies {list(plan.layers)}"
     if [layer for step in plan.schedule for layer in step] != parts:
         return f"the schedule {plan.schedule} does not apply the parts of layers {parts} in order"
     if any(len(set(step)) != len(step) for step in plan.schedule):
         return f"the schedule {plan.schedule} applies two parts of one layer in one step"
-    shape = (topology.num_ranks, topology.slots_per_rank)
-    rows = {layer: current[layer].reshape(shape) for layer in plan.layers}
-    for t in plan.transfers:
-        if (t.transfers[:, 0] < 0).any():
+    rows = {layer: current[layer] for layer in plan.layers}
+    for t in plan.parts:
+        if (t.moves[:, 0] < 0).any():
             return f"layer {t.layer} reads experts from a checkpoint, which the runtime's transfers cannot do"
         if not np.array_equal(t.old_row, rows[t.layer]):
             return f"a part of layer {t.layer} does not start from the placement the previous one leads to"
-        problems = find_problems(t.new_row.reshape(1, -1), num_experts, topology)
+        problems = find_problems(t.new_row[None], num_experts, topology)
         if problems:
             return f"a part of layer {t.layer}: {problems[0]}"
         rows[t.layer] = t.new_row
     for layer, row in rows.items():
-        if not np.array_equal(row, phy2log[layer].reshape(shape)):
+        if not np.array_equal(row, phy2log[layer]):
             return f"the transfers of layer {layer} do not lead from the current placement to the plan"
     return None
 
@@ -311,3 +319,6 @@ def _cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     dot = (a * b).sum(axis=1)
     return np.where(norm > 0, dot / np.where(norm > 0, norm, 1.0), 1.0)
 
+
+# old spellings, for one release: plan_checksum checksums a placement, not a plan (that is CyclePlan.checksum)
+__getattr__ = renamed_names(__name__, {"plan_checksum": "placement_checksum"})

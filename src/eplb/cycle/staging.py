@@ -33,9 +33,9 @@ __all__ = ["staged_experts", "budget_experts", "split_layer"]
 def staged_experts(transfer: LayerTransfer, host_staging: bool = False) -> np.ndarray:
     """int64 ``[2, W]``: experts each rank stages for ``transfer``: row 0 the device arena (received + changing slot
     locally), row 1 the host arena (sent + received; zeros without ``host_staging``)."""
-    old, new = transfer.old_row, transfer.new_row
-    num_ranks = old.shape[0]
-    rows = transfer.transfers
+    old, new = transfer.rank_rows()
+    num_ranks = transfer.num_ranks
+    rows = transfer.moves
     received = np.bincount(rows[:, 2], minlength=num_ranks)
     on_rank = (new[:, :, None] == old[:, None, :]).any(axis=2)  # the new expert of the slot is already on the rank
     local = ((old != new) & on_rank).sum(axis=1)

@@ -26,7 +26,7 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
             ...
         for layer, part in zip(action.apply_layers, action.apply_parts):
-            # post this part's weight transfers (plan.transfers[part]) before the forward; once they landed on
+            # post this part's weight transfers (plan.parts[part]) before the forward; once they landed on
             # every rank (agreed), switch the layers and call cycle.switched(s) in that step s, before on_step(s):
             # the parts are in force from s on, and the next apply step can come in s.
             ...

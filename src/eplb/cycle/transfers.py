@@ -16,6 +16,7 @@ This module is imported by the planner worker process, which must not pay for im
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,31 +31,57 @@ __all__ = ["LayerTransfer", "layer_transfer", "transfer_plan"]
 
 @dataclass(frozen=True)
 class LayerTransfer:
-    """The moves of one layer.
+    """A layer's transfer: the moves that take one layer (or one part of it, :mod:`eplb.cycle.staging`) from its old
+    row to its new one. A *move* is one expert sent to one rank.
 
     Attributes:
         layer: MoE layer index.
-        transfers: int64 ``[n, 4]`` rows ``(src_rank, src_slot, dst_rank, expert)``; ``src_slot`` is the local slot
-            on ``src_rank`` in the old placement (both -1: read from a checkpoint, see :func:`layer_transfer`). Sorted
+        moves: int64 ``[n, 4]`` rows ``(src_rank, src_slot, dst_rank, expert)``; ``src_slot`` is the local slot on
+            ``src_rank`` in the old placement (both -1: read from a checkpoint, see :func:`layer_transfer`). Sorted
             by ``(dst_rank, expert)``; ``(dst_rank, expert)`` is unique.
-        old_row: int64 ``[W, K]`` old logical expert per local slot.
-        new_row: int64 ``[W, K]`` new logical expert per local slot.
+        old_row: int64 ``[P]`` old logical expert per physical slot.
+        new_row: int64 ``[P]`` new logical expert per physical slot.
+        slots_per_rank: K; slot ``p`` lives on rank ``p // K``.
     """
 
     layer: int
-    transfers: np.ndarray
+    moves: np.ndarray
     old_row: np.ndarray
     new_row: np.ndarray
+    slots_per_rank: int
+
+    @property
+    def num_moves(self) -> int:
+        return int(self.moves.shape[0])
+
+    @property
+    def num_ranks(self) -> int:
+        return self.old_row.shape[0] // self.slots_per_rank
+
+    def rank_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The old and the new row by rank: int64 ``[W, K]`` views of :attr:`old_row` and :attr:`new_row`."""
+        shape = (self.num_ranks, self.slots_per_rank)
+        return self.old_row.reshape(shape), self.new_row.reshape(shape)
+
+    @property
+    def transfers(self) -> np.ndarray:
+        """Deprecated spelling of :attr:`moves`."""
+        warnings.warn("LayerTransfer.transfers is now LayerTransfer.moves (transfers goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.moves
 
     @property
     def num_transfers(self) -> int:
-        return int(self.transfers.shape[0])
+        """Deprecated spelling of :attr:`num_moves`."""
+        warnings.warn("LayerTransfer.num_transfers is now LayerTransfer.num_moves (num_transfers goes in the next "
+                      "release)", DeprecationWarning, stacklevel=2)
+        return self.num_moves
 
     def send_recv(self) -> tuple[dict[int, list[list[int]]], dict[int, list[list[int]]]]:
         """vllm-ascend's view: ``send[src] = [[dst, expert], ...]`` and ``recv[dst] = [[src, expert], ...]``."""
         send: dict[int, list[list[int]]] = {}
         recv: dict[int, list[list[int]]] = {}
-        for src, _, dst, expert in self.transfers.tolist():
+        for src, _, dst, expert in self.moves.tolist():
             send.setdefault(src, []).append([dst, expert])
             recv.setdefault(dst, []).append([src, expert])
         return send, recv
@@ -65,10 +92,11 @@ class LayerTransfer:
         Returns:
             ``(dst_slot, from_recv, source)`` int64/bool/int64 ``[m]``, one entry per local slot whose expert
             changes: when ``from_recv`` the data comes from this rank's ``source``-th receive (index into its rows of
-            :attr:`transfers` with ``dst_rank == rank``), else from its own old local slot ``source``.
+            :attr:`moves` with ``dst_rank == rank``), else from its own old local slot ``source``.
         """
-        old, new = self.old_row[rank], self.new_row[rank]
-        received = self.transfers[self.transfers[:, 2] == rank, 3]  # ascending experts
+        k = self.slots_per_rank
+        old, new = self.old_row[rank * k:(rank + 1) * k], self.new_row[rank * k:(rank + 1) * k]
+        received = self.moves[self.moves[:, 2] == rank, 3]  # ascending experts
         dst_slot = np.flatnonzero(old != new)
         expert = new[dst_slot]
         by_expert = np.argsort(old, kind="stable")  # so the first match is the lowest old slot
@@ -81,7 +109,8 @@ class LayerTransfer:
 
 def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray, topology: Topology,
                    live: np.ndarray | None = None, from_checkpoint: bool = False) -> LayerTransfer:
-    """The transfers that turn ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module rules).
+    """The layer's transfer (its moves) that turns ``old_phy2log`` ``[P]`` into ``new_phy2log`` ``[P]`` (see the module
+    rules).
 
     ``live``: bool ``[W]``, the ranks still serving (None: all). ``from_checkpoint``: an expert no live rank holds
     comes from a checkpoint (a row with source rank and slot -1) instead of raising.
@@ -97,16 +126,17 @@ def layer_transfer(layer: int, old_phy2log: np.ndarray, new_phy2log: np.ndarray,
         if changed_dead.size:
             raise EplbError(f"layer {layer}: the plan changes the experts of failed rank {int(changed_dead[0])}")
     alive = np.ones(num_ranks, dtype=np.bool_) if live is None else np.asarray(live, dtype=np.bool_)
-    transfers, missing = _transfers(old, new, np.asarray(topology.node_of_rank, dtype=np.int64), alive,
-                                    bool(from_checkpoint))
+    moves, missing = _moves(old, new, np.asarray(topology.node_of_rank, dtype=np.int64), alive,
+                            bool(from_checkpoint))
     if missing[0] >= 0:
         raise EplbError(f"layer {layer}: rank {missing[0]} needs expert {missing[1]}, which no live rank holds "
                         "(load it from a checkpoint first)")
-    return LayerTransfer(layer=layer, transfers=transfers, old_row=old, new_row=new)
+    return LayerTransfer(layer=layer, moves=moves, old_row=old.reshape(-1), new_row=new.reshape(-1),
+                         slots_per_rank=slots)
 
 
 @njit(cache=True)
-def _transfers(old, new, node, live, from_checkpoint):
+def _moves(old, new, node, live, from_checkpoint):
     """The rows of :func:`layer_transfer` (compiled: a layer of a thousand ranks in well under a millisecond), and
     ``(rank, expert)`` of the first needed expert no live rank holds (``(-1, -1)`` when none)."""
     num_ranks, slots = old.shape

@@ -44,7 +44,7 @@ __all__ = ["Auto", "POLICY", "forecast"]
 
 log = logging.getLogger(__name__)
 
-# charge of a replicated expert's replicas in the objective, per dispatch mode (see _auto_kernels)
+# charge of a replicated expert's replicas in the objective, per dispatch rule (see _auto_kernels)
 _LIQUID = {"even": 1.0, "balanced": 0.8}
 
 

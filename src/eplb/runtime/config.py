@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from eplb.cycle.cadence import AdaptiveCadence
-from eplb.dispatch import RUNTIME_MODES
+from eplb.dispatch import RUNTIME_RULES
 from eplb.errors import ConfigError, EplbError, did_you_mean
 from eplb.policies import POLICY_IDS, policy_id
 from eplb.policies.shared.resilience import Resilience
@@ -187,7 +187,7 @@ _CHECKS = {
     "transfer_deadline_s": lambda k, v: read_float(k, v, 0.0),
     "layers_per_step": lambda k, v: read_int(k, v, 1),
     "bytes_per_step": lambda k, v: read_int(k, v, 1),
-    "dispatch": lambda k, v: read_choice(k, v, RUNTIME_MODES),
+    "dispatch": lambda k, v: read_choice(k, v, RUNTIME_RULES),
     "ring_steps": lambda k, v: read_int(k, v, 0),
     "prometheus_port": lambda k, v: read_int(k, v, 1, 65535),
     "measured_price": read_bool,

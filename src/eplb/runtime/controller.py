@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ from eplb.runtime.export import CycleMetrics, PrometheusExporter, count_event, l
 from eplb.runtime.failover import FailoverReport, fail_over
 from eplb.runtime.heartbeat import watch
 from eplb.runtime.landing import PendingSwitch, land
-from eplb.runtime.live import LivePlacement
+from eplb.runtime.in_force import PlacementInForce
 from eplb.runtime.mover import ExpertMover, check_tensors
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
@@ -129,7 +130,7 @@ class EplbController:
                                      recorder_source, ring_steps(config, self._policy_options), config.stage,
                                      self.device)
         #: the placement in force and the failed ranks: the one owner, which the router and the recorder follow
-        self.live = LivePlacement(placement, rank, self.router, self.recorder)
+        self.in_force = PlacementInForce(placement, rank, self.router, self.recorder)
         self.mover = None
         self._layer_tensors = None if layer_tensors is None else [list(ts) for ts in layer_tensors]
         self.expert_loader = expert_loader
@@ -163,7 +164,7 @@ class EplbController:
         self._window_load: np.ndarray | None = None
         #: the accepted plan being applied (its parts' recipes and switch tables), and its parts by index
         self._reply: PlannerReply | None = None
-        self.transfers: dict = {}
+        self.parts: dict = {}
         #: parts posted and not yet switched
         self.pending: PendingSwitch | None = None
         self._static_job = None
@@ -245,7 +246,7 @@ class EplbController:
         if action.apply_layers and self.mover is not None and not self.disabled:
             parts = action.apply_parts
             move = self.mover.post([self._reply.moves[p] for p in parts], [self._reply.switches[p] for p in parts],
-                                   self.live.upload)
+                                   self.in_force.upload)
             self.pending = PendingSwitch(parts, self.step, move)
             kinds.append("move")
         return kinds
@@ -272,10 +273,10 @@ class EplbController:
     def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
         group, PAR, the interval agreement, the planner request) runs on the side thread."""
-        failed = self.live.failed
+        failed = self.in_force.failed
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
-                                         window_par=np.full(self.live.phy2log.shape[0], np.nan)))
-        request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
+                                         window_par=np.full(self.in_force.phy2log.shape[0], np.nan)))
+        request = PlanRequest(self.metrics[-1].cycle, None, self.in_force.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                               cycle_config=self.cycle.planning_config, expert_bytes=self._expert_bytes,
                               live_ranks=~failed if failed.any() else None, resilience=self.config.resilience,
@@ -323,7 +324,7 @@ class EplbController:
                 self.channel.submit(write_record, Placement(plan.phy2log, self.num_experts, self.topology),
                                     self.config.record_path, current.cycle)
             return
-        self._reply, self.transfers = reply, dict(enumerate(plan.transfers))
+        self._reply, self.parts = reply, dict(enumerate(plan.parts))
 
     def _skip(self, reason: str) -> None:
         current = self.metrics[-1]
@@ -345,7 +346,7 @@ class EplbController:
             self.disable(f"the window gather failed: {failure_of(last)}")
             return False
         self._static_job = self.channel.submit(static_window, self.channel, self.recorder, self.recorder.snapshot(),
-                                               self.channel.record_event(), self.placement, self.live.failed.copy(),
+                                               self.channel.record_event(), self.placement, self.in_force.failed.copy(),
                                                self.step, self.config.log_balancedness)
         return True
 
@@ -375,12 +376,26 @@ class EplbController:
     @property
     def failed(self) -> np.ndarray:
         """bool ``[W]``: ranks that failed (:meth:`fail_ranks`); all False while every rank serves."""
-        return self.live.failed
+        return self.in_force.failed
 
     @property
     def placement(self) -> Placement:
         """The placement in force on this rank now (switched layer by layer as plans are applied)."""
-        return self.live.placement
+        return self.in_force.placement
+
+    @property
+    def transfers(self) -> dict:
+        """Deprecated spelling of :attr:`parts`."""
+        warnings.warn("EplbController.transfers is now EplbController.parts (transfers goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.parts
+
+    @property
+    def live(self) -> PlacementInForce:
+        """Deprecated spelling of :attr:`in_force` ("live" now names only the ranks still serving)."""
+        warnings.warn("EplbController.live is now EplbController.in_force (live goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.in_force
 
     def failed_peers(self) -> list[int]:
         """The EP ranks the heartbeat declared failed so far, agreed by every survivor (never blocks; empty without

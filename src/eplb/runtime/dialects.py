@@ -46,7 +46,7 @@ flag (xLLM default)                    meaning in eplb
                                        load it was last re-planned on is below this
 ``ep_size``                            checked against the EP group's size at start
 ``redundant_experts_num`` (1)          redundant slots per rank; checked against the cluster at start
-``expert_parallel_degree``             accepted; xLLM's dispatch mode, no effect here
+``expert_parallel_degree``             accepted; xLLM's dispatch rule, no effect here
 =====================================  ==========================================================================
 
 and, as in xLLM, the load a plan sees accumulates over windows and is halved after each plan

@@ -56,7 +56,7 @@ class StagedPart:
         staging: per tensor of the layer, its raw rows (:func:`raw_rows`): received rows, then local ones.
         dst: int64 ``[f]`` local slots the switch writes; ``row``: the staging row of each (None: staging row ``i``
             goes to ``dst[i]``, each once, so the staging is written as it is).
-        switch: the part's :class:`~eplb.runtime.live.SwitchTables` (None when posted without them).
+        switch: the part's :class:`~eplb.runtime.in_force.SwitchTables` (None when posted without them).
     """
 
     layer: int

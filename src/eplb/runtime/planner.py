@@ -129,7 +129,7 @@ def finish(request: PlanRequest, reply: PlannerReply) -> PlannerReply | tuple[in
     if request.spec is None:
         return reply
     failed = None if request.live_ranks is None else ~np.asarray(request.live_ranks, dtype=bool)
-    moves, switches = rank_recipes(reply.plan.transfers, request.spec, num_experts, request.topology, failed)
+    moves, switches = rank_recipes(reply.plan.parts, request.spec, num_experts, request.topology, failed)
     return dataclasses.replace(reply, moves=moves, switches=switches)
 
 

@@ -54,7 +54,7 @@ def simulate_runs(trace: Trace, config: SimConfig, specs: list[RunSpec], jobs: i
 
     Args:
         trace: per-step load ``[T, L, E]``.
-        config: topology, cycle, dispatch mode, cost model, failures (a spec's own ``config`` replaces it).
+        config: topology, cycle, dispatch rule, cost model, failures (a spec's own ``config`` replaces it).
         specs: the runs.
         jobs: worker processes (at most one per run); 1 runs them one after the other in this process.
         progress: called with (index of the run in ``specs``, fraction done 0..1) now and then.

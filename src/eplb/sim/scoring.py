@@ -1,5 +1,5 @@
 """Scoring a simulated run: which placement row each layer uses in each step (:class:`Timeline`) and the rank loads,
-PAR, peaks and window sums of every step under the dispatch mode (:func:`score`)."""
+PAR, peaks and window sums of every step under the dispatch rule (:func:`score`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
     """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums.
 
     ``failed`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
-    dispatch mode (:func:`_score_failover`).
+    dispatch rule (:func:`_score_failover`).
     """
     num_steps, num_layers, num_experts = trace.counts.shape
     num_ranks = topology.num_ranks

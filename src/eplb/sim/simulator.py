@@ -15,7 +15,7 @@ next apply step comes then). Every step is then scored with the placement that w
 
 Failures (:class:`Failure`): a rank or a whole node stops serving at a step and may come back later. As in the
 runtime (:meth:`eplb.runtime.EplbController.fail_ranks`): from that step on, tokens go to the surviving replicas only
-(the failover routing of :meth:`Placement.without_ranks`, split evenly over them whatever the dispatch mode); the
+(the failover routing of :meth:`Placement.without_ranks`, split evenly over them whatever the dispatch rule); the
 cycle in progress is given up and a new window starts; every expert with no surviving replica is reloaded into the
 slot of a spare replica on a live rank, in force from the next step, so its tokens of the failure step wait (counted,
 not served). With ``reload_lost=False`` they wait until a re-plan over the live ranks (the normal cycle,
@@ -39,7 +39,7 @@ import numpy as np
 
 from eplb.cycle import EARLIEST_SWITCH, Cycle, CycleConfig, CycleRecord
 from eplb.cycle.planning import plan_cycle
-from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
+from eplb.dispatch import BALANCED_PASSES, DISPATCH_RULES
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
 from eplb.placement import LAYOUTS, Placement
@@ -62,7 +62,7 @@ class SimConfig:
     Attributes:
         topology: ranks, slots per rank, nodes, groups.
         cycle: the rebalancing cycle (window ``H``, planner latency ``A``, application pace, thresholds).
-        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_MODES`.
+        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_RULES`.
         tp_size: tensor-parallel size for the ``rank`` mode's rotation.
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
@@ -92,8 +92,8 @@ class SimConfig:
     window_sum: bool = False
 
     def __post_init__(self):
-        if self.dispatch not in DISPATCH_MODES:
-            raise EplbError(f"dispatch mode must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
+        if self.dispatch not in DISPATCH_RULES:
+            raise EplbError(f"dispatch rule must be one of {', '.join(DISPATCH_RULES)}, got {self.dispatch!r}")
         if self.layout not in LAYOUTS:
             raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.expert_bytes < 0:
@@ -244,7 +244,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     Args:
         trace: per-step load ``[T, L, E]``.
         policy: a :class:`~eplb.policies.base.Policy`, or None to keep the initial layout.
-        config: topology, cycle, dispatch mode, cost model.
+        config: topology, cycle, dispatch rule, cost model.
         name: the run's name (default: the policy's name, or "static").
         clairvoyant: plan each cycle on the steps it will be scored on (see the module docstring).
         progress: called with the fraction done (0..1) now and then.
@@ -365,12 +365,12 @@ def _replay(trace, policy, config, timeline, failed, failing, clairvoyant, repor
                         list(action.apply_layers))
             in_flight = (step + EARLIEST_SWITCH, action.apply_layers, None)
         elif action.apply_layers:
-            parts = [plan.transfers[index] for index in action.apply_parts]
+            parts = [plan.parts[index] for index in action.apply_parts]
             forwards = 1
             if not clairvoyant:  # the floor moves weights for free
                 received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
                 forwards = config.cost.transfer_forwards(received[step], nominal_us[step:])
-            in_flight = (step + forwards + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
+            in_flight = (step + forwards + 1, action.apply_layers, [part.new_row for part in parts])
         if step % 256 == 0:
             report(0.5 * step / num_steps)
     return cycle.records, planner_ms, received, cycle_live
@@ -419,5 +419,5 @@ def _reload_lost(timeline: Timeline, trace: Trace, topology: Topology, live: np.
 
 def _received_experts(parts: list, num_ranks: int) -> np.ndarray:
     """int64 ``[W]``: experts each rank receives over the network for ``parts`` (their transfers)."""
-    targets = np.concatenate([part.transfers[:, 2] for part in parts])
+    targets = np.concatenate([part.moves[:, 2] for part in parts])
     return np.bincount(targets, minlength=num_ranks)
