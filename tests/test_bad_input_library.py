@@ -11,7 +11,7 @@ import eplb
 import eplb.policies
 from eplb import LoadError, Placement, PlacementError, PolicyError, Topology, TopologyError, get_policy
 from eplb import metrics
-from eplb.policies.resilience import Resilience
+from eplb.policies.shared.resilience import Resilience
 
 T = Topology(4, 5)
 CURRENT = Placement.initial(16, T, 2)
