@@ -78,8 +78,11 @@ class SideThreadDied(EplbFailure):
     """An EPLB thread died; ``cause`` is what killed it."""
 
     def __init__(self, name: str, cause: BaseException):
-        self.cause = cause
+        self.name, self.cause = name, cause
         super().__init__(f"EPLB's {name} thread died: {type(cause).__name__}: {cause}")
+
+    def __reduce__(self):  # the arguments, not the message: it crosses process boundaries with a launched rank
+        return type(self), (self.name, self.cause)
 
 
 class RankFailure(EplbFailure):
@@ -88,6 +91,9 @@ class RankFailure(EplbFailure):
     def __init__(self, ranks):
         self.ranks = sorted(int(r) for r in ranks)
         super().__init__(f"ranks {self.ranks} stopped beating (declared failed by EPLB's heartbeat)")
+
+    def __reduce__(self):
+        return type(self), (self.ranks,)
 
 
 class LaunchError(EplbFailure):

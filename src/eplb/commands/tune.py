@@ -239,7 +239,6 @@ def run(args) -> int:
     from eplb.commands import common
     from eplb.commands.simulate import _drawn_shape
     from eplb.cycle import CycleConfig
-    from eplb.errors import EplbError
     from eplb.sim.cost import CostModel, expert_bytes_of
     from eplb.sim.simulator import SimConfig
     from eplb.sim.sweep import sweep_specs
