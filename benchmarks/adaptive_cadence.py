@@ -8,7 +8,7 @@ within 1% of the best fixed cadence, and below the default cadence's.
 
 Traces: the built-in scenarios at their own lengths, and held-out ones drawn here with other seeds and dynamics
 (``switch``: abrupt changes of a concentrated mix every 300-900 steps; ``fast``: drift every 60-150 steps with
-requests; ``real``: the default dynamics over the real DeepSeek-V3 workloads of ``../shared/data`` when present;
+requests; ``real``: the default dynamics over the real DeepSeek-V3 workloads of ``tests/data``;
 ``calm-storm``: 1,500 steady steps, then fast drift).
 
 Usage: ``python benchmarks/adaptive_cadence.py [--policy auto] [--traces a,b] [--jobs N]``.
@@ -26,7 +26,7 @@ import numpy as np
 
 BUILTIN = ("default", "drift", "bursty", "phases", "steady", "batching")
 HELD_OUT = ("switch", "fast", "real", "calm-storm")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sglang_dsv3_ep_statistics.npz"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"
 
 
 def held_out(name: str):
@@ -40,8 +40,6 @@ def held_out(name: str):
         return generate_trace(parametric_regimes(seed=12), TraceSpec(steps=3000, segment=(60, 150), blend=0.5,
                                                                       requests=4, request_share=0.3), 12, name)
     if name == "real":
-        if not DATA.exists():
-            return None
         return generate_trace(real_regimes(DATA), TraceSpec(steps=3000, prefill_run=3, decode_run=40,
                                                             segment=(200, 600), requests=4, request_share=0.3), 13,
                               name)
@@ -94,8 +92,6 @@ def main() -> None:
     results = []
     for name in args.traces.split(","):
         trace = builtin_trace(name) if name in BUILTIN else held_out(name)
-        if trace is None:
-            continue
         results.append(one_trace(trace, args.policy, args.jobs))
         print(json.dumps(results[-1]), flush=True)
     print(json.dumps({"policy": args.policy, "traces": len(results),

@@ -19,7 +19,7 @@
   layers fetch them. Where it does not import, the report says why.
 
 Every engine runs in a child process of its interpreter (engines log to stdout); each child writes its JSON to a
-file. The DeepSeek-V3 loads default to ``sglang_dsv3_ep_statistics.npz`` in ``tests/data`` or ``../shared/data``.
+file. The DeepSeek-V3 loads default to ``sglang_dsv3_ep_statistics.npz`` in ``tests/data``.
 
     python benchmarks/engines_check.py --vllm-ascend ../vllm-ascend --vllm-python /tmp/vllm/bin/python
     python benchmarks/engines_check.py --sglang /tmp/sglang/bin/python
@@ -41,9 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# the repository's copy of the shared data where it has one
-LOADS = next((d / "sglang_dsv3_ep_statistics.npz" for d in (ROOT / "tests" / "data", ROOT.parent / "shared" / "data")
-              if (d / "sglang_dsv3_ep_statistics.npz").exists()), ROOT.parent / "shared" / "data")
+LOADS = ROOT / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"
 LAYERS, EXPERTS, RANKS, SLOTS, NODES, GROUPS, DENSE = 58, 256, 32, 9, 4, 8, 3  # DeepSeek-V3, 3 dense layers first
 
 
@@ -329,7 +327,7 @@ def main() -> int:
         Path(args.report).write_text(json.dumps(result))
         return 0
     if not Path(args.loads).exists():
-        parser.error(f"--loads {args.loads}: no such file (the shared data folder sits beside the repository)")
+        parser.error(f"--loads {args.loads}: no such file")
     if not (args.vllm_ascend or args.sglang or args.trtllm):
         parser.error("name at least one engine: --vllm-ascend DIR, --sglang PYTHON or --trtllm PYTHON")
     results = {}

@@ -45,7 +45,7 @@ def exposure(placement) -> dict:
 def run_case(trace, ranks: int, policy_name: str, option, steps: int) -> dict:
     import eplb
     from eplb.cycle import CycleConfig
-    from eplb.policies.resilience import Resilience
+    from eplb.policies.shared.resilience import Resilience
     from eplb.sim.simulator import Failure, SimConfig, simulate
 
     slots, nodes = TOPOLOGIES[ranks]

@@ -4,7 +4,7 @@ Two ranks share one device (Gloo groups), each serving DeepSeek-V3's tables (58 
 on CUDA 2 MiB experts) through the controller's hooks in the ``rank``, ``token``, ``local`` and ``balanced`` dispatch
 modes, for a fixed number of rebalancing cycles, each on a new load profile (so each moves layers) and each going
 through window-end, poll, check, move and switch steps. The ranks stop together on an agreed step. Reported, per
-dispatch mode (``modes``): every blocking call the serving thread made inside EPLB's hooks, by step kind (the sync
+dispatch rule (``modes``): every blocking call the serving thread made inside EPLB's hooks, by step kind (the sync
 guard on any device, plus torch's sync debug mode on CUDA); no collective on the serving group; the router against
 the numpy reference (``balanced``: the split of the group's tokens); every expert's bytes against the placement at
 the end; the forward time while a transfer is in flight against idle steps (CUDA events on CUDA; target <= 1.05),
@@ -46,8 +46,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     parser.add_argument("--ranks", type=int, default=2, help="ranks, all on the one device")
     parser.add_argument("--budget", type=float, metavar="S",
-                        help="seconds for the serving loops of all dispatch modes (default: 240 on CUDA, 400 on CPU)")
-    parser.add_argument("--modes", default="rank,token,local,balanced", help="dispatch modes to serve, in order")
+                        help="seconds for the serving loops of all dispatch rules (default: 240 on CUDA, 400 on CPU)")
+    parser.add_argument("--modes", default="rank,token,local,balanced", help="dispatch rules to serve, in order")
     parser.add_argument("--dtypes", help="dtypes of each expert's tensors, e.g. bfloat16,float8_e4m3fn "
                                          "(default: bfloat16,uint8)")
     parser.add_argument("--layers", type=int, default=58, help="MoE layers")

@@ -2,7 +2,7 @@
 
 Prints one JSON object (``--json``; the only output format), medians in microseconds unless a key says otherwise:
 
-- ``route_us`` per dispatch mode and ``record_us``: one MoE layer, ``--tokens`` tokens x top-8, 256 experts on
+- ``route_us`` per dispatch rule and ``record_us``: one MoE layer, ``--tokens`` tokens x top-8, 256 experts on
   EP32 (32 ranks x 9 slots = 288 slots; ``balanced`` includes its water-filling over the replicated experts);
 - ``switch_us``: what the serving thread does to switch one layer of a real ``default`` plan (DeepSeek-V3 loads),
   its tables already on the device: recorder fold, row, router tables (``live``), and the weights' copy from staging
@@ -18,7 +18,7 @@ Prints one JSON object (``--json``; the only output format), medians in microsec
   and the staging peak per rank (bytes) ``before`` (the earlier rule: layers packed by the bytes they move over the
   whole group, at least one per step) and ``after`` (each rank's staging bounded, layers split into parts), and the
   changes left out;
-- ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it), per dispatch mode (``--dispatch``, default all four): real
+- ``cycle_gloo`` (``--ranks W``, default 2; 0 skips it), per dispatch rule (``--dispatch``, default all four): real
   dynamic cycles over a Gloo group of ``W`` processes (58 layers x 256 experts on ``W`` ranks x ``320 / W`` slots,
   4 KiB per expert, ``default`` policy in the planner process, one layer per apply step; the load profile changes
   every window so that every cycle moves layers; the ranks pass a barrier before each step), rank 0's figures:
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank per step")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the Gloo cycle measurement (0: skip)")
-    parser.add_argument("--dispatch", default=",".join(MODES), help="dispatch modes of the Gloo cycle, comma-separated")
+    parser.add_argument("--dispatch", default=",".join(MODES), help="dispatch rules of the Gloo cycle, comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the only output format)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -124,24 +124,24 @@ def main() -> None:
 def switch_costs(initial: Placement, load: np.ndarray, rank: int, repeats: int) -> dict:
     """The serving thread's switch of one layer (tables already uploaded), and the planner's side of it."""
     from eplb.cycle import CycleConfig
-    from eplb.planning import plan_cycle
-    from eplb.runtime.live import LivePlacement
+    from eplb.cycle.planning import plan_cycle
+    from eplb.runtime.in_force import PlacementInForce
     from eplb.runtime.planner import PlannerReply
     from eplb.runtime.recipes import rank_recipes
 
     plan = plan_cycle(get_policy("default"), load, initial, CycleConfig(cycle_steps=1), 4096)
     router = ReplicaRouter(initial, rank, "rank")
     recorder = LoadRecorder(NUM_LAYERS, NUM_EXPERTS, 32, 9, rank)
-    live = LivePlacement(initial, rank, router, recorder)
+    in_force = PlacementInForce(initial, rank, router, recorder)
     spec = router.spec
     start = time.perf_counter()
-    moves, switches = rank_recipes(plan.transfers, spec, NUM_EXPERTS, TOPOLOGY)
+    moves, switches = rank_recipes(plan.parts, spec, NUM_EXPERTS, TOPOLOGY)
     recipes_ms = (time.perf_counter() - start) * 1e3
     reply = pickle.dumps(PlannerReply(0, plan, 0.0, moves, switches))
-    tables = live.upload(switches[0])
+    tables = in_force.upload(switches[0])
     weights, staging = torch.zeros(TOPOLOGY.slots_per_rank, 1024), torch.zeros(TOPOLOGY.slots_per_rank, 1024)
     dst, row = torch.arange(TOPOLOGY.slots_per_rank), torch.arange(TOPOLOGY.slots_per_rank)
-    switch = {"live": median_us(lambda: live.switch(tables), repeats, 10),
+    switch = {"live": median_us(lambda: in_force.switch(tables), repeats, 10),
               "weights": median_us(lambda: weights.index_copy_(0, dst, staging.index_select(0, row)), repeats, 10)}
     switch["total"] = sum(switch.values())
     return {"switch_us": switch, "planner_recipes_ms": recipes_ms, "reply_bytes": len(reply),
@@ -172,9 +172,9 @@ def staging_schedule(load: np.ndarray) -> dict:
     """Apply steps and staging peak per rank of one DeepSeek-V3 cycle, before and after bounding each rank's
     staging (see the module docstring)."""
     from eplb.cycle import CycleConfig
-    from eplb.planning import plan_cycle
+    from eplb.cycle.planning import plan_cycle
+    from eplb.cycle.staging import staged_experts
     from eplb.sim.cost import DEEPSEEK_V3_EXPERT_BYTES
-    from eplb.staging import staged_experts
 
     initial = Placement.initial(NUM_EXPERTS, TOPOLOGY_64, NUM_LAYERS, layout="spread")
     out = {"expert_bytes": int(DEEPSEEK_V3_EXPERT_BYTES), "topology": TOPOLOGY_64.describe()}
@@ -186,7 +186,7 @@ def staging_schedule(load: np.ndarray) -> dict:
             plan = plan_cycle(get_policy("default"), load, initial, cycle, DEEPSEEK_V3_EXPERT_BYTES)
             seconds = time.perf_counter() - start
             steps, used = [], budget  # the earlier rule: whole layers, by the bytes they move over the group
-            for transfer in whole.transfers:
+            for transfer in whole.parts:
                 size = int(whole.layer_bytes[transfer.layer])
                 if not steps or used + size > budget:
                     steps.append([])
@@ -198,13 +198,13 @@ def staging_schedule(load: np.ndarray) -> dict:
                 "layers": len(plan.layers),
                 "before": {"steps": len(steps), "staging_peak_bytes": int(before) * int(DEEPSEEK_V3_EXPERT_BYTES)},
                 "after": {"steps": len(plan.schedule), "staging_peak_bytes": int(plan.staged_bytes.max()),
-                          "parts": len(plan.transfers), "left_out_slots": int(len(plan.left_out))},
+                          "parts": len(plan.parts), "left_out_slots": int(len(plan.left_out))},
                 "plan_s": seconds}
     return out
 
 
 def gloo_cycle(num_ranks: int, load: np.ndarray, modes: list[str]) -> dict:
-    """Per dispatch mode, what EPLB adds per step kind on a real Gloo group (rank 0's figures)."""
+    """Per dispatch rule, what EPLB adds per step kind on a real Gloo group (rank 0's figures)."""
     import tempfile
 
     import torch.multiprocessing as mp

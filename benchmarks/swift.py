@@ -30,7 +30,7 @@ import numpy as np
 from eplb import Placement, Topology
 from eplb.load import window_sum
 from eplb.metrics import par, rank_loads
-from eplb.policies._swift_kernels import prepare_layers
+from eplb.policies._swift_prepare_kernels import prepare_layers
 from eplb.policies.swift import SwiftPolicy
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_dsv3_ep_statistics.npz"

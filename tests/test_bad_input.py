@@ -27,7 +27,7 @@ from eplb import metrics
 from eplb.cli import main
 from eplb.errors import EplbError
 from eplb.formats import map_problems, read_load, read_map, write_load, write_map
-from eplb.policies.resilience import Resilience
+from eplb.policies.shared.resilience import Resilience
 
 PHY2LOG = np.array([[0, 1, 2, 3, 4, 0], [4, 3, 2, 1, 0, 4], [0, 2, 4, 1, 3, 2]])  # 3 layers, 2 ranks x 3 slots
 

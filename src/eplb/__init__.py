@@ -9,10 +9,13 @@ the engine nothing until it plans.
 import logging
 
 from eplb._lazy import lazy_getattr
-from eplb.errors import EplbError, FormatError, LoadError, PlacementError, PolicyError, TopologyError
+from eplb.errors import (EplbError, EplbException, EplbFailure, FormatError, LoadError, PlacementError, PolicyError,
+                         TopologyError)
 
 __all__ = [
+    "EplbException",
     "EplbError",
+    "EplbFailure",
     "FormatError",
     "LoadError",
     "PlacementError",

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import importlib
 
-from eplb.errors import EplbError
+from eplb.errors import EplbError, MissingExtra
 
 __all__ = ["EXTRAS", "MissingExtra", "install_hint", "require"]
 
 #: importable module -> the extra of eplb that installs it
 EXTRAS = {"torch": "torch", "matplotlib": "plot", "prometheus_client": "metrics"}
-
-
-class MissingExtra(EplbError, ImportError):
-    """An optional part of eplb is used and the package it needs is not installed."""
-
 
 def install_hint(module: str) -> str:
     """``pip install "eplb[EXTRA]"`` for the extra that installs ``module``."""

@@ -13,7 +13,7 @@ import sys
 
 from eplb._extras import EXTRAS, missing
 from eplb.commands.common import check_extras
-from eplb.errors import EplbError
+from eplb.errors import EplbException
 
 # Order is the order shown by --help.
 COMMANDS = ("simulate", "tune", "plan", "eval", "validate", "convert", "demo", "doctor")
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_extras(args)
         return int(args.func(args) or 0)
-    except EplbError as exc:
+    except EplbException as exc:  # bad input, or a failure (a demo rank that died): one line
         print(f"eplb {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

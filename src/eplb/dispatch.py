@@ -3,11 +3,11 @@
 One module for the simulator and the runtime. The numpy functions here are the reference: :func:`route` gives the
 slot of every token exactly as the runtime's router (:class:`eplb.runtime.router.ReplicaRouter`, their torch twin,
 tested equal) does, :func:`rank_choice` and :func:`replica_slots` build the router's tables, :func:`balanced_split` is
-the split its ``balanced`` mode uses, and :func:`dispatch_share` / :func:`balanced_rank_load` give the rank loads the
+the split its ``balanced`` rule uses, and :func:`dispatch_share` / :func:`balanced_rank_load` give the rank loads the
 simulator scores.
 
-Modes (the rules of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly
-from every source rank (each rank serves its own share of the batch), which makes the static modes a fixed share
+Rules (those of vllm-ascend, xLLM, SGLang and DeepSeek's LPLB). Tokens of an expert are assumed to come evenly
+from every source rank (each rank serves its own share of the batch), which makes the static rules a fixed share
 matrix per placement:
 
 - ``even``: an expert with ``c`` replicas sends ``1/c`` of its tokens to each (the metrics' convention).
@@ -29,14 +29,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from eplb._lazy import renamed_names
 from eplb.errors import EplbError
 from eplb.metrics import rank_share
 from eplb.placement import Placement
 
 __all__ = [
-    "DISPATCH_MODES",
-    "STATIC_MODES",
-    "RUNTIME_MODES",
+    "DISPATCH_RULES",
+    "STATIC_RULES",
+    "RUNTIME_RULES",
     "TOKEN_TABLE_ROWS",
     "check_dispatch",
     "rank_choice",
@@ -53,24 +54,24 @@ __all__ = [
     "BALANCED_PASSES",
 ]
 
-DISPATCH_MODES = ("even", "rank", "token", "local", "balanced")
-STATIC_MODES = ("even", "rank", "token", "local")
-#: the modes a router can run (``even`` is the simulator's expectation of ``token``, not a rule a router follows)
-RUNTIME_MODES = ("rank", "token", "local", "balanced")
+DISPATCH_RULES = ("even", "rank", "token", "local", "balanced")
+STATIC_RULES = ("even", "rank", "token", "local")
+#: the rules a router can run (``even`` is the simulator's expectation of ``token``, not a rule a router follows)
+RUNTIME_RULES = ("rank", "token", "local", "balanced")
 #: rows of the per-token rotation (vllm-ascend's table size)
 TOKEN_TABLE_ROWS = 1024
 #: water-filling passes of the ``balanced`` split, in the router and the simulator alike
 BALANCED_PASSES = 12
 
 
-def check_dispatch(mode, allowed=DISPATCH_MODES, name: str = "dispatch") -> str:
-    """``mode`` when it is one of ``allowed``, else an :class:`~eplb.errors.EplbError` naming ``name``."""
-    if mode not in allowed:
-        raise EplbError(f"{name} must be one of {', '.join(allowed)}, got {mode!r}")
-    return mode
+def check_dispatch(rule, allowed=DISPATCH_RULES, name: str = "dispatch") -> str:
+    """``rule`` when it is one of ``allowed``, else an :class:`~eplb.errors.EplbError` naming ``name``."""
+    if rule not in allowed:
+        raise EplbError(f"{name} must be one of {', '.join(allowed)}, got {rule!r}")
+    return rule
 
 
-def rank_choice(placement, rank: int, mode: str = "rank", tp_size: int = 1, layers=None) -> np.ndarray:
+def rank_choice(placement, rank: int, rule: str = "rank", tp_size: int = 1, layers=None) -> np.ndarray:
     """int64 ``[len(layers), E]``: the slot ``rank`` sends each expert's tokens to under ``rank`` or ``local``.
 
     ``placement`` is a :class:`~eplb.placement.Placement` or its :class:`~eplb.placement.Failover` (-1 for an expert
@@ -78,7 +79,7 @@ def rank_choice(placement, rank: int, mode: str = "rank", tp_size: int = 1, laye
     """
     layers = np.arange(placement.num_layers) if layers is None else np.asarray(layers, dtype=np.int64)
     rank_rule = placement.log2phy_for_rank(rank, tp_size)[layers]
-    if mode != "local":
+    if rule != "local":
         return rank_rule
     topology = placement.topology
     log2phy = placement.log2phy[layers]  # [l, E, M]
@@ -98,7 +99,7 @@ def rank_choice(placement, rank: int, mode: str = "rank", tp_size: int = 1, laye
 def replica_slots(placement, layers, width: int) -> tuple[np.ndarray, np.ndarray]:
     """``(ranks, slots)`` int64 ``[len(layers), E, width]``: :func:`replica_ranks` of ``layers`` padded to ``width``
     with -1, and the lowest slot of the expert on each of those ranks (0 where padded): the tables of the
-    ``balanced`` mode."""
+    ``balanced`` rule."""
     layers = np.asarray(layers, dtype=np.int64)
     ranks_all = _distinct_ranks(placement.log2phy[layers], placement.rank_of_slot)
     ranks = np.full((layers.size, placement.num_experts, width), -1, dtype=np.int64)
@@ -117,7 +118,7 @@ def balanced_split(expert_load, replica_rank: np.ndarray, num_ranks: int) -> np.
     return balanced_replica_load(np.asarray(expert_load)[None], np.asarray(replica_rank)[None], num_ranks)[0][0]
 
 
-def route(placement, layer: int, rank: int, expert_ids, mode: str, tp_size: int = 1, group_counts=None
+def route(placement, layer: int, rank: int, expert_ids, rule: str, tp_size: int = 1, group_counts=None
           ) -> np.ndarray:
     """int64, shaped like ``expert_ids`` ``[N, k]``: the slot each of ``rank``'s tokens goes to in ``layer`` (-1
     for an expert with no surviving replica when ``placement`` is a :class:`~eplb.placement.Failover`).
@@ -127,12 +128,12 @@ def route(placement, layer: int, rank: int, expert_ids, mode: str, tp_size: int 
     rank's tokens per expert this step): the split of :func:`balanced_split`, where ``rank``'s tokens of expert ``e``
     take the group-wide positions after those of ranks ``0..rank-1`` and fill the replicas in order.
     """
-    check_dispatch(mode, RUNTIME_MODES)
+    check_dispatch(rule, RUNTIME_RULES)
     ids = np.asarray(expert_ids, dtype=np.int64)
-    if mode in ("rank", "local"):
-        return rank_choice(placement, rank, mode, tp_size, [layer])[0][ids]
+    if rule in ("rank", "local"):
+        return rank_choice(placement, rank, rule, tp_size, [layer])[0][ids]
     log2phy = placement.log2phy[layer]
-    if mode == "token":
+    if rule == "token":
         count = np.maximum(placement.replica_count[layer], 1)
         row = np.arange(ids.shape[0]) % TOKEN_TABLE_ROWS
         choice = (row.reshape(-1, *([1] * (ids.ndim - 1))) + rank + ids) % count[ids]
@@ -154,22 +155,22 @@ def route(placement, layer: int, rank: int, expert_ids, mode: str, tp_size: int 
     return slots[0][flat, replica].reshape(ids.shape)
 
 
-def dispatch_share(placement: Placement, mode: str = "even", tp_size: int = 1) -> np.ndarray:
-    """float64 ``[L, E, W]``: the share of expert ``e``'s tokens that rank ``w`` serves under a static mode.
+def dispatch_share(placement: Placement, rule: str = "even", tp_size: int = 1) -> np.ndarray:
+    """float64 ``[L, E, W]``: the share of expert ``e``'s tokens that rank ``w`` serves under a static rule.
 
     Each ``[l, e, :]`` sums to 1.
 
     Raises:
-        EplbError: unknown mode (``balanced`` depends on each batch: use :func:`balanced_rank_load`).
+        EplbError: unknown rule (``balanced`` depends on each batch: use :func:`balanced_rank_load`).
     """
-    if mode not in STATIC_MODES:
-        raise EplbError(f"dispatch mode {mode!r} has no fixed share; expected one of {', '.join(STATIC_MODES)}")
-    if mode in ("even", "token"):
+    if rule not in STATIC_RULES:
+        raise EplbError(f"dispatch rule {rule!r} has no fixed share; expected one of {', '.join(STATIC_RULES)}")
+    if rule in ("even", "token"):
         return rank_share(placement)
     num_ranks = placement.topology.num_ranks
     share = np.zeros((placement.num_layers, placement.num_experts, num_ranks))
     for rank in range(num_ranks):
-        _add_rank(share, placement.rank_of_slot[rank_choice(placement, rank, mode, tp_size)], 1.0 / num_ranks)
+        _add_rank(share, placement.rank_of_slot[rank_choice(placement, rank, rule, tp_size)], 1.0 / num_ranks)
     return share
 
 
@@ -433,3 +434,8 @@ def _check(expert_load, replica_rank, num_ranks, table):
                                                  < replica_rank.shape[0]):
         raise EplbError(f"table must be [{expert_load.shape[0]}] indices into {replica_rank.shape[0]} placements")
     return expert_load, replica_rank.astype(np.int64, copy=False), table
+
+
+# old spellings, for one release: "mode" is EPLB's mode (off, dynamic, record, static), not a dispatch rule
+__getattr__ = renamed_names(__name__, {"DISPATCH_MODES": "DISPATCH_RULES", "STATIC_MODES": "STATIC_RULES",
+                                       "RUNTIME_MODES": "RUNTIME_RULES"})

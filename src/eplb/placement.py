@@ -12,6 +12,7 @@ import numpy as np
 
 from eplb._arrays import to_int, to_int_array
 from eplb.errors import PlacementError
+from eplb.placement_rows import LAYOUTS, find_problems, initial_phy2log, layer_counts, shared_rank_experts
 from eplb.topology import Topology, check_topology
 
 __all__ = [
@@ -24,9 +25,6 @@ __all__ = [
     "initial_phy2log",
     "LAYOUTS",
 ]
-
-LAYOUTS = ("vllm", "ascend", "spread")
-_MAX_REPORTED = 20
 
 
 def compute_log2phy(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +43,7 @@ def compute_log2phy(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     key = np.where(phy2log >= 0, phy2log, num_experts)  # empty slots sort last, into bucket E
     order = np.argsort(key, axis=1, kind="stable")
     sorted_key = np.take_along_axis(key, order, axis=1)
-    flat = (key + (num_experts + 1) * np.arange(num_layers)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=num_layers * (num_experts + 1)).reshape(num_layers, num_experts + 1)
+    counts = layer_counts(key, num_experts + 1)
     replica_count = counts[:, :num_experts].copy()
     width = max(int(replica_count.max(initial=0)), 1)
     starts = np.cumsum(counts, axis=1) - counts
@@ -56,91 +53,6 @@ def compute_log2phy(phy2log: np.ndarray, num_experts: int) -> tuple[np.ndarray, 
     rows = np.broadcast_to(np.arange(num_layers)[:, None], sorted_key.shape)
     log2phy[rows[real], sorted_key[real], position[real]] = order[real]
     return log2phy[:, :num_experts], replica_count
-
-
-def _cap(lines: list[str], what: str) -> list[str]:
-    if len(lines) > _MAX_REPORTED:
-        return lines[:_MAX_REPORTED] + [f"... and {len(lines) - _MAX_REPORTED} more {what}"]
-    return lines
-
-
-def shared_rank_experts(phy2log: np.ndarray, topology: Topology) -> np.ndarray:
-    """Where one rank holds an expert more than once.
-
-    Returns:
-        int64 ``[n, 3]`` rows ``(layer, rank, expert)``, one per (layer, rank, expert) held twice or more.
-    """
-    num_layers = phy2log.shape[0]
-    table = np.sort(phy2log.reshape(num_layers, topology.num_ranks, topology.slots_per_rank), axis=2)
-    dup = (table[:, :, 1:] == table[:, :, :-1]) & (table[:, :, 1:] >= 0)
-    layer, rank, k = np.nonzero(dup)
-    rows = np.unique(np.stack([layer, rank, table[layer, rank, k + 1]], axis=1), axis=0)
-    return rows.reshape(-1, 3).astype(np.int64)
-
-
-def find_problems(phy2log, num_experts: int, topology: Topology, allow_shared_rank: bool = True) -> list[str]:
-    """Every reason why ``phy2log`` is not a valid placement, as readable lines (empty list when valid).
-
-    Checks: 2-D integer array, ``P == W * K``, ids in ``[0, E)``, every expert has >= 1 replica in every layer,
-    and, unless ``allow_shared_rank``, no rank holds the same expert twice.
-    """
-    try:
-        arr = to_int_array(phy2log, "phy2log", PlacementError)
-    except PlacementError as exc:
-        return [str(exc)]
-    if arr.ndim != 2:
-        return [f"phy2log must be 2-D [layers, slots], got shape {arr.shape}"]
-    if arr.shape[1] != topology.num_physical:
-        return [f"phy2log has {arr.shape[1]} slots per layer, expected {topology.num_physical} "
-                f"({topology.num_ranks} ranks x {topology.slots_per_rank} slots)"]
-    if arr.shape[0] == 0:
-        return ["phy2log has no layers"]
-    problems = []
-    bad = np.argwhere((arr < 0) | (arr >= num_experts))
-    problems += _cap([f"layer {l}, rank {p // topology.slots_per_rank}, slot {p}: expert id {arr[l, p]} is out of "
-                      f"range [0, {num_experts})" for l, p in bad], "out-of-range ids")
-    inside = np.where((arr >= 0) & (arr < num_experts), arr, num_experts)
-    flat = (inside + (num_experts + 1) * np.arange(arr.shape[0])[:, None]).ravel()
-    count = np.bincount(flat, minlength=arr.shape[0] * (num_experts + 1)).reshape(arr.shape[0], -1)[:, :num_experts]
-    missing = np.argwhere(count == 0)
-    problems += _cap([f"layer {l}: expert {e} has no replica" for l, e in missing], "experts without a replica")
-    if not allow_shared_rank:
-        problems += _cap([f"layer {l}, rank {r}: expert {e} is placed more than once on the same rank"
-                          for l, r, e in shared_rank_experts(arr, topology)], "duplicates")
-    return problems
-
-
-def initial_phy2log(num_experts: int, topology: Topology, layout: str = "vllm") -> np.ndarray:
-    """The placement engines start with, one layer: int64 ``[P]``.
-
-    - ``vllm``: experts 0..E-1 in order, then redundant copies of 0, 1, ... (all redundant slots on the last ranks).
-    - ``ascend``: the same table as vllm-ascend builds; it requires ``(E + R) % W == 0`` (always true here, since
-      the topology has ``P = W * K``; use :meth:`Topology.from_redundant` to check a raw ``R``).
-    - ``spread``: redundant slots spread evenly, the last slot(s) of each rank; each holds a copy of an expert
-      whose primary lives half the group away, so no rank holds an expert twice when ``W > 1``.
-    """
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise PlacementError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    check_topology(topology).check_experts(num_experts)
-    num_physical = topology.num_physical
-    if layout in ("vllm", "ascend"):
-        return np.arange(num_physical, dtype=np.int64) % num_experts
-    num_ranks, slots = topology.num_ranks, topology.slots_per_rank
-    redundant = num_physical - num_experts
-    extra = redundant // num_ranks + (np.arange(num_ranks) < redundant % num_ranks)  # redundant slots per rank
-    primaries = slots - extra
-    first = np.cumsum(primaries) - primaries  # first primary expert id of each rank
-    table = np.empty((num_ranks, slots), dtype=np.int64)
-    offset = max(1, num_ranks // 2)
-    for rank in range(num_ranks):
-        table[rank, : primaries[rank]] = first[rank] + np.arange(primaries[rank])
-        source = (rank + offset) % num_ranks
-        if primaries[source] > 0:
-            copies = first[source] + np.arange(extra[rank]) % primaries[source]
-        else:
-            copies = np.arange(extra[rank]) % num_experts
-        table[rank, primaries[rank]:] = copies
-    return table.ravel()
 
 
 def _rank_mask(ranks, num_ranks: int, what: str) -> np.ndarray:
@@ -196,13 +108,26 @@ class Placement:
         problems = find_problems(arr, num_experts, topology)
         if problems:
             raise PlacementError("invalid placement:\n  " + "\n  ".join(problems))
-        arr = np.array(arr, dtype=np.int64, copy=True)
+        self._set(arr, num_experts, topology)
+
+    def _set(self, phy2log: np.ndarray, num_experts: int, topology: Topology) -> None:
+        arr = np.array(phy2log, dtype=np.int64, copy=True)
         arr.flags.writeable = False
         self._phy2log = arr
         self._num_experts = int(num_experts)
         self._topology = topology
 
     # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_valid(cls, phy2log: np.ndarray, num_experts: int, topology: Topology) -> "Placement":
+        """A placement of rows known to be valid for ``topology`` and ``num_experts`` (int ``[L, P]``, or ``[P]``:
+        rows of validated placements, or their layers mixed), without checking them again. Internal: bad input
+        takes the checked constructor."""
+        placement = cls.__new__(cls)
+        arr = np.asarray(phy2log)
+        placement._set(arr[None, :] if arr.ndim == 1 else arr, num_experts, topology)
+        return placement
+
     @classmethod
     def initial(cls, num_experts: int, topology: Topology, num_layers: int = 1, layout: str = "vllm") -> "Placement":
         """The engines' initial layout (see :func:`initial_phy2log`) repeated over ``num_layers`` layers."""
@@ -237,7 +162,7 @@ class Placement:
         except (IndexError, TypeError, ValueError):
             raise PlacementError(f"layers must be layer indices in [0, {self.num_layers}) or a bool mask of "
                                  f"{self.num_layers} layers, got {layers!r:.60}") from None
-        return Placement(phy2log, self._num_experts, self._topology)
+        return Placement.from_valid(phy2log, self._num_experts, self._topology)
 
     # -- canonical data -----------------------------------------------------------------------------------------
     @property
@@ -280,9 +205,7 @@ class Placement:
         if "_logical_maps" in self.__dict__:
             return self._logical_maps[1]
         # one bincount, without the sort log2phy needs (rank loads ask only for this)
-        num_layers, num_experts = self.num_layers, self._num_experts
-        flat = (self._phy2log + num_experts * np.arange(num_layers)[:, None]).ravel()
-        count = np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts)
+        count = layer_counts(self._phy2log, self._num_experts)
         count.flags.writeable = False
         return count
 

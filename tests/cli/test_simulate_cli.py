@@ -108,7 +108,7 @@ def test_error_in_a_run_is_one_clear_error(capsys, jobs):
 
 
 def test_a_policy_that_can_plan_for_balanced_dispatch_is_told_so():
-    from eplb.planning import cycle_policy
+    from eplb.cycle.planning import cycle_policy
 
     assert cycle_policy("auto", dispatch="balanced").dispatch == "balanced"
     assert cycle_policy("auto", dispatch="even").dispatch == "even"

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from eplb import EplbError, Topology
-from eplb.cadence import AdaptiveCadence
+from eplb.cycle.cadence import AdaptiveCadence
 from eplb.cycle import Cycle, CycleConfig, CycleError
 from eplb.sim.simulator import SimConfig, simulate
 from eplb.sim.traces import Trace
-from eplb.planning import cycle_policy
+from eplb.cycle.planning import cycle_policy
 
 from test_cycle import make_plan
 

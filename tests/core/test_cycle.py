@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from eplb import Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
-from eplb.planning import PlanState, plan_cycle, schedule_parts
+from eplb.cycle.planning import PlanState, plan_cycle, schedule_parts
 from eplb.policies.base import Plan, Policy
 
 TOPOLOGY = Topology(2, 2)
@@ -135,7 +135,7 @@ def test_byte_budget_and_all_at_once():
     cycle = Cycle(CycleConfig(cycle_steps=1, layers_per_step=0), num_layers=4)
     actions = run(cycle, 3, lambda c, s: c.plan_ready(s, make_plan(c, *figures)))
     assert actions[2].apply_layers == (0, 1, 2, 3)
-    parts = [plan.transfers[i] for i in (2, 0, 1)]
+    parts = [plan.parts[i] for i in (2, 0, 1)]
     schedule, staged = schedule_parts(parts, np.ones(4, dtype=np.int64), CycleConfig(cycle_steps=1, layers_per_step=2))
     assert schedule == ((2, 0), (1,)) and staged.tolist() == [[2, 2], [1, 1]]
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from eplb import Placement, Topology
 from eplb.dispatch import (
     BALANCED_PASSES,
-    RUNTIME_MODES,
+    RUNTIME_RULES,
     balanced_replica_load,
     balanced_schedule,
     balanced_sets,
@@ -83,7 +83,7 @@ def test_the_router_routes_as_the_numpy_reference(seed, shape, tp_size, failed):
     reference = placement.without_ranks(failed_ranks) if failed else placement
     ids = rng.integers(0, num_experts, (int(rng.integers(1, 40)), 3))
     counts = rng.integers(0, 6, (num_ranks, num_experts))
-    for mode in RUNTIME_MODES:
+    for mode in RUNTIME_RULES:
         for rank in np.flatnonzero(~failed_ranks).tolist():
             router = ReplicaRouter(placement, rank, dispatch=mode, tp_size=tp_size)
             if failed:

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from eplb import Placement, Topology
 from eplb.cycle import CycleConfig
 from eplb.placement import find_problems
-from eplb.planning import check_cycle_plan, plan_cycle
+from eplb.cycle.planning import check_cycle_plan, plan_cycle
 from eplb.policies.base import Plan, Policy
-from eplb.staging import split_layer, staged_experts
+from eplb.cycle.staging import split_layer, staged_experts
 
 
 class Target(Policy):
@@ -61,7 +61,7 @@ def test_parts_are_valid_fit_the_budget_and_reach_the_plan(case):
     for step, layers in enumerate(plan.schedule):
         device, pinned = np.zeros(topology.num_ranks), np.zeros(topology.num_ranks)
         for layer in layers:
-            transfer = plan.transfers[part]
+            transfer = plan.parts[part]
             part += 1
             assert transfer.layer == layer and np.array_equal(transfer.old_row.reshape(-1), rows[layer])
             rows[layer] = transfer.new_row.reshape(-1)
@@ -72,7 +72,7 @@ def test_parts_are_valid_fit_the_budget_and_reach_the_plan(case):
         assert (device + pinned).max() <= budget and (plan.staged_bytes[step] == device + pinned).all()
         if host:
             assert device.max() <= budget / 2 and pinned.max() <= budget / 2
-    assert part == len(plan.transfers)
+    assert part == len(plan.parts)
     for layer, row in rows.items():
         np.testing.assert_array_equal(row, plan.phy2log[layer])
         left_out = plan.left_out[plan.left_out[:, 0] == layer, 1]
@@ -99,7 +99,7 @@ def test_a_layer_over_the_budget_goes_in_parts_over_consecutive_steps():
     new = np.array([[0, 1, 4, 5, 2, 3, 6, 7]])  # two swaps across the ranks
     plan = plan_cycle(Target(new), np.ones((1, 8)), Placement(old, 8, Topology(2, 4)),
                       CycleConfig(cycle_steps=1, bytes_per_step=10), expert_bytes=10)
-    assert plan.schedule == ((0,), (0,)) and len(plan.transfers) == 2
+    assert plan.schedule == ((0,), (0,)) and len(plan.parts) == 2
     assert plan.staged_bytes.tolist() == [[10, 10], [10, 10]]
     np.testing.assert_array_equal(plan.phy2log, new)
     assert plan_cycle(Target(new), np.ones((1, 8)), Placement(old, 8, topology),
@@ -112,7 +112,7 @@ def test_a_plan_whose_parts_do_not_chain_is_refused():
     new = np.array([[0, 1, 4, 5, 2, 3, 6, 7]])
     plan = plan_cycle(Target(new), np.ones((1, 8)), Placement(old, 8, topology),
                       CycleConfig(cycle_steps=1, bytes_per_step=10), expert_bytes=10)
-    swapped = dataclasses.replace(plan, transfers=plan.transfers[::-1])
+    swapped = dataclasses.replace(plan, parts=plan.parts[::-1])
     assert "does not start from" in check_cycle_plan(swapped, old, 8, topology)
     together = dataclasses.replace(plan, schedule=((0, 0),))
     assert "two parts of one layer in one step" in check_cycle_plan(together, old, 8, topology)

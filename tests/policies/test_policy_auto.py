@@ -122,7 +122,7 @@ def test_moves_are_taken_only_where_the_time_they_save_pays_for_their_transfers(
 
 
 def test_the_price_a_caller_hands_on_is_used_unless_an_option_sets_it():
-    from eplb.pricing import MovePrice
+    from eplb.cycle.pricing import MovePrice
 
     trace = builtin_trace("drift", steps=800, seed=5, num_layers=3, num_experts=64).counts
     first = eplb.get_policy("auto").rebalance(trace[:400], TOPOLOGY).placement
@@ -135,7 +135,7 @@ def test_the_price_a_caller_hands_on_is_used_unless_an_option_sets_it():
 
 def test_unspent_move_budget_carries_to_later_plans(trace):
     from eplb.cycle import CycleConfig
-    from eplb.planning import plan_cycle
+    from eplb.cycle.planning import plan_cycle
 
     start = Placement.initial(64, TOPOLOGY, 3, layout="vllm")
     policy = eplb.get_policy("auto", move_budget=0.05, min_gain=0.0)
@@ -162,7 +162,7 @@ def test_unspent_move_budget_carries_to_later_plans(trace):
 
 
 def test_measured_price_attributes_the_step_to_the_busiest_ranks_routings():
-    from eplb.pricing import measured_price
+    from eplb.cycle.pricing import measured_price
 
     topology = Topology(2, 2)
     phy2log = np.array([[0, 1, 2, 3]])

@@ -7,8 +7,8 @@ import eplb
 from eplb import PolicyError, Topology
 from eplb.metrics import rank_loads
 from eplb.policies.default import deepseek_placement
-from eplb.policies.kernels import balanced_packing, replicate, replicate_counts
-from eplb.policies.retention import match_ranks, preserve_slots, rank_overlap
+from eplb.policies.shared.packing import balanced_packing, replicate, replicate_counts
+from eplb.policies.shared.retention import match_ranks, preserve_slots, rank_overlap
 
 
 def _deepseek_cases(deepseek_vectors, vllm_vectors):
@@ -232,7 +232,7 @@ def test_plan_command_errors(data_dir, tmp_path, capsys):
 
 
 def test_spread_duplicates_keeps_counts_and_nodes(dsv3_counts):
-    from eplb.policies.kernels import spread_duplicates
+    from eplb.policies.shared.packing import spread_duplicates
 
     phy2log = np.array([[0, 0, 1, 2, 3, 4, 5, 5]])  # ranks of 2 slots: rank 0 and rank 3 hold an expert twice
     load = np.array([[4.0, 4.0, 3, 3, 2, 2, 1, 1]])

@@ -14,13 +14,13 @@ from eplb import EplbError
 from eplb.cycle import CycleConfig
 from eplb.metrics import rank_loads
 from eplb.placement import Placement
-from eplb.planning import PlanState, plan_cycle
+from eplb.cycle.planning import PlanState, plan_cycle
 from eplb.policies import get_policy
 from eplb.policies import _flashlb_ascend_kernels as ascend_kernels
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.flashlb import Z_75, episode_load
-from eplb.policies.kernels import allot_replicas
-from eplb.policies.retention import match_ranks
+from eplb.policies.shared.packing import allot_replicas
+from eplb.policies.shared.retention import match_ranks
 from eplb.topology import Topology
 
 

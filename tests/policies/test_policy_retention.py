@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from eplb.policies.retention import match_ranks, rank_overlap, unit_permutation
+from eplb.policies.shared.retention import match_ranks, rank_overlap, unit_permutation
 
 
 def dense_overlap(new_row: np.ndarray, old_row: np.ndarray, num_ranks: int) -> np.ndarray:

@@ -79,7 +79,7 @@ def _serve(ctl, rank: int, until, on_step=None, max_steps: int = 4000) -> dict:
         before.append(time.monotonic())
         ctl.before_forward()
         after.append(time.monotonic())
-        in_force.append(ctl.live.phy2log.copy())
+        in_force.append(ctl.in_force.phy2log.copy())
         for layer in range(NUM_LAYERS):
             ctl.route(layer, skewed_ids(step, rank))
         ctl.after_forward()

@@ -49,7 +49,7 @@ def same_bytes(tensors, layer: int, row, rank: int) -> bool:
 
 def _rank_main(rank: int, tmp: str) -> dict:
     from eplb.runtime.mover import ExpertMover
-    from eplb.transfers import transfer_plan
+    from eplb.cycle.transfers import transfer_plan
 
     out = {}
     old = Placement.initial(EXPERTS, TOPOLOGY, LAYERS)  # [0 1 2 | 3 0 1]

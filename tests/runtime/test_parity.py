@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 
 from eplb import Topology  # noqa: E402
 from eplb.cycle import CycleConfig  # noqa: E402
-from eplb.planning import cycle_policy  # noqa: E402
+from eplb.cycle.planning import cycle_policy  # noqa: E402
 from eplb.policies import available_policies  # noqa: E402
 from eplb.sim.cost import CostModel  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
@@ -102,8 +102,8 @@ def _serve(rank: int, world: int, policy: str, dispatch: str, budget: int | None
                 ctl.channel.submit(gate.wait)
             ctl.before_forward()
             if slow and "move" in ctl.step_kinds:
-                parts = [ctl.transfers[part] for part in ctl.pending.parts]
-                received = np.bincount(np.concatenate([part.transfers[:, 2] for part in parts]),
+                parts = [ctl.parts[part] for part in ctl.pending.parts]
+                received = np.bincount(np.concatenate([part.moves[:, 2] for part in parts]),
                                        minlength=world).max() * float(EXPERT_BYTES)
                 held.append((step + cost.transfer_forwards(received, nominal[step:]), gate))
             else:

@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from eplb import Topology  # noqa: E402
-from eplb.cadence import AdaptiveCadence  # noqa: E402
+from eplb.cycle.cadence import AdaptiveCadence  # noqa: E402
 from eplb.cycle import Cycle, CycleConfig  # noqa: E402
-from eplb.planning import cycle_policy  # noqa: E402
+from eplb.cycle.planning import cycle_policy  # noqa: E402
 from eplb.sim.simulator import SimConfig, simulate  # noqa: E402
 from eplb.sim.traces import Trace  # noqa: E402
 

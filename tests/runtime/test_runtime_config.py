@@ -13,7 +13,7 @@ import pytest
 from eplb import Placement, Topology
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.runtime.startup import prepare
-from eplb.planning import plan_checksum
+from eplb.cycle.planning import placement_checksum
 from eplb.runtime.planner import PlannerWorker, PlanRequest
 
 
@@ -116,10 +116,10 @@ def test_model_checks(tmp_path):
 
 def test_plan_checksum_is_stable_and_sensitive():
     a = np.arange(12).reshape(2, 6)
-    assert plan_checksum(a) == plan_checksum(a.copy()) and 0 <= plan_checksum(a) < 2**62
+    assert placement_checksum(a) == placement_checksum(a.copy()) and 0 <= placement_checksum(a) < 2**62
     b = a.copy()
     b[1, 2] = 0
-    assert plan_checksum(a) != plan_checksum(b)
+    assert placement_checksum(a) != placement_checksum(b)
 
 
 def _crashing_worker(requests, results, warmup):

@@ -89,9 +89,9 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
     old_weights_ok = True
     for count in range(max_steps):
         step = ctl.step
-        before = ctl.live.phy2log.copy()
+        before = ctl.in_force.phy2log.copy()
         ctl.before_forward()  # layers posted in the last step switch here
-        in_force = ctl.live.phy2log.copy()
+        in_force = ctl.in_force.phy2log.copy()
         if on_step is not None:
             on_step(ctl)
         ids = skewed_ids(step, rank)
@@ -103,7 +103,7 @@ def serve(ctl, rank: int, until, max_steps: int = 1500, check_weights: bool = Tr
         # a layer transferred in step s is in force from step s + 1 on (it switches before that step's forward)
         for layer in np.flatnonzero((in_force != before).any(axis=1)).tolist():
             switch_step.setdefault(layer, []).append(step - 1)
-        for layer in np.flatnonzero((ctl.live.phy2log != in_force).any(axis=1)).tolist():
+        for layer in np.flatnonzero((ctl.in_force.phy2log != in_force).any(axis=1)).tolist():
             switch_step.setdefault(layer, []).append(step)
         time.sleep(sleep_s)
         if count % 5 == 4 and agree_all(until(ctl)):
@@ -192,7 +192,7 @@ def scenario_recorder(rank, tmp):
 
 def scenario_mover(rank, tmp):
     from eplb.runtime.mover import ExpertMover
-    from eplb.transfers import transfer_plan
+    from eplb.cycle.transfers import transfer_plan
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS)
     rows = [np.roll(old.phy2log[0], 4), np.roll(old.phy2log[1], -5),
@@ -206,7 +206,7 @@ def scenario_mover(rank, tmp):
            "side_seconds": []}
     # staging holds exactly the rows this rank receives and those changing slot on it in one post (what the schedule
     # counts), never a copy of the layer
-    from eplb.staging import staged_experts
+    from eplb.cycle.staging import staged_experts
 
     out["staging_expected"] = max(int(staged_experts(t)[0, rank]) * mover.expert_bytes(t.layer) for t in plan)
     for transfer in plan:
@@ -272,14 +272,16 @@ def scenario_lifecycle(rank, tmp):
 
     try:
         log = serve(ctl, rank, until=until, on_step=inject, max_steps=10_000)  # serves on through the hang
-        assert until(ctl), f"{LIFECYCLE_CYCLES} cycles did not end within {log['steps']} steps"
-        final_ok = all(equal_to_fresh(ctl.mover.layer_tensors[l], l, ctl.live.phy2log[l], rank)
+        assert until(ctl), (f"{LIFECYCLE_CYCLES} cycles did not end within {log['steps']} steps: "
+                            f"{[(m.submit_step, m.skipped, m.par_before is not None) for m in ctl.metrics]}, "
+                            f"phase {ctl.cycle.phase.value}")
+        final_ok = all(equal_to_fresh(ctl.mover.layer_tensors[l], l, ctl.in_force.phy2log[l], rank)
                        for l in range(NUM_LAYERS))
         cycles = [{"skipped": m.skipped, "applied": m.applied_layers, "submit_step": m.submit_step,
                    "planned": m.par_before is not None,
                    "par_before": None if m.par_before is None else m.par_before.tolist(),
                    "par_after": None if m.par_after is None else m.par_after.tolist()} for m in ctl.metrics]
-        return {**log, "final_ok": final_ok, "phy2log": ctl.live.phy2log.tolist(), "cycles": cycles,
+        return {**log, "final_ok": final_ok, "phy2log": ctl.in_force.phy2log.tolist(), "cycles": cycles,
                 "restarts": ctl.planner.restarts, "killed": bool(killed),
                 "router_table": ctl.router.rank_table.tolist(),
                 "router_expected": ctl.placement.log2phy_for_rank(rank).tolist()}
@@ -290,7 +292,7 @@ def scenario_lifecycle(rank, tmp):
 def scenario_record(rank, tmp):
     path = os.path.join(tmp, "record", "expert_map.json")
     ctl = make_controller(rank, tmp, mode="record", record_path=path)
-    initial = ctl.live.phy2log.copy()
+    initial = ctl.in_force.phy2log.copy()
     maps = {}
 
     def capture(c):  # rank 0's side thread writes the map once the plan is accepted, outside the step
@@ -306,7 +308,7 @@ def scenario_record(rank, tmp):
         submits = [m.submit_step for m in ctl.metrics]
         windows = list(zip([0] + submits[:-1], submits))
         return {"maps": [maps.get(i) for i in range(3)], "windows": windows[:3],
-                "placement_unchanged": bool(np.array_equal(initial, ctl.live.phy2log))}
+                "placement_unchanged": bool(np.array_equal(initial, ctl.in_force.phy2log))}
     finally:
         ctl.close()
 
@@ -316,7 +318,7 @@ def scenario_failover_parts(rank, tmp):
     from types import SimpleNamespace
 
     from eplb.runtime.failover import agree_after_failure
-    from eplb.staging import split_layer
+    from eplb.cycle.staging import split_layer
 
     old = Placement.initial(NUM_EXPERTS, TOPO, NUM_LAYERS).phy2log
     target = np.roll(old[1], 5)

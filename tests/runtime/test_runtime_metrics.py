@@ -54,7 +54,7 @@ def _serve_and_scrape(rank: int, tmp: str, port: int) -> dict:
         for _ in range(3000):
             step = ctl.step
             ctl.before_forward()
-            in_force.append(ctl.live.phy2log.copy())
+            in_force.append(ctl.in_force.phy2log.copy())
             for layer in range(NUM_LAYERS):
                 ctl.route(layer, skewed_ids(step, rank))
             ctl.after_forward()

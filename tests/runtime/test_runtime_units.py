@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology
-from eplb.transfers import layer_transfer, transfer_plan
+from eplb.cycle.transfers import layer_transfer, transfer_plan
 
 torch = pytest.importorskip("torch")
 
@@ -55,19 +55,19 @@ def test_transfer_rules(case):
     t = layer_transfer(0, old, new, topology)
     k = topology.slots_per_rank
     old_rows, new_rows = old.reshape(-1, k), new.reshape(-1, k)
-    pairs = [(dst, e) for _, _, dst, e in t.transfers.tolist()]
+    pairs = [(dst, e) for _, _, dst, e in t.moves.tolist()]
     assert len(pairs) == len(set(pairs)), "a rank receives an expert twice in one layer"
     needed = {(r, e) for r in range(topology.num_ranks) for e in set(new_rows[r]) - set(old_rows[r])}
     assert set(pairs) == needed  # staying experts never move; every new one arrives exactly once
     node = topology.node_of_rank
-    for src, src_slot, dst, e in t.transfers.tolist():
+    for src, src_slot, dst, e in t.moves.tolist():
         assert old_rows[src, src_slot] == e
         holders = [r for r in range(topology.num_ranks) if e in old_rows[r]]
         if any(node[h] == node[dst] for h in holders):
             assert node[src] == node[dst], "a same-node holder existed"
     # the commit recipe rebuilds every rank's new row from its old row and what it received
     for rank in range(topology.num_ranks):
-        received = t.transfers[t.transfers[:, 2] == rank, 3]
+        received = t.moves[t.moves[:, 2] == rank, 3]
         row = old_rows[rank].copy()
         for slot, from_recv, source in zip(*t.rank_fills(rank)):
             row[slot] = received[source] if from_recv else old_rows[rank][source]
@@ -79,7 +79,7 @@ def test_transfer_spreads_sources():
     old = np.array([0, 1, 0, 1, 2, 3, 2, 3])  # experts 0 and 1 on ranks 0 and 1
     new = np.array([0, 1, 0, 1, 0, 1, 0, 1])  # ranks 2 and 3 both need 0 and 1
     t = layer_transfer(0, old, new, topology)
-    sent = np.bincount(t.transfers[:, 0], minlength=4)
+    sent = np.bincount(t.moves[:, 0], minlength=4)
     assert sent[0] == sent[1] == 2
 
 

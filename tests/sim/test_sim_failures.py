@@ -10,7 +10,7 @@ from eplb import Placement, Topology
 from eplb.cli import main
 from eplb.cycle import CycleConfig
 from eplb.errors import EplbError
-from eplb.policies.resilience import Resilience
+from eplb.policies.shared.resilience import Resilience
 from eplb.sim.simulator import Failure, SimConfig, simulate
 from eplb.sim.traces import TraceSpec, generate_trace, parametric_regimes
 

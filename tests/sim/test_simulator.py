@@ -13,7 +13,7 @@ from eplb.errors import EplbError
 from eplb.policies.base import Policy
 from eplb.sim.cost import CostModel, expert_bytes_of
 from eplb.dispatch import (
-    STATIC_MODES,
+    STATIC_RULES,
     balanced_rank_load,
     balanced_replica_load,
     dispatch_share,
@@ -21,7 +21,7 @@ from eplb.dispatch import (
 )
 from eplb.sim.simulator import SimConfig, simulate, warmup_steps
 from eplb.sim.traces import Trace, TraceSpec, generate_trace, parametric_profile, parametric_regimes
-from eplb.transfers import layer_transfer, transfer_plan
+from eplb.cycle.transfers import layer_transfer, transfer_plan
 
 TOPOLOGY = Topology(num_ranks=8, slots_per_rank=5, num_nodes=2, num_groups=4)  # 40 slots, 8 redundant
 
@@ -39,7 +39,7 @@ def placement():
 
 # -- dispatch -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", STATIC_MODES)
+@pytest.mark.parametrize("mode", STATIC_RULES)
 def test_every_static_mode_serves_all_tokens_from_ranks_that_hold_the_expert(placement, mode):
     share = dispatch_share(placement, mode)
     np.testing.assert_allclose(share.sum(axis=-1), 1.0)
@@ -125,7 +125,7 @@ def test_a_rank_receives_each_new_expert_once():
     topology = Topology(2, 3)
     old = np.array([0, 1, 2, 3, 4, 5])
     new = np.array([0, 5, 5, 3, 4, 1])  # rank 0 gets 5 twice (one transfer), rank 1 gets 1, keeps 3, 4
-    np.testing.assert_array_equal(layer_transfer(0, old, new, topology).transfers[:, 2], [0, 1])
+    np.testing.assert_array_equal(layer_transfer(0, old, new, topology).moves[:, 2], [0, 1])
 
 
 # -- cost model -----------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_a_layer_switches_once_every_rank_knows_it_landed(trace, placement):
     moved = Placement.initial(32, TOPOLOGY, 4).moves_to(placement).sum(axis=1)
     transfers = transfer_plan(Placement.initial(32, TOPOLOGY, 4), placement)
     assert record.moved_slots == moved[record.layers].sum()
-    assert record.bytes_moved == sum(t.num_transfers for t in transfers) * 10**6  # what crosses the network
+    assert record.bytes_moved == sum(t.num_moves for t in transfers) * 10**6  # what crosses the network
     assert (result.transfer_us > 0).sum() == len(record.layers)
 
 
@@ -208,7 +208,7 @@ def test_a_slow_transfer_defers_its_switch_by_the_forwards_it_spans(trace, place
     for post, switch, layers in zip(posts, record.switch_steps, record.schedule):
         parts = [layer_transfer(layer, Placement.initial(32, TOPOLOGY, 4).phy2log[layer], placement.phy2log[layer],
                                 TOPOLOGY) for layer in layers]
-        received = np.bincount(np.concatenate([p.transfers[:, 2] for p in parts]), minlength=8).max() * 1e6
+        received = np.bincount(np.concatenate([p.moves[:, 2] for p in parts]), minlength=8).max() * 1e6
         assert switch == post + cost.transfer_forwards(received, nominal[post:]) + 1
         waits.append(switch - post - 2)
     assert record.deferred_steps == sum(waits) > 0
@@ -263,5 +263,5 @@ def test_trace_that_does_not_fit_the_topology_is_refused():
     trace = Trace.from_counts(np.ones((5, 2, 64), dtype=np.int32))
     with pytest.raises(EplbError, match="64 logical experts do not fit in 40 physical slots"):
         simulate(trace, None, config())
-    with pytest.raises(EplbError, match="dispatch mode"):
+    with pytest.raises(EplbError, match="dispatch rule"):
         SimConfig(TOPOLOGY, CycleConfig(cycle_steps=5), dispatch="fastest")

@@ -129,7 +129,7 @@ def test_requests_make_per_step_variance_exceed_sampling_noise(small_regimes):
 
 
 def test_continuous_batching_serves_a_batch_that_follows_the_live_requests(small_regimes):
-    from eplb.sim.traces import _live_requests
+    from eplb.sim.trace_dynamics import live_requests as _live_requests
 
     # (birth, death, share): alive in [birth, death)
     requests = np.array([[0, 3, 0.1], [1, 2, 0.1], [2, 9, 0.1], [4, 5, 0.1]])

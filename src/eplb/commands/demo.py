@@ -70,7 +70,7 @@ def register(subparsers) -> None:
                        help="expert groups of DeepSeek-style grouped top-k (1: plain top-k)")
     model.add_argument("--topk-groups", type=int, default=2, metavar="g", help="groups each token may pick from")
     model.add_argument("--tokens", type=int, default=128, metavar="N", help="tokens per rank per step")
-    model.add_argument("--dispatch", "--router", dest="dispatch", default="rank", metavar="MODE",
+    model.add_argument("--dispatch", "--router", dest="dispatch", default="rank", metavar="RULE",
                        help="replica choice of the router: rank, token or local (--router: the old spelling)")
     model.add_argument("--seed", type=int, default=0, help="weights and workload seed")
     model.add_argument("--trace", metavar="LOAD",

@@ -1,7 +1,7 @@
 """``eplb doctor``: check that the runtime can serve on this machine's device, and print what it found.
 
 Runs :mod:`eplb.device_check` (the code ``benchmarks/gpu_check.py`` runs): two ranks on one device serve
-DeepSeek-V3's tables through the controller's hooks in every dispatch mode, for three rebalancing cycles each, and
+DeepSeek-V3's tables through the controller's hooks in every dispatch rule, for three rebalancing cycles each, and
 the result is a table (``--json``: the whole result as one JSON object). Exit 1 on any failure.
 """
 
@@ -17,9 +17,9 @@ def register(subparsers) -> None:
         "doctor",
         help="check the runtime on this machine's device: no host sync, correct routing and moves, transfer speed",
         description="Serve a DeepSeek-V3-sized model (58 layers, 256 experts, 2 ranks x 160 slots) with two ranks on "
-                    "one device through the runtime's hooks, in every dispatch mode (rank, token, local, balanced), "
+                    "one device through the runtime's hooks, in every dispatch rule (rank, token, local, balanced), "
                     "for three rebalancing cycles each, and report: whether the serving thread ever blocked inside "
-                    "EPLB's hooks, per step kind (ordinary, poll, check, submit, move, switch) and dispatch mode "
+                    "EPLB's hooks, per step kind (ordinary, poll, check, submit, move, switch) and dispatch rule "
                     "(on CUDA with torch's sync debug mode too); whether routing equals the numpy reference (balanced: "
                     "the split of the group's tokens); whether every expert's weights match the placement at the end; "
                     "on CUDA whether routing and recording captured in a CUDA graph count exactly the real tokens; the "

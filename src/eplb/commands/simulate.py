@@ -24,7 +24,7 @@ _SLOTS = 9  # DeepSeek-V3 on 32 ranks: 256 experts + 32 redundant slots
 
 
 def register(subparsers) -> None:
-    from eplb.dispatch import DISPATCH_MODES
+    from eplb.dispatch import DISPATCH_RULES
     from eplb.sim.cost import MODEL_EXPERT_BYTES
     from eplb.sim.traces import SCENARIOS
 
@@ -75,9 +75,24 @@ def register(subparsers) -> None:
     policies.add_argument("--similarity", type=float, metavar="S",
                           help="apply a layer only if its load's cosine similarity to its load when last applied is "
                                "below S (xLLM's eplb_update_threshold)")
-    policies.add_argument("--dispatch", default="even", choices=DISPATCH_MODES,
+    policies.add_argument("--dispatch", default="even", choices=DISPATCH_RULES,
                           help="replica choice: even split, per source rank, per token, local first, per-batch "
                                "balanced")
+    _add_failure_and_cost_arguments(parser, MODEL_EXPERT_BYTES)
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="runs simulated at the same time in worker processes (default: one per CPU, at most one "
+                             "per run); 1 runs them one after the other in this process")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="eplb-report", metavar="DIR",
+                        help="folder for report.json, report.md and the plots")
+    output.add_argument("--no-files", action="store_true", help="write nothing to --out")
+    output.add_argument("--json", action="store_true",
+                        help="print one JSON object (policies, clairvoyant, settings) and nothing else")
+    parser.set_defaults(func=run)
+
+
+def _add_failure_and_cost_arguments(parser, model_expert_bytes) -> None:
+    """The flags of the failures to simulate and of the step-time cost model."""
     faults = parser.add_argument_group("failures")
     faults.add_argument("--fail-rank", action="append", default=[], metavar="R@STEP[:BACK]",
                         help="rank R stops serving at STEP (and serves again from BACK); repeatable")
@@ -91,7 +106,7 @@ def register(subparsers) -> None:
     faults.add_argument("--hot-experts", type=int, default=0, metavar="N",
                         help="with --resilient: how many of each layer's hottest experts --min-replicas applies to")
     cost = parser.add_argument_group("cost model")
-    cost.add_argument("--model", default="deepseek-v3", choices=sorted(MODEL_EXPERT_BYTES),
+    cost.add_argument("--model", default="deepseek-v3", choices=sorted(model_expert_bytes),
                       help="model preset for the size of an expert")
     cost.add_argument("--expert-bytes", type=float, metavar="BYTES", help="size of one expert (overrides --model)")
     cost.add_argument("--layer-fixed-us", type=float, default=80.0, help="a rank's fixed time per MoE layer, us")
@@ -99,16 +114,6 @@ def register(subparsers) -> None:
     cost.add_argument("--bandwidth", type=float, default=50.0, metavar="GB/S", help="transfer bandwidth per rank")
     cost.add_argument("--overlap", type=float, default=0.5,
                       help="share of a step's MoE time that weight transfers hide behind")
-    parser.add_argument("--jobs", type=int, metavar="N",
-                        help="runs simulated at the same time in worker processes (default: one per CPU, at most one "
-                             "per run); 1 runs them one after the other in this process")
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", default="eplb-report", metavar="DIR",
-                        help="folder for report.json, report.md and the plots")
-    output.add_argument("--no-files", action="store_true", help="write nothing to --out")
-    output.add_argument("--json", action="store_true",
-                        help="print one JSON object (policies, clairvoyant, settings) and nothing else")
-    parser.set_defaults(func=run)
 
 
 def _check_flags(args) -> None:
@@ -256,16 +261,14 @@ def _clairvoyant_names(args) -> list[str]:
 def run(args) -> int:
     import json
 
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from eplb.cycle import CycleConfig
-    from eplb.report.simulate import build_report, policy_table, write_report
-    from eplb.sim.cost import CostModel, expert_bytes_of
-    from eplb.policies.resilience import Resilience
+    from eplb.policies.shared.resilience import Resilience
+    from eplb.report.simulate import build_report, write_report
+    from eplb.sim.cost import expert_bytes_of
     from eplb.sim.runs import RunSpec, simulate_runs
-    from eplb.sim.simulator import Failure, SimConfig, failed_ranks, warmup_steps
-    from eplb.sim.traces import SCENARIOS, load_trace
+    from eplb.sim.simulator import Failure
+    from eplb.sim.traces import load_trace
 
     from eplb.commands import common
     from eplb.errors import EplbError
@@ -297,22 +300,7 @@ def run(args) -> int:
         progress.update(task, total=1, completed=1)
         topology = common.topology(args, trace.num_experts, default_slots=_SLOTS)
         _check_memory(args, trace.num_steps, trace.num_layers, trace.num_experts, num_runs)
-        cycle = CycleConfig(
-            cycle_steps=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
-            bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
-            min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
-        warmup = warmup_steps(cycle, trace.num_layers, trace.num_steps)
-        if -(-warmup // args.interval) * args.interval >= trace.num_steps:  # no window starts after the warm-up
-            raise EplbError(f"the trace has {trace.num_steps} steps: no planning window of --window {args.interval} "
-                            f"starts after the {warmup}-step warm-up, so nothing would be scored; simulate more "
-                            f"steps (--steps, a longer trace) or give a smaller --window")
-        config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
-                           cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
-                           failures=failures, resilience=resilience)
-        try:  # a rank or node out of range fails before any run
-            failed_ranks(failures, topology, trace.num_steps)
-        except EplbError as exc:
-            raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
+        cycle, config = _sim_config(args, trace, topology, expert_bytes, failures, resilience)
         specs = [RunSpec(name, None if name == "static" else name) for name in ["static", *names]]
         specs += [RunSpec(f"clairvoyant:{name}", name, clairvoyant=True) for name in clairvoyant_names]
         # A run's bar stays at 0 while its policy's numba kernels compile (first use on this machine, up to ~30 s).
@@ -331,8 +319,52 @@ def run(args) -> int:
     clairvoyant = min(candidates, key=lambda run: run.summary()["step_par_mean"]) if candidates else None
     if args.save_trace:
         trace.save(args.save_trace, flag="--save-trace")
+    meta = _meta(args, trace, topology, cycle, expert_bytes, failures, resilience, candidates)
+    report = build_report(runs, runs["static"], clairvoyant, meta)
+    files = {} if args.no_files else write_report(report, runs, runs["static"], clairvoyant, args.out)
+    if args.json:
+        print(json.dumps({key: report[key] for key in ("trace", "topology", "settings", "seed", "warmup_steps",
+                                                         "policies", "clairvoyant", "clairvoyant_candidates")}))
+        return 0
+    _print_report(report, files, bool(failures))
+    return 0
+
+
+def _sim_config(args, trace, topology, expert_bytes: float, failures, resilience):
+    """The cycle and the simulator's config the flags ask for, checked against the trace: a window must start after
+    the warm-up, and every failed rank or node must exist."""
+    from eplb.cycle import CycleConfig
+    from eplb.errors import EplbError
+    from eplb.sim.cost import CostModel
+    from eplb.sim.simulator import SimConfig, failed_ranks, warmup_steps
+
+    cycle = CycleConfig(
+        cycle_steps=args.interval, planner_steps=args.planner_steps, layers_per_step=args.layers_per_step,
+        bytes_per_step=args.gb_per_step * 1e9 if args.gb_per_step else None,
+        min_gain=args.min_gain, max_layers=args.max_layers, similarity_threshold=args.similarity)
+    warmup = warmup_steps(cycle, trace.num_layers, trace.num_steps)
+    if -(-warmup // args.interval) * args.interval >= trace.num_steps:  # no window starts after the warm-up
+        raise EplbError(f"the trace has {trace.num_steps} steps: no planning window of --window {args.interval} "
+                        f"starts after the {warmup}-step warm-up, so nothing would be scored; simulate more "
+                        f"steps (--steps, a longer trace) or give a smaller --window")
+    config = SimConfig(topology, cycle, dispatch=args.dispatch, expert_bytes=expert_bytes, layout=args.layout,
+                       cost=CostModel(args.layer_fixed_us, args.token_us, args.bandwidth, args.overlap),
+                       failures=failures, resilience=resilience)
+    try:  # a rank or node out of range fails before any run
+        failed_ranks(failures, topology, trace.num_steps)
+    except EplbError as exc:
+        raise EplbError(f"--fail-rank / --fail-node: {exc}") from None
+    return cycle, config
+
+
+def _meta(args, trace, topology, cycle, expert_bytes: float, failures, resilience, candidates) -> dict:
+    """What the report says about the run besides the figures: the trace, the topology, the settings, the seed and
+    the clairvoyant candidates' step PAR."""
+    from eplb.sim.simulator import warmup_steps
+    from eplb.sim.traces import SCENARIOS
+
     key = trace.name.removeprefix("builtin:")
-    meta = {
+    return {
         "trace": {"name": trace.name, "steps": trace.num_steps, "layers": trace.num_layers,
                   "experts": trace.num_experts, "top_k": trace.top_k,
                   "description": SCENARIOS[key][0] if key in SCENARIOS else "recorded load",
@@ -358,19 +390,20 @@ def run(args) -> int:
         "warmup_steps": warmup_steps(cycle, trace.num_layers, trace.num_steps),
         "clairvoyant_candidates": {run.name.split(":", 1)[-1]: run.summary()["step_par_mean"] for run in candidates},
     }
-    report = build_report(runs, runs["static"], clairvoyant, meta)
-    files = {} if args.no_files else write_report(report, runs, runs["static"], clairvoyant, args.out)
-    if args.json:
-        print(json.dumps({key: report[key] for key in ("trace", "topology", "settings", "seed", "warmup_steps",
-                                                         "policies", "clairvoyant", "clairvoyant_candidates")}))
-        return 0
+
+
+def _print_report(report: dict, files: dict, failures: bool) -> None:
+    """The tables for a terminal, and where the report went."""
+    from rich.console import Console
+
+    from eplb.report.simulate import policy_table
+
     out = Console(highlight=False)
     out.print(policy_table(report))
     if failures:
         out.print(_failure_table(report))
     if files:
         out.print(f"report written to {files['report.md'].parent}/ ({', '.join(p.name for p in files.values())})")
-    return 0
 
 
 def _failure_table(report: dict):

@@ -28,7 +28,7 @@ _POLICIES = {"eplb": "auto,default,swift,flashlb", "vllm": "auto,default,swift,f
 
 
 def register(subparsers) -> None:
-    from eplb.dispatch import DISPATCH_MODES
+    from eplb.dispatch import DISPATCH_RULES
     from eplb.sim.cost import MODEL_EXPERT_BYTES
     from eplb.sim.sweep import ENGINES
 
@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     pace = parser.add_argument_group("cycle and cost model (as in simulate)")
     pace.add_argument("--planner-steps", type=int, default=10, metavar="A",
                       help="steps from a window's end until its plan can be applied (the planner's lateness)")
-    pace.add_argument("--dispatch", default="even", choices=DISPATCH_MODES, help="replica choice")
+    pace.add_argument("--dispatch", default="even", choices=DISPATCH_RULES, help="replica choice")
     pace.add_argument("--model", default="deepseek-v3", choices=sorted(MODEL_EXPERT_BYTES), help="expert size preset")
     pace.add_argument("--expert-bytes", type=float, metavar="BYTES", help="size of one expert (overrides --model)")
     pace.add_argument("--token-us", type=float, default=0.2, help="time per routed token on a rank, us")
@@ -238,10 +238,9 @@ def _simulate_all(args, trace, base, specs, warmup: int, out: Path, fingerprint:
 def run(args) -> int:
     from eplb.commands import common
     from eplb.commands.simulate import _drawn_shape
-    from eplb.errors import EplbError
+    from eplb.cycle import CycleConfig
     from eplb.sim.cost import CostModel, expert_bytes_of
     from eplb.sim.simulator import SimConfig
-    from eplb.cycle import CycleConfig
     from eplb.sim.sweep import sweep_specs
     from eplb.sim.traces import load_trace
 

@@ -1,9 +1,9 @@
 """The device check: the runtime's step path run to its end on one device, with a verdict in one JSON object.
 
 Two (or more) ranks serve on the same device (Gloo groups; NCCL cannot put two ranks on one device), each through
-the controller's hooks around a stand-in forward, in every dispatch mode, for a fixed number of rebalancing cycles:
+the controller's hooks around a stand-in forward, in every dispatch rule, for a fixed number of rebalancing cycles:
 window ends, planner polls and checks, moves and switches, on DeepSeek-V3's tables (58 layers, 256 experts,
-2 x 160 slots). It reports, per step kind and dispatch mode, every blocking call the serving thread made inside
+2 x 160 slots). It reports, per step kind and dispatch rule, every blocking call the serving thread made inside
 EPLB's hooks (and, on CUDA, every call torch's sync debug mode flags); whether the router equals the numpy
 reference (``balanced``: the split of the group's tokens); whether every expert's bytes match the placement at the
 end; on CUDA whether routing and recording captured in a CUDA graph count exactly the real tokens; the forward time
@@ -17,8 +17,12 @@ CPU the same code runs (CI runs it), skipping only what needs CUDA: the sync deb
     result["ok"], result["failures"]
 """
 
+from eplb._lazy import renamed_names
 from eplb.device_check.check import run_check
 from eplb.device_check.report import table
-from eplb.device_check.settings import DISPATCH_MODES, CheckSettings, DeviceCheckError, resolve_device
+from eplb.device_check.settings import DISPATCH_RULES, CheckSettings, DeviceCheckError, resolve_device
 
-__all__ = ["run_check", "table", "CheckSettings", "DeviceCheckError", "resolve_device", "DISPATCH_MODES"]
+__all__ = ["run_check", "table", "CheckSettings", "DeviceCheckError", "resolve_device", "DISPATCH_RULES"]
+
+# old spelling, for one release (a dispatch rule is not EPLB's mode)
+__getattr__ = renamed_names(__name__, {"DISPATCH_MODES": "DISPATCH_RULES"})

@@ -1,7 +1,7 @@
 """Run the device check: spawn the ranks on one device, collect what they report, return one verdict.
 
 Whatever happens to the ranks (one raises, dies, or hangs), :func:`run_check` returns a result: the launch has a
-timeout (:func:`eplb.engine.launch.launch` kills every rank still running), each rank emits each dispatch mode's
+timeout (:func:`eplb.engine.launch.launch` kills every rank still running), each rank emits each dispatch rule's
 figures and any error as soon as it has them, and a rank still running shortly before the timeout writes the stacks
 of all its threads to a file the result then carries.
 """

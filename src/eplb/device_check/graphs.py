@@ -1,4 +1,4 @@
-"""CUDA graphs: routing and recording of every MoE layer captured in one graph, in each dispatch mode, replayed over
+"""CUDA graphs: routing and recording of every MoE layer captured in one graph, in each dispatch rule, replayed over
 prefill and decode steps of a padded batch (needs CUDA; the check's CPU run skips it and says so).
 
 What must hold after the replays: the graph's slots equal an eager call of the router (the tables it reads are the
@@ -20,7 +20,7 @@ _PADDING = 37  # rows of the batch that are padding (a graph's batch size is fix
 
 
 def graph_recording(settings, device: torch.device) -> dict:
-    """Per dispatch mode ``{"ok": bool, "routes_equal_eager": bool, "counts_equal": bool}`` or ``{"ok": False,
+    """Per dispatch rule ``{"ok": bool, "routes_equal_eager": bool, "counts_equal": bool}`` or ``{"ok": False,
     "error": traceback}``."""
     out = {}
     for dispatch in settings.modes:
@@ -47,7 +47,7 @@ def _captured(forward, recorder, device):
 
 
 def _one_mode(settings, dispatch: str, device) -> dict:
-    """One dispatch mode; on a CPU ``device`` the forward runs eagerly (the tests check the counting this way)."""
+    """One dispatch rule; on a CPU ``device`` the forward runs eagerly (the tests check the counting this way)."""
     from eplb import Placement, Topology
     from eplb.runtime import LoadRecorder, ReplicaRouter
 

@@ -1,5 +1,5 @@
 """One rank of the device check: the controller's hooks called around a stand-in forward, as an engine calls them,
-through whole rebalancing cycles in every dispatch mode, watched for host syncs (:class:`~.watch.HookWatch`).
+through whole rebalancing cycles in every dispatch rule, watched for host syncs (:class:`~.watch.HookWatch`).
 
 :func:`check_rank` is the ``target`` of :func:`eplb.engine.launch.launch`. Every rank serves on the same device.
 The ranks stop together: after each step they all-reduce (MAX, on a Gloo group of the check's own, never the
@@ -9,7 +9,7 @@ handed to the planner and a further one started, so every cycle went through a w
 checks, and (each cycle serving a new load profile) moves and switches. No rank waits for a time window, and none
 depends on a transfer landing within one step: a layer in flight is simply in flight until it switches.
 
-Each finished dispatch mode is emitted as ``("mode", rank, dispatch, figures)``; an exception is emitted as
+Each finished dispatch rule is emitted as ``("mode", rank, dispatch, figures)``; an exception is emitted as
 ``("error", rank, traceback)`` and ends the rank (its result carries it too), so the parent can report it even if
 a peer then hangs and the launch times out.
 """
@@ -36,7 +36,7 @@ __all__ = ["check_rank"]
 
 
 def check_rank(rank: int, world: int, emit, settings, folder: str, stacks_at: float) -> dict:
-    """Serve every dispatch mode of ``settings`` on this rank; see the module docstring. Returns a picklable dict.
+    """Serve every dispatch rule of ``settings`` on this rank; see the module docstring. Returns a picklable dict.
     A rank still running at ``stacks_at`` (``time.time()``) writes its threads' stacks to ``folder/rank{rank}.stacks``
     (a hang, for the result)."""
     stacks = open(os.path.join(folder, f"rank{rank}.stacks"), "w")  # noqa: SIM115 - open until the process ends

@@ -16,7 +16,7 @@ _CPU_SKIPS = ["CUDA sync debug mode (the sync guard still watches every hook)", 
 
 def summarise(settings: CheckSettings, results: list, progress, error: str | None, stacks: dict,
               seconds: float) -> dict:
-    """One JSON-ready dict: ``ok``, ``failures`` (one line each), the device, per dispatch mode the figures merged
+    """One JSON-ready dict: ``ok``, ``failures`` (one line each), the device, per dispatch rule the figures merged
     over the ranks (``modes``), ``graph_recording``, and what went wrong in the ranks (``error``, ``rank_errors``,
     ``last_seen``, ``stacks``)."""
     import torch
@@ -33,7 +33,7 @@ def summarise(settings: CheckSettings, results: list, progress, error: str | Non
         per_rank = [progress.modes.get((rank, dispatch)) for rank in range(settings.ranks)]
         if all(figures is None for figures in per_rank):
             if not failures:
-                failures.append(f"{dispatch}: no rank reported this dispatch mode")
+                failures.append(f"{dispatch}: no rank reported this dispatch rule")
             continue
         modes[dispatch] = merged = _merge(per_rank)
         failures += [f"{dispatch}: {line}" for line in _mode_failures(settings, merged, per_rank)]
@@ -132,7 +132,7 @@ def _mode_failures(settings: CheckSettings, merged: dict, per_rank: list) -> lis
 
 
 def table(result: dict) -> str:
-    """The check as a text table: one row per finding, one column per dispatch mode; then the failures."""
+    """The check as a text table: one row per finding, one column per dispatch rule; then the failures."""
     modes = result.get("modes", {})
     names = list(modes)
     rows = [("", names)]

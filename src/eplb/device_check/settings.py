@@ -6,22 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from eplb.errors import EplbError
+from eplb.errors import DeviceCheckError
 
-__all__ = ["CheckSettings", "DeviceCheckError", "resolve_device", "DISPATCH_MODES", "EXPERT_DTYPES"]
+__all__ = ["CheckSettings", "DeviceCheckError", "resolve_device", "DISPATCH_RULES", "EXPERT_DTYPES"]
 
-#: the runtime's dispatch modes, each served in turn (``balanced`` with the group's tokens per expert)
-DISPATCH_MODES = ("rank", "token", "local", "balanced")
+#: the runtime's dispatch rules, each served in turn (``balanced`` with the group's tokens per expert)
+DISPATCH_RULES = ("rank", "token", "local", "balanced")
 #: dtypes an expert tensor of the check may have (weights, quantised weights, scales)
 EXPERT_DTYPES = ("float32", "bfloat16", "float16", "int8", "uint8", "float8_e4m3fn", "float8_e5m2")
 _MAX_RANKS = 8
 #: how a rank fails on purpose (:attr:`CheckSettings.fault`)
 FAULTS = ("raise", "exit", "hang")
-
-
-class DeviceCheckError(EplbError):
-    """The check cannot run as asked (a device the runtime cannot use, bad sizes); nothing was started."""
-
 
 @dataclass(frozen=True)
 class CheckSettings:
@@ -31,9 +26,9 @@ class CheckSettings:
     Attributes:
         device: ``cpu`` or ``cuda:N`` (:func:`resolve_device`); every rank serves on it.
         ranks: ranks of the EP group, all on ``device`` (Gloo serving and transfer groups).
-        cycles: rebalancing cycles served per dispatch mode; the load profile changes every cycle, so each moves
+        cycles: rebalancing cycles served per dispatch rule; the load profile changes every cycle, so each moves
             layers, and a cycle goes through every step kind (window end, planner polls and checks, moves, switches).
-        budget_s: wall-clock budget of all dispatch modes together; a mode past its share stops, on an agreed step,
+        budget_s: wall-clock budget of all dispatch rules together; a mode past its share stops, on an agreed step,
             and fails the check.
         margin_s: what the launch may take beyond ``budget_s`` (start-up, closing, graphs) before it kills the
             ranks still running (a hang).
@@ -62,7 +57,7 @@ class CheckSettings:
     expert_dtypes: tuple[str, ...] = ("bfloat16", "uint8")
     tokens: int = 64
     hidden: int = 128
-    modes: tuple[str, ...] = DISPATCH_MODES
+    modes: tuple[str, ...] = DISPATCH_RULES
     fault: tuple[int, str] | None = None
     seed: int = 0
 
@@ -86,8 +81,8 @@ class CheckSettings:
              "expert_bytes", self.expert_bytes, "a multiple of 512 bytes, at least 512")
         need(len(self.expert_dtypes) >= 1 and all(d in EXPERT_DTYPES for d in self.expert_dtypes),
              "expert_dtypes", self.expert_dtypes, f"names from {', '.join(EXPERT_DTYPES)}")
-        need(len(self.modes) >= 1 and all(m in DISPATCH_MODES for m in self.modes), "modes", self.modes,
-             f"names from {', '.join(DISPATCH_MODES)}")
+        need(len(self.modes) >= 1 and all(m in DISPATCH_RULES for m in self.modes), "modes", self.modes,
+             f"names from {', '.join(DISPATCH_RULES)}")
         need(self.fault is None or (len(self.fault) == 2 and 0 <= self.fault[0] < self.ranks
                                     and self.fault[1] in FAULTS), "fault", self.fault,
              f"None or (rank in 0..{self.ranks - 1}, one of {', '.join(FAULTS)})")

@@ -30,7 +30,7 @@ import traceback
 from datetime import timedelta
 
 from eplb._process import exit_with_parent
-from eplb.errors import EplbError
+from eplb.errors import EplbError, LaunchError
 
 __all__ = ["launch", "LaunchError", "failure_notice", "last_words"]
 
@@ -40,11 +40,6 @@ _FAILURE_KEY = "eplb/failure/{}"
 _FAILURE_GRACE_S = 0.5
 _store = None  # this rank's client of the group's store
 _messages = None  # this rank's queue to the parent
-
-
-class LaunchError(EplbError):
-    """A rank failed, died or did not finish in time."""
-
 
 def failure_notice(index: int, timeout_s: float = 30.0) -> list[int]:
     """In a rank of a launch with ``rank_failures=True``: the failed ranks (all so far, ascending) of the ``index``-th
@@ -100,6 +95,39 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, collective_t
             dist.destroy_process_group()
 
 
+def _check_ranks(world_size: int, backend: str) -> None:
+    """Refuse, before any rank starts, a launch that cannot run here."""
+    if world_size < 1:
+        raise EplbError(f"world_size must be >= 1, got {world_size}")
+    if backend == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < world_size:  # NCCL cannot put two ranks on one device
+            raise EplbError(f"backend 'nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPUs visible; use "
+                            "backend 'gloo' to put several ranks on one GPU")
+
+
+def _take_message(messages, processes, results: dict, on_event) -> None:
+    """The next message of a rank, if one comes within 0.2 s: an event (to ``on_event``), a result (into
+    ``results``), or an error, raised as a :class:`LaunchError` naming the peers that died before it."""
+    try:
+        kind, rank, payload = messages.get(timeout=0.2)
+    except queue.Empty:
+        return
+    if kind == "event":
+        if on_event is not None:
+            on_event(rank, payload)
+    elif kind == "result":
+        results[rank] = payload
+    elif kind == "error":
+        summary, trace = payload
+        log.debug("rank %d failed:\n%s", rank, trace)
+        dead = [r for r, p in enumerate(processes) if r != rank and p.exitcode not in (None, 0)]
+        cause = "".join(f"{_death(r, processes[r])}; " for r in dead)  # the usual reason of a peer's error
+        raise LaunchError(f"{cause}rank {rank} failed: {summary} (-vv shows its traceback)")
+
+
 def _death(rank: int, process) -> str:
     code = process.exitcode
     if code is not None and code < 0:
@@ -131,22 +159,14 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
             :func:`failure_notice`) instead of ending the launch.
 
     Raises:
-        LaunchError: a rank raised (its exception is in the message, its traceback in the debug log), died (without ``rank_failures``), or the
-            launch ran past ``timeout_s``.
+        LaunchError: a rank raised (its exception is in the message, its traceback in the debug log), died
+            (without ``rank_failures``), or the launch ran past ``timeout_s``.
     """
     import torch.distributed as dist
 
     from eplb.runtime.heartbeat import published_failures
 
-    if world_size < 1:
-        raise EplbError(f"world_size must be >= 1, got {world_size}")
-    if backend == "nccl":
-        import torch
-
-        gpus = torch.cuda.device_count()
-        if gpus < world_size:  # NCCL cannot put two ranks on one device: refused before any rank starts
-            raise EplbError(f"backend 'nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPUs visible; use "
-                            "backend 'gloo' to put several ranks on one GPU")
+    _check_ranks(world_size, backend)
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
@@ -165,21 +185,7 @@ def launch(target, world_size: int, args: tuple = (), timeout_s: float = 120.0, 
         for process in processes:
             process.start()
         while len(results) < world_size:
-            try:
-                kind, rank, payload = messages.get(timeout=0.2)
-            except queue.Empty:
-                kind = None
-            if kind == "event":
-                if on_event is not None:
-                    on_event(rank, payload)
-            elif kind == "result":
-                results[rank] = payload
-            elif kind == "error":
-                summary, trace = payload
-                log.debug("rank %d failed:\n%s", rank, trace)
-                dead = [r for r, p in enumerate(processes) if r != rank and p.exitcode not in (None, 0)]
-                cause = "".join(f"{_death(r, processes[r])}; " for r in dead)  # the usual reason of a peer's error
-                raise LaunchError(f"{cause}rank {rank} failed: {summary} (-vv shows its traceback)")
+            _take_message(messages, processes, results, on_event)
             if time.monotonic() > deadline:
                 raise LaunchError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish within "
                                   f"{timeout_s:g} s")

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from eplb.engine.model import ModelConfig, MoEModel, expert_weights
 from eplb.engine.tokens import SkewedTokens, expert_popularity
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure
 from eplb.topology import Topology
 
 __all__ = ["ServeSettings", "Faults", "serve_rank", "cycle_figures", "rank_device", "serving_backend"]
@@ -226,7 +226,7 @@ def _fail_over(model: MoEModel, events: int, interrupted: Exception):
     if heartbeat is not None:
         try:  # a dead peer's socket error comes before its beat times out; the heartbeat may run late on a busy host
             heartbeat.wait_for_failure(heartbeat.timeout_s + 2 * heartbeat.interval_s + _LATE_HEARTBEAT_S)
-        except EplbError:
+        except EplbFailure:
             raise interrupted from None
         failed = heartbeat.failed_peers()
     else:

@@ -1,6 +1,6 @@
 """Expert-load traces as ``.npz``: key ``counts``, ``[T, L, E]`` (per step) or ``[L, E]`` (one window).
 
-Other keys are ignored on reading. ``../shared/data/sglang_dsv3_ep_statistics.npz`` reads as ``[12, 58, 256]``; its
+Other keys are ignored on reading. ``tests/data/sglang_dsv3_ep_statistics.npz`` reads as ``[12, 58, 256]``; its
 axis 0 is a serving workload, not time, so per-step figures on it are per-workload figures.
 """
 

@@ -23,7 +23,7 @@ from eplb.errors import LoadError, PlacementError
 from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies import Policy, get_policy
-from eplb.policies.retention import preserve_slots
+from eplb.policies.shared.retention import preserve_slots
 from eplb.topology import Topology
 
 __all__ = ["AscendPolicy", "rebalance_experts", "logical_load", "ascend_policy"]

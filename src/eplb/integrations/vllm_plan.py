@@ -11,8 +11,8 @@ from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies import get_policy
 from eplb.policies.default import check_sizes
-from eplb.policies.resilience import repair_current
-from eplb.policies.retention import preserve_slots
+from eplb.policies.shared.resilience import repair_current
+from eplb.policies.shared.retention import preserve_slots
 from eplb.topology import Topology
 
 __all__ = ["plan_phy2log"]

@@ -7,18 +7,17 @@ policy code at all (vLLM's plug-in relies on it).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from typing import TYPE_CHECKING
 
 from eplb._lazy import lazy_getattr
-from eplb.errors import PolicyError
+from eplb.errors import PolicyError, did_you_mean
 
 if TYPE_CHECKING:
     from eplb.policies.base import Plan, Policy
 
-__all__ = ["get_policy", "available_policies", "policy_options", "policy_name", "Plan", "Policy", "POLICY_IDS",
+__all__ = ["get_policy", "available_policies", "policy_options", "policy_name", "policy_id", "Plan", "Policy", "POLICY_IDS",
            "POLICY_NAMES"]
 
 _MODULES = {
@@ -70,10 +69,17 @@ def policy_options(name: str) -> list[str]:
 def _registered(name: str, names=None) -> str:
     names = available_policies() if names is None else names
     if name not in names:
-        hint = difflib.get_close_matches(str(name), names, n=1)
-        suffix = f"; did you mean {hint[0]!r}?" if hint else ""
-        raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{suffix}")
+        raise PolicyError(f"unknown policy {name!r}: expected one of {', '.join(names)}{did_you_mean(name, names)}")
     return name
+
+
+def policy_id(value) -> int | None:
+    """The vllm-ascend policy id ``value`` spells (an int, or a string of digits), or None when it spells no id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
 
 
 def policy_name(name_or_id: str | int) -> str:
@@ -82,14 +88,12 @@ def policy_name(name_or_id: str | int) -> str:
     Raises:
         PolicyError: unknown name or id (with a suggestion).
     """
-    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
-        if name_or_id not in POLICY_IDS:
-            raise PolicyError(f"policy id must be one of {sorted(POLICY_IDS)}, got {name_or_id}")
-        return POLICY_IDS[name_or_id]
-    name = str(name_or_id)
-    if name.isdigit() and int(name) in POLICY_IDS:
-        name = POLICY_IDS[int(name)]
-    return _registered(name, POLICY_NAMES)
+    index = policy_id(name_or_id)
+    if index in POLICY_IDS:
+        return POLICY_IDS[index]
+    if index is not None and not isinstance(name_or_id, str):  # a string of digits may still be a name
+        raise PolicyError(f"policy id must be one of {sorted(POLICY_IDS)}, got {name_or_id}")
+    return _registered(str(name_or_id), POLICY_NAMES)
 
 
 def get_policy(name_or_id: str | int, **options) -> Policy:
@@ -103,8 +107,6 @@ def get_policy(name_or_id: str | int, **options) -> Policy:
     accepted = policy_options(name)
     for key in options:
         if key not in accepted:
-            hint = difflib.get_close_matches(key, accepted, n=1)
-            suffix = f"; did you mean {hint[0]!r}?" if hint else ""
             raise PolicyError(f"policy {name!r} has no option {key!r} (options: {', '.join(accepted) or 'none'})"
-                              f"{suffix}")
+                              f"{did_you_mean(key, accepted)}")
     return cls(**options)

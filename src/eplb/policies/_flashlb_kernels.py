@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from eplb.policies.kernels import allot_replicas
+from eplb.policies.shared.packing import allot_replicas
 
 # Keeps the per-episode ratio finite for an episode without load (part of the score's definition).
 _SCORE_EPS = 0.01

@@ -9,7 +9,6 @@ the order against the interpreter.
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 __all__ = ["set_add", "set_remove", "set_items"]

@@ -10,12 +10,12 @@ Method (docs/auto.md):
 3. Local search from the placement in force (:mod:`eplb.policies._auto_kernels`): swaps of two slots and
    reassignments of a spare replica (which change replica counts), aimed at the busiest ranks, each accepted only
    when the step time its exact gain on the objective saves over the plan's life exceeds the step time its
-   transfers cost (:mod:`eplb.pricing`: the cost model ``eplb simulate`` scores with, or the runtime's measured
+   transfers cost (:mod:`eplb.cycle.pricing`: the cost model ``eplb simulate`` scores with, or the runtime's measured
    figures), within ``move_budget``; ``min_gain`` (PAR per moved slot) overrides the price. Experts stay where they
    are unless moving them pays, so no rank relabelling is needed afterwards.
 4. Fresh start. A greedy placement (replica counts by load per replica, heaviest replica to the lightest rank) is
-   also built. Its ranks are matched to the current ones (:func:`eplb.policies.retention.match_ranks`) and the local
-   search continues from it where it beats the local-search result by more than the cost of moving half the slots,
+   also built. Its ranks are matched to the current ones (:func:`eplb.policies.shared.retention.match_ranks`) and the
+   local search continues from it where it beats the local-search result by more than the cost of moving half the slots,
    or, whatever it moves (within ``move_budget``), where the placement in force scores more than ``reset`` above
    it (e.g. the initial layout): one slot at a time, the search does not leave such a poor basin, and every later
    plan would inherit it.
@@ -30,21 +30,21 @@ import math
 
 import numpy as np
 
+from eplb.cycle.pricing import DEFAULT_PRICE, MovePrice
 from eplb.errors import PolicyError
 from eplb.load import episodes
 from eplb.placement import Placement
 from eplb.policies import _auto_kernels as kernels
 from eplb.policies.base import Policy
-from eplb.policies.kernels import greedy_tables, spread_duplicates
-from eplb.policies.retention import match_ranks
-from eplb.pricing import DEFAULT_PRICE, MovePrice
+from eplb.policies.shared.packing import greedy_tables, spread_duplicates
+from eplb.policies.shared.retention import match_ranks
 from eplb.topology import Topology
 
 __all__ = ["Auto", "POLICY", "forecast"]
 
 log = logging.getLogger(__name__)
 
-# charge of a replicated expert's replicas in the objective, per dispatch mode (see _auto_kernels)
+# charge of a replicated expert's replicas in the objective, per dispatch rule (see _auto_kernels)
 _LIQUID = {"even": 1.0, "balanced": 0.8}
 
 
@@ -79,7 +79,7 @@ class Auto(Policy):
             bring; 0 accepts every improving move. None (default): moves are priced in step time.
         expert_bytes, bandwidth_gbs: bytes of one expert's weights and the transfer bandwidth per receiving rank
             (GB/s); a moved expert costs their quotient. Either one given: the other defaults to DeepSeek-V3's
-            44 MB / 50 GB/s. None: the figure the caller hands on (:func:`eplb.planning.plan_cycle`), else that.
+            44 MB / 50 GB/s. None: the figure the caller hands on (:func:`eplb.cycle.planning.plan_cycle`), else that.
         move_ms: measured milliseconds to move one expert to a rank (overrides ``expert_bytes`` / ``bandwidth_gbs``).
         token_us: microseconds per routing on a layer's busiest rank (the step-time model's per-token cost).
         life_steps: steps a plan stays in force (the re-plan interval); None: what the caller hands on, else the
@@ -129,7 +129,7 @@ class Auto(Policy):
 
     def price(self, handed: MovePrice | None = None) -> MovePrice:
         """The price moves are weighed with: the options where set, else what the caller ``handed`` on, else
-        DeepSeek-V3's (:data:`eplb.pricing.DEFAULT_PRICE`)."""
+        DeepSeek-V3's (:data:`eplb.cycle.pricing.DEFAULT_PRICE`)."""
         base = handed or DEFAULT_PRICE
         move_us = base.move_us
         if self.move_ms is not None:

@@ -15,7 +15,7 @@ from eplb.errors import PolicyError
 from eplb.load import as_load, quiet_layers, window_sum
 from eplb.metrics import par, rank_loads
 from eplb.placement import Placement, live_mask, shared_rank_experts
-from eplb.policies.resilience import Resilience, live_topology, make_resilient, reload_lost
+from eplb.policies.shared.resilience import Resilience, live_topology, make_resilient, reload_lost
 from eplb.topology import Topology, check_topology
 
 __all__ = ["Plan", "Policy", "as_placement"]
@@ -80,7 +80,7 @@ class Policy:
     #: whether :meth:`place` reads the window's per-step rows ``[T, L, E]``; when False it reads only their sum, and
     #: callers that keep a window (the simulator, the runtime's recorder) hand it the sum
     wants_steps: bool = False
-    #: whether :meth:`place` weighs its moves with a :class:`~eplb.pricing.MovePrice` (keyword ``price``)
+    #: whether :meth:`place` weighs its moves with a :class:`~eplb.cycle.pricing.MovePrice` (keyword ``price``)
     prices_moves: bool = False
 
     def rebalance(self, load, topology: Topology, current=None, live_ranks=None,
@@ -92,11 +92,12 @@ class Policy:
             topology: the cluster to place on.
             current: placement in force (:class:`Placement` or ``phy2log`` ``[L, P]``), or None for a fresh layout.
             live_ranks: the ranks to place on (iterable of ids or bool mask ``[W]``); None: all. The policy plans
-                on the live ranks' sub-topology (see :mod:`eplb.policies.resilience`), so every policy honours it.
+                on the live ranks' sub-topology (see :mod:`eplb.policies.shared.resilience`), so every policy honours
+                it.
             resilience: spread replicas over ranks and nodes, and a minimum replica count for the hottest experts.
             state: what :meth:`next_state` returned after the previous cycle (None: none, or a stateless policy);
                 handed to :meth:`place` as the keyword ``state`` when not None.
-            price: the :class:`~eplb.pricing.MovePrice` of a move (cost model or measured figures), handed to
+            price: the :class:`~eplb.cycle.pricing.MovePrice` of a move (cost model or measured figures), handed to
                 :meth:`place` as the keyword ``price`` when the policy ``prices_moves`` and it is not None.
 
         Layers too quiet to plan on (no load, or fewer tokens than live ranks: :func:`eplb.load.quiet_layers`) keep
@@ -113,7 +114,7 @@ class Policy:
         num_layers, num_experts = load.shape[-2:]
         check_topology(topology).check_experts(num_experts)
         if resilience is not None and not isinstance(resilience, Resilience):
-            raise PolicyError(f"resilience must be an eplb.policies.resilience.Resilience or None, got "
+            raise PolicyError(f"resilience must be an eplb.policies.shared.resilience.Resilience or None, got "
                               f"{type(resilience).__name__} {resilience!r:.60}")
         current = as_placement(current, num_experts, topology, num_layers)
         live = None if live_ranks is None else live_mask(live_ranks, topology.num_ranks)

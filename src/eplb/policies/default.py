@@ -18,8 +18,8 @@ from eplb.errors import PolicyError
 from eplb.load import as_load
 from eplb.placement import Placement
 from eplb.policies.base import Policy
-from eplb.policies.kernels import balanced_packing, replicate, spread_duplicates
-from eplb.policies.retention import match_ranks
+from eplb.policies.shared.packing import balanced_packing, replicate, spread_duplicates
+from eplb.policies.shared.retention import match_ranks
 from eplb.topology import Topology
 
 __all__ = ["DefaultPolicy", "POLICY", "rebalance_experts", "deepseek_placement", "check_sizes", "MODES"]
@@ -181,7 +181,7 @@ class DefaultPolicy(Policy):
             ``hierarchical`` or ``global``.
         retain_slots: when ``current`` is given, relabel ranks (in hierarchical mode whole nodes, then ranks within
             their node) and reorder slots inside ranks so experts already in place stay there (rank matching plus
-            vLLM's ``preserve_intragpu_slots``, see :mod:`eplb.policies.retention`); rank loads are unchanged.
+            vLLM's ``preserve_intragpu_slots``, see :mod:`eplb.policies.shared.retention`); rank loads are unchanged.
         allow_shared_rank: DeepSeek may put two replicas of an expert on one rank. ``False`` (vllm-ascend's rule)
             swaps the extra copies with slots of other ranks (of the same node in hierarchical mode), picking the
             swap that raises the pair's peak least; a copy no swap can place (an expert with more replicas than

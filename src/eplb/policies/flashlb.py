@@ -4,7 +4,7 @@ Per layer: the window is cut into episodes (+1 to every per-step count, so no ex
 mean, unbiased variance and covariances across episodes give a risk weight ``mean + z * std``. The FlashTree search
 tries replica allotments around the greedy min-max one, deploys each with a covariance-aware LPT (two replicas of one
 expert never share a rank) and scores each by the mean over episodes of the episode's PAR. New ranks are matched to
-old ones so that as many experts as possible stay (:func:`eplb.policies.retention.match_ranks`).
+old ones so that as many experts as possible stay (:func:`eplb.policies.shared.retention.match_ranks`).
 
 Two rule sets (option ``rules``):
 
@@ -20,8 +20,8 @@ Two rule sets (option ``rules``):
   predicted gain is positive, the search keeps the best candidate it scored, and the state is each applied layer's
   average-to-peak on its episodes.
 
-Either way the state travels through the planning function (:func:`eplb.planning.plan_cycle`) from one cycle to the
-next, in the simulator and in the runtime alike; a single call can pass it as the ``last_balance`` option. A layer
+Either way the state travels through the planning function (:func:`eplb.cycle.planning.plan_cycle`) from one cycle to
+the next, in the simulator and in the runtime alike; a single call can pass it as the ``last_balance`` option. A layer
 never recorded is always re-planned.
 """
 
@@ -39,7 +39,7 @@ from eplb.placement import Placement
 from eplb.policies import _flashlb_ascend_kernels as ascend_kernels
 from eplb.policies import _flashlb_kernels as kernels
 from eplb.policies.base import Policy
-from eplb.policies.retention import match_ranks
+from eplb.policies.shared.retention import match_ranks
 from eplb.topology import Topology
 
 __all__ = ["FlashLB", "POLICY", "episode_load"]

@@ -43,7 +43,7 @@ Per layer (``[T, L, E]`` loads are summed over the window first):
    more moved slots (DeepSeek-V3, 32 x 9: PAR 1.01 instead of 1.14, 84 instead of 68 moved slots per layer).
 7. **Acceptance.** The layer changes only if its max rank load strictly drops (the reference compares with layer
    0's mean rank load, whatever the layer); experts that stay on a rank keep their slot
-   (:func:`eplb.policies.retention.preserve_slots`).
+   (:func:`eplb.policies.shared.retention.preserve_slots`).
 
 Transfers: an expert arriving on a rank that did not hold it before. Its source is defined as the expert's
 scan-order home rank in the placement in force, and every (source rank, destination rank) pair carries at most one
@@ -65,10 +65,11 @@ from eplb._arrays import to_bool
 from eplb.errors import PolicyError
 from eplb.placement import Placement
 from eplb.policies._swift_ascend_kernels import plan_layers as ascend_plan_layers
-from eplb.policies._swift_kernels import plan_layers, prepare_layers
+from eplb.policies._swift_plan_kernels import plan_layers
+from eplb.policies._swift_prepare_kernels import prepare_layers
 from eplb.policies.base import Policy
-from eplb.policies.kernels import replicate_counts
-from eplb.policies.retention import preserve_slots
+from eplb.policies.shared.packing import replicate_counts
+from eplb.policies.shared.retention import preserve_slots
 from eplb.topology import Topology
 
 __all__ = ["SwiftPolicy", "POLICY"]

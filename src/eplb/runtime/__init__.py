@@ -1,7 +1,7 @@
 """The online runtime for a PyTorch MoE engine: recorder, router, planner worker, mover, controller, config.
 
 Start at :mod:`eplb.runtime.controller` (its docstring shows where an engine calls it). Names are imported lazily so
-that the torch-free parts (:mod:`~eplb.transfers`, :mod:`~eplb.runtime.planner`, :mod:`~eplb.runtime.config`)
+that the torch-free parts (:mod:`~eplb.cycle.transfers`, :mod:`~eplb.runtime.planner`, :mod:`~eplb.runtime.config`)
 can be used, e.g. by the planner worker process, without importing torch.
 """
 
@@ -17,8 +17,8 @@ _EXPORTS = {
     "ReplicaRouter": "eplb.runtime.router",
     "ExpertMover": "eplb.runtime.mover",
     "PlannerWorker": "eplb.runtime.planner",
-    "LayerTransfer": "eplb.transfers",
-    "transfer_plan": "eplb.transfers",
+    "LayerTransfer": "eplb.cycle.transfers",
+    "transfer_plan": "eplb.cycle.transfers",
 }
 
 __all__ = list(_EXPORTS)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.errors import EplbError
+from eplb.errors import PeerError
 
 __all__ = ["Status", "PeerError", "Agreement", "collective", "all_reduce"]
 
@@ -39,12 +39,6 @@ class Status(enum.IntEnum):
     PENDING = 0
     #: the plan is ready here, or the transfer landed here
     READY = 1
-
-
-class PeerError(EplbError, RuntimeError):
-    """A collective on EPLB's side groups failed: a peer died, or did not answer within the group's timeout. A
-    RuntimeError, like a failed collective, so an engine's handler of rank failures catches it."""
-
 
 def collective(fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, a ``torch.distributed`` call; its failure raised as :class:`PeerError`."""

@@ -13,19 +13,17 @@ that spell them are :data:`_ALIASES`.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-from eplb.cadence import AdaptiveCadence
-from eplb.dispatch import RUNTIME_MODES
-from eplb.errors import EplbError
-from eplb.policies import POLICY_IDS
-from eplb.policies.resilience import Resilience
+from eplb.cycle.cadence import AdaptiveCadence
+from eplb.dispatch import RUNTIME_RULES
+from eplb.errors import ConfigError, EplbError, did_you_mean
+from eplb.policies import POLICY_IDS, policy_id
+from eplb.policies.shared.resilience import Resilience
 from eplb.runtime import dialects
-from eplb.runtime.dialects import ConfigError
+from eplb.runtime.config_values import read_bool, read_choice, read_float, read_int, read_path
 from eplb.runtime.load_history import HISTORIES as LOAD_HISTORIES
 
 __all__ = ["EplbConfig", "ConfigError", "MODES", "COMMUNICATORS", "LOAD_HISTORIES"]
@@ -39,8 +37,6 @@ _NCCL = ("torch_nccl", "pynccl")
 _STAGES = ("all", "prefill", "decode")
 #: the heartbeat's default timeout, in intervals: a rank must miss this many beats in a row to be declared failed
 _HEARTBEAT_TIMEOUTS = 10
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 _RESILIENCE_KEYS = ("spread_nodes", "min_replicas", "hot_experts")
 #: keys read into the mode (resolved by from_dict, not settings of their own)
 _MODE_KEYS = ("dynamic_eplb", "enable_eplb")
@@ -78,64 +74,6 @@ _ALIASES = {
     "heartbeat_abort_serving": "heartbeat_abort_serving",
     "adaptive_cadence": "adaptive_cadence",
 }
-#: vllm-ascend keys whose files must end in .json (vllm-ascend refuses others)
-_JSON_KEYS = ("expert_map_path", "expert_map_record_path")
-
-
-def _did_you_mean(value, allowed) -> str:
-    hint = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
-
-
-def _int(key: str, value, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        elif isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in {minimum}-{maximum}"
-        raise ConfigError(f"{key} must be an integer {bound}, got {value}")
-    return int(value)
-
-
-def _float(key: str, value, low: float, high: float | None = None, low_open: bool = True) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or out != out or (out <= low if low_open else out < low) or (
-            high is not None and out > high) or out == float("inf"):
-        bound = f"in [{low}, {high}]" if high is not None else f"> {low}"
-        raise ConfigError(f"{key} must be {bound}, got {value!r}")
-    return out
-
-
-def _bool(key: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
-        return value.lower() in _TRUE
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
-def _choice(key: str, value, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}{_did_you_mean(value, allowed)}")
-    return value
-
-
-def _path(key: str, value) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ConfigError(f"{key} must be a file path, got {value!r}")
-    path = str(Path(value))
-    if key in _JSON_KEYS and not path.endswith(".json"):
-        raise ConfigError(f"{key}={value!r} must end in .json (vllm-ascend reads and writes JSON expert maps)")
-    return path
 
 
 def _policy(key: str, value) -> str:
@@ -143,13 +81,14 @@ def _policy(key: str, value) -> str:
 
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be a policy name or id, got {value!r}")
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        if int(value) not in POLICY_IDS:
+    index = policy_id(value)
+    if index is not None:
+        if index not in POLICY_IDS:
             raise ConfigError(f"{key} must be a vllm-ascend policy id in {sorted(POLICY_IDS)}, got {value}")
-        return POLICY_IDS[int(value)]
+        return POLICY_IDS[index]
     if isinstance(value, str) and value in dialects.ASCEND_POLICY_NAMES:
         return dialects.ASCEND_POLICY_NAMES[value]
-    return _choice(key, value, tuple(available_policies()) + tuple(dialects.ASCEND_POLICY_NAMES))
+    return read_choice(key, value, tuple(available_policies()) + tuple(dialects.ASCEND_POLICY_NAMES))
 
 
 def _policy_options(key: str, value) -> dict:
@@ -183,13 +122,13 @@ def _resilience(key: str, value) -> Resilience | None:
     unknown = sorted(set(value) - set(_RESILIENCE_KEYS))
     if unknown:
         raise ConfigError(f"{key}: unknown key {unknown[0]!r}; expected some of {', '.join(_RESILIENCE_KEYS)}"
-                          f"{_did_you_mean(unknown[0], _RESILIENCE_KEYS)}")
+                          f"{did_you_mean(unknown[0], _RESILIENCE_KEYS)}")
     value = dict(value)
     if "spread_nodes" in value:
-        value["spread_nodes"] = _bool(f"{key}.spread_nodes", value["spread_nodes"])
+        value["spread_nodes"] = read_bool(f"{key}.spread_nodes", value["spread_nodes"])
     for name in ("min_replicas", "hot_experts"):
         if name in value:
-            value[name] = _int(f"{key}.{name}", value[name], 1 if name == "min_replicas" else 0)
+            value[name] = read_int(f"{key}.{name}", value[name], 1 if name == "min_replicas" else 0)
     return Resilience(**value)
 
 
@@ -200,8 +139,8 @@ def _adaptive_cadence(key: str, value) -> AdaptiveCadence | None:
     if not isinstance(value, dict) or not set(names[:3]) <= set(value) or set(value) - set(names):
         raise ConfigError(f"{key} must be a dict of {', '.join(names[:3])} (and optionally tolerance), got {value!r}")
     try:
-        return AdaptiveCadence(**{name: _int(f"{key}.{name}", value[name], 1) for name in names[:3]},
-                               tolerance=_float(f"{key}.tolerance", value.get("tolerance", 0.05), 0.0,
+        return AdaptiveCadence(**{name: read_int(f"{key}.{name}", value[name], 1) for name in names[:3]},
+                               tolerance=read_float(f"{key}.tolerance", value.get("tolerance", 0.05), 0.0,
                                                 low_open=False))
     except ConfigError:
         raise
@@ -215,7 +154,7 @@ def _communicator(key: str, value) -> str | None:
     if value in ("gloo", "nccl", "xccl"):
         raise ConfigError(f"{key} takes vLLM's values ({', '.join(COMMUNICATORS)}), got {value!r}; did you mean "
                           f"'torch_{value}'?")
-    value = _choice(key, value, COMMUNICATORS)
+    value = read_choice(key, value, COMMUNICATORS)
     if value in ("nixl", "torch_xccl"):
         raise ConfigError(f"{key}={value!r} is not available in eplb; use torch_gloo (the default) or torch_nccl")
     return value
@@ -223,44 +162,44 @@ def _communicator(key: str, value) -> str | None:
 
 #: setting -> how its value is checked: (key for messages, value) -> normalized value
 _CHECKS = {
-    "mode": lambda k, v: _choice(k, v, MODES),
-    "window_steps": lambda k, v: _int(k, v, 1),
-    "interval_steps": lambda k, v: _int(k, v, 1),
-    "planner_check_steps": lambda k, v: _int(k, v, 1),
-    "apply_steps": lambda k, v: _int(k, v, 1),
+    "mode": lambda k, v: read_choice(k, v, MODES),
+    "window_steps": lambda k, v: read_int(k, v, 1),
+    "interval_steps": lambda k, v: read_int(k, v, 1),
+    "planner_check_steps": lambda k, v: read_int(k, v, 1),
+    "apply_steps": lambda k, v: read_int(k, v, 1),
     "policy": _policy,
     "policy_options": _policy_options,
     "resilience": _resilience,
-    "num_redundant_experts": lambda k, v: _int(k, v, 0),
-    "redundant_per_rank": lambda k, v: _int(k, v, 0),
-    "ep_size": lambda k, v: _int(k, v, 1),
-    "map_path": _path,
-    "record_path": _path,
-    "stage": lambda k, v: _choice(k, v, _STAGES),
-    "log_balancedness": _bool,
-    "log_balancedness_interval": lambda k, v: _int(k, v, 1),
+    "num_redundant_experts": lambda k, v: read_int(k, v, 0),
+    "redundant_per_rank": lambda k, v: read_int(k, v, 0),
+    "ep_size": lambda k, v: read_int(k, v, 1),
+    "map_path": read_path,
+    "record_path": read_path,
+    "stage": lambda k, v: read_choice(k, v, _STAGES),
+    "log_balancedness": read_bool,
+    "log_balancedness_interval": lambda k, v: read_int(k, v, 1),
     "communicator": _communicator,
-    "enable_migration_batching": _bool,
-    "update_interval_s": lambda k, v: _float(k, v, 0.0),
-    "update_threshold": lambda k, v: _float(k, v, 0.0, 1.0, low_open=False),
-    "load_history": lambda k, v: _choice(k, v, LOAD_HISTORIES),
-    "planner_deadline_s": lambda k, v: _float(k, v, 0.0),
-    "transfer_deadline_s": lambda k, v: _float(k, v, 0.0),
-    "layers_per_step": lambda k, v: _int(k, v, 1),
-    "bytes_per_step": lambda k, v: _int(k, v, 1),
-    "dispatch": lambda k, v: _choice(k, v, RUNTIME_MODES),
-    "ring_steps": lambda k, v: _int(k, v, 0),
-    "prometheus_port": lambda k, v: _int(k, v, 1, 65535),
-    "measured_price": _bool,
-    "heartbeat_interval_s": lambda k, v: _float(k, v, 0.0),
-    "heartbeat_timeout_s": lambda k, v: _float(k, v, 0.0),
-    "heartbeat_abort_serving": _bool,
-    "dialect": lambda k, v: _choice(k, v, dialects.DIALECTS),
+    "enable_migration_batching": read_bool,
+    "update_interval_s": lambda k, v: read_float(k, v, 0.0),
+    "update_threshold": lambda k, v: read_float(k, v, 0.0, 1.0, low_open=False),
+    "load_history": lambda k, v: read_choice(k, v, LOAD_HISTORIES),
+    "planner_deadline_s": lambda k, v: read_float(k, v, 0.0),
+    "transfer_deadline_s": lambda k, v: read_float(k, v, 0.0),
+    "layers_per_step": lambda k, v: read_int(k, v, 1),
+    "bytes_per_step": lambda k, v: read_int(k, v, 1),
+    "dispatch": lambda k, v: read_choice(k, v, RUNTIME_RULES),
+    "ring_steps": lambda k, v: read_int(k, v, 0),
+    "prometheus_port": lambda k, v: read_int(k, v, 1, 65535),
+    "measured_price": read_bool,
+    "heartbeat_interval_s": lambda k, v: read_float(k, v, 0.0),
+    "heartbeat_timeout_s": lambda k, v: read_float(k, v, 0.0),
+    "heartbeat_abort_serving": read_bool,
+    "dialect": lambda k, v: read_choice(k, v, dialects.DIALECTS),
     # read by from_dict, never stored
-    "dynamic_eplb": _bool,
-    "enable_eplb": _bool,
-    "use_async": _bool,
-    "expert_parallel_degree": lambda k, v: _int(k, v, 0),
+    "dynamic_eplb": read_bool,
+    "enable_eplb": read_bool,
+    "use_async": read_bool,
+    "expert_parallel_degree": lambda k, v: read_int(k, v, 0),
     "adaptive_cadence": lambda k, v: _adaptive_cadence(k, v),
 }
 
@@ -363,7 +302,7 @@ class EplbConfig:
         names: dict = {}
         for key, value in flat.items():
             if key not in _ALIASES:
-                raise ConfigError(f"unknown EPLB config key {key!r}{_did_you_mean(key, [*_ALIASES, 'eplb_config'])}")
+                raise ConfigError(f"unknown EPLB config key {key!r}{did_you_mean(key, [*_ALIASES, 'eplb_config'])}")
             name = _ALIASES[key]
             if value is None and _optional(name):
                 continue
@@ -391,7 +330,7 @@ def _optional(name: str) -> bool:
 def _mode(values: dict, names: dict, env) -> str:
     """The mode the keys ask for (``mode``, vllm-ascend's ``dynamic_eplb`` and record path with its environment
     guard, xLLM's ``enable_eplb``); the mode keys are taken out of ``values``."""
-    flags = {key: _bool(names.pop(key), values.pop(key)) for key in _MODE_KEYS if key in values}
+    flags = {key: read_bool(names.pop(key), values.pop(key)) for key in _MODE_KEYS if key in values}
     guarded = [key for key in ("dynamic_eplb", "expert_map_record_path")
                if flags.get(key) or (key == names.get("record_path") and values.get("record_path"))]
     if guarded and not (str(env.get("DYNAMIC_EPLB", "false")).lower() in ("true", "1")

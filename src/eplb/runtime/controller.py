@@ -41,28 +41,30 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.cycle import Cycle, CycleConfig, Phase
-from eplb.errors import EplbError
+from eplb.cycle import Cycle, Phase
+from eplb.cycle.planning import cycle_policy
+from eplb.errors import EplbError, EplbFailure
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.runtime.agreement import Status
 from eplb.runtime.config import EplbConfig
 from eplb.runtime.export import CycleMetrics, PrometheusExporter, count_event, log_cycle
 from eplb.runtime.failover import FailoverReport, fail_over
 from eplb.runtime.heartbeat import watch
 from eplb.runtime.landing import PendingSwitch, land
-from eplb.runtime.live import LivePlacement
+from eplb.runtime.in_force import PlacementInForce
 from eplb.runtime.mover import ExpertMover, check_tensors
 from eplb.runtime.planner import PlannerReply, PlannerWorker, PlanRequest, worker_main
 from eplb.runtime.recorder import LoadRecorder
 from eplb.runtime.round import Agreed, PlanRound, failure_of
 from eplb.runtime.router import ReplicaRouter
-from eplb.runtime.startup import check_budget, controller_policy_options, describe, ring_steps, start_placement
+from eplb.runtime.startup import (check_budget, controller_policy_options, cycle_config, describe, ring_steps,
+                                  start_placement)
 from eplb.runtime.timing import UpdateTimer
 from eplb.runtime.transport import SideChannel, runtime_device
 from eplb.runtime.window_end import WindowEnd, static_window, write_record
@@ -128,7 +130,7 @@ class EplbController:
                                      recorder_source, ring_steps(config, self._policy_options), config.stage,
                                      self.device)
         #: the placement in force and the failed ranks: the one owner, which the router and the recorder follow
-        self.live = LivePlacement(placement, rank, self.router, self.recorder)
+        self.in_force = PlacementInForce(placement, rank, self.router, self.recorder)
         self.mover = None
         self._layer_tensors = None if layer_tensors is None else [list(ts) for ts in layer_tensors]
         self.expert_loader = expert_loader
@@ -153,11 +155,7 @@ class EplbController:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
                                          warmup=(config.policy, self._policy_options))
             self.planner.start()
-        self.cycle = Cycle(CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
-                                       layers_per_step=config.layers_per_step,
-                                       bytes_per_step=config.bytes_per_step, host_staging=host_staging,
-                                       similarity_threshold=config.update_threshold,
-                                       adaptive=config.adaptive_cadence), num_layers)
+        self.cycle = Cycle(cycle_config(config, host_staging), num_layers)
         self.metrics: list[CycleMetrics] = []
         self.step = 0
         self._in_step = False  # between before_forward and after_forward
@@ -166,7 +164,7 @@ class EplbController:
         self._window_load: np.ndarray | None = None
         #: the accepted plan being applied (its parts' recipes and switch tables), and its parts by index
         self._reply: PlannerReply | None = None
-        self.transfers: dict = {}
+        self.parts: dict = {}
         #: parts posted and not yet switched
         self.pending: PendingSwitch | None = None
         self._static_job = None
@@ -174,7 +172,7 @@ class EplbController:
         self.disabled: str | None = None
         #: what the last :meth:`before_forward` did, of :data:`STEP_KINDS` (benchmarks and tests classify steps)
         self.step_kinds: list[str] = ["ordinary"]
-        # what a move and a step cost here, for the next plan's price (eplb.pricing.measured_price)
+        # what a move and a step cost here, for the next plan's price (eplb.cycle.pricing.measured_price)
         self._step_started: float | None = None
         self._step_s: collections.deque = collections.deque(maxlen=max(1, config.window_steps))
         self._move_s, self._moved_experts = 0.0, 0
@@ -248,7 +246,7 @@ class EplbController:
         if action.apply_layers and self.mover is not None and not self.disabled:
             parts = action.apply_parts
             move = self.mover.post([self._reply.moves[p] for p in parts], [self._reply.switches[p] for p in parts],
-                                   self.live.upload)
+                                   self.in_force.upload)
             self.pending = PendingSwitch(parts, self.step, move)
             kinds.append("move")
         return kinds
@@ -275,10 +273,10 @@ class EplbController:
     def _submit(self, window_start: int) -> None:
         """Window end: the recorder's buffers are copied on the device and everything else (gather on the side
         group, PAR, the interval agreement, the planner request) runs on the side thread."""
-        failed = self.live.failed
+        failed = self.in_force.failed
         self.metrics.append(CycleMetrics(cycle=len(self.metrics), submit_step=self.step,
-                                         window_par=np.full(self.live.phy2log.shape[0], np.nan)))
-        request = PlanRequest(self.metrics[-1].cycle, None, self.live.phy2log.copy(), self.topology,
+                                         window_par=np.full(self.in_force.phy2log.shape[0], np.nan)))
+        request = PlanRequest(self.metrics[-1].cycle, None, self.in_force.phy2log.copy(), self.topology,
                               self.config.policy, self._policy_options, dispatch=self.config.dispatch,
                               cycle_config=self.cycle.planning_config, expert_bytes=self._expert_bytes,
                               live_ranks=~failed if failed.any() else None, resilience=self.config.resilience,
@@ -326,7 +324,7 @@ class EplbController:
                 self.channel.submit(write_record, Placement(plan.phy2log, self.num_experts, self.topology),
                                     self.config.record_path, current.cycle)
             return
-        self._reply, self.transfers = reply, dict(enumerate(plan.transfers))
+        self._reply, self.parts = reply, dict(enumerate(plan.parts))
 
     def _skip(self, reason: str) -> None:
         current = self.metrics[-1]
@@ -348,7 +346,7 @@ class EplbController:
             self.disable(f"the window gather failed: {failure_of(last)}")
             return False
         self._static_job = self.channel.submit(static_window, self.channel, self.recorder, self.recorder.snapshot(),
-                                               self.channel.record_event(), self.placement, self.live.failed.copy(),
+                                               self.channel.record_event(), self.placement, self.in_force.failed.copy(),
                                                self.step, self.config.log_balancedness)
         return True
 
@@ -370,7 +368,7 @@ class EplbController:
             self.metrics[-1].skipped = f"EPLB turned off: {reason}"
         self.pending = self.round = None
         if self.channel is not None:
-            self.channel.abort(EplbError(f"EPLB is off: {reason}"))
+            self.channel.abort(EplbFailure(f"EPLB is off: {reason}"))
             self.channel.close(wait=False)
         if self.planner is not None:
             self.planner.close(wait=False)
@@ -378,12 +376,26 @@ class EplbController:
     @property
     def failed(self) -> np.ndarray:
         """bool ``[W]``: ranks that failed (:meth:`fail_ranks`); all False while every rank serves."""
-        return self.live.failed
+        return self.in_force.failed
 
     @property
     def placement(self) -> Placement:
         """The placement in force on this rank now (switched layer by layer as plans are applied)."""
-        return self.live.placement
+        return self.in_force.placement
+
+    @property
+    def transfers(self) -> dict:
+        """Deprecated spelling of :attr:`parts`."""
+        warnings.warn("EplbController.transfers is now EplbController.parts (transfers goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.parts
+
+    @property
+    def live(self) -> PlacementInForce:
+        """Deprecated spelling of :attr:`in_force` ("live" now names only the ranks still serving)."""
+        warnings.warn("EplbController.live is now EplbController.in_force (live goes in the next release)",
+                      DeprecationWarning, stacklevel=2)
+        return self.in_force
 
     def failed_peers(self) -> list[int]:
         """The EP ranks the heartbeat declared failed so far, agreed by every survivor (never blocks; empty without

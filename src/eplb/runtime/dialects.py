@@ -46,7 +46,7 @@ flag (xLLM default)                    meaning in eplb
                                        load it was last re-planned on is below this
 ``ep_size``                            checked against the EP group's size at start
 ``redundant_experts_num`` (1)          redundant slots per rank; checked against the cluster at start
-``expert_parallel_degree``             accepted; xLLM's dispatch mode, no effect here
+``expert_parallel_degree``             accepted; xLLM's dispatch rule, no effect here
 =====================================  ==========================================================================
 
 and, as in xLLM, the load a plan sees accumulates over windows and is halved after each plan
@@ -57,10 +57,9 @@ reads xLLM's ``--flag=value`` command-line form.
 
 from __future__ import annotations
 
-import difflib
 import shlex
 
-from eplb.errors import EplbError
+from eplb.errors import ConfigError, did_you_mean
 
 __all__ = ["EPLB", "VLLM_ASCEND", "XLLM", "DIALECTS", "ASCEND_POLICY_NAMES", "DEFAULTS", "read", "defaults",
            "xllm_flags"]
@@ -84,11 +83,6 @@ DEFAULTS = {
     VLLM_ASCEND: {"window_steps": 600, "apply_steps": 50, "policy": "swift", "planner_check_steps": 1},
     XLLM: {"update_interval_s": 1000.0, "update_threshold": 0.8, "load_history": "halve", "policy": "default"},
 }
-
-
-class ConfigError(EplbError):
-    """The EPLB configuration is invalid (raised here and by :mod:`eplb.runtime.config`)."""
-
 
 def read(config: dict, known) -> tuple[dict, str, list[str]]:
     """``config`` as flat eplb-style keys, its dialect, and the top-level keys left to the engine.
@@ -160,6 +154,5 @@ def xllm_flags(argv) -> dict:
         if name in _XLLM_KEYS:
             out[name] = value if equals else "true"
         elif "eplb" in name:
-            hint = difflib.get_close_matches(name, _XLLM_KEYS, n=1)
-            raise ConfigError(f"unknown xLLM EPLB flag --{name}" + (f"; did you mean --{hint[0]}?" if hint else ""))
+            raise ConfigError(f"unknown xLLM EPLB flag --{name}" + did_you_mean(name, _XLLM_KEYS, "--{}".format))
     return out

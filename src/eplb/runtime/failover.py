@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from eplb.cycle import Phase
-from eplb.errors import EplbError
-from eplb.planning import plan_checksum
-from eplb.policies.resilience import check_capacity, reload_lost
+from eplb.cycle.planning import placement_checksum
+from eplb.errors import EplbError, EplbFailure
+from eplb.policies.shared.resilience import check_capacity, reload_lost
 from eplb.runtime.agreement import all_reduce
 from eplb.runtime.export import CycleMetrics
 
@@ -45,40 +45,40 @@ class FailoverReport:
     seconds: float
 
 
-def agree_after_failure(live, step: int, transfers: dict, group=None, device="cpu") -> tuple[int, dict]:
+def agree_after_failure(in_force, step: int, parts: dict, group=None, device="cpu") -> tuple[int, dict]:
     """The resume step (the latest ``step`` any survivor reached) and ``{layer: row [P]}`` for the layers of the
     interrupted cycle this rank must complete because another survivor had switched one more of their parts
-    (``transfers``: this rank's :class:`~eplb.transfers.LayerTransfer` parts of that cycle, by part). Survivors are
-    at most one step apart, so they differ by at most one part of a layer. One all-reduce over the survivors."""
-    phy2log = live.phy2log
+    (``parts``: this rank's :class:`~eplb.cycle.transfers.LayerTransfer` parts of that cycle, by index). Survivors
+    are at most one step apart, so they differ by at most one part of a layer. One all-reduce over the survivors."""
+    phy2log = in_force.phy2log
     num_layers = phy2log.shape[0]
-    checksums = [plan_checksum(row[None]) for row in phy2log]
+    checksums = [placement_checksum(row[None]) for row in phy2log]
     mine = torch.tensor([-step, *checksums, *(-c for c in checksums)], dtype=torch.int64)
     agreed = all_reduce(mine, dist.ReduceOp.MIN, group, device)
     low, high = agreed[1:1 + num_layers].numpy(), -agreed[1 + num_layers:].numpy()
     complete = {}
     for layer in np.flatnonzero(low != high).tolist():
-        parts = [t for t in transfers.values() if t.layer == layer]
-        if not parts:
-            raise EplbError(f"layer {layer}: the survivors hold different placements and this rank has no plan "
-                            "for it")
+        layer_parts = [part for part in parts.values() if part.layer == layer]
+        if not layer_parts:
+            raise EplbFailure(f"layer {layer}: the survivors hold different placements and this rank has no plan "
+                              "for it")
         other = high[layer] if checksums[layer] == low[layer] else low[layer]
-        for part in parts:  # the part another survivor switched and this rank did not (none: this rank is ahead)
-            if (np.array_equal(part.old_row.reshape(-1), phy2log[layer])
-                    and plan_checksum(part.new_row.reshape(1, -1)) == other):
-                complete[layer] = part.new_row.reshape(-1)
+        for part in layer_parts:  # the part another survivor switched and this rank did not (none: this rank is ahead)
+            if (np.array_equal(part.old_row, phy2log[layer])
+                    and placement_checksum(part.new_row[None]) == other):
+                complete[layer] = part.new_row
     return -int(agreed[0]), complete
 
 
-def load_layer(live, layer: int, new_row: np.ndarray, layer_tensors, expert_loader) -> list[tuple[int, int, int]]:
-    """Switch ``layer`` of the :class:`~eplb.runtime.live.LivePlacement` ``live`` to ``new_row`` ``[P]``, loading
-    this rank's changed slots with ``expert_loader(layer, expert)``. Returns the ``(layer, local slot, expert)``
-    loaded."""
-    k = live.topology.slots_per_rank
-    new_local = np.asarray(new_row)[live.rank * k:(live.rank + 1) * k]
-    slots = np.flatnonzero(live.local_row(layer) != new_local)
+def load_layer(in_force, layer: int, new_row: np.ndarray, layer_tensors, expert_loader) -> list[tuple[int, int, int]]:
+    """Switch ``layer`` of the placement in force (:class:`~eplb.runtime.in_force.PlacementInForce`) to ``new_row``
+    ``[P]``, loading this rank's changed slots with ``expert_loader(layer, expert)``. Returns the
+    ``(layer, local slot, expert)`` loaded."""
+    k = in_force.topology.slots_per_rank
+    new_local = np.asarray(new_row)[in_force.rank * k:(in_force.rank + 1) * k]
+    slots = np.flatnonzero(in_force.local_row(layer) != new_local)
     if slots.size and (expert_loader is None or layer_tensors is None):
-        raise EplbError(f"layer {layer}: experts {new_local[slots].tolist()} must be loaded on rank {live.rank} "
+        raise EplbError(f"layer {layer}: experts {new_local[slots].tolist()} must be loaded on rank {in_force.rank} "
                         "after the failure, but the controller has no expert_loader and layer_tensors")
     loaded = []
     for slot in slots.tolist():
@@ -90,7 +90,7 @@ def load_layer(live, layer: int, new_row: np.ndarray, layer_tensors, expert_load
         for tensor, value in zip(layer_tensors[layer], tensors):
             tensor[slot].copy_(value)
         loaded.append((layer, slot, expert))
-    live.switch(live.tables(layer, new_row))
+    in_force.switch(in_force.tables(layer, new_row))
     return loaded
 
 
@@ -115,8 +115,8 @@ def fail_over(ctl, ranks, group=None) -> FailoverReport:
         EplbError: see :meth:`~eplb.runtime.EplbController.fail_ranks` (nothing is changed then).
     """
     start = time.perf_counter()
-    live_placement = ctl.live
-    failed = live_placement.failed | live_placement.placement.without_ranks(ranks).failed
+    in_force = ctl.in_force
+    failed = in_force.failed | in_force.placement.without_ranks(ranks).failed
     if failed[ctl.rank]:
         raise EplbError(f"rank {ctl.rank} is in the failed ranks {np.flatnonzero(failed).tolist()}; call "
                         "fail_ranks on the survivors only")
@@ -124,10 +124,10 @@ def fail_over(ctl, ranks, group=None) -> FailoverReport:
     if dist.is_initialized() and dist.get_world_size(group) != int(live.sum()):
         raise EplbError(f"the survivors' group has {dist.get_world_size(group)} ranks, expected the "
                         f"{int(live.sum())} live ranks {np.flatnonzero(live).tolist()}")
-    num_layers = live_placement.phy2log.shape[0]
+    num_layers = in_force.phy2log.shape[0]
     load = ctl._window_load if ctl._window_load is not None else np.ones((num_layers, ctl.num_experts))
     check_capacity(load, ctl.topology, live)  # names the experts that cannot be served any more
-    lost = live_placement.placement.without_ranks(failed).lost
+    lost = in_force.placement.without_ranks(failed).lost
     if lost.size and (ctl.expert_loader is None or ctl._layer_tensors is None):
         raise EplbError(f"{len(lost)} experts lost their last replica ((layer, expert): {lost[:8].tolist()}"
                         f"{' ...' if len(lost) > 8 else ''}) and the controller has no expert_loader and "
@@ -144,10 +144,10 @@ def fail_over(ctl, ranks, group=None) -> FailoverReport:
         ctl.mover.abandon(ctl.channel)
     ctl.pending = ctl.round = None
 
-    resume, complete = agree_after_failure(live_placement, ctl.step + int(ctl._in_step), ctl.transfers, group,
+    resume, complete = agree_after_failure(in_force, ctl.step + int(ctl._in_step), ctl.parts, group,
                                            ctl.device)
     for layer, row in complete.items():
-        load_layer(live_placement, layer, row, ctl._layer_tensors, ctl.expert_loader)
+        load_layer(in_force, layer, row, ctl._layer_tensors, ctl.expert_loader)
     reason = f"ranks {np.flatnonzero(failed).tolist()} failed"
     if ctl.cycle.phase is not Phase.COLLECT or moving:
         if len(ctl.metrics) < len(ctl.cycle.records):  # the failure hit while the window was gathered
@@ -155,17 +155,17 @@ def fail_over(ctl, ranks, group=None) -> FailoverReport:
                                             window_par=np.full(num_layers, np.nan)))
         ctl.metrics[-1].skipped = reason
     ctl.cycle.restart(resume, reason)
-    ctl.transfers, ctl._reply = {}, None
+    ctl.parts, ctl._reply = {}, None
     if ctl.planner is not None and not ctl.disabled:
         ctl.planner.restart_if_busy()
     ctl.recorder.reset()
     ctl.step, ctl._in_step = resume, False
 
-    repaired = reload_lost(live_placement.phy2log, load, ctl.topology, live)
+    repaired = reload_lost(in_force.phy2log, load, ctl.topology, live)
     reloaded = []
-    for layer in np.flatnonzero((repaired != live_placement.phy2log).any(axis=1)).tolist():
-        reloaded += load_layer(live_placement, layer, repaired[layer], ctl._layer_tensors, ctl.expert_loader)
-    live_placement.fail_over(failed)
+    for layer in np.flatnonzero((repaired != in_force.phy2log).any(axis=1)).tolist():
+        reloaded += load_layer(in_force, layer, repaired[layer], ctl._layer_tensors, ctl.expert_loader)
+    in_force.fail_over(failed)
     report = FailoverReport(step=resume, failed_ranks=np.flatnonzero(failed).tolist(), lost=lost,
                             reloaded=np.asarray(reloaded, dtype=np.int64).reshape(-1, 3),
                             completed_layers=sorted(complete), seconds=time.perf_counter() - start)

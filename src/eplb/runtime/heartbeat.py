@@ -8,8 +8,8 @@ store is a separate TCP service that stays up when a rank dies, so it can tell w
 How (:class:`Heartbeat`: one daemon thread and, on Linux with a TCP store, one small process per rank):
 
 - every ``interval_s`` the rank's beat is written to the store: a counter, not a timestamp (clocks differ across
-  hosts). The beating process (:mod:`eplb.runtime.beat`) writes it while the rank process runs and stops while it
-  is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
+  hosts). The beating process (:mod:`eplb.runtime.heartbeat_writer`) writes it while the rank process runs and stops
+  while it is stopped (SIGSTOP) or gone, without the rank's interpreter lock: the serving thread can hold that lock for
   seconds inside a C++ call (measured: 0.6 s in a Gloo group's construction on a loaded 2-core machine), which
   would starve a beating thread and get a live rank declared failed. The heartbeat thread beats too: it covers the
   process's start-up (an interpreter and torch's import: one to four seconds here) and stores that are not TCP
@@ -47,8 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb.errors import EplbError
-from eplb.runtime import beat
+from eplb.errors import EplbError, EplbFailure, RankFailure
+from eplb.runtime import heartbeat_writer
 
 __all__ = ["Heartbeat", "RankFailure", "FailureEvent", "watch", "survivors_group", "abort_nccl",
            "published_failures"]
@@ -60,16 +60,6 @@ _EVENTS = "eplb/heartbeat/events"  # how many failure events were published
 _EVENT = "eplb/heartbeat/event/{}"
 _CLOSED = b"closed"  # a rank that stopped serving on purpose: no longer watched, not failed
 _COMPLETION_POLL_S = 0.001  # how often :meth:`Heartbeat.wait` looks at a work whose future fired (NCCL: queued)
-
-
-class RankFailure(EplbError, RuntimeError):
-    """Ranks of the group were declared failed by the heartbeat (a RuntimeError, like a failed collective, so an
-    engine's handler of collective errors catches it). ``ranks``: every failed rank of the group so far."""
-
-    def __init__(self, ranks):
-        self.ranks = sorted(int(r) for r in ranks)
-        super().__init__(f"ranks {self.ranks} stopped beating (declared failed by EPLB's heartbeat)")
-
 
 @dataclass(frozen=True)
 class FailureEvent:
@@ -156,7 +146,7 @@ class Heartbeat:
                 for key in keys:
                     self._store.compare_set(key, "", "0")
         except Exception as exc:  # noqa: BLE001 - torch raises bare RuntimeErrors / DistStoreErrors
-            raise EplbError(f"the heartbeat cannot use the store: {exc}") from None
+            raise EplbFailure(f"the heartbeat cannot use the store: {exc}") from None
         now = time.monotonic()
         self._changed = {m: now for m in self._watched}
         self._thread.start()
@@ -164,7 +154,7 @@ class Heartbeat:
             # its own session: Ctrl-C in a terminal is for the rank, which stops it (it exits when the rank is gone)
             args = (self._source.host, self._source.port, _BEAT.format(self.me), self.interval_s, self.timeout_s,
                     os.getpid())
-            self._beating = subprocess.Popen([sys.executable, beat.__file__, *map(str, args)],
+            self._beating = subprocess.Popen([sys.executable, heartbeat_writer.__file__, *map(str, args)],
                                              stdin=subprocess.DEVNULL, start_new_session=True)
 
     def add_callback(self, fn) -> None:
@@ -230,7 +220,7 @@ class Heartbeat:
             self._news.wait_for(lambda: self._failed - self._acknowledged, timeout=timeout_s)
         pending = self.unhandled()
         if not pending:
-            raise EplbError(f"no rank was declared failed within {timeout_s:g} s")
+            raise EplbFailure(f"no rank was declared failed within {timeout_s:g} s")
         return pending
 
     def close(self) -> None:

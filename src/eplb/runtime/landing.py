@@ -30,7 +30,7 @@ class PendingSwitch:
     """Parts posted and not yet switched.
 
     Attributes:
-        parts: the plan's part indices (``CyclePlan.transfers``).
+        parts: the plan's part indices (``CyclePlan.parts``).
         posted: the step they were posted in.
         move: the mover's :class:`~eplb.runtime.mover.PendingMove`.
         agreement: the landing agreement started in the last step (None before the first).
@@ -102,7 +102,7 @@ def _switch(ctl) -> None:
     start = time.perf_counter()
     staged = ctl.mover.commit(pending.move)
     for part in staged.parts:
-        ctl.live.switch(part.switch)
+        ctl.in_force.switch(part.switch)
     current, move = ctl.metrics[-1], pending.move
     current.transfer_s += move.post_s
     current.switch_s += time.perf_counter() - start

@@ -23,7 +23,7 @@ for it. A tensor that cannot be viewed as bytes is refused at construction.
 Staging holds, on the device, the rows this rank receives and the rows that change slot locally in one step, and,
 for the ``gloo`` backend on an accelerator, the rows it sends and receives in a pinned host arena; rows are sent from
 the live tensors in place. Never a copy of a whole layer: the schedule keeps each step within ``bytes_per_step`` on
-every rank (:mod:`eplb.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
+every rank (:mod:`eplb.cycle.staging` counts what this module stages), and :attr:`ExpertMover.staging_bytes` reports the
 arenas (device plus host), which are sized exactly to the rows.
 """
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eplb.errors import EplbError
+from eplb.errors import EplbError, EplbFailure
 from eplb.runtime.agreement import Status
 from eplb.runtime.recipes import MoveRecipe, move_recipe
 from eplb.runtime.transport import Message, SideChannel, StagingArena, side_event, upload
@@ -56,7 +56,7 @@ class StagedPart:
         staging: per tensor of the layer, its raw rows (:func:`raw_rows`): received rows, then local ones.
         dst: int64 ``[f]`` local slots the switch writes; ``row``: the staging row of each (None: staging row ``i``
             goes to ``dst[i]``, each once, so the staging is written as it is).
-        switch: the part's :class:`~eplb.runtime.live.SwitchTables` (None when posted without them).
+        switch: the part's :class:`~eplb.runtime.in_force.SwitchTables` (None when posted without them).
     """
 
     layer: int
@@ -194,8 +194,8 @@ class ExpertMover:
         return self._staging.nbytes + self.channel.backend.staging_bytes
 
     def post(self, parts, switches=None, to_device=None) -> PendingMove:
-        """Hand ``parts`` (:class:`MoveRecipe` s or :class:`~eplb.transfers.LayerTransfer` s, distinct layers) to the
-        side thread, with their :class:`~eplb.runtime.recipes.SwitchRows`, which ``to_device`` uploads there.
+        """Hand ``parts`` (:class:`MoveRecipe` s or :class:`~eplb.cycle.transfers.LayerTransfer` s, distinct layers) to
+        the side thread, with their :class:`~eplb.runtime.recipes.SwitchRows`, which ``to_device`` uploads there.
         Non-blocking."""
         start = time.perf_counter()
         recipes = [p if isinstance(p, MoveRecipe) else move_recipe(p, self.rank) for p in parts]
@@ -234,7 +234,7 @@ class ExpertMover:
         waited = time.perf_counter()
         pending.wait_s, pending.side_s, pending.bytes_received = waited - start, staged.seconds, staged.bytes_received
         if staged.error is not None:
-            raise EplbError(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
+            raise EplbFailure(f"transfers of layers {pending.layers} failed: {staged.error}; nothing was switched")
         self.channel.hand_over(staged.event, [t for part in staged.parts
                                               for t in (*part.staging, part.dst, part.row) if t is not None])
         for part in staged.parts:

@@ -1,4 +1,4 @@
-"""Planner worker: runs the planning function (:func:`eplb.planning.plan_cycle`, the one the simulator calls) in a
+"""Planner worker: runs the planning function (:func:`eplb.cycle.planning.plan_cycle`, the one the simulator calls) in a
 separate (spawned) process so that serving never waits for it.
 
 The serving process hands a request to :meth:`PlannerWorker.submit` and calls :meth:`PlannerWorker.poll` once per
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eplb.cycle import CycleConfig
 from eplb._process import exit_with_parent
+from eplb.cycle import CycleConfig
+from eplb.cycle.planning import CyclePlan, PlanState, check_cycle_plan, cycle_policy, plan_cycle
 from eplb.errors import EplbError
 from eplb.placement import Placement
-from eplb.planning import CyclePlan, PlanState, check_cycle_plan, cycle_policy, plan_cycle
-from eplb.policies.resilience import Resilience
+from eplb.policies.shared.resilience import Resilience
 from eplb.runtime.recipes import rank_recipes
 from eplb.runtime.tables import TableSpec
 from eplb.topology import Topology
@@ -49,7 +49,7 @@ _READ_S = 0.05  # how often the reader thread looks at a silent worker
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """One planning job: the arguments of :func:`eplb.planning.plan_cycle`.
+    """One planning job: the arguments of :func:`eplb.cycle.planning.plan_cycle`.
 
     Attributes:
         cycle: the controller's cycle number (results of older cycles are dropped).
@@ -63,10 +63,10 @@ class PlanRequest:
         expert_bytes: bytes of one expert's weights, an integer or int ``[L]``.
         live_ranks: optional bool ``[W]``: the ranks still serving; the plan places experts on them only and no
             transfer involves a failed rank.
-        resilience: optional :class:`~eplb.policies.resilience.Resilience` of the plan.
-        state: the :class:`~eplb.planning.PlanState` the previous cycle handed on (kept by the serving process, so
+        resilience: optional :class:`~eplb.policies.shared.resilience.Resilience` of the plan.
+        state: the :class:`~eplb.cycle.planning.PlanState` the previous cycle handed on (kept by the serving process, so
             a restarted worker plans from it too).
-        price: the :class:`~eplb.pricing.MovePrice` measured by the runtime (None: the cost model's defaults).
+        price: the :class:`~eplb.cycle.pricing.MovePrice` measured by the runtime (None: the cost model's defaults).
         spec: the requesting rank's :class:`~eplb.runtime.tables.TableSpec`: the reply then carries that rank's
             recipes and switch tables (None: the plan only, e.g. record mode).
     """
@@ -89,7 +89,7 @@ class PlanRequest:
 
 @dataclass(frozen=True)
 class PlannerReply:
-    """What the worker returns for a request: its cycle number, the :class:`~eplb.planning.CyclePlan` (its
+    """What the worker returns for a request: its cycle number, the :class:`~eplb.cycle.planning.CyclePlan` (its
     checksum computed), the seconds the planning function took and, per part of the plan, the requesting rank's
     :class:`~eplb.runtime.recipes.MoveRecipe` and :class:`~eplb.runtime.recipes.SwitchRows`."""
 
@@ -129,7 +129,7 @@ def finish(request: PlanRequest, reply: PlannerReply) -> PlannerReply | tuple[in
     if request.spec is None:
         return reply
     failed = None if request.live_ranks is None else ~np.asarray(request.live_ranks, dtype=bool)
-    moves, switches = rank_recipes(reply.plan.transfers, request.spec, num_experts, request.topology, failed)
+    moves, switches = rank_recipes(reply.plan.parts, request.spec, num_experts, request.topology, failed)
     return dataclasses.replace(reply, moves=moves, switches=switches)
 
 

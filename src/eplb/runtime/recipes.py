@@ -1,8 +1,8 @@
 """What one rank does for each part of a plan, worked out by the planner process (numpy only, no torch).
 
-For every part (:class:`~eplb.transfers.LayerTransfer`) of an accepted plan a rank needs two things: how to move its
-rows (:class:`MoveRecipe`: what to send to whom, what to receive from whom, where each row lands in staging and where
-each staged row goes at the switch) and what the switch writes besides the weights (:class:`SwitchRows`: the
+For every part (:class:`~eplb.cycle.transfers.LayerTransfer`) of an accepted plan a rank needs two things: how to move
+its rows (:class:`MoveRecipe`: what to send to whom, what to receive from whom, where each row lands in staging and
+where each staged row goes at the switch) and what the switch writes besides the weights (:class:`SwitchRows`: the
 recorder's fold row and the router's table row). Building them is Python and numpy work, so the planner worker
 builds them next to the plan (:func:`rank_recipes`), and EPLB's side thread, which shares the interpreter with the
 serving thread, only posts the messages, waits and copies.
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb.cycle.transfers import LayerTransfer
 from eplb.placement import Placement
 from eplb.runtime.tables import TableLayout, TableSpec, router_rows
-from eplb.transfers import LayerTransfer
 
 __all__ = ["MoveRecipe", "SwitchRows", "move_recipe", "switch_rows", "rank_recipes"]
 
@@ -90,7 +90,7 @@ def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
 
 def move_recipe(transfer: LayerTransfer, rank: int) -> MoveRecipe:
     """The :class:`MoveRecipe` of ``rank`` for ``transfer``."""
-    rows = transfer.transfers
+    rows = transfer.moves
     mine = rows[rows[:, 2] == rank]  # this rank's receives, in transfer-list order
     by_src = np.argsort(mine[:, 0], kind="stable")  # staged grouped by source rank
     stage_row = np.empty(len(mine), dtype=np.int64)
@@ -127,10 +127,10 @@ def switch_rows(parts, spec: TableSpec, num_experts: int, topology, failed: np.n
     k = topology.slots_per_rank
     layout = TableLayout(spec, num_experts, topology.num_ranks)
     for indices in rounds:
-        new = np.stack([parts[i].new_row.reshape(-1) for i in indices])
-        router = router_rows(Placement(new, num_experts, topology), np.arange(len(indices)), spec, failed)
+        new = np.stack([parts[i].new_row for i in indices])
+        router = router_rows(Placement.from_valid(new, num_experts, topology), np.arange(len(indices)), spec, failed)
         for row, i in enumerate(indices):
-            old = parts[i].old_row.reshape(-1)
+            old = parts[i].old_row
             fold = old if spec.recorder_source == "ids" else old[spec.rank * k:(spec.rank + 1) * k]
             out[i] = SwitchRows(parts[i].layer, new[row], np.ascontiguousarray(fold),
                                 layout.crop(router[row:row + 1]))

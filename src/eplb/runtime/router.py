@@ -3,7 +3,7 @@
 The torch twin of :func:`eplb.dispatch.route` (the numpy reference the simulator is built on; tested equal): the
 tables come from :mod:`eplb.dispatch`, and only the per-token work runs here, on the device.
 
-Dispatch modes (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route`):
+Dispatch rules (vectorised torch ops, deterministic; no host sync in :meth:`ReplicaRouter.route`):
 
 - ``rank``: rank ``r`` sends every token of expert ``e`` to replica ``r % count_e`` (replicas in slot order);
   with ``tp_size > 1`` to replica ``(r % tp_size + r // tp_size + e) % count_e`` (vllm-ascend's rule).
@@ -30,9 +30,9 @@ keep working after a layer switches).
 Failover: :meth:`ReplicaRouter.set_failed_ranks` rewrites every table, in place, from
 :meth:`eplb.placement.Placement.without_ranks` in the step the failure is known, and every later table update keeps
 the failed ranks out (the mask is kept here once; a controller reads it through
-:attr:`LivePlacement.failed <eplb.runtime.live.LivePlacement.failed>`), so no route names a slot of a failed rank.
-Tokens of an expert with no surviving replica route to slot -1: the engine holds them until the expert's weights are
-loaded again (a re-plan over the live ranks).
+:attr:`PlacementInForce.failed <eplb.runtime.in_force.PlacementInForce.failed>`), so no route names a slot of a failed
+rank. Tokens of an expert with no surviving replica route to slot -1: the engine holds them until the expert's weights
+are loaded again (a re-plan over the live ranks).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from eplb.dispatch import RUNTIME_MODES, TOKEN_TABLE_ROWS, check_dispatch
+from eplb.dispatch import RUNTIME_RULES, TOKEN_TABLE_ROWS, check_dispatch
 from eplb.errors import EplbError
 from eplb.placement import Failover, Placement
 from eplb.runtime.tables import TableLayout, TableSpec, router_rows
@@ -50,8 +50,8 @@ from eplb.runtime.transport import upload
 
 __all__ = ["ReplicaRouter", "RouterTables", "ROUTER_MODES", "TOKEN_TABLE_ROWS"]
 
-#: the dispatch modes a router runs (:data:`eplb.dispatch.RUNTIME_MODES`; the old name)
-ROUTER_MODES = RUNTIME_MODES
+#: the dispatch rules a router runs (:data:`eplb.dispatch.RUNTIME_RULES`; the old name)
+ROUTER_MODES = RUNTIME_RULES
 # ``balanced``: the load of the split's spare bin W, which padded replica columns point to: above any real rank load
 # (so water never reaches it), small enough that a row of them sums without overflow
 _SPARE_LOAD = 1 << 40
@@ -78,7 +78,7 @@ class ReplicaRouter:
     Args:
         placement: the placement in force at start.
         rank: this rank in the EP group.
-        dispatch: one of :data:`eplb.dispatch.RUNTIME_MODES` (``mode`` is the old name of this argument).
+        dispatch: one of :data:`eplb.dispatch.RUNTIME_RULES` (``mode`` is the old name of this argument).
         tp_size: tensor-parallel size for the ``rank`` rule (vllm-ascend); 1 otherwise.
         device: device of the tables (that of the MoE layers).
         max_replicas: the most replicas any expert may ever get (sizes the fixed tables); default ``P - E + 1``.
@@ -86,7 +86,7 @@ class ReplicaRouter:
 
     def __init__(self, placement: Placement, rank: int, dispatch: str = "rank", tp_size: int = 1, device="cpu",
                  max_replicas: int | None = None, mode: str | None = None):
-        dispatch = check_dispatch(mode if mode is not None else dispatch, RUNTIME_MODES)
+        dispatch = check_dispatch(mode if mode is not None else dispatch, RUNTIME_RULES)
         if not 0 <= rank < placement.topology.num_ranks:
             raise EplbError(f"rank must be in [0, {placement.topology.num_ranks}), got {rank}")
         if tp_size < 1:
@@ -127,7 +127,7 @@ class ReplicaRouter:
         self._spare_loads = torch.zeros(num_ranks + 1, **kw)
         self._spare_loads[num_ranks:].fill_(_SPARE_LOAD)
         #: bool [W]: the failed ranks every table routes around (:meth:`set_failed_ranks`; a controller reads it as
-        #: :attr:`LivePlacement.failed <eplb.runtime.live.LivePlacement.failed>`)
+        #: :attr:`PlacementInForce.failed <eplb.runtime.in_force.PlacementInForce.failed>`)
         self.failed = np.zeros(num_ranks, dtype=bool)
         self.update_layers(np.arange(self.num_layers), placement)
         self._rank_rows = list(self.rank_table.unbind(0))  # per-layer views, bound once (cheaper per call)

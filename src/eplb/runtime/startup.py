@@ -14,15 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
+from eplb.cycle import CycleConfig
+from eplb.cycle.planning import cycle_policy
 from eplb.errors import EplbError
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.policies import policy_options
 from eplb.runtime import dialects
 from eplb.runtime.config import ConfigError, EplbConfig
 from eplb.topology import Topology
 
-__all__ = ["prepare", "describe", "start_placement", "controller_policy_options", "ring_steps", "check_budget"]
+__all__ = ["prepare", "describe", "start_placement", "controller_policy_options", "ring_steps", "check_budget",
+           "cycle_config"]
 
 _NCCL = ("torch_nccl", "pynccl")
 
@@ -112,6 +114,15 @@ def check_budget(config: EplbConfig, expert_bytes: np.ndarray, host_staging: boo
                           f"({largest} bytes over its tensors"
                           f"{', staged on the device and in host memory' if host_staging else ''}); "
                           f"expected >= {largest} so that a step can move at least one expert")
+
+
+def cycle_config(config: EplbConfig, host_staging: bool) -> CycleConfig:
+    """The :class:`~eplb.cycle.CycleConfig` the runtime's settings ask for (``host_staging``: the transfer backend
+    stages in pinned host memory too)."""
+    return CycleConfig(cycle_steps=config.cycle_steps, planner_steps=config.apply_steps or 0,
+                       layers_per_step=config.layers_per_step, bytes_per_step=config.bytes_per_step,
+                       host_staging=host_staging, similarity_threshold=config.update_threshold,
+                       adaptive=config.adaptive_cadence)
 
 
 def describe(config: EplbConfig) -> str:

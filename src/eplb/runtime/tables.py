@@ -28,7 +28,7 @@ class TableSpec:
 
     Attributes:
         rank: the rank.
-        dispatch: the router's dispatch mode.
+        dispatch: the router's dispatch rule.
         tp_size: tensor-parallel size of the ``rank`` rule.
         max_replicas: the most replicas an expert may have (the width of ``log2phy``).
         recorder_source: ``"ids"`` or ``"counts"``: whether a switch folds the recorder's counts with the layer's

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from eplb.cycle.pricing import MovePrice, measured_price
 from eplb.metrics import balancedness, par, rank_loads
 from eplb.placement import Placement
-from eplb.pricing import MovePrice, measured_price
 from eplb.runtime.agreement import all_reduce
 from eplb.runtime.export import window_figures
 from eplb.runtime.load_history import LoadHistory

@@ -16,22 +16,13 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from eplb.errors import EplbError
+from eplb.errors import EplbFailure, SideThreadDied
 
 __all__ = ["SideWorker", "SideThreadDied"]
 
 log = logging.getLogger(__name__)
 
 _IDLE_S = 0.05  # how long the idle thread sleeps between two looks at its queue when nobody wakes it
-
-
-class SideThreadDied(EplbError, RuntimeError):
-    """An EPLB thread died; ``cause`` is what killed it."""
-
-    def __init__(self, name: str, cause: BaseException):
-        self.cause = cause
-        super().__init__(f"EPLB's {name} thread died: {type(cause).__name__}: {cause}")
-
 
 class SideWorker:
     """A daemon thread running jobs in order.
@@ -130,7 +121,7 @@ class SideWorker:
         future = self.submit(lambda: None)
         try:
             future.result()
-        except EplbError:  # aborted or dead: nothing more will run
+        except EplbFailure:  # aborted or dead: nothing more will run
             pass
 
     def abort(self, exc: BaseException) -> None:

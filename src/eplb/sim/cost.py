@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eplb.cycle.pricing import DEEPSEEK_V3_EXPERT_BYTES, DEFAULT_BANDWIDTH_GBS, DEFAULT_TOKEN_US, MovePrice, price_of
 from eplb.errors import EplbError
-from eplb.pricing import DEEPSEEK_V3_EXPERT_BYTES, DEFAULT_BANDWIDTH_GBS, DEFAULT_TOKEN_US, MovePrice, price_of
 
 __all__ = ["CostModel", "MODEL_EXPERT_BYTES", "expert_bytes_of"]
 
@@ -79,7 +79,7 @@ class CostModel:
 
     def move_price(self, expert_bytes, life_steps: float | None = None) -> MovePrice:
         """What a moved expert of ``expert_bytes`` and a routing on a busiest rank cost in this model
-        (:mod:`eplb.pricing`): the price ``auto`` weighs its moves with in the simulator."""
+        (:mod:`eplb.cycle.pricing`): the price ``auto`` weighs its moves with in the simulator."""
         return price_of(expert_bytes, self.bandwidth_gbs, self.token_us, life_steps)
 
     def moe_us(self, peak_tokens) -> np.ndarray:

@@ -19,8 +19,8 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
 
+from eplb.cycle.planning import cycle_policy
 from eplb.placement import Placement
-from eplb.planning import cycle_policy
 from eplb.sim.simulator import RunResult, SimConfig, simulate
 from eplb.sim.traces import Trace
 
@@ -54,7 +54,7 @@ def simulate_runs(trace: Trace, config: SimConfig, specs: list[RunSpec], jobs: i
 
     Args:
         trace: per-step load ``[T, L, E]``.
-        config: topology, cycle, dispatch mode, cost model, failures (a spec's own ``config`` replaces it).
+        config: topology, cycle, dispatch rule, cost model, failures (a spec's own ``config`` replaces it).
         specs: the runs.
         jobs: worker processes (at most one per run); 1 runs them one after the other in this process.
         progress: called with (index of the run in ``specs``, fraction done 0..1) now and then.

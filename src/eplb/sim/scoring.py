@@ -1,5 +1,5 @@
 """Scoring a simulated run: which placement row each layer uses in each step (:class:`Timeline`) and the rank loads,
-PAR, peaks and window sums of every step under the dispatch mode (:func:`score`)."""
+PAR, peaks and window sums of every step under the dispatch rule (:func:`score`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
     """Rank loads of every step under the timeline's placements, reduced to PAR, peaks and window sums.
 
     ``failed`` bool ``[T, W]`` (None: no failure): in steps with failed ranks, the failover routing replaces the
-    dispatch mode (:func:`_score_failover`).
+    dispatch rule (:func:`_score_failover`).
     """
     num_steps, num_layers, num_experts = trace.counts.shape
     num_ranks = topology.num_ranks
@@ -73,7 +73,7 @@ def score(trace, topology: Topology, config, timeline: Timeline, warmup: int, re
         window_live = np.logical_or.reduceat(~failed, window_starts, axis=0).sum(axis=1).astype(np.float64)
     for layer in range(num_layers):
         rows, version = timeline.versions(layer)
-        placement = Placement(rows, num_experts, topology)
+        placement = Placement.from_valid(rows, num_experts, topology)
         load = trace.counts[:, layer, :].astype(np.float64)
         if config.dispatch == "balanced":  # the router's split, in whole tokens
             table = replica_ranks(placement)
@@ -127,7 +127,7 @@ def _score_failover(loads, load, rows, version, failed, num_experts, topology, w
     for start, stop in zip(np.r_[0, change], np.r_[change, num_steps]):
         if not failed[start].any():
             continue
-        placement = Placement(rows[version[start]][None], num_experts, topology)
+        placement = Placement.from_valid(rows[version[start]], num_experts, topology)
         failover = placement.without_ranks(failed[start])
         share = failover.rank_share()[0]  # [E, W]
         loads[start:stop] = 0.0

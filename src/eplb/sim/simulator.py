@@ -15,7 +15,7 @@ next apply step comes then). Every step is then scored with the placement that w
 
 Failures (:class:`Failure`): a rank or a whole node stops serving at a step and may come back later. As in the
 runtime (:meth:`eplb.runtime.EplbController.fail_ranks`): from that step on, tokens go to the surviving replicas only
-(the failover routing of :meth:`Placement.without_ranks`, split evenly over them whatever the dispatch mode); the
+(the failover routing of :meth:`Placement.without_ranks`, split evenly over them whatever the dispatch rule); the
 cycle in progress is given up and a new window starts; every expert with no surviving replica is reloaded into the
 slot of a spare replica on a live rank, in force from the next step, so its tokens of the failure step wait (counted,
 not served). With ``reload_lost=False`` they wait until a re-plan over the live ranks (the normal cycle,
@@ -38,14 +38,14 @@ from typing import Callable
 import numpy as np
 
 from eplb.cycle import EARLIEST_SWITCH, Cycle, CycleConfig, CycleRecord
+from eplb.cycle.planning import plan_cycle
+from eplb.dispatch import BALANCED_PASSES, DISPATCH_RULES
 from eplb.errors import EplbError, PolicyError
 from eplb.metrics import summarize_par
-from eplb.planning import plan_cycle
 from eplb.placement import LAYOUTS, Placement
 from eplb.policies.base import Policy
-from eplb.policies.resilience import Resilience, make_resilient, reload_lost
+from eplb.policies.shared.resilience import Resilience, make_resilient, reload_lost
 from eplb.sim.cost import MODEL_EXPERT_BYTES, CostModel
-from eplb.dispatch import BALANCED_PASSES, DISPATCH_MODES
 from eplb.sim.failures import Failure, failed_ranks, failure_events
 from eplb.sim.scoring import Timeline, score
 from eplb.sim.traces import Trace
@@ -62,7 +62,7 @@ class SimConfig:
     Attributes:
         topology: ranks, slots per rank, nodes, groups.
         cycle: the rebalancing cycle (window ``H``, planner latency ``A``, application pace, thresholds).
-        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_MODES`.
+        dispatch: replica choice, one of :data:`~eplb.dispatch.DISPATCH_RULES`.
         tp_size: tensor-parallel size for the ``rank`` mode's rotation.
         expert_bytes: bytes of one expert's weights.
         cost: the step-time model.
@@ -92,8 +92,8 @@ class SimConfig:
     window_sum: bool = False
 
     def __post_init__(self):
-        if self.dispatch not in DISPATCH_MODES:
-            raise EplbError(f"dispatch mode must be one of {', '.join(DISPATCH_MODES)}, got {self.dispatch!r}")
+        if self.dispatch not in DISPATCH_RULES:
+            raise EplbError(f"dispatch rule must be one of {', '.join(DISPATCH_RULES)}, got {self.dispatch!r}")
         if self.layout not in LAYOUTS:
             raise EplbError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.expert_bytes < 0:
@@ -244,7 +244,7 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     Args:
         trace: per-step load ``[T, L, E]``.
         policy: a :class:`~eplb.policies.base.Policy`, or None to keep the initial layout.
-        config: topology, cycle, dispatch mode, cost model.
+        config: topology, cycle, dispatch rule, cost model.
         name: the run's name (default: the policy's name, or "static").
         clairvoyant: plan each cycle on the steps it will be scored on (see the module docstring).
         progress: called with the fraction done (0..1) now and then.
@@ -261,74 +261,19 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
     num_steps, num_layers, num_experts = trace.counts.shape
     topology.check_experts(num_experts)
     name = name or (policy.name if policy is not None else "static")
-    if initial is None:
-        initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
-    elif initial.phy2log.shape != (num_layers, topology.num_physical) or initial.num_experts != num_experts:
-        raise EplbError(f"initial placement is {initial.num_layers} layers x {initial.num_experts} experts on "
-                        f"{initial.num_physical} slots; the trace has {num_layers} x {num_experts} on "
-                        f"{topology.num_physical}")
-    if config.resilience is not None:
-        flat = np.ones((num_layers, num_experts))  # no load seen yet: spread replicas only
-        initial = Placement(make_resilient(initial.phy2log, flat, topology, config.resilience), num_experts, topology)
+    initial = _initial_placement(trace, config, initial)
     report = progress or (lambda fraction: None)
     timeline = Timeline(initial.phy2log, num_steps)
-    cycles: list[CycleRecord] = []
-    planner_ms: list[float] = []
-    received = np.zeros(num_steps)
     failed = failed_ranks(config.failures, topology, num_steps)
-    cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
     failing = (failed & ~np.vstack([np.zeros((1, topology.num_ranks), dtype=bool), failed[:-1]])).any(axis=1)
     if policy is None:
+        cycles, planner_ms, received, cycle_live = [], [], np.zeros(num_steps), []
         for step in np.flatnonzero(failing).tolist():
             if config.reload_lost:
                 _reload_lost(timeline, trace, topology, ~failed[step], step, None)
     else:
-        cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
-        cycle = Cycle(cycle_config, num_layers)
-        plan = in_flight = None  # in_flight: (switch step, layers, rows or None)
-        # each step's MoE time at perfect balance: how many forwards a transfer spans (free for the clairvoyant floor)
-        nominal_us = config.cost.moe_us(trace.counts.sum(axis=-1, dtype=np.float64) / (~failed).sum(axis=1)[:, None])
-        for step in range(num_steps):
-            if failing[step]:
-                cycle.restart(step, f"ranks {np.flatnonzero(failed[step]).tolist()} failed")
-                in_flight = None
-                if config.reload_lost:
-                    last = cycle.records[-1] if cycle.records else None
-                    _reload_lost(timeline, trace, topology, ~failed[step], step, last)
-            if in_flight is not None and in_flight[0] == step:
-                cycle.switched(step)
-                if in_flight[2] is not None:
-                    timeline.apply(step, in_flight[1], in_flight[2])
-                in_flight = None
-            action = cycle.on_step(step)
-            if action.submit:
-                live = ~failed[step]
-                cycle_live.append(live)
-                try:
-                    plan = _plan(trace, policy, config, cycle, timeline, action.window_start, step, clairvoyant,
-                                 planner_ms, live)
-                    reason = "end of trace"
-                except PolicyError as exc:  # too few live slots: keep serving on failover
-                    logger.warning("step %d: no plan over the live ranks: %s", step, exc)
-                    plan, reason = None, "too few live slots"
-                if plan is None:
-                    cycle.plan_failed(step, reason)
-                else:
-                    cycle.plan_ready(step, plan)
-            if action.apply_layers and not np.array_equal(cycle_live[-1], ~failed[step]):
-                logger.info("step %d: layers %s not applied: planned for other live ranks", step,
-                            list(action.apply_layers))
-                in_flight = (step + EARLIEST_SWITCH, action.apply_layers, None)
-            elif action.apply_layers:
-                parts = [plan.transfers[index] for index in action.apply_parts]
-                forwards = 1
-                if not clairvoyant:  # the floor moves weights for free
-                    received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
-                    forwards = config.cost.transfer_forwards(received[step], nominal_us[step:])
-                in_flight = (step + forwards + 1, action.apply_layers, [part.new_row.reshape(-1) for part in parts])
-            if step % 256 == 0:
-                report(0.5 * step / num_steps)
-        cycles = cycle.records
+        cycles, planner_ms, received, cycle_live = _replay(trace, policy, config, timeline, failed, failing,
+                                                           clairvoyant, report)
     warmup = warmup_steps(config.cycle, num_layers, num_steps)
     result = score(trace, topology, config, timeline, warmup, report, failed if failed.any() else None)
     transfer_us = config.cost.transfer_us(received)
@@ -348,13 +293,87 @@ def simulate(trace: Trace, policy: Policy | None, config: SimConfig, name: str |
         rank_load=result["rank_load"],
         cycles=cycles,
         planner_ms=planner_ms,
-        final=Placement(timeline.current, num_experts, topology),
+        final=Placement.from_valid(timeline.current, num_experts, topology),
         warmup=warmup,
         waiting=result["waiting"],
         unavailable=result["unavailable"],
         live_count=live_count,
         failures=failure_events(config, result, failed, cycles, cycle_live),
     )
+
+
+def _initial_placement(trace: Trace, config: SimConfig, initial: Placement | None) -> Placement:
+    """The placement at step 0: ``initial`` checked against the trace, or the ``config.layout`` initial one; with
+    resilience, its replicas spread (no load seen yet)."""
+    topology = config.topology
+    _, num_layers, num_experts = trace.counts.shape
+    if initial is None:
+        initial = Placement.initial(num_experts, topology, num_layers, layout=config.layout)
+    elif initial.phy2log.shape != (num_layers, topology.num_physical) or initial.num_experts != num_experts:
+        raise EplbError(f"initial placement is {initial.num_layers} layers x {initial.num_experts} experts on "
+                        f"{initial.num_physical} slots; the trace has {num_layers} x {num_experts} on "
+                        f"{topology.num_physical}")
+    if config.resilience is not None:
+        flat = np.ones((num_layers, num_experts))  # no load seen yet: spread replicas only
+        initial = Placement(make_resilient(initial.phy2log, flat, topology, config.resilience), num_experts, topology)
+    return initial
+
+
+def _replay(trace, policy, config, timeline, failed, failing, clairvoyant, report):
+    """The cycle driven step by step over the trace, as the runtime drives it: windows planned, parts applied to
+    ``timeline`` once their transfers landed. Returns the cycle records, planner ms per plan, bytes received per
+    step (``[T]``, the busiest receiver) and the live ranks each cycle planned for."""
+    topology = config.topology
+    num_steps, num_layers, _ = trace.counts.shape
+    planner_ms: list[float] = []
+    received = np.zeros(num_steps)
+    cycle_live: list[np.ndarray] = []  # live ranks each cycle planned for
+    cycle_config = clairvoyant_cycle(config.cycle) if clairvoyant else config.cycle
+    cycle = Cycle(cycle_config, num_layers)
+    plan = in_flight = None  # in_flight: (switch step, layers, rows or None)
+    # each step's MoE time at perfect balance: how many forwards a transfer spans (free for the clairvoyant floor)
+    nominal_us = config.cost.moe_us(trace.counts.sum(axis=-1, dtype=np.float64) / (~failed).sum(axis=1)[:, None])
+    for step in range(num_steps):
+        if failing[step]:
+            cycle.restart(step, f"ranks {np.flatnonzero(failed[step]).tolist()} failed")
+            in_flight = None
+            if config.reload_lost:
+                last = cycle.records[-1] if cycle.records else None
+                _reload_lost(timeline, trace, topology, ~failed[step], step, last)
+        if in_flight is not None and in_flight[0] == step:
+            cycle.switched(step)
+            if in_flight[2] is not None:
+                timeline.apply(step, in_flight[1], in_flight[2])
+            in_flight = None
+        action = cycle.on_step(step)
+        if action.submit:
+            live = ~failed[step]
+            cycle_live.append(live)
+            try:
+                plan = _plan(trace, policy, config, cycle, timeline, action.window_start, step, clairvoyant,
+                             planner_ms, live)
+                reason = "end of trace"
+            except PolicyError as exc:  # too few live slots: keep serving on failover
+                logger.warning("step %d: no plan over the live ranks: %s", step, exc)
+                plan, reason = None, "too few live slots"
+            if plan is None:
+                cycle.plan_failed(step, reason)
+            else:
+                cycle.plan_ready(step, plan)
+        if action.apply_layers and not np.array_equal(cycle_live[-1], ~failed[step]):
+            logger.info("step %d: layers %s not applied: planned for other live ranks", step,
+                        list(action.apply_layers))
+            in_flight = (step + EARLIEST_SWITCH, action.apply_layers, None)
+        elif action.apply_layers:
+            parts = [plan.parts[index] for index in action.apply_parts]
+            forwards = 1
+            if not clairvoyant:  # the floor moves weights for free
+                received[step] = _received_experts(parts, topology.num_ranks).max() * config.expert_bytes
+                forwards = config.cost.transfer_forwards(received[step], nominal_us[step:])
+            in_flight = (step + forwards + 1, action.apply_layers, [part.new_row for part in parts])
+        if step % 256 == 0:
+            report(0.5 * step / num_steps)
+    return cycle.records, planner_ms, received, cycle_live
 
 
 def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyant, planner_ms, live):
@@ -371,7 +390,7 @@ def _plan(trace, policy, config, cycle, timeline, window_start, step, clairvoyan
         return None
     if config.window_sum:
         window = window.sum(axis=0, dtype=np.float64)
-    current = Placement(timeline.current, trace.num_experts, topology)
+    current = Placement.from_valid(timeline.current, trace.num_experts, topology)
     started = time.perf_counter()
     plan = plan_cycle(policy, window, current, cycle.planning_config, expert_bytes=int(round(config.expert_bytes)),
                       live_ranks=None if live.all() else live, resilience=config.resilience,
@@ -400,5 +419,5 @@ def _reload_lost(timeline: Timeline, trace: Trace, topology: Topology, live: np.
 
 def _received_experts(parts: list, num_ranks: int) -> np.ndarray:
     """int64 ``[W]``: experts each rank receives over the network for ``parts`` (their transfers)."""
-    targets = np.concatenate([part.transfers[:, 2] for part in parts])
+    targets = np.concatenate([part.moves[:, 2] for part in parts])
     return np.bincount(targets, minlength=num_ranks)

@@ -2,8 +2,8 @@
 
 A :class:`Candidate` is what an engine lets its user choose: the policy, the planning window, the interval between
 plans and the redundant slots, or a static map planned once (engines that load a map at start), or eplb's adaptive
-cadence (:mod:`eplb.cadence`, eplb's own runtime only). :func:`sweep_specs` turns each into a simulator run that does
-what that engine does with it (:data:`ENGINES`):
+cadence (:mod:`eplb.cycle.cadence`, eplb's own runtime only). :func:`sweep_specs` turns each into a simulator run that
+does what that engine does with it (:data:`ENGINES`):
 
 ==============  ============================================================================================
 engine          a dynamic candidate (window W, interval I) runs as
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eplb.cadence import AdaptiveCadence
 from eplb.cycle import CycleConfig
+from eplb.cycle.cadence import AdaptiveCadence
 from eplb.errors import EplbError
 from eplb.metrics import summarize_par
 from eplb.sim.runs import RunSpec

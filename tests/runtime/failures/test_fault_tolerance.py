@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import eplb
 from eplb import Placement, PolicyError, Topology
 from eplb.errors import PlacementError
-from eplb.policies.resilience import Resilience, make_resilient
+from eplb.policies.shared.resilience import Resilience, make_resilient
 
 POLICIES = eplb.available_policies()
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from eplb import EplbError, Placement, Topology
 from eplb.cycle import Cycle, CycleConfig, CycleError, Phase
-from eplb.policies.resilience import Resilience
-from eplb.planning import CyclePlan
-from eplb.transfers import layer_transfer
+from eplb.policies.shared.resilience import Resilience
+from eplb.cycle.planning import CyclePlan
+from eplb.cycle.transfers import layer_transfer
 
 from conftest import reached
 
@@ -47,8 +47,8 @@ def test_transfers_never_involve_a_failed_rank(seed, num_ranks, slots):
     old_rows, new_rows = old.reshape(num_ranks, slots), new.reshape(num_ranks, slots)
     needed = {(dst, e) for dst in range(num_ranks) for e in set(new_rows[dst].tolist()) - set(old_rows[dst].tolist())}
     reached()
-    assert sorted(map(tuple, t.transfers[:, 2:].tolist())) == sorted(needed)
-    for src, src_slot, dst, expert in t.transfers.tolist():
+    assert sorted(map(tuple, t.moves[:, 2:].tolist())) == sorted(needed)
+    for src, src_slot, dst, expert in t.moves.tolist():
         assert live[src] and live[dst] and src != dst
         assert old_rows[src, src_slot] == expert
     failed_row = set(old_rows[~live].ravel().tolist())
@@ -74,7 +74,7 @@ def test_cycle_restart_gives_up_the_move_and_resyncs_the_step():
 
     plan = CyclePlan(phy2log=np.zeros((3, 2)), changed=np.ones(3, dtype=bool), par_before=np.full(3, 2.0),
                      par_after=np.array([1.0, 1.1, 1.2]), moved_slots=np.ones(3, dtype=np.int64), layers=(0, 1, 2),
-                     transfers=(), layer_bytes=np.zeros(3, dtype=np.int64), schedule=((0,), (1,), (2,)))
+                     parts=(), layer_bytes=np.zeros(3, dtype=np.int64), schedule=((0,), (1,), (2,)))
     cycle.plan_ready(4, plan)
     assert cycle.on_step(5).apply_layers == (0,)
     assert cycle.phase is Phase.APPLY

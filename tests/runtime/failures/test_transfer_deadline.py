@@ -46,7 +46,7 @@ def _rank_main(rank: int, tmp: str) -> dict:
     hold, held_at, abandoned_at = threading.Event(), None, None
     try:
         for _ in range(4000):
-            if (rank == 1 and held_at is None and ctl.transfers and ctl.pending is None
+            if (rank == 1 and held_at is None and ctl.parts and ctl.pending is None
                     and not ctl.cycle.records[-1].schedule):  # a plan was accepted: this step posts its first part
                 held_at = ctl.step  # rank 1's side thread does not start it
                 ctl.channel.submit(hold.wait)

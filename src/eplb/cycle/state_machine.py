@@ -13,7 +13,7 @@ Phases, per cycle::
 Driving it (once per step, before the step's forward; steps are consecutive integers)::
 
     cycle = Cycle(CycleConfig(cycle_steps=H, planner_steps=A, deadline_steps=D), num_layers=L)
-    # (plans: eplb.planning.plan_cycle(policy, window, current, cycle.planning_config, ..., state=cycle.state))
+    # (plans: eplb.cycle.planning.plan_cycle(policy, window, current, cycle.planning_config, ..., state=cycle.state))
     for step in itertools.count():
         action = cycle.on_step(step)
         if action.submit:
@@ -26,7 +26,7 @@ Driving it (once per step, before the step's forward; steps are consecutive inte
             # and calls plan_ready in the submit step; the plan is then held back until step >= submitted + A.
             ...
         for layer, part in zip(action.apply_layers, action.apply_parts):
-            # post this part's weight transfers (plan.transfers[part]) before the forward; once they landed on
+            # post this part's weight transfers (plan.parts[part]) before the forward; once they landed on
             # every rank (agreed), switch the layers and call cycle.switched(s) in that step s, before on_step(s):
             # the parts are in force from s on, and the next apply step can come in s.
             ...
@@ -41,10 +41,10 @@ The runtime learns ``n`` from its agreements, the simulator from its cost model
 abandoned on every rank (:meth:`Cycle.abandon`): the rest of the plan is given up and the placement in force stays.
 
 Which layers of a plan are applied, and in which steps, is decided by the planning function
-(:func:`eplb.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule out
-step by step (a layer split into parts to fit ``bytes_per_step`` is applied in consecutive steps, one part each)
-and keeps the :class:`~eplb.planning.PlanState` of the last plan that came back (applied or "no gain"), for the next
-call. A layer without change is never scheduled.
+(:func:`eplb.cycle.planning.plan_cycle`) from the options of :class:`CycleConfig`; the cycle hands the plan's schedule
+out step by step (a layer split into parts to fit ``bytes_per_step`` is applied in consecutive steps, one part each)
+and keeps the :class:`~eplb.cycle.planning.PlanState` of the last plan that came back (applied or "no gain"), for the
+next call. A layer without change is never scheduled.
 
 Every decision depends only on the calls made, so ranks that make the same calls in the same steps stay in
 lock-step. :attr:`Cycle.records` keeps one :class:`CycleRecord` per submitted window.
@@ -57,19 +57,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eplb.cadence import AdaptiveCadence, Cadence
-from eplb.errors import EplbError
+from eplb.cycle.cadence import AdaptiveCadence, Cadence
+from eplb.errors import CycleError
 
 __all__ = ["Phase", "CycleConfig", "Action", "CycleRecord", "Cycle", "CycleError", "EARLIEST_SWITCH"]
 
 #: steps from posting parts to their switch when their transfers land within the forward of the post step: they land
 #: there, every rank reports it in the next step, and that agreement is read in the one after
 EARLIEST_SWITCH = 2
-
-
-class CycleError(EplbError):
-    """The cycle was configured or driven wrongly (bad option, steps out of order, plan of the wrong size)."""
-
 
 class Phase(enum.Enum):
     COLLECT = "collect"
@@ -92,9 +87,9 @@ class CycleConfig:
         bytes_per_step: the most staging memory EPLB takes on any rank in any step, in bytes (overrides
             ``layers_per_step``): the received experts and the experts changing slot on the rank, and with
             ``host_staging`` also its sent and received experts in pinned host memory, each arena then within half
-            (:mod:`eplb.staging`). A layer whose move does not fit is split into parts applied in consecutive steps,
-            each a valid placement; changes that must go together and do not fit even alone are left out. Must be
-            at least one expert's bytes (two with ``host_staging``). None: no bound.
+            (:mod:`eplb.cycle.staging`). A layer whose move does not fit is split into parts applied in consecutive
+            steps, each a valid placement; changes that must go together and do not fit even alone are left out. Must
+            be at least one expert's bytes (two with ``host_staging``). None: no bound.
         host_staging: the transfer backend stages sent and received experts in host memory too (the runtime's
             ``gloo`` backend on an accelerator).
         min_par: layers whose predicted PAR before is below this are left alone (already balanced).
@@ -105,8 +100,9 @@ class CycleConfig:
         window_steps: each plan is made on the last ``window_steps`` steps before its submit (never before the start
             or a restart): shorter than ``cycle_steps`` as vLLM's ``window_size`` < ``step_interval``, longer for a
             window that slides. None: the steps since the previous submit. Ignored with ``adaptive``.
-        adaptive: an :class:`~eplb.cadence.AdaptiveCadence`: the interval and the window follow the load's drift
-            (:mod:`eplb.cadence`); ``cycle_steps`` is then the first interval. None: a window every ``cycle_steps``.
+        adaptive: an :class:`~eplb.cycle.cadence.AdaptiveCadence`: the interval and the window follow the load's drift
+            (:mod:`eplb.cycle.cadence`); ``cycle_steps`` is then the first interval. None: a window every
+            ``cycle_steps``.
     """
 
     cycle_steps: int
@@ -144,7 +140,7 @@ class CycleConfig:
         need(self.window_steps is None or (_is_int(self.window_steps) and self.window_steps >= 1), "window_steps",
              "None or an integer >= 1")
         need(self.adaptive is None or isinstance(self.adaptive, AdaptiveCadence), "adaptive",
-             "None or an eplb.cadence.AdaptiveCadence")
+             "None or an eplb.cycle.cadence.AdaptiveCadence")
 
 
 def _is_int(value) -> bool:
@@ -197,7 +193,7 @@ class CycleRecord:
         bytes_moved: bytes moved over the network for the applied layers (their transfers x expert bytes).
         par_before, par_after: predicted PAR (mean over the applied layers) before / after, on the window.
         skipped: why nothing was applied, or None.
-        checksum: :attr:`eplb.planning.CyclePlan.checksum` of the plan (placement, transfers, schedule), 0 when no
+        checksum: :attr:`eplb.cycle.planning.CyclePlan.checksum` of the plan (placement, transfers, schedule), 0 when no
             plan came.
     """
 
@@ -251,16 +247,16 @@ class Cycle:
         self._queue: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # apply steps to come: (layers, parts)
         self._in_flight: int | None = None  # the step the parts in flight were posted in
         self._plan = None
-        #: the :class:`~eplb.planning.PlanState` of the last plan that came back, applied or not (None before the
+        #: the :class:`~eplb.cycle.planning.PlanState` of the last plan that came back, applied or not (None before the
         #: first)
         self.state = None
-        #: the collect side: when a window closes and where it starts (fixed or adaptive, :mod:`eplb.cadence`)
+        #: the collect side: when a window closes and where it starts (fixed or adaptive, :mod:`eplb.cycle.cadence`)
         self.cadence = Cadence(config)
 
     @property
     def planning_config(self) -> CycleConfig:
-        """The config to plan the window just submitted with (:func:`eplb.planning.plan_cycle`): :attr:`config`,
-        with ``cycle_steps`` the plan's life when the window is not one interval long (:mod:`eplb.cadence`)."""
+        """The config to plan the window just submitted with (:func:`eplb.cycle.planning.plan_cycle`): :attr:`config`,
+        with ``cycle_steps`` the plan's life when the window is not one interval long (:mod:`eplb.cycle.cadence`)."""
         return self.cadence.planning_config
 
     @property
@@ -304,7 +300,7 @@ class Cycle:
 
         Args:
             step: the current step (the submit step or a later one).
-            plan: the :class:`~eplb.planning.CyclePlan` of :func:`eplb.planning.plan_cycle`.
+            plan: the :class:`~eplb.cycle.planning.CyclePlan` of :func:`eplb.cycle.planning.plan_cycle`.
         """
         self._expect_plan(step)
         if np.shape(plan.par_before) != (self.num_layers,):
