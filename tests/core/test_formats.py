@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from eplb import EplbError, FormatError, LoadError, Placement, Topology
@@ -40,6 +40,8 @@ def placements(draw):
 @pytest.mark.parametrize("fmt,name", MAP_FILES)
 @settings(max_examples=15, deadline=None)
 @given(placement=placements())
+# the highest expert last on every device: a valid map that vllm-ascend's mix placement resembles
+@example(placement=Placement(np.array([[0, 1, 0, 1]]), 2, Topology(2, 2)))
 def test_map_round_trip(fmt, name, placement):
     with tempfile.TemporaryDirectory() as folder:
         _check_round_trip(Path(folder) / name, fmt, placement)
@@ -99,14 +101,19 @@ def test_ascend_devices_read_by_position_like_vllm_ascend(tmp_path, caplog):
     assert "device_id is 1; devices are read by their position" in caplog.text
 
 
-def test_ascend_mix_placement_is_named(tmp_path):
+def test_ascend_mix_placement_is_named(tmp_path, caplog):
     # vllm-ascend's mix placement: 4 routed experts, shared expert 4 in the last slot of both devices
     doc = {"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
         {"device_id": 0, "device_expert": [0, 1, 4]}, {"device_id": 1, "device_expert": [2, 3, 4]}]}]}
     (tmp_path / "m.json").write_text(json.dumps(doc))
-    with pytest.raises(FormatError, match=r"shared-expert ids \[4\].*mix-placement map"):
-        read_map(tmp_path / "m.json")
-    assert any("mix_placement" in line for line in map_problems(tmp_path / "m.json")[0])
+    with pytest.raises(FormatError, match=r"ids \[4\].*mix placement.*not routed experts \(--experts 4\)"):
+        read_map(tmp_path / "m.json", num_experts=4)
+    assert any("mix placement off" in line for line in map_problems(tmp_path / "m.json", num_experts=4)[0])
+    # without the routed experts' count the same table is a valid map whose expert 4 sits last on every device
+    # (as [[0, 1], [0, 1]] is): read, with a warning that names mix placement
+    with caplog.at_level("WARNING"):
+        assert read_map(tmp_path / "m.json").num_experts == 5
+    assert "mix_placement=true" in caplog.text and "pass --experts" in caplog.text
 
 
 def test_dsv3_statistics_read_as_steps(data_dir):

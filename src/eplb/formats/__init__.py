@@ -197,6 +197,15 @@ def _check(raw: RawMap, num_experts: int | None, num_ranks: int | None):
                         f"({num_slots} % {ranks} = {num_slots % ranks})")
         ranks = None
     experts = num_experts if num_experts is not None else _infer_experts(phy2log)
+    if raw.shared_ids:
+        mix = (f"the last slot of every device holds ids {raw.shared_ids} (above every other id): vllm-ascend's mix "
+               "placement (mix_placement=true) puts its shared experts there")
+        if num_experts is not None and min(raw.shared_ids) >= num_experts:
+            problems.append(f"{mix}, and they are not routed experts (--experts {num_experts}); eplb balances routed "
+                            "experts only, so plan and serve with mix placement off")
+        else:
+            warnings.append(f"{mix}; if this is such a map, pass --experts with the routed experts' count (read as "
+                            f"{experts} experts)")
     if experts < 1:
         return problems + ["the map holds no expert ids >= 0"], warnings, None, ranks
     if experts > num_slots:

@@ -27,6 +27,9 @@ class RawMap:
         problems: structural problems found while reading (each a readable line naming layer / device / value).
         warnings: things that are allowed but worth a look.
         allow_shared_rank: whether one rank may hold the same expert twice in this engine's format.
+        shared_ids: ids that look like vllm-ascend's mix placement's shared experts (in the last slot of every
+            device, above every other id), or ``None``. Only the caller's expert count tells such a map from a valid
+            one whose highest expert is replicated last on every device.
     """
 
     phy2log: np.ndarray | None
@@ -35,6 +38,7 @@ class RawMap:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     allow_shared_rank: bool = True
+    shared_ids: list[int] | None = None
 
 
 def read_bytes(path: Path, size: int = -1) -> bytes:

@@ -65,18 +65,15 @@ def _layer_rows(index: int, layer, problems: list[str], warnings: list[str]) -> 
     return rows if len(rows) == len(devices) else None
 
 
-def _mix_placement(phy2log: np.ndarray, num_devices: int) -> str | None:
-    """A problem line when ``phy2log`` looks like vllm-ascend's mix placement: in every layer the last slot of every
-    device holds an id above every other slot's (the shared experts), else None."""
+def _mix_placement(phy2log: np.ndarray, num_devices: int) -> list[int] | None:
+    """The ids that look like vllm-ascend's mix placement's shared experts: in every layer the last slot of every
+    device holds an id above every other slot's; else None."""
     if num_devices < 2 or not phy2log.size:
         return None
     table = phy2log.reshape(phy2log.shape[0], num_devices, -1)
     if table.shape[2] < 2 or not np.all(table[:, :, -1].min(axis=1) > table[:, :, :-1].max(axis=(1, 2))):
         return None
-    shared = np.unique(table[:, :, -1])
-    return (f"the last slot of every device holds shared-expert ids {shared.tolist()} (above every routed expert): "
-            "a vllm-ascend mix-placement map (mix_placement=true); eplb balances routed experts only, so plan and "
-            "serve with mix placement off")
+    return np.unique(table[:, :, -1]).tolist()
 
 
 def parse_map(path: Path) -> RawMap:
@@ -114,12 +111,10 @@ def parse_map(path: Path) -> RawMap:
         if not ragged:
             good.append((index, [e for row in table for e in row]))
     phy2log = np.array([row for _, row in good], dtype=np.int64).reshape(len(good), num_devices * num_slots)
-    mix = _mix_placement(phy2log, num_devices) if len(good) == len(layers) else None
-    if mix:
-        problems.append(mix)
+    shared = _mix_placement(phy2log, num_devices) if len(good) == len(layers) else None
     return RawMap(phy2log, layer_ids=np.array([i for i, _ in good]), num_ranks=num_devices, problems=problems,
                   warnings=warnings[:8] + ([f"... and {len(warnings) - 8} more device_id warnings"]
-                                           if len(warnings) > 8 else []), allow_shared_rank=False)
+                                           if len(warnings) > 8 else []), allow_shared_rank=False, shared_ids=shared)
 
 
 def write_map(placement: Placement, path: Path) -> None:
