@@ -7,6 +7,7 @@ for every policy.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,8 @@ class Policy:
 
         Layers too quiet to plan on (no load, or fewer tokens than live ranks: :func:`eplb.load.quiet_layers`) keep
         the placement in force (``current``, or the initial layout), whatever the policy; only a policy that never
-        puts an expert twice on one rank still repairs a quiet layer that does.
+        puts an expert twice on one rank still repairs a quiet layer that does, and ``resilience`` still spreads a
+        quiet layer's replicas apart (same experts, same replica counts).
 
         Returns:
             A :class:`Plan`.
@@ -136,6 +138,7 @@ class Policy:
                 if resilience is not None:
                     phy2log = make_resilient(phy2log, window, topology, resilience)
                 phy2log = np.where(keep[:, None], reference.phy2log, phy2log)
+            phy2log = _spread_kept(phy2log, keep, window, topology, resilience)
             new = Placement(phy2log, num_experts, topology)
             par_before, par_after = par(rank_loads(reference, window)), par(rank_loads(new, window))
         else:
@@ -160,10 +163,12 @@ class Policy:
         num_layers, num_experts = window.shape
         start = reload_lost(reference.phy2log, window, topology, live)  # also checks the live slots suffice
         keep = self._keeps(quiet, start, topology)
-        if keep.all():
-            return Placement(start, num_experts, topology)
         sub_topology = live_topology(topology, live)
         live_slots = live[topology.rank_of_slot]
+        start[:, live_slots] = _spread_kept(start[:, live_slots], keep, window, sub_topology, resilience,
+                                            topology.node_of_rank[live])
+        if keep.all():
+            return Placement(start, num_experts, topology)
         sub_current = None
         if current is not None:
             sub_current = Placement(start[:, live_slots], num_experts, sub_topology)
@@ -213,3 +218,16 @@ def _live_par(placement: Placement, window: np.ndarray, live: np.ndarray, count_
         busiest = np.argmax(loads, axis=1)
         loads[np.arange(loads.shape[0]), busiest] += waiting
     return par(loads)
+
+
+def _spread_kept(phy2log: np.ndarray, keep: np.ndarray, window: np.ndarray, topology: Topology, resilience,
+                 node_of_rank: np.ndarray | None = None) -> np.ndarray:
+    """``phy2log`` int64 ``[L, P]`` with the kept (quiet) layers' replicas spread apart when ``resilience`` is asked:
+    a quiet layer keeps its experts and replica counts (its load is too thin to raise any), but the promise that one
+    failed rank loses no replicated expert holds for every layer. A layer already spread is left as it is."""
+    if resilience is None or not keep.any():
+        return phy2log
+    out = np.array(phy2log, dtype=np.int64, copy=True)
+    spread_only = dataclasses.replace(resilience, min_replicas=1)
+    out[keep] = make_resilient(out[keep], window[keep], topology, spread_only, node_of_rank)
+    return out

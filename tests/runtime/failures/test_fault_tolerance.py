@@ -177,6 +177,25 @@ def test_every_policy_with_resilience_survives_any_single_rank_failure(name, cas
                 assert _lost_replicated(phy2log[layer], topology, ranks, dead) == [], (layer, node)
 
 
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_quiet_layer_kept_with_resilience_has_its_replicas_spread(name):
+    # 8 ranks x 1 slot on 2 nodes, 7 experts: expert 1 twice, both on node 0. Layer 0 has no load (quiet: it keeps
+    # its experts), layer 1 is loaded. Resilience must still take expert 1 to node 1 in the quiet layer, and move
+    # nothing else there: same experts, same replica counts.
+    topology = Topology(8, 1, 2)
+    row = np.array([0, 1, 1, 2, 3, 4, 5, 6])
+    current = np.stack([row, row])
+    load = np.zeros((2, 7))
+    load[1] = np.arange(1, 8) * 10.0
+    plan = eplb.get_policy(name).rebalance(load, topology, current, resilience=Resilience())
+    quiet = plan.placement.phy2log[0]
+    assert sorted(quiet.tolist()) == sorted(row.tolist())
+    assert set(np.flatnonzero(quiet == 1) // 4) == {0, 1}, quiet
+    assert (quiet != row).sum() == 2  # one swap
+    # without resilience the quiet layer is kept as it is
+    assert np.array_equal(eplb.get_policy(name).rebalance(load, topology, current).placement.phy2log[0], row)
+
+
 def test_min_replicas_for_the_hottest_experts():
     topology = Topology(8, 5, 2)
     load = np.ones((1, 32))
