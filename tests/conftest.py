@@ -5,9 +5,9 @@
   and fails when fewer than ``n`` did, so an early ``return`` or a branch that is never taken cannot pass silently.
 - ``EPLB_TEST_NO_SKIP=1`` (set by ``.ci/run``): the run fails if any test skipped (the skip report, ``-rs``, names
   them), so a missing dependency on CI's own machine is an error, not a silent gap.
-- ``@pytest.mark.gpu``: the test needs CUDA. Without it the test is skipped here, before it runs, and that one skip
-  is allowed under ``EPLB_TEST_NO_SKIP=1`` (CI's machine has no GPU; the summary counts them). Any other skip of a
-  gpu test, such as a missing package on a machine with CUDA, still fails the run.
+- ``@pytest.mark.gpu``: the test needs CUDA. Without it the test is deselected at collection (the summary counts
+  them as deselected and says why), not skipped: under ``EPLB_TEST_NO_SKIP=1`` no skip at all is allowed, and CI's
+  machine has no GPU. With CUDA they run with the rest.
 - Markers ``dist`` and ``slow`` (pyproject.toml): ``pytest -m "not slow and not dist"`` is the quick loop.
 """
 
@@ -22,8 +22,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 _REACHED: Counter = Counter()
 _SKIPPED: list[str] = []
-_NO_CUDA = "needs CUDA, which this machine does not have"
-_GPU_SKIPPED: set[str] = set()  # gpu tests skipped for want of CUDA: the one skip EPLB_TEST_NO_SKIP=1 allows
+_NO_CUDA = "need CUDA, which this machine does not have"
+_GPU_DESELECTED: list[str] = []
 
 
 def reached(label: str = "assertion") -> None:
@@ -68,13 +68,13 @@ def _cuda_available() -> bool:
 def pytest_collection_modifyitems(config, items):
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if gpu and not _cuda_available():
-        for item in gpu:
-            item.add_marker(pytest.mark.skip(reason=_NO_CUDA))
-            _GPU_SKIPPED.add(item.nodeid)
+        _GPU_DESELECTED.extend(item.nodeid for item in gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
+        config.hook.pytest_deselected(items=gpu)
 
 
 def _note_skip(report) -> None:
-    if report.skipped and not hasattr(report, "wasxfail") and report.nodeid not in _GPU_SKIPPED:
+    if report.skipped and not hasattr(report, "wasxfail"):
         _SKIPPED.append(report.nodeid)
 
 
@@ -96,8 +96,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _GPU_SKIPPED:
-        terminalreporter.write_line(f"{len(_GPU_SKIPPED)} gpu-marked test(s) skipped: {_NO_CUDA}")
+    if _GPU_DESELECTED:
+        terminalreporter.write_line(f"{len(_GPU_DESELECTED)} gpu-marked test(s) deselected: they {_NO_CUDA}")
     if _skips_fail():
         terminalreporter.write_line(f"EPLB_TEST_NO_SKIP=1: {len(_SKIPPED)} skipped, and nothing may skip here: "
                                     + ", ".join(_SKIPPED), red=True)
