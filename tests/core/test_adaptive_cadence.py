@@ -1,5 +1,5 @@
-"""The collect side of the cycle (eplb.cadence): a planning window of its own length, and the adaptive cadence that
-plans sooner after the load drifted and waits longer while it is stable, in the cycle and in the simulator."""
+"""The collect side of the cycle (eplb.cycle.cadence): a planning window of its own length, and the adaptive cadence
+that plans sooner after the load drifted and waits longer while it is stable, in the cycle and in the simulator."""
 
 import numpy as np
 import pytest

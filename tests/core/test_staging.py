@@ -1,5 +1,5 @@
-"""Bounded staging memory: layers split into parts that fit ``bytes_per_step`` on every rank (eplb.staging,
-eplb.planning.plan_cycle)."""
+"""Bounded staging memory: layers split into parts that fit ``bytes_per_step`` on every rank (eplb.cycle.staging,
+eplb.cycle.planning.plan_cycle)."""
 
 import dataclasses
 

@@ -114,7 +114,7 @@ def test_model_checks(tmp_path):
     assert prepare(config, 2, 8, topology) == Placement.initial(8, topology, 2)
 
 
-def test_plan_checksum_is_stable_and_sensitive():
+def test_placement_checksum_is_stable_and_sensitive():
     a = np.arange(12).reshape(2, 6)
     assert placement_checksum(a) == placement_checksum(a.copy()) and 0 <= placement_checksum(a) < 2**62
     b = a.copy()

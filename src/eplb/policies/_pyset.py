@@ -3,7 +3,7 @@
 vllm-ascend's SwiftBalancer keeps each rank's experts in a Python set and visits them in the set's order, so its
 choices among equal swaps depend on that order: :mod:`eplb.policies._swift_ascend_kernels` replays it. A set is an
 open-addressing table (``keys``, ``state``: 0 empty, 1 active, 2 deleted) with ``meta = (mask, fill, used)``, probed
-and grown as CPython 3.11's ``setobject.c`` does (an integer hashes to itself); ``tests/test_policy_swift.py`` checks
+and grown as CPython 3.11's ``setobject.c`` does (an integer hashes to itself); ``tests/policies/test_policy_swift.py`` checks
 the order against the interpreter.
 """
 
