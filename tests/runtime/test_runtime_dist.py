@@ -9,20 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import signal
 import time
 import traceback
-from datetime import timedelta
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as tmp_mp  # noqa: E402
 
 from eplb import Placement, Topology, get_policy  # noqa: E402
+from gloo_ranks import run_ranks  # noqa: E402
 from runtime_fault_worker import faulty_worker  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -341,47 +339,28 @@ SCENARIOS = {
 }
 
 
-def _rank_main(rank: int, tmp: str, names: list[str]):
+def all_scenarios(rank: int, tmp: str) -> dict:
+    """Every scenario in turn on this rank, one group for all: a failing scenario is reported by its own test."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
     results = {}
-    for name in names:
+    for name, scenario in SCENARIOS.items():
         start = time.perf_counter()
         try:
-            results[name] = SCENARIOS[name](rank, tmp)
+            results[name] = scenario(rank, tmp)
         except Exception:  # noqa: BLE001 - reported by the test of this scenario
             results[name] = {"error": traceback.format_exc()}
         results[name]["seconds"] = time.perf_counter() - start
         dist.barrier()
-    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(results, f)
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("runtime_dist"))
-    ctx = tmp_mp.start_processes(_rank_main, args=(tmp, list(SCENARIOS)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s (deadlock?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    out = []
-    for rank in range(WORLD):
-        with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as f:
-            out.append(pickle.load(f))
-    return out
+    return run_ranks(all_scenarios, WORLD, str(tmp_path_factory.mktemp("runtime_dist")), timeout_s=SPAWN_TIMEOUT_S)
 
 
 def _scenario(runs, name):
-    results = [r[name] for r in runs]
+    results = [r.get(name, r) for r in runs]  # the whole rank's error when it failed outside the scenarios
     for rank, res in enumerate(results):
         assert "error" not in res, f"rank {rank}:\n{res['error']}"
     return results
@@ -453,8 +432,6 @@ def test_planner_faults_skip_cycle_keep_placement_and_recover(runs):
 
 
 def test_record_mode_writes_consistent_maps(runs):
-    from eplb.formats import read_map
-
     res = _scenario(runs, "record")
     r0 = res[0]
     assert all(r["placement_unchanged"] for r in res)
