@@ -153,7 +153,7 @@ class EplbController:
         self.planner = None
         if planning:
             self.planner = PlannerWorker(config.planner_deadline_s, planner_target,
-                                         warmup=(config.policy, self._policy_options))
+                                         warmup=(config.policy, self._policy_options, config.dispatch))
             self.planner.start()
         self.cycle = Cycle(cycle_config(config, host_staging), num_layers)
         self.metrics: list[CycleMetrics] = []

@@ -136,19 +136,20 @@ def finish(request: PlanRequest, reply: PlannerReply) -> PlannerReply | tuple[in
 READY = "ready"
 
 
-def warm_up(policy, options: dict) -> None:
-    """Import and run ``policy`` once on a tiny problem, and once more over live ranks only, so that imports and
-    compiled kernels (numba cache loads, or compiles on a fresh machine) are not charged to a cycle's deadline, nor to
-    the first cycle after a rank failure."""
-    from eplb.policies import get_policy
-
+def warm_up(policy, options: dict, dispatch: str = "even") -> None:
+    """Answer a tiny request the way a real one is answered (the policy, the cycle's plan, its transfers and checks),
+    once with every rank and once over live ranks only, so that imports and compiled kernels (numba cache loads, or
+    compiles on a fresh machine) are not charged to a cycle's deadline, nor to the first cycle after a rank failure.
+    The load is skewed so that the plan replicates, moves experts and is applied."""
     topology = Topology(3, 2)
-    load = np.arange(1, 5, dtype=np.float64)[None, :]
+    load = np.array([[[9, 1, 1, 2]], [[8, 2, 1, 1]]], dtype=np.int64)  # [T, L, E], counts as the recorder's
+    current = Placement.initial(4, topology, 1).phy2log
     try:
-        planner = get_policy(policy, **options)
-        initial = Placement.initial(4, topology, 1)
-        planner.rebalance(load, topology, initial)
-        planner.rebalance(load, topology, initial, live_ranks=[0, 1])
+        for live in (None, np.array([True, True, False])):
+            reply = run_request(PlanRequest(0, load, current, topology, policy, options, dispatch, expert_bytes=1,
+                                            live_ranks=live))
+            if not isinstance(reply, PlannerReply):
+                log.debug("planner warm-up: %s", reply[1])
     except Exception:  # noqa: BLE001 - a real request will report the problem with its own traceback
         log.debug("planner warm-up failed", exc_info=True)
 
