@@ -340,6 +340,13 @@ def run(args) -> int:
     log_level = logging.getLogger().getEffectiveLevel()  # the ranks log like the parent (-v, -vv)
     collector = _Collector(args.ranks, args.layers, args.tokens)
     console = Console(stderr=True, highlight=False)
+    if args.mode in ("dynamic", "record"):
+        # compiled once here, cached for the ranks' planners: on a fresh install they would each compile at once,
+        # and the first cycle would wait for that instead of planning
+        from eplb.runtime.planner import warm_up
+
+        with console.status("loading the policy's compiled kernels (compiling them on a fresh install)"):
+            warm_up(args.policy, {}, args.dispatch)
     start = time.perf_counter()
     if args.json:
         results = launch(serve_rank, args.ranks, (settings,), timeout_s=args.timeout, on_event=collector.on_event,
