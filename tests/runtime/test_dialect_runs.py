@@ -49,7 +49,7 @@ def _controller(rank: int, tmp: str, name: str, cfg: dict, env=None, gate: bool 
 
     import torch
 
-    from dialect_workers import gated_worker
+    from planner_workers import gated_worker
     from eplb.runtime import EplbController
 
     loads = os.path.join(tmp, f"{name}-loads{rank}")

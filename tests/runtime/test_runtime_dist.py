@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 
 from eplb import Placement, Topology, get_policy  # noqa: E402
 from gloo_ranks import run_ranks  # noqa: E402
-from runtime_fault_worker import faulty_worker  # noqa: E402
+from planner_workers import faulty_worker  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
