@@ -265,3 +265,26 @@ def test_trace_that_does_not_fit_the_topology_is_refused():
         simulate(trace, None, config())
     with pytest.raises(EplbError, match="dispatch rule"):
         SimConfig(TOPOLOGY, CycleConfig(cycle_steps=5), dispatch="fastest")
+
+
+def test_ctrl_c_in_a_run_is_held_until_it_ends_and_raised_before_the_next(trace):
+    # Raised at once, Ctrl-C could land inside a compiled kernel and come out as a SystemError (eplb tune saw it);
+    # held, the run in progress is handed over whole and the next never starts.
+    import os
+    import signal
+
+    from eplb.sim.runs import RunSpec, simulate_runs
+
+    config = SimConfig(TOPOLOGY, CycleConfig(cycle_steps=100))
+    sent, finished = [], []
+
+    def progress(index, fraction):
+        if not sent:
+            sent.append(index)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate_runs(trace, config, [RunSpec("static", None), RunSpec("default", "default")], jobs=1,
+                      progress=progress, done=lambda index, result: finished.append((index, result.name)))
+    assert sent == [0] and finished == [(0, "static")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -11,10 +11,13 @@ queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import multiprocessing
 import queue as queue_module
+import signal
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable
@@ -25,6 +28,8 @@ from eplb.sim.simulator import RunResult, SimConfig, simulate
 from eplb.sim.traces import Trace
 
 __all__ = ["RunSpec", "simulate_runs", "run_spec", "static_map"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often the parent forwards workers' progress and log records
 
@@ -70,10 +75,13 @@ def simulate_runs(trace: Trace, config: SimConfig, specs: list[RunSpec], jobs: i
     finished = done or (lambda index, result: None)
     if jobs <= 1 or len(specs) <= 1:
         results = []
-        for index, spec in enumerate(specs):
-            results.append(run_spec(trace, config, spec, lambda fraction, index=index: report(index, fraction),
-                                    reduce))
-            finished(index, results[-1])
+        with _interrupt_between_runs() as interrupted:
+            for index, spec in enumerate(specs):
+                results.append(run_spec(trace, config, spec, lambda fraction, index=index: report(index, fraction),
+                                        reduce))
+                finished(index, results[-1])
+                if interrupted():
+                    raise KeyboardInterrupt
         return results
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -120,6 +128,29 @@ def static_map(trace: Trace, policy, config: SimConfig, steps: int) -> Placement
     """The placement ``policy`` plans on the first ``steps`` steps of ``trace``, as ``eplb plan`` plans a map from
     a recorded load for an engine that loads one at start."""
     return policy.rebalance(trace.counts[:steps], config.topology, resilience=config.resilience).placement
+
+
+@contextlib.contextmanager
+def _interrupt_between_runs():
+    """Runs in this process: a first Ctrl-C is held until the run in progress ends, then raised between runs, where
+    every finished run has been handed over. Raised at once, it could land inside a compiled kernel, which turns it
+    into a ``SystemError``. A second Ctrl-C stops at once. Yields a function saying whether Ctrl-C was pressed."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield lambda: False
+        return
+    pressed = []
+
+    def hold(signum, frame):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+        log.warning("interrupted: stopping after the run in progress (Ctrl-C again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _start_worker(trace: Trace, config: SimConfig, messages, level: int) -> None:
